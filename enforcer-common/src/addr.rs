@@ -1,0 +1,68 @@
+//! Addresses in map keys: one 16-byte form for both families.
+
+/// Bytes before the address in [`IpcacheKey`]: the slot byte and its padding. LPM prefixes
+/// always cover them, so a lookup never crosses from one policy slot into the other.
+pub const IPCACHE_KEY_HEADER_BITS: u32 = 32;
+/// An IPv4 address is stored as the IPv4-mapped IPv6 address `::ffff:a.b.c.d`.
+pub const V4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+/// Prefix length, within the 128-bit address, of the IPv4-mapped block.
+pub const V4_MAPPED_PREFIX_BITS: u32 = 96;
+
+/// Data part of the LPM key of the address → identity map (the "ipcache").
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpcacheKey {
+    pub slot: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
+/// Maps IPv4 bytes to the 16-byte form used in every key.
+#[inline(always)]
+pub const fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]
+}
+
+/// Address family codes in events.
+pub mod family {
+    pub const INET: u8 = 4;
+    pub const INET6: u8 = 6;
+}
+
+kernel_abi!(IpcacheKey = 20);
+
+#[cfg(feature = "user")]
+mod user {
+    use std::net::{IpAddr, Ipv6Addr};
+
+    use super::*;
+
+    /// The 16-byte key form of an address.
+    pub fn to_key_bytes(ip: IpAddr) -> [u8; 16] {
+        match ip {
+            IpAddr::V4(v4) => v4_mapped(v4.octets()),
+            IpAddr::V6(v6) => v6.octets(),
+        }
+    }
+
+    /// The address a 16-byte key form stands for (IPv4-mapped forms come back as IPv4).
+    pub fn from_key_bytes(bytes: [u8; 16]) -> IpAddr {
+        let v6 = Ipv6Addr::from(bytes);
+        match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        }
+    }
+
+    /// LPM prefix length of `prefix_len` bits of `ip`, counted over the whole key.
+    pub fn lpm_prefix_len(ip: IpAddr, prefix_len: u8) -> u32 {
+        let within = match ip {
+            IpAddr::V4(_) => V4_MAPPED_PREFIX_BITS + u32::from(prefix_len),
+            IpAddr::V6(_) => u32::from(prefix_len),
+        };
+        IPCACHE_KEY_HEADER_BITS + within
+    }
+}
+
+#[cfg(feature = "user")]
+pub use user::*;

@@ -1,0 +1,29 @@
+//! The installed policy generation.
+//!
+//! Each generation's config lives in its own one-entry array map, frozen once written, and the
+//! programs reach it through a one-entry array-of-maps. Installing a generation is one update of
+//! that outer map: packets see either the old config or the new one, and the kernel returns from
+//! the update only after every program that could still hold the old one has finished, so the
+//! controller knows when the old slot is free to rewrite.
+
+/// Bits of [`PolicyConfig::flags`].
+pub mod flags {
+    /// `settings.mode = "audit"`: nothing is dropped, would-be drops are reported.
+    pub const AUDIT: u32 = 1 << 0;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyConfig {
+    pub generation: u32,
+    /// Which half (0 or 1) of the slot-keyed tables this generation's entries are in.
+    pub slot: u32,
+    pub flags: u32,
+    pub _pad: u32,
+    /// Wall-clock time (ns since the epoch) the controller installed this generation.
+    pub installed_at_ns: u64,
+    /// SHA-256 of the policy source this generation was compiled from.
+    pub policy_hash: [u8; 32],
+}
+
+kernel_abi!(PolicyConfig = 56);

@@ -1,0 +1,90 @@
+//! Connection tracking: one entry per flow, found from either direction.
+
+/// Flow key with the two ends ordered (lower `(addr, port)` first), so a packet and its reply
+/// find the same entry with one lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub addr_lo: [u8; 16],
+    pub addr_hi: [u8; 16],
+    pub port_lo: u16,
+    pub port_hi: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntry {
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    /// Cgroup of the socket that opened the flow (0 if none), so the flow can be judged again as
+    /// the same service after a policy change even from a reply packet.
+    pub cgroup_id: u64,
+    /// Policy generation that admitted the flow; any other generation judges it again.
+    pub generation: u32,
+    pub rule: u32,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Bits of [`CtEntry::flags`].
+pub mod flags {
+    /// The flow's initiator is the `lo` end of the key.
+    pub const ORIG_IS_LO: u32 = 1 << 0;
+    /// A packet from the responder was seen.
+    pub const SEEN_REPLY: u32 = 1 << 1;
+    pub const FIN_FROM_LO: u32 = 1 << 2;
+    pub const FIN_FROM_HI: u32 = 1 << 3;
+    pub const RST: u32 = 1 << 4;
+    /// Admitted only because audit mode passes what policy would drop.
+    pub const AUDIT: u32 = 1 << 5;
+}
+
+/// Idle timeouts, after which an entry counts as gone and the next packet is a new flow.
+pub mod timeout {
+    const SEC: u64 = 1_000_000_000;
+    /// TCP before the responder answered.
+    pub const TCP_OPENING_NS: u64 = 60 * SEC;
+    pub const TCP_ESTABLISHED_NS: u64 = 6 * 3600 * SEC;
+    /// TCP after a RST or a FIN from both ends.
+    pub const TCP_CLOSING_NS: u64 = 10 * SEC;
+    pub const UDP_NS: u64 = 60 * SEC;
+    pub const OTHER_NS: u64 = 30 * SEC;
+    /// `last_seen_ns` is refreshed at most this often, to keep a busy flow's entry from
+    /// bouncing between CPUs on every packet.
+    pub const REFRESH_NS: u64 = SEC;
+}
+
+/// Key of the fragment map: the datagram a non-first fragment belongs to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub id: u32,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// The verdict the first fragment got, which the rest of the datagram follows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragEntry {
+    pub created_ns: u64,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub rule: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub verdict: u8,
+    pub reason: u8,
+    pub _pad: [u8; 6],
+}
+
+/// A datagram's fragments must all arrive within this time of the first.
+pub const FRAG_TIMEOUT_NS: u64 = 2_000_000_000;
+
+kernel_abi!(CtKey = 40, CtEntry = 48, FragKey = 40, FragEntry = 32);

@@ -1,0 +1,86 @@
+//! Records the datapath sends to the controller through the ring buffer.
+
+/// Which program judged the packet.
+pub mod hook {
+    pub const XDP_INGRESS: u8 = 1;
+    pub const TC_EGRESS: u8 = 2;
+}
+
+/// Bits of [`FlowEvent::flags`].
+pub mod flags {
+    /// A tracked flow judged again because the policy generation changed.
+    pub const REJUDGED: u8 = 1 << 0;
+}
+
+/// One flow-level fact: a new allowed flow, a denied (or audited) flow, a spoofed packet, a
+/// rate-limit hit. Denials are de-duplicated in the kernel: `count` says how many packets the
+/// record stands for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// `CLOCK_MONOTONIC` nanoseconds (`bpf_ktime_get_ns`).
+    pub timestamp_ns: u64,
+    /// Per-CPU sequence number: every record a CPU tried to send took the next one, so a gap
+    /// is a record the ring buffer could not take.
+    pub seq: u64,
+    pub cgroup_id: u64,
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    /// Identity the source address alone resolves to; differs from `src_identity` on spoofs.
+    pub addr_identity: u32,
+    pub rule: u32,
+    pub generation: u32,
+    pub ifindex: u32,
+    pub count: u32,
+    pub cpu: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// Protocol as on the wire (ICMPv6 stays 58 here).
+    pub proto: u8,
+    pub family: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    pub hook: u8,
+    pub flags: u8,
+    pub _pad: [u8; 6],
+}
+
+/// Key of the kernel-side de-duplication of denial reports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ReportKey {
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub dst_port: u16,
+    pub proto: u8,
+    pub reason: u8,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReportState {
+    pub last_report_ns: u64,
+    /// Packets seen since the last report.
+    pub suppressed: u32,
+    pub _pad: u32,
+}
+
+/// A key reports at most once per this interval; the next report carries the count.
+pub const REPORT_INTERVAL_NS: u64 = 1_000_000_000;
+
+/// Per-CPU state of the event stream.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventCpuState {
+    /// Last sequence number handed out.
+    pub seq: u64,
+    /// Records the ring buffer could not take.
+    pub lost: u64,
+}
+
+kernel_abi!(FlowEvent = 104, ReportKey = 48, ReportState = 16, EventCpuState = 16);

@@ -1,0 +1,115 @@
+//! The compiled rule tables.
+//!
+//! Lookups for a new flow go, first hit wins: exact `(proto, port)`, then the port ranges of
+//! `proto`, then `(proto, ANY_PORT)`, then `(ANY_PROTO, ANY_PORT)`. Each is a hash lookup (ranges
+//! one lookup plus a bounded scan), so the cost does not grow with the number of rules. The
+//! controller compiles explicit denies so that they win over any allow under that order.
+
+/// Port field of a key that matches every port of its protocol (port 0 is refused in policies).
+pub const ANY_PORT: u16 = 0;
+/// Protocol field of a key that matches every protocol.
+pub const ANY_PROTO: u8 = 0;
+
+/// Protocol numbers the policy knows. ICMPv6 is judged as [`proto::ICMP`], so one `icmp` rule
+/// covers both families.
+pub mod proto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const ICMPV6: u8 = 58;
+}
+
+/// [`RuleVerdict::action`] values.
+pub mod action {
+    pub const ALLOW: u8 = 1;
+    pub const DENY: u8 = 2;
+}
+
+/// Rule numbers with a fixed meaning; rules from the policy are numbered from `FIRST_USER` in
+/// the order the controller compiled them, per generation.
+pub mod rule {
+    /// No rule decided (infrastructure traffic such as neighbour discovery).
+    pub const NONE: u32 = 0;
+    /// The default for traffic touching a declared service that no rule allows.
+    pub const DEFAULT_DENY: u32 = 1;
+    /// The default for traffic between undeclared parties.
+    pub const DEFAULT_ALLOW: u32 = 2;
+    /// The endpoint-interface source-address check and the cgroup/address cross-check.
+    pub const ANTI_SPOOFING: u32 = 3;
+    /// Packets dropped for their shape: truncated, malformed, orphan or overlapping fragments.
+    pub const PACKET_SANITY: u32 = 4;
+    /// No policy generation is installed (fail closed).
+    pub const NO_POLICY: u32 = 5;
+    pub const FIRST_USER: u32 = 16;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    /// Destination port in host order, or [`ANY_PORT`].
+    pub port: u16,
+    /// [`proto`] number, or [`ANY_PROTO`].
+    pub proto: u8,
+    pub slot: u8,
+}
+
+/// What a matching rule decides.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RuleVerdict {
+    pub rule: u32,
+    /// Key of the rule's new-connection token bucket (stable across reloads), when limited.
+    pub bucket: u32,
+    /// New connections per second admitted on this rule's edge; 0 = unlimited.
+    pub max_new_per_sec: u32,
+    pub action: u8,
+    pub _pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RangeKey {
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub proto: u8,
+    pub slot: u8,
+    pub _pad: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortRange {
+    /// Inclusive bounds, host order.
+    pub lo: u16,
+    pub hi: u16,
+    pub verdict: RuleVerdict,
+}
+
+/// Most port ranges one `(src, dst, proto)` may carry; the scan is bounded by it.
+pub const MAX_PORT_RANGES: usize = 16;
+
+/// The port ranges of one `(src, dst, proto)`, denies first, scanned in order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortRanges {
+    pub count: u32,
+    pub ranges: [PortRange; MAX_PORT_RANGES],
+}
+
+/// Token bucket of one rate-limited rule, kept as the GCRA "theoretical arrival time".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateState {
+    pub next_free_ns: u64,
+}
+
+kernel_abi!(
+    PolicyKey = 12,
+    RuleVerdict = 16,
+    RangeKey = 12,
+    PortRange = 20,
+    PortRanges = 4 + 20 * MAX_PORT_RANGES,
+    RateState = 8,
+);

@@ -1,0 +1,134 @@
+//! What the datapath decided about a packet, and why.
+
+/// Verdict codes.
+pub const ALLOW: u8 = 1;
+pub const DENY: u8 = 2;
+/// Would have been denied; passed because of audit mode.
+pub const AUDIT: u8 = 3;
+/// Number of verdict codes including the unused 0, for counter indexing.
+pub const VERDICT_SLOTS: u32 = 4;
+
+/// Reason codes.
+pub mod reason {
+    /// Allowed by an explicit rule (new flow).
+    pub const POLICY_ALLOW: u8 = 1;
+    /// Part of a flow conntrack already admitted under the current generation.
+    pub const ESTABLISHED: u8 = 2;
+    /// Neither side is a declared service.
+    pub const DEFAULT_ALLOW: u8 = 3;
+    /// An ICMP error about a tracked flow.
+    pub const RELATED: u8 = 4;
+    /// Neighbour discovery / MLD, which the link needs to work at all.
+    pub const INFRASTRUCTURE: u8 = 5;
+    /// Non-first fragment of a datagram whose first fragment was admitted.
+    pub const FRAGMENT_FOLLOWS: u8 = 6;
+    /// Denied by an explicit `[[deny]]` rule.
+    pub const POLICY_DENY: u8 = 10;
+    /// A declared service is involved and no rule allows it.
+    pub const DEFAULT_DENY: u8 = 11;
+    /// Source address is not one of the endpoint interface's service's addresses.
+    pub const SPOOFED: u8 = 12;
+    /// The sending cgroup's service and the source address's service disagree.
+    pub const IDENTITY_MISMATCH: u8 = 13;
+    /// Over the allow rule's `max_new_per_sec`.
+    pub const RATE_LIMITED: u8 = 14;
+    /// Truncated or malformed headers.
+    pub const MALFORMED: u8 = 15;
+    /// Fragment whose first fragment was not seen or not admitted, or which overlaps the
+    /// transport header.
+    pub const BAD_FRAGMENT: u8 = 16;
+    /// No policy generation installed.
+    pub const NO_POLICY: u8 = 17;
+    /// More VLAN tags or IPv6 extension headers than the parser follows.
+    pub const UNSUPPORTED_HEADERS: u8 = 18;
+    /// Number of reason codes including the unused 0, for counter indexing.
+    pub const REASON_SLOTS: u32 = 19;
+}
+
+/// Index of `(verdict, reason)` in the per-CPU packet counter array.
+#[inline(always)]
+pub const fn packet_counter_index(verdict: u8, reason: u8) -> u32 {
+    verdict as u32 * reason::REASON_SLOTS + reason as u32
+}
+
+/// Size of the per-CPU packet counter array.
+pub const PACKET_COUNTER_SLOTS: u32 = VERDICT_SLOTS * reason::REASON_SLOTS;
+
+#[cfg(feature = "user")]
+mod user {
+    use core::fmt;
+
+    /// A verdict code as the controller reports it.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+    pub enum Verdict {
+        Allow,
+        Deny,
+        Audit,
+    }
+
+    impl Verdict {
+        pub const ALL: [Self; 3] = [Self::Allow, Self::Deny, Self::Audit];
+
+        pub fn from_code(code: u8) -> Option<Self> {
+            match code {
+                super::ALLOW => Some(Self::Allow),
+                super::DENY => Some(Self::Deny),
+                super::AUDIT => Some(Self::Audit),
+                _ => None,
+            }
+        }
+
+        pub const fn code(self) -> u8 {
+            match self {
+                Self::Allow => super::ALLOW,
+                Self::Deny => super::DENY,
+                Self::Audit => super::AUDIT,
+            }
+        }
+
+        pub const fn as_str(self) -> &'static str {
+            match self {
+                Self::Allow => "allow",
+                Self::Deny => "deny",
+                Self::Audit => "audit",
+            }
+        }
+    }
+
+    impl fmt::Display for Verdict {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.as_str())
+        }
+    }
+
+    /// The name of a reason code, as used in metrics labels, events and alerts.
+    pub fn reason_name(code: u8) -> &'static str {
+        use super::reason::*;
+        match code {
+            POLICY_ALLOW => "policy_allow",
+            ESTABLISHED => "established",
+            DEFAULT_ALLOW => "default_allow",
+            RELATED => "related",
+            INFRASTRUCTURE => "infrastructure",
+            FRAGMENT_FOLLOWS => "fragment",
+            POLICY_DENY => "policy_deny",
+            DEFAULT_DENY => "default_deny",
+            SPOOFED => "spoofed",
+            IDENTITY_MISMATCH => "identity_mismatch",
+            RATE_LIMITED => "rate_limited",
+            MALFORMED => "malformed",
+            BAD_FRAGMENT => "bad_fragment",
+            NO_POLICY => "no_policy",
+            UNSUPPORTED_HEADERS => "unsupported_headers",
+            _ => "unknown",
+        }
+    }
+
+    /// Every reason code the datapath reports.
+    pub fn reason_codes() -> impl Iterator<Item = u8> {
+        (1..super::reason::REASON_SLOTS as u8).filter(|code| reason_name(*code) != "unknown")
+    }
+}
+
+#[cfg(feature = "user")]
+pub use user::*;

@@ -1,0 +1,48 @@
+//! Resolving addresses, endpoint interfaces and cgroups to identities, and reading the installed
+//! generation's config.
+
+use aya_ebpf::btf_maps::lpm_trie::Key;
+use enforcer_common::{
+    addr::IpcacheKey,
+    config::PolicyConfig,
+    identity::{CgroupKey, EndpointKey, IdentityInfo},
+};
+
+use crate::maps::{CGROUPS, ENDPOINTS, IPCACHE, POLICY_ACTIVE};
+
+/// The installed generation's config, or `None` before the controller installed one. The
+/// reference stays valid for the whole program run even if the controller swaps generations
+/// meanwhile (the kernel frees the old config map only after running programs finish).
+#[inline(always)]
+pub fn active_config() -> Option<&'static PolicyConfig> {
+    POLICY_ACTIVE.get_value(0, &0)
+}
+
+/// The identity an address resolves to: the longest matching prefix, else world.
+#[inline(always)]
+pub fn of_address(slot: u8, addr: &[u8; 16]) -> IdentityInfo {
+    let key = Key::new(128 + enforcer_common::addr::IPCACHE_KEY_HEADER_BITS, IpcacheKey { slot, _pad: [0; 3], addr: *addr });
+    match IPCACHE.get(&key) {
+        Some(info) => *info,
+        None => IdentityInfo::WORLD,
+    }
+}
+
+/// The service whose endpoint namespace sits behind interface `ifindex`, if any.
+#[inline(always)]
+pub fn of_endpoint(slot: u8, ifindex: u32) -> Option<IdentityInfo> {
+    let key = EndpointKey { ifindex, slot: slot as u32 };
+    // SAFETY: the value is copied out at once; no reference outlives the lookup.
+    unsafe { ENDPOINTS.get(&key) }.copied()
+}
+
+/// The service a cgroup v2 id belongs to, if any.
+#[inline(always)]
+pub fn of_cgroup(slot: u8, cgroup_id: u64) -> Option<IdentityInfo> {
+    if cgroup_id == 0 {
+        return None;
+    }
+    let key = CgroupKey { cgroup_id, slot: slot as u32, _pad: 0 };
+    // SAFETY: as above.
+    unsafe { CGROUPS.get(&key) }.copied()
+}

@@ -1,0 +1,109 @@
+//! The enforcer datapath: XDP judges packets entering the host, TC egress (TCX) judges packets
+//! leaving it. Both run the same decision (`verdict::judge`); the entry points only describe
+//! where the packet was seen.
+#![no_std]
+#![no_main]
+
+mod conntrack;
+mod identity;
+mod maps;
+mod packet;
+mod report;
+mod rules;
+mod verdict;
+
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::{bpf_ktime_get_ns, bpf_skb_cgroup_id},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use enforcer_common::{event::hook, verdict::DENY};
+
+use crate::{packet::Frame, report::Hook};
+
+/// Bytes of an skb made linear before parsing: enough for two VLAN tags, IPv6 with extension
+/// headers, and the packet an ICMP error quotes.
+const TC_PARSE_BYTES: u32 = 256;
+
+// The bounds come from volatile reads of the context: LLVM would otherwise hoist the loads into
+// the caller and pass packet pointers into a BPF subprogram, which the verifier refuses (it only
+// trusts packet pointers derived from the context in the same function).
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        // SAFETY: `ctx` is the context pointer the kernel passed in.
+        unsafe { core::ptr::read_volatile(&(*self.ctx).data) as usize }
+    }
+
+    #[inline(always)]
+    fn end(&self) -> usize {
+        // SAFETY: as above.
+        unsafe { core::ptr::read_volatile(&(*self.ctx).data_end) as usize }
+    }
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        // SAFETY: `skb` is the context pointer the kernel passed in.
+        unsafe { core::ptr::read_volatile(&(*self.skb.skb).data) as usize }
+    }
+
+    #[inline(always)]
+    fn end(&self) -> usize {
+        // SAFETY: as above.
+        unsafe { core::ptr::read_volatile(&(*self.skb.skb).data_end) as usize }
+    }
+}
+
+#[xdp]
+pub fn enf_xdp_ingress(ctx: XdpContext) -> u32 {
+    let hook = Hook {
+        kind: hook::XDP_INGRESS,
+        ifindex: ctx.ingress_ifindex() as u32,
+        cgroup_id: 0,
+        len: (ctx.end() - ctx.start()) as u32,
+        now: unsafe { bpf_ktime_get_ns() },
+    };
+    match verdict::judge(&ctx, &hook) {
+        DENY => xdp_action::XDP_DROP,
+        _ => xdp_action::XDP_PASS,
+    }
+}
+
+#[classifier]
+pub fn enf_tc_egress(ctx: TcContext) -> i32 {
+    let wanted = core::cmp::min(ctx.len(), TC_PARSE_BYTES);
+    if ctx.end() - ctx.start() < wanted as usize {
+        // Headers in paged data would be invisible to direct access; a failure leaves the frame
+        // as it was and the parser then refuses what it cannot read.
+        let _ = ctx.pull_data(wanted);
+    }
+    let skb = ctx.skb.skb;
+    let hook = Hook {
+        kind: hook::TC_EGRESS,
+        // SAFETY: `skb` is the context pointer the kernel passed in.
+        ifindex: unsafe { (*skb).ifindex },
+        cgroup_id: unsafe { bpf_skb_cgroup_id(skb) },
+        len: ctx.len(),
+        now: unsafe { bpf_ktime_get_ns() },
+    };
+    match verdict::judge(&ctx, &hook) {
+        DENY => TC_ACT_SHOT as i32,
+        // Let any later TCX program have its say (TCX_NEXT).
+        _ => TC_ACT_UNSPEC,
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any program with a reachable panic path, so this is never linked in
+    // a loadable object.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

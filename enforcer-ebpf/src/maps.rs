@@ -1,0 +1,61 @@
+//! Every map the programs use. Names stay within the kernel's 15 characters so that `bpftool`
+//! shows them whole; the controller finds them by these names.
+
+use aya_ebpf::{
+    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
+    macros::btf_map,
+};
+
+use crate::verdict::Subject;
+use enforcer_common::{
+    addr::IpcacheKey,
+    config::PolicyConfig,
+    conntrack::{CtEntry, CtKey, FragEntry, FragKey},
+    counters::{Counter, FlowCounterKey},
+    event::{EventCpuState, FlowEvent, ReportKey, ReportState},
+    identity::{CgroupKey, EndpointKey, IdentityInfo},
+    policy::{PolicyKey, PortRanges, RangeKey, RateState, RuleVerdict},
+    verdict::PACKET_COUNTER_SLOTS,
+};
+
+const NO_PREALLOC: usize = aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize;
+
+/// The installed generation's config, swapped as a whole (see `enforcer_common::config`).
+#[btf_map]
+pub static POLICY_ACTIVE: ArrayOfMaps<Array<PolicyConfig, 1>, 1> = ArrayOfMaps::new();
+
+// The policy tables. Both generations live side by side, told apart by the slot in the key.
+#[btf_map]
+pub static IPCACHE: LpmTrie<IpcacheKey, IdentityInfo, 131072> = LpmTrie::new();
+#[btf_map]
+pub static ENDPOINTS: HashMap<EndpointKey, IdentityInfo, 8192> = HashMap::new();
+#[btf_map]
+pub static CGROUPS: HashMap<CgroupKey, IdentityInfo, 8192> = HashMap::new();
+#[btf_map]
+pub static POLICY: HashMap<PolicyKey, RuleVerdict, 524288, NO_PREALLOC> = HashMap::new();
+#[btf_map]
+pub static PORT_RANGES: HashMap<RangeKey, PortRanges, 65536, NO_PREALLOC> = HashMap::new();
+
+// Datapath state.
+#[btf_map]
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry, 262144> = LruHashMap::new();
+#[btf_map]
+pub static FRAGMENTS: LruHashMap<FragKey, FragEntry, 8192> = LruHashMap::new();
+#[btf_map]
+pub static RATE_LIMITS: LruHashMap<u32, RateState, 16384> = LruHashMap::new();
+
+// Reporting.
+#[btf_map]
+pub static EVENTS: RingBuf<FlowEvent, { 4 << 20 }> = RingBuf::new();
+#[btf_map]
+pub static EVENT_STATE: PerCpuArray<EventCpuState, 1> = PerCpuArray::new();
+#[btf_map]
+pub static REPORTS: LruHashMap<ReportKey, ReportState, 65536> = LruHashMap::new();
+#[btf_map]
+pub static PACKET_COUNTS: PerCpuArray<Counter, { PACKET_COUNTER_SLOTS as usize }> = PerCpuArray::new();
+#[btf_map]
+pub static FLOW_COUNTS: LruPerCpuHashMap<FlowCounterKey, Counter, 65536> = LruPerCpuHashMap::new();
+
+/// Working memory for the packet being judged (see `verdict::Subject`).
+#[btf_map]
+pub static SCRATCH: PerCpuArray<Subject, 1> = PerCpuArray::new();

@@ -1,0 +1,438 @@
+//! Packet access and header parsing.
+//!
+//! Every read of packet memory goes through [`Frame::read`], the one place that checks bounds in
+//! a form the verifier can follow. Parsing never trusts a length field to stay inside the frame.
+//!
+//! What the parser does on purpose (the "no bypass" rules):
+//! * up to two VLAN tags (802.1Q / 802.1ad) are followed and the inner packet is judged; a third
+//!   tag is refused, so tag stacking cannot hide a packet from the policy;
+//! * IPv4 options are skipped by the header length; a header length below 20 bytes, a total
+//!   length shorter than the header, or a truncated transport header is malformed;
+//! * IPv6 extension headers (hop-by-hop, routing, destination options, fragment) are followed up
+//!   to [`MAX_IPV6_EXT_HEADERS`]; more, or AH/ESP-less unknown chains, are refused;
+//! * a first fragment must carry the whole transport header (ports); a later fragment carries no
+//!   ports and follows the verdict its first fragment got (see `verdict`), and a later fragment
+//!   that overlaps the transport header (RFC 1858) is refused.
+//! Non-IP frames (ARP and other ethertypes) are not the policy's business and pass: nothing else
+//! delivers IP to a socket on a plain Ethernet interface.
+
+use core::mem::size_of;
+
+use enforcer_common::{addr::v4_mapped, policy::proto, verdict::reason};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
+
+/// Furthest offset the parser reads from; bounds every variable offset for the verifier.
+const MAX_HEADER_OFFSET: usize = 256;
+pub const MAX_IPV6_EXT_HEADERS: usize = 4;
+const MAX_VLAN_TAGS: usize = 2;
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+
+const IPV6_HOPOPTS: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DSTOPTS: u8 = 60;
+const IPV6_NONXT: u8 = 59;
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+/// A contiguous packet buffer (XDP frame or the linear part of an skb).
+pub trait Frame {
+    fn start(&self) -> usize;
+    fn end(&self) -> usize;
+
+    /// The `T` at `offset`, or `None` if the frame is shorter.
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        if offset > MAX_HEADER_OFFSET {
+            return None;
+        }
+        let start = self.start();
+        if start + offset + size_of::<T>() > self.end() {
+            return None;
+        }
+        // SAFETY: the range [start + offset, start + offset + size_of::<T>()) was checked to lie
+        // inside the frame; `T` is a plain header struct, valid for any bytes.
+        Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) })
+    }
+}
+
+/// Fragment position of a packet (a `u8` because the packet lives in a map value).
+pub mod fragment {
+    /// A whole datagram.
+    pub const NONE: u8 = 0;
+    /// Offset 0, more fragments follow: carries the transport header.
+    pub const FIRST: u8 = 1;
+    /// Offset > 0: no transport header.
+    pub const LATER: u8 = 2;
+}
+
+/// The fields of an IP packet the policy looks at.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Packet {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Protocol as on the wire.
+    pub proto: u8,
+    pub family: u8,
+    /// Host order. For ICMP echo both carry the echo identifier, so a request and its reply
+    /// make one flow; 0 for other ICMP.
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub tcp_flags: u8,
+    pub icmp_type: u8,
+    pub hop_limit: u8,
+    /// A [`fragment`] position.
+    pub fragment: u8,
+    pub fragment_id: u32,
+    /// Offset of the transport header (ICMP errors quote the packet they are about after it).
+    pub l4_offset: u32,
+}
+
+impl Packet {
+    pub const EMPTY: Self = Self {
+        src: [0; 16],
+        dst: [0; 16],
+        proto: 0,
+        family: 0,
+        src_port: 0,
+        dst_port: 0,
+        tcp_flags: 0,
+        icmp_type: 0,
+        hop_limit: 0,
+        fragment: fragment::NONE,
+        fragment_id: 0,
+        l4_offset: 0,
+    };
+
+    #[inline(always)]
+    pub fn is_tcp(&self) -> bool {
+        self.proto == proto::TCP
+    }
+
+    #[inline(always)]
+    pub fn tcp_syn_only(&self) -> bool {
+        self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+
+    #[inline(always)]
+    pub fn tcp_fin(&self) -> bool {
+        self.tcp_flags & TCP_FIN != 0
+    }
+
+    #[inline(always)]
+    pub fn tcp_rst(&self) -> bool {
+        self.tcp_flags & TCP_RST != 0
+    }
+
+    /// ICMPv6 neighbour discovery and multicast listener messages that never left the link
+    /// (hop limit 255 for ND per RFC 4861, 1 for MLD): the link does not work without them.
+    #[inline(always)]
+    pub fn is_link_infrastructure(&self) -> bool {
+        if self.proto != proto::ICMPV6 || self.fragment != fragment::NONE {
+            return false;
+        }
+        match self.icmp_type {
+            133..=137 => self.hop_limit == 255,
+            130..=132 | 143 => self.hop_limit == 1,
+            _ => false,
+        }
+    }
+
+    /// An ICMP message reporting an error about another packet (which it quotes).
+    #[inline(always)]
+    pub fn is_icmp_error(&self) -> bool {
+        match self.proto {
+            proto::ICMP => matches!(self.icmp_type, 3 | 11 | 12),
+            proto::ICMPV6 => matches!(self.icmp_type, 1..=4),
+            _ => false,
+        }
+    }
+}
+
+/// What the parser made of a frame: [`PARSED_IP`], [`NOT_IP`], or the reason code the frame is
+/// refused for. A plain `u8` because a BPF function cannot hand an aggregate back to its caller.
+pub type Parsed = u8;
+/// An IP packet, written to the `Packet` passed in.
+pub const PARSED_IP: Parsed = 0;
+/// Not IPv4/IPv6: passes without judgement.
+pub const NOT_IP: Parsed = 0xff;
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct VlanTag {
+    tci: [u8; 2],
+    ether_type: [u8; 2],
+}
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Ipv6ExtHeader {
+    next_header: u8,
+    len_8_octets: u8,
+    fragment_offset_flags: [u8; 2],
+    fragment_id: [u8; 4],
+}
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct IcmpHeader {
+    icmp_type: u8,
+    code: u8,
+    checksum: [u8; 2],
+    /// Echo identifier for echo request/reply.
+    id: [u8; 2],
+    seq: [u8; 2],
+}
+
+#[inline(always)]
+fn be16(bytes: [u8; 2]) -> u16 {
+    u16::from_be_bytes(bytes)
+}
+
+/// Parses the Ethernet frame in `frame` into `packet`.
+#[inline(never)]
+pub fn parse<F: Frame>(frame: &F, packet: &mut Packet) -> Parsed {
+    let Some(eth) = frame.read::<EthHdr>(0) else {
+        return NOT_IP;
+    };
+    let mut ether_type = u16::from_be(eth.ether_type);
+    let mut offset = EthHdr::LEN;
+    for _ in 0..MAX_VLAN_TAGS {
+        if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
+            break;
+        }
+        let Some(tag) = frame.read::<VlanTag>(offset) else {
+            return reason::MALFORMED;
+        };
+        ether_type = be16(tag.ether_type);
+        offset += size_of::<VlanTag>();
+    }
+    match ether_type {
+        ETH_P_IP => parse_ipv4(frame, offset, packet),
+        ETH_P_IPV6 => parse_ipv6(frame, offset, packet),
+        ETH_P_8021Q | ETH_P_8021AD => reason::UNSUPPORTED_HEADERS,
+        _ => NOT_IP,
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4<F: Frame>(frame: &F, offset: usize, packet: &mut Packet) -> Parsed {
+    let Some(ip) = frame.read::<Ipv4Hdr>(offset) else {
+        return reason::MALFORMED;
+    };
+    let header_len = ((ip.vihl & 0x0f) as usize) * 4;
+    let total_len = be16(ip.tot_len) as usize;
+    if ip.vihl >> 4 != 4 || header_len < Ipv4Hdr::LEN || total_len < header_len {
+        return reason::MALFORMED;
+    }
+    let frags = be16(ip.frags);
+    let more_fragments = frags & 0x2000 != 0;
+    let fragment_offset = (frags & 0x1fff) as usize * 8;
+    let fragment = if fragment_offset != 0 {
+        fragment::LATER
+    } else if more_fragments {
+        fragment::FIRST
+    } else {
+        fragment::NONE
+    };
+    *packet = Packet {
+        src: v4_mapped(ip.src_addr),
+        dst: v4_mapped(ip.dst_addr),
+        proto: ip.proto,
+        family: enforcer_common::addr::family::INET,
+        src_port: 0,
+        dst_port: 0,
+        tcp_flags: 0,
+        icmp_type: 0,
+        hop_limit: ip.ttl,
+        fragment,
+        fragment_id: be16(ip.id) as u32,
+        l4_offset: (offset + header_len) as u32,
+    };
+    parse_transport(frame, packet, fragment_offset)
+}
+
+#[inline(always)]
+fn parse_ipv6<F: Frame>(frame: &F, offset: usize, packet: &mut Packet) -> Parsed {
+    let Some(ip) = frame.read::<Ipv6Hdr>(offset) else {
+        return reason::MALFORMED;
+    };
+    if ip.vcf[0] >> 4 != 6 {
+        return reason::MALFORMED;
+    }
+    let mut next = ip.next_hdr;
+    let mut l4_offset = offset + Ipv6Hdr::LEN;
+    let mut fragment = fragment::NONE;
+    let mut fragment_id = 0u32;
+    let mut fragment_offset = 0usize;
+    let mut ext_headers = 0usize;
+    while ext_headers < MAX_IPV6_EXT_HEADERS {
+        if next != IPV6_HOPOPTS && next != IPV6_ROUTING && next != IPV6_DSTOPTS && next != IPV6_FRAGMENT {
+            break;
+        }
+        let Some(ext) = frame.read::<Ipv6ExtHeader>(l4_offset) else {
+            return reason::MALFORMED;
+        };
+        if next == IPV6_FRAGMENT {
+            let offset_flags = be16(ext.fragment_offset_flags);
+            fragment_offset = (offset_flags & 0xfff8) as usize;
+            fragment = if fragment_offset != 0 {
+                fragment::LATER
+            } else if offset_flags & 1 != 0 {
+                fragment::FIRST
+            } else {
+                // An atomic fragment (RFC 6946): a whole datagram in a fragment header.
+                fragment::NONE
+            };
+            fragment_id = u32::from_be_bytes(ext.fragment_id);
+            l4_offset += 8;
+        } else {
+            l4_offset += (ext.len_8_octets as usize + 1) * 8;
+        }
+        next = ext.next_header;
+        ext_headers += 1;
+    }
+    if matches!(next, IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_FRAGMENT) {
+        return reason::UNSUPPORTED_HEADERS;
+    }
+    *packet = Packet {
+        src: ip.src_addr,
+        dst: ip.dst_addr,
+        proto: next,
+        family: enforcer_common::addr::family::INET6,
+        src_port: 0,
+        dst_port: 0,
+        tcp_flags: 0,
+        icmp_type: 0,
+        hop_limit: ip.hop_limit,
+        fragment,
+        fragment_id,
+        l4_offset: l4_offset as u32,
+    };
+    if next == IPV6_NONXT {
+        return PARSED_IP;
+    }
+    parse_transport(frame, packet, fragment_offset)
+}
+
+/// Reads ports, TCP flags or ICMP type. `fragment_offset` is in bytes.
+#[inline(always)]
+fn parse_transport<F: Frame>(frame: &F, packet: &mut Packet, fragment_offset: usize) -> Parsed {
+    if packet.fragment == fragment::LATER {
+        // RFC 1858: a later fragment must not reach back into the transport header, or it could
+        // rewrite the ports the first fragment was judged on.
+        let header_len = match packet.proto {
+            proto::TCP => TcpHdr::LEN,
+            proto::UDP => UdpHdr::LEN,
+            proto::ICMP | proto::ICMPV6 => size_of::<IcmpHeader>(),
+            _ => 0,
+        };
+        if fragment_offset < header_len {
+            return reason::BAD_FRAGMENT;
+        }
+        return PARSED_IP;
+    }
+    let offset = packet.l4_offset as usize;
+    match packet.proto {
+        proto::TCP => {
+            let Some(tcp) = frame.read::<TcpHdr>(offset) else {
+                return reason::MALFORMED;
+            };
+            packet.src_port = be16(tcp.source);
+            packet.dst_port = be16(tcp.dest);
+            // Byte 13 of the TCP header holds the flags, CWR..FIN.
+            packet.tcp_flags = frame.read::<u8>(offset + 13).unwrap_or(0);
+        }
+        proto::UDP => {
+            let Some(udp) = frame.read::<UdpHdr>(offset) else {
+                return reason::MALFORMED;
+            };
+            packet.src_port = be16(udp.src);
+            packet.dst_port = be16(udp.dst);
+        }
+        proto::ICMP | proto::ICMPV6 => {
+            let Some(icmp) = frame.read::<IcmpHeader>(offset) else {
+                return reason::MALFORMED;
+            };
+            packet.icmp_type = icmp.icmp_type;
+            if is_echo(packet.proto, icmp.icmp_type) {
+                let id = be16(icmp.id);
+                packet.src_port = id;
+                packet.dst_port = id;
+            }
+        }
+        _ => {}
+    }
+    PARSED_IP
+}
+
+#[inline(always)]
+fn is_echo(protocol: u8, icmp_type: u8) -> bool {
+    match protocol {
+        proto::ICMP => icmp_type == 8 || icmp_type == 0,
+        _ => icmp_type == 128 || icmp_type == 129,
+    }
+}
+
+/// The flow an ICMP error is about: the quoted packet's addresses, protocol and ports, as the
+/// quoted packet travelled (from the error's receiver to its sender).
+pub struct QuotedFlow {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub proto: u8,
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
+/// Reads the packet quoted by the ICMP error `packet` into `quoted`; false if it is cut short.
+#[inline(never)]
+pub fn quoted_flow<F: Frame>(frame: &F, packet: &Packet, quoted: &mut QuotedFlow) -> bool {
+    let inner = packet.l4_offset as usize + 8;
+    let inner_l4 = if packet.proto == proto::ICMP {
+        let Some(ip) = frame.read::<Ipv4Hdr>(inner) else {
+            return false;
+        };
+        let header_len = ((ip.vihl & 0x0f) as usize) * 4;
+        if header_len < Ipv4Hdr::LEN {
+            return false;
+        }
+        quoted.src = v4_mapped(ip.src_addr);
+        quoted.dst = v4_mapped(ip.dst_addr);
+        quoted.proto = ip.proto;
+        inner + header_len
+    } else {
+        let Some(ip) = frame.read::<Ipv6Hdr>(inner) else {
+            return false;
+        };
+        quoted.src = ip.src_addr;
+        quoted.dst = ip.dst_addr;
+        quoted.proto = ip.next_hdr;
+        inner + Ipv6Hdr::LEN
+    };
+    // Errors quote at least 8 bytes of the transport header: enough for ports and the echo id.
+    let Some(head) = frame.read::<IcmpHeader>(inner_l4) else {
+        return false;
+    };
+    (quoted.src_port, quoted.dst_port) = match quoted.proto {
+        proto::TCP | proto::UDP => (be16([head.icmp_type, head.code]), be16(head.checksum)),
+        proto::ICMP | proto::ICMPV6 if is_echo(quoted.proto, head.icmp_type) => {
+            let id = be16(head.id);
+            (id, id)
+        }
+        _ => (0, 0),
+    };
+    true
+}

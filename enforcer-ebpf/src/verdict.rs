@@ -1,0 +1,373 @@
+//! The decision for one packet, in the order of DESIGN §4:
+//! shape → identity and anti-spoofing → fragments → conntrack (re-judged after a policy change)
+//! → ICMP errors of tracked flows → rules (deny beats allow) → rate limit → default.
+//! Audit mode runs the same steps and turns every drop into a reported pass.
+//!
+//! The steps are separate BPF functions (`#[inline(never)]`) taking the [`Subject`] by
+//! reference: each gets its own stack frame, which keeps the whole under the 512-byte BPF stack.
+
+use enforcer_common::{
+    config::flags as config_flags,
+    conntrack::{flags as ct_flags, CtEntry, CtKey, FragEntry, FragKey, FRAG_TIMEOUT_NS},
+    event::{flags as event_flags, hook as hook_kind},
+    identity::{IdentityInfo, FIRST_SERVICE, SERVICE_END},
+    policy::{action, rule},
+    verdict::{reason, ALLOW, AUDIT, DENY},
+};
+
+use crate::{
+    conntrack, identity,
+    maps::FRAGMENTS,
+    maps::SCRATCH,
+    packet::{self, fragment, Frame, Packet, QuotedFlow},
+    report::{self, Hook, Outcome},
+    rules,
+};
+
+/// The packet being judged and what is known about it so far. It lives in the per-CPU
+/// [`SCRATCH`] map, not on the stack: the verifier allows 512 bytes of stack across all nested
+/// calls, and the subject alone would take a third of that.
+#[repr(C)]
+pub struct Subject {
+    pub packet: Packet,
+    pub outcome: Outcome,
+    pub src: IdentityInfo,
+    pub dst: IdentityInfo,
+    /// Conntrack key of the packet's flow, and whether the packet's source is its `lo` end.
+    pub key: CtKey,
+    pub from_lo: u8,
+    pub slot: u8,
+    pub global_audit: u8,
+    pub _pad: u8,
+    /// Cgroup the source identity came from (0 if it did not come from one).
+    pub cgroup_id: u64,
+}
+
+/// Judges the frame and returns [`ALLOW`], [`DENY`] or [`AUDIT`] (which passes).
+#[inline(always)]
+pub fn judge<F: Frame>(frame: &F, hook: &Hook) -> u8 {
+    let Some(subject) = SCRATCH.get_ptr_mut(0) else {
+        // A one-entry per-CPU array always has its entry; fail closed if not.
+        return DENY;
+    };
+    // SAFETY: this CPU's slot, used by one program run at a time (XDP and TC run with bottom
+    // halves off and do not nest on a CPU).
+    let subject = unsafe { &mut *subject };
+    subject.outcome = Outcome::EMPTY;
+    subject.src = IdentityInfo::WORLD;
+    subject.dst = IdentityInfo::WORLD;
+    subject.cgroup_id = 0;
+    match packet::parse(frame, &mut subject.packet) {
+        packet::PARSED_IP => {}
+        packet::NOT_IP => return ALLOW,
+        why => return refuse_shape(hook, why),
+    }
+    let Some(config) = identity::active_config() else {
+        report::count(hook, DENY, reason::NO_POLICY, 0, 0);
+        return DENY;
+    };
+    if subject.packet.is_link_infrastructure() {
+        report::count(hook, ALLOW, reason::INFRASTRUCTURE, 0, 0);
+        return ALLOW;
+    }
+    subject.slot = config.slot as u8;
+    subject.global_audit = (config.flags & config_flags::AUDIT != 0) as u8;
+    subject.outcome.generation = config.generation;
+
+    if !resolve_identities(hook, subject) {
+        return refuse(hook, subject);
+    }
+    if subject.packet.fragment == fragment::LATER {
+        return follow_first_fragment(hook, subject);
+    }
+    let packet = &subject.packet;
+    let from_lo = conntrack::flow_key(&packet.src, packet.src_port, &packet.dst, packet.dst_port, packet.proto, &mut subject.key);
+    subject.from_lo = from_lo as u8;
+    let verdict = judge_tracked(hook, subject);
+    if verdict != NOT_TRACKED {
+        return verdict;
+    }
+    if subject.packet.is_icmp_error() && is_about_tracked_flow(frame, hook, subject) {
+        subject.outcome.verdict = ALLOW;
+        subject.outcome.reason = reason::RELATED;
+        return conclude(hook, subject, Report::Nothing);
+    }
+    judge_new_flow(hook, subject)
+}
+
+/// Source and destination identity, strongest source first, with the checks that keep them
+/// honest. False when the packet is spoofed (the outcome then says how).
+#[inline(never)]
+fn resolve_identities(hook: &Hook, subject: &mut Subject) -> bool {
+    let by_address = identity::of_address(subject.slot, &subject.packet.src);
+    subject.dst = identity::of_address(subject.slot, &subject.packet.dst);
+    subject.src = by_address;
+    subject.outcome.addr_identity = by_address.identity;
+    subject.outcome.src_identity = by_address.identity;
+    subject.outcome.dst_identity = subject.dst.identity;
+    if hook.kind == hook_kind::XDP_INGRESS {
+        if let Some(endpoint) = identity::of_endpoint(subject.slot, hook.ifindex) {
+            subject.src = endpoint;
+            subject.outcome.src_identity = endpoint.identity;
+            if by_address.identity != endpoint.identity {
+                subject.outcome.reason = reason::SPOOFED;
+                subject.outcome.rule = rule::ANTI_SPOOFING;
+                return false;
+            }
+        }
+    } else if let Some(owner) = identity::of_cgroup(subject.slot, hook.cgroup_id) {
+        subject.src = owner;
+        subject.cgroup_id = hook.cgroup_id;
+        subject.outcome.src_identity = owner.identity;
+        let address_names_a_service = by_address.identity >= FIRST_SERVICE && by_address.identity < SERVICE_END;
+        if address_names_a_service && by_address.identity != owner.identity {
+            subject.outcome.reason = reason::IDENTITY_MISMATCH;
+            subject.outcome.rule = rule::ANTI_SPOOFING;
+            return false;
+        }
+    }
+    true
+}
+
+/// What [`judge_tracked`] returns for a flow conntrack does not know.
+const NOT_TRACKED: u8 = 0;
+
+/// A packet of a tracked flow: passes if the flow was admitted under the current generation,
+/// else is judged again. [`NOT_TRACKED`] if the flow is not tracked.
+#[inline(never)]
+fn judge_tracked(hook: &Hook, subject: &mut Subject) -> u8 {
+    let packet = &subject.packet;
+    let from_lo = subject.from_lo != 0;
+    let Some(entry) = conntrack::live_entry(&subject.key, packet.is_tcp() && packet.tcp_syn_only(), hook.now) else {
+        return NOT_TRACKED;
+    };
+    // SAFETY: map value pointer from `live_entry`, valid for this run.
+    let tracked = unsafe { &*entry };
+    if tracked.generation != subject.outcome.generation {
+        return judge_again(hook, subject, entry);
+    }
+    let from_initiator = from_lo == (tracked.flags & ct_flags::ORIG_IS_LO != 0);
+    let outcome = &mut subject.outcome;
+    outcome.verdict = if tracked.flags & ct_flags::AUDIT != 0 { AUDIT } else { ALLOW };
+    outcome.reason = reason::ESTABLISHED;
+    outcome.rule = tracked.rule;
+    (outcome.src_identity, outcome.dst_identity) = if from_initiator {
+        (tracked.src_identity, tracked.dst_identity)
+    } else {
+        (tracked.dst_identity, tracked.src_identity)
+    };
+    conntrack::observe(entry, from_lo, packet.tcp_fin(), packet.tcp_rst(), hook.now);
+    conclude(hook, subject, Report::Nothing)
+}
+
+/// A tracked flow admitted under an older generation: judge it again as its initiator sent it,
+/// so that revoking a rule cuts established connections at their next packet.
+#[inline(never)]
+fn judge_again(hook: &Hook, subject: &mut Subject, entry: *mut CtEntry) -> u8 {
+    // SAFETY: map value pointer from `live_entry`, valid for this run.
+    let tracked = unsafe { &mut *entry };
+    let key = &subject.key;
+    let from_lo = subject.from_lo != 0;
+    let (initiator, responder, responder_port) = if tracked.flags & ct_flags::ORIG_IS_LO != 0 {
+        (&key.addr_lo, &key.addr_hi, key.port_hi)
+    } else {
+        (&key.addr_hi, &key.addr_lo, key.port_lo)
+    };
+    subject.src = match identity::of_cgroup(subject.slot, tracked.cgroup_id) {
+        Some(owner) => owner,
+        None => identity::of_address(subject.slot, initiator),
+    };
+    subject.dst = identity::of_address(subject.slot, responder);
+    let decision = rules::evaluate(subject.slot, &subject.src, &subject.dst, key.proto, responder_port);
+    subject.outcome.rule = decision.rule;
+    subject.outcome.src_identity = subject.src.identity;
+    subject.outcome.dst_identity = subject.dst.identity;
+    subject.outcome.flags = event_flags::REJUDGED;
+    if decision.action == action::ALLOW {
+        tracked.generation = subject.outcome.generation;
+        tracked.rule = decision.rule;
+        tracked.src_identity = subject.src.identity;
+        tracked.dst_identity = subject.dst.identity;
+        tracked.flags &= !ct_flags::AUDIT;
+        conntrack::observe(entry, from_lo, subject.packet.tcp_fin(), subject.packet.tcp_rst(), hook.now);
+        subject.outcome.verdict = ALLOW;
+        subject.outcome.reason = reason::ESTABLISHED;
+        return conclude(hook, subject, Report::Nothing);
+    }
+    subject.outcome.reason = deny_reason(decision.rule);
+    let verdict = refuse(hook, subject);
+    if verdict == AUDIT {
+        tracked.generation = subject.outcome.generation;
+        tracked.rule = decision.rule;
+        tracked.flags |= ct_flags::AUDIT;
+    } else {
+        conntrack::forget(&subject.key);
+    }
+    verdict
+}
+
+/// A flow conntrack does not know: rules, then the rate limit.
+#[inline(never)]
+fn judge_new_flow(hook: &Hook, subject: &mut Subject) -> u8 {
+    let decision = rules::evaluate(subject.slot, &subject.src, &subject.dst, subject.packet.proto, subject.packet.dst_port);
+    subject.outcome.rule = decision.rule;
+    if decision.action != action::ALLOW {
+        subject.outcome.reason = deny_reason(decision.rule);
+        let verdict = refuse(hook, subject);
+        if verdict == AUDIT {
+            track(hook, subject, ct_flags::AUDIT);
+        }
+        return verdict;
+    }
+    if decision.rule == rule::DEFAULT_ALLOW {
+        // Traffic between undeclared parties is not the policy's: no tracking, no events.
+        subject.outcome.verdict = ALLOW;
+        subject.outcome.reason = reason::DEFAULT_ALLOW;
+        return conclude(hook, subject, Report::Nothing);
+    }
+    let opens_connection = !subject.packet.is_tcp() || subject.packet.tcp_syn_only();
+    if opens_connection && rules::over_limit(decision.bucket, decision.max_new_per_sec, hook.now) {
+        subject.outcome.reason = reason::RATE_LIMITED;
+        let verdict = refuse(hook, subject);
+        if verdict == AUDIT {
+            track(hook, subject, ct_flags::AUDIT);
+        }
+        return verdict;
+    }
+    subject.outcome.verdict = ALLOW;
+    subject.outcome.reason = reason::POLICY_ALLOW;
+    track(hook, subject, 0);
+    conclude(hook, subject, Report::Flow)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Report {
+    Nothing,
+    /// A new flow: one event each.
+    Flow,
+    /// A denial-like outcome: de-duplicated in the kernel.
+    Deduplicated,
+}
+
+/// Counts, remembers a first fragment's verdict for the rest of its datagram, reports.
+#[inline(never)]
+fn conclude(hook: &Hook, subject: &Subject, report_kind: Report) -> u8 {
+    let outcome = &subject.outcome;
+    report::count(hook, outcome.verdict, outcome.reason, outcome.src_identity, outcome.dst_identity);
+    if subject.packet.fragment == fragment::FIRST {
+        remember_fragment(hook, subject);
+    }
+    match report_kind {
+        Report::Nothing => {}
+        Report::Flow => report::report(hook, &subject.packet, outcome, 1),
+        Report::Deduplicated => report::report_deduplicated(hook, &subject.packet, outcome),
+    }
+    outcome.verdict
+}
+
+/// A would-be drop: dropped, or in audit mode passed and reported as such.
+#[inline(never)]
+fn refuse(hook: &Hook, subject: &mut Subject) -> u8 {
+    subject.outcome.verdict = if audit_applies(subject) { AUDIT } else { DENY };
+    conclude(hook, subject, Report::Deduplicated)
+}
+
+/// Audit mode covers a drop when it is on globally, or when every declared service on the
+/// packet's path is in audit mode (so one service can be rolled out at a time).
+#[inline(always)]
+fn audit_applies(subject: &Subject) -> bool {
+    if subject.global_audit != 0 {
+        return true;
+    }
+    let (src, dst) = (&subject.src, &subject.dst);
+    (src.is_service() || dst.is_service()) && (!src.is_service() || src.is_audit()) && (!dst.is_service() || dst.is_audit())
+}
+
+#[inline(always)]
+fn deny_reason(decided_by: u32) -> u8 {
+    if decided_by == rule::DEFAULT_DENY { reason::DEFAULT_DENY } else { reason::POLICY_DENY }
+}
+
+#[inline(never)]
+fn refuse_shape(hook: &Hook, why: u8) -> u8 {
+    let audit = matches!(identity::active_config(), Some(config) if config.flags & config_flags::AUDIT != 0);
+    let verdict = if audit { AUDIT } else { DENY };
+    report::count(hook, verdict, why, 0, 0);
+    verdict
+}
+
+#[inline(never)]
+fn track(hook: &Hook, subject: &Subject, extra_flags: u32) {
+    let outcome = &subject.outcome;
+    let entry = CtEntry {
+        created_ns: hook.now,
+        last_seen_ns: hook.now,
+        cgroup_id: subject.cgroup_id,
+        generation: outcome.generation,
+        rule: outcome.rule,
+        src_identity: outcome.src_identity,
+        dst_identity: outcome.dst_identity,
+        flags: if subject.from_lo != 0 { ct_flags::ORIG_IS_LO } else { 0 } | extra_flags,
+        _pad: 0,
+    };
+    conntrack::track(&subject.key, &entry);
+}
+
+/// Whether an ICMP error quotes a packet of a flow tracked under the current generation.
+#[inline(never)]
+fn is_about_tracked_flow<F: Frame>(frame: &F, hook: &Hook, subject: &Subject) -> bool {
+    let mut quoted = QuotedFlow { src: [0; 16], dst: [0; 16], proto: 0, src_port: 0, dst_port: 0 };
+    if !packet::quoted_flow(frame, &subject.packet, &mut quoted) {
+        return false;
+    }
+    let mut key = CtKey::default();
+    conntrack::flow_key(&quoted.src, quoted.src_port, &quoted.dst, quoted.dst_port, quoted.proto, &mut key);
+    match conntrack::live_entry(&key, false, hook.now) {
+        // SAFETY: map value pointer, read once.
+        Some(entry) => unsafe { (*entry).generation == subject.outcome.generation },
+        None => false,
+    }
+}
+
+/// Later fragments carry no ports: they follow the verdict their first fragment got, and are
+/// refused when it was not seen (out of order, lost, or a crafted fragment).
+#[inline(never)]
+fn follow_first_fragment(hook: &Hook, subject: &mut Subject) -> u8 {
+    let packet = &subject.packet;
+    let key = FragKey { src: packet.src, dst: packet.dst, id: packet.fragment_id, proto: packet.proto, _pad: [0; 3] };
+    // SAFETY: the value is copied out at once.
+    match unsafe { FRAGMENTS.get(&key) }.copied() {
+        Some(first) if hook.now.saturating_sub(first.created_ns) <= FRAG_TIMEOUT_NS => {
+            let outcome = &mut subject.outcome;
+            outcome.verdict = first.verdict;
+            outcome.reason = if first.verdict == ALLOW { reason::FRAGMENT_FOLLOWS } else { first.reason };
+            outcome.rule = first.rule;
+            outcome.src_identity = first.src_identity;
+            outcome.dst_identity = first.dst_identity;
+            conclude(hook, subject, Report::Nothing)
+        }
+        _ => {
+            subject.outcome.reason = reason::BAD_FRAGMENT;
+            subject.outcome.rule = rule::PACKET_SANITY;
+            refuse(hook, subject)
+        }
+    }
+}
+
+#[inline(never)]
+fn remember_fragment(hook: &Hook, subject: &Subject) {
+    let (packet, outcome) = (&subject.packet, &subject.outcome);
+    let key = FragKey { src: packet.src, dst: packet.dst, id: packet.fragment_id, proto: packet.proto, _pad: [0; 3] };
+    let first = FragEntry {
+        created_ns: hook.now,
+        src_identity: outcome.src_identity,
+        dst_identity: outcome.dst_identity,
+        rule: outcome.rule,
+        src_port: packet.src_port,
+        dst_port: packet.dst_port,
+        verdict: outcome.verdict,
+        reason: outcome.reason,
+        _pad: [0; 6],
+    };
+    let _ = FRAGMENTS.insert(&key, &first, 0);
+}

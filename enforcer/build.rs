@@ -1,0 +1,29 @@
+use std::{env, path::PathBuf};
+
+use anyhow::Context as _;
+use aya_build::{Package, Toolchain};
+
+/// Builds the eBPF object (`enforcer-ebpf`) that the controller embeds.
+///
+/// The eBPF crate needs `-Z build-std=core`. Rather than requiring a nightly toolchain, it is
+/// built with the same toolchain as the controller and `RUSTC_BOOTSTRAP=1`, which aya-build
+/// turns into `-Z build-std=core` (the toolchain needs the `rust-src` component; `cargo xtask
+/// setup` installs it, with `bpf-linker`).
+fn main() -> anyhow::Result<()> {
+    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?);
+    let workspace = manifest_dir.parent().context("workspace root")?;
+    let ebpf_dir = workspace.join("enforcer-ebpf");
+    // aya-build watches the eBPF crate; its shared types live in enforcer-common.
+    println!("cargo:rerun-if-changed={}", workspace.join("enforcer-common").display());
+    println!("cargo:rerun-if-env-changed=RUSTUP_TOOLCHAIN");
+
+    // SAFETY: build scripts are single-threaded; the variable is read by the child cargo.
+    unsafe { env::set_var("RUSTC_BOOTSTRAP", "1") };
+    let toolchain = env::var("RUSTUP_TOOLCHAIN").unwrap_or_else(|_| "stable".to_owned());
+    let ebpf_dir = ebpf_dir.to_str().context("eBPF crate path is not UTF-8")?;
+    aya_build::build_ebpf(
+        [Package { name: "enforcer-ebpf", root_dir: ebpf_dir, ..Default::default() }],
+        Toolchain::Custom(&toolchain),
+    )
+    .context("building the eBPF programs (run `cargo xtask doctor` to check the toolchain)")
+}

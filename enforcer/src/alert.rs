@@ -1,0 +1,364 @@
+//! Encoding records for a SIEM (DESIGN §7): OCSF 1.x by default, ECS for Elastic. One JSON
+//! object per line; the same objects go to syslog.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use enforcer_common::verdict::Verdict;
+use serde_json::{json, Value};
+
+use crate::events::FlowRecord;
+
+pub const OCSF_VERSION: &str = "1.3.0";
+pub const ECS_VERSION: &str = "8.11.0";
+const PRODUCT: &str = "enforcer";
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum AlertFormat {
+    #[default]
+    Ocsf,
+    Ecs,
+}
+
+fn millis(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+/// RFC 3339 UTC timestamp with milliseconds.
+pub fn rfc3339(time: SystemTime) -> String {
+    let millis = millis(time);
+    let secs = (millis / 1000) as i64;
+    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (year, month, day) = civil_from_days(days);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z", rest / 3600, rest % 3600 / 60, rest % 60, millis % 1000)
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
+/// This machine's name, for the `device`/`host` of every record.
+pub fn hostname() -> String {
+    nix::unistd::gethostname().ok().and_then(|name| name.into_string().ok()).unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// How a flow outcome reads in OCSF Network Activity terms.
+struct Classification {
+    activity_id: u8,
+    activity: &'static str,
+    action_id: u8,
+    action: &'static str,
+    disposition_id: u8,
+    disposition: &'static str,
+    severity_id: u8,
+}
+
+fn classify(record: &FlowRecord) -> Classification {
+    let (severity_id, disposition_id, disposition) = match record.reason {
+        "spoofed" | "identity_mismatch" => (4, 6, "Dropped"),
+        "rate_limited" => (3, 6, "Dropped"),
+        "malformed" | "bad_fragment" | "unsupported_headers" => (3, 6, "Dropped"),
+        _ if record.rejudged => (3, 24, "Access Revoked"),
+        _ => (2, 2, "Blocked"),
+    };
+    match record.verdict {
+        Verdict::Allow => Classification {
+            activity_id: 1,
+            activity: "Open",
+            action_id: 1,
+            action: "Allowed",
+            disposition_id: 1,
+            disposition: "Allowed",
+            severity_id: 1,
+        },
+        // Audit: policy would have dropped it, and it passed: detected, not blocked.
+        Verdict::Audit => Classification {
+            activity_id: 1,
+            activity: "Open",
+            action_id: 1,
+            action: "Allowed",
+            disposition_id: 15,
+            disposition: "Detected",
+            severity_id,
+        },
+        Verdict::Deny => Classification {
+            activity_id: if record.rejudged { 3 } else { 5 },
+            activity: if record.rejudged { "Reset" } else { "Refuse" },
+            action_id: 2,
+            action: "Denied",
+            disposition_id,
+            disposition,
+            severity_id,
+        },
+    }
+}
+
+fn severity_name(id: u8) -> &'static str {
+    match id {
+        1 => "Informational",
+        2 => "Low",
+        3 => "Medium",
+        4 => "High",
+        5 => "Critical",
+        _ => "Unknown",
+    }
+}
+
+fn port_text(record: &FlowRecord) -> String {
+    if record.protocol == "tcp" || record.protocol == "udp" {
+        format!("{}/{}", record.dst.port, record.protocol)
+    } else {
+        record.protocol.clone()
+    }
+}
+
+/// One line a person can read.
+pub fn flow_message(record: &FlowRecord) -> String {
+    let outcome = match record.verdict {
+        Verdict::Allow => "allowed",
+        Verdict::Deny if record.rejudged => "cut off",
+        Verdict::Deny => "denied",
+        Verdict::Audit => "would be denied (audit)",
+    };
+    let times = if record.count > 1 { format!(" ({} packets)", record.count) } else { String::new() };
+    format!("{} -> {} {} {outcome} by {} [{}]{times}", record.src.name, record.dst.name, port_text(record), record.rule, record.reason)
+}
+
+/// A flow record as a SIEM record.
+pub fn flow_alert(record: &FlowRecord, format: AlertFormat, host: &str) -> Value {
+    match format {
+        AlertFormat::Ocsf => ocsf_flow(record, host),
+        AlertFormat::Ecs => ecs_flow(record, host),
+    }
+}
+
+fn ocsf_metadata(sequence: u64) -> Value {
+    json!({
+        "version": OCSF_VERSION,
+        "product": { "name": PRODUCT, "vendor_name": PRODUCT, "version": env!("CARGO_PKG_VERSION") },
+        "sequence": sequence,
+    })
+}
+
+fn ocsf_flow(record: &FlowRecord, host: &str) -> Value {
+    let class = classify(record);
+    let time = millis(record.time);
+    json!({
+        "class_uid": 4001,
+        "class_name": "Network Activity",
+        "category_uid": 4,
+        "category_name": "Network Activity",
+        "activity_id": class.activity_id,
+        "activity_name": class.activity,
+        "type_uid": 400_100 + u32::from(class.activity_id),
+        "type_name": format!("Network Activity: {}", class.activity),
+        "time": time,
+        "start_time": time,
+        "end_time": time,
+        "count": record.count,
+        "severity_id": class.severity_id,
+        "severity": severity_name(class.severity_id),
+        "action_id": class.action_id,
+        "action": class.action,
+        "disposition_id": class.disposition_id,
+        "disposition": class.disposition,
+        "message": flow_message(record),
+        "src_endpoint": { "ip": record.src.ip.to_string(), "port": record.src.port, "svc_name": record.src.name },
+        "dst_endpoint": { "ip": record.dst.ip.to_string(), "port": record.dst.port, "svc_name": record.dst.name },
+        "connection_info": {
+            "protocol_num": record.protocol_number,
+            "protocol_name": record.protocol,
+            "protocol_ver_id": record.ip_version,
+        },
+        "policy": { "uid": record.rule, "name": record.rule },
+        "device": { "hostname": host, "type_id": 1, "type": "Server" },
+        "metadata": ocsf_metadata(record.sequence),
+        "unmapped": { "enforcer": enforcer_fields(record) },
+    })
+}
+
+fn enforcer_fields(record: &FlowRecord) -> Value {
+    json!({
+        "verdict": record.verdict.as_str(),
+        "reason": record.reason,
+        "generation": record.generation,
+        "hook": record.hook,
+        "interface": record.interface,
+        "src_identity": record.src.identity,
+        "dst_identity": record.dst.identity,
+        "address_identity": record.address_identity,
+        "rejudged": record.rejudged,
+        "cgroup_id": record.cgroup_id,
+        "cpu": record.cpu,
+    })
+}
+
+fn ecs_flow(record: &FlowRecord, host: &str) -> Value {
+    let (types, outcome): (&[&str], &str) = match record.verdict {
+        Verdict::Allow => (&["connection", "start", "allowed"], "success"),
+        Verdict::Audit => (&["connection", "start", "allowed"], "success"),
+        Verdict::Deny => (&["connection", "denied"], "failure"),
+    };
+    let timestamp = rfc3339(record.time);
+    json!({
+        "@timestamp": timestamp,
+        "ecs": { "version": ECS_VERSION },
+        "message": flow_message(record),
+        "event": {
+            "kind": if record.verdict == Verdict::Allow { "event" } else { "alert" },
+            "category": ["network"],
+            "type": types,
+            "action": format!("flow-{}", record.verdict.as_str()),
+            "outcome": outcome,
+            "reason": record.reason,
+            "sequence": record.sequence,
+            "start": timestamp,
+            "end": timestamp,
+            "module": PRODUCT,
+            "dataset": "enforcer.flow",
+        },
+        "source": { "ip": record.src.ip.to_string(), "port": record.src.port },
+        "destination": { "ip": record.dst.ip.to_string(), "port": record.dst.port },
+        "service": { "origin": { "name": record.src.name }, "target": { "name": record.dst.name } },
+        "network": {
+            "transport": record.protocol,
+            "iana_number": record.protocol_number.to_string(),
+            "type": if record.ip_version == 6 { "ipv6" } else { "ipv4" },
+        },
+        "rule": { "id": record.rule, "name": record.rule },
+        "observer": { "hostname": host, "product": PRODUCT, "type": "firewall", "ingress": { "interface": { "name": record.interface } } },
+        "host": { "hostname": host },
+        "enforcer": { "count": record.count, "generation": record.generation, "hook": record.hook, "src_identity": record.src.identity, "dst_identity": record.dst.identity, "address_identity": record.address_identity, "rejudged": record.rejudged },
+    })
+}
+
+/// A record saying that `count` flow records never reached the controller.
+pub fn lost_events_alert(count: u64, at: SystemTime, format: AlertFormat, host: &str) -> Value {
+    let message = format!("{count} flow records were lost between the kernel and the controller (ring buffer full)");
+    match format {
+        AlertFormat::Ocsf => json!({
+            "class_uid": 4001,
+            "class_name": "Network Activity",
+            "category_uid": 4,
+            "category_name": "Network Activity",
+            "activity_id": 99,
+            "activity_name": "Events Lost",
+            "type_uid": 400_199,
+            "type_name": "Network Activity: Other",
+            "time": millis(at),
+            "count": count,
+            "severity_id": 3,
+            "severity": "Medium",
+            "message": message,
+            "device": { "hostname": host, "type_id": 1, "type": "Server" },
+            "metadata": ocsf_metadata(0),
+            "unmapped": { "enforcer": { "events_lost": count } },
+        }),
+        AlertFormat::Ecs => json!({
+            "@timestamp": rfc3339(at),
+            "ecs": { "version": ECS_VERSION },
+            "message": message,
+            "event": { "kind": "pipeline_error", "category": ["network"], "type": ["info"], "action": "events-lost", "module": PRODUCT, "dataset": "enforcer.flow" },
+            "host": { "hostname": host },
+            "enforcer": { "events_lost": count },
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::IpAddr, time::Duration};
+
+    use super::*;
+    use crate::events::FlowEnd;
+
+    fn record(verdict: Verdict, reason: &'static str, rule: &str) -> FlowRecord {
+        FlowRecord {
+            time: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+            verdict,
+            reason,
+            rule: rule.to_owned(),
+            src: FlowEnd { ip: "10.10.0.2".parse::<IpAddr>().unwrap(), port: 40000, identity: 1001, name: "frontend".to_owned() },
+            dst: FlowEnd { ip: "10.10.2.2".parse::<IpAddr>().unwrap(), port: 5432, identity: 1003, name: "db".to_owned() },
+            address_identity: 1001,
+            protocol: "tcp".to_owned(),
+            protocol_number: 6,
+            ip_version: 4,
+            generation: 3,
+            interface: "veth-fe".to_owned(),
+            hook: "xdp-ingress",
+            count: 4,
+            rejudged: false,
+            cgroup_id: 0,
+            cpu: 1,
+            sequence: 99,
+        }
+    }
+
+    #[test]
+    fn denied_flow_is_ocsf_network_activity_with_action_denied() {
+        let alert = flow_alert(&record(Verdict::Deny, "default_deny", "default-deny"), AlertFormat::Ocsf, "node-1");
+        assert_eq!(alert["class_uid"], 4001);
+        assert_eq!(alert["activity_id"], 5);
+        assert_eq!(alert["type_uid"], 400_105);
+        assert_eq!(alert["action_id"], 2);
+        assert_eq!(alert["disposition_id"], 2);
+        assert_eq!(alert["src_endpoint"]["svc_name"], "frontend");
+        assert_eq!(alert["dst_endpoint"]["svc_name"], "db");
+        assert_eq!(alert["dst_endpoint"]["port"], 5432);
+        assert_eq!(alert["policy"]["uid"], "default-deny");
+        assert_eq!(alert["count"], 4);
+        assert_eq!(alert["time"], 1_700_000_000_123u64);
+        assert_eq!(alert["start_time"], alert["end_time"]);
+        assert_eq!(alert["message"], "frontend -> db 5432/tcp denied by default-deny [default_deny] (4 packets)");
+    }
+
+    #[test]
+    fn allowed_audited_spoofed_and_revoked_flows_classify_distinctly() {
+        let allowed = flow_alert(&record(Verdict::Allow, "policy_allow", "fe-to-db"), AlertFormat::Ocsf, "h");
+        assert_eq!((allowed["activity_id"].as_u64(), allowed["action_id"].as_u64(), allowed["disposition_id"].as_u64()), (Some(1), Some(1), Some(1)));
+        let audited = flow_alert(&record(Verdict::Audit, "default_deny", "default-deny"), AlertFormat::Ocsf, "h");
+        assert_eq!((audited["action_id"].as_u64(), audited["disposition_id"].as_u64()), (Some(1), Some(15)));
+        let spoofed = flow_alert(&record(Verdict::Deny, "spoofed", "anti-spoofing"), AlertFormat::Ocsf, "h");
+        assert_eq!((spoofed["severity_id"].as_u64(), spoofed["disposition_id"].as_u64()), (Some(4), Some(6)));
+        let mut revoked = record(Verdict::Deny, "default_deny", "default-deny");
+        revoked.rejudged = true;
+        let revoked = flow_alert(&revoked, AlertFormat::Ocsf, "h");
+        assert_eq!((revoked["activity_id"].as_u64(), revoked["disposition_id"].as_u64()), (Some(3), Some(24)));
+    }
+
+    #[test]
+    fn ecs_flow_uses_ecs_field_names() {
+        let alert = flow_alert(&record(Verdict::Deny, "policy_deny", "no-db"), AlertFormat::Ecs, "node-1");
+        assert_eq!(alert["@timestamp"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(alert["event"]["category"][0], "network");
+        assert_eq!(alert["event"]["outcome"], "failure");
+        assert_eq!(alert["source"]["ip"], "10.10.0.2");
+        assert_eq!(alert["destination"]["port"], 5432);
+        assert_eq!(alert["service"]["target"]["name"], "db");
+        assert_eq!(alert["network"]["transport"], "tcp");
+        assert_eq!(alert["rule"]["id"], "no-db");
+    }
+
+    #[test]
+    fn lost_events_are_a_record_of_their_own() {
+        let alert = lost_events_alert(12, UNIX_EPOCH, AlertFormat::Ocsf, "h");
+        assert_eq!(alert["count"], 12);
+        assert_eq!(alert["activity_name"], "Events Lost");
+    }
+
+    #[test]
+    fn civil_dates_are_right_around_leap_years() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(civil_from_days(20_454), (2026, 1, 1));
+    }
+}

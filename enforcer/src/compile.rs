@@ -1,0 +1,631 @@
+//! Compiling a policy into the datapath's tables.
+//!
+//! The kernel looks rules up in a fixed order — exact `(proto, port)`, the port ranges of
+//! `proto` (denies first), `(proto, any port)`, `(any proto)` — and the first hit decides. The
+//! compiler arranges the entries so that this order gives DESIGN §4's answer: an explicit deny
+//! beats any allow, and among allows the most specific wins (ties: the first in the policy).
+//! An allow entry that a less specific deny covers is left out, so the lookup falls through to
+//! that deny. [`Compiled::evaluate`] runs the same lookup in userspace for `explain`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+    path::PathBuf,
+};
+
+use enforcer_common::{
+    addr::IpcacheKey,
+    identity::{flags, CgroupKey, EndpointKey, IdentityInfo, HOST, WORLD},
+    policy::{action, proto, rule, PolicyKey, PortRange, PortRanges, RangeKey, RuleVerdict, ANY_PORT, ANY_PROTO, MAX_PORT_RANGES},
+};
+use ipnet::IpNet;
+
+use crate::{
+    identity,
+    policy::{Mode, Peer, Policy, PortMatch, Protocol, RuleKind},
+};
+
+pub const DEFAULT_DENY_ID: &str = "default-deny";
+pub const DEFAULT_ALLOW_ID: &str = "default-allow";
+pub const ANTI_SPOOFING_ID: &str = "anti-spoofing";
+pub const PACKET_SANITY_ID: &str = "packet-sanity";
+pub const NO_POLICY_ID: &str = "no-policy";
+
+/// The parts of this host a policy refers to by name: its own addresses, interface indexes,
+/// cgroup ids. Compiling is pure given this view; `host::observe` reads it from the system.
+#[derive(Clone, Debug, Default)]
+pub struct HostView {
+    pub addresses: Vec<IpAddr>,
+    pub interfaces: BTreeMap<String, u32>,
+    pub cgroups: BTreeMap<PathBuf, u64>,
+}
+
+/// LPM entry of the ipcache, without the slot (the map layer adds it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Prefix {
+    pub addr: [u8; 16],
+    /// Prefix length over the 16-byte form (IPv4 counts from 96).
+    pub len: u8,
+}
+
+impl Prefix {
+    pub fn of(net: &IpNet) -> Self {
+        let (addr, len) = match net {
+            IpNet::V4(v4) => (enforcer_common::addr::v4_mapped(v4.network().octets()), 96 + v4.prefix_len()),
+            IpNet::V6(v6) => (v6.network().octets(), v6.prefix_len()),
+        };
+        Self { addr, len }
+    }
+
+    pub fn contains(&self, addr: &[u8; 16]) -> bool {
+        let bits = u32::from(self.len);
+        let mask = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
+        u128::from_be_bytes(self.addr) & mask == u128::from_be_bytes(*addr) & mask
+    }
+
+    pub fn key(&self, slot: u8) -> (u32, IpcacheKey) {
+        (enforcer_common::addr::IPCACHE_KEY_HEADER_BITS + u32::from(self.len), IpcacheKey { slot, _pad: [0; 3], addr: self.addr })
+    }
+}
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let addr = enforcer_common::addr::from_key_bytes(self.addr);
+        let len = if addr.is_ipv4() { self.len.saturating_sub(96) } else { self.len };
+        write!(f, "{addr}/{len}")
+    }
+}
+
+/// The compiled tables, with slot 0 in every key (the map layer writes them into a slot).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tables {
+    pub ipcache: BTreeMap<Prefix, IdentityInfo>,
+    pub endpoints: BTreeMap<EndpointKey, IdentityInfo>,
+    pub cgroups: BTreeMap<CgroupKey, IdentityInfo>,
+    pub rules: BTreeMap<PolicyKey, RuleVerdict>,
+    pub ranges: BTreeMap<RangeKey, PortRanges>,
+}
+
+impl Tables {
+    /// Entries per kernel map, by map name.
+    pub fn entry_counts(&self) -> [(&'static str, usize); 5] {
+        [
+            ("IPCACHE", self.ipcache.len()),
+            ("ENDPOINTS", self.endpoints.len()),
+            ("CGROUPS", self.cgroups.len()),
+            ("POLICY", self.rules.len()),
+            ("PORT_RANGES", self.ranges.len()),
+        ]
+    }
+}
+
+/// What a rule number stands for, for events, alerts and `explain`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleInfo {
+    pub id: String,
+    pub kind: RuleKind,
+    pub from: String,
+    pub to: String,
+    pub ports: String,
+    pub max_new_per_sec: Option<u32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error("CIDR identities collide: {a} and {b} both hash to {identity}")]
+    CidrCollision { a: IpNet, b: IpNet, identity: u32 },
+    #[error(
+        "{from} -> {to} over {protocol} has {count} port ranges after merging rules ({rules}); at most {MAX_PORT_RANGES} fit, list single ports or merge ranges"
+    )]
+    TooManyRanges { from: String, to: String, protocol: &'static str, count: usize, rules: String },
+}
+
+/// A policy compiled for this host.
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    pub hash: [u8; 32],
+    pub audit: bool,
+    pub tables: Tables,
+    /// Rule number `rule::FIRST_USER + i` is `rules[i]`.
+    pub rules: Vec<RuleInfo>,
+    /// Every identity the policy names: services, host, world, CIDR peers.
+    pub identities: BTreeMap<u32, (String, IdentityInfo)>,
+    /// Things the policy names that this host does not have (skipped, not fatal).
+    pub warnings: Vec<String>,
+}
+
+impl Compiled {
+    /// The stable id of rule number `number`, as events and alerts show it.
+    pub fn rule_id(&self, number: u32) -> String {
+        match number {
+            rule::DEFAULT_DENY => DEFAULT_DENY_ID.to_owned(),
+            rule::DEFAULT_ALLOW => DEFAULT_ALLOW_ID.to_owned(),
+            rule::ANTI_SPOOFING => ANTI_SPOOFING_ID.to_owned(),
+            rule::PACKET_SANITY => PACKET_SANITY_ID.to_owned(),
+            rule::NO_POLICY => NO_POLICY_ID.to_owned(),
+            rule::NONE => "none".to_owned(),
+            user => match user.checked_sub(rule::FIRST_USER).and_then(|index| self.rules.get(index as usize)) {
+                Some(info) => info.id.clone(),
+                None => format!("rule-{user}"),
+            },
+        }
+    }
+
+    /// The name of an identity: a service name, `host`, `world`, or a CIDR.
+    pub fn identity_name(&self, identity: u32) -> String {
+        match self.identities.get(&identity) {
+            Some((name, _)) => name.clone(),
+            None if identity == WORLD => "world".to_owned(),
+            None if identity == HOST => "host".to_owned(),
+            None => format!("identity-{identity}"),
+        }
+    }
+
+    pub fn identity_info(&self, identity: u32) -> IdentityInfo {
+        self.identities.get(&identity).map_or(IdentityInfo { identity, flags: 0 }, |(_, info)| *info)
+    }
+
+    /// The identity an address resolves to (longest matching prefix, else world), as the
+    /// datapath's ipcache lookup does.
+    pub fn resolve_address(&self, addr: IpAddr) -> IdentityInfo {
+        let bytes = enforcer_common::addr::to_key_bytes(addr);
+        self.tables
+            .ipcache
+            .iter()
+            .filter(|(prefix, _)| prefix.contains(&bytes))
+            .max_by_key(|(prefix, _)| prefix.len)
+            .map_or(IdentityInfo::WORLD, |(_, info)| *info)
+    }
+
+    /// The rule that decides a new flow, by the same lookups as the datapath (`rules.rs`).
+    pub fn evaluate(&self, src: &IdentityInfo, dst: &IdentityInfo, wire_proto: u8, dst_port: u16) -> RuleVerdict {
+        let protocol = if wire_proto == proto::ICMPV6 { proto::ICMP } else { wire_proto };
+        let mut key = PolicyKey { src_identity: src.identity, dst_identity: dst.identity, port: ANY_PORT, proto: protocol, slot: 0 };
+        if (protocol == proto::TCP || protocol == proto::UDP) && dst_port != ANY_PORT {
+            key.port = dst_port;
+            if let Some(verdict) = self.tables.rules.get(&key) {
+                return *verdict;
+            }
+            let range_key = RangeKey { src_identity: src.identity, dst_identity: dst.identity, proto: protocol, slot: 0, _pad: [0; 2] };
+            if let Some(ranges) = self.tables.ranges.get(&range_key) {
+                let found = ranges.ranges[..ranges.count as usize].iter().find(|range| range.lo <= dst_port && dst_port <= range.hi);
+                if let Some(range) = found {
+                    return range.verdict;
+                }
+            }
+            key.port = ANY_PORT;
+        }
+        if let Some(verdict) = self.tables.rules.get(&key) {
+            return *verdict;
+        }
+        key.proto = ANY_PROTO;
+        if let Some(verdict) = self.tables.rules.get(&key) {
+            return *verdict;
+        }
+        let (verdict_action, verdict_rule) =
+            if src.is_service() || dst.is_service() { (action::DENY, rule::DEFAULT_DENY) } else { (action::ALLOW, rule::DEFAULT_ALLOW) };
+        RuleVerdict { rule: verdict_rule, bucket: 0, max_new_per_sec: 0, action: verdict_action, _pad: [0; 3] }
+    }
+}
+
+/// Rules that apply to one (source identity, destination identity) pair, by lookup layer.
+#[derive(Default)]
+struct PairRules {
+    exact: BTreeMap<(u8, u16), Vec<(RuleKind, usize)>>,
+    ranges: BTreeMap<u8, Vec<(u16, u16, RuleKind, usize)>>,
+    any_port: BTreeMap<u8, Vec<(RuleKind, usize)>>,
+    any_proto: Vec<(RuleKind, usize)>,
+}
+
+fn first_of(kind: RuleKind, candidates: &[(RuleKind, usize)]) -> Option<usize> {
+    candidates.iter().find(|(candidate, _)| *candidate == kind).map(|(_, index)| *index)
+}
+
+/// Compiles `policy` for the host described by `host`.
+pub fn compile(policy: &Policy, host: &HostView) -> Result<Compiled, CompileError> {
+    let mut warnings = Vec::new();
+    let mut identities: BTreeMap<u32, (String, IdentityInfo)> = BTreeMap::new();
+    let host_info = IdentityInfo { identity: HOST, flags: if policy.manage_host { flags::SERVICE } else { 0 } };
+    identities.insert(HOST, ("host".to_owned(), host_info));
+    identities.insert(WORLD, ("world".to_owned(), IdentityInfo::WORLD));
+    let service_infos: Vec<IdentityInfo> = policy
+        .services
+        .iter()
+        .map(|service| {
+            let audit = if policy.service_mode(service) == Mode::Audit { flags::AUDIT } else { 0 };
+            IdentityInfo { identity: service.identity, flags: flags::SERVICE | audit }
+        })
+        .collect();
+    for (service, info) in policy.services.iter().zip(&service_infos) {
+        identities.insert(info.identity, (service.name.clone(), *info));
+    }
+
+    // CIDR peers get identities of their own.
+    let cidrs: BTreeSet<IpNet> = policy
+        .rules
+        .iter()
+        .flat_map(|rule| [&rule.from, &rule.to])
+        .filter_map(|peer| if let Peer::Cidr(net) = peer { Some(*net) } else { None })
+        .collect();
+    let mut cidr_identity: BTreeMap<IpNet, u32> = BTreeMap::new();
+    let mut cidr_owner: BTreeMap<u32, IpNet> = BTreeMap::new();
+    for net in &cidrs {
+        let id = identity::of_cidr(net);
+        if let Some(other) = cidr_owner.get(&id) {
+            return Err(CompileError::CidrCollision { a: *other, b: *net, identity: id });
+        }
+        cidr_owner.insert(id, *net);
+        cidr_identity.insert(*net, id);
+        identities.insert(id, (net.to_string(), IdentityInfo { identity: id, flags: 0 }));
+    }
+
+    let mut tables = Tables::default();
+    for (service, info) in policy.services.iter().zip(&service_infos) {
+        for net in &service.addresses {
+            tables.ipcache.insert(Prefix::of(net), *info);
+        }
+        for name in &service.interfaces {
+            match host.interfaces.get(name) {
+                Some(ifindex) => {
+                    tables.endpoints.insert(EndpointKey { ifindex: *ifindex, slot: 0 }, *info);
+                }
+                None => warnings.push(format!("interface \"{name}\" of service \"{}\" does not exist on this host; skipped", service.name)),
+            }
+        }
+        for path in &service.cgroups {
+            match host.cgroups.get(path) {
+                Some(cgroup_id) => {
+                    tables.cgroups.insert(CgroupKey { cgroup_id: *cgroup_id, slot: 0, _pad: 0 }, *info);
+                }
+                None => warnings.push(format!("cgroup {} of service \"{}\" does not exist on this host; skipped", path.display(), service.name)),
+            }
+        }
+    }
+    for (net, id) in &cidr_identity {
+        tables.ipcache.entry(Prefix::of(net)).or_insert(IdentityInfo { identity: *id, flags: 0 });
+    }
+    for addr in &host.addresses {
+        let prefix = Prefix::of(&IpNet::from(*addr));
+        match tables.ipcache.get(&prefix) {
+            None => {
+                tables.ipcache.insert(prefix, host_info);
+            }
+            Some(existing) if existing.identity >= enforcer_common::identity::SERVICE_END => warnings.push(format!(
+                "host address {addr} is also CIDR peer {prefix} in a rule; it resolves to that CIDR, not to \"host\""
+            )),
+            Some(_) => {}
+        }
+    }
+
+    // Rule entries.
+    let expand = |peer: &Peer| -> Vec<u32> {
+        match peer {
+            Peer::Service(index) => vec![service_infos[*index].identity],
+            Peer::Host => vec![HOST],
+            // World is everything unclaimed, and that includes addresses a CIDR rule names.
+            Peer::World => std::iter::once(WORLD).chain(cidr_identity.values().copied()).collect(),
+            // A longest-prefix match resolves an address inside a narrower CIDR peer to that
+            // peer's identity; rules about the wider CIDR must apply to it too.
+            Peer::Cidr(net) => cidr_identity.iter().filter(|(inner, _)| net.contains(*inner)).map(|(_, id)| *id).collect(),
+        }
+    };
+    let mut pairs: BTreeMap<(u32, u32), PairRules> = BTreeMap::new();
+    for (index, rule) in policy.rules.iter().enumerate() {
+        let sources = expand(&rule.from);
+        let destinations = expand(&rule.to);
+        for src in &sources {
+            for dst in &destinations {
+                let pair = pairs.entry((*src, *dst)).or_default();
+                if rule.ports.is_empty() {
+                    pair.any_proto.push((rule.kind, index));
+                }
+                for port in &rule.ports {
+                    match *port {
+                        PortMatch::Port(protocol, number) => {
+                            pair.exact.entry((protocol.number(), number)).or_default().push((rule.kind, index))
+                        }
+                        PortMatch::Range(protocol, lo, hi) => {
+                            pair.ranges.entry(protocol.number()).or_default().push((lo, hi, rule.kind, index))
+                        }
+                        PortMatch::AnyPort(protocol) => pair.any_port.entry(protocol.number()).or_default().push((rule.kind, index)),
+                    }
+                }
+            }
+        }
+    }
+    let verdict_of = |index: usize| -> RuleVerdict {
+        let rule = &policy.rules[index];
+        let (verdict_action, bucket, limit) = match rule.kind {
+            RuleKind::Deny => (action::DENY, 0, 0),
+            RuleKind::Allow => match rule.max_new_per_sec {
+                Some(limit) => (action::ALLOW, identity::of_rule_bucket(&rule.id), limit),
+                None => (action::ALLOW, 0, 0),
+            },
+        };
+        RuleVerdict { rule: rule::FIRST_USER + index as u32, bucket, max_new_per_sec: limit, action: verdict_action, _pad: [0; 3] }
+    };
+    for ((src, dst), pair) in &pairs {
+        let key = |protocol: u8, port: u16| PolicyKey { src_identity: *src, dst_identity: *dst, port, proto: protocol, slot: 0 };
+        let deny_any_proto = first_of(RuleKind::Deny, &pair.any_proto);
+        let deny_any_port = |protocol: u8| pair.any_port.get(&protocol).and_then(|list| first_of(RuleKind::Deny, list));
+        let denied_by_range = |protocol: u8, port: u16| {
+            pair.ranges.get(&protocol).is_some_and(|list| list.iter().any(|(lo, hi, kind, _)| *kind == RuleKind::Deny && *lo <= port && port <= *hi))
+        };
+        for ((protocol, port), list) in &pair.exact {
+            if let Some(deny) = first_of(RuleKind::Deny, list) {
+                tables.rules.insert(key(*protocol, *port), verdict_of(deny));
+            } else if deny_any_proto.is_none() && deny_any_port(*protocol).is_none() && !denied_by_range(*protocol, *port) {
+                if let Some(allow) = first_of(RuleKind::Allow, list) {
+                    tables.rules.insert(key(*protocol, *port), verdict_of(allow));
+                }
+            }
+        }
+        for (protocol, list) in &pair.ranges {
+            let allows_covered = deny_any_proto.is_some() || deny_any_port(*protocol).is_some();
+            let ordered: Vec<_> = list
+                .iter()
+                .filter(|(_, _, kind, _)| *kind == RuleKind::Deny)
+                .chain(list.iter().filter(|(_, _, kind, _)| *kind == RuleKind::Allow && !allows_covered))
+                .collect();
+            if ordered.is_empty() {
+                continue;
+            }
+            if ordered.len() > MAX_PORT_RANGES {
+                let mut rules: Vec<&str> = ordered.iter().map(|(_, _, _, index)| policy.rules[*index].id.as_str()).collect();
+                rules.dedup();
+                return Err(CompileError::TooManyRanges {
+                    from: identities.get(src).map_or_else(|| src.to_string(), |(name, _)| name.clone()),
+                    to: identities.get(dst).map_or_else(|| dst.to_string(), |(name, _)| name.clone()),
+                    protocol: if *protocol == proto::TCP { "tcp" } else { "udp" },
+                    count: ordered.len(),
+                    rules: rules.join(", "),
+                });
+            }
+            let mut ranges = PortRanges { count: ordered.len() as u32, ranges: [PortRange::default(); MAX_PORT_RANGES] };
+            for (slot, (lo, hi, _, index)) in ranges.ranges.iter_mut().zip(&ordered) {
+                *slot = PortRange { lo: *lo, hi: *hi, verdict: verdict_of(*index) };
+            }
+            tables.ranges.insert(RangeKey { src_identity: *src, dst_identity: *dst, proto: *protocol, slot: 0, _pad: [0; 2] }, ranges);
+        }
+        for (protocol, list) in &pair.any_port {
+            if let Some(deny) = first_of(RuleKind::Deny, list) {
+                tables.rules.insert(key(*protocol, ANY_PORT), verdict_of(deny));
+            } else if deny_any_proto.is_none() {
+                if let Some(allow) = first_of(RuleKind::Allow, list) {
+                    tables.rules.insert(key(*protocol, ANY_PORT), verdict_of(allow));
+                }
+            }
+        }
+        if let Some(chosen) = deny_any_proto.or_else(|| first_of(RuleKind::Allow, &pair.any_proto)) {
+            tables.rules.insert(key(ANY_PROTO, ANY_PORT), verdict_of(chosen));
+        }
+    }
+
+    let rules = policy
+        .rules
+        .iter()
+        .map(|rule| RuleInfo {
+            id: rule.id.clone(),
+            kind: rule.kind,
+            from: policy.peer_name(&rule.from),
+            to: policy.peer_name(&rule.to),
+            ports: if rule.ports.is_empty() {
+                "any".to_owned()
+            } else {
+                rule.ports.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            },
+            max_new_per_sec: rule.max_new_per_sec,
+        })
+        .collect();
+    Ok(Compiled { hash: policy.hash, audit: policy.mode == Mode::Audit, tables, rules, identities, warnings })
+}
+
+/// A protocol name for a wire protocol number (ICMPv6 counts as ICMP, as in the policy).
+pub fn protocol_name(wire_proto: u8) -> String {
+    match wire_proto {
+        proto::TCP => Protocol::Tcp.as_str().to_owned(),
+        proto::UDP => Protocol::Udp.as_str().to_owned(),
+        proto::ICMP | proto::ICMPV6 => Protocol::Icmp.as_str().to_owned(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::policy::parse_sources;
+
+    fn compile_text(text: &str) -> Compiled {
+        let policy = parse_sources(vec![(PathBuf::from("p.toml"), text.to_owned())]).expect("valid policy");
+        compile(&policy, &HostView::default()).expect("compiles")
+    }
+
+    fn decide(compiled: &Compiled, from: &str, to: &str, protocol: u8, port: u16) -> (u8, String) {
+        let by_name = |name: &str| {
+            compiled.identities.values().find(|(candidate, _)| candidate == name).map(|(_, info)| *info).expect("known identity")
+        };
+        let verdict = compiled.evaluate(&by_name(from), &by_name(to), protocol, port);
+        (verdict.action, compiled.rule_id(verdict.rule))
+    }
+
+    const SERVICES: &str = r#"
+[[service]]
+name = "a"
+addresses = ["10.0.0.1/32"]
+[[service]]
+name = "b"
+addresses = ["10.0.0.2/32"]
+"#;
+
+    #[test]
+    fn exact_range_any_port_and_default() {
+        let compiled = compile_text(&format!(
+            "{SERVICES}
+[[allow]]
+from = \"a\"
+to = \"b\"
+ports = [\"443/tcp\", \"8000-8100/tcp\", \"icmp\"]
+id = \"a-b\"
+"
+        ));
+        for port in [443, 8000, 8050, 8100] {
+            assert_eq!(decide(&compiled, "a", "b", proto::TCP, port), (action::ALLOW, "a-b".to_owned()), "port {port}");
+        }
+        for port in [442, 7999, 8101] {
+            assert_eq!(decide(&compiled, "a", "b", proto::TCP, port), (action::DENY, DEFAULT_DENY_ID.to_owned()), "port {port}");
+        }
+        assert_eq!(decide(&compiled, "a", "b", proto::ICMP, 0).0, action::ALLOW);
+        assert_eq!(decide(&compiled, "a", "b", proto::ICMPV6, 0).0, action::ALLOW);
+        assert_eq!(decide(&compiled, "a", "b", proto::UDP, 443).0, action::DENY);
+        assert_eq!(decide(&compiled, "b", "a", proto::TCP, 443).0, action::DENY, "rules are directional");
+    }
+
+    #[test]
+    fn deny_beats_allow_at_every_layer() {
+        // Each deny is less specific than the allow it must beat.
+        for (allow_ports, deny_ports, probe) in [
+            ("[\"5432/tcp\"]", "[\"5000-6000/tcp\"]", 5432),
+            ("[\"5432/tcp\"]", "[\"tcp\"]", 5432),
+            ("[\"5432/tcp\"]", "null", 5432),
+            ("[\"5000-6000/tcp\"]", "[\"tcp\"]", 5500),
+            ("[\"tcp\"]", "null", 22),
+            ("[\"5432/tcp\"]", "[\"5432/tcp\"]", 5432),
+            ("null", "[\"5432/tcp\"]", 5432),
+        ] {
+            let deny_ports = if deny_ports == "null" { String::new() } else { format!("ports = {deny_ports}") };
+            let allow_ports = if allow_ports == "null" { String::new() } else { format!("ports = {allow_ports}") };
+            let compiled = compile_text(&format!(
+                "{SERVICES}
+[[allow]]
+from = \"a\"
+to = \"b\"
+{allow_ports}
+id = \"allow-it\"
+[[deny]]
+from = \"a\"
+to = \"b\"
+{deny_ports}
+id = \"deny-it\"
+"
+            ));
+            assert_eq!(
+                decide(&compiled, "a", "b", proto::TCP, probe),
+                (action::DENY, "deny-it".to_owned()),
+                "allow {allow_ports} / deny {deny_ports}"
+            );
+        }
+    }
+
+    #[test]
+    fn more_specific_allow_wins_and_carries_its_rate_limit() {
+        let compiled = compile_text(&format!(
+            "{SERVICES}
+[[allow]]
+from = \"a\"
+to = \"b\"
+id = \"anything\"
+[[allow]]
+from = \"a\"
+to = \"b\"
+ports = [\"443/tcp\"]
+max_new_per_sec = 10
+id = \"https\"
+"
+        ));
+        assert_eq!(decide(&compiled, "a", "b", proto::TCP, 443).1, "https");
+        assert_eq!(decide(&compiled, "a", "b", proto::TCP, 80).1, "anything");
+        let key = PolicyKey { src_identity: identity::of_service_name("a"), dst_identity: identity::of_service_name("b"), port: 443, proto: proto::TCP, slot: 0 };
+        let verdict = compiled.tables.rules[&key];
+        assert_eq!(verdict.max_new_per_sec, 10);
+        assert_eq!(verdict.bucket, identity::of_rule_bucket("https"));
+    }
+
+    #[test]
+    fn undeclared_parties_default_to_allow() {
+        let compiled = compile_text(SERVICES);
+        assert_eq!(decide(&compiled, "world", "world", proto::TCP, 80), (action::ALLOW, DEFAULT_ALLOW_ID.to_owned()));
+        assert_eq!(decide(&compiled, "world", "a", proto::TCP, 80).0, action::DENY);
+        assert_eq!(decide(&compiled, "host", "world", proto::TCP, 80).0, action::ALLOW, "host is unmanaged by default");
+        let managed = compile_text(&format!("[settings]\nmanage_host = true\n{SERVICES}"));
+        assert_eq!(decide(&managed, "host", "world", proto::TCP, 80).0, action::DENY);
+    }
+
+    #[test]
+    fn cidr_rules_cover_nested_cidrs_and_world_rules_cover_cidrs() {
+        let compiled = compile_text(&format!(
+            "{SERVICES}
+[[allow]]
+from = \"10.1.0.0/16\"
+to = \"a\"
+ports = [\"80/tcp\"]
+id = \"wide\"
+[[allow]]
+from = \"10.1.2.0/24\"
+to = \"a\"
+ports = [\"81/tcp\"]
+id = \"narrow\"
+[[allow]]
+from = \"world\"
+to = \"a\"
+ports = [\"82/tcp\"]
+id = \"everyone\"
+"
+        ));
+        let narrow = compiled.resolve_address("10.1.2.3".parse().unwrap());
+        let wide = compiled.resolve_address("10.1.9.9".parse().unwrap());
+        let elsewhere = compiled.resolve_address("192.0.2.1".parse().unwrap());
+        assert_eq!(elsewhere, IdentityInfo::WORLD);
+        let a = compiled.resolve_address("10.0.0.1".parse().unwrap());
+        let rule = |src: &IdentityInfo, port| compiled.rule_id(compiled.evaluate(src, &a, proto::TCP, port).rule);
+        assert_eq!(rule(&narrow, 80), "wide");
+        assert_eq!(rule(&narrow, 81), "narrow");
+        assert_eq!(rule(&narrow, 82), "everyone");
+        assert_eq!(rule(&wide, 81), DEFAULT_DENY_ID);
+        assert_eq!(rule(&elsewhere, 82), "everyone");
+        assert_eq!(rule(&elsewhere, 80), DEFAULT_DENY_ID);
+    }
+
+    #[test]
+    fn host_addresses_resolve_to_host_unless_a_service_owns_them() {
+        let policy = parse_sources(vec![(PathBuf::from("p.toml"), SERVICES.to_owned())]).unwrap();
+        let host = HostView { addresses: vec!["10.0.0.1".parse().unwrap(), "10.9.9.9".parse().unwrap()], ..Default::default() };
+        let compiled = compile(&policy, &host).unwrap();
+        assert_eq!(compiled.resolve_address("10.9.9.9".parse().unwrap()).identity, HOST);
+        assert_eq!(compiled.resolve_address("10.0.0.1".parse().unwrap()).identity, identity::of_service_name("a"));
+    }
+
+    #[test]
+    fn missing_interfaces_and_cgroups_are_warnings() {
+        let policy = parse_sources(vec![(
+            PathBuf::from("p.toml"),
+            "[[service]]\nname = \"a\"\naddresses = [\"10.0.0.1/32\"]\ninterfaces = [\"veth-a\", \"veth-gone\"]\ncgroups = [\"/sys/fs/cgroup/x\"]\n".to_owned(),
+        )])
+        .unwrap();
+        let host = HostView { interfaces: BTreeMap::from([("veth-a".to_owned(), 7)]), ..Default::default() };
+        let compiled = compile(&policy, &host).unwrap();
+        assert_eq!(compiled.tables.endpoints.len(), 1);
+        assert_eq!(compiled.tables.endpoints[&EndpointKey { ifindex: 7, slot: 0 }].identity, identity::of_service_name("a"));
+        assert_eq!(compiled.warnings.len(), 2, "{:?}", compiled.warnings);
+    }
+
+    #[test]
+    fn audit_mode_is_carried_per_service() {
+        let compiled = compile_text("[[service]]\nname = \"a\"\nmode = \"audit\"\n[[service]]\nname = \"b\"\n");
+        assert!(compiled.identity_info(identity::of_service_name("a")).is_audit());
+        assert!(!compiled.identity_info(identity::of_service_name("b")).is_audit());
+        assert!(!compiled.audit);
+        assert!(compile_text("[settings]\nmode = \"audit\"\n").audit);
+    }
+
+    #[test]
+    fn too_many_ranges_is_an_error_naming_the_edge() {
+        let ports: Vec<String> = (0..17).map(|i| format!("\"{}-{}/tcp\"", 1000 + i * 10, 1005 + i * 10)).collect();
+        let text = format!("{SERVICES}\n[[allow]]\nfrom = \"a\"\nto = \"b\"\nports = [{}]\nid = \"many\"\n", ports.join(", "));
+        let policy = parse_sources(vec![(PathBuf::from("p.toml"), text)]).unwrap();
+        let error = compile(&policy, &HostView::default()).unwrap_err().to_string();
+        assert!(error.starts_with("a -> b over tcp has 17 port ranges"), "{error}");
+    }
+}

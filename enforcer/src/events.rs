@@ -1,0 +1,211 @@
+//! Turning the datapath's ring-buffer records into flow records with names, and noticing any
+//! record the kernel could not deliver.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use enforcer_common::{
+    addr::{family, from_key_bytes},
+    event::{flags, hook, FlowEvent},
+    verdict::{reason_name, Verdict},
+};
+use serde::Serialize;
+
+use crate::compile::{protocol_name, Compiled};
+
+/// One end of a flow, with the names the policy gives it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FlowEnd {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub identity: u32,
+    /// Service name, `world`, `host`, or a CIDR.
+    pub name: String,
+}
+
+/// A flow event as the controller reports it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FlowRecord {
+    /// When the datapath saw the packet.
+    #[serde(with = "epoch_millis")]
+    pub time: SystemTime,
+    #[serde(serialize_with = "verdict_name")]
+    pub verdict: Verdict,
+    pub reason: &'static str,
+    /// Id of the deciding rule (`default-deny` and friends included).
+    pub rule: String,
+    pub src: FlowEnd,
+    pub dst: FlowEnd,
+    /// Identity of the source address alone (differs from `src.identity` on spoofs).
+    pub address_identity: u32,
+    pub protocol: String,
+    pub protocol_number: u8,
+    pub ip_version: u8,
+    pub generation: u32,
+    pub interface: String,
+    pub hook: &'static str,
+    /// Packets this record stands for (kernel de-duplication of denials).
+    pub count: u32,
+    /// A tracked flow judged again after a policy change.
+    pub rejudged: bool,
+    pub cgroup_id: u64,
+    pub cpu: u32,
+    pub sequence: u64,
+}
+
+fn verdict_name<S: serde::Serializer>(verdict: &Verdict, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(verdict.as_str())
+}
+
+mod epoch_millis {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    pub fn serialize<S: serde::Serializer>(time: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u64(time.duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as u64))
+    }
+}
+
+/// Parses one ring-buffer record.
+pub fn decode(bytes: &[u8]) -> Option<FlowEvent> {
+    if bytes.len() < size_of::<FlowEvent>() {
+        return None;
+    }
+    // SAFETY: length checked; FlowEvent is plain integers (aya::Pod), valid for any bytes.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<FlowEvent>()) })
+}
+
+/// Detects records lost between the kernel and us from per-CPU sequence gaps.
+#[derive(Debug, Default)]
+pub struct SequenceTracker {
+    last: HashMap<u32, u64>,
+    lost: u64,
+}
+
+impl SequenceTracker {
+    /// Notes a record; returns how many records of this CPU went missing just before it.
+    pub fn observe(&mut self, cpu: u32, seq: u64) -> u64 {
+        let missing = match self.last.get(&cpu) {
+            Some(last) if seq > last + 1 => seq - last - 1,
+            _ => 0,
+        };
+        let last = self.last.entry(cpu).or_insert(seq);
+        *last = (*last).max(seq);
+        self.lost += missing;
+        missing
+    }
+
+    /// Records lost since tracking started.
+    pub fn lost(&self) -> u64 {
+        self.lost
+    }
+}
+
+/// Converts `CLOCK_MONOTONIC` nanoseconds (what `bpf_ktime_get_ns` returns) to wall-clock time.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    /// Wall-clock time at monotonic zero.
+    boot: SystemTime,
+}
+
+impl Clock {
+    pub fn now() -> Self {
+        let monotonic = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map(|now| Duration::new(now.tv_sec() as u64, now.tv_nsec() as u32))
+            .unwrap_or_default();
+        Self { boot: SystemTime::now() - monotonic }
+    }
+
+    pub fn wall(&self, monotonic_ns: u64) -> SystemTime {
+        self.boot + Duration::from_nanos(monotonic_ns)
+    }
+}
+
+/// The compiled policies events may refer to, by generation: a record can arrive after the
+/// generation that produced it was replaced.
+#[derive(Clone, Default)]
+pub struct Generations {
+    by_generation: BTreeMap<u32, Arc<Compiled>>,
+}
+
+impl Generations {
+    const KEEP: usize = 8;
+
+    pub fn insert(&mut self, generation: u32, compiled: Arc<Compiled>) {
+        self.by_generation.insert(generation, compiled);
+        while self.by_generation.len() > Self::KEEP {
+            self.by_generation.pop_first();
+        }
+    }
+
+    pub fn get(&self, generation: u32) -> Option<&Arc<Compiled>> {
+        self.by_generation.get(&generation).or_else(|| self.by_generation.last_key_value().map(|(_, compiled)| compiled))
+    }
+
+    pub fn latest(&self) -> Option<(u32, &Arc<Compiled>)> {
+        self.by_generation.last_key_value().map(|(generation, compiled)| (*generation, compiled))
+    }
+}
+
+/// Gives an event its names and wall-clock time; `None` for a verdict code this build does not
+/// know (a datapath from another build).
+pub fn describe(event: &FlowEvent, generations: &Generations, clock: &Clock, interface: impl Fn(u32) -> String) -> Option<FlowRecord> {
+    let verdict = Verdict::from_code(event.verdict)?;
+    let compiled = generations.get(event.generation);
+    let name = |identity: u32| match compiled {
+        Some(compiled) => compiled.identity_name(identity),
+        None => format!("identity-{identity}"),
+    };
+    let rule = match compiled {
+        Some(compiled) => compiled.rule_id(event.rule),
+        None => format!("rule-{}", event.rule),
+    };
+    Some(FlowRecord {
+        time: clock.wall(event.timestamp_ns),
+        verdict,
+        reason: reason_name(event.reason),
+        rule,
+        src: FlowEnd { ip: from_key_bytes(event.src_addr), port: event.src_port, identity: event.src_identity, name: name(event.src_identity) },
+        dst: FlowEnd { ip: from_key_bytes(event.dst_addr), port: event.dst_port, identity: event.dst_identity, name: name(event.dst_identity) },
+        address_identity: event.addr_identity,
+        protocol: protocol_name(event.proto),
+        protocol_number: event.proto,
+        ip_version: if event.family == family::INET6 { 6 } else { 4 },
+        generation: event.generation,
+        interface: interface(event.ifindex),
+        hook: if event.hook == hook::TC_EGRESS { "tc-egress" } else { "xdp-ingress" },
+        count: event.count.max(1),
+        rejudged: event.flags & flags::REJUDGED != 0,
+        cgroup_id: event.cgroup_id,
+        cpu: event.cpu,
+        sequence: event.seq,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gaps_in_a_cpus_sequence_are_counted_as_lost() {
+        let mut tracker = SequenceTracker::default();
+        assert_eq!(tracker.observe(0, 10), 0, "the first record only sets the baseline");
+        assert_eq!(tracker.observe(0, 11), 0);
+        assert_eq!(tracker.observe(1, 3), 0);
+        assert_eq!(tracker.observe(0, 15), 3);
+        assert_eq!(tracker.observe(1, 4), 0);
+        assert_eq!(tracker.lost(), 3);
+    }
+
+    #[test]
+    fn short_records_are_rejected() {
+        assert!(decode(&[0u8; 10]).is_none());
+        let event = FlowEvent { seq: 7, count: 3, ..Default::default() };
+        // SAFETY: FlowEvent is plain old data.
+        let bytes = unsafe { std::slice::from_raw_parts((&event as *const FlowEvent).cast::<u8>(), size_of::<FlowEvent>()) };
+        assert_eq!(decode(bytes), Some(event));
+    }
+}

@@ -1,0 +1,14 @@
+//! The enforcer controller: policy language, compilation to the datapath's maps, loading and
+//! pinning the eBPF programs, and the event pipeline. The `enforcer` binary is a thin CLI over
+//! this library; integration tests use it directly too.
+
+pub mod alert;
+pub mod cli;
+pub mod compile;
+pub mod events;
+pub mod host;
+pub mod identity;
+pub mod loader;
+pub mod maps;
+pub mod policy;
+pub mod run;

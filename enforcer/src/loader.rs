@@ -1,0 +1,424 @@
+//! Loading the datapath, pinning it, attaching it to interfaces, adopting what a previous
+//! controller left, and removing it.
+//!
+//! Everything lives under one pin directory (default `/sys/fs/bpf/enforcer`):
+//! `maps/<NAME>`, `programs/<name>`, `links/<hook>-<interface>`. Pinned links keep the programs
+//! attached when the controller exits or dies (fail closed); a new controller reuses the pinned
+//! maps (so conntrack and the live generation survive) and swaps its freshly loaded programs
+//! into the pinned links with `bpf_link_update`, which never leaves an interface unattached.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{MapData, RingBuf},
+    programs::{
+        links::{FdLink, LinkError, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
+        ProgramError, ProgramInfo, SchedClassifier, TcAttachType, Xdp, XdpMode,
+    },
+    Ebpf, EbpfError, EbpfLoader,
+};
+
+use crate::maps::{KernelMaps, MapsError, MAP_NAMES};
+
+/// The eBPF object, built by `build.rs` from `enforcer-ebpf`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer"));
+
+pub const XDP_PROGRAM: &str = "enf_xdp_ingress";
+pub const TC_PROGRAM: &str = "enf_tc_egress";
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/enforcer";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("pin directory {}: {source}", path.display())]
+    PinDirectory { path: PathBuf, source: io::Error },
+    #[error("{} is not on a BPF filesystem (bpffs); mount one with `mount -t bpf bpf {}`", path.display(), path.display())]
+    NotBpffs { path: PathBuf },
+    #[error("mounting bpffs at {}: {source}", path.display())]
+    Mount { path: PathBuf, source: nix::Error },
+    #[error(
+        "pinned map {name} in {} was created by an incompatible build ({detail}); run `enforcer unload --pin-path {}` first",
+        dir.display(),
+        dir.display()
+    )]
+    IncompatiblePin { name: &'static str, dir: PathBuf, detail: String },
+    #[error("loading the eBPF object: {0}")]
+    Object(#[from] EbpfError),
+    #[error("program {name}: {source}")]
+    Program { name: &'static str, source: ProgramError },
+    #[error("interface {interface}: {source}")]
+    Attach { interface: String, source: ProgramError },
+    #[error("interface {interface} does not exist in this network namespace")]
+    NoSuchInterface { interface: String },
+    #[error("link {}: {source}", path.display())]
+    Link { path: PathBuf, source: LinkError },
+    #[error("pinning {}: {source}", path.display())]
+    Pin { path: PathBuf, source: aya::pin::PinError },
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+}
+
+/// The paths under a pin directory.
+#[derive(Clone, Debug)]
+pub struct PinLayout {
+    pub root: PathBuf,
+}
+
+impl PinLayout {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn maps(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+
+    pub fn programs(&self) -> PathBuf {
+        self.root.join("programs")
+    }
+
+    pub fn links(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    fn link(&self, hook: Hook, interface: &str) -> PathBuf {
+        self.links().join(format!("{}-{interface}", hook.as_str()))
+    }
+
+    /// Whether a datapath is pinned here.
+    pub fn exists(&self) -> bool {
+        self.maps().join("POLICY_ACTIVE").exists()
+    }
+
+    /// Interfaces with a pinned link, per hook.
+    pub fn attached_interfaces(&self) -> BTreeMap<String, Vec<Hook>> {
+        let mut interfaces: BTreeMap<String, Vec<Hook>> = BTreeMap::new();
+        for entry in fs::read_dir(self.links()).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            for hook in [Hook::Xdp, Hook::TcEgress] {
+                if let Some(interface) = name.strip_prefix(&format!("{}-", hook.as_str())) {
+                    interfaces.entry(interface.to_owned()).or_default().push(hook);
+                }
+            }
+        }
+        interfaces
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Hook {
+    Xdp,
+    TcEgress,
+}
+
+impl Hook {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Xdp => "xdp",
+            Self::TcEgress => "tc",
+        }
+    }
+
+    pub fn program(self) -> &'static str {
+        match self {
+            Self::Xdp => XDP_PROGRAM,
+            Self::TcEgress => TC_PROGRAM,
+        }
+    }
+}
+
+/// Makes sure `root` can hold pins: on a bpffs, mounting one at `/sys/fs/bpf` if that is where
+/// it should be and nothing is mounted (as cilium-agent does).
+pub fn prepare_pin_root(root: &Path) -> Result<(), LoadError> {
+    let bpffs_root = Path::new("/sys/fs/bpf");
+    if root.starts_with(bpffs_root) && !is_bpffs(bpffs_root) {
+        tracing::info!("mounting bpffs at {}", bpffs_root.display());
+        nix::mount::mount(Some("bpf"), bpffs_root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+            .map_err(|source| LoadError::Mount { path: bpffs_root.to_owned(), source })?;
+    }
+    let existing_parent = root.ancestors().find(|ancestor| ancestor.exists()).unwrap_or(Path::new("/"));
+    if !is_bpffs(existing_parent) {
+        return Err(LoadError::NotBpffs { path: root.to_owned() });
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|stat| stat.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+}
+
+fn create_dir(path: &Path) -> Result<(), LoadError> {
+    fs::create_dir_all(path).map_err(|source| LoadError::PinDirectory { path: path.to_owned(), source })
+}
+
+/// The loaded datapath: the object with its programs, and where it is pinned.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pins: PinLayout,
+}
+
+impl Datapath {
+    /// Loads the programs, reusing maps pinned under `pins` (adoption) or creating and pinning
+    /// them. Nothing is attached yet.
+    pub fn load(pins: PinLayout) -> Result<(Self, KernelMaps, RingBuf<MapData>), LoadError> {
+        prepare_pin_root(&pins.root)?;
+        for dir in [pins.maps(), pins.programs(), pins.links()] {
+            create_dir(&dir)?;
+        }
+        check_pinned_maps(&pins)?;
+        raise_memlock_limit();
+        let map_paths: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|name| (*name, pins.maps().join(name))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        for hook in [Hook::Xdp, Hook::TcEgress] {
+            let name = hook.program();
+            let program = ebpf.program_mut(name).ok_or(LoadError::Program { name, source: ProgramError::NotLoaded })?;
+            let path = pins.programs().join(name);
+            match hook {
+                Hook::Xdp => {
+                    let xdp: &mut Xdp = program.try_into().map_err(|source| LoadError::Program { name, source })?;
+                    xdp.load().map_err(|source| LoadError::Program { name, source })?;
+                }
+                Hook::TcEgress => {
+                    let tc: &mut SchedClassifier = program.try_into().map_err(|source| LoadError::Program { name, source })?;
+                    tc.load().map_err(|source| LoadError::Program { name, source })?;
+                }
+            }
+            // The pinned program is what `status` compares against the live links.
+            let _ = fs::remove_file(&path);
+            program.pin(&path).map_err(|source| LoadError::Pin { path: path.clone(), source })?;
+        }
+        let (maps, events) = KernelMaps::open(|name| ebpf.take_map(name))?;
+        Ok((Self { ebpf, pins }, maps, events))
+    }
+
+    pub fn pins(&self) -> &PinLayout {
+        &self.pins
+    }
+
+    /// Attaches both programs to `interface`: XDP for what enters the host through it, TC
+    /// egress for what leaves through it. An interface already attached by a previous controller
+    /// gets the new programs swapped in atomically.
+    pub fn attach(&mut self, interface: &str) -> Result<(), LoadError> {
+        if crate::host::interface_index(interface).is_none() {
+            return Err(LoadError::NoSuchInterface { interface: interface.to_owned() });
+        }
+        self.attach_xdp(interface)?;
+        self.attach_tc(interface)
+    }
+
+    fn attach_xdp(&mut self, interface: &str) -> Result<(), LoadError> {
+        let path = self.pins.link(Hook::Xdp, interface);
+        let program: &mut Xdp = self.program_mut(XDP_PROGRAM)?;
+        let attach_error = |source| LoadError::Attach { interface: interface.to_owned(), source };
+        if let Some(pinned) = open_pinned_link(&path)? {
+            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|source| LoadError::Link { path: path.clone(), source })?;
+            match program.attach_to_link(link) {
+                Ok(_) => return Ok(()),
+                Err(error) => {
+                    // The interface the link was made for is gone (recreated since): start over.
+                    tracing::warn!(interface, "pinned XDP link is stale ({error}); attaching afresh");
+                    let _ = fs::remove_file(&path);
+                }
+            }
+        }
+        let id = program.attach(interface, XdpMode::Default).map_err(attach_error)?;
+        let link = program.take_link(id).map_err(attach_error)?;
+        let link = FdLink::try_from(link).map_err(|source| LoadError::Link { path: path.clone(), source })?;
+        link.pin(&path).map_err(|source| LoadError::Pin { path, source })?;
+        Ok(())
+    }
+
+    fn attach_tc(&mut self, interface: &str) -> Result<(), LoadError> {
+        let path = self.pins.link(Hook::TcEgress, interface);
+        let program: &mut SchedClassifier = self.program_mut(TC_PROGRAM)?;
+        let attach_error = |source| LoadError::Attach { interface: interface.to_owned(), source };
+        if let Some(pinned) = open_pinned_link(&path)? {
+            let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|source| LoadError::Link { path: path.clone(), source })?;
+            match program.attach_to_link(link) {
+                Ok(_) => return Ok(()),
+                Err(error) => {
+                    tracing::warn!(interface, "pinned TC link is stale ({error}); attaching afresh");
+                    let _ = fs::remove_file(&path);
+                }
+            }
+        }
+        let id = program.attach(interface, TcAttachType::Egress).map_err(attach_error)?;
+        let link = program.take_link(id).map_err(attach_error)?;
+        let link = FdLink::try_from(link).map_err(|source| LoadError::Link { path: path.clone(), source })?;
+        link.pin(&path).map_err(|source| LoadError::Pin { path, source })?;
+        Ok(())
+    }
+
+    fn program_mut<'a, P>(&'a mut self, name: &'static str) -> Result<&'a mut P, LoadError>
+    where
+        &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+    {
+        let program = self.ebpf.program_mut(name).ok_or(LoadError::Program { name, source: ProgramError::NotLoaded })?;
+        program.try_into().map_err(|source| LoadError::Program { name, source })
+    }
+
+    /// Detaches interfaces attached (by this or an earlier controller) that are not in `keep`.
+    pub fn detach_others(&self, keep: &BTreeSet<String>) {
+        for (interface, hooks) in self.pins.attached_interfaces() {
+            if keep.contains(&interface) {
+                continue;
+            }
+            for hook in hooks {
+                tracing::info!(interface, hook = hook.as_str(), "detaching: not in --attach");
+                let _ = fs::remove_file(self.pins.link(hook, &interface));
+            }
+        }
+    }
+
+    /// Tags of the programs this build loaded.
+    pub fn program_tags(&self) -> BTreeMap<&'static str, String> {
+        let mut tags = BTreeMap::new();
+        for name in [XDP_PROGRAM, TC_PROGRAM] {
+            if let Some(Ok(info)) = self.ebpf.program(name).map(|program| program.info()) {
+                tags.insert(name, format!("{:016x}", info.tag()));
+            }
+        }
+        tags
+    }
+}
+
+fn open_pinned_link(path: &Path) -> Result<Option<PinnedLink>, LoadError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    PinnedLink::from_pin(path).map(Some).map_err(|source| LoadError::Link { path: path.to_owned(), source })
+}
+
+/// A map pinned by another build must have the shape this build's programs expect.
+fn check_pinned_maps(pins: &PinLayout) -> Result<(), LoadError> {
+    let object = aya_object_maps();
+    for name in MAP_NAMES {
+        let path = pins.maps().join(name);
+        if !path.exists() {
+            continue;
+        }
+        let Some(expected) = object.get(name) else { continue };
+        let info = aya::maps::MapInfo::from_pin(&path).map_err(|error| LoadError::IncompatiblePin {
+            name,
+            dir: pins.root.clone(),
+            detail: format!("cannot read it: {error}"),
+        })?;
+        let found = (info.key_size(), info.value_size(), info.max_entries());
+        if found != *expected {
+            return Err(LoadError::IncompatiblePin {
+                name,
+                dir: pins.root.clone(),
+                detail: format!("key/value/capacity {found:?}, this build needs {expected:?}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// (key size, value size, max entries) of every map in the embedded object.
+fn aya_object_maps() -> BTreeMap<&'static str, (u32, u32, u32)> {
+    let mut shapes = BTreeMap::new();
+    if let Ok(object) = aya_obj::Object::parse(EBPF_OBJECT) {
+        for name in MAP_NAMES {
+            if let Some(map) = object.maps.get(name) {
+                shapes.insert(name, (map.key_size(), map.value_size(), map.max_entries()));
+            }
+        }
+    }
+    shapes
+}
+
+/// Tags of the programs this build would load (the kernel's hash of the instructions, which
+/// ignores map addresses), found by loading them without attaching anything.
+pub fn build_tags() -> Result<BTreeMap<&'static str, String>, LoadError> {
+    raise_memlock_limit();
+    let mut loader = EbpfLoader::new();
+    // Small maps: only the programs matter here.
+    for name in MAP_NAMES {
+        if name != "POLICY_ACTIVE" && name != "EVENT_STATE" && name != "PACKET_COUNTS" {
+            loader.map_max_entries(name, if name == "EVENTS" { 4096 } else { 1 });
+        }
+    }
+    let mut ebpf = loader.load(EBPF_OBJECT)?;
+    let mut tags = BTreeMap::new();
+    for hook in [Hook::Xdp, Hook::TcEgress] {
+        let name = hook.program();
+        let program = ebpf.program_mut(name).ok_or(LoadError::Program { name, source: ProgramError::NotLoaded })?;
+        match hook {
+            Hook::Xdp => <&mut Xdp>::try_from(program).and_then(Xdp::load),
+            Hook::TcEgress => <&mut SchedClassifier>::try_from(program).and_then(SchedClassifier::load),
+        }
+        .map_err(|source| LoadError::Program { name, source })?;
+        let info = ebpf.program(name).map(|program| program.info()).transpose().map_err(|source| LoadError::Program { name, source })?;
+        if let Some(info) = info {
+            tags.insert(name, format!("{:016x}", info.tag()));
+        }
+    }
+    Ok(tags)
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: plain syscall with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::debug!("could not raise RLIMIT_MEMLOCK: {}", io::Error::last_os_error());
+    }
+}
+
+/// What a pinned datapath looks like from outside: for `status`.
+pub struct PinnedPrograms {
+    /// Program loaded by the controller, by name.
+    pub pinned: BTreeMap<String, ProgramInfo>,
+    /// Program each link runs, by link pin name.
+    pub linked: BTreeMap<String, ProgramInfo>,
+}
+
+pub fn pinned_programs(pins: &PinLayout) -> PinnedPrograms {
+    let mut pinned = BTreeMap::new();
+    for name in [XDP_PROGRAM, TC_PROGRAM] {
+        if let Ok(info) = ProgramInfo::from_pin(pins.programs().join(name)) {
+            pinned.insert(name.to_owned(), info);
+        }
+    }
+    let mut linked = BTreeMap::new();
+    for entry in fs::read_dir(pins.links()).into_iter().flatten().flatten() {
+        let Ok(link) = PinnedLink::from_pin(entry.path()) else { continue };
+        let fd_link = FdLink::from(link);
+        let Ok(info) = fd_link.info() else { continue };
+        if let Some(program) = aya::programs::loaded_programs().flatten().find(|program| program.id() == info.program_id()) {
+            linked.insert(entry.file_name().to_string_lossy().into_owned(), program);
+        }
+    }
+    PinnedPrograms { pinned, linked }
+}
+
+/// Detaches and removes everything pinned under `pins`. Returns what was removed.
+pub fn unload(pins: &PinLayout) -> io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    if !pins.root.exists() {
+        return Ok(removed);
+    }
+    // Links first: removing a link's last reference detaches it.
+    for dir in [pins.links(), pins.programs(), pins.maps()] {
+        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            fs::remove_file(entry.path())?;
+            removed.push(entry.path());
+        }
+        fs::remove_dir(&dir)?;
+    }
+    fs::remove_dir(&pins.root)?;
+    Ok(removed)
+}

@@ -1,0 +1,455 @@
+//! Typed access to the datapath's maps, writing compiled tables into a policy slot, and the
+//! atomic switch between generations.
+
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+    path::Path,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use aya::{
+    maps::{
+        lpm_trie::{Key as LpmKey, LpmTrie},
+        Array, ArrayOfMaps, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf,
+    },
+    Pod,
+};
+use enforcer_common::{
+    addr::IpcacheKey,
+    config::{flags as config_flags, PolicyConfig},
+    conntrack::{CtEntry, CtKey},
+    counters::{Counter, FlowCounterKey},
+    event::EventCpuState,
+    identity::{CgroupKey, EndpointKey, IdentityInfo},
+    policy::{PolicyKey, PortRanges, RangeKey, RuleVerdict},
+    verdict::{reason::REASON_SLOTS, PACKET_COUNTER_SLOTS},
+};
+
+use crate::compile::{Compiled, Prefix, Tables};
+
+/// Names of every map in the object, as `bpftool map` shows them.
+pub const MAP_NAMES: [&str; 14] = [
+    "POLICY_ACTIVE",
+    "IPCACHE",
+    "ENDPOINTS",
+    "CGROUPS",
+    "POLICY",
+    "PORT_RANGES",
+    "CONNTRACK",
+    "FRAGMENTS",
+    "RATE_LIMITS",
+    "EVENTS",
+    "EVENT_STATE",
+    "REPORTS",
+    "PACKET_COUNTS",
+    "FLOW_COUNTS",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error("map {name} is missing from the eBPF object or pin directory")]
+    Missing { name: &'static str },
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: MapError },
+    #[error("{table} needs {needed} entries while a policy switch is in progress but holds at most {capacity}; shrink the policy")]
+    Capacity { table: &'static str, needed: usize, capacity: u32 },
+    #[error("freezing the generation's config: {0}")]
+    Freeze(std::io::Error),
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> MapsError {
+    move |source| MapsError::Map { name, source }
+}
+
+/// A key of a slot-versioned table.
+trait SlotKey: Pod + Ord {
+    fn slot(&self) -> u8;
+    fn in_slot(self, slot: u8) -> Self;
+}
+
+impl SlotKey for PolicyKey {
+    fn slot(&self) -> u8 {
+        self.slot
+    }
+    fn in_slot(self, slot: u8) -> Self {
+        Self { slot, ..self }
+    }
+}
+
+impl SlotKey for RangeKey {
+    fn slot(&self) -> u8 {
+        self.slot
+    }
+    fn in_slot(self, slot: u8) -> Self {
+        Self { slot, ..self }
+    }
+}
+
+impl SlotKey for EndpointKey {
+    fn slot(&self) -> u8 {
+        self.slot as u8
+    }
+    fn in_slot(self, slot: u8) -> Self {
+        Self { slot: u32::from(slot), ..self }
+    }
+}
+
+impl SlotKey for CgroupKey {
+    fn slot(&self) -> u8 {
+        self.slot as u8
+    }
+    fn in_slot(self, slot: u8) -> Self {
+        Self { slot: u32::from(slot), ..self }
+    }
+}
+
+/// Entries and capacity of one map, for `status` and metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fill {
+    pub entries: usize,
+    pub capacity: u32,
+}
+
+/// Handles to the maps the controller reads and writes.
+pub struct KernelMaps {
+    active: ArrayOfMaps<MapData, Array<MapData, PolicyConfig>>,
+    ipcache: LpmTrie<MapData, IpcacheKey, IdentityInfo>,
+    endpoints: HashMap<MapData, EndpointKey, IdentityInfo>,
+    cgroups: HashMap<MapData, CgroupKey, IdentityInfo>,
+    rules: HashMap<MapData, PolicyKey, RuleVerdict>,
+    ranges: HashMap<MapData, RangeKey, PortRanges>,
+    conntrack: HashMap<MapData, CtKey, CtEntry>,
+    event_state: PerCpuArray<MapData, EventCpuState>,
+    packet_counts: PerCpuArray<MapData, Counter>,
+    flow_counts: PerCpuHashMap<MapData, FlowCounterKey, Counter>,
+    capacities: BTreeMap<&'static str, u32>,
+}
+
+impl KernelMaps {
+    /// Takes the maps out of `source`, which yields a map by name (from a loaded object or from
+    /// pins). Returns the ring buffer separately: it belongs to the event reader.
+    pub fn open(mut source: impl FnMut(&'static str) -> Option<Map>) -> Result<(Self, RingBuf<MapData>), MapsError> {
+        let mut capacities = BTreeMap::new();
+        let mut take = |name: &'static str| -> Result<Map, MapsError> {
+            let map = source(name).ok_or(MapsError::Missing { name })?;
+            if let Ok(info) = map_data(&map).info() {
+                capacities.insert(name, info.max_entries());
+            }
+            Ok(map)
+        };
+        macro_rules! typed {
+            ($name:literal) => {
+                take($name)?.try_into().map_err(map_err($name))?
+            };
+        }
+        let maps = Self {
+            active: typed!("POLICY_ACTIVE"),
+            ipcache: typed!("IPCACHE"),
+            endpoints: typed!("ENDPOINTS"),
+            cgroups: typed!("CGROUPS"),
+            rules: typed!("POLICY"),
+            ranges: typed!("PORT_RANGES"),
+            conntrack: typed!("CONNTRACK"),
+            event_state: typed!("EVENT_STATE"),
+            packet_counts: typed!("PACKET_COUNTS"),
+            flow_counts: typed!("FLOW_COUNTS"),
+            capacities: BTreeMap::new(),
+        };
+        let events: RingBuf<MapData> = typed!("EVENTS");
+        Ok((Self { capacities, ..maps }, events))
+    }
+
+    /// Opens the maps pinned under `dir`.
+    pub fn from_pins(dir: &Path) -> Result<(Self, RingBuf<MapData>), MapsError> {
+        Self::open(|name| MapData::from_pin(dir.join(name)).ok().and_then(|data| Map::from_map_data(data).ok()))
+    }
+
+    /// The installed generation's config, if one is installed.
+    pub fn installed(&self) -> Result<Option<PolicyConfig>, MapsError> {
+        match self.active.get(&0, 0) {
+            Ok(config) => config.get(&0, 0).map(Some).map_err(map_err("POLICY_ACTIVE")),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(MapError::SyscallError(error)) if error.io_error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(map_err("POLICY_ACTIVE")(error)),
+        }
+    }
+
+    pub fn capacity(&self, name: &'static str) -> u32 {
+        self.capacities.get(name).copied().unwrap_or(0)
+    }
+
+    /// Writes `next` into `slot`. With `previous` (what the slot holds) only the difference is
+    /// written; without, the slot is cleared first. Returns the number of map writes.
+    fn write_slot(&mut self, slot: u8, previous: Option<&Tables>, next: &Tables) -> Result<usize, MapsError> {
+        let mut writes = 0;
+        writes += sync_hash(&mut self.rules, slot, previous.map(|p| &p.rules), &next.rules).map_err(map_err("POLICY"))?;
+        writes += sync_hash(&mut self.ranges, slot, previous.map(|p| &p.ranges), &next.ranges).map_err(map_err("PORT_RANGES"))?;
+        writes += sync_hash(&mut self.endpoints, slot, previous.map(|p| &p.endpoints), &next.endpoints).map_err(map_err("ENDPOINTS"))?;
+        writes += sync_hash(&mut self.cgroups, slot, previous.map(|p| &p.cgroups), &next.cgroups).map_err(map_err("CGROUPS"))?;
+        writes += sync_ipcache(&mut self.ipcache, slot, previous.map(|p| &p.ipcache), &next.ipcache).map_err(map_err("IPCACHE"))?;
+        Ok(writes)
+    }
+
+    /// Entries of each slot-versioned table in `slot`, counted in the kernel.
+    fn slot_entries(&self, slot: u8) -> [usize; 5] {
+        let count = |keys: Vec<u8>| keys.into_iter().filter(|key_slot| *key_slot == slot).count();
+        [
+            count(self.ipcache.keys().filter_map(Result::ok).map(|key| key.data().slot).collect()),
+            count(self.endpoints.keys().filter_map(Result::ok).map(|key| key.slot()).collect()),
+            count(self.cgroups.keys().filter_map(Result::ok).map(|key| key.slot()).collect()),
+            count(self.rules.keys().filter_map(Result::ok).map(|key| key.slot()).collect()),
+            count(self.ranges.keys().filter_map(Result::ok).map(|key| key.slot()).collect()),
+        ]
+    }
+
+    /// Installs `config` as the live generation. The update of the array-of-maps returns only
+    /// after every program run that could still see the old config has finished.
+    fn switch_to(&mut self, config: &PolicyConfig) -> Result<(), MapsError> {
+        let mut generation: Array<MapData, PolicyConfig> = Array::create(1, 0).map_err(map_err("POLICY_ACTIVE"))?;
+        generation.set(0, config, 0).map_err(map_err("POLICY_ACTIVE"))?;
+        freeze(IterableMap::map(&generation).fd().as_fd()).map_err(MapsError::Freeze)?;
+        self.active.set(0, &generation, 0).map_err(map_err("POLICY_ACTIVE"))
+    }
+
+    /// Per-(verdict, reason) packet and byte counts, summed over CPUs.
+    pub fn packet_counts(&self) -> Result<Vec<(u8, u8, Counter)>, MapsError> {
+        let mut counts = Vec::new();
+        for index in 0..PACKET_COUNTER_SLOTS {
+            let per_cpu = self.packet_counts.get(&index, 0).map_err(map_err("PACKET_COUNTS"))?;
+            let total = sum(per_cpu.iter());
+            if total.packets > 0 {
+                counts.push(((index / REASON_SLOTS) as u8, (index % REASON_SLOTS) as u8, total));
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Per-(source, destination, verdict) packet and byte counts, summed over CPUs.
+    pub fn flow_counts(&self) -> Vec<(FlowCounterKey, Counter)> {
+        self.flow_counts.iter().filter_map(Result::ok).map(|(key, per_cpu)| (key, sum(per_cpu.iter()))).collect()
+    }
+
+    /// Events the ring buffer could not take, over all CPUs, since the maps were created.
+    pub fn events_lost(&self) -> u64 {
+        self.event_state.get(&0, 0).map(|per_cpu| per_cpu.iter().map(|state| state.lost).sum()).unwrap_or(0)
+    }
+
+    /// Entries and capacity of the maps an operator sizes.
+    pub fn fill(&self) -> BTreeMap<&'static str, Fill> {
+        let fill = |name: &'static str, entries: usize| (name, Fill { entries, capacity: self.capacity(name) });
+        BTreeMap::from([
+            fill("IPCACHE", self.ipcache.keys().count()),
+            fill("ENDPOINTS", self.endpoints.keys().count()),
+            fill("CGROUPS", self.cgroups.keys().count()),
+            fill("POLICY", self.rules.keys().count()),
+            fill("PORT_RANGES", self.ranges.keys().count()),
+            fill("CONNTRACK", self.conntrack.keys().count()),
+        ])
+    }
+
+    /// Tracked flows, for `status`.
+    pub fn tracked_flows(&self) -> usize {
+        self.conntrack.keys().count()
+    }
+}
+
+fn map_data(map: &Map) -> &MapData {
+    match map {
+        Map::Array(data)
+        | Map::ArrayOfMaps(data)
+        | Map::HashMap(data)
+        | Map::LruHashMap(data)
+        | Map::LpmTrie(data)
+        | Map::PerCpuArray(data)
+        | Map::PerCpuHashMap(data)
+        | Map::PerCpuLruHashMap(data)
+        | Map::RingBuf(data) => data,
+        other => panic!("unexpected map type {other:?}"),
+    }
+}
+
+fn sum<'a>(values: impl Iterator<Item = &'a Counter>) -> Counter {
+    values.fold(Counter::default(), |total, value| Counter { packets: total.packets + value.packets, bytes: total.bytes + value.bytes })
+}
+
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(error)) if error.io_error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+fn sync_hash<K: SlotKey, V: Pod + PartialEq>(
+    map: &mut HashMap<MapData, K, V>,
+    slot: u8,
+    previous: Option<&BTreeMap<K, V>>,
+    next: &BTreeMap<K, V>,
+) -> Result<usize, MapError> {
+    let mut writes = 0;
+    match previous {
+        Some(previous) => {
+            for key in previous.keys().filter(|key| !next.contains_key(key)) {
+                ignore_missing(map.remove(&key.in_slot(slot)))?;
+                writes += 1;
+            }
+            for (key, value) in next.iter().filter(|(key, value)| previous.get(key) != Some(value)) {
+                map.insert(key.in_slot(slot), value, 0)?;
+                writes += 1;
+            }
+        }
+        None => {
+            let stale: Vec<K> = map.keys().filter_map(Result::ok).filter(|key| key.slot() == slot).collect();
+            for key in stale {
+                ignore_missing(map.remove(&key))?;
+                writes += 1;
+            }
+            for (key, value) in next {
+                map.insert(key.in_slot(slot), value, 0)?;
+                writes += 1;
+            }
+        }
+    }
+    Ok(writes)
+}
+
+fn lpm_key(prefix: &Prefix, slot: u8) -> LpmKey<IpcacheKey> {
+    let (len, data) = prefix.key(slot);
+    LpmKey::new(len, data)
+}
+
+fn sync_ipcache(
+    map: &mut LpmTrie<MapData, IpcacheKey, IdentityInfo>,
+    slot: u8,
+    previous: Option<&BTreeMap<Prefix, IdentityInfo>>,
+    next: &BTreeMap<Prefix, IdentityInfo>,
+) -> Result<usize, MapError> {
+    let mut writes = 0;
+    match previous {
+        Some(previous) => {
+            for prefix in previous.keys().filter(|prefix| !next.contains_key(prefix)) {
+                ignore_missing(map.remove(&lpm_key(prefix, slot)))?;
+                writes += 1;
+            }
+            for (prefix, info) in next.iter().filter(|(prefix, info)| previous.get(prefix) != Some(info)) {
+                map.insert(&lpm_key(prefix, slot), info, 0)?;
+                writes += 1;
+            }
+        }
+        None => {
+            let stale: Vec<LpmKey<IpcacheKey>> = map.keys().filter_map(Result::ok).filter(|key| key.data().slot == slot).collect();
+            for key in stale {
+                ignore_missing(map.remove(&key))?;
+                writes += 1;
+            }
+            for (prefix, info) in next {
+                map.insert(&lpm_key(prefix, slot), info, 0)?;
+                writes += 1;
+            }
+        }
+    }
+    Ok(writes)
+}
+
+/// `BPF_MAP_FREEZE`: no further writes from userspace (aya has no wrapper for it).
+fn freeze(fd: BorrowedFd<'_>) -> std::io::Result<()> {
+    const BPF_MAP_FREEZE: libc::c_long = 22;
+    #[repr(C)]
+    struct FreezeAttr {
+        map_fd: u32,
+        _pad: u32,
+    }
+    let attr = FreezeAttr { map_fd: fd.as_raw_fd() as u32, _pad: 0 };
+    // SAFETY: `attr` is a valid, zero-padded prefix of `union bpf_attr` for this command and
+    // outlives the call.
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_FREEZE, &attr as *const FreezeAttr, size_of::<FreezeAttr>()) };
+    if ret < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// What one slot of the tables holds, as far as the controller knows.
+#[derive(Clone, Debug, Default)]
+enum SlotContents {
+    /// Written by another controller (adopted state): cleared before reuse.
+    #[default]
+    Unknown,
+    Known(Tables),
+}
+
+/// The outcome of installing a generation.
+#[derive(Clone, Debug)]
+pub struct Installed {
+    pub generation: u32,
+    pub slot: u8,
+    /// Map writes it took; small when the policy changed little.
+    pub writes: usize,
+    pub took: Duration,
+}
+
+/// Installs compiled policies as generations, alternating between the two slots.
+pub struct Installer {
+    live: Option<PolicyConfig>,
+    slots: [SlotContents; 2],
+}
+
+impl Installer {
+    /// Starts from what the maps hold: a fresh datapath, or the state a previous controller left.
+    pub fn adopt(maps: &KernelMaps) -> Result<Self, MapsError> {
+        Ok(Self { live: maps.installed()?, slots: Default::default() })
+    }
+
+    /// The generation now live.
+    pub fn live(&self) -> Option<&PolicyConfig> {
+        self.live.as_ref()
+    }
+
+    /// Writes `compiled` beside the live generation and switches to it. Nothing the live
+    /// generation uses is touched; on error the live generation stays in force.
+    pub fn install(&mut self, maps: &mut KernelMaps, compiled: &Compiled) -> Result<Installed, MapsError> {
+        let started = Instant::now();
+        let (slot, generation) = match &self.live {
+            Some(live) => (1 - live.slot as u8, live.generation.wrapping_add(1).max(1)),
+            None => (0, 1),
+        };
+        self.check_capacity(maps, slot, &compiled.tables)?;
+        let previous = match &self.slots[usize::from(slot)] {
+            SlotContents::Known(tables) => Some(tables),
+            SlotContents::Unknown => None,
+        };
+        // The target slot is about to change: until the switch, it is in an unknown state.
+        let previous = previous.cloned();
+        self.slots[usize::from(slot)] = SlotContents::Unknown;
+        let writes = maps.write_slot(slot, previous.as_ref(), &compiled.tables)?;
+        let config = PolicyConfig {
+            generation,
+            slot: u32::from(slot),
+            flags: if compiled.audit { config_flags::AUDIT } else { 0 },
+            _pad: 0,
+            installed_at_ns: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |now| now.as_nanos() as u64),
+            policy_hash: compiled.hash,
+        };
+        maps.switch_to(&config)?;
+        self.slots[usize::from(slot)] = SlotContents::Known(compiled.tables.clone());
+        self.live = Some(config);
+        Ok(Installed { generation, slot, writes, took: started.elapsed() })
+    }
+
+    /// Both generations share each map while switching: the live one and `next` must fit.
+    fn check_capacity(&self, maps: &KernelMaps, slot: u8, next: &Tables) -> Result<(), MapsError> {
+        let live_entries: [usize; 5] = match &self.live {
+            None => [0; 5],
+            Some(live) => match &self.slots[live.slot as usize] {
+                SlotContents::Known(tables) => tables.entry_counts().map(|(_, count)| count),
+                SlotContents::Unknown => maps.slot_entries(live.slot as u8),
+            },
+        };
+        let _ = slot;
+        for ((table, count), live) in next.entry_counts().into_iter().zip(live_entries) {
+            let capacity = maps.capacity(table);
+            if capacity > 0 && count + live > capacity as usize {
+                return Err(MapsError::Capacity { table, needed: count + live, capacity });
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,95 @@
+//! Helpers shared by the integration tests: starting `enforcer` inside a test topology and
+//! reading what it reports.
+#![allow(dead_code)]
+
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::Duration,
+};
+
+pub use enforcer_testbed::{require_root, Daemon, Topology};
+use serde_json::Value;
+
+pub const ENFORCER: &str = env!("CARGO_BIN_EXE_enforcer");
+/// How long a client waits before calling a connection refused (dropped packets time out).
+pub const TIMEOUT: Duration = Duration::from_millis(1500);
+/// How long the controller gets to start, reload, or report.
+pub const SETTLE: Duration = Duration::from_secs(20);
+
+/// A running `enforcer run` in a topology's host namespace. Dropping it kills the controller
+/// and unloads what it pinned.
+pub struct Enforcer {
+    pub daemon: Daemon,
+    pub alerts: PathBuf,
+    pub policy: PathBuf,
+    pub pins: PathBuf,
+}
+
+impl Enforcer {
+    /// Starts enforcer with `policy` (TOML text), attached to `attach`, plus `extra` arguments.
+    pub fn start(topology: &Topology, policy: &str, attach: &[&str], extra: &[&str]) -> io::Result<Self> {
+        let policy_path = topology.write_file("policy.toml", policy)?;
+        Self::start_with_policy_path(topology, &policy_path, attach, extra)
+    }
+
+    pub fn start_with_policy_path(topology: &Topology, policy: &Path, attach: &[&str], extra: &[&str]) -> io::Result<Self> {
+        let alerts = topology.dir.join("alerts.jsonl");
+        let pins = topology.pin_path();
+        let mut command = topology.host.command(ENFORCER)?;
+        command.arg("run").arg("--policy").arg(policy).arg("--pin-path").arg(&pins).arg("--alerts").arg(&alerts);
+        for interface in attach {
+            command.args(["--attach", interface]);
+        }
+        command.args(extra).env("RUST_LOG", "info");
+        let log = topology.dir.join(format!("enforcer-{}.log", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+        let unload_pins = pins.clone();
+        let daemon = Daemon::spawn(command, log, "enforcing", SETTLE)?.on_drop(move || {
+            let _ = Command::new(ENFORCER).args(["unload", "--pin-path"]).arg(&unload_pins).output();
+        });
+        Ok(Self { daemon, alerts, policy: policy.to_owned(), pins })
+    }
+
+    /// Every alert written so far.
+    pub fn alerts(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.alerts)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    }
+
+    /// Waits for an alert matching `predicate`.
+    pub fn wait_for_alert(&self, predicate: impl Fn(&Value) -> bool) -> Option<Value> {
+        let mut found = None;
+        enforcer_testbed::eventually(SETTLE, || {
+            found = self.alerts().into_iter().find(|alert| predicate(alert));
+            found.is_some()
+        });
+        found
+    }
+
+    /// Runs an `enforcer` subcommand against this instance's pins, in the host namespace.
+    pub fn command(&self, topology: &Topology, args: &[&str]) -> Output {
+        let mut command = topology.host.command(ENFORCER).expect("host namespace");
+        command.args(args).arg("--pin-path").arg(&self.pins);
+        command.output().expect("enforcer runs")
+    }
+}
+
+/// A flow alert's endpoints and port, for matching.
+pub fn is_flow(alert: &Value, from: &str, to: &str, port: u16) -> bool {
+    alert["src_endpoint"]["svc_name"] == from && alert["dst_endpoint"]["svc_name"] == to && alert["dst_endpoint"]["port"] == port
+}
+
+pub fn socket(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+/// Whether a connection attempt failed the way a dropped SYN fails (no answer at all), as
+/// opposed to a closed port (RST) or an unreachable route.
+pub fn was_dropped(result: &io::Result<impl std::fmt::Debug>) -> bool {
+    matches!(result, Err(error) if matches!(error.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock))
+}
