@@ -178,7 +178,7 @@ pub fn check_report(policy: &Policy, compiled: &Compiled) -> String {
     let limited = policy.rules.iter().filter(|rule| rule.max_new_per_sec.is_some()).count();
     let _ = writeln!(out, "\n{} rules: {allows} allow ({limited} rate-limited), {} deny", policy.rules.len(), policy.rules.len() - allows);
     let entries: Vec<String> = compiled.tables.entry_counts().iter().map(|(table, count)| format!("{table} {count}")).collect();
-    let _ = writeln!(out, "compiled entries: {}", entries.join(", "));
+    let _ = writeln!(out, "compiled entries: {} (interfaces and cgroups resolve when `run` starts)", entries.join(", "));
     out
 }
 

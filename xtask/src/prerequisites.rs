@@ -1,0 +1,240 @@
+//! What enforcer needs on a machine, how to check it (`doctor`), and how to install what can be
+//! installed (`setup`).
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+/// Debian packages, each with why it is needed.
+const PACKAGES: &[(&str, &str)] = &[
+    ("llvm-22-dev", "bpf-linker is built against LLVM 22"),
+    ("libpolly-22-dev", "LLVM 22's CMake files reference Polly"),
+    ("zlib1g-dev", "linking bpf-linker"),
+    ("libzstd-dev", "linking bpf-linker"),
+    ("iproute2", "network namespaces and veths for tests and the demo"),
+    ("bpftool", "inspecting loaded programs (tests, doctor)"),
+    ("prometheus", "promtool checks the metrics output in tests"),
+];
+
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn quiet(command: &mut Command) -> bool {
+    command.stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|status| status.success())
+}
+
+fn output(command: &mut Command) -> Option<String> {
+    let output = command.stderr(Stdio::null()).output().ok()?;
+    output.status.success().then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn package_installed(package: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", package])).is_some_and(|status| status.contains("install ok installed"))
+}
+
+fn rust_src_installed() -> bool {
+    output(Command::new("rustup").args(["component", "list", "--installed"]).current_dir(crate::workspace_root()))
+        .is_some_and(|components| components.lines().any(|line| line.starts_with("rust-src")))
+}
+
+fn bpf_linker_installed() -> bool {
+    quiet(Command::new("bpf-linker").arg("--version"))
+}
+
+fn missing_packages() -> Vec<&'static str> {
+    PACKAGES.iter().map(|(package, _)| *package).filter(|package| !package_installed(package)).collect()
+}
+
+/// Whether everything `setup` installs is present (no network needed to find out).
+fn tooling_complete() -> bool {
+    missing_packages().is_empty() && rust_src_installed() && bpf_linker_installed()
+}
+
+/// Runs `setup` only if something it installs is missing.
+pub fn setup_if_missing() -> Result<()> {
+    if tooling_complete() {
+        return Ok(());
+    }
+    println!("xtask: some build or test prerequisites are missing; running setup first");
+    setup()
+}
+
+fn run_step(what: &str, command: &mut Command) -> Result<()> {
+    println!("  -> {what}");
+    let status = command.status().with_context(|| format!("starting: {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Installs what is missing, saying what it does; does nothing for what is present.
+pub fn setup() -> Result<()> {
+    println!("setup: Debian packages");
+    let missing = missing_packages();
+    for (package, why) in PACKAGES {
+        if !missing.contains(package) {
+            println!("  ok {package}");
+        } else {
+            println!("  missing {package} ({why})");
+        }
+    }
+    if !missing.is_empty() {
+        if !nix::unistd::geteuid().is_root() {
+            bail!("installing {} needs root: run `sudo cargo xtask setup`", missing.join(" "));
+        }
+        run_step("apt-get update", Command::new("apt-get").args(["update", "-q"]))?;
+        run_step(
+            &format!("apt-get install {}", missing.join(" ")),
+            Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+
+    println!("setup: Rust toolchain component rust-src (the eBPF crate builds core from source)");
+    if rust_src_installed() {
+        println!("  ok rust-src");
+    } else {
+        run_step("rustup component add rust-src", Command::new("rustup").args(["component", "add", "rust-src"]).current_dir(crate::workspace_root()))?;
+    }
+
+    println!("setup: bpf-linker {BPF_LINKER_VERSION} built against LLVM 22 (links the eBPF object)");
+    if bpf_linker_installed() {
+        println!("  ok bpf-linker");
+    } else {
+        // Prebuilt downloads do not work here; build it against Debian's LLVM 22.
+        run_step(
+            &format!("cargo install bpf-linker {BPF_LINKER_VERSION} (takes a few minutes)"),
+            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
+                .args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features", "llvm-22"])
+                .env("LLVM_PREFIX", LLVM_PREFIX),
+        )?;
+    }
+    println!("setup: done");
+    Ok(())
+}
+
+struct Check {
+    name: &'static str,
+    ok: bool,
+    detail: String,
+    fix: String,
+}
+
+fn kernel_release() -> (u32, u32, String) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
+    let mut numbers = release.split(|c: char| !c.is_ascii_digit()).filter_map(|part| part.parse::<u32>().ok());
+    (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0), release)
+}
+
+fn filesystem_magic(path: &str) -> Option<i64> {
+    nix::sys::statfs::statfs(path).ok().map(|stat| stat.filesystem_type().0 as i64)
+}
+
+fn cgroup2_mount() -> Option<String> {
+    std::fs::read_to_string("/proc/self/mounts").ok()?.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.get(2) == Some(&"cgroup2")).then(|| fields[1].to_owned())
+    })
+}
+
+/// Whether a clsact qdisc can be added, tried on a dummy interface in a throwaway namespace.
+fn clsact_works() -> bool {
+    let namespace = format!("enf-doctor-{}", std::process::id());
+    if !quiet(Command::new("ip").args(["netns", "add", &namespace])) {
+        return false;
+    }
+    let works = quiet(Command::new("ip").args(["-n", &namespace, "link", "add", "probe0", "type", "dummy"]))
+        && quiet(Command::new("ip").args(["netns", "exec", &namespace, "tc", "qdisc", "add", "dev", "probe0", "clsact"]));
+    quiet(Command::new("ip").args(["netns", "delete", &namespace]));
+    works
+}
+
+fn checks() -> Vec<Check> {
+    let mut checks = Vec::new();
+    let root = nix::unistd::geteuid().is_root();
+    checks.push(Check {
+        name: "privileges",
+        ok: root,
+        detail: if root { "running as root".to_owned() } else { "not root".to_owned() },
+        fix: "run as root (or with CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and CAP_SYS_ADMIN)".to_owned(),
+    });
+    let (major, minor, release) = kernel_release();
+    checks.push(Check {
+        name: "kernel",
+        ok: (major, minor) >= (5, 15),
+        detail: format!("Linux {release}{}", if (major, minor) >= (6, 6) { " (TCX links available)" } else { " (TC via clsact)" }),
+        fix: "use kernel 5.15 or newer".to_owned(),
+    });
+    let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
+    checks.push(Check {
+        name: "BTF",
+        ok: btf,
+        detail: if btf { "/sys/kernel/btf/vmlinux present".to_owned() } else { "no kernel BTF".to_owned() },
+        fix: "boot a kernel built with CONFIG_DEBUG_INFO_BTF=y".to_owned(),
+    });
+    let jit = std::fs::read_to_string("/proc/sys/net/core/bpf_jit_enable").unwrap_or_default().trim().to_owned();
+    checks.push(Check {
+        name: "BPF JIT",
+        ok: jit == "1" || jit == "2",
+        detail: format!("net.core.bpf_jit_enable = {}", if jit.is_empty() { "unknown" } else { &jit }),
+        fix: "sysctl -w net.core.bpf_jit_enable=1".to_owned(),
+    });
+    let bpffs = filesystem_magic("/sys/fs/bpf") == Some(0xcafe_4a11);
+    checks.push(Check {
+        name: "bpffs",
+        // enforcer mounts it when missing; a missing mount point is the real problem.
+        ok: Path::new("/sys/fs/bpf").is_dir(),
+        detail: if bpffs { "mounted at /sys/fs/bpf".to_owned() } else { "not mounted at /sys/fs/bpf (enforcer mounts it on start)".to_owned() },
+        fix: "mount -t bpf bpf /sys/fs/bpf".to_owned(),
+    });
+    let cgroup2 = cgroup2_mount();
+    checks.push(Check {
+        name: "cgroup v2",
+        ok: cgroup2.is_some(),
+        detail: cgroup2.map_or("not mounted (cgroup identities unavailable)".to_owned(), |mount| format!("mounted at {mount}")),
+        fix: "mount -t cgroup2 none /sys/fs/cgroup/unified".to_owned(),
+    });
+    if root {
+        let clsact = (major, minor) >= (6, 6) || clsact_works();
+        checks.push(Check {
+            name: "TC egress hook",
+            ok: clsact,
+            detail: if (major, minor) >= (6, 6) { "TCX".to_owned() } else if clsact { "clsact qdisc works".to_owned() } else { "clsact unavailable".to_owned() },
+            fix: "enable CONFIG_NET_CLS_ACT and CONFIG_NET_SCH_INGRESS".to_owned(),
+        });
+    }
+    for (package, why) in PACKAGES {
+        let ok = package_installed(package);
+        checks.push(Check { name: package, ok, detail: (*why).to_owned(), fix: format!("cargo xtask setup (installs {package})") });
+    }
+    checks.push(Check {
+        name: "rust-src",
+        ok: rust_src_installed(),
+        detail: "builds core for bpfel-unknown-none".to_owned(),
+        fix: "rustup component add rust-src".to_owned(),
+    });
+    checks.push(Check {
+        name: "bpf-linker",
+        ok: bpf_linker_installed(),
+        detail: "links the eBPF object".to_owned(),
+        fix: format!("LLVM_PREFIX={LLVM_PREFIX} cargo install bpf-linker --no-default-features --features llvm-22"),
+    });
+    checks
+}
+
+/// Prints every check; returns whether all pass.
+pub fn doctor() -> bool {
+    let mut all_ok = true;
+    for check in checks() {
+        if check.ok {
+            println!("ok      {:<16} {}", check.name, check.detail);
+        } else {
+            all_ok = false;
+            println!("MISSING {:<16} {}\n        fix: {}", check.name, check.detail, check.fix);
+        }
+    }
+    all_ok
+}
