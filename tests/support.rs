@@ -36,7 +36,8 @@ impl Enforcer {
     }
 
     pub fn start_with_policy_path(topology: &Topology, policy: &Path, attach: &[&str], extra: &[&str]) -> io::Result<Self> {
-        let alerts = topology.dir.join("alerts.jsonl");
+        let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let alerts = topology.dir.join(format!("alerts-{started}.jsonl"));
         let pins = topology.pin_path();
         let mut command = topology.host.command(ENFORCER)?;
         command.arg("run").arg("--policy").arg(policy).arg("--pin-path").arg(&pins).arg("--alerts").arg(&alerts);
@@ -44,7 +45,7 @@ impl Enforcer {
             command.args(["--attach", interface]);
         }
         command.args(extra).env("RUST_LOG", "info");
-        let log = topology.dir.join(format!("enforcer-{}.log", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+        let log = topology.dir.join(format!("enforcer-{started}.log"));
         let unload_pins = pins.clone();
         let daemon = Daemon::spawn(command, log, "enforcing", SETTLE)?.on_drop(move || {
             let _ = Command::new(ENFORCER).args(["unload", "--pin-path"]).arg(&unload_pins).output();
@@ -92,4 +93,29 @@ pub fn socket(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
 /// opposed to a closed port (RST) or an unreachable route.
 pub fn was_dropped(result: &io::Result<impl std::fmt::Debug>) -> bool {
     matches!(result, Err(error) if matches!(error.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock))
+}
+
+/// A `[[service]]` block for a topology endpoint: its interface and both its addresses.
+pub fn service(topology: &Topology, name: &str, extra: &str) -> String {
+    let endpoint = topology.endpoint(name);
+    format!(
+        "[[service]]\nname = \"{name}\"\ninterfaces = [\"{}\"]\naddresses = [\"{}/32\", \"{}/128\"]\n{extra}\n",
+        endpoint.host_interface, endpoint.ipv4, endpoint.ipv6
+    )
+}
+
+/// Starts enforcer on every endpoint interface of `topology` with `policy`.
+pub fn enforce(topology: &Topology, policy: &str) -> Enforcer {
+    let interfaces: Vec<&str> = topology.endpoints.iter().map(|endpoint| endpoint.host_interface.as_str()).collect();
+    Enforcer::start(topology, policy, &interfaces, &[]).expect("enforcer starts")
+}
+
+impl Enforcer {
+    /// Replaces the policy file and reloads with SIGHUP; waits until generation `generation`
+    /// is installed.
+    pub fn reload(&self, policy: &str, generation: u32) {
+        std::fs::write(&self.policy, policy).expect("policy written");
+        self.daemon.signal(nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+        self.daemon.wait_for_log(&format!("generation={generation} "), SETTLE).expect("reloaded");
+    }
 }

@@ -20,7 +20,7 @@ use aya::{
         links::{FdLink, LinkError, PinnedLink},
         tc::SchedClassifierLink,
         xdp::XdpLink,
-        ProgramError, ProgramInfo, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        ProgramError, ProgramInfo, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, TestRunResult, Xdp, XdpMode,
     },
     Ebpf, EbpfError, EbpfLoader,
 };
@@ -158,6 +158,13 @@ fn create_dir(path: &Path) -> Result<(), LoadError> {
     fs::create_dir_all(path).map_err(|source| LoadError::PinDirectory { path: path.to_owned(), source })
 }
 
+/// Sizes that differ from the object's defaults.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Bytes of the event ring buffer (a power of two, at least one page); default 4 MiB.
+    pub event_buffer_bytes: Option<u32>,
+}
+
 /// The loaded datapath: the object with its programs, and where it is pinned.
 pub struct Datapath {
     ebpf: Ebpf,
@@ -168,16 +175,23 @@ impl Datapath {
     /// Loads the programs, reusing maps pinned under `pins` (adoption) or creating and pinning
     /// them. Nothing is attached yet.
     pub fn load(pins: PinLayout) -> Result<(Self, KernelMaps, RingBuf<MapData>), LoadError> {
+        Self::load_with(pins, &LoadOptions::default())
+    }
+
+    pub fn load_with(pins: PinLayout, options: &LoadOptions) -> Result<(Self, KernelMaps, RingBuf<MapData>), LoadError> {
         prepare_pin_root(&pins.root)?;
         for dir in [pins.maps(), pins.programs(), pins.links()] {
             create_dir(&dir)?;
         }
-        check_pinned_maps(&pins)?;
+        check_pinned_maps(&pins, options)?;
         raise_memlock_limit();
         let map_paths: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|name| (*name, pins.maps().join(name))).collect();
         let mut loader = EbpfLoader::new();
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
+        }
+        if let Some(bytes) = options.event_buffer_bytes {
+            loader.map_max_entries("EVENTS", bytes);
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         for hook in [Hook::Xdp, Hook::TcEgress] {
@@ -281,6 +295,18 @@ impl Datapath {
         }
     }
 
+    /// Runs one hook's program on `frame` with `BPF_PROG_TEST_RUN`, `repeat` times; the maps
+    /// see it like a real packet (conntrack, events, counters).
+    pub fn test_run(&mut self, hook: Hook, frame: &[u8], repeat: u32) -> Result<TestRunResult, LoadError> {
+        let options = TestRunOptions { data_in: Some(frame), repeat, ..Default::default() };
+        let name = hook.program();
+        match hook {
+            Hook::Xdp => self.program_mut::<Xdp>(name)?.test_run(options),
+            Hook::TcEgress => self.program_mut::<SchedClassifier>(name)?.test_run(options),
+        }
+        .map_err(|source| LoadError::Program { name, source })
+    }
+
     /// Tags of the programs this build loaded.
     pub fn program_tags(&self) -> BTreeMap<&'static str, String> {
         let mut tags = BTreeMap::new();
@@ -301,8 +327,11 @@ fn open_pinned_link(path: &Path) -> Result<Option<PinnedLink>, LoadError> {
 }
 
 /// A map pinned by another build must have the shape this build's programs expect.
-fn check_pinned_maps(pins: &PinLayout) -> Result<(), LoadError> {
-    let object = aya_object_maps();
+fn check_pinned_maps(pins: &PinLayout, options: &LoadOptions) -> Result<(), LoadError> {
+    let mut object = aya_object_maps();
+    if let (Some(bytes), Some(events)) = (options.event_buffer_bytes, object.get_mut("EVENTS")) {
+        events.2 = bytes;
+    }
     for name in MAP_NAMES {
         let path = pins.maps().join(name);
         if !path.exists() {

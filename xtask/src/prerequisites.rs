@@ -17,6 +17,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "network namespaces and veths for tests and the demo"),
     ("bpftool", "inspecting loaded programs (tests, doctor)"),
     ("prometheus", "promtool checks the metrics output in tests"),
+    ("socat", "a client process the cgroup tests place in a service's cgroup"),
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

@@ -27,6 +27,8 @@ use std::{
 
 use nix::sched::{setns, CloneFlags};
 
+pub mod frames;
+
 /// Prefix of every namespace, pin directory and temp directory the test bed creates.
 pub const PREFIX: &str = "enft";
 const NETNS_DIR: &str = "/var/run/netns";
@@ -62,7 +64,8 @@ pub fn ip(args: &[&str]) -> io::Result<()> {
     run_checked(Command::new("ip").args(args)).map(drop)
 }
 
-fn unique_id() -> String {
+/// A name no other topology, cgroup or pin directory of any run uses (`enft-<pid>-<n>`).
+pub fn unique_id() -> String {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     format!("{PREFIX}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
@@ -100,6 +103,11 @@ impl Netns {
         ip(&["netns", "add", name])?;
         let netns = Self { name: name.to_owned() };
         netns.ip(&["link", "set", "lo", "up"])?;
+        // Link-local IPv6 addresses are usable at once, not after a second of duplicate
+        // address detection (during which neighbour discovery, and so IPv6, stalls).
+        for scope in ["all", "default"] {
+            netns.sysctl(&format!("net.ipv6.conf.{scope}.accept_dad"), "0")?;
+        }
         Ok(netns)
     }
 
@@ -265,6 +273,20 @@ pub struct Server {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     pub port: u16,
+    /// Connections accepted (TCP) or datagrams received (UDP) so far.
+    pub hits: Arc<AtomicUsize>,
+    /// Payload bytes received so far.
+    pub bytes: Arc<AtomicUsize>,
+}
+
+impl Server {
+    pub fn hit_count(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn byte_count(&self) -> usize {
+        self.bytes.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for Server {
@@ -284,14 +306,21 @@ impl Netns {
         let listener = self.run(move || TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)))??;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
+        let hits = Arc::new(AtomicUsize::new(0));
+        let bytes = Arc::new(AtomicUsize::new(0));
         let stopping = stop.clone();
+        let counted = hits.clone();
+        let received = bytes.clone();
         let thread = self.spawn_thread(move || {
             let mut connections = Vec::new();
             while !stopping.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((stream, _)) => {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        let _ = stream.set_nonblocking(false);
                         let stopping = stopping.clone();
-                        connections.push(std::thread::spawn(move || echo_stream(stream, &stopping)));
+                        let received = received.clone();
+                        connections.push(std::thread::spawn(move || echo_stream(stream, &stopping, &received)));
                     }
                     Err(error) if error.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(POLL),
                     Err(_) => std::thread::sleep(POLL),
@@ -301,7 +330,7 @@ impl Netns {
                 let _ = connection.join();
             }
         })?;
-        Ok(Server { stop, thread: Some(thread), port })
+        Ok(Server { stop, thread: Some(thread), port, hits, bytes })
     }
 
     /// A UDP server on every address that echoes each datagram to its sender.
@@ -309,16 +338,22 @@ impl Netns {
         let socket = self.run(move || UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port)))??;
         socket.set_read_timeout(Some(POLL))?;
         let stop = Arc::new(AtomicBool::new(false));
+        let hits = Arc::new(AtomicUsize::new(0));
+        let bytes = Arc::new(AtomicUsize::new(0));
         let stopping = stop.clone();
+        let counted = hits.clone();
+        let received = bytes.clone();
         let thread = self.spawn_thread(move || {
             let mut buffer = [0u8; 65536];
             while !stopping.load(Ordering::Relaxed) {
                 if let Ok((len, from)) = socket.recv_from(&mut buffer) {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    received.fetch_add(len, Ordering::SeqCst);
                     let _ = socket.send_to(&buffer[..len], from);
                 }
             }
         })?;
-        Ok(Server { stop, thread: Some(thread), port })
+        Ok(Server { stop, thread: Some(thread), port, hits, bytes })
     }
 
     /// Connects from inside this namespace.
@@ -336,16 +371,41 @@ impl Netns {
         exchange(&mut stream, payload)
     }
 
-    /// Sends one datagram and waits for one back.
+    /// Sends one datagram and waits for one back. The socket is connected, so an ICMP error
+    /// about the datagram (port unreachable) comes back as `ConnectionRefused`.
     pub fn udp_exchange(&self, to: SocketAddr, payload: &[u8], timeout: Duration) -> io::Result<Vec<u8>> {
-        let any: SocketAddr = if to.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
-        let socket = self.run(move || UdpSocket::bind(any))??;
+        self.udp_exchange_from(None, to, payload, timeout)
+    }
+
+    /// [`Self::udp_exchange`] from a chosen source address (which must be on an interface of
+    /// this namespace).
+    pub fn udp_exchange_from(&self, from: Option<IpAddr>, to: SocketAddr, payload: &[u8], timeout: Duration) -> io::Result<Vec<u8>> {
+        let any: IpAddr = if to.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
+        let local = SocketAddr::new(from.unwrap_or(any), 0);
+        let socket = self.run(move || UdpSocket::bind(local))??;
+        socket.connect(to)?;
         socket.set_read_timeout(Some(timeout))?;
-        socket.send_to(payload, to)?;
+        socket.send(payload)?;
         let mut buffer = vec![0u8; 65536];
-        let (len, _) = socket.recv_from(&mut buffer)?;
+        let len = socket.recv(&mut buffer)?;
         buffer.truncate(len);
         Ok(buffer)
+    }
+
+    /// Connects from a chosen source address.
+    pub fn tcp_connect_from(&self, from: IpAddr, to: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+        use socket2::{Domain, Socket, Type};
+        let domain = if to.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
+        let socket = self.run(move || -> io::Result<Socket> {
+            let socket = Socket::new(domain, Type::STREAM, None)?;
+            socket.bind(&SocketAddr::new(from, 0).into())?;
+            Ok(socket)
+        })??;
+        socket.connect_timeout(&to.into(), timeout)?;
+        let stream: TcpStream = socket.into();
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        Ok(stream)
     }
 
     /// Sends one ICMP echo request and says whether its reply arrived within `timeout`.
@@ -395,13 +455,14 @@ fn internet_checksum(bytes: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-fn echo_stream(mut stream: TcpStream, stop: &AtomicBool) {
+fn echo_stream(mut stream: TcpStream, stop: &AtomicBool, received: &AtomicUsize) {
     let _ = stream.set_read_timeout(Some(POLL));
     let mut buffer = [0u8; 16384];
     while !stop.load(Ordering::Relaxed) {
         match stream.read(&mut buffer) {
             Ok(0) => break,
             Ok(len) => {
+                received.fetch_add(len, Ordering::SeqCst);
                 if stream.write_all(&buffer[..len]).is_err() {
                     break;
                 }
@@ -425,6 +486,94 @@ pub fn finish(stream: &mut TcpStream) {
     let _ = stream.shutdown(Shutdown::Write);
     let mut rest = Vec::new();
     let _ = stream.read_to_end(&mut rest);
+}
+
+/// A cgroup v2 directory made for a test, removed on drop (after its processes exited).
+pub struct Cgroup {
+    pub path: PathBuf,
+}
+
+impl Cgroup {
+    /// Creates `<cgroup2 root>/<test bed id>-<name>`.
+    pub fn create(name: &str) -> io::Result<Self> {
+        let root = cgroup2_root().ok_or_else(|| io::Error::other("cgroup v2 is not mounted"))?;
+        let path = root.join(format!("{}-{name}", unique_id()));
+        fs::create_dir(&path)?;
+        Ok(Self { path })
+    }
+
+    /// The cgroup's id, as `bpf_skb_cgroup_id` reports it: its directory's inode number.
+    pub fn id(&self) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt as _;
+        Ok(fs::metadata(&self.path)?.ino())
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // The directory can only go once empty: wait briefly for exiting processes.
+        let removed = eventually(Duration::from_secs(5), || fs::remove_dir(&self.path).is_ok());
+        if !removed {
+            eprintln!("testbed: could not remove cgroup {}", self.path.display());
+        }
+    }
+}
+
+/// Where cgroup v2 is mounted.
+pub fn cgroup2_root() -> Option<PathBuf> {
+    fs::read_to_string("/proc/self/mounts").ok()?.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(fields[1]))
+    })
+}
+
+impl Netns {
+    /// A command that runs inside the namespace and inside `cgroup` (joined after fork, so every
+    /// socket it opens belongs to the cgroup).
+    pub fn command_in_cgroup(&self, program: impl AsRef<std::ffi::OsStr>, cgroup: &Cgroup) -> io::Result<Command> {
+        let handle = self.handle()?;
+        let procs = File::options().write(true).open(cgroup.path.join("cgroup.procs"))?;
+        let mut command = Command::new(program);
+        // SAFETY: write and setns are async-signal-safe; both files stay open in the parent.
+        unsafe {
+            command.pre_exec(move || {
+                use std::os::fd::AsRawFd as _;
+                // Writing 0 moves the writing process itself.
+                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+                setns(&handle, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
+            });
+        }
+        Ok(command)
+    }
+}
+
+/// Runs `socat` to connect to `to` (optionally from `from`), send `payload` and read the reply;
+/// returns the reply, or an error describing the failure. For tests whose client must be a
+/// separate process (one placed in a cgroup).
+pub fn socat_exchange(mut command: Command, from: Option<IpAddr>, to: SocketAddr, payload: &[u8], timeout: Duration) -> io::Result<Vec<u8>> {
+    let family = if to.is_ipv4() { "TCP4" } else { "TCP6" };
+    let host = match to.ip() {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("[{v6}]"),
+    };
+    let mut address = format!("{family}:{host}:{},connect-timeout={}", to.port(), timeout.as_secs_f64());
+    if let Some(from) = from {
+        address.push_str(&format!(",bind={from}"));
+    }
+    let mut child = command
+        .args(["-T", &format!("{}", timeout.as_secs_f64()), "STDIO", &address])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child.stdin.take().expect("piped").write_all(payload)?;
+    let output = child.wait_with_output()?;
+    if !output.status.success() || output.stdout.is_empty() {
+        return Err(io::Error::other(format!("socat {address}: {} {}", output.status, String::from_utf8_lossy(&output.stderr).trim())));
+    }
+    Ok(output.stdout)
 }
 
 /// A daemon process in a namespace, with its stderr kept in a file. Killed on drop; `on_drop`
