@@ -26,6 +26,7 @@ pub struct Enforcer {
     pub alerts: PathBuf,
     pub policy: PathBuf,
     pub pins: PathBuf,
+    pub observe_socket: PathBuf,
 }
 
 impl Enforcer {
@@ -39,8 +40,9 @@ impl Enforcer {
         let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
         let alerts = topology.dir.join(format!("alerts-{started}.jsonl"));
         let pins = topology.pin_path();
+        let observe_socket = topology.dir.join(format!("observe-{started}.sock"));
         let mut command = topology.host.command(ENFORCER)?;
-        command.arg("run").arg("--policy").arg(policy).arg("--pin-path").arg(&pins).arg("--alerts").arg(&alerts);
+        command.arg("run").arg("--policy").arg(policy).arg("--pin-path").arg(&pins).arg("--alerts").arg(&alerts).arg("--observe-socket").arg(&observe_socket);
         for interface in attach {
             command.args(["--attach", interface]);
         }
@@ -50,7 +52,7 @@ impl Enforcer {
         let daemon = Daemon::spawn(command, log, "enforcing", SETTLE)?.on_drop(move || {
             let _ = Command::new(ENFORCER).args(["unload", "--pin-path"]).arg(&unload_pins).output();
         });
-        Ok(Self { daemon, alerts, policy: policy.to_owned(), pins })
+        Ok(Self { daemon, alerts, policy: policy.to_owned(), pins, observe_socket })
     }
 
     /// Every alert written so far.
@@ -117,5 +119,71 @@ impl Enforcer {
         std::fs::write(&self.policy, policy).expect("policy written");
         self.daemon.signal(nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
         self.daemon.wait_for_log(&format!("generation={generation} "), SETTLE).expect("reloaded");
+    }
+}
+
+/// Fetches `http://127.0.0.1:{port}{path}` from inside `netns`; returns the body.
+pub fn http_get(netns: &enforcer_testbed::Netns, port: u16, path: &str) -> io::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = netns.tcp_connect(socket(std::net::Ipv4Addr::LOCALHOST, port), TIMEOUT)?;
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").ok_or_else(|| io::Error::other("no HTTP body"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(io::Error::other(format!("HTTP error: {head}")));
+    }
+    Ok(body.to_owned())
+}
+
+/// Raw `bpf(2)` calls for what aya has no API for: loading a foreign program to simulate an
+/// attacker swapping the program in a pinned link.
+pub mod bpf {
+    use std::{
+        ffi::CString,
+        io,
+        os::fd::{FromRawFd as _, OwnedFd, AsRawFd as _},
+        path::Path,
+    };
+
+    fn sys(command: libc::c_long, attr: &[u8]) -> io::Result<i64> {
+        // SAFETY: `attr` is a zero-padded `union bpf_attr` prefix for `command`.
+        let ret = unsafe { libc::syscall(libc::SYS_bpf, command, attr.as_ptr(), attr.len()) };
+        if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+    }
+
+    /// Loads `r0 = XDP_PASS; exit`, an XDP program that lets everything through.
+    pub fn load_pass_all_xdp() -> io::Result<OwnedFd> {
+        const BPF_PROG_LOAD: libc::c_long = 5;
+        const BPF_PROG_TYPE_XDP: u32 = 6;
+        const BPF_XDP: u32 = 37;
+        let instructions: [u8; 16] = [0xb7, 0, 0, 0, 2, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0];
+        let license = CString::new("GPL").unwrap();
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&BPF_PROG_TYPE_XDP.to_ne_bytes());
+        attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
+        attr[8..16].copy_from_slice(&(instructions.as_ptr() as u64).to_ne_bytes());
+        attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+        attr[48..53].copy_from_slice(b"evil\0");
+        attr[68..72].copy_from_slice(&BPF_XDP.to_ne_bytes());
+        let fd = sys(BPF_PROG_LOAD, &attr)?;
+        // SAFETY: the kernel returned a new file descriptor that we now own.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    /// Replaces the program of the link pinned at `path` (`BPF_LINK_UPDATE`).
+    pub fn swap_link_program(path: &Path, program: &OwnedFd) -> io::Result<()> {
+        const BPF_OBJ_GET: libc::c_long = 7;
+        const BPF_LINK_UPDATE: libc::c_long = 29;
+        let path = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        let mut get = [0u8; 16];
+        get[0..8].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
+        let link = sys(BPF_OBJ_GET, &get)?;
+        // SAFETY: as above.
+        let link = unsafe { OwnedFd::from_raw_fd(link as i32) };
+        let mut update = [0u8; 16];
+        update[0..4].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
+        update[4..8].copy_from_slice(&(program.as_raw_fd() as u32).to_ne_bytes());
+        sys(BPF_LINK_UPDATE, &update).map(drop)
     }
 }

@@ -54,11 +54,49 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// What changes between two policies: edges added, removed, changed; with --replay, the
+    /// flows recorded in an audit log that the new policy would newly deny or allow.
+    Diff {
+        old: PathBuf,
+        new: PathBuf,
+        #[arg(long, value_name = "AUDIT_LOG")]
+        replay: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the pinned datapath: programs, generation, attached interfaces, counters.
     Status {
         #[arg(long, default_value = DEFAULT_PIN_PATH)]
         pin_path: PathBuf,
     },
+    /// Live flow records from the running controller (the recent ones; with --follow, new ones
+    /// as they come).
+    Observe {
+        #[arg(long)]
+        follow: bool,
+        /// Only flows from or to this service (or world, host, a CIDR).
+        #[arg(long)]
+        service: Option<String>,
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        to: Option<String>,
+        /// allow, deny or audit.
+        #[arg(long)]
+        verdict: Option<String>,
+        /// Destination port.
+        #[arg(long)]
+        port: Option<u16>,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+        /// The controller's socket (default: /run/enforcer/<pin directory name>.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+    /// Verify the hash chain of an audit log.
+    AuditVerify { path: PathBuf },
     /// Detach, unpin and remove everything under the pin path.
     Unload {
         #[arg(long, default_value = DEFAULT_PIN_PATH)]
@@ -84,6 +122,15 @@ pub struct RunArgs {
     /// On SIGINT/SIGTERM detach and unpin everything, instead of leaving enforcement in place.
     #[arg(long)]
     pub ephemeral: bool,
+    /// Serve Prometheus metrics on PORT or HOST:PORT (127.0.0.1 unless a host is given).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+    /// Append the hash-chained audit log to PATH.
+    #[arg(long, value_name = "PATH")]
+    pub audit_log: Option<PathBuf>,
+    /// Serve `enforcer observe` on this Unix socket (default: /run/enforcer/<pin directory name>.sock).
+    #[arg(long, value_name = "PATH")]
+    pub observe_socket: Option<PathBuf>,
 }
 
 /// How a command failed: the operator's input (exit 1) or the system (exit 2).
@@ -102,6 +149,8 @@ impl From<RunError> for Failure {
 pub fn execute(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Run(args) => {
+            let metrics = args.metrics.as_deref().map(crate::metrics::parse_listen_address).transpose().map_err(Failure::BadInput)?;
+            let observe_socket = args.observe_socket.unwrap_or_else(|| crate::observe::default_socket(&args.pin_path));
             let options = RunOptions {
                 policy: args.policy,
                 attach: args.attach,
@@ -109,6 +158,9 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
                 alerts: args.alerts,
                 alert_format: args.alert_format,
                 ephemeral: args.ephemeral,
+                metrics,
+                audit_log: args.audit_log,
+                observe_socket,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -128,6 +180,33 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
             print!("{text}");
             Ok(())
         }
+        Command::Diff { old, new, replay, json } => {
+            let (_, old) = load_offline(&old)?;
+            let (_, new) = load_offline(&new)?;
+            let mut result = crate::diff::diff(&old, &new);
+            if let Some(log) = replay {
+                crate::diff::replay(&mut result, &old, &new, &log).map_err(|error| Failure::BadInput(format!("reading {}: {error}", log.display())))?;
+            }
+            if json {
+                println!("{}", result.to_json());
+            } else {
+                print!("{}", result.to_text());
+            }
+            Ok(())
+        }
+        Command::Observe { follow, service, from, to, verdict, port, json, pin_path, socket } => {
+            let socket = socket.unwrap_or_else(|| crate::observe::default_socket(&pin_path));
+            let filter = crate::observe::Filter { service, from, to, verdict, port };
+            crate::observe::watch(&socket, follow, &filter, json, std::io::stdout().lock()).map_err(|error| Failure::Runtime(error.to_string()))
+        }
+        Command::AuditVerify { path } => match crate::audit::verify(&path) {
+            Ok(crate::audit::Verification::Intact { records, head }) => {
+                println!("{}: intact, {records} records, chain head {head}", path.display());
+                Ok(())
+            }
+            Ok(crate::audit::Verification::Broken { line, problem }) => Err(Failure::BadInput(format!("{}:{line}: {problem}", path.display()))),
+            Err(error) => Err(Failure::Runtime(format!("reading {}: {error}", path.display()))),
+        },
         Command::Status { pin_path } => {
             print!("{}", status(&PinLayout::new(pin_path))?);
             Ok(())

@@ -34,7 +34,7 @@ pub const NO_POLICY_ID: &str = "no-policy";
 
 /// The parts of this host a policy refers to by name: its own addresses, interface indexes,
 /// cgroup ids. Compiling is pure given this view; `host::observe` reads it from the system.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HostView {
     pub addresses: Vec<IpAddr>,
     pub interfaces: BTreeMap<String, u32>,

@@ -3,12 +3,17 @@
 //! this library; integration tests use it directly too.
 
 pub mod alert;
+pub mod audit;
 pub mod cli;
 pub mod compile;
+pub mod diff;
 pub mod events;
 pub mod host;
 pub mod identity;
 pub mod loader;
 pub mod maps;
+pub mod metrics;
+pub mod observe;
 pub mod policy;
 pub mod run;
+pub mod watch;

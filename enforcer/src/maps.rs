@@ -411,7 +411,7 @@ impl Installer {
             Some(live) => (1 - live.slot as u8, live.generation.wrapping_add(1).max(1)),
             None => (0, 1),
         };
-        self.check_capacity(maps, slot, &compiled.tables)?;
+        self.check_capacity(maps, &compiled.tables)?;
         let previous = match &self.slots[usize::from(slot)] {
             SlotContents::Known(tables) => Some(tables),
             SlotContents::Unknown => None,
@@ -434,8 +434,23 @@ impl Installer {
         Ok(Installed { generation, slot, writes, took: started.elapsed() })
     }
 
+    /// Writes the live generation's tables into the idle slot as well, so that the next change
+    /// writes only its difference instead of filling the idle slot from scratch.
+    pub fn prefill_idle(&mut self, maps: &mut KernelMaps, compiled: &Compiled) -> Result<usize, MapsError> {
+        let Some(live) = &self.live else { return Ok(0) };
+        let idle = usize::from(1 - live.slot as u8);
+        let previous = match &self.slots[idle] {
+            SlotContents::Known(tables) => Some(tables.clone()),
+            SlotContents::Unknown => None,
+        };
+        self.slots[idle] = SlotContents::Unknown;
+        let writes = maps.write_slot(idle as u8, previous.as_ref(), &compiled.tables)?;
+        self.slots[idle] = SlotContents::Known(compiled.tables.clone());
+        Ok(writes)
+    }
+
     /// Both generations share each map while switching: the live one and `next` must fit.
-    fn check_capacity(&self, maps: &KernelMaps, slot: u8, next: &Tables) -> Result<(), MapsError> {
+    fn check_capacity(&self, maps: &KernelMaps, next: &Tables) -> Result<(), MapsError> {
         let live_entries: [usize; 5] = match &self.live {
             None => [0; 5],
             Some(live) => match &self.slots[live.slot as usize] {
@@ -443,7 +458,6 @@ impl Installer {
                 SlotContents::Unknown => maps.slot_entries(live.slot as u8),
             },
         };
-        let _ = slot;
         for ((table, count), live) in next.entry_counts().into_iter().zip(live_entries) {
             let capacity = maps.capacity(table);
             if capacity > 0 && count + live > capacity as usize {

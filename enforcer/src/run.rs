@@ -1,15 +1,17 @@
 //! `enforcer run`: load and install the policy, attach, stream events, reload on change.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fs::File,
     io::{self, BufWriter, Write},
-    path::PathBuf,
-    sync::{Arc, RwLock},
-    time::SystemTime,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant, SystemTime},
 };
 
 use aya::maps::{MapData, RingBuf};
+use serde_json::json;
 use tokio::{
     io::{unix::AsyncFd, Interest},
     signal::unix::{signal, SignalKind},
@@ -18,12 +20,16 @@ use tokio::{
 
 use crate::{
     alert::{self, AlertFormat},
-    compile::{self, CompileError, Compiled},
+    audit::AuditLog,
+    compile::{self, CompileError, Compiled, HostView},
     events::{self, Clock, FlowRecord, Generations, SequenceTracker},
     host,
     loader::{self, Datapath, LoadError, PinLayout},
     maps::{Installed, Installer, KernelMaps, MapsError},
-    policy::{self, PolicyError},
+    metrics::{self, DetectorLabel, FlowLabels, Metrics},
+    observe,
+    policy::{self, Policy, PolicyError},
+    watch,
 };
 
 /// Options of `enforcer run` (DESIGN §6).
@@ -37,6 +43,9 @@ pub struct RunOptions {
     pub alert_format: AlertFormat,
     /// Detach and unpin everything on SIGINT/SIGTERM instead of leaving enforcement in place.
     pub ephemeral: bool,
+    pub metrics: Option<SocketAddr>,
+    pub audit_log: Option<PathBuf>,
+    pub observe_socket: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,16 +72,166 @@ impl RunError {
 }
 
 /// Loads, validates and compiles the policy at `path` for this host.
-pub fn load_and_compile(path: &std::path::Path) -> Result<Compiled, RunError> {
-    let policy = policy::load(path)?;
-    let compiled = compile::compile(&policy, &host::observe(&policy))?;
-    for warning in &compiled.warnings {
-        tracing::warn!("{warning}");
-    }
-    Ok(compiled)
+pub fn load_and_compile(path: &Path) -> Result<Compiled, RunError> {
+    Ok(load_for_host(path)?.2)
 }
 
-/// Where flow records go.
+fn load_for_host(path: &Path) -> Result<(Policy, HostView, Compiled), RunError> {
+    let policy = policy::load(path)?;
+    let view = host::observe(&policy);
+    let compiled = compile::compile(&policy, &view)?;
+    Ok((policy, view, compiled))
+}
+
+/// What set off a policy load, for logs and the audit log.
+#[derive(Clone, Copy, Debug)]
+enum Trigger {
+    Start,
+    Signal,
+    FileChange,
+    HostChange,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Start => "start",
+            Self::Signal => "sighup",
+            Self::FileChange => "file-change",
+            Self::HostChange => "host-change",
+        }
+    }
+}
+
+/// Owner and modification time of each policy file: the "who" of a file change.
+fn file_provenance(files: &[PathBuf]) -> serde_json::Value {
+    use std::os::unix::fs::MetadataExt as _;
+    let described: Vec<_> = files
+        .iter()
+        .map(|file| match std::fs::metadata(file) {
+            Ok(metadata) => json!({ "path": file, "owner_uid": metadata.uid(), "modified": metadata.mtime() }),
+            Err(error) => json!({ "path": file, "error": error.to_string() }),
+        })
+        .collect();
+    serde_json::Value::Array(described)
+}
+
+type SharedAudit = Arc<Mutex<Option<AuditLog>>>;
+
+fn audit(log: &SharedAudit, kind: &str, fields: serde_json::Value) {
+    if let Some(log) = log.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).as_mut() {
+        if let Err(error) = log.append(kind, fields) {
+            tracing::error!("writing the audit log {} failed: {error}", log.path().display());
+        }
+    }
+}
+
+/// The running controller's state.
+struct Controller {
+    options: RunOptions,
+    maps: Arc<Mutex<KernelMaps>>,
+    installer: Installer,
+    generations: Arc<RwLock<Generations>>,
+    metrics: Arc<Metrics>,
+    audit: SharedAudit,
+    live: Option<Arc<Compiled>>,
+    /// The last policy that loaded, and the host it was compiled for: interfaces and cgroups
+    /// that appear later are picked up without a reload.
+    policy: Option<(Policy, HostView)>,
+}
+
+impl Controller {
+    fn install(&mut self, policy: Policy, view: HostView, compiled: Compiled, trigger: Trigger, started: Instant) -> Result<Option<Installed>, RunError> {
+        let unchanged = self.live.as_ref().is_some_and(|live| live.hash == compiled.hash && live.audit == compiled.audit && live.tables == compiled.tables);
+        if unchanged {
+            self.metrics.count_reload("unchanged");
+            tracing::info!(trigger = trigger.as_str(), "policy unchanged");
+            self.policy = Some((policy, view));
+            return Ok(None);
+        }
+        for warning in &compiled.warnings {
+            tracing::warn!("{warning}");
+        }
+        let compiled = Arc::new(compiled);
+        let installed = {
+            let mut maps = self.maps.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            self.installer.install(&mut maps, &compiled)?
+        };
+        let seconds = started.elapsed().as_secs_f64();
+        self.generations.write().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(installed.generation, compiled.clone());
+        self.metrics.count_reload("success");
+        self.metrics.policy_apply_seconds.observe(seconds);
+        self.metrics.policy_generation.set(i64::from(installed.generation));
+        tracing::info!(
+            generation = installed.generation,
+            slot = installed.slot,
+            writes = installed.writes,
+            took_ms = format!("{:.1}", seconds * 1000.0),
+            trigger = trigger.as_str(),
+            policy = %hex::encode(compiled.hash),
+            "policy installed"
+        );
+        audit(
+            &self.audit,
+            "policy_load",
+            json!({
+                "result": "success",
+                "trigger": trigger.as_str(),
+                "policy_sha256": hex::encode(compiled.hash),
+                "generation": installed.generation,
+                "map_writes": installed.writes,
+                "files": file_provenance(&policy.files),
+                "by_uid": nix::unistd::getuid().as_raw(),
+            }),
+        );
+        self.live = Some(compiled);
+        self.policy = Some((policy, view));
+        Ok(Some(installed))
+    }
+
+    /// Copies the live generation into the idle slot (see `Installer::prefill_idle`).
+    fn prefill_idle_slot(&mut self) -> Result<(), RunError> {
+        let Some(live) = self.live.clone() else { return Ok(()) };
+        let started = Instant::now();
+        let writes = {
+            let mut maps = self.maps.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            self.installer.prefill_idle(&mut maps, &live)?
+        };
+        tracing::debug!(writes, took_ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1000.0), "idle policy slot prefilled");
+        Ok(())
+    }
+
+    /// Reloads the policy; a policy that does not load changes nothing.
+    fn reload(&mut self, trigger: Trigger, started: Instant) {
+        let result = load_for_host(&self.options.policy).and_then(|(policy, view, compiled)| self.install(policy, view, compiled, trigger, started));
+        if let Err(error) = result {
+            self.metrics.count_reload("failure");
+            tracing::error!(trigger = trigger.as_str(), "policy reload refused, the previous policy stays in force:\n{error}");
+            let files = policy::policy_files(&self.options.policy).unwrap_or_default();
+            audit(
+                &self.audit,
+                "policy_load",
+                json!({ "result": "failure", "trigger": trigger.as_str(), "error": error.to_string(), "files": file_provenance(&files) }),
+            );
+        }
+    }
+
+    /// Recompiles when the host's interfaces or cgroups the policy names have changed.
+    fn resync_host(&mut self) {
+        let Some((policy, view)) = &self.policy else { return };
+        let current = host::observe(policy);
+        if current == *view {
+            return;
+        }
+        let policy = policy.clone();
+        let result = compile::compile(&policy, &current).map_err(RunError::from).and_then(|compiled| self.install(policy, current, compiled, Trigger::HostChange, Instant::now()));
+        if let Err(error) = result {
+            tracing::error!("recompiling for this host's changed interfaces or cgroups failed: {error}");
+        }
+    }
+}
+
+/// Where flow records go as alerts.
 struct AlertSink {
     writer: Box<dyn Write + Send>,
     format: AlertFormat,
@@ -80,7 +239,7 @@ struct AlertSink {
 }
 
 impl AlertSink {
-    fn open(target: &PathBuf, format: AlertFormat) -> Result<Self, RunError> {
+    fn open(target: &Path, format: AlertFormat) -> Result<Self, RunError> {
         let writer: Box<dyn Write + Send> = if target.as_os_str() == "-" {
             Box::new(io::stdout())
         } else {
@@ -108,6 +267,36 @@ impl AlertSink {
     }
 }
 
+/// Flow records aggregated over a window, for the audit log (`diff --replay` reads them).
+#[derive(Default)]
+struct FlowSummary {
+    since: Option<SystemTime>,
+    counts: BTreeMap<(String, String, String, u16, &'static str, String), u64>,
+}
+
+impl FlowSummary {
+    const WINDOW: Duration = Duration::from_secs(10);
+
+    fn add(&mut self, record: &FlowRecord) {
+        self.since.get_or_insert(record.time);
+        let port = if record.protocol == "tcp" || record.protocol == "udp" { record.dst.port } else { 0 };
+        let key = (record.src.name.clone(), record.dst.name.clone(), record.protocol.clone(), port, record.verdict.as_str(), record.rule.clone());
+        *self.counts.entry(key).or_default() += u64::from(record.count);
+    }
+
+    fn flush(&mut self, log: &SharedAudit) {
+        let Some(since) = self.since.take() else { return };
+        let until = crate::alert::rfc3339(SystemTime::now());
+        for ((src, dst, protocol, port, verdict, rule), count) in std::mem::take(&mut self.counts) {
+            audit(
+                log,
+                "flow_summary",
+                json!({ "src": src, "dst": dst, "protocol": protocol, "port": port, "verdict": verdict, "rule": rule, "count": count, "since": crate::alert::rfc3339(since), "until": until }),
+            );
+        }
+    }
+}
+
 /// Everything that consumes flow records.
 struct Pipeline {
     generations: Arc<RwLock<Generations>>,
@@ -115,6 +304,10 @@ struct Pipeline {
     sequences: SequenceTracker,
     interfaces: HashMap<u32, String>,
     alerts: Option<AlertSink>,
+    metrics: Arc<Metrics>,
+    hub: Arc<observe::Hub>,
+    audit: SharedAudit,
+    summary: FlowSummary,
 }
 
 impl Pipeline {
@@ -132,6 +325,7 @@ impl Pipeline {
             if let Some(sink) = &mut self.alerts {
                 sink.write(&alert::lost_events_alert(lost, SystemTime::now(), sink.format, &sink.host));
             }
+            audit(&self.audit, "events_lost", json!({ "count": lost, "cpu": event.cpu }));
         }
         let interface_name = self.interface_name(event.ifindex);
         let record = {
@@ -146,9 +340,16 @@ impl Pipeline {
 
     fn emit(&mut self, record: &FlowRecord) {
         tracing::debug!("{}", alert::flow_message(record));
+        self.metrics
+            .flows
+            .get_or_create(&FlowLabels { src: record.src.name.clone(), dst: record.dst.name.clone(), verdict: record.verdict.as_str().to_owned() })
+            .inc();
         if let Some(sink) = &mut self.alerts {
             sink.write(&alert::flow_alert(record, sink.format, &sink.host));
+            self.metrics.alerts.get_or_create(&DetectorLabel { detector: "flow".to_owned() }).inc();
         }
+        self.hub.publish(record);
+        self.summary.add(record);
     }
 
     fn flush(&mut self) {
@@ -158,7 +359,7 @@ impl Pipeline {
     }
 }
 
-/// Reads the ring buffer until the channel closes.
+/// Reads the ring buffer until told to stop.
 async fn read_events(ring: RingBuf<MapData>, mut pipeline: Pipeline, mut stop: mpsc::Receiver<()>) {
     // SAFETY: the ring buffer owns its map fd and keeps it open and unchanged until dropped,
     // which only happens when the AsyncFd is dropped.
@@ -169,9 +370,11 @@ async fn read_events(ring: RingBuf<MapData>, mut pipeline: Pipeline, mut stop: m
             return;
         }
     };
+    let mut summary_tick = tokio::time::interval(FlowSummary::WINDOW);
     loop {
         tokio::select! {
             _ = stop.recv() => break,
+            _ = summary_tick.tick() => pipeline.summary.flush(&pipeline.audit),
             ready = ring.readable_mut() => {
                 let mut guard = match ready {
                     Ok(guard) => guard,
@@ -199,49 +402,34 @@ async fn read_events(ring: RingBuf<MapData>, mut pipeline: Pipeline, mut stop: m
         }
     }
     pipeline.flush();
+    pipeline.summary.flush(&pipeline.audit);
 }
 
-/// The running controller's state.
-struct Controller {
-    options: RunOptions,
-    maps: KernelMaps,
-    installer: Installer,
-    generations: Arc<RwLock<Generations>>,
-}
-
-impl Controller {
-    fn install(&mut self, compiled: Compiled) -> Result<Installed, RunError> {
-        let compiled = Arc::new(compiled);
-        let installed = self.installer.install(&mut self.maps, &compiled)?;
-        self.generations.write().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(installed.generation, compiled.clone());
-        tracing::info!(
-            generation = installed.generation,
-            slot = installed.slot,
-            writes = installed.writes,
-            took_ms = installed.took.as_secs_f64() * 1000.0,
-            policy = %hex::encode(compiled.hash),
-            "policy installed"
-        );
-        Ok(installed)
-    }
-
-    /// Reloads the policy; a policy that does not load changes nothing.
-    fn reload(&mut self, trigger: &str) {
-        match load_and_compile(&self.options.policy).and_then(|compiled| self.install(compiled)) {
-            Ok(_) => {}
-            Err(error) => tracing::error!(trigger, "policy reload refused, the previous policy stays in force:\n{error}"),
-        }
-    }
-}
+/// How often the controller looks for interfaces and cgroups that appeared or went.
+const HOST_RESYNC: Duration = Duration::from_secs(10);
+/// A save is often several file events: wait this long for the rest before reloading.
+const SETTLE_CHANGES: Duration = Duration::from_millis(100);
 
 /// Runs the controller until SIGINT or SIGTERM.
 pub async fn run(options: RunOptions) -> Result<(), RunError> {
+    let started = Instant::now();
     // Everything that can be wrong with the input is found before the kernel is touched.
-    let compiled = load_and_compile(&options.policy)?;
+    let (policy, view, compiled) = load_for_host(&options.policy)?;
     if let Some(missing) = options.attach.iter().find(|interface| host::interface_index(interface).is_none()) {
         return Err(RunError::NoSuchInterface(missing.clone()));
     }
     let alerts = options.alerts.as_ref().map(|target| AlertSink::open(target, options.alert_format)).transpose()?;
+    let audit_log = options
+        .audit_log
+        .as_ref()
+        .map(|path| AuditLog::open(path).map_err(|source| RunError::Io { what: format!("opening audit log {}", path.display()), source }))
+        .transpose()?;
+    let metrics_listener = match options.metrics {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address).await.map_err(|source| RunError::Io { what: format!("binding metrics to {address}"), source })?,
+        ),
+        None => None,
+    };
 
     let pins = PinLayout::new(&options.pin_path);
     let (mut datapath, maps, ring) = Datapath::load(pins.clone())?;
@@ -249,28 +437,78 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     if let Some(live) = installer.live() {
         tracing::info!(generation = live.generation, "adopting the datapath pinned at {}", pins.root.display());
     }
+    let maps = Arc::new(Mutex::new(maps));
     let generations = Arc::new(RwLock::new(Generations::default()));
-    let mut controller = Controller { options: options.clone(), maps, installer, generations: generations.clone() };
+    let metrics = Arc::new(Metrics::new(maps.clone(), generations.clone()));
+    let audit_log: SharedAudit = Arc::new(Mutex::new(audit_log));
+    let mut controller = Controller {
+        options: options.clone(),
+        maps,
+        installer,
+        generations: generations.clone(),
+        metrics: metrics.clone(),
+        audit: audit_log.clone(),
+        live: None,
+        policy: None,
+    };
     // The policy goes in before any interface is attached: the programs fail closed without one.
-    controller.install(compiled)?;
+    controller.install(policy, view, compiled, Trigger::Start, started)?;
+    controller.prefill_idle_slot()?;
     for interface in &options.attach {
         datapath.attach(interface)?;
         tracing::info!(interface, "attached (XDP ingress, TC egress)");
     }
     datapath.detach_others(&options.attach.iter().cloned().collect::<BTreeSet<_>>());
 
+    let hub = Arc::new(observe::Hub::default());
     let (stop_events, stop_rx) = mpsc::channel(1);
-    let pipeline = Pipeline { generations, clock: Clock::now(), sequences: SequenceTracker::default(), interfaces: HashMap::new(), alerts };
+    let pipeline = Pipeline {
+        generations,
+        clock: Clock::now(),
+        sequences: SequenceTracker::default(),
+        interfaces: HashMap::new(),
+        alerts,
+        metrics: metrics.clone(),
+        hub: hub.clone(),
+        audit: audit_log.clone(),
+        summary: FlowSummary::default(),
+    };
     let events_task = tokio::spawn(read_events(ring, pipeline, stop_rx));
+    let metrics_task = metrics_listener.map(|listener| {
+        tracing::info!("metrics on http://{}/metrics", listener.local_addr().map_or_else(|_| "?".to_owned(), |address| address.to_string()));
+        tokio::spawn(metrics::serve(listener, metrics.clone()))
+    });
+    let observe_path = options.observe_socket.clone();
+    let observe_task = tokio::spawn(async move {
+        if let Err(error) = observe::serve(observe_path.clone(), hub).await {
+            tracing::error!("observe socket {}: {error}; `enforcer observe` will not work", observe_path.display());
+        }
+    });
 
+    let (changes_tx, mut changes) = mpsc::unbounded_channel();
+    let _watch = match watch::watch(&options.policy, changes_tx) {
+        Ok(watch) => Some(watch),
+        Err(error) => {
+            tracing::warn!("cannot watch {} for changes ({error}); reload with SIGHUP", options.policy.display());
+            None
+        }
+    };
     let signal_error = |source| RunError::Io { what: "installing signal handlers".to_owned(), source };
     let mut hangup = signal(SignalKind::hangup()).map_err(signal_error)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(signal_error)?;
     let mut terminate = signal(SignalKind::terminate()).map_err(signal_error)?;
-    tracing::info!(pins = %pins.root.display(), "enforcing");
+    let mut host_resync = tokio::time::interval(HOST_RESYNC);
+    host_resync.reset();
+    tracing::info!(pins = %pins.root.display(), observe = %options.observe_socket.display(), "enforcing");
     loop {
         tokio::select! {
-            _ = hangup.recv() => controller.reload("SIGHUP"),
+            _ = hangup.recv() => controller.reload(Trigger::Signal, Instant::now()),
+            Some(first) = changes.recv() => {
+                tokio::time::sleep(SETTLE_CHANGES).await;
+                while changes.try_recv().is_ok() {}
+                controller.reload(Trigger::FileChange, first);
+            }
+            _ = host_resync.tick() => controller.resync_host(),
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
         }
@@ -278,6 +516,11 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
 
     let _ = stop_events.send(()).await;
     let _ = events_task.await;
+    observe_task.abort();
+    let _ = std::fs::remove_file(&options.observe_socket);
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
     if options.ephemeral {
         drop(datapath);
         let removed = loader::unload(&pins).map_err(|source| RunError::Io { what: format!("unloading {}", pins.root.display()), source })?;

@@ -656,6 +656,10 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // Asked to stop first, so it can clean up after itself; killed if it does not.
+        if self.signal(nix::sys::signal::Signal::SIGTERM).is_ok() && self.wait(Duration::from_secs(3)).is_ok() {
+            self.child = None;
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();

@@ -1,0 +1,192 @@
+//! The tamper-evident audit log (DESIGN §7): JSON lines, each carrying the SHA-256 of the line
+//! before it, so that changing, removing, inserting or reordering a line breaks the chain that
+//! `enforcer audit-verify` walks. The end of the log is anchored outside it: the heartbeat sends
+//! the chain head to the SIEM, so a log cut at its end is noticed there.
+
+use std::{
+    fs::File,
+    io::{self, BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+};
+
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+/// `prev_hash` of the first record.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// An append-only, hash-chained log file.
+pub struct AuditLog {
+    path: PathBuf,
+    file: File,
+    head: String,
+    next_seq: u64,
+}
+
+impl AuditLog {
+    /// Opens (or creates) the log and continues its chain from the last line.
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let (head, next_seq) = match File::open(path) {
+            Ok(file) => {
+                let mut last: Option<String> = None;
+                for line in BufReader::new(file).lines() {
+                    let line = line?;
+                    if !line.is_empty() {
+                        last = Some(line);
+                    }
+                }
+                match last {
+                    Some(line) => {
+                        let seq = serde_json::from_str::<Value>(&line).ok().and_then(|record| record["seq"].as_u64()).unwrap_or(0);
+                        (sha256_hex(line.as_bytes()), seq + 1)
+                    }
+                    None => (GENESIS.to_owned(), 0),
+                }
+            }
+            Err(error) if error.kind() == io::ErrorKind::NotFound => (GENESIS.to_owned(), 0),
+            Err(error) => return Err(error),
+        };
+        let file = File::options().create(true).append(true).open(path)?;
+        Ok(Self { path: path.to_owned(), file, head, next_seq })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// SHA-256 of the last line written: what the next line will carry as `prev_hash`.
+    pub fn head(&self) -> &str {
+        &self.head
+    }
+
+    /// Appends a record: `fields` plus `seq`, `time` and `prev_hash`. Written and flushed
+    /// before returning, so a crash never loses an acknowledged record.
+    pub fn append(&mut self, kind: &str, fields: Value) -> io::Result<()> {
+        let mut record = Map::new();
+        record.insert("seq".to_owned(), Value::from(self.next_seq));
+        record.insert("time".to_owned(), Value::from(crate::alert::rfc3339(std::time::SystemTime::now())));
+        record.insert("kind".to_owned(), Value::from(kind));
+        if let Value::Object(fields) = fields {
+            record.extend(fields);
+        }
+        record.insert("prev_hash".to_owned(), Value::from(self.head.clone()));
+        let line = serde_json::to_string(&Value::Object(record)).map_err(io::Error::other)?;
+        self.file.write_all(format!("{line}\n").as_bytes())?;
+        self.file.flush()?;
+        self.head = sha256_hex(line.as_bytes());
+        self.next_seq += 1;
+        Ok(())
+    }
+}
+
+/// What `audit-verify` found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verification {
+    /// Every line chains to the one before; `head` is the last line's hash.
+    Intact { records: usize, head: String },
+    /// The chain breaks at `line` (1-based).
+    Broken { line: usize, problem: String },
+}
+
+/// Walks the chain of the log at `path`.
+pub fn verify(path: &Path) -> io::Result<Verification> {
+    let reader = BufReader::new(File::open(path)?);
+    let mut expected_prev = GENESIS.to_owned();
+    let mut expected_seq: Option<u64> = None;
+    let mut records = 0;
+    for (index, line) in reader.lines().enumerate() {
+        let line = line?;
+        let number = index + 1;
+        let record: Value = match serde_json::from_str(&line) {
+            Ok(record) => record,
+            Err(error) => return Ok(Verification::Broken { line: number, problem: format!("not a JSON record ({error})") }),
+        };
+        let prev = record["prev_hash"].as_str().unwrap_or_default();
+        if index == 0 && prev != GENESIS {
+            return Ok(Verification::Broken {
+                line: 1,
+                problem: "the first record does not start the chain: records before it were removed".to_owned(),
+            });
+        }
+        if prev != expected_prev {
+            return Ok(Verification::Broken {
+                line: number,
+                problem: format!("prev_hash does not match line {index}: a line was changed, removed, inserted or reordered"),
+            });
+        }
+        let seq = record["seq"].as_u64();
+        if let (Some(expected), Some(seq)) = (expected_seq, seq) {
+            if seq != expected {
+                return Ok(Verification::Broken { line: number, problem: format!("seq {seq} where {expected} was due") });
+            }
+        }
+        expected_seq = seq.map(|seq| seq + 1);
+        expected_prev = sha256_hex(line.as_bytes());
+        records += 1;
+    }
+    Ok(Verification::Intact { records, head: expected_prev })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn written_log(records: usize) -> (PathBuf, Vec<String>) {
+        let path = std::env::temp_dir().join(format!("enforcer-audit-test-{}-{records}-{}", std::process::id(), rand_suffix()));
+        let mut log = AuditLog::open(&path).unwrap();
+        for index in 0..records {
+            log.append("policy_load", json!({ "generation": index })).unwrap();
+        }
+        let lines = std::fs::read_to_string(&path).unwrap().lines().map(str::to_owned).collect();
+        (path, lines)
+    }
+
+    fn rand_suffix() -> u128 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+    }
+
+    fn verify_lines(path: &Path, lines: &[String]) -> Verification {
+        std::fs::write(path, lines.iter().map(|line| format!("{line}\n")).collect::<String>()).unwrap();
+        verify(path).unwrap()
+    }
+
+    #[test]
+    fn an_untouched_log_verifies_and_reopening_continues_the_chain() {
+        let (path, lines) = written_log(3);
+        let Verification::Intact { records: 3, head } = verify(&path).unwrap() else { panic!("intact log refused") };
+        assert_eq!(head, sha256_hex(lines[2].as_bytes()));
+        let mut log = AuditLog::open(&path).unwrap();
+        assert_eq!(log.head(), head);
+        log.append("policy_load", json!({})).unwrap();
+        assert!(matches!(verify(&path).unwrap(), Verification::Intact { records: 4, .. }));
+        let last: Value = serde_json::from_str(std::fs::read_to_string(&path).unwrap().lines().last().unwrap()).unwrap();
+        assert_eq!(last["seq"], 3);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn any_line_changed_removed_inserted_or_reordered_is_found() {
+        let (path, lines) = written_log(4);
+        let mut changed = lines.clone();
+        changed[1] = changed[1].replace("\"generation\":1", "\"generation\":7");
+        assert!(matches!(verify_lines(&path, &changed), Verification::Broken { line: 3, .. }), "changed line 2");
+        let mut removed = lines.clone();
+        removed.remove(1);
+        assert!(matches!(verify_lines(&path, &removed), Verification::Broken { line: 2, .. }), "removed line 2");
+        let mut inserted = lines.clone();
+        inserted.insert(2, lines[1].clone());
+        assert!(matches!(verify_lines(&path, &inserted), Verification::Broken { line: 3, .. }), "inserted a copy");
+        let mut reordered = lines.clone();
+        reordered.swap(1, 2);
+        assert!(matches!(verify_lines(&path, &reordered), Verification::Broken { line: 2, .. }), "swapped 2 and 3");
+        let truncated_start = lines[1..].to_vec();
+        assert!(matches!(verify_lines(&path, &truncated_start), Verification::Broken { line: 1, .. }), "cut at the start");
+        std::fs::remove_file(path).unwrap();
+    }
+}
