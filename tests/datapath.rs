@@ -25,16 +25,28 @@ fn v6(topology: &Topology, name: &str, port: u16) -> SocketAddr {
 
 #[test]
 fn tcp_udp_and_icmp_are_allowed_and_denied_per_rule_over_ipv4_and_ipv6_as_root() {
-    if !require_root("tcp_udp_and_icmp_are_allowed_and_denied_per_rule_over_ipv4_and_ipv6_as_root") {
-        return;
+    if require_root("tcp_udp_and_icmp_are_allowed_and_denied_per_rule_over_ipv4_and_ipv6_as_root") {
+        allowed_and_denied_per_rule("auto", "tc-ingress");
     }
+}
+
+#[test]
+fn tcp_udp_and_icmp_are_allowed_and_denied_per_rule_with_xdp_ingress_as_root() {
+    if require_root("tcp_udp_and_icmp_are_allowed_and_denied_per_rule_with_xdp_ingress_as_root") {
+        allowed_and_denied_per_rule("xdp", "xdp-ingress");
+    }
+}
+
+/// The rules' effect over IPv4 and IPv6, with `ingress` judging what enters the host (`hook` is
+/// how events name it).
+fn allowed_and_denied_per_rule(ingress: &str, hook: &str) {
     let topology = Topology::build(&["frontend", "api"]).unwrap();
     let policy = format!(
         "{}{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\", \"53/udp\", \"icmp\"]\nid = \"fe-api\"\n",
         service(&topology, "frontend", ""),
         service(&topology, "api", "")
     );
-    let enforcer = enforce(&topology, &policy);
+    let enforcer = enforce_with(&topology, &policy, &["--ingress-hook", ingress]);
     let (frontend, api) = (&topology.endpoint("frontend").netns, &topology.endpoint("api").netns);
     let _tcp = [api.tcp_echo_server(8080).unwrap(), api.tcp_echo_server(8081).unwrap(), frontend.tcp_echo_server(8080).unwrap()];
     let _udp = [api.udp_echo_server(53).unwrap(), api.udp_echo_server(54).unwrap(), frontend.udp_echo_server(53).unwrap()];
@@ -67,7 +79,7 @@ fn tcp_udp_and_icmp_are_allowed_and_denied_per_rule_over_ipv4_and_ipv6_as_root()
     assert_eq!(opened["policy"]["uid"], "fe-api");
     assert_eq!(opened["dst_endpoint"]["ip"], topology.endpoint("api").ipv6.to_string());
     assert_eq!(fields["interface"], topology.endpoint("frontend").host_interface, "seen entering the host from frontend");
-    assert_eq!(fields["hook"], "xdp-ingress");
+    assert_eq!(fields["hook"], hook);
     assert_eq!(fields["generation"], 1);
     assert_eq!(fields["reason"], "policy_allow");
     assert!(opened["time"].as_u64().unwrap() > 1_700_000_000_000, "wall-clock milliseconds");
@@ -208,9 +220,19 @@ fn cgroup_and_source_address_naming_different_services_is_dropped_as_spoofed_as_
 
 #[test]
 fn spoofed_source_from_an_endpoint_never_reaches_its_target_as_root() {
-    if !require_root("spoofed_source_from_an_endpoint_never_reaches_its_target_as_root") {
-        return;
+    if require_root("spoofed_source_from_an_endpoint_never_reaches_its_target_as_root") {
+        spoofed_source_is_dropped("auto");
     }
+}
+
+#[test]
+fn spoofed_source_from_an_endpoint_never_reaches_its_target_with_xdp_ingress_as_root() {
+    if require_root("spoofed_source_from_an_endpoint_never_reaches_its_target_with_xdp_ingress_as_root") {
+        spoofed_source_is_dropped("xdp");
+    }
+}
+
+fn spoofed_source_is_dropped(ingress: &str) {
     let topology = Topology::build(&["frontend", "api"]).unwrap();
     let db_address = Ipv4Addr::new(10, 99, 0, 3);
     let policy = format!(
@@ -218,7 +240,7 @@ fn spoofed_source_from_an_endpoint_never_reaches_its_target_as_root() {
         service(&topology, "frontend", ""),
         service(&topology, "api", "")
     );
-    let enforcer = enforce(&topology, &policy);
+    let enforcer = enforce_with(&topology, &policy, &["--ingress-hook", ingress]);
     let server = topology.endpoint("api").netns.udp_echo_server(53).unwrap();
     let frontend = &topology.endpoint("frontend").netns;
     let unclaimed = Ipv4Addr::new(10, 200, 1, 77);
@@ -380,7 +402,7 @@ fn status_shows_the_pinned_datapath_as_root() {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(status.contains("generation 1 (slot 0), mode enforce"), "{status}");
     for interface in ["v-frontend", "v-api"] {
-        assert!(status.lines().any(|line| line.contains(interface) && line.contains("enf_xdp_ingress") && line.contains("matches this build")), "{status}");
+        assert!(status.lines().any(|line| line.contains(interface) && line.contains("enf_tc_ingress") && line.contains("matches this build")), "veths get TC ingress: {status}");
         assert!(status.lines().any(|line| line.contains(interface) && line.contains("enf_tc_egress") && line.contains("matches this build")), "{status}");
     }
     assert!(status.lines().any(|line| line.contains("deny") && line.contains("default_deny")), "the refused SYNs are counted:\n{status}");

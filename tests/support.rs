@@ -108,8 +108,13 @@ pub fn service(topology: &Topology, name: &str, extra: &str) -> String {
 
 /// Starts enforcer on every endpoint interface of `topology` with `policy`.
 pub fn enforce(topology: &Topology, policy: &str) -> Enforcer {
+    enforce_with(topology, policy, &[])
+}
+
+/// [`enforce`] with extra `enforcer run` arguments.
+pub fn enforce_with(topology: &Topology, policy: &str, extra: &[&str]) -> Enforcer {
     let interfaces: Vec<&str> = topology.endpoints.iter().map(|endpoint| endpoint.host_interface.as_str()).collect();
-    Enforcer::start(topology, policy, &interfaces, &[]).expect("enforcer starts")
+    Enforcer::start(topology, policy, &interfaces, extra).expect("enforcer starts")
 }
 
 impl Enforcer {
@@ -136,54 +141,4 @@ pub fn http_get(netns: &enforcer_testbed::Netns, port: u16, path: &str) -> io::R
     Ok(body.to_owned())
 }
 
-/// Raw `bpf(2)` calls for what aya has no API for: loading a foreign program to simulate an
-/// attacker swapping the program in a pinned link.
-pub mod bpf {
-    use std::{
-        ffi::CString,
-        io,
-        os::fd::{FromRawFd as _, OwnedFd, AsRawFd as _},
-        path::Path,
-    };
-
-    fn sys(command: libc::c_long, attr: &[u8]) -> io::Result<i64> {
-        // SAFETY: `attr` is a zero-padded `union bpf_attr` prefix for `command`.
-        let ret = unsafe { libc::syscall(libc::SYS_bpf, command, attr.as_ptr(), attr.len()) };
-        if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
-    }
-
-    /// Loads `r0 = XDP_PASS; exit`, an XDP program that lets everything through.
-    pub fn load_pass_all_xdp() -> io::Result<OwnedFd> {
-        const BPF_PROG_LOAD: libc::c_long = 5;
-        const BPF_PROG_TYPE_XDP: u32 = 6;
-        const BPF_XDP: u32 = 37;
-        let instructions: [u8; 16] = [0xb7, 0, 0, 0, 2, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0];
-        let license = CString::new("GPL").unwrap();
-        let mut attr = [0u8; 128];
-        attr[0..4].copy_from_slice(&BPF_PROG_TYPE_XDP.to_ne_bytes());
-        attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
-        attr[8..16].copy_from_slice(&(instructions.as_ptr() as u64).to_ne_bytes());
-        attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
-        attr[48..53].copy_from_slice(b"evil\0");
-        attr[68..72].copy_from_slice(&BPF_XDP.to_ne_bytes());
-        let fd = sys(BPF_PROG_LOAD, &attr)?;
-        // SAFETY: the kernel returned a new file descriptor that we now own.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-    }
-
-    /// Replaces the program of the link pinned at `path` (`BPF_LINK_UPDATE`).
-    pub fn swap_link_program(path: &Path, program: &OwnedFd) -> io::Result<()> {
-        const BPF_OBJ_GET: libc::c_long = 7;
-        const BPF_LINK_UPDATE: libc::c_long = 29;
-        let path = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-        let mut get = [0u8; 16];
-        get[0..8].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
-        let link = sys(BPF_OBJ_GET, &get)?;
-        // SAFETY: as above.
-        let link = unsafe { OwnedFd::from_raw_fd(link as i32) };
-        let mut update = [0u8; 16];
-        update[0..4].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
-        update[4..8].copy_from_slice(&(program.as_raw_fd() as u32).to_ne_bytes());
-        sys(BPF_LINK_UPDATE, &update).map(drop)
-    }
-}
+pub use enforcer_testbed::bpf;

@@ -1,6 +1,6 @@
 //! Verdicts on hand-made frames, run through the real programs with `BPF_PROG_TEST_RUN`:
-//! malformed, truncated, fragmented and tagged frames must never slip past the policy. Both
-//! hooks (XDP and TC) run the same decision; each case checks both.
+//! malformed, truncated, fragmented and tagged frames must never slip past the policy. All
+//! three programs (XDP, TC ingress, TC egress) run the same decision; each case checks each.
 
 mod support;
 
@@ -78,29 +78,36 @@ impl Kernel {
         }
     }
 
-    fn tc_passes(&mut self, frame: &[u8]) -> bool {
-        match self.datapath.test_run(Hook::TcEgress, frame, 1).unwrap_or_else(|error| panic!("TC test run of {} bytes {:02x?}: {error}", frame.len(), frame)).return_value {
+    fn tc_passes_at(&mut self, hook: Hook, frame: &[u8]) -> bool {
+        match self.datapath.test_run(hook, frame, 1).unwrap_or_else(|error| panic!("TC test run of {} bytes {:02x?}: {error}", frame.len(), frame)).return_value {
             TC_NEXT => true,
             TC_ACT_SHOT => false,
             other => panic!("unexpected TC action {other}"),
         }
     }
 
+    fn passes(&mut self, hook: Hook, frame: &[u8]) -> bool {
+        match hook {
+            Hook::Xdp => self.xdp_passes(frame),
+            tc => self.tc_passes_at(tc, frame),
+        }
+    }
+
     /// The verdict of each hook on a frame built for a fresh source port (so conntrack state
-    /// from one hook's run does not decide the other's).
-    fn verdicts(&mut self, make: impl Fn(u16) -> Vec<u8>) -> (bool, bool) {
-        self.next_port += 2;
-        let xdp = self.xdp_passes(&make(self.next_port));
-        let tc = self.tc_passes(&make(self.next_port + 1));
-        (xdp, tc)
+    /// from one hook's run does not decide another's).
+    fn verdicts(&mut self, make: impl Fn(u16) -> Vec<u8>) -> [bool; 3] {
+        Hook::ALL.map(|hook| {
+            self.next_port += 1;
+            self.passes(hook, &make(self.next_port))
+        })
     }
 
     fn assert_passes(&mut self, what: &str, make: impl Fn(u16) -> Vec<u8>) {
-        assert_eq!(self.verdicts(make), (true, true), "{what} must pass at XDP and TC");
+        assert_eq!(self.verdicts(make), [true; 3], "{what} must pass at XDP, TC ingress and TC egress");
     }
 
     fn assert_dropped(&mut self, what: &str, make: impl Fn(u16) -> Vec<u8>) {
-        assert_eq!(self.verdicts(make), (false, false), "{what} must be dropped at XDP and TC");
+        assert_eq!(self.verdicts(make), [false; 3], "{what} must be dropped at XDP, TC ingress and TC egress");
     }
 
     fn events(&mut self) -> Vec<FlowEvent> {
@@ -194,11 +201,8 @@ fn fragments_follow_their_first_fragment_or_are_dropped_as_root() {
     let fragment = |id: u16, offset: u16, more: bool, payload: &[u8]| {
         Ipv4 { id, fragment_offset: offset, more_fragments: more, ..Ipv4::new(A4, B4, frames::UDP) }.frame(payload)
     };
-    for (hook, first_id) in [(Hook::Xdp, 100u16), (Hook::TcEgress, 200)] {
-        let passes = |kernel: &mut Kernel, frame: &[u8]| match hook {
-            Hook::Xdp => kernel.xdp_passes(frame),
-            Hook::TcEgress => kernel.tc_passes(frame),
-        };
+    for (hook, first_id) in [(Hook::Xdp, 100u16), (Hook::TcIngress, 200), (Hook::TcEgress, 300)] {
+        let passes = |kernel: &mut Kernel, frame: &[u8]| kernel.passes(hook, frame);
         // An allowed datagram in two fragments: both pass.
         assert!(passes(&mut kernel, &fragment(first_id, 0, true, &frames::udp(5353, 53, &[0u8; 16]))), "{hook:?}: first fragment of an allowed datagram");
         assert!(passes(&mut kernel, &fragment(first_id, 3, false, &[0u8; 16])), "{hook:?}: its later fragment follows it");
@@ -313,6 +317,7 @@ fn programs_pass_the_verifier_and_show_readable_names_as_root() {
     let listing = Command::new("bpftool").args(["prog", "show"]).output().expect("bpftool runs (cargo xtask setup installs it)");
     let listing = String::from_utf8_lossy(&listing.stdout);
     assert!(listing.contains("xdp  name enf_xdp_ingress"), "bpftool lists the XDP program by name:\n{listing}");
-    assert!(listing.contains("sched_cls  name enf_tc_egress"), "bpftool lists the TC program by name:\n{listing}");
+    assert!(listing.contains("sched_cls  name enf_tc_ingress"), "bpftool lists the TC ingress program by name:\n{listing}");
+    assert!(listing.contains("sched_cls  name enf_tc_egress"), "bpftool lists the TC egress program by name:\n{listing}");
     drop(kernel);
 }

@@ -18,15 +18,22 @@ pub struct CtKey {
 pub struct CtEntry {
     pub created_ns: u64,
     pub last_seen_ns: u64,
-    /// Cgroup of the socket that opened the flow (0 if none), so the flow can be judged again as
-    /// the same service after a policy change even from a reply packet.
+    /// Cgroup of the socket that sends the initiator's packets (0 if none), so the flow can be
+    /// judged again as the same service after a policy change, even from a reply packet.
     pub cgroup_id: u64,
+    /// Cgroup of the socket that sends the responder's packets, once seen at TC egress.
+    pub reply_cgroup_id: u64,
     /// Policy generation that admitted the flow; any other generation judges it again.
     pub generation: u32,
     pub rule: u32,
     pub src_identity: u32,
     pub dst_identity: u32,
     pub flags: u32,
+    /// Interface the initiator's packets enter the host through (XDP), once seen; 0 before.
+    /// A later packet entering elsewhere is checked again as if new (anti-spoofing).
+    pub orig_ifindex: u32,
+    /// The same for the responder's packets.
+    pub reply_ifindex: u32,
     pub _pad: u32,
 }
 
@@ -87,4 +94,4 @@ pub struct FragEntry {
 /// A datagram's fragments must all arrive within this time of the first.
 pub const FRAG_TIMEOUT_NS: u64 = 2_000_000_000;
 
-kernel_abi!(CtKey = 40, CtEntry = 48, FragKey = 40, FragEntry = 32);
+kernel_abi!(CtKey = 40, CtEntry = 64, FragKey = 40, FragEntry = 32);

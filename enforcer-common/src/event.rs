@@ -2,8 +2,11 @@
 
 /// Which program judged the packet.
 pub mod hook {
+    /// XDP, packets entering the host (physical interfaces).
     pub const XDP_INGRESS: u8 = 1;
     pub const TC_EGRESS: u8 = 2;
+    /// TC ingress, packets entering the host (veths, where XDP would cost segmentation offload).
+    pub const TC_INGRESS: u8 = 3;
 }
 
 /// Bits of [`FlowEvent::flags`].

@@ -1,6 +1,7 @@
-//! The enforcer datapath: XDP judges packets entering the host, TC egress (TCX) judges packets
-//! leaving it. Both run the same decision (`verdict::judge`); the entry points only describe
-//! where the packet was seen.
+//! The enforcer datapath. Packets entering the host are judged by XDP (physical interfaces) or
+//! TC ingress (veths, where an XDP program makes the driver give up segmentation offload);
+//! packets leaving it by TC egress. All run the same decision (`verdict::judge`); the entry
+//! points only describe where the packet was seen.
 #![no_std]
 #![no_main]
 
@@ -14,7 +15,7 @@ mod verdict;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::{bpf_ktime_get_ns, bpf_skb_cgroup_id},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_skb_cgroup_id},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -64,7 +65,7 @@ pub fn enf_xdp_ingress(ctx: XdpContext) -> u32 {
         ifindex: ctx.ingress_ifindex() as u32,
         cgroup_id: 0,
         len: (ctx.end() - ctx.start()) as u32,
-        now: unsafe { bpf_ktime_get_ns() },
+        now: unsafe { bpf_ktime_get_coarse_ns() },
     };
     match verdict::judge(&ctx, &hook) {
         DENY => xdp_action::XDP_DROP,
@@ -73,7 +74,18 @@ pub fn enf_xdp_ingress(ctx: XdpContext) -> u32 {
 }
 
 #[classifier]
+pub fn enf_tc_ingress(ctx: TcContext) -> i32 {
+    judge_skb(&ctx, hook::TC_INGRESS)
+}
+
+#[classifier]
 pub fn enf_tc_egress(ctx: TcContext) -> i32 {
+    judge_skb(&ctx, hook::TC_EGRESS)
+}
+
+/// The TC programs' shared body: make the headers readable, describe the hook, judge.
+#[inline(always)]
+fn judge_skb(ctx: &TcContext, kind: u8) -> i32 {
     let wanted = core::cmp::min(ctx.len(), TC_PARSE_BYTES);
     if ctx.end() - ctx.start() < wanted as usize {
         // Headers in paged data would be invisible to direct access; a failure leaves the frame
@@ -82,14 +94,15 @@ pub fn enf_tc_egress(ctx: TcContext) -> i32 {
     }
     let skb = ctx.skb.skb;
     let hook = Hook {
-        kind: hook::TC_EGRESS,
+        kind,
         // SAFETY: `skb` is the context pointer the kernel passed in.
         ifindex: unsafe { (*skb).ifindex },
-        cgroup_id: unsafe { bpf_skb_cgroup_id(skb) },
+        // Only a locally sent packet has a socket (and so a cgroup); it leaves through egress.
+        cgroup_id: if kind == hook::TC_EGRESS { unsafe { bpf_skb_cgroup_id(skb) } } else { 0 },
         len: ctx.len(),
-        now: unsafe { bpf_ktime_get_ns() },
+        now: unsafe { bpf_ktime_get_coarse_ns() },
     };
-    match verdict::judge(&ctx, &hook) {
+    match verdict::judge(ctx, &hook) {
         DENY => TC_ACT_SHOT as i32,
         // Let any later TCX program have its say (TCX_NEXT).
         _ => TC_ACT_UNSPEC,

@@ -39,11 +39,21 @@ impl Outcome {
 
 /// Where and when a packet was seen.
 pub struct Hook {
+    /// An `enforcer_common::event::hook` code.
     pub kind: u8,
     pub ifindex: u32,
     pub cgroup_id: u64,
     pub len: u32,
     pub now: u64,
+}
+
+impl Hook {
+    /// The packet is entering the host through `ifindex` (XDP or TC ingress): where the
+    /// endpoint-interface identity and anti-spoofing apply.
+    #[inline(always)]
+    pub fn entering(&self) -> bool {
+        self.kind != enforcer_common::event::hook::TC_EGRESS
+    }
 }
 
 /// Adds the packet to the per-CPU volume counters.

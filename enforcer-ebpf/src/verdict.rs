@@ -3,13 +3,19 @@
 //! → ICMP errors of tracked flows → rules (deny beats allow) → rate limit → default.
 //! Audit mode runs the same steps and turns every drop into a reported pass.
 //!
+//! One shortcut, for the bulk of packets: a packet of a flow admitted under the current
+//! generation, arriving where that direction's earlier packets arrived (the same ingress
+//! interface at XDP, the same socket cgroup at TC), passes without identity lookups. Those
+//! earlier packets went through the identity and anti-spoofing checks, under this same
+//! generation; anything else takes the full path, which records where it came from.
+//!
 //! The steps are separate BPF functions (`#[inline(never)]`) taking the [`Subject`] by
 //! reference: each gets its own stack frame, which keeps the whole under the 512-byte BPF stack.
 
 use enforcer_common::{
     config::flags as config_flags,
     conntrack::{flags as ct_flags, CtEntry, CtKey, FragEntry, FragKey, FRAG_TIMEOUT_NS},
-    event::{flags as event_flags, hook as hook_kind},
+    event::flags as event_flags,
     identity::{IdentityInfo, FIRST_SERVICE, SERVICE_END},
     policy::{action, rule},
     verdict::{reason, ALLOW, AUDIT, DENY},
@@ -39,8 +45,6 @@ pub struct Subject {
     pub slot: u8,
     pub global_audit: u8,
     pub _pad: u8,
-    /// Cgroup the source identity came from (0 if it did not come from one).
-    pub cgroup_id: u64,
 }
 
 /// Judges the frame and returns [`ALLOW`], [`DENY`] or [`AUDIT`] (which passes).
@@ -56,7 +60,6 @@ pub fn judge<F: Frame>(frame: &F, hook: &Hook) -> u8 {
     subject.outcome = Outcome::EMPTY;
     subject.src = IdentityInfo::WORLD;
     subject.dst = IdentityInfo::WORLD;
-    subject.cgroup_id = 0;
     match packet::parse(frame, &mut subject.packet) {
         packet::PARSED_IP => {}
         packet::NOT_IP => return ALLOW,
@@ -74,15 +77,22 @@ pub fn judge<F: Frame>(frame: &F, hook: &Hook) -> u8 {
     subject.global_audit = (config.flags & config_flags::AUDIT != 0) as u8;
     subject.outcome.generation = config.generation;
 
+    // Later fragments have no ports, so no flow key.
+    if subject.packet.fragment != fragment::LATER {
+        let packet = &subject.packet;
+        let from_lo = conntrack::flow_key(&packet.src, packet.src_port, &packet.dst, packet.dst_port, packet.proto, &mut subject.key);
+        subject.from_lo = from_lo as u8;
+        let verdict = pass_established(hook, subject);
+        if verdict != NOT_TRACKED {
+            return verdict;
+        }
+    }
     if !resolve_identities(hook, subject) {
         return refuse(hook, subject);
     }
     if subject.packet.fragment == fragment::LATER {
         return follow_first_fragment(hook, subject);
     }
-    let packet = &subject.packet;
-    let from_lo = conntrack::flow_key(&packet.src, packet.src_port, &packet.dst, packet.dst_port, packet.proto, &mut subject.key);
-    subject.from_lo = from_lo as u8;
     let verdict = judge_tracked(hook, subject);
     if verdict != NOT_TRACKED {
         return verdict;
@@ -105,7 +115,7 @@ fn resolve_identities(hook: &Hook, subject: &mut Subject) -> bool {
     subject.outcome.addr_identity = by_address.identity;
     subject.outcome.src_identity = by_address.identity;
     subject.outcome.dst_identity = subject.dst.identity;
-    if hook.kind == hook_kind::XDP_INGRESS {
+    if hook.entering() {
         if let Some(endpoint) = identity::of_endpoint(subject.slot, hook.ifindex) {
             subject.src = endpoint;
             subject.outcome.src_identity = endpoint.identity;
@@ -117,7 +127,6 @@ fn resolve_identities(hook: &Hook, subject: &mut Subject) -> bool {
         }
     } else if let Some(owner) = identity::of_cgroup(subject.slot, hook.cgroup_id) {
         subject.src = owner;
-        subject.cgroup_id = hook.cgroup_id;
         subject.outcome.src_identity = owner.identity;
         let address_names_a_service = by_address.identity >= FIRST_SERVICE && by_address.identity < SERVICE_END;
         if address_names_a_service && by_address.identity != owner.identity {
@@ -129,8 +138,68 @@ fn resolve_identities(hook: &Hook, subject: &mut Subject) -> bool {
     true
 }
 
-/// What [`judge_tracked`] returns for a flow conntrack does not know.
+/// What [`judge_tracked`] and [`pass_established`] return when they do not decide.
 const NOT_TRACKED: u8 = 0;
+
+/// Whether a packet of a tracked flow came in where its direction's earlier packets did: the
+/// same ingress interface (entering the host), the same sending socket's cgroup, or none (TC
+/// egress).
+#[inline(always)]
+fn arrives_as_before(hook: &Hook, tracked: &CtEntry, from_initiator: bool) -> bool {
+    if hook.entering() {
+        hook.ifindex == if from_initiator { tracked.orig_ifindex } else { tracked.reply_ifindex }
+    } else {
+        hook.cgroup_id == 0 || hook.cgroup_id == if from_initiator { tracked.cgroup_id } else { tracked.reply_cgroup_id }
+    }
+}
+
+/// Notes where this direction's packets come from, once they passed the full checks.
+#[inline(always)]
+fn remember_arrival(hook: &Hook, tracked: &mut CtEntry, from_initiator: bool) {
+    match (hook.entering(), from_initiator) {
+        (true, true) => tracked.orig_ifindex = hook.ifindex,
+        (true, false) => tracked.reply_ifindex = hook.ifindex,
+        (false, true) if hook.cgroup_id != 0 => tracked.cgroup_id = hook.cgroup_id,
+        (false, false) if hook.cgroup_id != 0 => tracked.reply_cgroup_id = hook.cgroup_id,
+        _ => {}
+    }
+}
+
+/// The shortcut (see the module documentation): [`NOT_TRACKED`] unless it applies.
+#[inline(never)]
+fn pass_established(hook: &Hook, subject: &mut Subject) -> u8 {
+    let packet = &subject.packet;
+    let from_lo = subject.from_lo != 0;
+    let Some(entry) = conntrack::live_entry(&subject.key, packet.is_tcp() && packet.tcp_syn_only(), hook.now) else {
+        return NOT_TRACKED;
+    };
+    // SAFETY: map value pointer from `live_entry`, valid for this run.
+    let tracked = unsafe { &*entry };
+    let from_initiator = from_lo == (tracked.flags & ct_flags::ORIG_IS_LO != 0);
+    if tracked.generation != subject.outcome.generation || !arrives_as_before(hook, tracked, from_initiator) {
+        return NOT_TRACKED;
+    }
+    established(hook, subject, entry, from_initiator)
+}
+
+/// A packet of a flow admitted under the current generation.
+#[inline(always)]
+fn established(hook: &Hook, subject: &mut Subject, entry: *mut CtEntry, from_initiator: bool) -> u8 {
+    // SAFETY: map value pointer from `live_entry`, valid for this run.
+    let tracked = unsafe { &*entry };
+    let packet = &subject.packet;
+    let outcome = &mut subject.outcome;
+    outcome.verdict = if tracked.flags & ct_flags::AUDIT != 0 { AUDIT } else { ALLOW };
+    outcome.reason = reason::ESTABLISHED;
+    outcome.rule = tracked.rule;
+    (outcome.src_identity, outcome.dst_identity) = if from_initiator {
+        (tracked.src_identity, tracked.dst_identity)
+    } else {
+        (tracked.dst_identity, tracked.src_identity)
+    };
+    conntrack::observe(entry, subject.from_lo != 0, packet.tcp_fin(), packet.tcp_rst(), hook.now);
+    conclude(hook, subject, Report::Nothing)
+}
 
 /// A packet of a tracked flow: passes if the flow was admitted under the current generation,
 /// else is judged again. [`NOT_TRACKED`] if the flow is not tracked.
@@ -147,17 +216,11 @@ fn judge_tracked(hook: &Hook, subject: &mut Subject) -> u8 {
         return judge_again(hook, subject, entry);
     }
     let from_initiator = from_lo == (tracked.flags & ct_flags::ORIG_IS_LO != 0);
-    let outcome = &mut subject.outcome;
-    outcome.verdict = if tracked.flags & ct_flags::AUDIT != 0 { AUDIT } else { ALLOW };
-    outcome.reason = reason::ESTABLISHED;
-    outcome.rule = tracked.rule;
-    (outcome.src_identity, outcome.dst_identity) = if from_initiator {
-        (tracked.src_identity, tracked.dst_identity)
-    } else {
-        (tracked.dst_identity, tracked.src_identity)
-    };
-    conntrack::observe(entry, from_lo, packet.tcp_fin(), packet.tcp_rst(), hook.now);
-    conclude(hook, subject, Report::Nothing)
+    // This packet passed the identity checks just now: later ones of its direction arriving
+    // the same way can take the shortcut.
+    // SAFETY: as above; no reference to the entry is held across this write.
+    remember_arrival(hook, unsafe { &mut *entry }, from_initiator);
+    established(hook, subject, entry, from_initiator)
 }
 
 /// A tracked flow admitted under an older generation: judge it again as its initiator sent it,
@@ -189,6 +252,9 @@ fn judge_again(hook: &Hook, subject: &mut Subject, entry: *mut CtEntry) -> u8 {
         tracked.src_identity = subject.src.identity;
         tracked.dst_identity = subject.dst.identity;
         tracked.flags &= !ct_flags::AUDIT;
+        // Where the other direction arrives is checked again under the new generation.
+        (tracked.orig_ifindex, tracked.reply_ifindex, tracked.reply_cgroup_id) = (0, 0, 0);
+        remember_arrival(hook, tracked, from_lo == (tracked.flags & ct_flags::ORIG_IS_LO != 0));
         conntrack::observe(entry, from_lo, subject.packet.tcp_fin(), subject.packet.tcp_rst(), hook.now);
         subject.outcome.verdict = ALLOW;
         subject.outcome.reason = reason::ESTABLISHED;
@@ -302,12 +368,17 @@ fn track(hook: &Hook, subject: &Subject, extra_flags: u32) {
     let entry = CtEntry {
         created_ns: hook.now,
         last_seen_ns: hook.now,
-        cgroup_id: subject.cgroup_id,
+        // The sending socket's cgroup, a service's or not: the shortcut compares against it,
+        // judging again looks it up.
+        cgroup_id: if hook.entering() { 0 } else { hook.cgroup_id },
+        reply_cgroup_id: 0,
         generation: outcome.generation,
         rule: outcome.rule,
         src_identity: outcome.src_identity,
         dst_identity: outcome.dst_identity,
         flags: if subject.from_lo != 0 { ct_flags::ORIG_IS_LO } else { 0 } | extra_flags,
+        orig_ifindex: if hook.entering() { hook.ifindex } else { 0 },
+        reply_ifindex: 0,
         _pad: 0,
     };
     conntrack::track(&subject.key, &entry);

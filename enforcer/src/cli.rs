@@ -17,7 +17,7 @@ use crate::{
     alert::AlertFormat,
     compile::{self, Compiled, HostView},
     host,
-    loader::{self, PinLayout, DEFAULT_PIN_PATH},
+    loader::{self, IngressHook, PinLayout, DEFAULT_PIN_PATH},
     maps::KernelMaps,
     policy::{self, Peer, Policy, PortMatch, Protocol},
     run::{self, RunError, RunOptions},
@@ -109,9 +109,13 @@ pub struct RunArgs {
     /// A policy file or a directory of *.toml files.
     #[arg(long)]
     pub policy: PathBuf,
-    /// Interface to enforce on (repeatable): XDP on ingress, TC on egress.
+    /// Interface to enforce on (repeatable): judged entering and leaving the host.
     #[arg(long = "attach", value_name = "IFACE")]
     pub attach: Vec<String>,
+    /// Program for packets entering the host: XDP, TC ingress, or auto (TC on veths, where XDP
+    /// costs the peer its segmentation offload; XDP elsewhere).
+    #[arg(long, value_enum, default_value_t = IngressHook::Auto)]
+    pub ingress_hook: IngressHook,
     /// Write alerts (JSON Lines) to PATH, or to stdout with "-".
     #[arg(long, value_name = "PATH|-")]
     pub alerts: Option<PathBuf>,
@@ -154,6 +158,7 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
             let options = RunOptions {
                 policy: args.policy,
                 attach: args.attach,
+                ingress_hook: args.ingress_hook,
                 pin_path: args.pin_path,
                 alerts: args.alerts,
                 alert_format: args.alert_format,

@@ -176,7 +176,11 @@ pub fn describe(event: &FlowEvent, generations: &Generations, clock: &Clock, int
         ip_version: if event.family == family::INET6 { 6 } else { 4 },
         generation: event.generation,
         interface: interface(event.ifindex),
-        hook: if event.hook == hook::TC_EGRESS { "tc-egress" } else { "xdp-ingress" },
+        hook: match event.hook {
+            hook::TC_EGRESS => "tc-egress",
+            hook::TC_INGRESS => "tc-ingress",
+            _ => "xdp-ingress",
+        },
         count: event.count.max(1),
         rejudged: event.flags & flags::REJUDGED != 0,
         cgroup_id: event.cgroup_id,

@@ -93,3 +93,54 @@ pub fn cgroup2_root() -> Option<PathBuf> {
         (fs_type == "cgroup2").then(|| PathBuf::from(mount_point))
     })
 }
+
+/// The kernel driver of interface `name` (`veth`, `mlx5_core`, ...), from the ethtool ioctl,
+/// which answers for the current network namespace (unlike a `/sys` that may be another's).
+pub fn interface_driver(name: &str) -> Option<String> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 0x3;
+    #[repr(C)]
+    struct DriverInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        version: [u8; 32],
+        fw_version: [u8; 32],
+        bus_info: [u8; 32],
+        erom_version: [u8; 32],
+        reserved2: [u8; 12],
+        n_priv_flags: u32,
+        n_stats: u32,
+        testinfo_len: u32,
+        eedump_len: u32,
+        regdump_len: u32,
+    }
+    #[repr(C)]
+    struct InterfaceRequest {
+        name: [u8; libc::IF_NAMESIZE],
+        data: *mut DriverInfo,
+        _union_rest: [u8; 16],
+    }
+    if name.len() >= libc::IF_NAMESIZE {
+        return None;
+    }
+    // SAFETY: plain-old-data structs, zero is a valid value for every field.
+    let mut info: DriverInfo = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    let mut request = InterfaceRequest { name: [0; libc::IF_NAMESIZE], data: &mut info, _union_rest: [0; 16] };
+    request.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: socket/ioctl/close with valid arguments; `request` and `info` outlive the call.
+    let ok = unsafe {
+        let socket = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if socket < 0 {
+            return None;
+        }
+        let result = libc::ioctl(socket, SIOCETHTOOL, &mut request);
+        libc::close(socket);
+        result == 0
+    };
+    if !ok {
+        return None;
+    }
+    let end = info.driver.iter().position(|byte| *byte == 0).unwrap_or(info.driver.len());
+    Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}

@@ -31,7 +31,8 @@ use crate::maps::{KernelMaps, MapsError, MAP_NAMES};
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer"));
 
 pub const XDP_PROGRAM: &str = "enf_xdp_ingress";
-pub const TC_PROGRAM: &str = "enf_tc_egress";
+pub const TC_INGRESS_PROGRAM: &str = "enf_tc_ingress";
+pub const TC_EGRESS_PROGRAM: &str = "enf_tc_egress";
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/enforcer";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -102,7 +103,7 @@ impl PinLayout {
         let mut interfaces: BTreeMap<String, Vec<Hook>> = BTreeMap::new();
         for entry in fs::read_dir(self.links()).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            for hook in [Hook::Xdp, Hook::TcEgress] {
+            for hook in Hook::ALL {
                 if let Some(interface) = name.strip_prefix(&format!("{}-", hook.as_str())) {
                     interfaces.entry(interface.to_owned()).or_default().push(hook);
                 }
@@ -112,16 +113,25 @@ impl PinLayout {
     }
 }
 
+/// Where a program is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Hook {
+    /// XDP: packets entering the host, before the stack sees them.
     Xdp,
+    /// TC ingress: packets entering the host, as the stack's skbs.
+    TcIngress,
+    /// TC egress: packets leaving the host.
     TcEgress,
 }
 
 impl Hook {
+    pub const ALL: [Self; 3] = [Self::Xdp, Self::TcIngress, Self::TcEgress];
+
+    /// Its link's pin name prefix.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Xdp => "xdp",
+            Self::TcIngress => "tci",
             Self::TcEgress => "tc",
         }
     }
@@ -129,7 +139,33 @@ impl Hook {
     pub fn program(self) -> &'static str {
         match self {
             Self::Xdp => XDP_PROGRAM,
-            Self::TcEgress => TC_PROGRAM,
+            Self::TcIngress => TC_INGRESS_PROGRAM,
+            Self::TcEgress => TC_EGRESS_PROGRAM,
+        }
+    }
+}
+
+/// Which program judges packets entering the host through an interface.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum IngressHook {
+    /// TC ingress on veths, XDP on everything else.
+    #[default]
+    Auto,
+    /// XDP everywhere. On a veth it makes the driver drop segmentation offload on the peer,
+    /// which costs most of the bandwidth between namespaces.
+    Xdp,
+    /// TC ingress everywhere.
+    Tc,
+}
+
+impl IngressHook {
+    /// The ingress hook for `interface`.
+    pub fn for_interface(self, interface: &str) -> Hook {
+        match self {
+            Self::Xdp => Hook::Xdp,
+            Self::Tc => Hook::TcIngress,
+            Self::Auto if crate::host::interface_driver(interface).as_deref() == Some("veth") => Hook::TcIngress,
+            Self::Auto => Hook::Xdp,
         }
     }
 }
@@ -194,20 +230,11 @@ impl Datapath {
             loader.map_max_entries("EVENTS", bytes);
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
-        for hook in [Hook::Xdp, Hook::TcEgress] {
+        for hook in Hook::ALL {
             let name = hook.program();
+            load_program(&mut ebpf, hook)?;
             let program = ebpf.program_mut(name).ok_or(LoadError::Program { name, source: ProgramError::NotLoaded })?;
             let path = pins.programs().join(name);
-            match hook {
-                Hook::Xdp => {
-                    let xdp: &mut Xdp = program.try_into().map_err(|source| LoadError::Program { name, source })?;
-                    xdp.load().map_err(|source| LoadError::Program { name, source })?;
-                }
-                Hook::TcEgress => {
-                    let tc: &mut SchedClassifier = program.try_into().map_err(|source| LoadError::Program { name, source })?;
-                    tc.load().map_err(|source| LoadError::Program { name, source })?;
-                }
-            }
             // The pinned program is what `status` compares against the live links.
             let _ = fs::remove_file(&path);
             program.pin(&path).map_err(|source| LoadError::Pin { path: path.clone(), source })?;
@@ -220,15 +247,23 @@ impl Datapath {
         &self.pins
     }
 
-    /// Attaches both programs to `interface`: XDP for what enters the host through it, TC
-    /// egress for what leaves through it. An interface already attached by a previous controller
-    /// gets the new programs swapped in atomically.
-    pub fn attach(&mut self, interface: &str) -> Result<(), LoadError> {
+    /// Attaches to `interface`: `ingress` (XDP or TC ingress) for what enters the host through
+    /// it, TC egress for what leaves through it. An interface a previous controller attached
+    /// gets the new programs swapped in atomically; if it used the other ingress hook, that link
+    /// goes once the new one is in place. Returns the ingress hook used.
+    pub fn attach(&mut self, interface: &str, ingress: IngressHook) -> Result<Hook, LoadError> {
         if crate::host::interface_index(interface).is_none() {
             return Err(LoadError::NoSuchInterface { interface: interface.to_owned() });
         }
-        self.attach_xdp(interface)?;
-        self.attach_tc(interface)
+        let hook = ingress.for_interface(interface);
+        match hook {
+            Hook::Xdp => self.attach_xdp(interface)?,
+            _ => self.attach_tc(interface, Hook::TcIngress)?,
+        }
+        self.attach_tc(interface, Hook::TcEgress)?;
+        let other = if hook == Hook::Xdp { Hook::TcIngress } else { Hook::Xdp };
+        let _ = fs::remove_file(self.pins.link(other, interface));
+        Ok(hook)
     }
 
     fn attach_xdp(&mut self, interface: &str) -> Result<(), LoadError> {
@@ -253,9 +288,10 @@ impl Datapath {
         Ok(())
     }
 
-    fn attach_tc(&mut self, interface: &str) -> Result<(), LoadError> {
-        let path = self.pins.link(Hook::TcEgress, interface);
-        let program: &mut SchedClassifier = self.program_mut(TC_PROGRAM)?;
+    fn attach_tc(&mut self, interface: &str, hook: Hook) -> Result<(), LoadError> {
+        let path = self.pins.link(hook, interface);
+        let program: &mut SchedClassifier = self.program_mut(hook.program())?;
+        let attach_type = if hook == Hook::TcIngress { TcAttachType::Ingress } else { TcAttachType::Egress };
         let attach_error = |source| LoadError::Attach { interface: interface.to_owned(), source };
         if let Some(pinned) = open_pinned_link(&path)? {
             let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|source| LoadError::Link { path: path.clone(), source })?;
@@ -267,7 +303,7 @@ impl Datapath {
                 }
             }
         }
-        let id = program.attach(interface, TcAttachType::Egress).map_err(attach_error)?;
+        let id = program.attach(interface, attach_type).map_err(attach_error)?;
         let link = program.take_link(id).map_err(attach_error)?;
         let link = FdLink::try_from(link).map_err(|source| LoadError::Link { path: path.clone(), source })?;
         link.pin(&path).map_err(|source| LoadError::Pin { path, source })?;
@@ -302,7 +338,7 @@ impl Datapath {
         let name = hook.program();
         match hook {
             Hook::Xdp => self.program_mut::<Xdp>(name)?.test_run(options),
-            Hook::TcEgress => self.program_mut::<SchedClassifier>(name)?.test_run(options),
+            Hook::TcIngress | Hook::TcEgress => self.program_mut::<SchedClassifier>(name)?.test_run(options),
         }
         .map_err(|source| LoadError::Program { name, source })
     }
@@ -310,13 +346,24 @@ impl Datapath {
     /// Tags of the programs this build loaded.
     pub fn program_tags(&self) -> BTreeMap<&'static str, String> {
         let mut tags = BTreeMap::new();
-        for name in [XDP_PROGRAM, TC_PROGRAM] {
+        for name in Hook::ALL.map(Hook::program) {
             if let Some(Ok(info)) = self.ebpf.program(name).map(|program| program.info()) {
                 tags.insert(name, format!("{:016x}", info.tag()));
             }
         }
         tags
     }
+}
+
+/// Loads (verifies) the program of `hook` in `ebpf`.
+fn load_program(ebpf: &mut Ebpf, hook: Hook) -> Result<(), LoadError> {
+    let name = hook.program();
+    let program = ebpf.program_mut(name).ok_or(LoadError::Program { name, source: ProgramError::NotLoaded })?;
+    match hook {
+        Hook::Xdp => <&mut Xdp>::try_from(program).and_then(Xdp::load),
+        Hook::TcIngress | Hook::TcEgress => <&mut SchedClassifier>::try_from(program).and_then(SchedClassifier::load),
+    }
+    .map_err(|source| LoadError::Program { name, source })
 }
 
 fn open_pinned_link(path: &Path) -> Result<Option<PinnedLink>, LoadError> {
@@ -381,14 +428,9 @@ pub fn build_tags() -> Result<BTreeMap<&'static str, String>, LoadError> {
     }
     let mut ebpf = loader.load(EBPF_OBJECT)?;
     let mut tags = BTreeMap::new();
-    for hook in [Hook::Xdp, Hook::TcEgress] {
+    for hook in Hook::ALL {
         let name = hook.program();
-        let program = ebpf.program_mut(name).ok_or(LoadError::Program { name, source: ProgramError::NotLoaded })?;
-        match hook {
-            Hook::Xdp => <&mut Xdp>::try_from(program).and_then(Xdp::load),
-            Hook::TcEgress => <&mut SchedClassifier>::try_from(program).and_then(SchedClassifier::load),
-        }
-        .map_err(|source| LoadError::Program { name, source })?;
+        load_program(&mut ebpf, hook)?;
         let info = ebpf.program(name).map(|program| program.info()).transpose().map_err(|source| LoadError::Program { name, source })?;
         if let Some(info) = info {
             tags.insert(name, format!("{:016x}", info.tag()));
@@ -416,7 +458,7 @@ pub struct PinnedPrograms {
 
 pub fn pinned_programs(pins: &PinLayout) -> PinnedPrograms {
     let mut pinned = BTreeMap::new();
-    for name in [XDP_PROGRAM, TC_PROGRAM] {
+    for name in Hook::ALL.map(Hook::program) {
         if let Ok(info) = ProgramInfo::from_pin(pins.programs().join(name)) {
             pinned.insert(name.to_owned(), info);
         }

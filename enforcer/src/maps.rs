@@ -412,13 +412,11 @@ impl Installer {
             None => (0, 1),
         };
         self.check_capacity(maps, &compiled.tables)?;
-        let previous = match &self.slots[usize::from(slot)] {
+        // The target slot is about to change: until the switch, it is in an unknown state.
+        let previous = match std::mem::take(&mut self.slots[usize::from(slot)]) {
             SlotContents::Known(tables) => Some(tables),
             SlotContents::Unknown => None,
         };
-        // The target slot is about to change: until the switch, it is in an unknown state.
-        let previous = previous.cloned();
-        self.slots[usize::from(slot)] = SlotContents::Unknown;
         let writes = maps.write_slot(slot, previous.as_ref(), &compiled.tables)?;
         let config = PolicyConfig {
             generation,
@@ -434,16 +432,17 @@ impl Installer {
         Ok(Installed { generation, slot, writes, took: started.elapsed() })
     }
 
-    /// Writes the live generation's tables into the idle slot as well, so that the next change
-    /// writes only its difference instead of filling the idle slot from scratch.
-    pub fn prefill_idle(&mut self, maps: &mut KernelMaps, compiled: &Compiled) -> Result<usize, MapsError> {
+    /// Brings the idle slot up to the live generation's tables, so that the next change writes
+    /// only its own difference (rather than that plus the one before). Nothing reads the idle
+    /// slot, so this runs after the switch, off the critical path.
+    pub fn sync_idle(&mut self, maps: &mut KernelMaps, compiled: &Compiled) -> Result<usize, MapsError> {
         let Some(live) = &self.live else { return Ok(0) };
         let idle = usize::from(1 - live.slot as u8);
-        let previous = match &self.slots[idle] {
-            SlotContents::Known(tables) => Some(tables.clone()),
+        // The slot is in an unknown state until the writes are done.
+        let previous = match std::mem::take(&mut self.slots[idle]) {
+            SlotContents::Known(tables) => Some(tables),
             SlotContents::Unknown => None,
         };
-        self.slots[idle] = SlotContents::Unknown;
         let writes = maps.write_slot(idle as u8, previous.as_ref(), &compiled.tables)?;
         self.slots[idle] = SlotContents::Known(compiled.tables.clone());
         Ok(writes)

@@ -260,7 +260,7 @@ pub struct Policy {
     pub files: Vec<PathBuf>,
     pub mode: Mode,
     pub manage_host: bool,
-    /// Sorted by name.
+    /// Sorted by name (lookups by name rely on it).
     pub services: Vec<Service>,
     /// Allow and deny rules in file order (files in name order), allows of a file before its
     /// denies as the TOML tables are separate.
@@ -270,7 +270,7 @@ pub struct Policy {
 
 impl Policy {
     pub fn service(&self, name: &str) -> Option<&Service> {
-        self.services.iter().find(|service| service.name == name)
+        self.services.binary_search_by(|service| service.name.as_str().cmp(name)).ok().map(|index| &self.services[index])
     }
 
     /// The name a peer is written as in the policy.
@@ -299,7 +299,8 @@ impl Policy {
             "host" => return Ok(Peer::Host),
             _ => {}
         }
-        if let Some(index) = self.services.iter().position(|service| service.name == text) {
+        // `services` is sorted by name.
+        if let Ok(index) = self.services.binary_search_by(|service| service.name.as_str().cmp(text)) {
             return Ok(Peer::Service(index));
         }
         if looks_like_address(text) {
@@ -393,15 +394,21 @@ struct DetectionDocument {
 struct Source {
     path: PathBuf,
     text: String,
+    /// Byte offset where each line starts.
+    line_starts: Vec<usize>,
 }
 
 impl Source {
+    fn new(path: PathBuf, text: String) -> Self {
+        let line_starts = std::iter::once(0).chain(text.match_indices('\n').map(|(newline, _)| newline + 1)).collect();
+        Self { path, text, line_starts }
+    }
+
     fn origin(&self, offset: usize) -> Origin {
         let offset = offset.min(self.text.len());
-        let before = &self.text[..offset];
-        let line = before.matches('\n').count() + 1;
-        let line_start = before.rfind('\n').map_or(0, |newline| newline + 1);
-        let column = before[line_start..].chars().count() + 1;
+        let line = self.line_starts.partition_point(|start| *start <= offset);
+        let line_start = self.line_starts[line - 1];
+        let column = self.text[line_start..offset].chars().count() + 1;
         Origin { file: self.path.clone(), line, column }
     }
 
@@ -475,7 +482,7 @@ pub fn parse_sources(files: Vec<(PathBuf, String)>) -> Result<Policy, PolicyErro
     let mut diagnostics = Diagnostics::default();
     let mut documents = Vec::new();
     for (path, text) in files {
-        let source = Source { path, text };
+        let source = Source::new(path, text);
         match toml::from_str::<PolicyDocument>(&source.text) {
             Ok(document) => documents.push((source, document)),
             Err(error) => {

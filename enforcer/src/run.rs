@@ -24,7 +24,7 @@ use crate::{
     compile::{self, CompileError, Compiled, HostView},
     events::{self, Clock, FlowRecord, Generations, SequenceTracker},
     host,
-    loader::{self, Datapath, LoadError, PinLayout},
+    loader::{self, Datapath, IngressHook, LoadError, PinLayout},
     maps::{Installed, Installer, KernelMaps, MapsError},
     metrics::{self, DetectorLabel, FlowLabels, Metrics},
     observe,
@@ -37,6 +37,8 @@ use crate::{
 pub struct RunOptions {
     pub policy: PathBuf,
     pub attach: Vec<String>,
+    /// Which program judges packets entering the host.
+    pub ingress_hook: IngressHook,
     pub pin_path: PathBuf,
     /// Where alerts go: a file (appended), or stdout for `-`.
     pub alerts: Option<PathBuf>,
@@ -142,6 +144,7 @@ struct Controller {
 
 impl Controller {
     fn install(&mut self, policy: Policy, view: HostView, compiled: Compiled, trigger: Trigger, started: Instant) -> Result<Option<Installed>, RunError> {
+        let compiled_after = started.elapsed();
         let unchanged = self.live.as_ref().is_some_and(|live| live.hash == compiled.hash && live.audit == compiled.audit && live.tables == compiled.tables);
         if unchanged {
             self.metrics.count_reload("unchanged");
@@ -167,6 +170,8 @@ impl Controller {
             slot = installed.slot,
             writes = installed.writes,
             took_ms = format!("{:.1}", seconds * 1000.0),
+            compile_ms = format!("{:.1}", compiled_after.as_secs_f64() * 1000.0),
+            switch_ms = format!("{:.1}", installed.took.as_secs_f64() * 1000.0),
             trigger = trigger.as_str(),
             policy = %hex::encode(compiled.hash),
             "policy installed"
@@ -184,21 +189,18 @@ impl Controller {
                 "by_uid": nix::unistd::getuid().as_raw(),
             }),
         );
+        let synced = {
+            let mut maps = self.maps.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            self.installer.sync_idle(&mut maps, &compiled)
+        };
+        match synced {
+            Ok(writes) => tracing::debug!(writes, "idle policy slot brought up to the live generation"),
+            // Not fatal: the next install finds the slot in an unknown state and rewrites it.
+            Err(error) => tracing::warn!("updating the idle policy slot failed: {error}"),
+        }
         self.live = Some(compiled);
         self.policy = Some((policy, view));
         Ok(Some(installed))
-    }
-
-    /// Copies the live generation into the idle slot (see `Installer::prefill_idle`).
-    fn prefill_idle_slot(&mut self) -> Result<(), RunError> {
-        let Some(live) = self.live.clone() else { return Ok(()) };
-        let started = Instant::now();
-        let writes = {
-            let mut maps = self.maps.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            self.installer.prefill_idle(&mut maps, &live)?
-        };
-        tracing::debug!(writes, took_ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1000.0), "idle policy slot prefilled");
-        Ok(())
     }
 
     /// Reloads the policy; a policy that does not load changes nothing.
@@ -407,8 +409,10 @@ async fn read_events(ring: RingBuf<MapData>, mut pipeline: Pipeline, mut stop: m
 
 /// How often the controller looks for interfaces and cgroups that appeared or went.
 const HOST_RESYNC: Duration = Duration::from_secs(10);
-/// A save is often several file events: wait this long for the rest before reloading.
-const SETTLE_CHANGES: Duration = Duration::from_millis(100);
+/// A save is often several file events in a burst: reload once no event came for this long...
+const QUIET_AFTER_CHANGE: Duration = Duration::from_millis(20);
+/// ...or this long after the first, whichever is sooner.
+const MAX_CHANGE_SETTLE: Duration = Duration::from_millis(500);
 
 /// Runs the controller until SIGINT or SIGTERM.
 pub async fn run(options: RunOptions) -> Result<(), RunError> {
@@ -453,10 +457,9 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     };
     // The policy goes in before any interface is attached: the programs fail closed without one.
     controller.install(policy, view, compiled, Trigger::Start, started)?;
-    controller.prefill_idle_slot()?;
     for interface in &options.attach {
-        datapath.attach(interface)?;
-        tracing::info!(interface, "attached (XDP ingress, TC egress)");
+        let ingress = datapath.attach(interface, options.ingress_hook)?;
+        tracing::info!(interface, ingress = ingress.program(), egress = loader::TC_EGRESS_PROGRAM, "attached");
     }
     datapath.detach_others(&options.attach.iter().cloned().collect::<BTreeSet<_>>());
 
@@ -504,8 +507,8 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         tokio::select! {
             _ = hangup.recv() => controller.reload(Trigger::Signal, Instant::now()),
             Some(first) = changes.recv() => {
-                tokio::time::sleep(SETTLE_CHANGES).await;
-                while changes.try_recv().is_ok() {}
+                let deadline = tokio::time::Instant::from_std(first + MAX_CHANGE_SETTLE);
+                while let Ok(Some(_)) = tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + QUIET_AFTER_CHANGE), changes.recv()).await {}
                 controller.reload(Trigger::FileChange, first);
             }
             _ = host_resync.tick() => controller.resync_host(),

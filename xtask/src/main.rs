@@ -89,8 +89,7 @@ fn run(task: Task) -> Result<()> {
         }
         Task::Bench => {
             prerequisites::setup_if_missing()?;
-            let binary = build_release()?;
-            bench::run(&binary, &workspace_root())
+            bench::run(&workspace_root())
         }
     }
 }

@@ -18,6 +18,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "inspecting loaded programs (tests, doctor)"),
     ("prometheus", "promtool checks the metrics output in tests"),
     ("socat", "a client process the cgroup tests place in a service's cgroup"),
+    ("iperf3", "the throughput benchmark"),
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

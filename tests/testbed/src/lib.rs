@@ -27,7 +27,9 @@ use std::{
 
 use nix::sched::{setns, CloneFlags};
 
+pub mod bpf;
 pub mod frames;
+pub mod policies;
 
 /// Prefix of every namespace, pin directory and temp directory the test bed creates.
 pub const PREFIX: &str = "enft";

@@ -1,0 +1,69 @@
+//! Raw `bpf(2)` calls for what aya has no API for: loading a program from instructions (an
+//! attacker's program for the swap test; the empty baseline for benchmarks), swapping a pinned
+//! link's program, and timing a program with `BPF_PROG_TEST_RUN`.
+
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::Path,
+    time::Duration,
+};
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_PROG_TYPE_XDP: u32 = 6;
+const BPF_XDP: u32 = 37;
+
+fn sys(command: libc::c_long, attr: &mut [u8]) -> io::Result<i64> {
+    // SAFETY: `attr` is a zero-padded `union bpf_attr` prefix laid out for `command`, and
+    // outlives the call; the kernel writes results back into it.
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, command, attr.as_mut_ptr(), attr.len()) };
+    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+}
+
+/// Loads `r0 = XDP_PASS; exit`: an XDP program that does nothing and lets everything through.
+pub fn load_pass_all_xdp() -> io::Result<OwnedFd> {
+    let instructions: [u8; 16] = [0xb7, 0, 0, 0, 2, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0];
+    let license = CString::new("GPL").expect("no NUL");
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&BPF_PROG_TYPE_XDP.to_ne_bytes());
+    attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
+    attr[8..16].copy_from_slice(&(instructions.as_ptr() as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    attr[48..53].copy_from_slice(b"pass\0");
+    attr[68..72].copy_from_slice(&BPF_XDP.to_ne_bytes());
+    let fd = sys(BPF_PROG_LOAD, &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Replaces the program of the link pinned at `path` (`BPF_LINK_UPDATE`).
+pub fn swap_link_program(path: &Path, program: &OwnedFd) -> io::Result<()> {
+    let path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let mut get = [0u8; 16];
+    get[0..8].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
+    let link = sys(BPF_OBJ_GET, &mut get)?;
+    // SAFETY: as above.
+    let link = unsafe { OwnedFd::from_raw_fd(link as i32) };
+    let mut update = [0u8; 16];
+    update[0..4].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
+    update[4..8].copy_from_slice(&(program.as_raw_fd() as u32).to_ne_bytes());
+    sys(BPF_LINK_UPDATE, &mut update).map(drop)
+}
+
+/// Runs `program` on `frame` `repeat` times; returns its return value and the kernel's average
+/// time per run.
+pub fn test_run(program: &OwnedFd, frame: &[u8], repeat: u32) -> io::Result<(u32, Duration)> {
+    let mut attr = [0u8; 80];
+    attr[0..4].copy_from_slice(&(program.as_raw_fd() as u32).to_ne_bytes());
+    attr[8..12].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(frame.as_ptr() as u64).to_ne_bytes());
+    attr[32..36].copy_from_slice(&repeat.to_ne_bytes());
+    sys(BPF_PROG_TEST_RUN, &mut attr)?;
+    let retval = u32::from_ne_bytes(attr[4..8].try_into().expect("4 bytes"));
+    let duration = u32::from_ne_bytes(attr[36..40].try_into().expect("4 bytes"));
+    Ok((retval, Duration::from_nanos(u64::from(duration))))
+}
