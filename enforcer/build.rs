@@ -14,15 +14,27 @@ fn main() -> anyhow::Result<()> {
     let workspace = manifest_dir.parent().context("workspace root")?;
     let ebpf_dir = workspace.join("enforcer-ebpf");
     // aya-build watches the eBPF crate; its shared types live in enforcer-common.
-    println!("cargo:rerun-if-changed={}", workspace.join("enforcer-common").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        workspace.join("enforcer-common").display()
+    );
     println!("cargo:rerun-if-env-changed=RUSTUP_TOOLCHAIN");
 
-    // SAFETY: build scripts are single-threaded; the variable is read by the child cargo.
-    unsafe { env::set_var("RUSTC_BOOTSTRAP", "1") };
+    // SAFETY: build scripts are single-threaded; the variables are read by the child cargo.
+    // aya-build forwards the child's stderr as build warnings: keep its diagnostics, drop its
+    // progress lines.
+    unsafe {
+        env::set_var("RUSTC_BOOTSTRAP", "1");
+        env::set_var("CARGO_TERM_QUIET", "true");
+    }
     let toolchain = env::var("RUSTUP_TOOLCHAIN").unwrap_or_else(|_| "stable".to_owned());
     let ebpf_dir = ebpf_dir.to_str().context("eBPF crate path is not UTF-8")?;
     aya_build::build_ebpf(
-        [Package { name: "enforcer-ebpf", root_dir: ebpf_dir, ..Default::default() }],
+        [Package {
+            name: "enforcer-ebpf",
+            root_dir: ebpf_dir,
+            ..Default::default()
+        }],
         Toolchain::Custom(&toolchain),
     )
     .context("building the eBPF programs (run `cargo xtask doctor` to check the toolchain)")

@@ -12,8 +12,8 @@ use std::{
     path::Path,
     process::{Command, Stdio},
     sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -22,8 +22,15 @@ use serde_json::Value;
 use support::*;
 
 fn run_enforcer(args: &[&str]) -> (Option<i32>, String, String) {
-    let output = Command::new(ENFORCER).args(args).output().expect("enforcer runs");
-    (output.status.code(), String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
+    let output = Command::new(ENFORCER)
+        .args(args)
+        .output()
+        .expect("enforcer runs");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 fn v4(topology: &Topology, name: &str, port: u16) -> SocketAddr {
@@ -35,24 +42,55 @@ fn check_names_file_line_and_column_for_each_kind_of_error() {
     let dir = std::env::temp_dir().join(format!("enforcer-check-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cases = [
-        ("syntax.toml", "[[service]]\nname = \"api\n", "syntax.toml:2:"),
-        ("unknown-field.toml", "[[allow]]\nfrom = \"world\"\nto = \"host\"\nprot = [\"80/tcp\"]\n", "unknown-field.toml:4:1: unknown field `prot`"),
-        ("unknown-service.toml", "[[allow]]\nfrom = \"payments\"\nto = \"host\"\n", "unknown-service.toml:2:8: unknown service \"payments\""),
-        ("bad-cidr.toml", "[[service]]\nname = \"a\"\naddresses = [\"10.0.0.0/33\"]\n", "bad-cidr.toml:3:14: invalid address or CIDR \"10.0.0.0/33\""),
-        ("port-range.toml", "[[allow]]\nfrom = \"world\"\nto = \"host\"\nports = [\"65536/tcp\"]\n", "port-range.toml:4:10: invalid port \"65536/tcp\": port 65536 out of range 1-65535"),
+        (
+            "syntax.toml",
+            "[[service]]\nname = \"api\n",
+            "syntax.toml:2:",
+        ),
+        (
+            "unknown-field.toml",
+            "[[allow]]\nfrom = \"world\"\nto = \"host\"\nprot = [\"80/tcp\"]\n",
+            "unknown-field.toml:4:1: unknown field `prot`",
+        ),
+        (
+            "unknown-service.toml",
+            "[[allow]]\nfrom = \"payments\"\nto = \"host\"\n",
+            "unknown-service.toml:2:8: unknown service \"payments\"",
+        ),
+        (
+            "bad-cidr.toml",
+            "[[service]]\nname = \"a\"\naddresses = [\"10.0.0.0/33\"]\n",
+            "bad-cidr.toml:3:14: invalid address or CIDR \"10.0.0.0/33\"",
+        ),
+        (
+            "port-range.toml",
+            "[[allow]]\nfrom = \"world\"\nto = \"host\"\nports = [\"65536/tcp\"]\n",
+            "port-range.toml:4:10: invalid port \"65536/tcp\": port 65536 out of range 1-65535",
+        ),
         (
             "duplicate-identity.toml",
             "[[service]]\nname = \"a\"\nidentity = 4000\n[[service]]\nname = \"b\"\nidentity = 4000\n",
             "duplicate-identity.toml:4:1: duplicate identity 4000: service \"b\"",
         ),
-        ("deny-limit.toml", "[[deny]]\nfrom = \"world\"\nto = \"host\"\nmax_new_per_sec = 1\n", "deny-limit.toml:1:1: max_new_per_sec applies to allow rules only"),
+        (
+            "deny-limit.toml",
+            "[[deny]]\nfrom = \"world\"\nto = \"host\"\nmax_new_per_sec = 1\n",
+            "deny-limit.toml:1:1: max_new_per_sec applies to allow rules only",
+        ),
     ];
     for (file, text, expected) in cases {
         let path = dir.join(file);
         std::fs::write(&path, text).unwrap();
         let (code, _, stderr) = run_enforcer(&["check", path.to_str().unwrap()]);
-        assert_eq!(code, Some(1), "{file} must be refused as bad input; stderr: {stderr}");
-        assert!(stderr.contains(&format!("{}", dir.join(expected).display())), "{file}: expected `{expected}` in:\n{stderr}");
+        assert_eq!(
+            code,
+            Some(1),
+            "{file} must be refused as bad input; stderr: {stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("{}", dir.join(expected).display())),
+            "{file}: expected `{expected}` in:\n{stderr}"
+        );
     }
     // A directory of files: the error names the file it is in.
     let merged = dir.join("merged");
@@ -61,17 +99,39 @@ fn check_names_file_line_and_column_for_each_kind_of_error() {
     std::fs::write(merged.join("b.toml"), "[[service]]\nname = \"api\"\n").unwrap();
     let (code, _, stderr) = run_enforcer(&["check", merged.to_str().unwrap()]);
     assert_eq!(code, Some(1));
-    assert!(stderr.contains(&format!("{}:1:1: service \"api\" is already declared at {}:1:1", merged.join("b.toml").display(), merged.join("a.toml").display())), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{}:1:1: service \"api\" is already declared at {}:1:1",
+            merged.join("b.toml").display(),
+            merged.join("a.toml").display()
+        )),
+        "{stderr}"
+    );
     // And a valid policy prints what it holds.
-    let (code, stdout, _) = run_enforcer(&["check", concat!(env!("CARGO_MANIFEST_DIR"), "/../policies/demo.toml")]);
+    let (code, stdout, _) = run_enforcer(&[
+        "check",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../policies/demo.toml"),
+    ]);
     assert_eq!(code, Some(0));
-    assert!(stdout.contains("3 services:") && stdout.contains("4 rules: 3 allow (1 rate-limited), 1 deny"), "{stdout}");
-    assert!(stdout.lines().any(|line| line.contains("frontend") && line.contains("1001") && line.contains("declared")), "{stdout}");
+    assert!(
+        stdout.contains("3 services:")
+            && stdout.contains("4 rules: 3 allow (1 rate-limited), 1 deny"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.lines().any(|line| line.contains("frontend")
+            && line.contains("1001")
+            && line.contains("declared")),
+        "{stdout}"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 
 fn three_services(topology: &Topology) -> String {
-    ["frontend", "api", "db"].iter().map(|name| service(topology, name, "")).collect()
+    ["frontend", "api", "db"]
+        .iter()
+        .map(|name| service(topology, name, ""))
+        .collect()
 }
 
 #[test]
@@ -89,52 +149,149 @@ fn explain_and_diff_agree_with_what_the_datapath_does_as_root() {
     );
     let old_path = topology.write_file("old.toml", &old).unwrap();
     let new_path = topology.write_file("new.toml", &new).unwrap();
-    let enforcer = Enforcer::start_with_policy_path(&topology, &topology.write_file("live.toml", &old).unwrap(), &["v-frontend", "v-api", "v-db"], &[]).unwrap();
-    let _servers: Vec<_> = [("api", 8080), ("api", 9000), ("api", 9001), ("db", 5432), ("frontend", 8080)]
-        .iter()
-        .map(|(name, port)| topology.endpoint(name).netns.tcp_echo_server(*port).unwrap())
-        .collect();
-    let probes = [("frontend", "api", 8080), ("frontend", "api", 9000), ("frontend", "api", 9001), ("frontend", "db", 5432), ("api", "db", 5432), ("db", "frontend", 8080)];
-    let connects = |from: &str, to: &str, port: u16| topology.endpoint(from).netns.tcp_connect(v4(&topology, to, port), TIMEOUT).is_ok();
+    let enforcer = Enforcer::start_with_policy_path(
+        &topology,
+        &topology.write_file("live.toml", &old).unwrap(),
+        &["v-frontend", "v-api", "v-db"],
+        &[],
+    )
+    .unwrap();
+    let _servers: Vec<_> = [
+        ("api", 8080),
+        ("api", 9000),
+        ("api", 9001),
+        ("db", 5432),
+        ("frontend", 8080),
+    ]
+    .iter()
+    .map(|(name, port)| {
+        topology
+            .endpoint(name)
+            .netns
+            .tcp_echo_server(*port)
+            .unwrap()
+    })
+    .collect();
+    let probes = [
+        ("frontend", "api", 8080),
+        ("frontend", "api", 9000),
+        ("frontend", "api", 9001),
+        ("frontend", "db", 5432),
+        ("api", "db", 5432),
+        ("db", "frontend", 8080),
+    ];
+    let connects = |from: &str, to: &str, port: u16| {
+        topology
+            .endpoint(from)
+            .netns
+            .tcp_connect(v4(&topology, to, port), TIMEOUT)
+            .is_ok()
+    };
     let explained = |policy: &Path, from: &str, to: &str, port: u16| -> bool {
-        let (code, stdout, stderr) = run_enforcer(&["explain", policy.to_str().unwrap(), "--from", from, "--to", to, "--port", &format!("{port}/tcp"), "--json"]);
+        let (code, stdout, stderr) = run_enforcer(&[
+            "explain",
+            policy.to_str().unwrap(),
+            "--from",
+            from,
+            "--to",
+            to,
+            "--port",
+            &format!("{port}/tcp"),
+            "--json",
+        ]);
         assert_eq!(code, Some(0), "{stderr}");
         let answer: Value = serde_json::from_str(&stdout).unwrap();
         answer[0]["verdict"] == "allow"
     };
     for (from, to, port) in probes {
-        assert_eq!(connects(from, to, port), explained(&old_path, from, to, port), "old policy: {from} -> {to} {port}/tcp");
+        assert_eq!(
+            connects(from, to, port),
+            explained(&old_path, from, to, port),
+            "old policy: {from} -> {to} {port}/tcp"
+        );
     }
 
-    let (code, stdout, stderr) = run_enforcer(&["diff", old_path.to_str().unwrap(), new_path.to_str().unwrap(), "--json"]);
+    let (code, stdout, stderr) = run_enforcer(&[
+        "diff",
+        old_path.to_str().unwrap(),
+        new_path.to_str().unwrap(),
+        "--json",
+    ]);
     assert_eq!(code, Some(0), "{stderr}");
     let diff: Value = serde_json::from_str(&stdout).unwrap();
-    let edge = |entry: &Value| (entry["from"].as_str().unwrap().to_owned(), entry["to"].as_str().unwrap().to_owned());
-    assert_eq!(diff["added"].as_array().unwrap().iter().map(edge).collect::<Vec<_>>(), vec![("frontend".to_owned(), "db".to_owned())]);
-    assert_eq!(diff["removed"].as_array().unwrap().iter().map(edge).collect::<Vec<_>>(), vec![("api".to_owned(), "db".to_owned())]);
-    assert_eq!(diff["changed"][0]["after"]["allowed"][0]["traffic"], "8080/tcp", "fe -> api loses 9000");
+    let edge = |entry: &Value| {
+        (
+            entry["from"].as_str().unwrap().to_owned(),
+            entry["to"].as_str().unwrap().to_owned(),
+        )
+    };
+    assert_eq!(
+        diff["added"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(edge)
+            .collect::<Vec<_>>(),
+        vec![("frontend".to_owned(), "db".to_owned())]
+    );
+    assert_eq!(
+        diff["removed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(edge)
+            .collect::<Vec<_>>(),
+        vec![("api".to_owned(), "db".to_owned())]
+    );
+    assert_eq!(
+        diff["changed"][0]["after"]["allowed"][0]["traffic"], "8080/tcp",
+        "fe -> api loses 9000"
+    );
 
     enforcer.reload(&new, 2);
-    assert!(connects("frontend", "db", 5432), "diff said frontend -> db was added");
-    assert!(!connects("api", "db", 5432), "diff said api -> db was removed");
-    assert!(!connects("frontend", "api", 9000), "diff said frontend -> api keeps only 8080");
+    assert!(
+        connects("frontend", "db", 5432),
+        "diff said frontend -> db was added"
+    );
+    assert!(
+        !connects("api", "db", 5432),
+        "diff said api -> db was removed"
+    );
+    assert!(
+        !connects("frontend", "api", 9000),
+        "diff said frontend -> api keeps only 8080"
+    );
     for (from, to, port) in probes {
-        assert_eq!(connects(from, to, port), explained(&new_path, from, to, port), "new policy: {from} -> {to} {port}/tcp");
+        assert_eq!(
+            connects(from, to, port),
+            explained(&new_path, from, to, port),
+            "new policy: {from} -> {to} {port}/tcp"
+        );
     }
 }
 
 #[test]
 fn hundred_reloads_under_traffic_never_admit_what_both_forbid_nor_break_what_both_allow_as_root() {
-    if !require_root("hundred_reloads_under_traffic_never_admit_what_both_forbid_nor_break_what_both_allow_as_root") {
+    if !require_root(
+        "hundred_reloads_under_traffic_never_admit_what_both_forbid_nor_break_what_both_allow_as_root",
+    ) {
         return;
     }
     let topology = Topology::build(&["frontend", "api", "db"]).unwrap();
     let services = three_services(&topology);
     // Both allow frontend -> api 8080 and forbid frontend -> db; they differ on api -> db.
-    let first = format!("{services}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\n[[allow]]\nfrom = \"api\"\nto = \"db\"\nports = [\"5432/tcp\"]\n");
-    let second = format!("{services}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\", \"8081/tcp\"]\n[[allow]]\nfrom = \"api\"\nto = \"db\"\nports = [\"53/udp\"]\n");
+    let first = format!(
+        "{services}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\n[[allow]]\nfrom = \"api\"\nto = \"db\"\nports = [\"5432/tcp\"]\n"
+    );
+    let second = format!(
+        "{services}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\", \"8081/tcp\"]\n[[allow]]\nfrom = \"api\"\nto = \"db\"\nports = [\"53/udp\"]\n"
+    );
     let enforcer = enforce(&topology, &first);
-    let api = topology.endpoint("api").netns.tcp_echo_server(8080).unwrap();
+    let api = topology
+        .endpoint("api")
+        .netns
+        .tcp_echo_server(8080)
+        .unwrap();
     let forbidden = topology.endpoint("db").netns.udp_echo_server(5432).unwrap();
     let frontend = &topology.endpoint("frontend").netns;
 
@@ -144,14 +301,19 @@ fn hundred_reloads_under_traffic_never_admit_what_both_forbid_nor_break_what_bot
     let connections = Arc::new(AtomicUsize::new(0));
     let probes = Arc::new(AtomicUsize::new(0));
     // A long-lived connection both policies allow, busy all along.
-    let mut stream = frontend.tcp_connect(v4(&topology, "api", 8080), TIMEOUT).unwrap();
+    let mut stream = frontend
+        .tcp_connect(v4(&topology, "api", 8080), TIMEOUT)
+        .unwrap();
     std::thread::scope(|scope| {
         scope.spawn(|| {
             while !stop.load(Ordering::SeqCst) {
                 match enforcer_testbed::exchange(&mut stream, b"steady") {
                     Ok(reply) if reply == b"steady" => exchanges.fetch_add(1, Ordering::SeqCst),
                     other => {
-                        eprintln!("steady exchange failed at {:?}: {other:?}", std::time::SystemTime::now());
+                        eprintln!(
+                            "steady exchange failed at {:?}: {other:?}",
+                            std::time::SystemTime::now()
+                        );
                         failures.fetch_add(1, Ordering::SeqCst)
                     }
                 };
@@ -163,7 +325,10 @@ fn hundred_reloads_under_traffic_never_admit_what_both_forbid_nor_break_what_bot
                 match frontend.tcp_exchange(v4(&topology, "api", 8080), b"new", TIMEOUT) {
                     Ok(reply) if reply == b"new" => connections.fetch_add(1, Ordering::SeqCst),
                     other => {
-                        eprintln!("new connection failed at {:?}: {other:?}", std::time::SystemTime::now());
+                        eprintln!(
+                            "new connection failed at {:?}: {other:?}",
+                            std::time::SystemTime::now()
+                        );
                         failures.fetch_add(1, Ordering::SeqCst)
                     }
                 };
@@ -172,48 +337,130 @@ fn hundred_reloads_under_traffic_never_admit_what_both_forbid_nor_break_what_bot
         // Datagrams both policies forbid.
         scope.spawn(|| {
             while !stop.load(Ordering::SeqCst) {
-                let _ = frontend.udp_exchange(v4(&topology, "db", 5432), b"forbidden", Duration::from_millis(20));
+                let _ = frontend.udp_exchange(
+                    v4(&topology, "db", 5432),
+                    b"forbidden",
+                    Duration::from_millis(20),
+                );
                 probes.fetch_add(1, Ordering::SeqCst);
             }
         });
         for generation in 2..=101 {
-            enforcer.reload(if generation % 2 == 0 { &second } else { &first }, generation);
+            enforcer.reload(
+                if generation % 2 == 0 { &second } else { &first },
+                generation,
+            );
         }
         stop.store(true, Ordering::SeqCst);
     });
-    assert_eq!(failures.load(Ordering::SeqCst), 0, "an allowed exchange or connection failed during the reloads; log:\n{}", enforcer.daemon.log_text());
-    assert_eq!(forbidden.hit_count(), 0, "a forbidden datagram got through during the reloads");
-    assert!(exchanges.load(Ordering::SeqCst) > 100 && connections.load(Ordering::SeqCst) > 20 && probes.load(Ordering::SeqCst) > 100, "traffic really flowed");
+    assert_eq!(
+        failures.load(Ordering::SeqCst),
+        0,
+        "an allowed exchange or connection failed during the reloads; log:\n{}",
+        enforcer.daemon.log_text()
+    );
+    assert_eq!(
+        forbidden.hit_count(),
+        0,
+        "a forbidden datagram got through during the reloads"
+    );
     assert!(
-        enforcer_testbed::eventually(TIMEOUT, || api.hit_count() == connections.load(Ordering::SeqCst) + 1),
+        exchanges.load(Ordering::SeqCst) > 100
+            && connections.load(Ordering::SeqCst) > 20
+            && probes.load(Ordering::SeqCst) > 100,
+        "traffic really flowed"
+    );
+    assert!(
+        enforcer_testbed::eventually(TIMEOUT, || api.hit_count()
+            == connections.load(Ordering::SeqCst) + 1),
         "api accepted exactly the connections the client saw succeed, plus the long-lived one"
     );
 }
 
 #[test]
 fn broken_policy_written_over_the_live_one_is_refused_and_the_old_one_keeps_enforcing_as_root() {
-    if !require_root("broken_policy_written_over_the_live_one_is_refused_and_the_old_one_keeps_enforcing_as_root") {
+    if !require_root(
+        "broken_policy_written_over_the_live_one_is_refused_and_the_old_one_keeps_enforcing_as_root",
+    ) {
         return;
     }
     let topology = Topology::build(&["frontend", "api"]).unwrap();
-    let policy = format!("{}{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\n", service(&topology, "frontend", ""), service(&topology, "api", ""));
+    let policy = format!(
+        "{}{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\n",
+        service(&topology, "frontend", ""),
+        service(&topology, "api", "")
+    );
     let audit_log = topology.dir.join("audit.jsonl");
-    let enforcer = Enforcer::start(&topology, &policy, &["v-frontend", "v-api"], &["--metrics", "9464", "--audit-log", audit_log.to_str().unwrap()]).unwrap();
-    let _servers = [topology.endpoint("api").netns.tcp_echo_server(8080).unwrap(), topology.endpoint("api").netns.tcp_echo_server(9090).unwrap()];
+    let enforcer = Enforcer::start(
+        &topology,
+        &policy,
+        &["v-frontend", "v-api"],
+        &[
+            "--metrics",
+            "9464",
+            "--audit-log",
+            audit_log.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    let _servers = [
+        topology
+            .endpoint("api")
+            .netns
+            .tcp_echo_server(8080)
+            .unwrap(),
+        topology
+            .endpoint("api")
+            .netns
+            .tcp_echo_server(9090)
+            .unwrap(),
+    ];
 
     // Written over the live file: the watch sees it, no signal needed.
     std::fs::write(&enforcer.policy, policy.replace("8080/tcp", "80800/tcp")).unwrap();
-    enforcer.daemon.wait_for_log("policy reload refused", SETTLE).unwrap();
-    assert!(enforcer.daemon.log_text().contains("port 80800 out of range"), "the log says why");
+    enforcer
+        .daemon
+        .wait_for_log("policy reload refused", SETTLE)
+        .unwrap();
+    assert!(
+        enforcer
+            .daemon
+            .log_text()
+            .contains("port 80800 out of range"),
+        "the log says why"
+    );
     let frontend = &topology.endpoint("frontend").netns;
-    assert_eq!(frontend.tcp_exchange(v4(&topology, "api", 8080), b"still", TIMEOUT).unwrap_or_default(), b"still", "the old policy still allows 8080");
-    assert!(was_dropped(&frontend.tcp_connect(v4(&topology, "api", 9090), TIMEOUT)), "and still denies 9090");
-    let status = String::from_utf8_lossy(&enforcer.command(&topology, &["status"]).stdout).into_owned();
-    assert!(status.contains("generation 1 "), "nothing was installed:\n{status}");
+    assert_eq!(
+        frontend
+            .tcp_exchange(v4(&topology, "api", 8080), b"still", TIMEOUT)
+            .unwrap_or_default(),
+        b"still",
+        "the old policy still allows 8080"
+    );
+    assert!(
+        was_dropped(&frontend.tcp_connect(v4(&topology, "api", 9090), TIMEOUT)),
+        "and still denies 9090"
+    );
+    let status =
+        String::from_utf8_lossy(&enforcer.command(&topology, &["status"]).stdout).into_owned();
+    assert!(
+        status.contains("generation 1 "),
+        "nothing was installed:\n{status}"
+    );
     let metrics = http_get(&topology.host, 9464, "/metrics").unwrap();
-    assert!(metrics.contains("enforcer_policy_reloads_total{result=\"failure\"} 1"), "counted:\n{metrics}");
-    let records: Vec<Value> = std::fs::read_to_string(&audit_log).unwrap().lines().map(|line| serde_json::from_str(line).unwrap()).collect();
-    let refused = records.iter().find(|record| record["kind"] == "policy_load" && record["result"] == "failure").expect("audited");
+    assert!(
+        metrics.contains("enforcer_policy_reloads_total{result=\"failure\"} 1"),
+        "counted:\n{metrics}"
+    );
+    let records: Vec<Value> = std::fs::read_to_string(&audit_log)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let refused = records
+        .iter()
+        .find(|record| record["kind"] == "policy_load" && record["result"] == "failure")
+        .expect("audited");
     assert!(refused["error"].as_str().unwrap().contains("out of range"));
     assert_eq!(refused["trigger"], "file-change");
 }
@@ -224,47 +471,105 @@ fn configmap_style_symlink_swap_reloads_the_policy_as_root() {
         return;
     }
     let topology = Topology::build(&["frontend", "api"]).unwrap();
-    let services = format!("{}{}", service(&topology, "frontend", ""), service(&topology, "api", ""));
+    let services = format!(
+        "{}{}",
+        service(&topology, "frontend", ""),
+        service(&topology, "api", "")
+    );
     // The layout kubelet keeps for a ConfigMap volume: policy.toml -> ..data/policy.toml,
     // ..data -> ..<version>; an update writes a new version directory and renames a new
     // ..data symlink over the old one.
     let mount = topology.dir.join("configmap");
     let version_one = mount.join("..2026_11_22_v1");
     std::fs::create_dir_all(&version_one).unwrap();
-    std::fs::write(version_one.join("policy.toml"), format!("{services}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\n")).unwrap();
+    std::fs::write(
+        version_one.join("policy.toml"),
+        format!("{services}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\n"),
+    )
+    .unwrap();
     symlink("..2026_11_22_v1", mount.join("..data")).unwrap();
     symlink("..data/policy.toml", mount.join("policy.toml")).unwrap();
-    let enforcer = Enforcer::start_with_policy_path(&topology, &mount, &["v-frontend", "v-api"], &[]).unwrap();
-    let _servers = [topology.endpoint("api").netns.tcp_echo_server(8080).unwrap(), topology.endpoint("api").netns.tcp_echo_server(9090).unwrap()];
+    let enforcer =
+        Enforcer::start_with_policy_path(&topology, &mount, &["v-frontend", "v-api"], &[]).unwrap();
+    let _servers = [
+        topology
+            .endpoint("api")
+            .netns
+            .tcp_echo_server(8080)
+            .unwrap(),
+        topology
+            .endpoint("api")
+            .netns
+            .tcp_echo_server(9090)
+            .unwrap(),
+    ];
     let frontend = &topology.endpoint("frontend").netns;
-    assert!(was_dropped(&frontend.tcp_connect(v4(&topology, "api", 9090), TIMEOUT)));
+    assert!(was_dropped(
+        &frontend.tcp_connect(v4(&topology, "api", 9090), TIMEOUT)
+    ));
 
     let version_two = mount.join("..2026_11_22_v2");
     std::fs::create_dir_all(&version_two).unwrap();
-    std::fs::write(version_two.join("policy.toml"), format!("{services}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"9090/tcp\"]\n")).unwrap();
+    std::fs::write(
+        version_two.join("policy.toml"),
+        format!("{services}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"9090/tcp\"]\n"),
+    )
+    .unwrap();
     symlink("..2026_11_22_v2", mount.join("..data_tmp")).unwrap();
     std::fs::rename(mount.join("..data_tmp"), mount.join("..data")).unwrap();
     std::fs::remove_dir_all(&version_one).unwrap();
 
-    enforcer.daemon.wait_for_log("generation=2 ", SETTLE).unwrap();
-    assert!(enforcer.daemon.log_text().contains("trigger=\"file-change\"") || enforcer.daemon.log_text().contains("trigger=file-change"));
-    assert_eq!(frontend.tcp_exchange(v4(&topology, "api", 9090), b"v2", TIMEOUT).unwrap_or_default(), b"v2", "the new version allows 9090");
-    assert!(was_dropped(&frontend.tcp_connect(v4(&topology, "api", 8080), TIMEOUT)), "and no longer 8080");
+    enforcer
+        .daemon
+        .wait_for_log("generation=2 ", SETTLE)
+        .unwrap();
+    assert!(
+        enforcer
+            .daemon
+            .log_text()
+            .contains("trigger=\"file-change\"")
+            || enforcer.daemon.log_text().contains("trigger=file-change")
+    );
+    assert_eq!(
+        frontend
+            .tcp_exchange(v4(&topology, "api", 9090), b"v2", TIMEOUT)
+            .unwrap_or_default(),
+        b"v2",
+        "the new version allows 9090"
+    );
+    assert!(
+        was_dropped(&frontend.tcp_connect(v4(&topology, "api", 8080), TIMEOUT)),
+        "and no longer 8080"
+    );
 }
 
 #[test]
 fn killed_controller_leaves_enforcement_in_place_and_a_new_one_adopts_it_as_root() {
-    if !require_root("killed_controller_leaves_enforcement_in_place_and_a_new_one_adopts_it_as_root") {
+    if !require_root(
+        "killed_controller_leaves_enforcement_in_place_and_a_new_one_adopts_it_as_root",
+    ) {
         return;
     }
     let topology = Topology::build(&["frontend", "api", "db"]).unwrap();
-    let policy = format!("{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\n", three_services(&topology));
+    let policy = format!(
+        "{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\n",
+        three_services(&topology)
+    );
     let first = enforce(&topology, &policy);
-    let _api = topology.endpoint("api").netns.tcp_echo_server(8080).unwrap();
+    let _api = topology
+        .endpoint("api")
+        .netns
+        .tcp_echo_server(8080)
+        .unwrap();
     let forbidden = topology.endpoint("db").netns.udp_echo_server(5432).unwrap();
     let frontend = &topology.endpoint("frontend").netns;
-    let mut established = frontend.tcp_connect(v4(&topology, "api", 8080), TIMEOUT).unwrap();
-    assert_eq!(enforcer_testbed::exchange(&mut established, b"before").unwrap(), b"before");
+    let mut established = frontend
+        .tcp_connect(v4(&topology, "api", 8080), TIMEOUT)
+        .unwrap();
+    assert_eq!(
+        enforcer_testbed::exchange(&mut established, b"before").unwrap(),
+        b"before"
+    );
 
     let stop = AtomicBool::new(false);
     let probes = AtomicUsize::new(0);
@@ -272,27 +577,66 @@ fn killed_controller_leaves_enforcement_in_place_and_a_new_one_adopts_it_as_root
         // A continuous probe of a denied flow, through the kill and the restart.
         scope.spawn(|| {
             while !stop.load(Ordering::SeqCst) {
-                let _ = frontend.udp_exchange(v4(&topology, "db", 5432), b"probe", Duration::from_millis(10));
+                let _ = frontend.udp_exchange(
+                    v4(&topology, "db", 5432),
+                    b"probe",
+                    Duration::from_millis(10),
+                );
                 probes.fetch_add(1, Ordering::SeqCst);
             }
         });
-        first.daemon.signal(nix::sys::signal::Signal::SIGKILL).unwrap();
+        first
+            .daemon
+            .signal(nix::sys::signal::Signal::SIGKILL)
+            .unwrap();
         let at_kill = probes.load(Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(300));
-        assert_eq!(enforcer_testbed::exchange(&mut established, b"orphaned").unwrap(), b"orphaned", "the connection survives the controller");
-        assert!(frontend.tcp_exchange(v4(&topology, "api", 8080), b"new", TIMEOUT).is_ok(), "new allowed connections still work");
+        assert_eq!(
+            enforcer_testbed::exchange(&mut established, b"orphaned").unwrap(),
+            b"orphaned",
+            "the connection survives the controller"
+        );
+        assert!(
+            frontend
+                .tcp_exchange(v4(&topology, "api", 8080), b"new", TIMEOUT)
+                .is_ok(),
+            "new allowed connections still work"
+        );
 
         let without_controller = probes.load(Ordering::SeqCst) - at_kill;
-        let second = Enforcer::start_with_policy_path(&topology, &first.policy, &["v-frontend", "v-api", "v-db"], &[]).unwrap();
-        assert!(without_controller >= 5, "the probe ran while no controller did ({without_controller} datagrams)");
-        assert!(second.daemon.log_text().contains("adopting the datapath"), "the new controller adopted the pinned state");
-        assert!(second.daemon.log_text().contains("generation=2 "), "and continued the generations");
-        assert_eq!(enforcer_testbed::exchange(&mut established, b"adopted").unwrap(), b"adopted", "the connection survives the adoption");
+        let second = Enforcer::start_with_policy_path(
+            &topology,
+            &first.policy,
+            &["v-frontend", "v-api", "v-db"],
+            &[],
+        )
+        .unwrap();
+        assert!(
+            without_controller >= 5,
+            "the probe ran while no controller did ({without_controller} datagrams)"
+        );
+        assert!(
+            second.daemon.log_text().contains("adopting the datapath"),
+            "the new controller adopted the pinned state"
+        );
+        assert!(
+            second.daemon.log_text().contains("generation=2 "),
+            "and continued the generations"
+        );
+        assert_eq!(
+            enforcer_testbed::exchange(&mut established, b"adopted").unwrap(),
+            b"adopted",
+            "the connection survives the adoption"
+        );
         std::thread::sleep(Duration::from_millis(300));
         stop.store(true, Ordering::SeqCst);
         second
     });
-    assert_eq!(forbidden.hit_count(), 0, "no denied datagram passed while no controller ran, nor during the adoption");
+    assert_eq!(
+        forbidden.hit_count(),
+        0,
+        "no denied datagram passed while no controller ran, nor during the adoption"
+    );
     drop(second);
 }
 
@@ -302,14 +646,32 @@ fn metrics_are_valid_for_promtool_and_carry_the_contract_names_as_root() {
         return;
     }
     let topology = Topology::build(&["frontend", "api"]).unwrap();
-    let policy = format!("{}{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\n", service(&topology, "frontend", ""), service(&topology, "api", ""));
-    let enforcer = Enforcer::start(&topology, &policy, &["v-frontend", "v-api"], &["--metrics", "9464"]).unwrap();
-    let _server = topology.endpoint("api").netns.tcp_echo_server(8080).unwrap();
+    let policy = format!(
+        "{}{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\n",
+        service(&topology, "frontend", ""),
+        service(&topology, "api", "")
+    );
+    let enforcer = Enforcer::start(
+        &topology,
+        &policy,
+        &["v-frontend", "v-api"],
+        &["--metrics", "9464"],
+    )
+    .unwrap();
+    let _server = topology
+        .endpoint("api")
+        .netns
+        .tcp_echo_server(8080)
+        .unwrap();
     let frontend = &topology.endpoint("frontend").netns;
-    frontend.tcp_exchange(v4(&topology, "api", 8080), b"x", TIMEOUT).unwrap();
+    frontend
+        .tcp_exchange(v4(&topology, "api", 8080), b"x", TIMEOUT)
+        .unwrap();
     let _ = frontend.tcp_connect(v4(&topology, "api", 9999), TIMEOUT);
     enforcer.reload(&policy.replace("8080/tcp", "8080/tcp\", \"8081/tcp"), 2);
-    enforcer.wait_for_alert(|alert| is_flow(alert, "frontend", "api", 9999)).unwrap();
+    enforcer
+        .wait_for_alert(|alert| is_flow(alert, "frontend", "api", 9999))
+        .unwrap();
 
     let metrics = http_get(&topology.host, 9464, "/metrics").unwrap();
     for name in [
@@ -326,13 +688,33 @@ fn metrics_are_valid_for_promtool_and_carry_the_contract_names_as_root() {
     ] {
         assert!(metrics.contains(name), "missing {name} in:\n{metrics}");
     }
-    let mut promtool = Command::new("promtool").args(["check", "metrics"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("promtool (cargo xtask setup installs prometheus)");
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (cargo xtask setup installs prometheus)");
     std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), metrics.as_bytes()).unwrap();
     let checked = promtool.wait_with_output().unwrap();
-    assert!(checked.status.success(), "promtool refused the metrics: {}{}", String::from_utf8_lossy(&checked.stdout), String::from_utf8_lossy(&checked.stderr));
+    assert!(
+        checked.status.success(),
+        "promtool refused the metrics: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
     // Bound to the host's loopback only.
     let endpoint = topology.endpoint("frontend");
-    assert!(endpoint.netns.tcp_connect(socket(endpoint.gateway_v4, 9464), Duration::from_millis(300)).is_err(), "not reachable from outside the host");
+    assert!(
+        endpoint
+            .netns
+            .tcp_connect(
+                socket(endpoint.gateway_v4, 9464),
+                Duration::from_millis(300)
+            )
+            .is_err(),
+        "not reachable from outside the host"
+    );
 }
 
 #[test]
@@ -341,35 +723,84 @@ fn observe_streams_live_flow_records_with_filters_as_root() {
         return;
     }
     let topology = Topology::build(&["frontend", "api"]).unwrap();
-    let policy = format!("{}{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\n", service(&topology, "frontend", ""), service(&topology, "api", ""));
+    let policy = format!(
+        "{}{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\n",
+        service(&topology, "frontend", ""),
+        service(&topology, "api", "")
+    );
     let enforcer = Enforcer::start(&topology, &policy, &["v-frontend", "v-api"], &[]).unwrap();
     let socket_path = enforcer.observe_socket.clone();
-    let _server = topology.endpoint("api").netns.tcp_echo_server(8080).unwrap();
+    let _server = topology
+        .endpoint("api")
+        .netns
+        .tcp_echo_server(8080)
+        .unwrap();
     let frontend = &topology.endpoint("frontend").netns;
-    frontend.tcp_exchange(v4(&topology, "api", 8080), b"x", TIMEOUT).unwrap();
+    frontend
+        .tcp_exchange(v4(&topology, "api", 8080), b"x", TIMEOUT)
+        .unwrap();
 
     use std::os::unix::fs::PermissionsExt as _;
-    assert_eq!(std::fs::metadata(&socket_path).unwrap().permissions().mode() & 0o777, 0o600, "root only");
+    assert_eq!(
+        std::fs::metadata(&socket_path)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600,
+        "root only"
+    );
     // Follow, filtered to denials on port 7777; then cause one allowed flow and one denial.
     let mut follower = Command::new(ENFORCER)
-        .args(["observe", "--follow", "--json", "--verdict", "deny", "--port", "7777", "--socket", socket_path.to_str().unwrap()])
+        .args([
+            "observe",
+            "--follow",
+            "--json",
+            "--verdict",
+            "deny",
+            "--port",
+            "7777",
+            "--socket",
+            socket_path.to_str().unwrap(),
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     let lines = std::io::BufReader::new(follower.stdout.take().unwrap()).lines();
     std::thread::sleep(Duration::from_millis(300));
-    frontend.tcp_exchange(v4(&topology, "api", 8080), b"y", TIMEOUT).unwrap();
+    frontend
+        .tcp_exchange(v4(&topology, "api", 8080), b"y", TIMEOUT)
+        .unwrap();
     let _ = frontend.tcp_connect(v4(&topology, "api", 7777), TIMEOUT);
     let first: Value = serde_json::from_str(&lines.into_iter().next().unwrap().unwrap()).unwrap();
     follower.kill().unwrap();
     let _ = follower.wait();
-    assert_eq!((first["verdict"].as_str(), first["dst"]["port"].as_u64(), first["src"]["name"].as_str()), (Some("deny"), Some(7777), Some("frontend")));
+    assert_eq!(
+        (
+            first["verdict"].as_str(),
+            first["dst"]["port"].as_u64(),
+            first["src"]["name"].as_str()
+        ),
+        (Some("deny"), Some(7777), Some("frontend"))
+    );
     assert_eq!(first["rule"], "default-deny");
 
     // Without --follow: the recent records, as text.
-    let (code, stdout, stderr) = run_enforcer(&["observe", "--service", "api", "--socket", socket_path.to_str().unwrap()]);
+    let (code, stdout, stderr) = run_enforcer(&[
+        "observe",
+        "--service",
+        "api",
+        "--socket",
+        socket_path.to_str().unwrap(),
+    ]);
     assert_eq!(code, Some(0), "{stderr}");
-    assert!(stdout.lines().any(|line| line.contains("frontend [") && line.contains("-> api [") && line.contains("allow") && line.contains(":8080")), "{stdout}");
+    assert!(
+        stdout.lines().any(|line| line.contains("frontend [")
+            && line.contains("-> api [")
+            && line.contains("allow")
+            && line.contains(":8080")),
+        "{stdout}"
+    );
     drop(enforcer);
 }
 
@@ -379,34 +810,82 @@ fn audit_log_chains_policy_loads_and_verification_finds_tampering_as_root() {
         return;
     }
     let topology = Topology::build(&["frontend", "api"]).unwrap();
-    let policy = format!("{}{}", service(&topology, "frontend", ""), service(&topology, "api", ""));
+    let policy = format!(
+        "{}{}",
+        service(&topology, "frontend", ""),
+        service(&topology, "api", "")
+    );
     let audit_log = topology.dir.join("audit.jsonl");
-    let enforcer = Enforcer::start(&topology, &policy, &["v-frontend", "v-api"], &["--audit-log", audit_log.to_str().unwrap()]).unwrap();
-    let _ = topology.endpoint("frontend").netns.tcp_connect(v4(&topology, "api", 9), TIMEOUT);
-    enforcer.reload(&format!("{policy}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\n"), 2);
+    let enforcer = Enforcer::start(
+        &topology,
+        &policy,
+        &["v-frontend", "v-api"],
+        &["--audit-log", audit_log.to_str().unwrap()],
+    )
+    .unwrap();
+    let _ = topology
+        .endpoint("frontend")
+        .netns
+        .tcp_connect(v4(&topology, "api", 9), TIMEOUT);
+    enforcer.reload(
+        &format!("{policy}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\n"),
+        2,
+    );
     drop(enforcer);
 
     let (code, stdout, stderr) = run_enforcer(&["audit-verify", audit_log.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stdout.contains("intact"), "{stdout}");
-    let lines: Vec<String> = std::fs::read_to_string(&audit_log).unwrap().lines().map(str::to_owned).collect();
-    let loads: Vec<Value> = lines.iter().map(|line| serde_json::from_str::<Value>(line).unwrap()).filter(|record| record["kind"] == "policy_load").collect();
+    let lines: Vec<String> = std::fs::read_to_string(&audit_log)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let loads: Vec<Value> = lines
+        .iter()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap())
+        .filter(|record| record["kind"] == "policy_load")
+        .collect();
     assert_eq!(loads.len(), 2);
     assert_eq!(loads[0]["trigger"], "start");
     // The rewrite is seen by the file watch and signalled with SIGHUP: whichever comes first
     // installs it, the other finds it unchanged.
-    assert!(matches!(loads[1]["trigger"].as_str(), Some("sighup" | "file-change")), "{}", loads[1]);
+    assert!(
+        matches!(loads[1]["trigger"].as_str(), Some("sighup" | "file-change")),
+        "{}",
+        loads[1]
+    );
     assert_eq!(loads[1]["generation"], 2);
     assert_eq!(loads[1]["policy_sha256"].as_str().unwrap().len(), 64);
-    let summary = lines.iter().map(|line| serde_json::from_str::<Value>(line).unwrap()).find(|record| record["kind"] == "flow_summary").expect("the denied flow is summarised");
-    assert_eq!((summary["src"].as_str(), summary["verdict"].as_str()), (Some("frontend"), Some("deny")));
+    let summary = lines
+        .iter()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap())
+        .find(|record| record["kind"] == "flow_summary")
+        .expect("the denied flow is summarised");
+    assert_eq!(
+        (summary["src"].as_str(), summary["verdict"].as_str()),
+        (Some("frontend"), Some("deny"))
+    );
 
     let mut tampered = lines.clone();
     tampered[0] = tampered[0].replace("\"result\":\"success\"", "\"result\":\"failure\"");
-    std::fs::write(&audit_log, tampered.iter().map(|line| format!("{line}\n")).collect::<String>()).unwrap();
+    std::fs::write(
+        &audit_log,
+        tampered
+            .iter()
+            .map(|line| format!("{line}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
     let (code, _, stderr) = run_enforcer(&["audit-verify", audit_log.to_str().unwrap()]);
     assert_eq!(code, Some(1), "tampering is a failed verification");
-    assert!(stderr.contains(&format!("{}:2: prev_hash does not match line 1", audit_log.display())), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{}:2: prev_hash does not match line 1",
+            audit_log.display()
+        )),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -415,18 +894,41 @@ fn a_program_swapped_behind_the_controllers_back_shows_in_status_as_root() {
         return;
     }
     let topology = Topology::build(&["frontend", "api"]).unwrap();
-    let policy = format!("{}{}", service(&topology, "frontend", ""), service(&topology, "api", ""));
+    let policy = format!(
+        "{}{}",
+        service(&topology, "frontend", ""),
+        service(&topology, "api", "")
+    );
     let enforcer = enforce_with(&topology, &policy, &["--ingress-hook", "xdp"]);
-    let _server = topology.endpoint("api").netns.tcp_echo_server(8080).unwrap();
+    let _server = topology
+        .endpoint("api")
+        .netns
+        .tcp_echo_server(8080)
+        .unwrap();
     let frontend = &topology.endpoint("frontend").netns;
-    assert!(was_dropped(&frontend.tcp_connect(v4(&topology, "api", 8080), TIMEOUT)));
+    assert!(was_dropped(
+        &frontend.tcp_connect(v4(&topology, "api", 8080), TIMEOUT)
+    ));
 
-    let evil = bpf::load_pass_all_xdp().unwrap();
-    bpf::swap_link_program(&enforcer.pins.join("links/xdp-v-frontend"), &evil).unwrap();
-    let status = String::from_utf8_lossy(&enforcer.command(&topology, &["status"]).stdout).into_owned();
-    let line = status.lines().find(|line| line.contains("v-frontend") && line.contains("xdp")).unwrap();
-    assert!(line.contains("DIFFERS from this build's program"), "{status}");
-    assert!(status.lines().any(|line| line.contains("v-api") && line.contains("xdp") && line.contains("matches this build")), "{status}");
+    let evil = enforcer_testbed::bpf::load_pass_all_xdp().unwrap();
+    enforcer_testbed::bpf::swap_link_program(&enforcer.pins.join("links/xdp-v-frontend"), &evil)
+        .unwrap();
+    let status =
+        String::from_utf8_lossy(&enforcer.command(&topology, &["status"]).stdout).into_owned();
+    let line = status
+        .lines()
+        .find(|line| line.contains("v-frontend") && line.contains("xdp"))
+        .unwrap();
+    assert!(
+        line.contains("DIFFERS from this build's program"),
+        "{status}"
+    );
+    assert!(
+        status.lines().any(|line| line.contains("v-api")
+            && line.contains("xdp")
+            && line.contains("matches this build")),
+        "{status}"
+    );
 }
 
 #[test]
@@ -435,24 +937,43 @@ fn a_one_rule_change_to_a_large_policy_is_a_handful_of_map_writes_as_root() {
         return;
     }
     let topology = Topology::build(&["frontend", "api"]).unwrap();
-    let services = format!("{}{}", service(&topology, "frontend", ""), service(&topology, "api", ""));
+    let services = format!(
+        "{}{}",
+        service(&topology, "frontend", ""),
+        service(&topology, "api", "")
+    );
     let rules: String = (1..=5000).map(|port| format!("[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"{port}/tcp\"]\nid = \"r{port}\"\n")).collect();
     let enforcer = enforce(&topology, &format!("{services}{rules}"));
     let writes = |generation: u32| -> usize {
         let log = enforcer.daemon.log_text();
-        let line = log.lines().find(|line| line.contains(&format!("generation={generation} "))).unwrap_or_else(|| panic!("no generation {generation}:\n{log}"));
-        line.split("writes=").nth(1).and_then(|rest| rest.split_whitespace().next()).and_then(|number| number.parse().ok()).unwrap()
+        let line = log
+            .lines()
+            .find(|line| line.contains(&format!("generation={generation} ")))
+            .unwrap_or_else(|| panic!("no generation {generation}:\n{log}"));
+        line.split("writes=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|number| number.parse().ok())
+            .unwrap()
     };
     assert!(writes(1) >= 5000, "the first load writes every entry");
     // One rule moves to another port: its old entry goes, its new one comes.
     let one_changed = rules.replace("ports = [\"4999/tcp\"]", "ports = [\"64999/tcp\"]");
     enforcer.reload(&format!("{services}{one_changed}"), 2);
-    assert_eq!(writes(2), 2, "a one-rule change writes its difference, not 5000 entries");
+    assert_eq!(
+        writes(2),
+        2,
+        "a one-rule change writes its difference, not 5000 entries"
+    );
     // The idle slot was brought up to generation 2 after the switch: the next one-rule change
     // is again two writes, not two plus the previous change's.
     let two_changed = one_changed.replace("ports = [\"17/tcp\"]", "ports = [\"64017/tcp\"]");
     enforcer.reload(&format!("{services}{two_changed}"), 3);
-    assert_eq!(writes(3), 2, "one more rule changed relative to the live generation");
+    assert_eq!(
+        writes(3),
+        2,
+        "one more rule changed relative to the live generation"
+    );
 }
 
 #[test]
@@ -461,20 +982,60 @@ fn unload_removes_every_pin_and_program_as_root() {
         return;
     }
     let topology = Topology::build(&["frontend", "api"]).unwrap();
-    let policy = format!("{}{}", service(&topology, "frontend", ""), service(&topology, "api", ""));
+    let policy = format!(
+        "{}{}",
+        service(&topology, "frontend", ""),
+        service(&topology, "api", "")
+    );
     let enforcer = enforce(&topology, &policy);
-    let _server = topology.endpoint("api").netns.tcp_echo_server(8080).unwrap();
+    let _server = topology
+        .endpoint("api")
+        .netns
+        .tcp_echo_server(8080)
+        .unwrap();
     let frontend = &topology.endpoint("frontend").netns;
-    assert!(was_dropped(&frontend.tcp_connect(v4(&topology, "api", 8080), TIMEOUT)), "enforcing");
-    enforcer.daemon.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(
+        was_dropped(&frontend.tcp_connect(v4(&topology, "api", 8080), TIMEOUT)),
+        "enforcing"
+    );
+    enforcer
+        .daemon
+        .signal(nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
     let mut enforcer = enforcer;
     enforcer.daemon.wait(SETTLE).unwrap();
-    assert!(was_dropped(&frontend.tcp_connect(v4(&topology, "api", 8080), TIMEOUT)), "a stopped controller leaves enforcement in place");
+    assert!(
+        was_dropped(&frontend.tcp_connect(v4(&topology, "api", 8080), TIMEOUT)),
+        "a stopped controller leaves enforcement in place"
+    );
 
     let output = enforcer.command(&topology, &["unload"]);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(!enforcer.pins.exists(), "the pin directory is gone");
-    let link = Command::new("ip").args(["-n", &topology.host.name, "-d", "link", "show", "v-frontend"]).output().unwrap();
-    assert!(!String::from_utf8_lossy(&link.stdout).contains("xdp"), "no XDP program left on the interface");
-    assert_eq!(frontend.tcp_exchange(v4(&topology, "api", 8080), b"free", TIMEOUT).unwrap_or_default(), b"free", "traffic flows unjudged again");
+    let link = Command::new("ip")
+        .args([
+            "-n",
+            &topology.host.name,
+            "-d",
+            "link",
+            "show",
+            "v-frontend",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&link.stdout).contains("xdp"),
+        "no XDP program left on the interface"
+    );
+    assert_eq!(
+        frontend
+            .tcp_exchange(v4(&topology, "api", 8080), b"free", TIMEOUT)
+            .unwrap_or_default(),
+        b"free",
+        "traffic flows unjudged again"
+    );
 }

@@ -6,13 +6,13 @@ mod support;
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{
-        atomic::{AtomicUsize, Ordering},
         Arc,
+        atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
 
-use enforcer_testbed::{socat_exchange, Cgroup};
+use enforcer_testbed::{Cgroup, socat_exchange};
 use support::*;
 
 fn v4(topology: &Topology, name: &str, port: u16) -> SocketAddr {
@@ -47,44 +47,107 @@ fn allowed_and_denied_per_rule(ingress: &str, hook: &str) {
         service(&topology, "api", "")
     );
     let enforcer = enforce_with(&topology, &policy, &["--ingress-hook", ingress]);
-    let (frontend, api) = (&topology.endpoint("frontend").netns, &topology.endpoint("api").netns);
-    let _tcp = [api.tcp_echo_server(8080).unwrap(), api.tcp_echo_server(8081).unwrap(), frontend.tcp_echo_server(8080).unwrap()];
-    let _udp = [api.udp_echo_server(53).unwrap(), api.udp_echo_server(54).unwrap(), frontend.udp_echo_server(53).unwrap()];
+    let (frontend, api) = (
+        &topology.endpoint("frontend").netns,
+        &topology.endpoint("api").netns,
+    );
+    let _tcp = [
+        api.tcp_echo_server(8080).unwrap(),
+        api.tcp_echo_server(8081).unwrap(),
+        frontend.tcp_echo_server(8080).unwrap(),
+    ];
+    let _udp = [
+        api.udp_echo_server(53).unwrap(),
+        api.udp_echo_server(54).unwrap(),
+        frontend.udp_echo_server(53).unwrap(),
+    ];
 
     for (family, to_api, to_frontend) in [
-        ("IPv4", v4 as fn(&Topology, &str, u16) -> SocketAddr, v4 as fn(&Topology, &str, u16) -> SocketAddr),
+        (
+            "IPv4",
+            v4 as fn(&Topology, &str, u16) -> SocketAddr,
+            v4 as fn(&Topology, &str, u16) -> SocketAddr,
+        ),
         ("IPv6", v6, v6),
     ] {
         // Allowed, and the replies come back although no rule allows api -> frontend.
-        assert_eq!(frontend.tcp_exchange(to_api(&topology, "api", 8080), b"tcp", TIMEOUT).expect(family), b"tcp", "{family} 8080/tcp");
-        assert_eq!(frontend.udp_exchange(to_api(&topology, "api", 53), b"udp", TIMEOUT).expect(family), b"udp", "{family} 53/udp");
-        assert!(frontend.ping(to_api(&topology, "api", 0).ip(), TIMEOUT).unwrap(), "{family} ping frontend -> api");
+        assert_eq!(
+            frontend
+                .tcp_exchange(to_api(&topology, "api", 8080), b"tcp", TIMEOUT)
+                .expect(family),
+            b"tcp",
+            "{family} 8080/tcp"
+        );
+        assert_eq!(
+            frontend
+                .udp_exchange(to_api(&topology, "api", 53), b"udp", TIMEOUT)
+                .expect(family),
+            b"udp",
+            "{family} 53/udp"
+        );
+        assert!(
+            frontend
+                .ping(to_api(&topology, "api", 0).ip(), TIMEOUT)
+                .unwrap(),
+            "{family} ping frontend -> api"
+        );
         // Denied: another port, another protocol, the other direction.
         let refused = frontend.tcp_connect(to_api(&topology, "api", 8081), TIMEOUT);
-        assert!(was_dropped(&refused), "{family} 8081/tcp must be dropped: {refused:?}");
+        assert!(
+            was_dropped(&refused),
+            "{family} 8081/tcp must be dropped: {refused:?}"
+        );
         let refused = frontend.udp_exchange(to_api(&topology, "api", 54), b"udp", TIMEOUT);
-        assert!(was_dropped(&refused), "{family} 54/udp must be dropped: {refused:?}");
+        assert!(
+            was_dropped(&refused),
+            "{family} 54/udp must be dropped: {refused:?}"
+        );
         let refused = api.tcp_connect(to_frontend(&topology, "frontend", 8080), TIMEOUT);
-        assert!(was_dropped(&refused), "{family} api -> frontend 8080/tcp must be dropped: {refused:?}");
+        assert!(
+            was_dropped(&refused),
+            "{family} api -> frontend 8080/tcp must be dropped: {refused:?}"
+        );
         let refused = api.udp_exchange(to_frontend(&topology, "frontend", 53), b"udp", TIMEOUT);
-        assert!(was_dropped(&refused), "{family} api -> frontend 53/udp must be dropped: {refused:?}");
-        assert!(!api.ping(to_frontend(&topology, "frontend", 0).ip(), TIMEOUT).unwrap(), "{family} ping api -> frontend must be dropped");
+        assert!(
+            was_dropped(&refused),
+            "{family} api -> frontend 53/udp must be dropped: {refused:?}"
+        );
+        assert!(
+            !api.ping(to_frontend(&topology, "frontend", 0).ip(), TIMEOUT)
+                .unwrap(),
+            "{family} ping api -> frontend must be dropped"
+        );
     }
 
     // The event of an allowed flow names everything the issue lists.
     let opened = enforcer
-        .wait_for_alert(|alert| is_flow(alert, "frontend", "api", 8080) && alert["connection_info"]["protocol_ver_id"] == 6)
+        .wait_for_alert(|alert| {
+            is_flow(alert, "frontend", "api", 8080)
+                && alert["connection_info"]["protocol_ver_id"] == 6
+        })
         .expect("IPv6 flow reported");
     let fields = &opened["unmapped"]["enforcer"];
     assert_eq!(opened["policy"]["uid"], "fe-api");
-    assert_eq!(opened["dst_endpoint"]["ip"], topology.endpoint("api").ipv6.to_string());
-    assert_eq!(fields["interface"], topology.endpoint("frontend").host_interface, "seen entering the host from frontend");
+    assert_eq!(
+        opened["dst_endpoint"]["ip"],
+        topology.endpoint("api").ipv6.to_string()
+    );
+    assert_eq!(
+        fields["interface"],
+        topology.endpoint("frontend").host_interface,
+        "seen entering the host from frontend"
+    );
     assert_eq!(fields["hook"], hook);
     assert_eq!(fields["generation"], 1);
     assert_eq!(fields["reason"], "policy_allow");
-    assert!(opened["time"].as_u64().unwrap() > 1_700_000_000_000, "wall-clock milliseconds");
+    assert!(
+        opened["time"].as_u64().unwrap() > 1_700_000_000_000,
+        "wall-clock milliseconds"
+    );
     assert!(opened["metadata"]["sequence"].as_u64().unwrap() >= 1);
-    let denied = enforcer.wait_for_alert(|alert| is_flow(alert, "api", "frontend", 53) && alert["action_id"] == 2).expect("denied UDP reported");
+    let denied = enforcer
+        .wait_for_alert(|alert| is_flow(alert, "api", "frontend", 53) && alert["action_id"] == 2)
+        .expect("denied UDP reported");
     assert_eq!(denied["policy"]["uid"], "default-deny");
 }
 
@@ -101,14 +164,26 @@ fn port_range_admits_its_ends_and_refuses_one_past_them_as_root() {
     );
     let _enforcer = enforce(&topology, &policy);
     let api = &topology.endpoint("api").netns;
-    let _servers: Vec<_> = [7999, 8000, 8100, 8101].iter().map(|port| api.tcp_echo_server(*port).unwrap()).collect();
+    let _servers: Vec<_> = [7999, 8000, 8100, 8101]
+        .iter()
+        .map(|port| api.tcp_echo_server(*port).unwrap())
+        .collect();
     let frontend = &topology.endpoint("frontend").netns;
     for port in [8000, 8100] {
-        assert_eq!(frontend.tcp_exchange(v4(&topology, "api", port), b"in", TIMEOUT).unwrap_or_default(), b"in", "port {port} is inside 8000-8100");
+        assert_eq!(
+            frontend
+                .tcp_exchange(v4(&topology, "api", port), b"in", TIMEOUT)
+                .unwrap_or_default(),
+            b"in",
+            "port {port} is inside 8000-8100"
+        );
     }
     for port in [7999, 8101] {
         let refused = frontend.tcp_connect(v4(&topology, "api", port), TIMEOUT);
-        assert!(was_dropped(&refused), "port {port} is outside 8000-8100: {refused:?}");
+        assert!(
+            was_dropped(&refused),
+            "port {port} is outside 8000-8100: {refused:?}"
+        );
     }
 }
 
@@ -125,12 +200,23 @@ fn explicit_deny_beats_an_overlapping_allow_as_root() {
     );
     let enforcer = enforce(&topology, &policy);
     let api = &topology.endpoint("api").netns;
-    let _servers = [api.tcp_echo_server(9090).unwrap(), api.tcp_echo_server(9091).unwrap()];
+    let _servers = [
+        api.tcp_echo_server(9090).unwrap(),
+        api.tcp_echo_server(9091).unwrap(),
+    ];
     let frontend = &topology.endpoint("frontend").netns;
-    assert_eq!(frontend.tcp_exchange(v4(&topology, "api", 9091), b"ok", TIMEOUT).unwrap_or_default(), b"ok", "the allow covers 9091");
+    assert_eq!(
+        frontend
+            .tcp_exchange(v4(&topology, "api", 9091), b"ok", TIMEOUT)
+            .unwrap_or_default(),
+        b"ok",
+        "the allow covers 9091"
+    );
     let refused = frontend.tcp_connect(v4(&topology, "api", 9090), TIMEOUT);
     assert!(was_dropped(&refused), "the deny wins on 9090: {refused:?}");
-    let denied = enforcer.wait_for_alert(|alert| is_flow(alert, "frontend", "api", 9090)).expect("denial reported");
+    let denied = enforcer
+        .wait_for_alert(|alert| is_flow(alert, "frontend", "api", 9090))
+        .expect("denial reported");
     assert_eq!(denied["policy"]["uid"], "no-admin");
     assert_eq!(denied["unmapped"]["enforcer"]["reason"], "policy_deny");
 }
@@ -173,48 +259,114 @@ fn process_in_a_services_cgroup_is_judged_as_that_service_as_root() {
         service(&topology, "api", "")
     );
     let enforcer = enforce(&topology, &policy);
-    let _server = topology.endpoint("api").netns.tcp_echo_server(8080).unwrap();
+    let _server = topology
+        .endpoint("api")
+        .netns
+        .tcp_echo_server(8080)
+        .unwrap();
     let target = v4(&topology, "api", 8080);
 
-    let inside = socat_exchange(topology.host.command_in_cgroup("socat", &cgroup).unwrap(), None, target, b"from the frontend cgroup", TIMEOUT);
-    assert_eq!(inside.expect("a process in frontend's cgroup is frontend"), b"from the frontend cgroup");
-    let outside = socat_exchange(topology.host.command("socat").unwrap(), None, target, b"from elsewhere", TIMEOUT);
-    assert!(outside.is_err(), "the same command outside the cgroup is the host, which may not reach api: {outside:?}");
+    let inside = socat_exchange(
+        topology.host.command_in_cgroup("socat", &cgroup).unwrap(),
+        None,
+        target,
+        b"from the frontend cgroup",
+        TIMEOUT,
+    );
+    assert_eq!(
+        inside.expect("a process in frontend's cgroup is frontend"),
+        b"from the frontend cgroup"
+    );
+    let outside = socat_exchange(
+        topology.host.command("socat").unwrap(),
+        None,
+        target,
+        b"from elsewhere",
+        TIMEOUT,
+    );
+    assert!(
+        outside.is_err(),
+        "the same command outside the cgroup is the host, which may not reach api: {outside:?}"
+    );
 
-    let opened = enforcer.wait_for_alert(|alert| is_flow(alert, "frontend", "api", 8080)).expect("flow reported");
-    assert_eq!(opened["unmapped"]["enforcer"]["cgroup_id"], cgroup.id().unwrap());
+    let opened = enforcer
+        .wait_for_alert(|alert| is_flow(alert, "frontend", "api", 8080))
+        .expect("flow reported");
+    assert_eq!(
+        opened["unmapped"]["enforcer"]["cgroup_id"],
+        cgroup.id().unwrap()
+    );
     assert_eq!(opened["unmapped"]["enforcer"]["hook"], "tc-egress");
-    let refused = enforcer.wait_for_alert(|alert| is_flow(alert, "host", "api", 8080)).expect("refusal reported");
+    let refused = enforcer
+        .wait_for_alert(|alert| is_flow(alert, "host", "api", 8080))
+        .expect("refusal reported");
     assert_eq!(refused["policy"]["uid"], "default-deny");
 }
 
 #[test]
 fn cgroup_and_source_address_naming_different_services_is_dropped_as_spoofed_as_root() {
-    if !require_root("cgroup_and_source_address_naming_different_services_is_dropped_as_spoofed_as_root") {
+    if !require_root(
+        "cgroup_and_source_address_naming_different_services_is_dropped_as_spoofed_as_root",
+    ) {
         return;
     }
     let topology = Topology::build(&["api"]).unwrap();
     let cgroup = Cgroup::create("frontend").unwrap();
     // The host also holds db's address; a frontend process sending from it claims to be db.
     let db_address = Ipv4Addr::new(10, 99, 0, 3);
-    topology.host.ip(&["addr", "add", &format!("{db_address}/32"), "dev", "lo"]).unwrap();
+    topology
+        .host
+        .ip(&["addr", "add", &format!("{db_address}/32"), "dev", "lo"])
+        .unwrap();
     let policy = format!(
         "[[service]]\nname = \"frontend\"\ncgroups = [\"{}\"]\n[[service]]\nname = \"db\"\naddresses = [\"{db_address}/32\"]\n{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\n[[allow]]\nfrom = \"db\"\nto = \"api\"\nports = [\"8080/tcp\"]\n",
         cgroup.path.display(),
         service(&topology, "api", "")
     );
     let enforcer = enforce(&topology, &policy);
-    let server = topology.endpoint("api").netns.tcp_echo_server(8080).unwrap();
+    let server = topology
+        .endpoint("api")
+        .netns
+        .tcp_echo_server(8080)
+        .unwrap();
     let target = v4(&topology, "api", 8080);
     // Either identity alone may reach api: only the contradiction is refused.
-    let honest = socat_exchange(topology.host.command_in_cgroup("socat", &cgroup).unwrap(), None, target, b"frontend", TIMEOUT);
+    let honest = socat_exchange(
+        topology.host.command_in_cgroup("socat", &cgroup).unwrap(),
+        None,
+        target,
+        b"frontend",
+        TIMEOUT,
+    );
     assert_eq!(honest.expect("frontend from its cgroup"), b"frontend");
-    let lying = socat_exchange(topology.host.command_in_cgroup("socat", &cgroup).unwrap(), Some(IpAddr::V4(db_address)), target, b"db?", TIMEOUT);
-    assert!(lying.is_err(), "frontend's process sending as db must be dropped: {lying:?}");
-    assert_eq!(server.hit_count(), 1, "only the honest connection reached api");
-    let spoofed = enforcer.wait_for_alert(|alert| alert["unmapped"]["enforcer"]["reason"] == "identity_mismatch").expect("spoof reported");
-    assert_eq!(spoofed["src_endpoint"]["svc_name"], "frontend", "reported with the cgroup's service");
-    assert_eq!(spoofed["unmapped"]["enforcer"]["address_identity"], enforcer::identity::of_service_name("db"), "and the address's");
+    let lying = socat_exchange(
+        topology.host.command_in_cgroup("socat", &cgroup).unwrap(),
+        Some(IpAddr::V4(db_address)),
+        target,
+        b"db?",
+        TIMEOUT,
+    );
+    assert!(
+        lying.is_err(),
+        "frontend's process sending as db must be dropped: {lying:?}"
+    );
+    assert_eq!(
+        server.hit_count(),
+        1,
+        "only the honest connection reached api"
+    );
+    let spoofed = enforcer
+        .wait_for_alert(|alert| alert["unmapped"]["enforcer"]["reason"] == "identity_mismatch")
+        .expect("spoof reported");
+    assert_eq!(
+        spoofed["src_endpoint"]["svc_name"], "frontend",
+        "reported with the cgroup's service"
+    );
+    assert_eq!(
+        spoofed["unmapped"]["enforcer"]["address_identity"],
+        enforcer::identity::of_service_name("db"),
+        "and the address's"
+    );
     assert_eq!(spoofed["policy"]["uid"], "anti-spoofing");
 }
 
@@ -227,7 +379,9 @@ fn spoofed_source_from_an_endpoint_never_reaches_its_target_as_root() {
 
 #[test]
 fn spoofed_source_from_an_endpoint_never_reaches_its_target_with_xdp_ingress_as_root() {
-    if require_root("spoofed_source_from_an_endpoint_never_reaches_its_target_with_xdp_ingress_as_root") {
+    if require_root(
+        "spoofed_source_from_an_endpoint_never_reaches_its_target_with_xdp_ingress_as_root",
+    ) {
         spoofed_source_is_dropped("xdp");
     }
 }
@@ -244,24 +398,45 @@ fn spoofed_source_is_dropped(ingress: &str) {
     let server = topology.endpoint("api").netns.udp_echo_server(53).unwrap();
     let frontend = &topology.endpoint("frontend").netns;
     let unclaimed = Ipv4Addr::new(10, 200, 1, 77);
-    frontend.ip(&["addr", "add", &format!("{unclaimed}/32"), "dev", "eth0"]).unwrap();
-    frontend.ip(&["addr", "add", &format!("{db_address}/32"), "dev", "eth0"]).unwrap();
+    frontend
+        .ip(&["addr", "add", &format!("{unclaimed}/32"), "dev", "eth0"])
+        .unwrap();
+    frontend
+        .ip(&["addr", "add", &format!("{db_address}/32"), "dev", "eth0"])
+        .unwrap();
     let target = v4(&topology, "api", 53);
 
-    assert_eq!(frontend.udp_exchange(target, b"honest", TIMEOUT).expect("frontend's own address"), b"honest");
+    assert_eq!(
+        frontend
+            .udp_exchange(target, b"honest", TIMEOUT)
+            .expect("frontend's own address"),
+        b"honest"
+    );
     assert_eq!(server.hit_count(), 1);
     // Every rule would allow these sources, but they did not come from where those sources are.
     for forged in [unclaimed, db_address] {
         let sent = frontend.udp_exchange_from(Some(IpAddr::V4(forged)), target, b"forged", TIMEOUT);
-        assert!(was_dropped(&sent), "datagram from {forged} must be dropped: {sent:?}");
+        assert!(
+            was_dropped(&sent),
+            "datagram from {forged} must be dropped: {sent:?}"
+        );
     }
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(server.hit_count(), 1, "no forged datagram reached api");
     let spoofed = enforcer
-        .wait_for_alert(|alert| alert["unmapped"]["enforcer"]["reason"] == "spoofed" && alert["src_endpoint"]["ip"] == db_address.to_string())
+        .wait_for_alert(|alert| {
+            alert["unmapped"]["enforcer"]["reason"] == "spoofed"
+                && alert["src_endpoint"]["ip"] == db_address.to_string()
+        })
         .expect("spoof reported");
-    assert_eq!(spoofed["src_endpoint"]["svc_name"], "frontend", "the interface's service");
-    assert_eq!(spoofed["unmapped"]["enforcer"]["address_identity"], enforcer::identity::of_service_name("db"));
+    assert_eq!(
+        spoofed["src_endpoint"]["svc_name"], "frontend",
+        "the interface's service"
+    );
+    assert_eq!(
+        spoofed["unmapped"]["enforcer"]["address_identity"],
+        enforcer::identity::of_service_name("db")
+    );
     assert_eq!(spoofed["severity_id"], 4);
 }
 
@@ -271,20 +446,44 @@ fn live_connection_dies_at_its_next_packet_when_its_rule_is_removed_as_root() {
         return;
     }
     let topology = Topology::build(&["frontend", "api"]).unwrap();
-    let services = format!("{}{}", service(&topology, "frontend", ""), service(&topology, "api", ""));
-    let allowing = format!("{services}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\nid = \"fe-api\"\n");
+    let services = format!(
+        "{}{}",
+        service(&topology, "frontend", ""),
+        service(&topology, "api", "")
+    );
+    let allowing = format!(
+        "{services}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\nid = \"fe-api\"\n"
+    );
     let enforcer = enforce(&topology, &allowing);
-    let server = topology.endpoint("api").netns.tcp_echo_server(8080).unwrap();
+    let server = topology
+        .endpoint("api")
+        .netns
+        .tcp_echo_server(8080)
+        .unwrap();
     let frontend = &topology.endpoint("frontend").netns;
-    let mut stream = frontend.tcp_connect(v4(&topology, "api", 8080), TIMEOUT).unwrap();
-    assert_eq!(enforcer_testbed::exchange(&mut stream, b"before").unwrap(), b"before");
+    let mut stream = frontend
+        .tcp_connect(v4(&topology, "api", 8080), TIMEOUT)
+        .unwrap();
+    assert_eq!(
+        enforcer_testbed::exchange(&mut stream, b"before").unwrap(),
+        b"before"
+    );
     let received_before = server.byte_count();
 
     enforcer.reload(&services, 2);
     let after = enforcer_testbed::exchange(&mut stream, b"after");
-    assert!(after.is_err(), "the established connection must be cut: {after:?}");
-    assert_eq!(server.byte_count(), received_before, "not one byte sent after the revocation reached api");
-    let cut = enforcer.wait_for_alert(|alert| alert["unmapped"]["enforcer"]["rejudged"] == true).expect("cut reported");
+    assert!(
+        after.is_err(),
+        "the established connection must be cut: {after:?}"
+    );
+    assert_eq!(
+        server.byte_count(),
+        received_before,
+        "not one byte sent after the revocation reached api"
+    );
+    let cut = enforcer
+        .wait_for_alert(|alert| alert["unmapped"]["enforcer"]["rejudged"] == true)
+        .expect("cut reported");
     assert_eq!(cut["activity_name"], "Reset");
     assert_eq!(cut["disposition_id"], 24);
     assert_eq!(cut["unmapped"]["enforcer"]["generation"], 2);
@@ -302,7 +501,11 @@ fn rate_limit_admits_about_the_configured_new_connections_per_second_as_root() {
         service(&topology, "api", "")
     );
     let enforcer = enforce(&topology, &policy);
-    let server = topology.endpoint("api").netns.tcp_echo_server(8080).unwrap();
+    let server = topology
+        .endpoint("api")
+        .netns
+        .tcp_echo_server(8080)
+        .unwrap();
     let target = v4(&topology, "api", 8080);
 
     // 200 attempts spread over 2 seconds. A refused attempt gives up before TCP would retry its
@@ -321,7 +524,10 @@ fn rate_limit_admits_about_the_configured_new_connections_per_second_as_root() {
                 for attempt in (worker..ATTEMPTS).step_by(WORKERS) {
                     let due = started + SPREAD.mul_f64(attempt as f64 / ATTEMPTS as f64);
                     std::thread::sleep(due.saturating_duration_since(Instant::now()));
-                    if netns.tcp_connect(target, Duration::from_millis(800)).is_ok() {
+                    if netns
+                        .tcp_connect(target, Duration::from_millis(800))
+                        .is_ok()
+                    {
                         admitted.fetch_add(1, Ordering::SeqCst);
                     }
                 }
@@ -330,7 +536,10 @@ fn rate_limit_admits_about_the_configured_new_connections_per_second_as_root() {
     });
     let elapsed = started.elapsed().as_secs_f64();
     let admitted = admitted.load(Ordering::SeqCst);
-    eprintln!("rate limit 10/s: {admitted} of {ATTEMPTS} new connections admitted in {elapsed:.2} s ({:.1}/s)", admitted as f64 / elapsed);
+    eprintln!(
+        "rate limit 10/s: {admitted} of {ATTEMPTS} new connections admitted in {elapsed:.2} s ({:.1}/s)",
+        admitted as f64 / elapsed
+    );
     // 10 may go at once, then 10 per second; CPUs racing on the bucket may add one each.
     let most = 10.0 + 10.0 * elapsed + 4.0;
     let least = 10.0 * elapsed * 0.7;
@@ -343,7 +552,9 @@ fn rate_limit_admits_about_the_configured_new_connections_per_second_as_root() {
         "every admitted connection reached api, no refused one did: {} accepted, {admitted} admitted",
         server.hit_count()
     );
-    let limited = enforcer.wait_for_alert(|alert| alert["unmapped"]["enforcer"]["reason"] == "rate_limited").expect("rate limit reported");
+    let limited = enforcer
+        .wait_for_alert(|alert| alert["unmapped"]["enforcer"]["reason"] == "rate_limited")
+        .expect("rate limit reported");
     assert_eq!(limited["policy"]["uid"], "limited");
     assert_eq!(limited["disposition_id"], 6);
 }
@@ -355,17 +566,42 @@ fn audit_mode_passes_what_it_would_drop_and_reports_it_as_root() {
     }
     // Global audit: nothing is dropped.
     let topology = Topology::build(&["frontend", "api", "client"]).unwrap();
-    let services = format!("{}{}", service(&topology, "frontend", ""), service(&topology, "api", ""));
+    let services = format!(
+        "{}{}",
+        service(&topology, "frontend", ""),
+        service(&topology, "api", "")
+    );
     let policy = format!("[settings]\nmode = \"audit\"\n{services}");
     let enforcer = enforce(&topology, &policy);
-    let _servers = [topology.endpoint("api").netns.tcp_echo_server(9090).unwrap(), topology.endpoint("frontend").netns.tcp_echo_server(80).unwrap()];
+    let _servers = [
+        topology
+            .endpoint("api")
+            .netns
+            .tcp_echo_server(9090)
+            .unwrap(),
+        topology
+            .endpoint("frontend")
+            .netns
+            .tcp_echo_server(80)
+            .unwrap(),
+    ];
     let frontend = &topology.endpoint("frontend").netns;
-    assert_eq!(frontend.tcp_exchange(v4(&topology, "api", 9090), b"audited", TIMEOUT).expect("audit mode drops nothing"), b"audited");
-    let audited = enforcer.wait_for_alert(|alert| is_flow(alert, "frontend", "api", 9090)).expect("would-be drop reported");
+    assert_eq!(
+        frontend
+            .tcp_exchange(v4(&topology, "api", 9090), b"audited", TIMEOUT)
+            .expect("audit mode drops nothing"),
+        b"audited"
+    );
+    let audited = enforcer
+        .wait_for_alert(|alert| is_flow(alert, "frontend", "api", 9090))
+        .expect("would-be drop reported");
     assert_eq!(audited["unmapped"]["enforcer"]["verdict"], "audit");
     assert_eq!(audited["action_id"], 1);
     assert_eq!(audited["disposition_id"], 15);
-    assert_eq!(audited["policy"]["uid"], "default-deny", "with the rule that would have dropped it");
+    assert_eq!(
+        audited["policy"]["uid"], "default-deny",
+        "with the rule that would have dropped it"
+    );
     drop(enforcer);
 
     // Per service: frontend rolls out in audit mode while api enforces.
@@ -377,14 +613,23 @@ fn audit_mode_passes_what_it_would_drop_and_reports_it_as_root() {
     let enforcer = enforce(&topology, &policy);
     let client = &topology.endpoint("client").netns;
     assert_eq!(
-        client.tcp_exchange(v4(&topology, "frontend", 80), b"to frontend", TIMEOUT).expect("only frontend, in audit, is involved"),
+        client
+            .tcp_exchange(v4(&topology, "frontend", 80), b"to frontend", TIMEOUT)
+            .expect("only frontend, in audit, is involved"),
         b"to frontend"
     );
     let refused = frontend.tcp_connect(v4(&topology, "api", 9090), TIMEOUT);
-    assert!(was_dropped(&refused), "api enforces, so frontend -> api is still dropped: {refused:?}");
-    let audited = enforcer.wait_for_alert(|alert| is_flow(alert, "world", "frontend", 80)).expect("audit reported");
+    assert!(
+        was_dropped(&refused),
+        "api enforces, so frontend -> api is still dropped: {refused:?}"
+    );
+    let audited = enforcer
+        .wait_for_alert(|alert| is_flow(alert, "world", "frontend", 80))
+        .expect("audit reported");
     assert_eq!(audited["unmapped"]["enforcer"]["verdict"], "audit");
-    let denied = enforcer.wait_for_alert(|alert| is_flow(alert, "frontend", "api", 9090)).expect("drop reported");
+    let denied = enforcer
+        .wait_for_alert(|alert| is_flow(alert, "frontend", "api", 9090))
+        .expect("drop reported");
     assert_eq!(denied["unmapped"]["enforcer"]["verdict"], "deny");
 }
 
@@ -394,16 +639,45 @@ fn status_shows_the_pinned_datapath_as_root() {
         return;
     }
     let topology = Topology::build(&["frontend", "api"]).unwrap();
-    let policy = format!("{}{}", service(&topology, "frontend", ""), service(&topology, "api", ""));
+    let policy = format!(
+        "{}{}",
+        service(&topology, "frontend", ""),
+        service(&topology, "api", "")
+    );
     let enforcer = enforce(&topology, &policy);
-    let _ = topology.endpoint("frontend").netns.tcp_connect(v4(&topology, "api", 1), TIMEOUT);
+    let _ = topology
+        .endpoint("frontend")
+        .netns
+        .tcp_connect(v4(&topology, "api", 1), TIMEOUT);
     let output = enforcer.command(&topology, &["status"]);
     let status = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    assert!(status.contains("generation 1 (slot 0), mode enforce"), "{status}");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        status.contains("generation 1 (slot 0), mode enforce"),
+        "{status}"
+    );
     for interface in ["v-frontend", "v-api"] {
-        assert!(status.lines().any(|line| line.contains(interface) && line.contains("enf_tc_ingress") && line.contains("matches this build")), "veths get TC ingress: {status}");
-        assert!(status.lines().any(|line| line.contains(interface) && line.contains("enf_tc_egress") && line.contains("matches this build")), "{status}");
+        assert!(
+            status.lines().any(|line| line.contains(interface)
+                && line.contains("enf_tc_ingress")
+                && line.contains("matches this build")),
+            "veths get TC ingress: {status}"
+        );
+        assert!(
+            status.lines().any(|line| line.contains(interface)
+                && line.contains("enf_tc_egress")
+                && line.contains("matches this build")),
+            "{status}"
+        );
     }
-    assert!(status.lines().any(|line| line.contains("deny") && line.contains("default_deny")), "the refused SYNs are counted:\n{status}");
+    assert!(
+        status
+            .lines()
+            .any(|line| line.contains("deny") && line.contains("default_deny")),
+        "the refused SYNs are counted:\n{status}"
+    );
 }

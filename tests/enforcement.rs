@@ -29,15 +29,24 @@ to = "api"
 ports = ["8080/tcp", "53/udp"]
 id = "frontend-to-api"
 "#,
-        frontend.host_interface, frontend.ipv4, frontend.ipv6, api.host_interface, api.ipv4, api.ipv6
+        frontend.host_interface,
+        frontend.ipv4,
+        frontend.ipv6,
+        api.host_interface,
+        api.ipv4,
+        api.ipv6
     )
 }
 
 fn shop() -> (Topology, Enforcer) {
     let topology = Topology::build(&["frontend", "api"]).expect("topology");
     let policy = shop_policy(&topology);
-    let attach = [topology.endpoint("frontend").host_interface.clone(), topology.endpoint("api").host_interface.clone()];
-    let enforcer = Enforcer::start(&topology, &policy, &[&attach[0], &attach[1]], &[]).expect("enforcer starts");
+    let attach = [
+        topology.endpoint("frontend").host_interface.clone(),
+        topology.endpoint("api").host_interface.clone(),
+    ];
+    let enforcer = Enforcer::start(&topology, &policy, &[&attach[0], &attach[1]], &[])
+        .expect("enforcer starts");
     (topology, enforcer)
 }
 
@@ -51,10 +60,20 @@ fn allowed_tcp_connection_carries_data_both_ways_as_root() {
     let _server = api.netns.tcp_echo_server(8080).unwrap();
     // Large enough to take many segments each way.
     let payload: Vec<u8> = (0..512 * 1024).map(|i| (i % 251) as u8).collect();
-    let reply = topology.endpoint("frontend").netns.tcp_exchange(socket(api.ipv4, 8080), &payload, TIMEOUT * 4).expect("allowed connection works");
+    let reply = topology
+        .endpoint("frontend")
+        .netns
+        .tcp_exchange(socket(api.ipv4, 8080), &payload, TIMEOUT * 4)
+        .expect("allowed connection works");
     assert_eq!(reply, payload, "the echo came back intact");
-    let opened = enforcer.wait_for_alert(|alert| is_flow(alert, "frontend", "api", 8080) && alert["action_id"] == 1);
-    let opened = opened.unwrap_or_else(|| panic!("the kernel reported the new flow; alerts: {:#?}", enforcer.alerts()));
+    let opened = enforcer
+        .wait_for_alert(|alert| is_flow(alert, "frontend", "api", 8080) && alert["action_id"] == 1);
+    let opened = opened.unwrap_or_else(|| {
+        panic!(
+            "the kernel reported the new flow; alerts: {:#?}",
+            enforcer.alerts()
+        )
+    });
     assert_eq!(opened["policy"]["uid"], "frontend-to-api");
 }
 
@@ -70,10 +89,18 @@ fn connection_not_in_policy_is_refused_as_root() {
     let _frontend_8080 = frontend.netns.tcp_echo_server(8080).unwrap();
     // Both servers listen, so only the policy can make these fail.
     let wrong_port = frontend.netns.tcp_connect(socket(api.ipv4, 9090), TIMEOUT);
-    assert!(was_dropped(&wrong_port), "frontend -> api:9090 must be dropped, got {wrong_port:?}");
+    assert!(
+        was_dropped(&wrong_port),
+        "frontend -> api:9090 must be dropped, got {wrong_port:?}"
+    );
     let wrong_direction = api.netns.tcp_connect(socket(frontend.ipv4, 8080), TIMEOUT);
-    assert!(was_dropped(&wrong_direction), "api -> frontend:8080 must be dropped, got {wrong_direction:?}");
-    let denied = enforcer.wait_for_alert(|alert| is_flow(alert, "frontend", "api", 9090) && alert["action_id"] == 2).expect("denial reported");
+    assert!(
+        was_dropped(&wrong_direction),
+        "api -> frontend:8080 must be dropped, got {wrong_direction:?}"
+    );
+    let denied = enforcer
+        .wait_for_alert(|alert| is_flow(alert, "frontend", "api", 9090) && alert["action_id"] == 2)
+        .expect("denial reported");
     assert_eq!(denied["policy"]["uid"], "default-deny");
     assert_eq!(denied["class_uid"], 4001);
 }
@@ -88,10 +115,18 @@ fn allowed_udp_exchange_gets_its_reply_as_root() {
     let frontend = topology.endpoint("frontend");
     let _dns = api.netns.udp_echo_server(53).unwrap();
     let _other = api.netns.udp_echo_server(54).unwrap();
-    let reply = frontend.netns.udp_exchange(socket(api.ipv4, 53), b"query", TIMEOUT).expect("reply to an allowed datagram");
+    let reply = frontend
+        .netns
+        .udp_exchange(socket(api.ipv4, 53), b"query", TIMEOUT)
+        .expect("reply to an allowed datagram");
     assert_eq!(reply, b"query");
-    let refused = frontend.netns.udp_exchange(socket(api.ipv4, 54), b"query", TIMEOUT);
-    assert!(was_dropped(&refused), "54/udp is not allowed, got {refused:?}");
+    let refused = frontend
+        .netns
+        .udp_exchange(socket(api.ipv4, 54), b"query", TIMEOUT);
+    assert!(
+        was_dropped(&refused),
+        "54/udp is not allowed, got {refused:?}"
+    );
 }
 
 #[test]
@@ -101,7 +136,12 @@ fn policy_that_does_not_parse_is_refused_and_nothing_is_attached_as_root() {
     }
     let topology = Topology::build(&["frontend", "api"]).expect("topology");
     let api = topology.endpoint("api");
-    let policy = topology.write_file("broken.toml", "[[service]]\nname = \"api\"\naddresses = [\"10.200.2.300/32\"]\n").unwrap();
+    let policy = topology
+        .write_file(
+            "broken.toml",
+            "[[service]]\nname = \"api\"\naddresses = [\"10.200.2.300/32\"]\n",
+        )
+        .unwrap();
     let output = topology
         .host
         .command(ENFORCER)
@@ -113,12 +153,39 @@ fn policy_that_does_not_parse_is_refused_and_nothing_is_attached_as_root() {
         .output()
         .expect("enforcer runs");
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "bad input exits 1; stderr: {stderr}");
-    assert!(stderr.contains(&format!("{}:3:14: invalid address or CIDR \"10.200.2.300/32\"", policy.display())), "stderr: {stderr}");
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "bad input exits 1; stderr: {stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "{}:3:14: invalid address or CIDR \"10.200.2.300/32\"",
+            policy.display()
+        )),
+        "stderr: {stderr}"
+    );
     assert!(!topology.pin_path().exists(), "nothing was pinned");
-    let link = Command::new("ip").args(["-n", &topology.host.name, "-d", "link", "show", &api.host_interface]).output().unwrap();
-    assert!(!String::from_utf8_lossy(&link.stdout).contains("xdp"), "no XDP program on the interface");
+    let link = Command::new("ip")
+        .args([
+            "-n",
+            &topology.host.name,
+            "-d",
+            "link",
+            "show",
+            &api.host_interface,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&link.stdout).contains("xdp"),
+        "no XDP program on the interface"
+    );
     let _server = api.netns.tcp_echo_server(8080).unwrap();
-    let reply = topology.endpoint("frontend").netns.tcp_exchange(socket(api.ipv4, 8080), b"still open", TIMEOUT);
+    let reply = topology.endpoint("frontend").netns.tcp_exchange(
+        socket(api.ipv4, 8080),
+        b"still open",
+        TIMEOUT,
+    );
     assert_eq!(reply.expect("traffic is untouched"), b"still open");
 }

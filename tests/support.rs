@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-pub use enforcer_testbed::{require_root, Daemon, Topology};
+pub use enforcer_testbed::{Daemon, Topology, require_root};
 use serde_json::Value;
 
 pub const ENFORCER: &str = env!("CARGO_BIN_EXE_enforcer");
@@ -31,18 +31,40 @@ pub struct Enforcer {
 
 impl Enforcer {
     /// Starts enforcer with `policy` (TOML text), attached to `attach`, plus `extra` arguments.
-    pub fn start(topology: &Topology, policy: &str, attach: &[&str], extra: &[&str]) -> io::Result<Self> {
+    pub fn start(
+        topology: &Topology,
+        policy: &str,
+        attach: &[&str],
+        extra: &[&str],
+    ) -> io::Result<Self> {
         let policy_path = topology.write_file("policy.toml", policy)?;
         Self::start_with_policy_path(topology, &policy_path, attach, extra)
     }
 
-    pub fn start_with_policy_path(topology: &Topology, policy: &Path, attach: &[&str], extra: &[&str]) -> io::Result<Self> {
-        let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    pub fn start_with_policy_path(
+        topology: &Topology,
+        policy: &Path,
+        attach: &[&str],
+        extra: &[&str],
+    ) -> io::Result<Self> {
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
         let alerts = topology.dir.join(format!("alerts-{started}.jsonl"));
         let pins = topology.pin_path();
         let observe_socket = topology.dir.join(format!("observe-{started}.sock"));
         let mut command = topology.host.command(ENFORCER)?;
-        command.arg("run").arg("--policy").arg(policy).arg("--pin-path").arg(&pins).arg("--alerts").arg(&alerts).arg("--observe-socket").arg(&observe_socket);
+        command
+            .arg("run")
+            .arg("--policy")
+            .arg(policy)
+            .arg("--pin-path")
+            .arg(&pins)
+            .arg("--alerts")
+            .arg(&alerts)
+            .arg("--observe-socket")
+            .arg(&observe_socket);
         for interface in attach {
             command.args(["--attach", interface]);
         }
@@ -50,9 +72,18 @@ impl Enforcer {
         let log = topology.dir.join(format!("enforcer-{started}.log"));
         let unload_pins = pins.clone();
         let daemon = Daemon::spawn(command, log, "enforcing", SETTLE)?.on_drop(move || {
-            let _ = Command::new(ENFORCER).args(["unload", "--pin-path"]).arg(&unload_pins).output();
+            let _ = Command::new(ENFORCER)
+                .args(["unload", "--pin-path"])
+                .arg(&unload_pins)
+                .output();
         });
-        Ok(Self { daemon, alerts, policy: policy.to_owned(), pins, observe_socket })
+        Ok(Self {
+            daemon,
+            alerts,
+            policy: policy.to_owned(),
+            pins,
+            observe_socket,
+        })
     }
 
     /// Every alert written so far.
@@ -84,7 +115,9 @@ impl Enforcer {
 
 /// A flow alert's endpoints and port, for matching.
 pub fn is_flow(alert: &Value, from: &str, to: &str, port: u16) -> bool {
-    alert["src_endpoint"]["svc_name"] == from && alert["dst_endpoint"]["svc_name"] == to && alert["dst_endpoint"]["port"] == port
+    alert["src_endpoint"]["svc_name"] == from
+        && alert["dst_endpoint"]["svc_name"] == to
+        && alert["dst_endpoint"]["port"] == port
 }
 
 pub fn socket(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
@@ -113,7 +146,11 @@ pub fn enforce(topology: &Topology, policy: &str) -> Enforcer {
 
 /// [`enforce`] with extra `enforcer run` arguments.
 pub fn enforce_with(topology: &Topology, policy: &str, extra: &[&str]) -> Enforcer {
-    let interfaces: Vec<&str> = topology.endpoints.iter().map(|endpoint| endpoint.host_interface.as_str()).collect();
+    let interfaces: Vec<&str> = topology
+        .endpoints
+        .iter()
+        .map(|endpoint| endpoint.host_interface.as_str())
+        .collect();
     Enforcer::start(topology, policy, &interfaces, extra).expect("enforcer starts")
 }
 
@@ -122,8 +159,12 @@ impl Enforcer {
     /// is installed.
     pub fn reload(&self, policy: &str, generation: u32) {
         std::fs::write(&self.policy, policy).expect("policy written");
-        self.daemon.signal(nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
-        self.daemon.wait_for_log(&format!("generation={generation} "), SETTLE).expect("reloaded");
+        self.daemon
+            .signal(nix::sys::signal::Signal::SIGHUP)
+            .expect("SIGHUP");
+        self.daemon
+            .wait_for_log(&format!("generation={generation} "), SETTLE)
+            .expect("reloaded");
     }
 }
 
@@ -131,14 +172,16 @@ impl Enforcer {
 pub fn http_get(netns: &enforcer_testbed::Netns, port: u16, path: &str) -> io::Result<String> {
     use std::io::{Read as _, Write as _};
     let mut stream = netns.tcp_connect(socket(std::net::Ipv4Addr::LOCALHOST, port), TIMEOUT)?;
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())?;
+    stream.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
-    let (head, body) = response.split_once("\r\n\r\n").ok_or_else(|| io::Error::other("no HTTP body"))?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| io::Error::other("no HTTP body"))?;
     if !head.starts_with("HTTP/1.1 200") {
         return Err(io::Error::other(format!("HTTP error: {head}")));
     }
     Ok(body.to_owned())
 }
-
-pub use enforcer_testbed::bpf;

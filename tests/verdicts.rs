@@ -21,7 +21,7 @@ use enforcer::{
 };
 use enforcer_common::{
     event::FlowEvent,
-    verdict::{reason, DENY},
+    verdict::{DENY, reason},
 };
 use enforcer_testbed::frames::{self, Ipv4};
 use support::require_root;
@@ -63,15 +63,32 @@ struct Kernel {
 impl Kernel {
     fn load(options: LoadOptions) -> Self {
         let pins = PinLayout::new(PathBuf::from("/sys/fs/bpf").join(enforcer_testbed::unique_id()));
-        let (datapath, mut maps, ring) = Datapath::load_with(pins.clone(), &options).expect("the verifier accepts the programs");
-        let policy = policy::parse_sources(vec![(PathBuf::from("verdicts.toml"), POLICY.to_owned())]).unwrap();
+        let (datapath, mut maps, ring) =
+            Datapath::load_with(pins.clone(), &options).expect("the verifier accepts the programs");
+        let policy =
+            policy::parse_sources(vec![(PathBuf::from("verdicts.toml"), POLICY.to_owned())])
+                .unwrap();
         let compiled = compile::compile(&policy, &HostView::default()).unwrap();
-        Installer::adopt(&maps).unwrap().install(&mut maps, &compiled).unwrap();
-        Self { datapath, maps, ring, pins, next_port: 40000 }
+        Installer::adopt(&maps)
+            .unwrap()
+            .install(&mut maps, &compiled)
+            .unwrap();
+        Self {
+            datapath,
+            maps,
+            ring,
+            pins,
+            next_port: 40000,
+        }
     }
 
     fn xdp_passes(&mut self, frame: &[u8]) -> bool {
-        match self.datapath.test_run(Hook::Xdp, frame, 1).unwrap().return_value {
+        match self
+            .datapath
+            .test_run(Hook::Xdp, frame, 1)
+            .unwrap()
+            .return_value
+        {
             XDP_PASS => true,
             XDP_DROP => false,
             other => panic!("unexpected XDP action {other}"),
@@ -79,7 +96,18 @@ impl Kernel {
     }
 
     fn tc_passes_at(&mut self, hook: Hook, frame: &[u8]) -> bool {
-        match self.datapath.test_run(hook, frame, 1).unwrap_or_else(|error| panic!("TC test run of {} bytes {:02x?}: {error}", frame.len(), frame)).return_value {
+        match self
+            .datapath
+            .test_run(hook, frame, 1)
+            .unwrap_or_else(|error| {
+                panic!(
+                    "TC test run of {} bytes {:02x?}: {error}",
+                    frame.len(),
+                    frame
+                )
+            })
+            .return_value
+        {
             TC_NEXT => true,
             TC_ACT_SHOT => false,
             other => panic!("unexpected TC action {other}"),
@@ -103,11 +131,19 @@ impl Kernel {
     }
 
     fn assert_passes(&mut self, what: &str, make: impl Fn(u16) -> Vec<u8>) {
-        assert_eq!(self.verdicts(make), [true; 3], "{what} must pass at XDP, TC ingress and TC egress");
+        assert_eq!(
+            self.verdicts(make),
+            [true; 3],
+            "{what} must pass at XDP, TC ingress and TC egress"
+        );
     }
 
     fn assert_dropped(&mut self, what: &str, make: impl Fn(u16) -> Vec<u8>) {
-        assert_eq!(self.verdicts(make), [false; 3], "{what} must be dropped at XDP, TC ingress and TC egress");
+        assert_eq!(
+            self.verdicts(make),
+            [false; 3],
+            "{what} must be dropped at XDP, TC ingress and TC egress"
+        );
     }
 
     fn events(&mut self) -> Vec<FlowEvent> {
@@ -119,7 +155,13 @@ impl Kernel {
     }
 
     fn packets_with_reason(&self, wanted: u8) -> u64 {
-        self.maps.packet_counts().unwrap().iter().filter(|(verdict, code, _)| *verdict == DENY && *code == wanted).map(|(_, _, counter)| counter.packets).sum()
+        self.maps
+            .packet_counts()
+            .unwrap()
+            .iter()
+            .filter(|(verdict, code, _)| *verdict == DENY && *code == wanted)
+            .map(|(_, _, counter)| counter.packets)
+            .sum()
     }
 }
 
@@ -142,12 +184,56 @@ fn well_formed_packets_follow_the_policy_at_both_hooks_as_root() {
     kernel.assert_passes("a -> b 80/tcp", |port| tcp4(A4, B4, port, 80));
     kernel.assert_dropped("a -> b 81/tcp", |port| tcp4(A4, B4, port, 81));
     kernel.assert_dropped("b -> a 80/tcp", |port| tcp4(B4, A4, port, 80));
-    kernel.assert_passes("a -> b 53/udp", |port| Ipv4::new(A4, B4, frames::UDP).frame(&frames::udp(port, 53, b"q")));
-    kernel.assert_passes("a -> b echo", |port| Ipv4::new(A4, B4, frames::ICMP).frame(&frames::icmp(8, 0, [(port >> 8) as u8, port as u8, 0, 1], b"")));
-    kernel.assert_dropped("b -> a echo", |port| Ipv4::new(B4, A4, frames::ICMP).frame(&frames::icmp(8, 0, [(port >> 8) as u8, port as u8, 0, 1], b"")));
-    kernel.assert_passes("IPv6 a -> b 80/tcp", |port| frames::ethernet(&[], frames::ETH_P_IPV6, &frames::ipv6(A6, B6, frames::TCP, 64, &[], &frames::tcp(port, 80, frames::TCP_SYN))));
-    kernel.assert_dropped("IPv6 a -> b 81/tcp", |port| frames::ethernet(&[], frames::ETH_P_IPV6, &frames::ipv6(A6, B6, frames::TCP, 64, &[], &frames::tcp(port, 81, frames::TCP_SYN))));
-    kernel.assert_passes("ARP (not IP)", |_| frames::ethernet(&[], frames::ETH_P_ARP, &[0u8; 28]));
+    kernel.assert_passes("a -> b 53/udp", |port| {
+        Ipv4::new(A4, B4, frames::UDP).frame(&frames::udp(port, 53, b"q"))
+    });
+    kernel.assert_passes("a -> b echo", |port| {
+        Ipv4::new(A4, B4, frames::ICMP).frame(&frames::icmp(
+            8,
+            0,
+            [(port >> 8) as u8, port as u8, 0, 1],
+            b"",
+        ))
+    });
+    kernel.assert_dropped("b -> a echo", |port| {
+        Ipv4::new(B4, A4, frames::ICMP).frame(&frames::icmp(
+            8,
+            0,
+            [(port >> 8) as u8, port as u8, 0, 1],
+            b"",
+        ))
+    });
+    kernel.assert_passes("IPv6 a -> b 80/tcp", |port| {
+        frames::ethernet(
+            &[],
+            frames::ETH_P_IPV6,
+            &frames::ipv6(
+                A6,
+                B6,
+                frames::TCP,
+                64,
+                &[],
+                &frames::tcp(port, 80, frames::TCP_SYN),
+            ),
+        )
+    });
+    kernel.assert_dropped("IPv6 a -> b 81/tcp", |port| {
+        frames::ethernet(
+            &[],
+            frames::ETH_P_IPV6,
+            &frames::ipv6(
+                A6,
+                B6,
+                frames::TCP,
+                64,
+                &[],
+                &frames::tcp(port, 81, frames::TCP_SYN),
+            ),
+        )
+    });
+    kernel.assert_passes("ARP (not IP)", |_| {
+        frames::ethernet(&[], frames::ETH_P_ARP, &[0u8; 28])
+    });
 }
 
 #[test]
@@ -157,27 +243,52 @@ fn malformed_and_truncated_headers_are_dropped_as_root() {
     }
     let mut kernel = Kernel::load(LoadOptions::default());
     let syn = |port| frames::tcp(port, 80, frames::TCP_SYN);
-    kernel.assert_dropped("IPv4 header length 16 bytes", |port| Ipv4 { ihl: 4, ..Ipv4::new(A4, B4, frames::TCP) }.frame(&syn(port)));
-    kernel.assert_dropped("IPv4 total length shorter than its header", |port| Ipv4 { total_len: Some(12), ..Ipv4::new(A4, B4, frames::TCP) }.frame(&syn(port)));
+    kernel.assert_dropped("IPv4 header length 16 bytes", |port| {
+        Ipv4 {
+            ihl: 4,
+            ..Ipv4::new(A4, B4, frames::TCP)
+        }
+        .frame(&syn(port))
+    });
+    kernel.assert_dropped("IPv4 total length shorter than its header", |port| {
+        Ipv4 {
+            total_len: Some(12),
+            ..Ipv4::new(A4, B4, frames::TCP)
+        }
+        .frame(&syn(port))
+    });
     // The kernel's test runner refuses to build an skb shorter than the IP header it names, so
     // frames cut inside the IP header run at XDP only; the parser is the same code at both hooks.
     let mut frame = tcp4(A4, B4, 40000, 80);
     frame.truncate(14 + 10);
-    assert!(!kernel.xdp_passes(&frame), "IPv4 header cut at 10 bytes must be dropped");
+    assert!(
+        !kernel.xdp_passes(&frame),
+        "IPv4 header cut at 10 bytes must be dropped"
+    );
     kernel.assert_dropped("TCP header cut at 8 bytes", |port| {
         let mut frame = tcp4(A4, B4, port, 80);
         frame.truncate(14 + 20 + 8);
         frame
     });
-    let mut frame = frames::ethernet(&[], frames::ETH_P_IPV6, &frames::ipv6(A6, B6, frames::TCP, 64, &[], &syn(40000)));
+    let mut frame = frames::ethernet(
+        &[],
+        frames::ETH_P_IPV6,
+        &frames::ipv6(A6, B6, frames::TCP, 64, &[], &syn(40000)),
+    );
     frame.truncate(14 + 30);
-    assert!(!kernel.xdp_passes(&frame), "IPv6 header cut at 30 bytes must be dropped");
+    assert!(
+        !kernel.xdp_passes(&frame),
+        "IPv6 header cut at 30 bytes must be dropped"
+    );
     kernel.assert_dropped("version 6 in an IPv4 ethertype", |port| {
         let mut frame = tcp4(A4, B4, port, 80);
         frame[14] = 0x65;
         frame
     });
-    assert!(kernel.packets_with_reason(reason::MALFORMED) >= 10, "drops are counted as malformed");
+    assert!(
+        kernel.packets_with_reason(reason::MALFORMED) >= 10,
+        "drops are counted as malformed"
+    );
 }
 
 #[test]
@@ -187,8 +298,20 @@ fn ip_options_do_not_hide_the_ports_as_root() {
     }
     let mut kernel = Kernel::load(LoadOptions::default());
     for ihl in [6, 15] {
-        kernel.assert_passes("allowed port behind IPv4 options", |port| Ipv4 { ihl, ..Ipv4::new(A4, B4, frames::TCP) }.frame(&frames::tcp(port, 80, frames::TCP_SYN)));
-        kernel.assert_dropped("denied port behind IPv4 options", |port| Ipv4 { ihl, ..Ipv4::new(A4, B4, frames::TCP) }.frame(&frames::tcp(port, 81, frames::TCP_SYN)));
+        kernel.assert_passes("allowed port behind IPv4 options", |port| {
+            Ipv4 {
+                ihl,
+                ..Ipv4::new(A4, B4, frames::TCP)
+            }
+            .frame(&frames::tcp(port, 80, frames::TCP_SYN))
+        });
+        kernel.assert_dropped("denied port behind IPv4 options", |port| {
+            Ipv4 {
+                ihl,
+                ..Ipv4::new(A4, B4, frames::TCP)
+            }
+            .frame(&frames::tcp(port, 81, frames::TCP_SYN))
+        });
     }
 }
 
@@ -199,34 +322,121 @@ fn fragments_follow_their_first_fragment_or_are_dropped_as_root() {
     }
     let mut kernel = Kernel::load(LoadOptions::default());
     let fragment = |id: u16, offset: u16, more: bool, payload: &[u8]| {
-        Ipv4 { id, fragment_offset: offset, more_fragments: more, ..Ipv4::new(A4, B4, frames::UDP) }.frame(payload)
+        Ipv4 {
+            id,
+            fragment_offset: offset,
+            more_fragments: more,
+            ..Ipv4::new(A4, B4, frames::UDP)
+        }
+        .frame(payload)
     };
-    for (hook, first_id) in [(Hook::Xdp, 100u16), (Hook::TcIngress, 200), (Hook::TcEgress, 300)] {
+    for (hook, first_id) in [
+        (Hook::Xdp, 100u16),
+        (Hook::TcIngress, 200),
+        (Hook::TcEgress, 300),
+    ] {
         let passes = |kernel: &mut Kernel, frame: &[u8]| kernel.passes(hook, frame);
         // An allowed datagram in two fragments: both pass.
-        assert!(passes(&mut kernel, &fragment(first_id, 0, true, &frames::udp(5353, 53, &[0u8; 16]))), "{hook:?}: first fragment of an allowed datagram");
-        assert!(passes(&mut kernel, &fragment(first_id, 3, false, &[0u8; 16])), "{hook:?}: its later fragment follows it");
+        assert!(
+            passes(
+                &mut kernel,
+                &fragment(first_id, 0, true, &frames::udp(5353, 53, &[0u8; 16]))
+            ),
+            "{hook:?}: first fragment of an allowed datagram"
+        );
+        assert!(
+            passes(&mut kernel, &fragment(first_id, 3, false, &[0u8; 16])),
+            "{hook:?}: its later fragment follows it"
+        );
         // A denied datagram: the later fragment, which has no ports to judge, is dropped too.
-        assert!(!passes(&mut kernel, &fragment(first_id + 1, 0, true, &frames::udp(5353, 54, &[0u8; 16]))), "{hook:?}: first fragment of a denied datagram");
-        assert!(!passes(&mut kernel, &fragment(first_id + 1, 3, false, &[0u8; 16])), "{hook:?}: its later fragment");
+        assert!(
+            !passes(
+                &mut kernel,
+                &fragment(first_id + 1, 0, true, &frames::udp(5353, 54, &[0u8; 16]))
+            ),
+            "{hook:?}: first fragment of a denied datagram"
+        );
+        assert!(
+            !passes(&mut kernel, &fragment(first_id + 1, 3, false, &[0u8; 16])),
+            "{hook:?}: its later fragment"
+        );
         // A later fragment whose first was never seen.
-        assert!(!passes(&mut kernel, &fragment(first_id + 2, 3, false, &[0u8; 16])), "{hook:?}: orphan fragment");
+        assert!(
+            !passes(&mut kernel, &fragment(first_id + 2, 3, false, &[0u8; 16])),
+            "{hook:?}: orphan fragment"
+        );
         // A later fragment that reaches back into the TCP header (RFC 1858) could rewrite the
         // ports its first fragment was judged on.
-        let overlapping = Ipv4 { id: first_id, fragment_offset: 0, more_fragments: true, ..Ipv4::new(A4, B4, frames::TCP) };
-        assert!(passes(&mut kernel, &overlapping.frame(&frames::tcp(6000, 80, frames::TCP_SYN))), "{hook:?}: first TCP fragment");
-        assert!(!passes(&mut kernel, &Ipv4 { fragment_offset: 1, more_fragments: false, ..overlapping.clone() }.frame(&[0u8; 24])), "{hook:?}: fragment overlapping the TCP header");
+        let overlapping = Ipv4 {
+            id: first_id,
+            fragment_offset: 0,
+            more_fragments: true,
+            ..Ipv4::new(A4, B4, frames::TCP)
+        };
+        assert!(
+            passes(
+                &mut kernel,
+                &overlapping.frame(&frames::tcp(6000, 80, frames::TCP_SYN))
+            ),
+            "{hook:?}: first TCP fragment"
+        );
+        assert!(
+            !passes(
+                &mut kernel,
+                &Ipv4 {
+                    fragment_offset: 1,
+                    more_fragments: false,
+                    ..overlapping.clone()
+                }
+                .frame(&[0u8; 24])
+            ),
+            "{hook:?}: fragment overlapping the TCP header"
+        );
         // A first fragment too short to hold the transport header.
-        assert!(!passes(&mut kernel, &Ipv4 { id: first_id + 3, more_fragments: true, ..Ipv4::new(A4, B4, frames::TCP) }.frame(&[0u8; 8])), "{hook:?}: tiny first fragment");
+        assert!(
+            !passes(
+                &mut kernel,
+                &Ipv4 {
+                    id: first_id + 3,
+                    more_fragments: true,
+                    ..Ipv4::new(A4, B4, frames::TCP)
+                }
+                .frame(&[0u8; 8])
+            ),
+            "{hook:?}: tiny first fragment"
+        );
     }
     // IPv6 fragment headers get the same treatment.
     let v6 = |id: u32, offset: u16, more: bool, payload: &[u8]| {
-        frames::ethernet(&[], frames::ETH_P_IPV6, &frames::ipv6(A6, B6, frames::UDP, 64, &[frames::fragment_header(offset, more, id)], payload))
+        frames::ethernet(
+            &[],
+            frames::ETH_P_IPV6,
+            &frames::ipv6(
+                A6,
+                B6,
+                frames::UDP,
+                64,
+                &[frames::fragment_header(offset, more, id)],
+                payload,
+            ),
+        )
     };
-    assert!(kernel.xdp_passes(&v6(7, 0, true, &frames::udp(5353, 53, &[0u8; 16]))), "IPv6 first fragment, allowed");
-    assert!(kernel.xdp_passes(&v6(7, 3, false, &[0u8; 16])), "IPv6 later fragment follows");
-    assert!(!kernel.xdp_passes(&v6(8, 3, false, &[0u8; 16])), "IPv6 orphan fragment");
-    assert!(kernel.packets_with_reason(reason::BAD_FRAGMENT) >= 5, "orphan and overlapping fragments are counted as bad fragments");
+    assert!(
+        kernel.xdp_passes(&v6(7, 0, true, &frames::udp(5353, 53, &[0u8; 16]))),
+        "IPv6 first fragment, allowed"
+    );
+    assert!(
+        kernel.xdp_passes(&v6(7, 3, false, &[0u8; 16])),
+        "IPv6 later fragment follows"
+    );
+    assert!(
+        !kernel.xdp_passes(&v6(8, 3, false, &[0u8; 16])),
+        "IPv6 orphan fragment"
+    );
+    assert!(
+        kernel.packets_with_reason(reason::BAD_FRAGMENT) >= 5,
+        "orphan and overlapping fragments are counted as bad fragments"
+    );
 }
 
 #[test]
@@ -235,10 +445,22 @@ fn vlan_tags_and_extension_headers_do_not_bypass_the_policy_as_root() {
         return;
     }
     let mut kernel = Kernel::load(LoadOptions::default());
-    let tagged = |tags: &'static [(u16, u16)], dport: u16| move |port| frames::ethernet(tags, frames::ETH_P_IP, &Ipv4::new(A4, B4, frames::TCP).packet(&frames::tcp(port, dport, frames::TCP_SYN)));
+    let tagged = |tags: &'static [(u16, u16)], dport: u16| {
+        move |port| {
+            frames::ethernet(
+                tags,
+                frames::ETH_P_IP,
+                &Ipv4::new(A4, B4, frames::TCP).packet(&frames::tcp(port, dport, frames::TCP_SYN)),
+            )
+        }
+    };
     const ONE: &[(u16, u16)] = &[(frames::ETH_P_8021Q, 10)];
     const TWO: &[(u16, u16)] = &[(frames::ETH_P_8021AD, 10), (frames::ETH_P_8021Q, 20)];
-    const THREE: &[(u16, u16)] = &[(frames::ETH_P_8021AD, 10), (frames::ETH_P_8021Q, 20), (frames::ETH_P_8021Q, 30)];
+    const THREE: &[(u16, u16)] = &[
+        (frames::ETH_P_8021AD, 10),
+        (frames::ETH_P_8021Q, 20),
+        (frames::ETH_P_8021Q, 30),
+    ];
     kernel.assert_passes("802.1Q-tagged allowed flow", tagged(ONE, 80));
     kernel.assert_dropped("802.1Q-tagged denied flow", tagged(ONE, 81));
     kernel.assert_passes("QinQ-tagged allowed flow", tagged(TWO, 80));
@@ -248,7 +470,18 @@ fn vlan_tags_and_extension_headers_do_not_bypass_the_policy_as_root() {
     let with_headers = |count: usize, dport: u16| {
         move |port| {
             let headers: Vec<_> = (0..count).map(|_| frames::hop_by_hop()).collect();
-            frames::ethernet(&[], frames::ETH_P_IPV6, &frames::ipv6(A6, B6, frames::TCP, 64, &headers, &frames::tcp(port, dport, frames::TCP_SYN)))
+            frames::ethernet(
+                &[],
+                frames::ETH_P_IPV6,
+                &frames::ipv6(
+                    A6,
+                    B6,
+                    frames::TCP,
+                    64,
+                    &headers,
+                    &frames::tcp(port, dport, frames::TCP_SYN),
+                ),
+            )
         }
     };
     kernel.assert_passes("IPv6 hop-by-hop then an allowed port", with_headers(1, 80));
@@ -264,10 +497,41 @@ fn neighbour_discovery_passes_only_when_it_never_left_the_link_as_root() {
     }
     let mut kernel = Kernel::load(LoadOptions::default());
     // b may send nothing to a, yet the link needs its neighbour solicitations.
-    let solicitation = |hop_limit: u8| move |_| frames::ethernet(&[], frames::ETH_P_IPV6, &frames::ipv6(B6, A6, frames::ICMPV6, hop_limit, &[], &frames::icmp(135, 0, [0; 4], &A6.octets())));
+    let solicitation = |hop_limit: u8| {
+        move |_| {
+            frames::ethernet(
+                &[],
+                frames::ETH_P_IPV6,
+                &frames::ipv6(
+                    B6,
+                    A6,
+                    frames::ICMPV6,
+                    hop_limit,
+                    &[],
+                    &frames::icmp(135, 0, [0; 4], &A6.octets()),
+                ),
+            )
+        }
+    };
     kernel.assert_passes("neighbour solicitation, hop limit 255", solicitation(255));
-    kernel.assert_dropped("neighbour solicitation that crossed a router", solicitation(64));
-    kernel.assert_dropped("echo request b -> a", |port| frames::ethernet(&[], frames::ETH_P_IPV6, &frames::ipv6(B6, A6, frames::ICMPV6, 64, &[], &frames::icmp(128, 0, [(port >> 8) as u8, port as u8, 0, 1], b""))));
+    kernel.assert_dropped(
+        "neighbour solicitation that crossed a router",
+        solicitation(64),
+    );
+    kernel.assert_dropped("echo request b -> a", |port| {
+        frames::ethernet(
+            &[],
+            frames::ETH_P_IPV6,
+            &frames::ipv6(
+                B6,
+                A6,
+                frames::ICMPV6,
+                64,
+                &[],
+                &frames::icmp(128, 0, [(port >> 8) as u8, port as u8, 0, 1], b""),
+            ),
+        )
+    });
 }
 
 #[test]
@@ -276,36 +540,57 @@ fn denials_are_deduplicated_in_the_kernel_and_losses_show_as_gaps_as_root() {
         return;
     }
     // One page of ring buffer: a few dozen records.
-    let mut kernel = Kernel::load(LoadOptions { event_buffer_bytes: Some(4096) });
+    let mut kernel = Kernel::load(LoadOptions {
+        event_buffer_bytes: Some(4096),
+    });
 
     // A flood of one denied flow shape: one record, then one per second carrying the count.
     let flood = tcp4(B4, A4, 50000, 22);
     kernel.datapath.test_run(Hook::Xdp, &flood, 1000).unwrap();
     let first = kernel.events();
     assert_eq!(first.len(), 1, "1000 identical denials make one record");
-    assert_eq!((first[0].count, first[0].dst_port, first[0].reason), (1, 22, reason::DEFAULT_DENY));
+    assert_eq!(
+        (first[0].count, first[0].dst_port, first[0].reason),
+        (1, 22, reason::DEFAULT_DENY)
+    );
     std::thread::sleep(Duration::from_millis(1100));
     kernel.datapath.test_run(Hook::Xdp, &flood, 1).unwrap();
     let second = kernel.events();
     assert_eq!(second.len(), 1);
-    assert_eq!(second[0].count, 1000, "the next record carries the 999 suppressed packets and itself");
+    assert_eq!(
+        second[0].count, 1000,
+        "the next record carries the 999 suppressed packets and itself"
+    );
 
     // Distinct denied flows, more than the ring buffer holds: the loss is counted in the
     // kernel and visible as sequence gaps.
     let attempts = 300u16;
     for port in 0..attempts {
-        kernel.datapath.test_run(Hook::Xdp, &tcp4(B4, A4, 50000, 1000 + port), 1).unwrap();
+        kernel
+            .datapath
+            .test_run(Hook::Xdp, &tcp4(B4, A4, 50000, 1000 + port), 1)
+            .unwrap();
     }
     let burst = kernel.events();
-    assert!(burst.len() < usize::from(attempts), "the small ring buffer cannot hold all {attempts}");
+    assert!(
+        burst.len() < usize::from(attempts),
+        "the small ring buffer cannot hold all {attempts}"
+    );
     let lost_in_kernel = kernel.maps.events_lost();
-    assert!(lost_in_kernel > 0, "the kernel counted the records it could not deliver");
+    assert!(
+        lost_in_kernel > 0,
+        "the kernel counted the records it could not deliver"
+    );
     let mut tracker = SequenceTracker::default();
     for event in first.iter().chain(&second).chain(&burst) {
         tracker.observe(event.cpu, event.seq);
     }
     let trailing = u64::from(attempts) - burst.len() as u64 - tracker.lost();
-    assert_eq!(tracker.lost() + trailing, lost_in_kernel, "gaps (plus records lost after the last delivered one) account for every loss");
+    assert_eq!(
+        tracker.lost() + trailing,
+        lost_in_kernel,
+        "gaps (plus records lost after the last delivered one) account for every loss"
+    );
 }
 
 #[test]
@@ -314,10 +599,22 @@ fn programs_pass_the_verifier_and_show_readable_names_as_root() {
         return;
     }
     let kernel = Kernel::load(LoadOptions::default());
-    let listing = Command::new("bpftool").args(["prog", "show"]).output().expect("bpftool runs (cargo xtask setup installs it)");
+    let listing = Command::new("bpftool")
+        .args(["prog", "show"])
+        .output()
+        .expect("bpftool runs (cargo xtask setup installs it)");
     let listing = String::from_utf8_lossy(&listing.stdout);
-    assert!(listing.contains("xdp  name enf_xdp_ingress"), "bpftool lists the XDP program by name:\n{listing}");
-    assert!(listing.contains("sched_cls  name enf_tc_ingress"), "bpftool lists the TC ingress program by name:\n{listing}");
-    assert!(listing.contains("sched_cls  name enf_tc_egress"), "bpftool lists the TC egress program by name:\n{listing}");
+    assert!(
+        listing.contains("xdp  name enf_xdp_ingress"),
+        "bpftool lists the XDP program by name:\n{listing}"
+    );
+    assert!(
+        listing.contains("sched_cls  name enf_tc_ingress"),
+        "bpftool lists the TC ingress program by name:\n{listing}"
+    );
+    assert!(
+        listing.contains("sched_cls  name enf_tc_egress"),
+        "bpftool lists the TC egress program by name:\n{listing}"
+    );
     drop(kernel);
 }

@@ -20,7 +20,9 @@ pub struct IpcacheKey {
 /// Maps IPv4 bytes to the 16-byte form used in every key.
 #[inline(always)]
 pub const fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+    ]
 }
 
 /// Address family codes in events.

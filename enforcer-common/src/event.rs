@@ -86,4 +86,9 @@ pub struct EventCpuState {
     pub lost: u64,
 }
 
-kernel_abi!(FlowEvent = 104, ReportKey = 48, ReportState = 16, EventCpuState = 16);
+kernel_abi!(
+    FlowEvent = 104,
+    ReportKey = 48,
+    ReportState = 16,
+    EventCpuState = 16
+);

@@ -31,7 +31,10 @@ pub struct IdentityInfo {
 }
 
 impl IdentityInfo {
-    pub const WORLD: Self = Self { identity: WORLD, flags: 0 };
+    pub const WORLD: Self = Self {
+        identity: WORLD,
+        flags: 0,
+    };
 
     #[inline(always)]
     pub const fn is_service(&self) -> bool {

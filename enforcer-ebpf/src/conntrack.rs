@@ -1,7 +1,7 @@
 //! Connection tracking: flow keys, expiry and per-packet state updates.
 
 use enforcer_common::{
-    conntrack::{flags, timeout, CtEntry, CtKey},
+    conntrack::{CtEntry, CtKey, flags, timeout},
     policy::proto,
 };
 
@@ -11,8 +11,12 @@ use crate::maps::CONNTRACK;
 #[inline(always)]
 fn words(addr: &[u8; 16]) -> (u64, u64) {
     (
-        u64::from_be_bytes([addr[0], addr[1], addr[2], addr[3], addr[4], addr[5], addr[6], addr[7]]),
-        u64::from_be_bytes([addr[8], addr[9], addr[10], addr[11], addr[12], addr[13], addr[14], addr[15]]),
+        u64::from_be_bytes([
+            addr[0], addr[1], addr[2], addr[3], addr[4], addr[5], addr[6], addr[7],
+        ]),
+        u64::from_be_bytes([
+            addr[8], addr[9], addr[10], addr[11], addr[12], addr[13], addr[14], addr[15],
+        ]),
     )
 }
 
@@ -34,9 +38,20 @@ fn end_is_lower(a: &[u8; 16], a_port: u16, b: &[u8; 16], b_port: u16) -> bool {
 /// is its `lo` end. (ICMPv6 and ICMP share the policy; conntrack keeps them apart by the wire
 /// protocol.)
 #[inline(always)]
-pub fn flow_key(src: &[u8; 16], src_port: u16, dst: &[u8; 16], dst_port: u16, protocol: u8, key: &mut CtKey) -> bool {
+pub fn flow_key(
+    src: &[u8; 16],
+    src_port: u16,
+    dst: &[u8; 16],
+    dst_port: u16,
+    protocol: u8,
+    key: &mut CtKey,
+) -> bool {
     let src_is_lo = end_is_lower(src, src_port, dst, dst_port);
-    let (lo, lo_port, hi, hi_port) = if src_is_lo { (src, src_port, dst, dst_port) } else { (dst, dst_port, src, src_port) };
+    let (lo, lo_port, hi, hi_port) = if src_is_lo {
+        (src, src_port, dst, dst_port)
+    } else {
+        (dst, dst_port, src, src_port)
+    };
     key.addr_lo = *lo;
     key.addr_hi = *hi;
     key.port_lo = lo_port;
@@ -48,7 +63,9 @@ pub fn flow_key(src: &[u8; 16], src_port: u16, dst: &[u8; 16], dst_port: u16, pr
 
 #[inline(always)]
 fn is_closing(entry_flags: u32) -> bool {
-    entry_flags & flags::RST != 0 || entry_flags & (flags::FIN_FROM_LO | flags::FIN_FROM_HI) == (flags::FIN_FROM_LO | flags::FIN_FROM_HI)
+    entry_flags & flags::RST != 0
+        || entry_flags & (flags::FIN_FROM_LO | flags::FIN_FROM_HI)
+            == (flags::FIN_FROM_LO | flags::FIN_FROM_HI)
 }
 
 /// Whether an entry has been idle longer than its protocol and state allow.
@@ -89,7 +106,11 @@ pub fn observe(entry: *mut CtEntry, from_lo: bool, tcp_fin: bool, tcp_rst: bool,
         entry_flags |= flags::SEEN_REPLY;
     }
     if tcp_fin {
-        entry_flags |= if from_lo { flags::FIN_FROM_LO } else { flags::FIN_FROM_HI };
+        entry_flags |= if from_lo {
+            flags::FIN_FROM_LO
+        } else {
+            flags::FIN_FROM_HI
+        };
     }
     if tcp_rst {
         entry_flags |= flags::RST;

@@ -21,7 +21,14 @@ pub fn active_config() -> Option<&'static PolicyConfig> {
 /// The identity an address resolves to: the longest matching prefix, else world.
 #[inline(always)]
 pub fn of_address(slot: u8, addr: &[u8; 16]) -> IdentityInfo {
-    let key = Key::new(128 + enforcer_common::addr::IPCACHE_KEY_HEADER_BITS, IpcacheKey { slot, _pad: [0; 3], addr: *addr });
+    let key = Key::new(
+        128 + enforcer_common::addr::IPCACHE_KEY_HEADER_BITS,
+        IpcacheKey {
+            slot,
+            _pad: [0; 3],
+            addr: *addr,
+        },
+    );
     match IPCACHE.get(&key) {
         Some(info) => *info,
         None => IdentityInfo::WORLD,
@@ -31,7 +38,10 @@ pub fn of_address(slot: u8, addr: &[u8; 16]) -> IdentityInfo {
 /// The service whose endpoint namespace sits behind interface `ifindex`, if any.
 #[inline(always)]
 pub fn of_endpoint(slot: u8, ifindex: u32) -> Option<IdentityInfo> {
-    let key = EndpointKey { ifindex, slot: slot as u32 };
+    let key = EndpointKey {
+        ifindex,
+        slot: slot as u32,
+    };
     // SAFETY: the value is copied out at once; no reference outlives the lookup.
     unsafe { ENDPOINTS.get(&key) }.copied()
 }
@@ -42,7 +52,11 @@ pub fn of_cgroup(slot: u8, cgroup_id: u64) -> Option<IdentityInfo> {
     if cgroup_id == 0 {
         return None;
     }
-    let key = CgroupKey { cgroup_id, slot: slot as u32, _pad: 0 };
+    let key = CgroupKey {
+        cgroup_id,
+        slot: slot as u32,
+        _pad: 0,
+    };
     // SAFETY: as above.
     unsafe { CGROUPS.get(&key) }.copied()
 }

@@ -14,7 +14,7 @@ mod rules;
 mod verdict;
 
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
     helpers::{bpf_ktime_get_coarse_ns, bpf_skb_cgroup_id},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
@@ -98,7 +98,11 @@ fn judge_skb(ctx: &TcContext, kind: u8) -> i32 {
         // SAFETY: `skb` is the context pointer the kernel passed in.
         ifindex: unsafe { (*skb).ifindex },
         // Only a locally sent packet has a socket (and so a cgroup); it leaves through egress.
-        cgroup_id: if kind == hook::TC_EGRESS { unsafe { bpf_skb_cgroup_id(skb) } } else { 0 },
+        cgroup_id: if kind == hook::TC_EGRESS {
+            unsafe { bpf_skb_cgroup_id(skb) }
+        } else {
+            0
+        },
         len: ctx.len(),
         now: unsafe { bpf_ktime_get_coarse_ns() },
     };

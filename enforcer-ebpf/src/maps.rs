@@ -2,7 +2,9 @@
 //! shows them whole; the controller finds them by these names.
 
 use aya_ebpf::{
-    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
+    btf_maps::{
+        Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf,
+    },
     macros::btf_map,
 };
 
@@ -52,7 +54,8 @@ pub static EVENT_STATE: PerCpuArray<EventCpuState, 1> = PerCpuArray::new();
 #[btf_map]
 pub static REPORTS: LruHashMap<ReportKey, ReportState, 65536> = LruHashMap::new();
 #[btf_map]
-pub static PACKET_COUNTS: PerCpuArray<Counter, { PACKET_COUNTER_SLOTS as usize }> = PerCpuArray::new();
+pub static PACKET_COUNTS: PerCpuArray<Counter, { PACKET_COUNTER_SLOTS as usize }> =
+    PerCpuArray::new();
 #[btf_map]
 pub static FLOW_COUNTS: LruPerCpuHashMap<FlowCounterKey, Counter, 65536> = LruPerCpuHashMap::new();
 

@@ -102,21 +102,6 @@ pub struct Packet {
 }
 
 impl Packet {
-    pub const EMPTY: Self = Self {
-        src: [0; 16],
-        dst: [0; 16],
-        proto: 0,
-        family: 0,
-        src_port: 0,
-        dst_port: 0,
-        tcp_flags: 0,
-        icmp_type: 0,
-        hop_limit: 0,
-        fragment: fragment::NONE,
-        fragment_id: 0,
-        l4_offset: 0,
-    };
-
     #[inline(always)]
     pub fn is_tcp(&self) -> bool {
         self.proto == proto::TCP
@@ -280,7 +265,11 @@ fn parse_ipv6<F: Frame>(frame: &F, offset: usize, packet: &mut Packet) -> Parsed
     let mut fragment_offset = 0usize;
     let mut ext_headers = 0usize;
     while ext_headers < MAX_IPV6_EXT_HEADERS {
-        if next != IPV6_HOPOPTS && next != IPV6_ROUTING && next != IPV6_DSTOPTS && next != IPV6_FRAGMENT {
+        if next != IPV6_HOPOPTS
+            && next != IPV6_ROUTING
+            && next != IPV6_DSTOPTS
+            && next != IPV6_FRAGMENT
+        {
             break;
         }
         let Some(ext) = frame.read::<Ipv6ExtHeader>(l4_offset) else {
@@ -305,7 +294,10 @@ fn parse_ipv6<F: Frame>(frame: &F, offset: usize, packet: &mut Packet) -> Parsed
         next = ext.next_header;
         ext_headers += 1;
     }
-    if matches!(next, IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_FRAGMENT) {
+    if matches!(
+        next,
+        IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_FRAGMENT
+    ) {
         return reason::UNSUPPORTED_HEADERS;
     }
     *packet = Packet {

@@ -2,12 +2,12 @@
 
 use enforcer_common::{
     counters::{Counter, FlowCounterKey},
-    event::{ReportKey, ReportState, REPORT_INTERVAL_NS},
+    event::{REPORT_INTERVAL_NS, ReportKey, ReportState},
     verdict::packet_counter_index,
 };
 
 use crate::{
-    maps::{EVENTS, EVENT_STATE, FLOW_COUNTS, PACKET_COUNTS, REPORTS},
+    maps::{EVENT_STATE, EVENTS, FLOW_COUNTS, PACKET_COUNTS, REPORTS},
     packet::Packet,
 };
 
@@ -68,7 +68,12 @@ pub fn count(hook: &Hook, verdict: u8, reason: u8, src_identity: u32, dst_identi
     if src_identity == 0 && dst_identity == 0 {
         return;
     }
-    let key = FlowCounterKey { src_identity, dst_identity, verdict, _pad: [0; 3] };
+    let key = FlowCounterKey {
+        src_identity,
+        dst_identity,
+        verdict,
+        _pad: [0; 3],
+    };
     match FLOW_COUNTS.get_ptr_mut(&key) {
         // SAFETY: as above.
         Some(counter) => unsafe {
@@ -76,7 +81,14 @@ pub fn count(hook: &Hook, verdict: u8, reason: u8, src_identity: u32, dst_identi
             (*counter).bytes += hook.len as u64;
         },
         None => {
-            let _ = FLOW_COUNTS.insert(&key, &Counter { packets: 1, bytes: hook.len as u64 }, 0);
+            let _ = FLOW_COUNTS.insert(
+                &key,
+                &Counter {
+                    packets: 1,
+                    bytes: hook.len as u64,
+                },
+                0,
+            );
         }
     }
 }
@@ -111,7 +123,15 @@ pub fn report_deduplicated(hook: &Hook, packet: &Packet, outcome: &Outcome) {
             count
         }
         None => {
-            let _ = REPORTS.insert(&key, &ReportState { last_report_ns: hook.now, suppressed: 0, _pad: 0 }, 0);
+            let _ = REPORTS.insert(
+                &key,
+                &ReportState {
+                    last_report_ns: hook.now,
+                    suppressed: 0,
+                    _pad: 0,
+                },
+                0,
+            );
             1
         }
     };

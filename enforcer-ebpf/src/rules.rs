@@ -2,7 +2,10 @@
 
 use enforcer_common::{
     identity::IdentityInfo,
-    policy::{action, proto, rule, PolicyKey, RangeKey, RateState, RuleVerdict, ANY_PORT, ANY_PROTO, MAX_PORT_RANGES},
+    policy::{
+        ANY_PORT, ANY_PROTO, MAX_PORT_RANGES, PolicyKey, RangeKey, RateState, RuleVerdict, action,
+        proto, rule,
+    },
 };
 
 use crate::maps::{POLICY, PORT_RANGES, RATE_LIMITS};
@@ -10,15 +13,31 @@ use crate::maps::{POLICY, PORT_RANGES, RATE_LIMITS};
 /// The protocol number rules are written against: ICMPv6 is judged as ICMP.
 #[inline(always)]
 pub fn policy_proto(wire_proto: u8) -> u8 {
-    if wire_proto == proto::ICMPV6 { proto::ICMP } else { wire_proto }
+    if wire_proto == proto::ICMPV6 {
+        proto::ICMP
+    } else {
+        wire_proto
+    }
 }
 
 /// The rule that decides a new flow from `src` to `dst`: exact port, then port ranges, then any
 /// port of the protocol, then any protocol; else the default.
 #[inline(always)]
-pub fn evaluate(slot: u8, src: &IdentityInfo, dst: &IdentityInfo, wire_proto: u8, dst_port: u16) -> RuleVerdict {
+pub fn evaluate(
+    slot: u8,
+    src: &IdentityInfo,
+    dst: &IdentityInfo,
+    wire_proto: u8,
+    dst_port: u16,
+) -> RuleVerdict {
     let protocol = policy_proto(wire_proto);
-    let mut key = PolicyKey { src_identity: src.identity, dst_identity: dst.identity, port: ANY_PORT, proto: protocol, slot };
+    let mut key = PolicyKey {
+        src_identity: src.identity,
+        dst_identity: dst.identity,
+        port: ANY_PORT,
+        proto: protocol,
+        slot,
+    };
     if (protocol == proto::TCP || protocol == proto::UDP) && dst_port != ANY_PORT {
         key.port = dst_port;
         // SAFETY: values are copied out at once.
@@ -49,12 +68,24 @@ fn default_for(src: &IdentityInfo, dst: &IdentityInfo) -> RuleVerdict {
     } else {
         (action::ALLOW, rule::DEFAULT_ALLOW)
     };
-    RuleVerdict { rule: verdict_rule, bucket: 0, max_new_per_sec: 0, action: verdict_action, _pad: [0; 3] }
+    RuleVerdict {
+        rule: verdict_rule,
+        bucket: 0,
+        max_new_per_sec: 0,
+        action: verdict_action,
+        _pad: [0; 3],
+    }
 }
 
 #[inline(always)]
 fn in_port_range(slot: u8, src: u32, dst: u32, protocol: u8, port: u16) -> Option<RuleVerdict> {
-    let key = RangeKey { src_identity: src, dst_identity: dst, proto: protocol, slot, _pad: [0; 2] };
+    let key = RangeKey {
+        src_identity: src,
+        dst_identity: dst,
+        proto: protocol,
+        slot,
+        _pad: [0; 2],
+    };
     // SAFETY: the value is only read during this call.
     let ranges = unsafe { PORT_RANGES.get(&key) }?;
     let count = ranges.count as usize;
@@ -84,12 +115,22 @@ pub fn over_limit(bucket: u32, per_sec: u32, now: u64) -> bool {
     }
     let interval = SECOND_NS / per_sec as u64;
     let Some(state) = RATE_LIMITS.get_ptr_mut(&bucket) else {
-        let _ = RATE_LIMITS.insert(&bucket, &RateState { next_free_ns: now + interval }, 0);
+        let _ = RATE_LIMITS.insert(
+            &bucket,
+            &RateState {
+                next_free_ns: now + interval,
+            },
+            0,
+        );
         return false;
     };
     // SAFETY: map value pointer, valid for this program run.
     let state = unsafe { &mut *state };
-    let next_free = if state.next_free_ns > now { state.next_free_ns } else { now };
+    let next_free = if state.next_free_ns > now {
+        state.next_free_ns
+    } else {
+        now
+    };
     if next_free - now > SECOND_NS - interval {
         return true;
     }

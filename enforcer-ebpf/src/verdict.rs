@@ -14,18 +14,18 @@
 
 use enforcer_common::{
     config::flags as config_flags,
-    conntrack::{flags as ct_flags, CtEntry, CtKey, FragEntry, FragKey, FRAG_TIMEOUT_NS},
+    conntrack::{CtEntry, CtKey, FRAG_TIMEOUT_NS, FragEntry, FragKey, flags as ct_flags},
     event::flags as event_flags,
-    identity::{IdentityInfo, FIRST_SERVICE, SERVICE_END},
+    identity::{FIRST_SERVICE, IdentityInfo, SERVICE_END},
     policy::{action, rule},
-    verdict::{reason, ALLOW, AUDIT, DENY},
+    verdict::{ALLOW, AUDIT, DENY, reason},
 };
 
 use crate::{
     conntrack, identity,
     maps::FRAGMENTS,
     maps::SCRATCH,
-    packet::{self, fragment, Frame, Packet, QuotedFlow},
+    packet::{self, Frame, Packet, QuotedFlow, fragment},
     report::{self, Hook, Outcome},
     rules,
 };
@@ -80,7 +80,14 @@ pub fn judge<F: Frame>(frame: &F, hook: &Hook) -> u8 {
     // Later fragments have no ports, so no flow key.
     if subject.packet.fragment != fragment::LATER {
         let packet = &subject.packet;
-        let from_lo = conntrack::flow_key(&packet.src, packet.src_port, &packet.dst, packet.dst_port, packet.proto, &mut subject.key);
+        let from_lo = conntrack::flow_key(
+            &packet.src,
+            packet.src_port,
+            &packet.dst,
+            packet.dst_port,
+            packet.proto,
+            &mut subject.key,
+        );
         subject.from_lo = from_lo as u8;
         let verdict = pass_established(hook, subject);
         if verdict != NOT_TRACKED {
@@ -128,7 +135,8 @@ fn resolve_identities(hook: &Hook, subject: &mut Subject) -> bool {
     } else if let Some(owner) = identity::of_cgroup(subject.slot, hook.cgroup_id) {
         subject.src = owner;
         subject.outcome.src_identity = owner.identity;
-        let address_names_a_service = by_address.identity >= FIRST_SERVICE && by_address.identity < SERVICE_END;
+        let address_names_a_service =
+            by_address.identity >= FIRST_SERVICE && by_address.identity < SERVICE_END;
         if address_names_a_service && by_address.identity != owner.identity {
             subject.outcome.reason = reason::IDENTITY_MISMATCH;
             subject.outcome.rule = rule::ANTI_SPOOFING;
@@ -147,9 +155,20 @@ const NOT_TRACKED: u8 = 0;
 #[inline(always)]
 fn arrives_as_before(hook: &Hook, tracked: &CtEntry, from_initiator: bool) -> bool {
     if hook.entering() {
-        hook.ifindex == if from_initiator { tracked.orig_ifindex } else { tracked.reply_ifindex }
+        hook.ifindex
+            == if from_initiator {
+                tracked.orig_ifindex
+            } else {
+                tracked.reply_ifindex
+            }
     } else {
-        hook.cgroup_id == 0 || hook.cgroup_id == if from_initiator { tracked.cgroup_id } else { tracked.reply_cgroup_id }
+        hook.cgroup_id == 0
+            || hook.cgroup_id
+                == if from_initiator {
+                    tracked.cgroup_id
+                } else {
+                    tracked.reply_cgroup_id
+                }
     }
 }
 
@@ -170,13 +189,19 @@ fn remember_arrival(hook: &Hook, tracked: &mut CtEntry, from_initiator: bool) {
 fn pass_established(hook: &Hook, subject: &mut Subject) -> u8 {
     let packet = &subject.packet;
     let from_lo = subject.from_lo != 0;
-    let Some(entry) = conntrack::live_entry(&subject.key, packet.is_tcp() && packet.tcp_syn_only(), hook.now) else {
+    let Some(entry) = conntrack::live_entry(
+        &subject.key,
+        packet.is_tcp() && packet.tcp_syn_only(),
+        hook.now,
+    ) else {
         return NOT_TRACKED;
     };
     // SAFETY: map value pointer from `live_entry`, valid for this run.
     let tracked = unsafe { &*entry };
     let from_initiator = from_lo == (tracked.flags & ct_flags::ORIG_IS_LO != 0);
-    if tracked.generation != subject.outcome.generation || !arrives_as_before(hook, tracked, from_initiator) {
+    if tracked.generation != subject.outcome.generation
+        || !arrives_as_before(hook, tracked, from_initiator)
+    {
         return NOT_TRACKED;
     }
     established(hook, subject, entry, from_initiator)
@@ -184,12 +209,21 @@ fn pass_established(hook: &Hook, subject: &mut Subject) -> u8 {
 
 /// A packet of a flow admitted under the current generation.
 #[inline(always)]
-fn established(hook: &Hook, subject: &mut Subject, entry: *mut CtEntry, from_initiator: bool) -> u8 {
+fn established(
+    hook: &Hook,
+    subject: &mut Subject,
+    entry: *mut CtEntry,
+    from_initiator: bool,
+) -> u8 {
     // SAFETY: map value pointer from `live_entry`, valid for this run.
     let tracked = unsafe { &*entry };
     let packet = &subject.packet;
     let outcome = &mut subject.outcome;
-    outcome.verdict = if tracked.flags & ct_flags::AUDIT != 0 { AUDIT } else { ALLOW };
+    outcome.verdict = if tracked.flags & ct_flags::AUDIT != 0 {
+        AUDIT
+    } else {
+        ALLOW
+    };
     outcome.reason = reason::ESTABLISHED;
     outcome.rule = tracked.rule;
     (outcome.src_identity, outcome.dst_identity) = if from_initiator {
@@ -197,7 +231,13 @@ fn established(hook: &Hook, subject: &mut Subject, entry: *mut CtEntry, from_ini
     } else {
         (tracked.dst_identity, tracked.src_identity)
     };
-    conntrack::observe(entry, subject.from_lo != 0, packet.tcp_fin(), packet.tcp_rst(), hook.now);
+    conntrack::observe(
+        entry,
+        subject.from_lo != 0,
+        packet.tcp_fin(),
+        packet.tcp_rst(),
+        hook.now,
+    );
     conclude(hook, subject, Report::Nothing)
 }
 
@@ -207,7 +247,11 @@ fn established(hook: &Hook, subject: &mut Subject, entry: *mut CtEntry, from_ini
 fn judge_tracked(hook: &Hook, subject: &mut Subject) -> u8 {
     let packet = &subject.packet;
     let from_lo = subject.from_lo != 0;
-    let Some(entry) = conntrack::live_entry(&subject.key, packet.is_tcp() && packet.tcp_syn_only(), hook.now) else {
+    let Some(entry) = conntrack::live_entry(
+        &subject.key,
+        packet.is_tcp() && packet.tcp_syn_only(),
+        hook.now,
+    ) else {
         return NOT_TRACKED;
     };
     // SAFETY: map value pointer from `live_entry`, valid for this run.
@@ -241,7 +285,13 @@ fn judge_again(hook: &Hook, subject: &mut Subject, entry: *mut CtEntry) -> u8 {
         None => identity::of_address(subject.slot, initiator),
     };
     subject.dst = identity::of_address(subject.slot, responder);
-    let decision = rules::evaluate(subject.slot, &subject.src, &subject.dst, key.proto, responder_port);
+    let decision = rules::evaluate(
+        subject.slot,
+        &subject.src,
+        &subject.dst,
+        key.proto,
+        responder_port,
+    );
     subject.outcome.rule = decision.rule;
     subject.outcome.src_identity = subject.src.identity;
     subject.outcome.dst_identity = subject.dst.identity;
@@ -253,9 +303,23 @@ fn judge_again(hook: &Hook, subject: &mut Subject, entry: *mut CtEntry) -> u8 {
         tracked.dst_identity = subject.dst.identity;
         tracked.flags &= !ct_flags::AUDIT;
         // Where the other direction arrives is checked again under the new generation.
-        (tracked.orig_ifindex, tracked.reply_ifindex, tracked.reply_cgroup_id) = (0, 0, 0);
-        remember_arrival(hook, tracked, from_lo == (tracked.flags & ct_flags::ORIG_IS_LO != 0));
-        conntrack::observe(entry, from_lo, subject.packet.tcp_fin(), subject.packet.tcp_rst(), hook.now);
+        (
+            tracked.orig_ifindex,
+            tracked.reply_ifindex,
+            tracked.reply_cgroup_id,
+        ) = (0, 0, 0);
+        remember_arrival(
+            hook,
+            tracked,
+            from_lo == (tracked.flags & ct_flags::ORIG_IS_LO != 0),
+        );
+        conntrack::observe(
+            entry,
+            from_lo,
+            subject.packet.tcp_fin(),
+            subject.packet.tcp_rst(),
+            hook.now,
+        );
         subject.outcome.verdict = ALLOW;
         subject.outcome.reason = reason::ESTABLISHED;
         return conclude(hook, subject, Report::Nothing);
@@ -275,7 +339,13 @@ fn judge_again(hook: &Hook, subject: &mut Subject, entry: *mut CtEntry) -> u8 {
 /// A flow conntrack does not know: rules, then the rate limit.
 #[inline(never)]
 fn judge_new_flow(hook: &Hook, subject: &mut Subject) -> u8 {
-    let decision = rules::evaluate(subject.slot, &subject.src, &subject.dst, subject.packet.proto, subject.packet.dst_port);
+    let decision = rules::evaluate(
+        subject.slot,
+        &subject.src,
+        &subject.dst,
+        subject.packet.proto,
+        subject.packet.dst_port,
+    );
     subject.outcome.rule = decision.rule;
     if decision.action != action::ALLOW {
         subject.outcome.reason = deny_reason(decision.rule);
@@ -319,7 +389,13 @@ enum Report {
 #[inline(never)]
 fn conclude(hook: &Hook, subject: &Subject, report_kind: Report) -> u8 {
     let outcome = &subject.outcome;
-    report::count(hook, outcome.verdict, outcome.reason, outcome.src_identity, outcome.dst_identity);
+    report::count(
+        hook,
+        outcome.verdict,
+        outcome.reason,
+        outcome.src_identity,
+        outcome.dst_identity,
+    );
     if subject.packet.fragment == fragment::FIRST {
         remember_fragment(hook, subject);
     }
@@ -346,12 +422,18 @@ fn audit_applies(subject: &Subject) -> bool {
         return true;
     }
     let (src, dst) = (&subject.src, &subject.dst);
-    (src.is_service() || dst.is_service()) && (!src.is_service() || src.is_audit()) && (!dst.is_service() || dst.is_audit())
+    (src.is_service() || dst.is_service())
+        && (!src.is_service() || src.is_audit())
+        && (!dst.is_service() || dst.is_audit())
 }
 
 #[inline(always)]
 fn deny_reason(decided_by: u32) -> u8 {
-    if decided_by == rule::DEFAULT_DENY { reason::DEFAULT_DENY } else { reason::POLICY_DENY }
+    if decided_by == rule::DEFAULT_DENY {
+        reason::DEFAULT_DENY
+    } else {
+        reason::POLICY_DENY
+    }
 }
 
 #[inline(never)]
@@ -376,7 +458,11 @@ fn track(hook: &Hook, subject: &Subject, extra_flags: u32) {
         rule: outcome.rule,
         src_identity: outcome.src_identity,
         dst_identity: outcome.dst_identity,
-        flags: if subject.from_lo != 0 { ct_flags::ORIG_IS_LO } else { 0 } | extra_flags,
+        flags: if subject.from_lo != 0 {
+            ct_flags::ORIG_IS_LO
+        } else {
+            0
+        } | extra_flags,
         orig_ifindex: if hook.entering() { hook.ifindex } else { 0 },
         reply_ifindex: 0,
         _pad: 0,
@@ -387,12 +473,25 @@ fn track(hook: &Hook, subject: &Subject, extra_flags: u32) {
 /// Whether an ICMP error quotes a packet of a flow tracked under the current generation.
 #[inline(never)]
 fn is_about_tracked_flow<F: Frame>(frame: &F, hook: &Hook, subject: &Subject) -> bool {
-    let mut quoted = QuotedFlow { src: [0; 16], dst: [0; 16], proto: 0, src_port: 0, dst_port: 0 };
+    let mut quoted = QuotedFlow {
+        src: [0; 16],
+        dst: [0; 16],
+        proto: 0,
+        src_port: 0,
+        dst_port: 0,
+    };
     if !packet::quoted_flow(frame, &subject.packet, &mut quoted) {
         return false;
     }
     let mut key = CtKey::default();
-    conntrack::flow_key(&quoted.src, quoted.src_port, &quoted.dst, quoted.dst_port, quoted.proto, &mut key);
+    conntrack::flow_key(
+        &quoted.src,
+        quoted.src_port,
+        &quoted.dst,
+        quoted.dst_port,
+        quoted.proto,
+        &mut key,
+    );
     match conntrack::live_entry(&key, false, hook.now) {
         // SAFETY: map value pointer, read once.
         Some(entry) => unsafe { (*entry).generation == subject.outcome.generation },
@@ -405,13 +504,23 @@ fn is_about_tracked_flow<F: Frame>(frame: &F, hook: &Hook, subject: &Subject) ->
 #[inline(never)]
 fn follow_first_fragment(hook: &Hook, subject: &mut Subject) -> u8 {
     let packet = &subject.packet;
-    let key = FragKey { src: packet.src, dst: packet.dst, id: packet.fragment_id, proto: packet.proto, _pad: [0; 3] };
+    let key = FragKey {
+        src: packet.src,
+        dst: packet.dst,
+        id: packet.fragment_id,
+        proto: packet.proto,
+        _pad: [0; 3],
+    };
     // SAFETY: the value is copied out at once.
     match unsafe { FRAGMENTS.get(&key) }.copied() {
         Some(first) if hook.now.saturating_sub(first.created_ns) <= FRAG_TIMEOUT_NS => {
             let outcome = &mut subject.outcome;
             outcome.verdict = first.verdict;
-            outcome.reason = if first.verdict == ALLOW { reason::FRAGMENT_FOLLOWS } else { first.reason };
+            outcome.reason = if first.verdict == ALLOW {
+                reason::FRAGMENT_FOLLOWS
+            } else {
+                first.reason
+            };
             outcome.rule = first.rule;
             outcome.src_identity = first.src_identity;
             outcome.dst_identity = first.dst_identity;
@@ -428,7 +537,13 @@ fn follow_first_fragment(hook: &Hook, subject: &mut Subject) -> u8 {
 #[inline(never)]
 fn remember_fragment(hook: &Hook, subject: &Subject) {
     let (packet, outcome) = (&subject.packet, &subject.outcome);
-    let key = FragKey { src: packet.src, dst: packet.dst, id: packet.fragment_id, proto: packet.proto, _pad: [0; 3] };
+    let key = FragKey {
+        src: packet.src,
+        dst: packet.dst,
+        id: packet.fragment_id,
+        proto: packet.proto,
+        _pad: [0; 3],
+    };
     let first = FragEntry {
         created_ns: hook.now,
         src_identity: outcome.src_identity,

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use enforcer_testbed::{policies, Daemon, Topology};
+use enforcer_testbed::{Daemon, Topology, policies};
 
 const SERVICES: usize = 1_000;
 const RULES: usize = 100_000;
@@ -26,7 +26,11 @@ fn apply(daemon: &Daemon, policy: &Path, text: &str, generation: u32) -> (Durati
     std::fs::rename(&staging, policy).expect("policy renamed into place");
     let marker = format!("generation={generation} ");
     loop {
-        if let Some(line) = daemon.log_text().lines().find(|line| line.contains(&marker)) {
+        if let Some(line) = daemon
+            .log_text()
+            .lines()
+            .find(|line| line.contains(&marker))
+        {
             return (started.elapsed(), line.to_owned());
         }
         if started.elapsed() > Duration::from_secs(300) {
@@ -37,7 +41,11 @@ fn apply(daemon: &Daemon, policy: &Path, text: &str, generation: u32) -> (Durati
 }
 
 fn field<'a>(line: &'a str, name: &str) -> &'a str {
-    line.split(&format!("{name}=")).nth(1).and_then(|rest| rest.split_whitespace().next()).unwrap_or("?").trim_matches('"')
+    line.split(&format!("{name}="))
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or("?")
+        .trim_matches('"')
 }
 
 fn main() {
@@ -46,32 +54,59 @@ fn main() {
         std::process::exit(1);
     }
     let topology = Topology::build(&[]).expect("a namespace to run in");
-    let policy = topology.write_file("policy.toml", &policies::generated(2, 1)).unwrap();
+    let policy = topology
+        .write_file("policy.toml", &policies::generated(2, 1))
+        .unwrap();
     let pins = topology.pin_path();
     let mut command = topology.host.command(ENFORCER).unwrap();
-    command.arg("run").arg("--policy").arg(&policy).arg("--pin-path").arg(&pins).arg("--observe-socket").arg(topology.dir.join("observe.sock")).env("RUST_LOG", "info");
+    command
+        .arg("run")
+        .arg("--policy")
+        .arg(&policy)
+        .arg("--pin-path")
+        .arg(&pins)
+        .arg("--observe-socket")
+        .arg(topology.dir.join("observe.sock"))
+        .env("RUST_LOG", "info");
     let unload = pins.clone();
-    let daemon = Daemon::spawn(command, topology.dir.join("enforcer.log"), "enforcing", Duration::from_secs(60))
-        .expect("enforcer starts")
-        .on_drop(move || {
-            let _ = Command::new(ENFORCER).args(["unload", "--pin-path"]).arg(&unload).output();
-        });
+    let daemon = Daemon::spawn(
+        command,
+        topology.dir.join("enforcer.log"),
+        "enforcing",
+        Duration::from_secs(60),
+    )
+    .expect("enforcer starts")
+    .on_drop(move || {
+        let _ = Command::new(ENFORCER)
+            .args(["unload", "--pin-path"])
+            .arg(&unload)
+            .output();
+    });
 
     let full_text = policies::generated(SERVICES, RULES);
     let (full, full_line) = apply(&daemon, &policy, &full_text, 2);
     let mut changes = Vec::new();
     for change in 0..CHANGES {
         // Rule `change` moves to another port: one entry removed, one added.
-        let text = policies::generated_with(SERVICES, RULES, |rule| (rule == change).then_some(60_000 + change as u16));
+        let text = policies::generated_with(SERVICES, RULES, |rule| {
+            (rule == change).then_some(60_000 + change as u16)
+        });
         changes.push(apply(&daemon, &policy, &text, 3 + change as u32));
     }
     for (took, line) in &changes {
-        println!("  change: {:>7.1} ms, {} map writes", took.as_secs_f64() * 1000.0, field(line, "writes"));
+        println!(
+            "  change: {:>7.1} ms, {} map writes",
+            took.as_secs_f64() * 1000.0,
+            field(line, "writes")
+        );
     }
     changes.sort_by_key(|(took, _)| *took);
     let (one_rule, one_rule_line) = &changes[changes.len() / 2];
 
-    println!("policy apply, file write to kernel switch ({RULES} rules, {SERVICES} services, {} KiB of TOML)", full_text.len() / 1024);
+    println!(
+        "policy apply, file write to kernel switch ({RULES} rules, {SERVICES} services, {} KiB of TOML)",
+        full_text.len() / 1024
+    );
     println!(
         "  full load:        {:>9.1} ms  (parse+compile {} ms, map writes+switch {} ms, {} map writes)",
         full.as_secs_f64() * 1000.0,
@@ -87,7 +122,13 @@ fn main() {
         field(one_rule_line, "writes")
     );
     let switch = |line: &str| field(line, "switch_ms").parse::<f64>().unwrap_or(f64::NAN);
-    println!("  one-rule change / full load, end to end:           {:.3}", one_rule.as_secs_f64() / full.as_secs_f64());
-    println!("  one-rule change / full load, map writes + switch:  {:.3}", switch(one_rule_line) / switch(&full_line));
+    println!(
+        "  one-rule change / full load, end to end:           {:.3}",
+        one_rule.as_secs_f64() / full.as_secs_f64()
+    );
+    println!(
+        "  one-rule change / full load, map writes + switch:  {:.3}",
+        switch(one_rule_line) / switch(&full_line)
+    );
     drop(daemon);
 }

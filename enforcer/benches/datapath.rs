@@ -26,7 +26,8 @@ fn median(mut samples: Vec<Duration>) -> Duration {
 }
 
 fn install(maps: &mut KernelMaps, installer: &mut Installer, text: &str) {
-    let policy = policy::parse_sources(vec![(PathBuf::from("bench.toml"), text.to_owned())]).expect("valid policy");
+    let policy = policy::parse_sources(vec![(PathBuf::from("bench.toml"), text.to_owned())])
+        .expect("valid policy");
     let compiled = compile::compile(&policy, &HostView::default()).expect("compiles");
     installer.install(maps, &compiled).expect("installs");
 }
@@ -40,7 +41,9 @@ fn main() {
         eprintln!("the datapath benchmark loads eBPF programs: run it as root (cargo xtask bench)");
         std::process::exit(1);
     }
-    let pins = PinLayout::new(PathBuf::from("/sys/fs/bpf").join(format!("enfbench-{}", std::process::id())));
+    let pins = PinLayout::new(
+        PathBuf::from("/sys/fs/bpf").join(format!("enfbench-{}", std::process::id())),
+    );
     let (mut datapath, mut maps, _ring) = Datapath::load(pins.clone()).expect("load");
     let mut installer = Installer::adopt(&maps).expect("adopt");
     let baseline = bpf::load_pass_all_xdp().expect("baseline program");
@@ -52,37 +55,101 @@ fn main() {
     let arp = frames::ethernet(&[], frames::ETH_P_ARP, &[0u8; 28]);
 
     let time = |datapath: &mut Datapath, hook: Hook, frame: &[u8]| -> Duration {
-        median((0..ROUNDS).map(|_| datapath.test_run(hook, frame, REPEAT).expect("test run").duration).collect())
+        median(
+            (0..ROUNDS)
+                .map(|_| {
+                    datapath
+                        .test_run(hook, frame, REPEAT)
+                        .expect("test run")
+                        .duration
+                })
+                .collect(),
+        )
     };
-    let empty = median((0..ROUNDS).map(|_| bpf::test_run(&baseline, &syn, REPEAT).expect("baseline run").1).collect());
+    let empty = median(
+        (0..ROUNDS)
+            .map(|_| {
+                bpf::test_run(&baseline, &syn, REPEAT)
+                    .expect("baseline run")
+                    .1
+            })
+            .collect(),
+    );
 
     let mut results = Vec::new();
     for (label, rules, services) in [("10 rules", 10, 10), ("100000 rules", 100_000, 1_000)] {
-        install(&mut maps, &mut installer, &policies::generated(services, rules));
+        install(
+            &mut maps,
+            &mut installer,
+            &policies::generated(services, rules),
+        );
         // The first SYN opens the flow; the ACKs that follow hit conntrack.
-        datapath.test_run(Hook::Xdp, &syn, 1).expect("open the flow");
-        datapath.test_run(Hook::TcIngress, &syn, 1).expect("open the flow");
-        datapath.test_run(Hook::TcEgress, &syn, 1).expect("open the flow");
-        results.push((format!("XDP, established flow (conntrack hit), {label}"), time(&mut datapath, Hook::Xdp, &established)));
-        results.push((format!("XDP, denied new flow (rule lookups, default-deny, report de-dup), {label}"), time(&mut datapath, Hook::Xdp, &denied)));
-        results.push((format!("TC ingress, established flow, {label}"), time(&mut datapath, Hook::TcIngress, &established)));
-        results.push((format!("TC egress, established flow, {label}"), time(&mut datapath, Hook::TcEgress, &established)));
-        results.push((format!("TC egress, denied new flow, {label}"), time(&mut datapath, Hook::TcEgress, &denied)));
+        datapath
+            .test_run(Hook::Xdp, &syn, 1)
+            .expect("open the flow");
+        datapath
+            .test_run(Hook::TcIngress, &syn, 1)
+            .expect("open the flow");
+        datapath
+            .test_run(Hook::TcEgress, &syn, 1)
+            .expect("open the flow");
+        results.push((
+            format!("XDP, established flow (conntrack hit), {label}"),
+            time(&mut datapath, Hook::Xdp, &established),
+        ));
+        results.push((
+            format!("XDP, denied new flow (rule lookups, default-deny, report de-dup), {label}"),
+            time(&mut datapath, Hook::Xdp, &denied),
+        ));
+        results.push((
+            format!("TC ingress, established flow, {label}"),
+            time(&mut datapath, Hook::TcIngress, &established),
+        ));
+        results.push((
+            format!("TC egress, established flow, {label}"),
+            time(&mut datapath, Hook::TcEgress, &established),
+        ));
+        results.push((
+            format!("TC egress, denied new flow, {label}"),
+            time(&mut datapath, Hook::TcEgress, &denied),
+        ));
     }
-    results.push(("XDP, non-IP frame (ARP): parse only".to_owned(), time(&mut datapath, Hook::Xdp, &arp)));
+    results.push((
+        "XDP, non-IP frame (ARP): parse only".to_owned(),
+        time(&mut datapath, Hook::Xdp, &arp),
+    ));
 
-    println!("datapath cost per packet (BPF_PROG_TEST_RUN, median of {ROUNDS} runs of {REPEAT} packets)");
+    println!(
+        "datapath cost per packet (BPF_PROG_TEST_RUN, median of {ROUNDS} runs of {REPEAT} packets)"
+    );
     println!("  {:<78} {:>8}  {:>9}", "path", "ns", "x empty");
-    println!("  {:<78} {:>8}  {:>9}", "empty XDP program (baseline: r0 = XDP_PASS)", empty.as_nanos(), "1.00");
+    println!(
+        "  {:<78} {:>8}  {:>9}",
+        "empty XDP program (baseline: r0 = XDP_PASS)",
+        empty.as_nanos(),
+        "1.00"
+    );
     let ratio = |cost: Duration| cost.as_nanos() as f64 / empty.as_nanos().max(1) as f64;
     for (path, cost) in &results {
         println!("  {path:<78} {:>8}  {:>9.2}", cost.as_nanos(), ratio(*cost));
     }
-    let by = |needle: &str| results.iter().find(|(path, _)| path == needle).map(|(_, cost)| *cost).expect("measured");
-    for path in ["XDP, established flow (conntrack hit)", "XDP, denied new flow (rule lookups, default-deny, report de-dup)"] {
+    let by = |needle: &str| {
+        results
+            .iter()
+            .find(|(path, _)| path == needle)
+            .map(|(_, cost)| *cost)
+            .expect("measured")
+    };
+    for path in [
+        "XDP, established flow (conntrack hit)",
+        "XDP, denied new flow (rule lookups, default-deny, report de-dup)",
+    ] {
         let small = by(&format!("{path}, 10 rules"));
         let large = by(&format!("{path}, 100000 rules"));
-        println!("  {path}: 100000 rules / 10 rules = {:.2}", large.as_nanos() as f64 / small.as_nanos().max(1) as f64);
+        println!(
+            "  {path}: 100000 rules / 10 rules = {:.2}",
+            large.as_nanos() as f64 / small.as_nanos().max(1) as f64
+        );
     }
     drop(datapath);
     let _ = loader::unload(&pins);

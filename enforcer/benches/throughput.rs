@@ -18,20 +18,37 @@ const ROUNDS: usize = 3;
 
 /// Runs one iperf3 client from `client` to a one-shot server in `server`; returns bits/s.
 fn iperf(topology: &Topology, server_ip: IpAddr) -> f64 {
-    let mut server = topology.endpoint("server").netns.command("iperf3").unwrap().args(["-s", "-1"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("iperf3 (cargo xtask setup installs it)");
+    let mut server = topology
+        .endpoint("server")
+        .netns
+        .command("iperf3")
+        .unwrap()
+        .args(["-s", "-1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("iperf3 (cargo xtask setup installs it)");
     std::thread::sleep(Duration::from_millis(300));
     let output = topology
         .endpoint("client")
         .netns
         .command("iperf3")
         .unwrap()
-        .args(["-c", &server_ip.to_string(), "-t", &SECONDS.to_string(), "-J"])
+        .args([
+            "-c",
+            &server_ip.to_string(),
+            "-t",
+            &SECONDS.to_string(),
+            "-J",
+        ])
         .output()
         .expect("iperf3 client");
     let _ = server.kill();
     let _ = server.wait();
     let report: Value = serde_json::from_slice(&output.stdout).expect("iperf3 JSON");
-    report["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or_else(|| panic!("no result: {report}"))
+    report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no result: {report}"))
 }
 
 fn median(mut samples: Vec<f64>) -> f64 {
@@ -41,7 +58,9 @@ fn median(mut samples: Vec<f64>) -> f64 {
 
 fn main() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("the throughput benchmark builds network namespaces: run it as root (cargo xtask bench)");
+        eprintln!(
+            "the throughput benchmark builds network namespaces: run it as root (cargo xtask bench)"
+        );
         std::process::exit(1);
     }
     let topology = Topology::build(&["client", "server"]).expect("topology");
@@ -65,13 +84,28 @@ fn main() {
             .arg(&pins)
             .arg("--observe-socket")
             .arg(topology.dir.join("observe.sock"))
-            .args(["--ingress-hook", ingress, "--attach", "v-client", "--attach", "v-server"]);
+            .args([
+                "--ingress-hook",
+                ingress,
+                "--attach",
+                "v-client",
+                "--attach",
+                "v-server",
+            ]);
         let unload = pins.clone();
-        let daemon = Daemon::spawn(command, topology.dir.join(format!("enforcer-{ingress}.log")), "enforcing", Duration::from_secs(60))
-            .expect("enforcer starts")
-            .on_drop(move || {
-                let _ = Command::new(ENFORCER).args(["unload", "--pin-path"]).arg(&unload).output();
-            });
+        let daemon = Daemon::spawn(
+            command,
+            topology.dir.join(format!("enforcer-{ingress}.log")),
+            "enforcing",
+            Duration::from_secs(60),
+        )
+        .expect("enforcer starts")
+        .on_drop(move || {
+            let _ = Command::new(ENFORCER)
+                .args(["unload", "--pin-path"])
+                .arg(&unload)
+                .output();
+        });
         let rate = median((0..ROUNDS).map(|_| iperf(&topology, server_ip)).collect());
         drop(daemon);
         rate
@@ -79,8 +113,21 @@ fn main() {
     let with = enforced("auto");
     let with_xdp = enforced("xdp");
     let without = median(without);
-    println!("TCP throughput, client -> host -> server over veths (iperf3, {SECONDS} s, median of {ROUNDS})");
-    println!("  without enforcer:                    {:>7.2} Gbit/s", without / 1e9);
-    println!("  enforcer, TC ingress + TC egress:    {:>7.2} Gbit/s  ratio {:.3}  (default on veths)", with / 1e9, with / without);
-    println!("  enforcer, XDP ingress + TC egress:   {:>7.2} Gbit/s  ratio {:.3}  (--ingress-hook xdp)", with_xdp / 1e9, with_xdp / without);
+    println!(
+        "TCP throughput, client -> host -> server over veths (iperf3, {SECONDS} s, median of {ROUNDS})"
+    );
+    println!(
+        "  without enforcer:                    {:>7.2} Gbit/s",
+        without / 1e9
+    );
+    println!(
+        "  enforcer, TC ingress + TC egress:    {:>7.2} Gbit/s  ratio {:.3}  (default on veths)",
+        with / 1e9,
+        with / without
+    );
+    println!(
+        "  enforcer, XDP ingress + TC egress:   {:>7.2} Gbit/s  ratio {:.3}  (--ingress-hook xdp)",
+        with_xdp / 1e9,
+        with_xdp / without
+    );
 }

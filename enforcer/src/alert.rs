@@ -4,7 +4,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use enforcer_common::verdict::Verdict;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 use crate::events::FlowRecord;
 
@@ -20,7 +20,8 @@ pub enum AlertFormat {
 }
 
 fn millis(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as u64)
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
 }
 
 /// RFC 3339 UTC timestamp with milliseconds.
@@ -29,7 +30,13 @@ pub fn rfc3339(time: SystemTime) -> String {
     let secs = (millis / 1000) as i64;
     let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (year, month, day) = civil_from_days(days);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z", rest / 3600, rest % 3600 / 60, rest % 60, millis % 1000)
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60,
+        millis % 1000
+    )
 }
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
@@ -47,7 +54,10 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 
 /// This machine's name, for the `device`/`host` of every record.
 pub fn hostname() -> String {
-    nix::unistd::gethostname().ok().and_then(|name| name.into_string().ok()).unwrap_or_else(|| "localhost".to_owned())
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|name| name.into_string().ok())
+        .unwrap_or_else(|| "localhost".to_owned())
 }
 
 /// How a flow outcome reads in OCSF Network Activity terms.
@@ -128,8 +138,19 @@ pub fn flow_message(record: &FlowRecord) -> String {
         Verdict::Deny => "denied",
         Verdict::Audit => "would be denied (audit)",
     };
-    let times = if record.count > 1 { format!(" ({} packets)", record.count) } else { String::new() };
-    format!("{} -> {} {} {outcome} by {} [{}]{times}", record.src.name, record.dst.name, port_text(record), record.rule, record.reason)
+    let times = if record.count > 1 {
+        format!(" ({} packets)", record.count)
+    } else {
+        String::new()
+    };
+    format!(
+        "{} -> {} {} {outcome} by {} [{}]{times}",
+        record.src.name,
+        record.dst.name,
+        port_text(record),
+        record.rule,
+        record.reason
+    )
 }
 
 /// A flow record as a SIEM record.
@@ -242,7 +263,9 @@ fn ecs_flow(record: &FlowRecord, host: &str) -> Value {
 
 /// A record saying that `count` flow records never reached the controller.
 pub fn lost_events_alert(count: u64, at: SystemTime, format: AlertFormat, host: &str) -> Value {
-    let message = format!("{count} flow records were lost between the kernel and the controller (ring buffer full)");
+    let message = format!(
+        "{count} flow records were lost between the kernel and the controller (ring buffer full)"
+    );
     match format {
         AlertFormat::Ocsf => json!({
             "class_uid": 4001,
@@ -286,8 +309,18 @@ mod tests {
             verdict,
             reason,
             rule: rule.to_owned(),
-            src: FlowEnd { ip: "10.10.0.2".parse::<IpAddr>().unwrap(), port: 40000, identity: 1001, name: "frontend".to_owned() },
-            dst: FlowEnd { ip: "10.10.2.2".parse::<IpAddr>().unwrap(), port: 5432, identity: 1003, name: "db".to_owned() },
+            src: FlowEnd {
+                ip: "10.10.0.2".parse::<IpAddr>().unwrap(),
+                port: 40000,
+                identity: 1001,
+                name: "frontend".to_owned(),
+            },
+            dst: FlowEnd {
+                ip: "10.10.2.2".parse::<IpAddr>().unwrap(),
+                port: 5432,
+                identity: 1003,
+                name: "db".to_owned(),
+            },
             address_identity: 1001,
             protocol: "tcp".to_owned(),
             protocol_number: 6,
@@ -305,7 +338,11 @@ mod tests {
 
     #[test]
     fn denied_flow_is_ocsf_network_activity_with_action_denied() {
-        let alert = flow_alert(&record(Verdict::Deny, "default_deny", "default-deny"), AlertFormat::Ocsf, "node-1");
+        let alert = flow_alert(
+            &record(Verdict::Deny, "default_deny", "default-deny"),
+            AlertFormat::Ocsf,
+            "node-1",
+        );
         assert_eq!(alert["class_uid"], 4001);
         assert_eq!(alert["activity_id"], 5);
         assert_eq!(alert["type_uid"], 400_105);
@@ -318,26 +355,70 @@ mod tests {
         assert_eq!(alert["count"], 4);
         assert_eq!(alert["time"], 1_700_000_000_123u64);
         assert_eq!(alert["start_time"], alert["end_time"]);
-        assert_eq!(alert["message"], "frontend -> db 5432/tcp denied by default-deny [default_deny] (4 packets)");
+        assert_eq!(
+            alert["message"],
+            "frontend -> db 5432/tcp denied by default-deny [default_deny] (4 packets)"
+        );
     }
 
     #[test]
     fn allowed_audited_spoofed_and_revoked_flows_classify_distinctly() {
-        let allowed = flow_alert(&record(Verdict::Allow, "policy_allow", "fe-to-db"), AlertFormat::Ocsf, "h");
-        assert_eq!((allowed["activity_id"].as_u64(), allowed["action_id"].as_u64(), allowed["disposition_id"].as_u64()), (Some(1), Some(1), Some(1)));
-        let audited = flow_alert(&record(Verdict::Audit, "default_deny", "default-deny"), AlertFormat::Ocsf, "h");
-        assert_eq!((audited["action_id"].as_u64(), audited["disposition_id"].as_u64()), (Some(1), Some(15)));
-        let spoofed = flow_alert(&record(Verdict::Deny, "spoofed", "anti-spoofing"), AlertFormat::Ocsf, "h");
-        assert_eq!((spoofed["severity_id"].as_u64(), spoofed["disposition_id"].as_u64()), (Some(4), Some(6)));
+        let allowed = flow_alert(
+            &record(Verdict::Allow, "policy_allow", "fe-to-db"),
+            AlertFormat::Ocsf,
+            "h",
+        );
+        assert_eq!(
+            (
+                allowed["activity_id"].as_u64(),
+                allowed["action_id"].as_u64(),
+                allowed["disposition_id"].as_u64()
+            ),
+            (Some(1), Some(1), Some(1))
+        );
+        let audited = flow_alert(
+            &record(Verdict::Audit, "default_deny", "default-deny"),
+            AlertFormat::Ocsf,
+            "h",
+        );
+        assert_eq!(
+            (
+                audited["action_id"].as_u64(),
+                audited["disposition_id"].as_u64()
+            ),
+            (Some(1), Some(15))
+        );
+        let spoofed = flow_alert(
+            &record(Verdict::Deny, "spoofed", "anti-spoofing"),
+            AlertFormat::Ocsf,
+            "h",
+        );
+        assert_eq!(
+            (
+                spoofed["severity_id"].as_u64(),
+                spoofed["disposition_id"].as_u64()
+            ),
+            (Some(4), Some(6))
+        );
         let mut revoked = record(Verdict::Deny, "default_deny", "default-deny");
         revoked.rejudged = true;
         let revoked = flow_alert(&revoked, AlertFormat::Ocsf, "h");
-        assert_eq!((revoked["activity_id"].as_u64(), revoked["disposition_id"].as_u64()), (Some(3), Some(24)));
+        assert_eq!(
+            (
+                revoked["activity_id"].as_u64(),
+                revoked["disposition_id"].as_u64()
+            ),
+            (Some(3), Some(24))
+        );
     }
 
     #[test]
     fn ecs_flow_uses_ecs_field_names() {
-        let alert = flow_alert(&record(Verdict::Deny, "policy_deny", "no-db"), AlertFormat::Ecs, "node-1");
+        let alert = flow_alert(
+            &record(Verdict::Deny, "policy_deny", "no-db"),
+            AlertFormat::Ecs,
+            "node-1",
+        );
         assert_eq!(alert["@timestamp"], "2023-11-14T22:13:20.123Z");
         assert_eq!(alert["event"]["category"][0], "network");
         assert_eq!(alert["event"]["outcome"], "failure");

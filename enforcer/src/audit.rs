@@ -41,7 +41,10 @@ impl AuditLog {
                 }
                 match last {
                     Some(line) => {
-                        let seq = serde_json::from_str::<Value>(&line).ok().and_then(|record| record["seq"].as_u64()).unwrap_or(0);
+                        let seq = serde_json::from_str::<Value>(&line)
+                            .ok()
+                            .and_then(|record| record["seq"].as_u64())
+                            .unwrap_or(0);
                         (sha256_hex(line.as_bytes()), seq + 1)
                     }
                     None => (GENESIS.to_owned(), 0),
@@ -51,7 +54,12 @@ impl AuditLog {
             Err(error) => return Err(error),
         };
         let file = File::options().create(true).append(true).open(path)?;
-        Ok(Self { path: path.to_owned(), file, head, next_seq })
+        Ok(Self {
+            path: path.to_owned(),
+            file,
+            head,
+            next_seq,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -68,7 +76,10 @@ impl AuditLog {
     pub fn append(&mut self, kind: &str, fields: Value) -> io::Result<()> {
         let mut record = Map::new();
         record.insert("seq".to_owned(), Value::from(self.next_seq));
-        record.insert("time".to_owned(), Value::from(crate::alert::rfc3339(std::time::SystemTime::now())));
+        record.insert(
+            "time".to_owned(),
+            Value::from(crate::alert::rfc3339(std::time::SystemTime::now())),
+        );
         record.insert("kind".to_owned(), Value::from(kind));
         if let Value::Object(fields) = fields {
             record.extend(fields);
@@ -103,32 +114,47 @@ pub fn verify(path: &Path) -> io::Result<Verification> {
         let number = index + 1;
         let record: Value = match serde_json::from_str(&line) {
             Ok(record) => record,
-            Err(error) => return Ok(Verification::Broken { line: number, problem: format!("not a JSON record ({error})") }),
+            Err(error) => {
+                return Ok(Verification::Broken {
+                    line: number,
+                    problem: format!("not a JSON record ({error})"),
+                });
+            }
         };
         let prev = record["prev_hash"].as_str().unwrap_or_default();
         if index == 0 && prev != GENESIS {
             return Ok(Verification::Broken {
                 line: 1,
-                problem: "the first record does not start the chain: records before it were removed".to_owned(),
+                problem:
+                    "the first record does not start the chain: records before it were removed"
+                        .to_owned(),
             });
         }
         if prev != expected_prev {
             return Ok(Verification::Broken {
                 line: number,
-                problem: format!("prev_hash does not match line {index}: a line was changed, removed, inserted or reordered"),
+                problem: format!(
+                    "prev_hash does not match line {index}: a line was changed, removed, inserted or reordered"
+                ),
             });
         }
         let seq = record["seq"].as_u64();
-        if let (Some(expected), Some(seq)) = (expected_seq, seq) {
-            if seq != expected {
-                return Ok(Verification::Broken { line: number, problem: format!("seq {seq} where {expected} was due") });
-            }
+        if let (Some(expected), Some(seq)) = (expected_seq, seq)
+            && seq != expected
+        {
+            return Ok(Verification::Broken {
+                line: number,
+                problem: format!("seq {seq} where {expected} was due"),
+            });
         }
         expected_seq = seq.map(|seq| seq + 1);
         expected_prev = sha256_hex(line.as_bytes());
         records += 1;
     }
-    Ok(Verification::Intact { records, head: expected_prev })
+    Ok(Verification::Intact {
+        records,
+        head: expected_prev,
+    })
 }
 
 #[cfg(test)]
@@ -138,34 +164,65 @@ mod tests {
     use super::*;
 
     fn written_log(records: usize) -> (PathBuf, Vec<String>) {
-        let path = std::env::temp_dir().join(format!("enforcer-audit-test-{}-{records}-{}", std::process::id(), rand_suffix()));
+        let path = std::env::temp_dir().join(format!(
+            "enforcer-audit-test-{}-{records}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
         let mut log = AuditLog::open(&path).unwrap();
         for index in 0..records {
-            log.append("policy_load", json!({ "generation": index })).unwrap();
+            log.append("policy_load", json!({ "generation": index }))
+                .unwrap();
         }
-        let lines = std::fs::read_to_string(&path).unwrap().lines().map(str::to_owned).collect();
+        let lines = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect();
         (path, lines)
     }
 
     fn rand_suffix() -> u128 {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
     }
 
     fn verify_lines(path: &Path, lines: &[String]) -> Verification {
-        std::fs::write(path, lines.iter().map(|line| format!("{line}\n")).collect::<String>()).unwrap();
+        std::fs::write(
+            path,
+            lines
+                .iter()
+                .map(|line| format!("{line}\n"))
+                .collect::<String>(),
+        )
+        .unwrap();
         verify(path).unwrap()
     }
 
     #[test]
     fn an_untouched_log_verifies_and_reopening_continues_the_chain() {
         let (path, lines) = written_log(3);
-        let Verification::Intact { records: 3, head } = verify(&path).unwrap() else { panic!("intact log refused") };
+        let Verification::Intact { records: 3, head } = verify(&path).unwrap() else {
+            panic!("intact log refused")
+        };
         assert_eq!(head, sha256_hex(lines[2].as_bytes()));
         let mut log = AuditLog::open(&path).unwrap();
         assert_eq!(log.head(), head);
         log.append("policy_load", json!({})).unwrap();
-        assert!(matches!(verify(&path).unwrap(), Verification::Intact { records: 4, .. }));
-        let last: Value = serde_json::from_str(std::fs::read_to_string(&path).unwrap().lines().last().unwrap()).unwrap();
+        assert!(matches!(
+            verify(&path).unwrap(),
+            Verification::Intact { records: 4, .. }
+        ));
+        let last: Value = serde_json::from_str(
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .lines()
+                .last()
+                .unwrap(),
+        )
+        .unwrap();
         assert_eq!(last["seq"], 3);
         std::fs::remove_file(path).unwrap();
     }
@@ -175,18 +232,48 @@ mod tests {
         let (path, lines) = written_log(4);
         let mut changed = lines.clone();
         changed[1] = changed[1].replace("\"generation\":1", "\"generation\":7");
-        assert!(matches!(verify_lines(&path, &changed), Verification::Broken { line: 3, .. }), "changed line 2");
+        assert!(
+            matches!(
+                verify_lines(&path, &changed),
+                Verification::Broken { line: 3, .. }
+            ),
+            "changed line 2"
+        );
         let mut removed = lines.clone();
         removed.remove(1);
-        assert!(matches!(verify_lines(&path, &removed), Verification::Broken { line: 2, .. }), "removed line 2");
+        assert!(
+            matches!(
+                verify_lines(&path, &removed),
+                Verification::Broken { line: 2, .. }
+            ),
+            "removed line 2"
+        );
         let mut inserted = lines.clone();
         inserted.insert(2, lines[1].clone());
-        assert!(matches!(verify_lines(&path, &inserted), Verification::Broken { line: 3, .. }), "inserted a copy");
+        assert!(
+            matches!(
+                verify_lines(&path, &inserted),
+                Verification::Broken { line: 3, .. }
+            ),
+            "inserted a copy"
+        );
         let mut reordered = lines.clone();
         reordered.swap(1, 2);
-        assert!(matches!(verify_lines(&path, &reordered), Verification::Broken { line: 2, .. }), "swapped 2 and 3");
+        assert!(
+            matches!(
+                verify_lines(&path, &reordered),
+                Verification::Broken { line: 2, .. }
+            ),
+            "swapped 2 and 3"
+        );
         let truncated_start = lines[1..].to_vec();
-        assert!(matches!(verify_lines(&path, &truncated_start), Verification::Broken { line: 1, .. }), "cut at the start");
+        assert!(
+            matches!(
+                verify_lines(&path, &truncated_start),
+                Verification::Broken { line: 1, .. }
+            ),
+            "cut at the start"
+        );
         std::fs::remove_file(path).unwrap();
     }
 }

@@ -8,23 +8,27 @@ use std::{
 
 use clap::{Args, Parser, Subcommand};
 use enforcer_common::{
-    identity::{IdentityInfo, HOST, WORLD},
+    identity::{HOST, IdentityInfo, WORLD},
     policy::{action, proto},
-    verdict::{reason_name, Verdict},
+    verdict::{Verdict, reason_name},
 };
 
 use crate::{
     alert::AlertFormat,
     compile::{self, Compiled, HostView},
     host,
-    loader::{self, IngressHook, PinLayout, DEFAULT_PIN_PATH},
+    loader::{self, DEFAULT_PIN_PATH, IngressHook, PinLayout},
     maps::KernelMaps,
     policy::{self, Peer, Policy, PortMatch, Protocol},
     run::{self, RunError, RunOptions},
 };
 
 #[derive(Debug, Parser)]
-#[command(name = "enforcer", version, about = "Zero-trust segmentation between services, enforced in the kernel with eBPF.")]
+#[command(
+    name = "enforcer",
+    version,
+    about = "Zero-trust segmentation between services, enforced in the kernel with eBPF."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -146,15 +150,26 @@ pub enum Failure {
 
 impl From<RunError> for Failure {
     fn from(error: RunError) -> Self {
-        if error.is_bad_input() { Self::BadInput(error.to_string()) } else { Self::Runtime(error.to_string()) }
+        if error.is_bad_input() {
+            Self::BadInput(error.to_string())
+        } else {
+            Self::Runtime(error.to_string())
+        }
     }
 }
 
 pub fn execute(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Run(args) => {
-            let metrics = args.metrics.as_deref().map(crate::metrics::parse_listen_address).transpose().map_err(Failure::BadInput)?;
-            let observe_socket = args.observe_socket.unwrap_or_else(|| crate::observe::default_socket(&args.pin_path));
+            let metrics = args
+                .metrics
+                .as_deref()
+                .map(crate::metrics::parse_listen_address)
+                .transpose()
+                .map_err(Failure::BadInput)?;
+            let observe_socket = args
+                .observe_socket
+                .unwrap_or_else(|| crate::observe::default_socket(&args.pin_path));
             let options = RunOptions {
                 policy: args.policy,
                 attach: args.attach,
@@ -171,7 +186,9 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
                 .worker_threads(2)
                 .enable_all()
                 .build()
-                .map_err(|error| Failure::Runtime(format!("starting the async runtime: {error}")))?;
+                .map_err(|error| {
+                    Failure::Runtime(format!("starting the async runtime: {error}"))
+                })?;
             runtime.block_on(run::run(options)).map_err(Failure::from)
         }
         Command::Check { path } => {
@@ -179,18 +196,32 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
             print!("{}", check_report(&policy, &compiled));
             Ok(())
         }
-        Command::Explain { path, from, to, port, json } => {
+        Command::Explain {
+            path,
+            from,
+            to,
+            port,
+            json,
+        } => {
             let (policy, compiled) = load_offline(&path)?;
-            let text = explain(&policy, &compiled, &from, &to, port.as_deref(), json).map_err(Failure::BadInput)?;
+            let text = explain(&policy, &compiled, &from, &to, port.as_deref(), json)
+                .map_err(Failure::BadInput)?;
             print!("{text}");
             Ok(())
         }
-        Command::Diff { old, new, replay, json } => {
+        Command::Diff {
+            old,
+            new,
+            replay,
+            json,
+        } => {
             let (_, old) = load_offline(&old)?;
             let (_, new) = load_offline(&new)?;
             let mut result = crate::diff::diff(&old, &new);
             if let Some(log) = replay {
-                crate::diff::replay(&mut result, &old, &new, &log).map_err(|error| Failure::BadInput(format!("reading {}: {error}", log.display())))?;
+                crate::diff::replay(&mut result, &old, &new, &log).map_err(|error| {
+                    Failure::BadInput(format!("reading {}: {error}", log.display()))
+                })?;
             }
             if json {
                 println!("{}", result.to_json());
@@ -199,18 +230,43 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Observe { follow, service, from, to, verdict, port, json, pin_path, socket } => {
+        Command::Observe {
+            follow,
+            service,
+            from,
+            to,
+            verdict,
+            port,
+            json,
+            pin_path,
+            socket,
+        } => {
             let socket = socket.unwrap_or_else(|| crate::observe::default_socket(&pin_path));
-            let filter = crate::observe::Filter { service, from, to, verdict, port };
-            crate::observe::watch(&socket, follow, &filter, json, std::io::stdout().lock()).map_err(|error| Failure::Runtime(error.to_string()))
+            let filter = crate::observe::Filter {
+                service,
+                from,
+                to,
+                verdict,
+                port,
+            };
+            crate::observe::watch(&socket, follow, &filter, json, std::io::stdout().lock())
+                .map_err(|error| Failure::Runtime(error.to_string()))
         }
         Command::AuditVerify { path } => match crate::audit::verify(&path) {
             Ok(crate::audit::Verification::Intact { records, head }) => {
-                println!("{}: intact, {records} records, chain head {head}", path.display());
+                println!(
+                    "{}: intact, {records} records, chain head {head}",
+                    path.display()
+                );
                 Ok(())
             }
-            Ok(crate::audit::Verification::Broken { line, problem }) => Err(Failure::BadInput(format!("{}:{line}: {problem}", path.display()))),
-            Err(error) => Err(Failure::Runtime(format!("reading {}: {error}", path.display()))),
+            Ok(crate::audit::Verification::Broken { line, problem }) => Err(Failure::BadInput(
+                format!("{}:{line}: {problem}", path.display()),
+            )),
+            Err(error) => Err(Failure::Runtime(format!(
+                "reading {}: {error}",
+                path.display()
+            ))),
         },
         Command::Status { pin_path } => {
             print!("{}", status(&PinLayout::new(pin_path))?);
@@ -218,11 +274,17 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
         }
         Command::Unload { pin_path } => {
             let pins = PinLayout::new(pin_path);
-            let removed = loader::unload(&pins).map_err(|error| Failure::Runtime(format!("unloading {}: {error}", pins.root.display())))?;
+            let removed = loader::unload(&pins).map_err(|error| {
+                Failure::Runtime(format!("unloading {}: {error}", pins.root.display()))
+            })?;
             if removed.is_empty() {
                 println!("nothing pinned at {}", pins.root.display());
             } else {
-                println!("removed {} pins under {}; enforcement is off", removed.len(), pins.root.display());
+                println!(
+                    "removed {} pins under {}; enforcement is off",
+                    removed.len(),
+                    pins.root.display()
+                );
             }
             Ok(())
         }
@@ -232,37 +294,91 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
 /// Loads and compiles a policy without looking at this host (for `check`, `explain`).
 fn load_offline(path: &Path) -> Result<(Policy, Compiled), Failure> {
     let policy = policy::load(path).map_err(|error| Failure::BadInput(error.to_string()))?;
-    let compiled = compile::compile(&policy, &HostView::default()).map_err(|error| Failure::BadInput(error.to_string()))?;
+    let compiled = compile::compile(&policy, &HostView::default())
+        .map_err(|error| Failure::BadInput(error.to_string()))?;
     Ok((policy, compiled))
 }
 
 pub fn check_report(policy: &Policy, compiled: &Compiled) -> String {
     let mut out = String::new();
-    let files: Vec<String> = policy.files.iter().map(|file| file.display().to_string()).collect();
+    let files: Vec<String> = policy
+        .files
+        .iter()
+        .map(|file| file.display().to_string())
+        .collect();
     let _ = writeln!(out, "policy {} is valid", files.join(", "));
     let _ = writeln!(out, "sha256 {}", policy.hash_hex());
-    let _ = writeln!(out, "mode {}, manage_host {}", policy.mode.as_str(), policy.manage_host);
+    let _ = writeln!(
+        out,
+        "mode {}, manage_host {}",
+        policy.mode.as_str(),
+        policy.manage_host
+    );
     let _ = writeln!(out, "\n{} services:", policy.services.len());
-    let _ = writeln!(out, "  {:<20} {:>10}  {:<8} {:<8} MEMBERS", "NAME", "IDENTITY", "FROM", "MODE");
+    let _ = writeln!(
+        out,
+        "  {:<20} {:>10}  {:<8} {:<8} MEMBERS",
+        "NAME", "IDENTITY", "FROM", "MODE"
+    );
     for service in &policy.services {
         let mut members: Vec<String> = service.addresses.iter().map(ToString::to_string).collect();
-        members.extend(service.interfaces.iter().map(|name| format!("iface:{name}")));
-        members.extend(service.cgroups.iter().map(|path| format!("cgroup:{}", path.display())));
+        members.extend(
+            service
+                .interfaces
+                .iter()
+                .map(|name| format!("iface:{name}")),
+        );
+        members.extend(
+            service
+                .cgroups
+                .iter()
+                .map(|path| format!("cgroup:{}", path.display())),
+        );
         let _ = writeln!(
             out,
             "  {:<20} {:>10}  {:<8} {:<8} {}",
             service.name,
             service.identity,
-            if service.identity_declared { "declared" } else { "hashed" },
+            if service.identity_declared {
+                "declared"
+            } else {
+                "hashed"
+            },
             policy.service_mode(service).as_str(),
-            if members.is_empty() { "-".to_owned() } else { members.join(" ") }
+            if members.is_empty() {
+                "-".to_owned()
+            } else {
+                members.join(" ")
+            }
         );
     }
-    let allows = policy.rules.iter().filter(|rule| rule.kind == policy::RuleKind::Allow).count();
-    let limited = policy.rules.iter().filter(|rule| rule.max_new_per_sec.is_some()).count();
-    let _ = writeln!(out, "\n{} rules: {allows} allow ({limited} rate-limited), {} deny", policy.rules.len(), policy.rules.len() - allows);
-    let entries: Vec<String> = compiled.tables.entry_counts().iter().map(|(table, count)| format!("{table} {count}")).collect();
-    let _ = writeln!(out, "compiled entries: {} (interfaces and cgroups resolve when `run` starts)", entries.join(", "));
+    let allows = policy
+        .rules
+        .iter()
+        .filter(|rule| rule.kind == policy::RuleKind::Allow)
+        .count();
+    let limited = policy
+        .rules
+        .iter()
+        .filter(|rule| rule.max_new_per_sec.is_some())
+        .count();
+    let _ = writeln!(
+        out,
+        "\n{} rules: {allows} allow ({limited} rate-limited), {} deny",
+        policy.rules.len(),
+        policy.rules.len() - allows
+    );
+    let entries: Vec<String> = compiled
+        .tables
+        .entry_counts()
+        .iter()
+        .map(|(table, count)| format!("{table} {count}"))
+        .collect();
+    let _ = writeln!(
+        out,
+        "compiled entries: {} (interfaces and cgroups resolve when `run` starts)",
+        entries.join(", ")
+    );
     out
 }
 
@@ -273,20 +389,39 @@ fn resolve_peer(policy: &Policy, compiled: &Compiled, text: &str) -> Result<Iden
         Peer::World => Ok(compiled.identity_info(WORLD)),
         Peer::Host => Ok(compiled.identity_info(HOST)),
         Peer::Cidr(net) => {
-            let by_name = compiled.identities.values().find(|(name, _)| *name == net.to_string()).map(|(_, info)| *info);
+            let by_name = compiled
+                .identities
+                .values()
+                .find(|(name, _)| *name == net.to_string())
+                .map(|(_, info)| *info);
             Ok(by_name.unwrap_or_else(|| compiled.resolve_address(net.network())))
         }
     }
 }
 
-fn explain(policy: &Policy, compiled: &Compiled, from: &str, to: &str, port: Option<&str>, json: bool) -> Result<String, String> {
+fn explain(
+    policy: &Policy,
+    compiled: &Compiled,
+    from: &str,
+    to: &str,
+    port: Option<&str>,
+    json: bool,
+) -> Result<String, String> {
     let src = resolve_peer(policy, compiled, from)?;
     let dst = resolve_peer(policy, compiled, to)?;
     let probes: Vec<(u8, u16, String)> = match port {
         Some(text) => match text.parse::<PortMatch>()? {
-            PortMatch::Port(protocol, number) => vec![(protocol.number(), number, format!("{number}/{}", protocol.as_str()))],
+            PortMatch::Port(protocol, number) => vec![(
+                protocol.number(),
+                number,
+                format!("{number}/{}", protocol.as_str()),
+            )],
             PortMatch::AnyPort(Protocol::Icmp) => vec![(proto::ICMP, 0, "icmp".to_owned())],
-            other => return Err(format!("--port takes one port (e.g. 443/tcp) or icmp, not {other}")),
+            other => {
+                return Err(format!(
+                    "--port takes one port (e.g. 443/tcp) or icmp, not {other}"
+                ));
+            }
         },
         None => edge_probes(compiled, &src, &dst),
     };
@@ -296,7 +431,10 @@ fn explain(policy: &Policy, compiled: &Compiled, from: &str, to: &str, port: Opt
         let verdict = compiled.evaluate(&src, &dst, protocol, number);
         let allowed = verdict.action == action::ALLOW;
         let rule_id = compiled.rule_id(verdict.rule);
-        let rule = verdict.rule.checked_sub(enforcer_common::policy::rule::FIRST_USER).and_then(|index| compiled.rules.get(index as usize));
+        let rule = verdict
+            .rule
+            .checked_sub(enforcer_common::policy::rule::FIRST_USER)
+            .and_then(|index| compiled.rules.get(index as usize));
         if json {
             answers.push(serde_json::json!({
                 "from": compiled.identity_name(src.identity),
@@ -317,11 +455,24 @@ fn explain(policy: &Policy, compiled: &Compiled, from: &str, to: &str, port: Opt
         );
         match rule {
             Some(rule) => {
-                let limit = rule.max_new_per_sec.map(|limit| format!(", at most {limit} new connections/s")).unwrap_or_default();
-                let _ = writeln!(out, "  {} {} -> {} ports {}{limit}", rule.kind.as_str(), rule.from, rule.to, rule.ports);
+                let limit = rule
+                    .max_new_per_sec
+                    .map(|limit| format!(", at most {limit} new connections/s"))
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "  {} {} -> {} ports {}{limit}",
+                    rule.kind.as_str(),
+                    rule.from,
+                    rule.to,
+                    rule.ports
+                );
             }
             None if !allowed => {
-                let _ = writeln!(out, "  no rule allows it and a declared service is involved (default-deny)");
+                let _ = writeln!(
+                    out,
+                    "  no rule allows it and a declared service is involved (default-deny)"
+                );
             }
             None => {
                 let _ = writeln!(out, "  neither side is a declared service (default-allow)");
@@ -336,19 +487,50 @@ fn explain(policy: &Policy, compiled: &Compiled, from: &str, to: &str, port: Opt
 
 /// One probe per distinct entry the compiled tables hold for this edge, plus a port no rule
 /// names, so `explain` without `--port` shows everything that applies.
-fn edge_probes(compiled: &Compiled, src: &IdentityInfo, dst: &IdentityInfo) -> Vec<(u8, u16, String)> {
+fn edge_probes(
+    compiled: &Compiled,
+    src: &IdentityInfo,
+    dst: &IdentityInfo,
+) -> Vec<(u8, u16, String)> {
     let mut probes = Vec::new();
-    for key in compiled.tables.rules.keys().filter(|key| key.src_identity == src.identity && key.dst_identity == dst.identity) {
+    for key in compiled
+        .tables
+        .rules
+        .keys()
+        .filter(|key| key.src_identity == src.identity && key.dst_identity == dst.identity)
+    {
         let label = match (key.proto, key.port) {
             (enforcer_common::policy::ANY_PROTO, _) => "any protocol".to_owned(),
             (protocol, 0) => compile::protocol_name(protocol),
             (protocol, port) => format!("{port}/{}", compile::protocol_name(protocol)),
         };
-        probes.push((if key.proto == 0 { proto::UDP } else { key.proto }, key.port, label));
+        probes.push((
+            if key.proto == 0 {
+                proto::UDP
+            } else {
+                key.proto
+            },
+            key.port,
+            label,
+        ));
     }
-    for (key, ranges) in compiled.tables.ranges.iter().filter(|(key, _)| key.src_identity == src.identity && key.dst_identity == dst.identity) {
+    for (key, ranges) in compiled
+        .tables
+        .ranges
+        .iter()
+        .filter(|(key, _)| key.src_identity == src.identity && key.dst_identity == dst.identity)
+    {
         for range in &ranges.ranges[..ranges.count as usize] {
-            probes.push((key.proto, range.lo, format!("{}-{}/{}", range.lo, range.hi, compile::protocol_name(key.proto))));
+            probes.push((
+                key.proto,
+                range.lo,
+                format!(
+                    "{}-{}/{}",
+                    range.lo,
+                    range.hi,
+                    compile::protocol_name(key.proto)
+                ),
+            ));
         }
     }
     probes.push((proto::TCP, 1, "other ports".to_owned()));
@@ -362,19 +544,39 @@ fn format_time(nanos: u64) -> String {
 
 fn status(pins: &PinLayout) -> Result<String, Failure> {
     if !pins.exists() {
-        return Err(Failure::Runtime(format!("no datapath is pinned at {} (is `enforcer run` using another --pin-path?)", pins.root.display())));
+        return Err(Failure::Runtime(format!(
+            "no datapath is pinned at {} (is `enforcer run` using another --pin-path?)",
+            pins.root.display()
+        )));
     }
-    let (maps, _) = KernelMaps::from_pins(&pins.maps()).map_err(|error| Failure::Runtime(error.to_string()))?;
+    let (maps, _) =
+        KernelMaps::from_pins(&pins.maps()).map_err(|error| Failure::Runtime(error.to_string()))?;
     let mut out = String::new();
     let _ = writeln!(out, "pin path {}", pins.root.display());
-    match maps.installed().map_err(|error| Failure::Runtime(error.to_string()))? {
+    match maps
+        .installed()
+        .map_err(|error| Failure::Runtime(error.to_string()))?
+    {
         Some(config) => {
-            let mode = if config.flags & enforcer_common::config::flags::AUDIT != 0 { "audit" } else { "enforce" };
-            let _ = writeln!(out, "generation {} (slot {}), mode {mode}, installed {}", config.generation, config.slot, format_time(config.installed_at_ns));
+            let mode = if config.flags & enforcer_common::config::flags::AUDIT != 0 {
+                "audit"
+            } else {
+                "enforce"
+            };
+            let _ = writeln!(
+                out,
+                "generation {} (slot {}), mode {mode}, installed {}",
+                config.generation,
+                config.slot,
+                format_time(config.installed_at_ns)
+            );
             let _ = writeln!(out, "policy sha256 {}", hex::encode(config.policy_hash));
         }
         None => {
-            let _ = writeln!(out, "no policy generation installed: attached interfaces drop all IP traffic");
+            let _ = writeln!(
+                out,
+                "no policy generation installed: attached interfaces drop all IP traffic"
+            );
         }
     }
     let programs = loader::pinned_programs(pins);
@@ -400,18 +602,40 @@ fn status(pins: &PinLayout) -> Result<String, Failure> {
                 }
                 None => ("-".to_owned(), "link not readable"),
             };
-            let present = if host::interface_index(interface).is_some() { "" } else { " (interface not in this namespace)" };
-            let _ = writeln!(out, "  {interface:<16} {:<4} {} tag {tag} {verdict}{present}", hook.as_str(), hook.program());
+            let present = if host::interface_index(interface).is_some() {
+                ""
+            } else {
+                " (interface not in this namespace)"
+            };
+            let _ = writeln!(
+                out,
+                "  {interface:<16} {:<4} {} tag {tag} {verdict}{present}",
+                hook.as_str(),
+                hook.program()
+            );
         }
     }
     let _ = writeln!(out, "\npackets:");
-    for (verdict, reason, counter) in maps.packet_counts().map_err(|error| Failure::Runtime(error.to_string()))? {
+    for (verdict, reason, counter) in maps
+        .packet_counts()
+        .map_err(|error| Failure::Runtime(error.to_string()))?
+    {
         let verdict = Verdict::from_code(verdict).map_or("?", Verdict::as_str);
-        let _ = writeln!(out, "  {verdict:<6} {:<20} {:>12} packets {:>14} bytes", reason_name(reason), counter.packets, counter.bytes);
+        let _ = writeln!(
+            out,
+            "  {verdict:<6} {:<20} {:>12} packets {:>14} bytes",
+            reason_name(reason),
+            counter.packets,
+            counter.bytes
+        );
     }
     let _ = writeln!(out, "\nmaps:");
     for (name, fill) in maps.fill() {
-        let _ = writeln!(out, "  {name:<12} {:>8} / {:<8} entries", fill.entries, fill.capacity);
+        let _ = writeln!(
+            out,
+            "  {name:<12} {:>8} / {:<8} entries",
+            fill.entries, fill.capacity
+        );
     }
     let _ = writeln!(out, "\nevents lost: {}", maps.events_lost());
     Ok(out)

@@ -16,8 +16,11 @@ use std::{
 
 use enforcer_common::{
     addr::IpcacheKey,
-    identity::{flags, CgroupKey, EndpointKey, IdentityInfo, HOST, WORLD},
-    policy::{action, proto, rule, PolicyKey, PortRange, PortRanges, RangeKey, RuleVerdict, ANY_PORT, ANY_PROTO, MAX_PORT_RANGES},
+    identity::{CgroupKey, EndpointKey, HOST, IdentityInfo, WORLD, flags},
+    policy::{
+        ANY_PORT, ANY_PROTO, MAX_PORT_RANGES, PolicyKey, PortRange, PortRanges, RangeKey,
+        RuleVerdict, action, proto, rule,
+    },
 };
 use ipnet::IpNet;
 
@@ -52,7 +55,10 @@ pub struct Prefix {
 impl Prefix {
     pub fn of(net: &IpNet) -> Self {
         let (addr, len) = match net {
-            IpNet::V4(v4) => (enforcer_common::addr::v4_mapped(v4.network().octets()), 96 + v4.prefix_len()),
+            IpNet::V4(v4) => (
+                enforcer_common::addr::v4_mapped(v4.network().octets()),
+                96 + v4.prefix_len(),
+            ),
             IpNet::V6(v6) => (v6.network().octets(), v6.prefix_len()),
         };
         Self { addr, len }
@@ -60,19 +66,34 @@ impl Prefix {
 
     pub fn contains(&self, addr: &[u8; 16]) -> bool {
         let bits = u32::from(self.len);
-        let mask = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
+        let mask = if bits == 0 {
+            0
+        } else {
+            u128::MAX << (128 - bits)
+        };
         u128::from_be_bytes(self.addr) & mask == u128::from_be_bytes(*addr) & mask
     }
 
     pub fn key(&self, slot: u8) -> (u32, IpcacheKey) {
-        (enforcer_common::addr::IPCACHE_KEY_HEADER_BITS + u32::from(self.len), IpcacheKey { slot, _pad: [0; 3], addr: self.addr })
+        (
+            enforcer_common::addr::IPCACHE_KEY_HEADER_BITS + u32::from(self.len),
+            IpcacheKey {
+                slot,
+                _pad: [0; 3],
+                addr: self.addr,
+            },
+        )
     }
 }
 
 impl fmt::Display for Prefix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let addr = enforcer_common::addr::from_key_bytes(self.addr);
-        let len = if addr.is_ipv4() { self.len.saturating_sub(96) } else { self.len };
+        let len = if addr.is_ipv4() {
+            self.len.saturating_sub(96)
+        } else {
+            self.len
+        };
         write!(f, "{addr}/{len}")
     }
 }
@@ -118,7 +139,13 @@ pub enum CompileError {
     #[error(
         "{from} -> {to} over {protocol} has {count} port ranges after merging rules ({rules}); at most {MAX_PORT_RANGES} fit, list single ports or merge ranges"
     )]
-    TooManyRanges { from: String, to: String, protocol: &'static str, count: usize, rules: String },
+    TooManyRanges {
+        from: String,
+        to: String,
+        protocol: &'static str,
+        count: usize,
+        rules: String,
+    },
 }
 
 /// A policy compiled for this host.
@@ -145,7 +172,10 @@ impl Compiled {
             rule::PACKET_SANITY => PACKET_SANITY_ID.to_owned(),
             rule::NO_POLICY => NO_POLICY_ID.to_owned(),
             rule::NONE => "none".to_owned(),
-            user => match user.checked_sub(rule::FIRST_USER).and_then(|index| self.rules.get(index as usize)) {
+            user => match user
+                .checked_sub(rule::FIRST_USER)
+                .and_then(|index| self.rules.get(index as usize))
+            {
                 Some(info) => info.id.clone(),
                 None => format!("rule-{user}"),
             },
@@ -163,7 +193,9 @@ impl Compiled {
     }
 
     pub fn identity_info(&self, identity: u32) -> IdentityInfo {
-        self.identities.get(&identity).map_or(IdentityInfo { identity, flags: 0 }, |(_, info)| *info)
+        self.identities
+            .get(&identity)
+            .map_or(IdentityInfo { identity, flags: 0 }, |(_, info)| *info)
     }
 
     /// The identity an address resolves to (longest matching prefix, else world), as the
@@ -179,17 +211,41 @@ impl Compiled {
     }
 
     /// The rule that decides a new flow, by the same lookups as the datapath (`rules.rs`).
-    pub fn evaluate(&self, src: &IdentityInfo, dst: &IdentityInfo, wire_proto: u8, dst_port: u16) -> RuleVerdict {
-        let protocol = if wire_proto == proto::ICMPV6 { proto::ICMP } else { wire_proto };
-        let mut key = PolicyKey { src_identity: src.identity, dst_identity: dst.identity, port: ANY_PORT, proto: protocol, slot: 0 };
+    pub fn evaluate(
+        &self,
+        src: &IdentityInfo,
+        dst: &IdentityInfo,
+        wire_proto: u8,
+        dst_port: u16,
+    ) -> RuleVerdict {
+        let protocol = if wire_proto == proto::ICMPV6 {
+            proto::ICMP
+        } else {
+            wire_proto
+        };
+        let mut key = PolicyKey {
+            src_identity: src.identity,
+            dst_identity: dst.identity,
+            port: ANY_PORT,
+            proto: protocol,
+            slot: 0,
+        };
         if (protocol == proto::TCP || protocol == proto::UDP) && dst_port != ANY_PORT {
             key.port = dst_port;
             if let Some(verdict) = self.tables.rules.get(&key) {
                 return *verdict;
             }
-            let range_key = RangeKey { src_identity: src.identity, dst_identity: dst.identity, proto: protocol, slot: 0, _pad: [0; 2] };
+            let range_key = RangeKey {
+                src_identity: src.identity,
+                dst_identity: dst.identity,
+                proto: protocol,
+                slot: 0,
+                _pad: [0; 2],
+            };
             if let Some(ranges) = self.tables.ranges.get(&range_key) {
-                let found = ranges.ranges[..ranges.count as usize].iter().find(|range| range.lo <= dst_port && dst_port <= range.hi);
+                let found = ranges.ranges[..ranges.count as usize]
+                    .iter()
+                    .find(|range| range.lo <= dst_port && dst_port <= range.hi);
                 if let Some(range) = found {
                     return range.verdict;
                 }
@@ -203,9 +259,18 @@ impl Compiled {
         if let Some(verdict) = self.tables.rules.get(&key) {
             return *verdict;
         }
-        let (verdict_action, verdict_rule) =
-            if src.is_service() || dst.is_service() { (action::DENY, rule::DEFAULT_DENY) } else { (action::ALLOW, rule::DEFAULT_ALLOW) };
-        RuleVerdict { rule: verdict_rule, bucket: 0, max_new_per_sec: 0, action: verdict_action, _pad: [0; 3] }
+        let (verdict_action, verdict_rule) = if src.is_service() || dst.is_service() {
+            (action::DENY, rule::DEFAULT_DENY)
+        } else {
+            (action::ALLOW, rule::DEFAULT_ALLOW)
+        };
+        RuleVerdict {
+            rule: verdict_rule,
+            bucket: 0,
+            max_new_per_sec: 0,
+            action: verdict_action,
+            _pad: [0; 3],
+        }
     }
 }
 
@@ -219,22 +284,39 @@ struct PairRules {
 }
 
 fn first_of(kind: RuleKind, candidates: &[(RuleKind, usize)]) -> Option<usize> {
-    candidates.iter().find(|(candidate, _)| *candidate == kind).map(|(_, index)| *index)
+    candidates
+        .iter()
+        .find(|(candidate, _)| *candidate == kind)
+        .map(|(_, index)| *index)
 }
 
 /// Compiles `policy` for the host described by `host`.
 pub fn compile(policy: &Policy, host: &HostView) -> Result<Compiled, CompileError> {
     let mut warnings = Vec::new();
     let mut identities: BTreeMap<u32, (String, IdentityInfo)> = BTreeMap::new();
-    let host_info = IdentityInfo { identity: HOST, flags: if policy.manage_host { flags::SERVICE } else { 0 } };
+    let host_info = IdentityInfo {
+        identity: HOST,
+        flags: if policy.manage_host {
+            flags::SERVICE
+        } else {
+            0
+        },
+    };
     identities.insert(HOST, ("host".to_owned(), host_info));
     identities.insert(WORLD, ("world".to_owned(), IdentityInfo::WORLD));
     let service_infos: Vec<IdentityInfo> = policy
         .services
         .iter()
         .map(|service| {
-            let audit = if policy.service_mode(service) == Mode::Audit { flags::AUDIT } else { 0 };
-            IdentityInfo { identity: service.identity, flags: flags::SERVICE | audit }
+            let audit = if policy.service_mode(service) == Mode::Audit {
+                flags::AUDIT
+            } else {
+                0
+            };
+            IdentityInfo {
+                identity: service.identity,
+                flags: flags::SERVICE | audit,
+            }
         })
         .collect();
     for (service, info) in policy.services.iter().zip(&service_infos) {
@@ -246,18 +328,37 @@ pub fn compile(policy: &Policy, host: &HostView) -> Result<Compiled, CompileErro
         .rules
         .iter()
         .flat_map(|rule| [&rule.from, &rule.to])
-        .filter_map(|peer| if let Peer::Cidr(net) = peer { Some(*net) } else { None })
+        .filter_map(|peer| {
+            if let Peer::Cidr(net) = peer {
+                Some(*net)
+            } else {
+                None
+            }
+        })
         .collect();
     let mut cidr_identity: BTreeMap<IpNet, u32> = BTreeMap::new();
     let mut cidr_owner: BTreeMap<u32, IpNet> = BTreeMap::new();
     for net in &cidrs {
         let id = identity::of_cidr(net);
         if let Some(other) = cidr_owner.get(&id) {
-            return Err(CompileError::CidrCollision { a: *other, b: *net, identity: id });
+            return Err(CompileError::CidrCollision {
+                a: *other,
+                b: *net,
+                identity: id,
+            });
         }
         cidr_owner.insert(id, *net);
         cidr_identity.insert(*net, id);
-        identities.insert(id, (net.to_string(), IdentityInfo { identity: id, flags: 0 }));
+        identities.insert(
+            id,
+            (
+                net.to_string(),
+                IdentityInfo {
+                    identity: id,
+                    flags: 0,
+                },
+            ),
+        );
     }
 
     let mut tables = Tables::default();
@@ -268,22 +369,48 @@ pub fn compile(policy: &Policy, host: &HostView) -> Result<Compiled, CompileErro
         for name in &service.interfaces {
             match host.interfaces.get(name) {
                 Some(ifindex) => {
-                    tables.endpoints.insert(EndpointKey { ifindex: *ifindex, slot: 0 }, *info);
+                    tables.endpoints.insert(
+                        EndpointKey {
+                            ifindex: *ifindex,
+                            slot: 0,
+                        },
+                        *info,
+                    );
                 }
-                None => warnings.push(format!("interface \"{name}\" of service \"{}\" does not exist on this host; skipped", service.name)),
+                None => warnings.push(format!(
+                    "interface \"{name}\" of service \"{}\" does not exist on this host; skipped",
+                    service.name
+                )),
             }
         }
         for path in &service.cgroups {
             match host.cgroups.get(path) {
                 Some(cgroup_id) => {
-                    tables.cgroups.insert(CgroupKey { cgroup_id: *cgroup_id, slot: 0, _pad: 0 }, *info);
+                    tables.cgroups.insert(
+                        CgroupKey {
+                            cgroup_id: *cgroup_id,
+                            slot: 0,
+                            _pad: 0,
+                        },
+                        *info,
+                    );
                 }
-                None => warnings.push(format!("cgroup {} of service \"{}\" does not exist on this host; skipped", path.display(), service.name)),
+                None => warnings.push(format!(
+                    "cgroup {} of service \"{}\" does not exist on this host; skipped",
+                    path.display(),
+                    service.name
+                )),
             }
         }
     }
     for (net, id) in &cidr_identity {
-        tables.ipcache.entry(Prefix::of(net)).or_insert(IdentityInfo { identity: *id, flags: 0 });
+        tables
+            .ipcache
+            .entry(Prefix::of(net))
+            .or_insert(IdentityInfo {
+                identity: *id,
+                flags: 0,
+            });
     }
     for addr in &host.addresses {
         let prefix = Prefix::of(&IpNet::from(*addr));
@@ -304,10 +431,16 @@ pub fn compile(policy: &Policy, host: &HostView) -> Result<Compiled, CompileErro
             Peer::Service(index) => vec![service_infos[*index].identity],
             Peer::Host => vec![HOST],
             // World is everything unclaimed, and that includes addresses a CIDR rule names.
-            Peer::World => std::iter::once(WORLD).chain(cidr_identity.values().copied()).collect(),
+            Peer::World => std::iter::once(WORLD)
+                .chain(cidr_identity.values().copied())
+                .collect(),
             // A longest-prefix match resolves an address inside a narrower CIDR peer to that
             // peer's identity; rules about the wider CIDR must apply to it too.
-            Peer::Cidr(net) => cidr_identity.iter().filter(|(inner, _)| net.contains(*inner)).map(|(_, id)| *id).collect(),
+            Peer::Cidr(net) => cidr_identity
+                .iter()
+                .filter(|(inner, _)| net.contains(*inner))
+                .map(|(_, id)| *id)
+                .collect(),
         }
     };
     let mut pairs: BTreeMap<(u32, u32), PairRules> = BTreeMap::new();
@@ -322,13 +455,21 @@ pub fn compile(policy: &Policy, host: &HostView) -> Result<Compiled, CompileErro
                 }
                 for port in &rule.ports {
                     match *port {
-                        PortMatch::Port(protocol, number) => {
-                            pair.exact.entry((protocol.number(), number)).or_default().push((rule.kind, index))
-                        }
-                        PortMatch::Range(protocol, lo, hi) => {
-                            pair.ranges.entry(protocol.number()).or_default().push((lo, hi, rule.kind, index))
-                        }
-                        PortMatch::AnyPort(protocol) => pair.any_port.entry(protocol.number()).or_default().push((rule.kind, index)),
+                        PortMatch::Port(protocol, number) => pair
+                            .exact
+                            .entry((protocol.number(), number))
+                            .or_default()
+                            .push((rule.kind, index)),
+                        PortMatch::Range(protocol, lo, hi) => pair
+                            .ranges
+                            .entry(protocol.number())
+                            .or_default()
+                            .push((lo, hi, rule.kind, index)),
+                        PortMatch::AnyPort(protocol) => pair
+                            .any_port
+                            .entry(protocol.number())
+                            .or_default()
+                            .push((rule.kind, index)),
                     }
                 }
             }
@@ -343,22 +484,45 @@ pub fn compile(policy: &Policy, host: &HostView) -> Result<Compiled, CompileErro
                 None => (action::ALLOW, 0, 0),
             },
         };
-        RuleVerdict { rule: rule::FIRST_USER + index as u32, bucket, max_new_per_sec: limit, action: verdict_action, _pad: [0; 3] }
+        RuleVerdict {
+            rule: rule::FIRST_USER + index as u32,
+            bucket,
+            max_new_per_sec: limit,
+            action: verdict_action,
+            _pad: [0; 3],
+        }
     };
     for ((src, dst), pair) in &pairs {
-        let key = |protocol: u8, port: u16| PolicyKey { src_identity: *src, dst_identity: *dst, port, proto: protocol, slot: 0 };
+        let key = |protocol: u8, port: u16| PolicyKey {
+            src_identity: *src,
+            dst_identity: *dst,
+            port,
+            proto: protocol,
+            slot: 0,
+        };
         let deny_any_proto = first_of(RuleKind::Deny, &pair.any_proto);
-        let deny_any_port = |protocol: u8| pair.any_port.get(&protocol).and_then(|list| first_of(RuleKind::Deny, list));
+        let deny_any_port = |protocol: u8| {
+            pair.any_port
+                .get(&protocol)
+                .and_then(|list| first_of(RuleKind::Deny, list))
+        };
         let denied_by_range = |protocol: u8, port: u16| {
-            pair.ranges.get(&protocol).is_some_and(|list| list.iter().any(|(lo, hi, kind, _)| *kind == RuleKind::Deny && *lo <= port && port <= *hi))
+            pair.ranges.get(&protocol).is_some_and(|list| {
+                list.iter()
+                    .any(|(lo, hi, kind, _)| *kind == RuleKind::Deny && *lo <= port && port <= *hi)
+            })
         };
         for ((protocol, port), list) in &pair.exact {
             if let Some(deny) = first_of(RuleKind::Deny, list) {
                 tables.rules.insert(key(*protocol, *port), verdict_of(deny));
-            } else if deny_any_proto.is_none() && deny_any_port(*protocol).is_none() && !denied_by_range(*protocol, *port) {
-                if let Some(allow) = first_of(RuleKind::Allow, list) {
-                    tables.rules.insert(key(*protocol, *port), verdict_of(allow));
-                }
+            } else if deny_any_proto.is_none()
+                && deny_any_port(*protocol).is_none()
+                && !denied_by_range(*protocol, *port)
+                && let Some(allow) = first_of(RuleKind::Allow, list)
+            {
+                tables
+                    .rules
+                    .insert(key(*protocol, *port), verdict_of(allow));
             }
         }
         for (protocol, list) in &pair.ranges {
@@ -366,39 +530,76 @@ pub fn compile(policy: &Policy, host: &HostView) -> Result<Compiled, CompileErro
             let ordered: Vec<_> = list
                 .iter()
                 .filter(|(_, _, kind, _)| *kind == RuleKind::Deny)
-                .chain(list.iter().filter(|(_, _, kind, _)| *kind == RuleKind::Allow && !allows_covered))
+                .chain(
+                    list.iter()
+                        .filter(|(_, _, kind, _)| *kind == RuleKind::Allow && !allows_covered),
+                )
                 .collect();
             if ordered.is_empty() {
                 continue;
             }
             if ordered.len() > MAX_PORT_RANGES {
-                let mut rules: Vec<&str> = ordered.iter().map(|(_, _, _, index)| policy.rules[*index].id.as_str()).collect();
+                let mut rules: Vec<&str> = ordered
+                    .iter()
+                    .map(|(_, _, _, index)| policy.rules[*index].id.as_str())
+                    .collect();
                 rules.dedup();
                 return Err(CompileError::TooManyRanges {
-                    from: identities.get(src).map_or_else(|| src.to_string(), |(name, _)| name.clone()),
-                    to: identities.get(dst).map_or_else(|| dst.to_string(), |(name, _)| name.clone()),
-                    protocol: if *protocol == proto::TCP { "tcp" } else { "udp" },
+                    from: identities
+                        .get(src)
+                        .map_or_else(|| src.to_string(), |(name, _)| name.clone()),
+                    to: identities
+                        .get(dst)
+                        .map_or_else(|| dst.to_string(), |(name, _)| name.clone()),
+                    protocol: if *protocol == proto::TCP {
+                        "tcp"
+                    } else {
+                        "udp"
+                    },
                     count: ordered.len(),
                     rules: rules.join(", "),
                 });
             }
-            let mut ranges = PortRanges { count: ordered.len() as u32, ranges: [PortRange::default(); MAX_PORT_RANGES] };
+            let mut ranges = PortRanges {
+                count: ordered.len() as u32,
+                ranges: [PortRange::default(); MAX_PORT_RANGES],
+            };
             for (slot, (lo, hi, _, index)) in ranges.ranges.iter_mut().zip(&ordered) {
-                *slot = PortRange { lo: *lo, hi: *hi, verdict: verdict_of(*index) };
+                *slot = PortRange {
+                    lo: *lo,
+                    hi: *hi,
+                    verdict: verdict_of(*index),
+                };
             }
-            tables.ranges.insert(RangeKey { src_identity: *src, dst_identity: *dst, proto: *protocol, slot: 0, _pad: [0; 2] }, ranges);
+            tables.ranges.insert(
+                RangeKey {
+                    src_identity: *src,
+                    dst_identity: *dst,
+                    proto: *protocol,
+                    slot: 0,
+                    _pad: [0; 2],
+                },
+                ranges,
+            );
         }
         for (protocol, list) in &pair.any_port {
             if let Some(deny) = first_of(RuleKind::Deny, list) {
-                tables.rules.insert(key(*protocol, ANY_PORT), verdict_of(deny));
-            } else if deny_any_proto.is_none() {
-                if let Some(allow) = first_of(RuleKind::Allow, list) {
-                    tables.rules.insert(key(*protocol, ANY_PORT), verdict_of(allow));
-                }
+                tables
+                    .rules
+                    .insert(key(*protocol, ANY_PORT), verdict_of(deny));
+            } else if deny_any_proto.is_none()
+                && let Some(allow) = first_of(RuleKind::Allow, list)
+            {
+                tables
+                    .rules
+                    .insert(key(*protocol, ANY_PORT), verdict_of(allow));
             }
         }
-        if let Some(chosen) = deny_any_proto.or_else(|| first_of(RuleKind::Allow, &pair.any_proto)) {
-            tables.rules.insert(key(ANY_PROTO, ANY_PORT), verdict_of(chosen));
+        if let Some(chosen) = deny_any_proto.or_else(|| first_of(RuleKind::Allow, &pair.any_proto))
+        {
+            tables
+                .rules
+                .insert(key(ANY_PROTO, ANY_PORT), verdict_of(chosen));
         }
     }
 
@@ -413,12 +614,23 @@ pub fn compile(policy: &Policy, host: &HostView) -> Result<Compiled, CompileErro
             ports: if rule.ports.is_empty() {
                 "any".to_owned()
             } else {
-                rule.ports.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                rule.ports
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             },
             max_new_per_sec: rule.max_new_per_sec,
         })
         .collect();
-    Ok(Compiled { hash: policy.hash, audit: policy.mode == Mode::Audit, tables, rules, identities, warnings })
+    Ok(Compiled {
+        hash: policy.hash,
+        audit: policy.mode == Mode::Audit,
+        tables,
+        rules,
+        identities,
+        warnings,
+    })
 }
 
 /// A protocol name for a wire protocol number (ICMPv6 counts as ICMP, as in the policy).
@@ -439,13 +651,19 @@ mod tests {
     use crate::policy::parse_sources;
 
     fn compile_text(text: &str) -> Compiled {
-        let policy = parse_sources(vec![(PathBuf::from("p.toml"), text.to_owned())]).expect("valid policy");
+        let policy =
+            parse_sources(vec![(PathBuf::from("p.toml"), text.to_owned())]).expect("valid policy");
         compile(&policy, &HostView::default()).expect("compiles")
     }
 
     fn decide(compiled: &Compiled, from: &str, to: &str, protocol: u8, port: u16) -> (u8, String) {
         let by_name = |name: &str| {
-            compiled.identities.values().find(|(candidate, _)| candidate == name).map(|(_, info)| *info).expect("known identity")
+            compiled
+                .identities
+                .values()
+                .find(|(candidate, _)| candidate == name)
+                .map(|(_, info)| *info)
+                .expect("known identity")
         };
         let verdict = compiled.evaluate(&by_name(from), &by_name(to), protocol, port);
         (verdict.action, compiled.rule_id(verdict.rule))
@@ -472,15 +690,30 @@ id = \"a-b\"
 "
         ));
         for port in [443, 8000, 8050, 8100] {
-            assert_eq!(decide(&compiled, "a", "b", proto::TCP, port), (action::ALLOW, "a-b".to_owned()), "port {port}");
+            assert_eq!(
+                decide(&compiled, "a", "b", proto::TCP, port),
+                (action::ALLOW, "a-b".to_owned()),
+                "port {port}"
+            );
         }
         for port in [442, 7999, 8101] {
-            assert_eq!(decide(&compiled, "a", "b", proto::TCP, port), (action::DENY, DEFAULT_DENY_ID.to_owned()), "port {port}");
+            assert_eq!(
+                decide(&compiled, "a", "b", proto::TCP, port),
+                (action::DENY, DEFAULT_DENY_ID.to_owned()),
+                "port {port}"
+            );
         }
         assert_eq!(decide(&compiled, "a", "b", proto::ICMP, 0).0, action::ALLOW);
-        assert_eq!(decide(&compiled, "a", "b", proto::ICMPV6, 0).0, action::ALLOW);
+        assert_eq!(
+            decide(&compiled, "a", "b", proto::ICMPV6, 0).0,
+            action::ALLOW
+        );
         assert_eq!(decide(&compiled, "a", "b", proto::UDP, 443).0, action::DENY);
-        assert_eq!(decide(&compiled, "b", "a", proto::TCP, 443).0, action::DENY, "rules are directional");
+        assert_eq!(
+            decide(&compiled, "b", "a", proto::TCP, 443).0,
+            action::DENY,
+            "rules are directional"
+        );
     }
 
     #[test]
@@ -495,8 +728,16 @@ id = \"a-b\"
             ("[\"5432/tcp\"]", "[\"5432/tcp\"]", 5432),
             ("null", "[\"5432/tcp\"]", 5432),
         ] {
-            let deny_ports = if deny_ports == "null" { String::new() } else { format!("ports = {deny_ports}") };
-            let allow_ports = if allow_ports == "null" { String::new() } else { format!("ports = {allow_ports}") };
+            let deny_ports = if deny_ports == "null" {
+                String::new()
+            } else {
+                format!("ports = {deny_ports}")
+            };
+            let allow_ports = if allow_ports == "null" {
+                String::new()
+            } else {
+                format!("ports = {allow_ports}")
+            };
             let compiled = compile_text(&format!(
                 "{SERVICES}
 [[allow]]
@@ -537,7 +778,13 @@ id = \"https\"
         ));
         assert_eq!(decide(&compiled, "a", "b", proto::TCP, 443).1, "https");
         assert_eq!(decide(&compiled, "a", "b", proto::TCP, 80).1, "anything");
-        let key = PolicyKey { src_identity: identity::of_service_name("a"), dst_identity: identity::of_service_name("b"), port: 443, proto: proto::TCP, slot: 0 };
+        let key = PolicyKey {
+            src_identity: identity::of_service_name("a"),
+            dst_identity: identity::of_service_name("b"),
+            port: 443,
+            proto: proto::TCP,
+            slot: 0,
+        };
         let verdict = compiled.tables.rules[&key];
         assert_eq!(verdict.max_new_per_sec, 10);
         assert_eq!(verdict.bucket, identity::of_rule_bucket("https"));
@@ -546,11 +793,24 @@ id = \"https\"
     #[test]
     fn undeclared_parties_default_to_allow() {
         let compiled = compile_text(SERVICES);
-        assert_eq!(decide(&compiled, "world", "world", proto::TCP, 80), (action::ALLOW, DEFAULT_ALLOW_ID.to_owned()));
-        assert_eq!(decide(&compiled, "world", "a", proto::TCP, 80).0, action::DENY);
-        assert_eq!(decide(&compiled, "host", "world", proto::TCP, 80).0, action::ALLOW, "host is unmanaged by default");
+        assert_eq!(
+            decide(&compiled, "world", "world", proto::TCP, 80),
+            (action::ALLOW, DEFAULT_ALLOW_ID.to_owned())
+        );
+        assert_eq!(
+            decide(&compiled, "world", "a", proto::TCP, 80).0,
+            action::DENY
+        );
+        assert_eq!(
+            decide(&compiled, "host", "world", proto::TCP, 80).0,
+            action::ALLOW,
+            "host is unmanaged by default"
+        );
         let managed = compile_text(&format!("[settings]\nmanage_host = true\n{SERVICES}"));
-        assert_eq!(decide(&managed, "host", "world", proto::TCP, 80).0, action::DENY);
+        assert_eq!(
+            decide(&managed, "host", "world", proto::TCP, 80).0,
+            action::DENY
+        );
     }
 
     #[test]
@@ -579,7 +839,9 @@ id = \"everyone\"
         let elsewhere = compiled.resolve_address("192.0.2.1".parse().unwrap());
         assert_eq!(elsewhere, IdentityInfo::WORLD);
         let a = compiled.resolve_address("10.0.0.1".parse().unwrap());
-        let rule = |src: &IdentityInfo, port| compiled.rule_id(compiled.evaluate(src, &a, proto::TCP, port).rule);
+        let rule = |src: &IdentityInfo, port| {
+            compiled.rule_id(compiled.evaluate(src, &a, proto::TCP, port).rule)
+        };
         assert_eq!(rule(&narrow, 80), "wide");
         assert_eq!(rule(&narrow, 81), "narrow");
         assert_eq!(rule(&narrow, 82), "everyone");
@@ -591,10 +853,23 @@ id = \"everyone\"
     #[test]
     fn host_addresses_resolve_to_host_unless_a_service_owns_them() {
         let policy = parse_sources(vec![(PathBuf::from("p.toml"), SERVICES.to_owned())]).unwrap();
-        let host = HostView { addresses: vec!["10.0.0.1".parse().unwrap(), "10.9.9.9".parse().unwrap()], ..Default::default() };
+        let host = HostView {
+            addresses: vec!["10.0.0.1".parse().unwrap(), "10.9.9.9".parse().unwrap()],
+            ..Default::default()
+        };
         let compiled = compile(&policy, &host).unwrap();
-        assert_eq!(compiled.resolve_address("10.9.9.9".parse().unwrap()).identity, HOST);
-        assert_eq!(compiled.resolve_address("10.0.0.1".parse().unwrap()).identity, identity::of_service_name("a"));
+        assert_eq!(
+            compiled
+                .resolve_address("10.9.9.9".parse().unwrap())
+                .identity,
+            HOST
+        );
+        assert_eq!(
+            compiled
+                .resolve_address("10.0.0.1".parse().unwrap())
+                .identity,
+            identity::of_service_name("a")
+        );
     }
 
     #[test]
@@ -604,28 +879,58 @@ id = \"everyone\"
             "[[service]]\nname = \"a\"\naddresses = [\"10.0.0.1/32\"]\ninterfaces = [\"veth-a\", \"veth-gone\"]\ncgroups = [\"/sys/fs/cgroup/x\"]\n".to_owned(),
         )])
         .unwrap();
-        let host = HostView { interfaces: BTreeMap::from([("veth-a".to_owned(), 7)]), ..Default::default() };
+        let host = HostView {
+            interfaces: BTreeMap::from([("veth-a".to_owned(), 7)]),
+            ..Default::default()
+        };
         let compiled = compile(&policy, &host).unwrap();
         assert_eq!(compiled.tables.endpoints.len(), 1);
-        assert_eq!(compiled.tables.endpoints[&EndpointKey { ifindex: 7, slot: 0 }].identity, identity::of_service_name("a"));
+        assert_eq!(
+            compiled.tables.endpoints[&EndpointKey {
+                ifindex: 7,
+                slot: 0
+            }]
+                .identity,
+            identity::of_service_name("a")
+        );
         assert_eq!(compiled.warnings.len(), 2, "{:?}", compiled.warnings);
     }
 
     #[test]
     fn audit_mode_is_carried_per_service() {
-        let compiled = compile_text("[[service]]\nname = \"a\"\nmode = \"audit\"\n[[service]]\nname = \"b\"\n");
-        assert!(compiled.identity_info(identity::of_service_name("a")).is_audit());
-        assert!(!compiled.identity_info(identity::of_service_name("b")).is_audit());
+        let compiled = compile_text(
+            "[[service]]\nname = \"a\"\nmode = \"audit\"\n[[service]]\nname = \"b\"\n",
+        );
+        assert!(
+            compiled
+                .identity_info(identity::of_service_name("a"))
+                .is_audit()
+        );
+        assert!(
+            !compiled
+                .identity_info(identity::of_service_name("b"))
+                .is_audit()
+        );
         assert!(!compiled.audit);
         assert!(compile_text("[settings]\nmode = \"audit\"\n").audit);
     }
 
     #[test]
     fn too_many_ranges_is_an_error_naming_the_edge() {
-        let ports: Vec<String> = (0..17).map(|i| format!("\"{}-{}/tcp\"", 1000 + i * 10, 1005 + i * 10)).collect();
-        let text = format!("{SERVICES}\n[[allow]]\nfrom = \"a\"\nto = \"b\"\nports = [{}]\nid = \"many\"\n", ports.join(", "));
+        let ports: Vec<String> = (0..17)
+            .map(|i| format!("\"{}-{}/tcp\"", 1000 + i * 10, 1005 + i * 10))
+            .collect();
+        let text = format!(
+            "{SERVICES}\n[[allow]]\nfrom = \"a\"\nto = \"b\"\nports = [{}]\nid = \"many\"\n",
+            ports.join(", ")
+        );
         let policy = parse_sources(vec![(PathBuf::from("p.toml"), text)]).unwrap();
-        let error = compile(&policy, &HostView::default()).unwrap_err().to_string();
-        assert!(error.starts_with("a -> b over tcp has 17 port ranges"), "{error}");
+        let error = compile(&policy, &HostView::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with("a -> b over tcp has 17 port ranges"),
+            "{error}"
+        );
     }
 }

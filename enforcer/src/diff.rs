@@ -11,9 +11,9 @@ use std::{
 
 use enforcer_common::{
     identity::IdentityInfo,
-    policy::{action, proto, ANY_PORT},
+    policy::{ANY_PORT, action, proto},
 };
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 use crate::compile::Compiled;
 
@@ -22,13 +22,31 @@ pub type Allowed = BTreeSet<(String, String)>;
 
 /// Allowed traffic per edge `(source name, destination name)`, for every edge a rule names.
 pub fn edges(compiled: &Compiled) -> BTreeMap<(String, String), Allowed> {
-    let mut pairs: BTreeSet<(u32, u32)> = compiled.tables.rules.keys().map(|key| (key.src_identity, key.dst_identity)).collect();
-    pairs.extend(compiled.tables.ranges.keys().map(|key| (key.src_identity, key.dst_identity)));
+    let mut pairs: BTreeSet<(u32, u32)> = compiled
+        .tables
+        .rules
+        .keys()
+        .map(|key| (key.src_identity, key.dst_identity))
+        .collect();
+    pairs.extend(
+        compiled
+            .tables
+            .ranges
+            .keys()
+            .map(|key| (key.src_identity, key.dst_identity)),
+    );
     pairs
         .into_iter()
         .map(|(src, dst)| {
-            let allowed = allowed_on(compiled, &compiled.identity_info(src), &compiled.identity_info(dst));
-            ((compiled.identity_name(src), compiled.identity_name(dst)), allowed)
+            let allowed = allowed_on(
+                compiled,
+                &compiled.identity_info(src),
+                &compiled.identity_info(dst),
+            );
+            (
+                (compiled.identity_name(src), compiled.identity_name(dst)),
+                allowed,
+            )
         })
         .collect()
 }
@@ -39,11 +57,20 @@ fn allowed_on(compiled: &Compiled, src: &IdentityInfo, dst: &IdentityInfo) -> Al
     for (protocol, name) in [(proto::TCP, "tcp"), (proto::UDP, "udp")] {
         // The verdict only changes where some entry starts or ends.
         let mut starts: BTreeSet<u32> = BTreeSet::from([1, 65536]);
-        for key in compiled.tables.rules.keys().filter(|key| key.src_identity == src.identity && key.dst_identity == dst.identity && key.proto == protocol && key.port != ANY_PORT) {
+        for key in compiled.tables.rules.keys().filter(|key| {
+            key.src_identity == src.identity
+                && key.dst_identity == dst.identity
+                && key.proto == protocol
+                && key.port != ANY_PORT
+        }) {
             starts.insert(u32::from(key.port));
             starts.insert(u32::from(key.port) + 1);
         }
-        for (_, ranges) in compiled.tables.ranges.iter().filter(|(key, _)| key.src_identity == src.identity && key.dst_identity == dst.identity && key.proto == protocol) {
+        for (_, ranges) in compiled.tables.ranges.iter().filter(|(key, _)| {
+            key.src_identity == src.identity
+                && key.dst_identity == dst.identity
+                && key.proto == protocol
+        }) {
             for range in &ranges.ranges[..ranges.count as usize] {
                 starts.insert(u32::from(range.lo));
                 starts.insert(u32::from(range.hi) + 1);
@@ -56,7 +83,9 @@ fn allowed_on(compiled: &Compiled, src: &IdentityInfo, dst: &IdentityInfo) -> Al
             let verdict = compiled.evaluate(src, dst, protocol, lo as u16);
             let rule = (verdict.action == action::ALLOW).then(|| compiled.rule_id(verdict.rule));
             run = match (run, rule) {
-                (Some((start, _, current)), Some(rule)) if current == rule => Some((start, hi, current)),
+                (Some((start, _, current)), Some(rule)) if current == rule => {
+                    Some((start, hi, current))
+                }
                 (previous, rule) => {
                     if let Some((start, end, rule)) = previous {
                         allowed.insert((ports_text(start, end, name), rule));
@@ -90,7 +119,11 @@ fn ports_text(lo: u32, hi: u32, protocol: &str) -> String {
 }
 
 fn describe(allowed: &Allowed) -> String {
-    allowed.iter().map(|(what, rule)| format!("{what} ({rule})")).collect::<Vec<_>>().join(", ")
+    allowed
+        .iter()
+        .map(|(what, rule)| format!("{what} ({rule})"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The differences between two compiled policies.
@@ -111,9 +144,17 @@ pub fn diff(old: &Compiled, new: &Compiled) -> Diff {
     for (edge, allowed) in &after {
         match before.get(edge) {
             None if !allowed.is_empty() => result.added.push((edge.clone(), allowed.clone())),
-            Some(previous) if previous.is_empty() && !allowed.is_empty() => result.added.push((edge.clone(), allowed.clone())),
-            Some(previous) if !previous.is_empty() && allowed.is_empty() => result.removed.push((edge.clone(), previous.clone())),
-            Some(previous) if previous != allowed => result.changed.push((edge.clone(), previous.clone(), allowed.clone())),
+            Some(previous) if previous.is_empty() && !allowed.is_empty() => {
+                result.added.push((edge.clone(), allowed.clone()))
+            }
+            Some(previous) if !previous.is_empty() && allowed.is_empty() => {
+                result.removed.push((edge.clone(), previous.clone()))
+            }
+            Some(previous) if previous != allowed => {
+                result
+                    .changed
+                    .push((edge.clone(), previous.clone(), allowed.clone()))
+            }
             _ => {}
         }
     }
@@ -123,7 +164,14 @@ pub fn diff(old: &Compiled, new: &Compiled) -> Diff {
         }
     }
     let services = |compiled: &Compiled| -> BTreeSet<String> {
-        compiled.identities.values().filter(|(_, info)| info.is_service() && info.identity >= enforcer_common::identity::FIRST_SERVICE).map(|(name, _)| name.clone()).collect()
+        compiled
+            .identities
+            .values()
+            .filter(|(_, info)| {
+                info.is_service() && info.identity >= enforcer_common::identity::FIRST_SERVICE
+            })
+            .map(|(name, _)| name.clone())
+            .collect()
     };
     let (old_services, new_services) = (services(old), services(new));
     result.services_added = new_services.difference(&old_services).cloned().collect();
@@ -133,19 +181,35 @@ pub fn diff(old: &Compiled, new: &Compiled) -> Diff {
 
 /// The identity a name from a flow record has under `compiled` (world if it names nothing).
 fn by_name(compiled: &Compiled, name: &str) -> IdentityInfo {
-    compiled.identities.values().find(|(candidate, _)| candidate == name).map_or(IdentityInfo::WORLD, |(_, info)| *info)
+    compiled
+        .identities
+        .values()
+        .find(|(candidate, _)| candidate == name)
+        .map_or(IdentityInfo::WORLD, |(_, info)| *info)
 }
 
 /// Adds to `result` the flows recorded in an audit log whose verdict differs under `new`.
-pub fn replay(result: &mut Diff, old: &Compiled, new: &Compiled, audit_log: &Path) -> io::Result<()> {
+pub fn replay(
+    result: &mut Diff,
+    old: &Compiled,
+    new: &Compiled,
+    audit_log: &Path,
+) -> io::Result<()> {
     let mut flows: BTreeMap<(String, String, String, u16), u64> = BTreeMap::new();
     for line in io::BufReader::new(std::fs::File::open(audit_log)?).lines() {
-        let Ok(record) = serde_json::from_str::<Value>(&line?) else { continue };
+        let Ok(record) = serde_json::from_str::<Value>(&line?) else {
+            continue;
+        };
         if record["kind"] != "flow_summary" {
             continue;
         }
         let text = |field: &str| record[field].as_str().unwrap_or_default().to_owned();
-        let key = (text("src"), text("dst"), text("protocol"), record["port"].as_u64().unwrap_or(0) as u16);
+        let key = (
+            text("src"),
+            text("dst"),
+            text("protocol"),
+            record["port"].as_u64().unwrap_or(0) as u16,
+        );
         *flows.entry(key).or_default() += record["count"].as_u64().unwrap_or(1);
     }
     for ((src, dst, protocol, port), seen) in flows {
@@ -156,11 +220,28 @@ pub fn replay(result: &mut Diff, old: &Compiled, new: &Compiled, audit_log: &Pat
             other => other.parse().unwrap_or(0),
         };
         let verdict = |compiled: &Compiled| {
-            if compiled.evaluate(&by_name(compiled, &src), &by_name(compiled, &dst), number, port).action == action::ALLOW { "allow" } else { "deny" }
+            if compiled
+                .evaluate(
+                    &by_name(compiled, &src),
+                    &by_name(compiled, &dst),
+                    number,
+                    port,
+                )
+                .action
+                == action::ALLOW
+            {
+                "allow"
+            } else {
+                "deny"
+            }
         };
         let (before, after) = (verdict(old), verdict(new));
         if before != after {
-            let what = if port == 0 { protocol.clone() } else { format!("{port}/{protocol}") };
+            let what = if port == 0 {
+                protocol.clone()
+            } else {
+                format!("{port}/{protocol}")
+            };
             result.replayed.push((src, dst, what, before, after, seen));
         }
     }
@@ -169,7 +250,12 @@ pub fn replay(result: &mut Diff, old: &Compiled, new: &Compiled, audit_log: &Pat
 
 impl Diff {
     pub fn is_empty(&self) -> bool {
-        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty() && self.services_added.is_empty() && self.services_removed.is_empty() && self.replayed.is_empty()
+        self.added.is_empty()
+            && self.removed.is_empty()
+            && self.changed.is_empty()
+            && self.services_added.is_empty()
+            && self.services_removed.is_empty()
+            && self.replayed.is_empty()
     }
 
     pub fn to_text(&self) -> String {
@@ -181,17 +267,32 @@ impl Diff {
             let _ = writeln!(out, "- {src} -> {dst}: {}", describe(allowed));
         }
         for ((src, dst), before, after) in &self.changed {
-            let _ = writeln!(out, "~ {src} -> {dst}: {} => {}", describe(before), describe(after));
+            let _ = writeln!(
+                out,
+                "~ {src} -> {dst}: {} => {}",
+                describe(before),
+                describe(after)
+            );
         }
         for service in &self.services_added {
             let _ = writeln!(out, "+ service {service} (its traffic is now default-deny)");
         }
         for service in &self.services_removed {
-            let _ = writeln!(out, "- service {service} (its traffic is no longer default-deny)");
+            let _ = writeln!(
+                out,
+                "- service {service} (its traffic is no longer default-deny)"
+            );
         }
         for (src, dst, what, _, after, seen) in &self.replayed {
-            let change = if *after == "allow" { "newly allowed" } else { "newly denied" };
-            let _ = writeln!(out, "! recorded {src} -> {dst} {what} ({seen} seen): {change}");
+            let change = if *after == "allow" {
+                "newly allowed"
+            } else {
+                "newly denied"
+            };
+            let _ = writeln!(
+                out,
+                "! recorded {src} -> {dst} {what} ({seen} seen): {change}"
+            );
         }
         if out.is_empty() {
             out.push_str("no differences\n");
@@ -200,9 +301,7 @@ impl Diff {
     }
 
     pub fn to_json(&self) -> Value {
-        let edge = |(src, dst): &(String, String), allowed: &Allowed| {
-            json!({ "from": src, "to": dst, "allowed": allowed.iter().map(|(what, rule)| json!({ "traffic": what, "rule": rule })).collect::<Vec<_>>() })
-        };
+        let edge = |(src, dst): &(String, String), allowed: &Allowed| json!({ "from": src, "to": dst, "allowed": allowed.iter().map(|(what, rule)| json!({ "traffic": what, "rule": rule })).collect::<Vec<_>>() });
         json!({
             "added": self.added.iter().map(|(key, allowed)| edge(key, allowed)).collect::<Vec<_>>(),
             "removed": self.removed.iter().map(|(key, allowed)| edge(key, allowed)).collect::<Vec<_>>(),
@@ -219,13 +318,21 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::{compile::{compile, HostView}, policy::parse_sources};
+    use crate::{
+        compile::{HostView, compile},
+        policy::parse_sources,
+    };
 
     fn compiled(text: &str) -> Compiled {
-        compile(&parse_sources(vec![(PathBuf::from("p.toml"), text.to_owned())]).unwrap(), &HostView::default()).unwrap()
+        compile(
+            &parse_sources(vec![(PathBuf::from("p.toml"), text.to_owned())]).unwrap(),
+            &HostView::default(),
+        )
+        .unwrap()
     }
 
-    const SERVICES: &str = "[[service]]\nname = \"a\"\n[[service]]\nname = \"b\"\n[[service]]\nname = \"c\"\n";
+    const SERVICES: &str =
+        "[[service]]\nname = \"a\"\n[[service]]\nname = \"b\"\n[[service]]\nname = \"c\"\n";
 
     #[test]
     fn edges_show_effective_ports_after_denies() {
@@ -247,7 +354,10 @@ mod tests {
             "{SERVICES}[[allow]]\nfrom = \"a\"\nto = \"b\"\nports = [\"80/tcp\", \"443/tcp\"]\nid = \"ab\"\n[[allow]]\nfrom = \"a\"\nto = \"c\"\nports = [\"udp\"]\nid = \"ac\"\n"
         ));
         let result = diff(&old, &new);
-        assert_eq!(result.to_text(), "+ a -> c: udp (ac)\n- b -> c: 5432/tcp (bc)\n~ a -> b: 80/tcp (ab) => 443/tcp (ab), 80/tcp (ab)\n");
+        assert_eq!(
+            result.to_text(),
+            "+ a -> c: udp (ac)\n- b -> c: 5432/tcp (bc)\n~ a -> b: 80/tcp (ab) => 443/tcp (ab), 80/tcp (ab)\n"
+        );
         assert!(diff(&old, &old).is_empty());
     }
 }

@@ -10,12 +10,12 @@ use std::{
 
 use enforcer_common::{
     addr::{family, from_key_bytes},
-    event::{flags, hook, FlowEvent},
-    verdict::{reason_name, Verdict},
+    event::{FlowEvent, flags, hook},
+    verdict::{Verdict, reason_name},
 };
 use serde::Serialize;
 
-use crate::compile::{protocol_name, Compiled};
+use crate::compile::{Compiled, protocol_name};
 
 /// One end of a flow, with the names the policy gives it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -64,8 +64,14 @@ fn verdict_name<S: serde::Serializer>(verdict: &Verdict, serializer: S) -> Resul
 mod epoch_millis {
     use std::time::{SystemTime, UNIX_EPOCH};
 
-    pub fn serialize<S: serde::Serializer>(time: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_u64(time.duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as u64))
+    pub fn serialize<S: serde::Serializer>(
+        time: &SystemTime,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u64(
+            time.duration_since(UNIX_EPOCH)
+                .map_or(0, |elapsed| elapsed.as_millis() as u64),
+        )
     }
 }
 
@@ -116,7 +122,9 @@ impl Clock {
         let monotonic = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
             .map(|now| Duration::new(now.tv_sec() as u64, now.tv_nsec() as u32))
             .unwrap_or_default();
-        Self { boot: SystemTime::now() - monotonic }
+        Self {
+            boot: SystemTime::now() - monotonic,
+        }
     }
 
     pub fn wall(&self, monotonic_ns: u64) -> SystemTime {
@@ -142,17 +150,28 @@ impl Generations {
     }
 
     pub fn get(&self, generation: u32) -> Option<&Arc<Compiled>> {
-        self.by_generation.get(&generation).or_else(|| self.by_generation.last_key_value().map(|(_, compiled)| compiled))
+        self.by_generation.get(&generation).or_else(|| {
+            self.by_generation
+                .last_key_value()
+                .map(|(_, compiled)| compiled)
+        })
     }
 
     pub fn latest(&self) -> Option<(u32, &Arc<Compiled>)> {
-        self.by_generation.last_key_value().map(|(generation, compiled)| (*generation, compiled))
+        self.by_generation
+            .last_key_value()
+            .map(|(generation, compiled)| (*generation, compiled))
     }
 }
 
 /// Gives an event its names and wall-clock time; `None` for a verdict code this build does not
 /// know (a datapath from another build).
-pub fn describe(event: &FlowEvent, generations: &Generations, clock: &Clock, interface: impl Fn(u32) -> String) -> Option<FlowRecord> {
+pub fn describe(
+    event: &FlowEvent,
+    generations: &Generations,
+    clock: &Clock,
+    interface: impl Fn(u32) -> String,
+) -> Option<FlowRecord> {
     let verdict = Verdict::from_code(event.verdict)?;
     let compiled = generations.get(event.generation);
     let name = |identity: u32| match compiled {
@@ -168,8 +187,18 @@ pub fn describe(event: &FlowEvent, generations: &Generations, clock: &Clock, int
         verdict,
         reason: reason_name(event.reason),
         rule,
-        src: FlowEnd { ip: from_key_bytes(event.src_addr), port: event.src_port, identity: event.src_identity, name: name(event.src_identity) },
-        dst: FlowEnd { ip: from_key_bytes(event.dst_addr), port: event.dst_port, identity: event.dst_identity, name: name(event.dst_identity) },
+        src: FlowEnd {
+            ip: from_key_bytes(event.src_addr),
+            port: event.src_port,
+            identity: event.src_identity,
+            name: name(event.src_identity),
+        },
+        dst: FlowEnd {
+            ip: from_key_bytes(event.dst_addr),
+            port: event.dst_port,
+            identity: event.dst_identity,
+            name: name(event.dst_identity),
+        },
         address_identity: event.addr_identity,
         protocol: protocol_name(event.proto),
         protocol_number: event.proto,
@@ -196,7 +225,11 @@ mod tests {
     #[test]
     fn gaps_in_a_cpus_sequence_are_counted_as_lost() {
         let mut tracker = SequenceTracker::default();
-        assert_eq!(tracker.observe(0, 10), 0, "the first record only sets the baseline");
+        assert_eq!(
+            tracker.observe(0, 10),
+            0,
+            "the first record only sets the baseline"
+        );
         assert_eq!(tracker.observe(0, 11), 0);
         assert_eq!(tracker.observe(1, 3), 0);
         assert_eq!(tracker.observe(0, 15), 3);
@@ -207,9 +240,18 @@ mod tests {
     #[test]
     fn short_records_are_rejected() {
         assert!(decode(&[0u8; 10]).is_none());
-        let event = FlowEvent { seq: 7, count: 3, ..Default::default() };
+        let event = FlowEvent {
+            seq: 7,
+            count: 3,
+            ..Default::default()
+        };
         // SAFETY: FlowEvent is plain old data.
-        let bytes = unsafe { std::slice::from_raw_parts((&event as *const FlowEvent).cast::<u8>(), size_of::<FlowEvent>()) };
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&event as *const FlowEvent).cast::<u8>(),
+                size_of::<FlowEvent>(),
+            )
+        };
         assert_eq!(decode(bytes), Some(event));
     }
 }

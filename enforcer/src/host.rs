@@ -26,11 +26,17 @@ pub fn observe(policy: &Policy) -> HostView {
                 Ok(id) => {
                     cgroups.insert(path.clone(), id);
                 }
-                Err(reason) => tracing::warn!(cgroup = %path.display(), service = %service.name, "{reason}"),
+                Err(reason) => {
+                    tracing::warn!(cgroup = %path.display(), service = %service.name, "{reason}")
+                }
             }
         }
     }
-    HostView { addresses: local_addresses(), interfaces, cgroups }
+    HostView {
+        addresses: local_addresses(),
+        interfaces,
+        cgroups,
+    }
 }
 
 /// Every address configured on an interface of this network namespace.
@@ -39,7 +45,9 @@ pub fn local_addresses() -> Vec<IpAddr> {
     match nix::ifaddrs::getifaddrs() {
         Ok(interfaces) => {
             for interface in interfaces {
-                let Some(address) = interface.address else { continue };
+                let Some(address) = interface.address else {
+                    continue;
+                };
                 if let Some(v4) = address.as_sockaddr_in() {
                     addresses.push(IpAddr::V4(v4.ip()));
                 } else if let Some(v6) = address.as_sockaddr_in6() {
@@ -47,7 +55,9 @@ pub fn local_addresses() -> Vec<IpAddr> {
                 }
             }
         }
-        Err(error) => tracing::warn!("cannot list this host's addresses ({error}); traffic to them resolves to world"),
+        Err(error) => tracing::warn!(
+            "cannot list this host's addresses ({error}); traffic to them resolves to world"
+        ),
     }
     addresses.sort();
     addresses.dedup();
@@ -66,19 +76,27 @@ pub fn interface_name(ifindex: u32) -> Option<String> {
     if name.is_null() {
         return None;
     }
-    let end = buffer.iter().position(|byte| *byte == 0).unwrap_or(buffer.len());
+    let end = buffer
+        .iter()
+        .position(|byte| *byte == 0)
+        .unwrap_or(buffer.len());
     Some(String::from_utf8_lossy(&buffer[..end]).into_owned())
 }
 
 /// A cgroup v2 directory's id: its inode number, as `bpf_skb_cgroup_id` reports it.
 pub fn cgroup_id(path: &Path) -> Result<u64, String> {
-    let metadata = std::fs::metadata(path).map_err(|error| format!("cgroup {} is not usable: {error}", path.display()))?;
+    let metadata = std::fs::metadata(path)
+        .map_err(|error| format!("cgroup {} is not usable: {error}", path.display()))?;
     if !metadata.is_dir() {
         return Err(format!("cgroup {} is not a directory", path.display()));
     }
-    let stat = nix::sys::statfs::statfs(path).map_err(|error| format!("cannot statfs {}: {error}", path.display()))?;
+    let stat = nix::sys::statfs::statfs(path)
+        .map_err(|error| format!("cannot statfs {}: {error}", path.display()))?;
     if stat.filesystem_type().0 as i64 != CGROUP2_SUPER_MAGIC {
-        return Err(format!("{} is not on a cgroup v2 filesystem; cgroup identity needs cgroup v2", path.display()));
+        return Err(format!(
+            "{} is not on a cgroup v2 filesystem; cgroup identity needs cgroup v2",
+            path.display()
+        ));
     }
     Ok(metadata.ino())
 }
@@ -126,7 +144,11 @@ pub fn interface_driver(name: &str) -> Option<String> {
     // SAFETY: plain-old-data structs, zero is a valid value for every field.
     let mut info: DriverInfo = unsafe { std::mem::zeroed() };
     info.cmd = ETHTOOL_GDRVINFO;
-    let mut request = InterfaceRequest { name: [0; libc::IF_NAMESIZE], data: &mut info, _union_rest: [0; 16] };
+    let mut request = InterfaceRequest {
+        name: [0; libc::IF_NAMESIZE],
+        data: &mut info,
+        _union_rest: [0; 16],
+    };
     request.name[..name.len()].copy_from_slice(name.as_bytes());
     // SAFETY: socket/ioctl/close with valid arguments; `request` and `info` outlive the call.
     let ok = unsafe {
@@ -141,6 +163,10 @@ pub fn interface_driver(name: &str) -> Option<String> {
     if !ok {
         return None;
     }
-    let end = info.driver.iter().position(|byte| *byte == 0).unwrap_or(info.driver.len());
+    let end = info
+        .driver
+        .iter()
+        .position(|byte| *byte == 0)
+        .unwrap_or(info.driver.len());
     Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
 }

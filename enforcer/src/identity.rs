@@ -41,9 +41,18 @@ mod tests {
         // Pinned values: changing the hash would renumber every fleet's services.
         assert_eq!(of_service_name("frontend"), of_service_name("frontend"));
         assert_eq!(fnv1a(b"a"), 0xe40c_292c);
-        for name in ["frontend", "api", "db", "x", "a-very-long-service-name.with.dots"] {
+        for name in [
+            "frontend",
+            "api",
+            "db",
+            "x",
+            "a-very-long-service-name.with.dots",
+        ] {
             let identity = of_service_name(name);
-            assert!((FIRST_SERVICE..SERVICE_END).contains(&identity), "{name} -> {identity}");
+            assert!(
+                (FIRST_SERVICE..SERVICE_END).contains(&identity),
+                "{name} -> {identity}"
+            );
         }
         let cidr = of_cidr(&"10.0.0.0/8".parse().unwrap());
         assert!((SERVICE_END..CIDR_END).contains(&cidr));

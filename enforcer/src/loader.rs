@@ -9,23 +9,23 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs,
-    io,
+    fs, io,
     path::{Path, PathBuf},
 };
 
 use aya::{
+    Ebpf, EbpfError, EbpfLoader,
     maps::{MapData, RingBuf},
     programs::{
+        ProgramError, ProgramInfo, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions,
+        TestRunResult, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
         tc::SchedClassifierLink,
         xdp::XdpLink,
-        ProgramError, ProgramInfo, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, TestRunResult, Xdp, XdpMode,
     },
-    Ebpf, EbpfError, EbpfLoader,
 };
 
-use crate::maps::{KernelMaps, MapsError, MAP_NAMES};
+use crate::maps::{KernelMaps, MAP_NAMES, MapsError};
 
 /// The eBPF object, built by `build.rs` from `enforcer-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer"));
@@ -49,19 +49,32 @@ pub enum LoadError {
         dir.display(),
         dir.display()
     )]
-    IncompatiblePin { name: &'static str, dir: PathBuf, detail: String },
+    IncompatiblePin {
+        name: &'static str,
+        dir: PathBuf,
+        detail: String,
+    },
     #[error("loading the eBPF object: {0}")]
     Object(#[from] EbpfError),
     #[error("program {name}: {source}")]
-    Program { name: &'static str, source: ProgramError },
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
     #[error("interface {interface}: {source}")]
-    Attach { interface: String, source: ProgramError },
+    Attach {
+        interface: String,
+        source: ProgramError,
+    },
     #[error("interface {interface} does not exist in this network namespace")]
     NoSuchInterface { interface: String },
     #[error("link {}: {source}", path.display())]
     Link { path: PathBuf, source: LinkError },
     #[error("pinning {}: {source}", path.display())]
-    Pin { path: PathBuf, source: aya::pin::PinError },
+    Pin {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
     #[error(transparent)]
     Maps(#[from] MapsError),
 }
@@ -105,7 +118,10 @@ impl PinLayout {
             let name = entry.file_name().to_string_lossy().into_owned();
             for hook in Hook::ALL {
                 if let Some(interface) = name.strip_prefix(&format!("{}-", hook.as_str())) {
-                    interfaces.entry(interface.to_owned()).or_default().push(hook);
+                    interfaces
+                        .entry(interface.to_owned())
+                        .or_default()
+                        .push(hook);
                 }
             }
         }
@@ -164,7 +180,9 @@ impl IngressHook {
         match self {
             Self::Xdp => Hook::Xdp,
             Self::Tc => Hook::TcIngress,
-            Self::Auto if crate::host::interface_driver(interface).as_deref() == Some("veth") => Hook::TcIngress,
+            Self::Auto if crate::host::interface_driver(interface).as_deref() == Some("veth") => {
+                Hook::TcIngress
+            }
             Self::Auto => Hook::Xdp,
         }
     }
@@ -176,22 +194,39 @@ pub fn prepare_pin_root(root: &Path) -> Result<(), LoadError> {
     let bpffs_root = Path::new("/sys/fs/bpf");
     if root.starts_with(bpffs_root) && !is_bpffs(bpffs_root) {
         tracing::info!("mounting bpffs at {}", bpffs_root.display());
-        nix::mount::mount(Some("bpf"), bpffs_root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-            .map_err(|source| LoadError::Mount { path: bpffs_root.to_owned(), source })?;
+        nix::mount::mount(
+            Some("bpf"),
+            bpffs_root,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|source| LoadError::Mount {
+            path: bpffs_root.to_owned(),
+            source,
+        })?;
     }
-    let existing_parent = root.ancestors().find(|ancestor| ancestor.exists()).unwrap_or(Path::new("/"));
+    let existing_parent = root
+        .ancestors()
+        .find(|ancestor| ancestor.exists())
+        .unwrap_or(Path::new("/"));
     if !is_bpffs(existing_parent) {
-        return Err(LoadError::NotBpffs { path: root.to_owned() });
+        return Err(LoadError::NotBpffs {
+            path: root.to_owned(),
+        });
     }
     Ok(())
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|stat| stat.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    nix::sys::statfs::statfs(path).is_ok_and(|stat| stat.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
 fn create_dir(path: &Path) -> Result<(), LoadError> {
-    fs::create_dir_all(path).map_err(|source| LoadError::PinDirectory { path: path.to_owned(), source })
+    fs::create_dir_all(path).map_err(|source| LoadError::PinDirectory {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Sizes that differ from the object's defaults.
@@ -214,14 +249,20 @@ impl Datapath {
         Self::load_with(pins, &LoadOptions::default())
     }
 
-    pub fn load_with(pins: PinLayout, options: &LoadOptions) -> Result<(Self, KernelMaps, RingBuf<MapData>), LoadError> {
+    pub fn load_with(
+        pins: PinLayout,
+        options: &LoadOptions,
+    ) -> Result<(Self, KernelMaps, RingBuf<MapData>), LoadError> {
         prepare_pin_root(&pins.root)?;
         for dir in [pins.maps(), pins.programs(), pins.links()] {
             create_dir(&dir)?;
         }
         check_pinned_maps(&pins, options)?;
         raise_memlock_limit();
-        let map_paths: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|name| (*name, pins.maps().join(name))).collect();
+        let map_paths: Vec<(&str, PathBuf)> = MAP_NAMES
+            .iter()
+            .map(|name| (*name, pins.maps().join(name)))
+            .collect();
         let mut loader = EbpfLoader::new();
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
@@ -233,11 +274,17 @@ impl Datapath {
         for hook in Hook::ALL {
             let name = hook.program();
             load_program(&mut ebpf, hook)?;
-            let program = ebpf.program_mut(name).ok_or(LoadError::Program { name, source: ProgramError::NotLoaded })?;
+            let program = ebpf.program_mut(name).ok_or(LoadError::Program {
+                name,
+                source: ProgramError::NotLoaded,
+            })?;
             let path = pins.programs().join(name);
             // The pinned program is what `status` compares against the live links.
             let _ = fs::remove_file(&path);
-            program.pin(&path).map_err(|source| LoadError::Pin { path: path.clone(), source })?;
+            program.pin(&path).map_err(|source| LoadError::Pin {
+                path: path.clone(),
+                source,
+            })?;
         }
         let (maps, events) = KernelMaps::open(|name| ebpf.take_map(name))?;
         Ok((Self { ebpf, pins }, maps, events))
@@ -253,7 +300,9 @@ impl Datapath {
     /// goes once the new one is in place. Returns the ingress hook used.
     pub fn attach(&mut self, interface: &str, ingress: IngressHook) -> Result<Hook, LoadError> {
         if crate::host::interface_index(interface).is_none() {
-            return Err(LoadError::NoSuchInterface { interface: interface.to_owned() });
+            return Err(LoadError::NoSuchInterface {
+                interface: interface.to_owned(),
+            });
         }
         let hook = ingress.for_interface(interface);
         match hook {
@@ -261,7 +310,11 @@ impl Datapath {
             _ => self.attach_tc(interface, Hook::TcIngress)?,
         }
         self.attach_tc(interface, Hook::TcEgress)?;
-        let other = if hook == Hook::Xdp { Hook::TcIngress } else { Hook::Xdp };
+        let other = if hook == Hook::Xdp {
+            Hook::TcIngress
+        } else {
+            Hook::Xdp
+        };
         let _ = fs::remove_file(self.pins.link(other, interface));
         Ok(hook)
     }
@@ -269,44 +322,81 @@ impl Datapath {
     fn attach_xdp(&mut self, interface: &str) -> Result<(), LoadError> {
         let path = self.pins.link(Hook::Xdp, interface);
         let program: &mut Xdp = self.program_mut(XDP_PROGRAM)?;
-        let attach_error = |source| LoadError::Attach { interface: interface.to_owned(), source };
+        let attach_error = |source| LoadError::Attach {
+            interface: interface.to_owned(),
+            source,
+        };
         if let Some(pinned) = open_pinned_link(&path)? {
-            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|source| LoadError::Link { path: path.clone(), source })?;
+            let link =
+                XdpLink::try_from(FdLink::from(pinned)).map_err(|source| LoadError::Link {
+                    path: path.clone(),
+                    source,
+                })?;
             match program.attach_to_link(link) {
                 Ok(_) => return Ok(()),
                 Err(error) => {
                     // The interface the link was made for is gone (recreated since): start over.
-                    tracing::warn!(interface, "pinned XDP link is stale ({error}); attaching afresh");
+                    tracing::warn!(
+                        interface,
+                        "pinned XDP link is stale ({error}); attaching afresh"
+                    );
                     let _ = fs::remove_file(&path);
                 }
             }
         }
-        let id = program.attach(interface, XdpMode::Default).map_err(attach_error)?;
+        let id = program
+            .attach(interface, XdpMode::Default)
+            .map_err(attach_error)?;
         let link = program.take_link(id).map_err(attach_error)?;
-        let link = FdLink::try_from(link).map_err(|source| LoadError::Link { path: path.clone(), source })?;
-        link.pin(&path).map_err(|source| LoadError::Pin { path, source })?;
+        let link = FdLink::try_from(link).map_err(|source| LoadError::Link {
+            path: path.clone(),
+            source,
+        })?;
+        link.pin(&path)
+            .map_err(|source| LoadError::Pin { path, source })?;
         Ok(())
     }
 
     fn attach_tc(&mut self, interface: &str, hook: Hook) -> Result<(), LoadError> {
         let path = self.pins.link(hook, interface);
         let program: &mut SchedClassifier = self.program_mut(hook.program())?;
-        let attach_type = if hook == Hook::TcIngress { TcAttachType::Ingress } else { TcAttachType::Egress };
-        let attach_error = |source| LoadError::Attach { interface: interface.to_owned(), source };
+        let attach_type = if hook == Hook::TcIngress {
+            TcAttachType::Ingress
+        } else {
+            TcAttachType::Egress
+        };
+        let attach_error = |source| LoadError::Attach {
+            interface: interface.to_owned(),
+            source,
+        };
         if let Some(pinned) = open_pinned_link(&path)? {
-            let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|source| LoadError::Link { path: path.clone(), source })?;
+            let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|source| {
+                LoadError::Link {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
             match program.attach_to_link(link) {
                 Ok(_) => return Ok(()),
                 Err(error) => {
-                    tracing::warn!(interface, "pinned TC link is stale ({error}); attaching afresh");
+                    tracing::warn!(
+                        interface,
+                        "pinned TC link is stale ({error}); attaching afresh"
+                    );
                     let _ = fs::remove_file(&path);
                 }
             }
         }
-        let id = program.attach(interface, attach_type).map_err(attach_error)?;
+        let id = program
+            .attach(interface, attach_type)
+            .map_err(attach_error)?;
         let link = program.take_link(id).map_err(attach_error)?;
-        let link = FdLink::try_from(link).map_err(|source| LoadError::Link { path: path.clone(), source })?;
-        link.pin(&path).map_err(|source| LoadError::Pin { path, source })?;
+        let link = FdLink::try_from(link).map_err(|source| LoadError::Link {
+            path: path.clone(),
+            source,
+        })?;
+        link.pin(&path)
+            .map_err(|source| LoadError::Pin { path, source })?;
         Ok(())
     }
 
@@ -314,8 +404,13 @@ impl Datapath {
     where
         &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
     {
-        let program = self.ebpf.program_mut(name).ok_or(LoadError::Program { name, source: ProgramError::NotLoaded })?;
-        program.try_into().map_err(|source| LoadError::Program { name, source })
+        let program = self.ebpf.program_mut(name).ok_or(LoadError::Program {
+            name,
+            source: ProgramError::NotLoaded,
+        })?;
+        program
+            .try_into()
+            .map_err(|source| LoadError::Program { name, source })
     }
 
     /// Detaches interfaces attached (by this or an earlier controller) that are not in `keep`.
@@ -325,7 +420,11 @@ impl Datapath {
                 continue;
             }
             for hook in hooks {
-                tracing::info!(interface, hook = hook.as_str(), "detaching: not in --attach");
+                tracing::info!(
+                    interface,
+                    hook = hook.as_str(),
+                    "detaching: not in --attach"
+                );
                 let _ = fs::remove_file(self.pins.link(hook, &interface));
             }
         }
@@ -333,12 +432,23 @@ impl Datapath {
 
     /// Runs one hook's program on `frame` with `BPF_PROG_TEST_RUN`, `repeat` times; the maps
     /// see it like a real packet (conntrack, events, counters).
-    pub fn test_run(&mut self, hook: Hook, frame: &[u8], repeat: u32) -> Result<TestRunResult, LoadError> {
-        let options = TestRunOptions { data_in: Some(frame), repeat, ..Default::default() };
+    pub fn test_run(
+        &mut self,
+        hook: Hook,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<TestRunResult, LoadError> {
+        let options = TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..Default::default()
+        };
         let name = hook.program();
         match hook {
             Hook::Xdp => self.program_mut::<Xdp>(name)?.test_run(options),
-            Hook::TcIngress | Hook::TcEgress => self.program_mut::<SchedClassifier>(name)?.test_run(options),
+            Hook::TcIngress | Hook::TcEgress => {
+                self.program_mut::<SchedClassifier>(name)?.test_run(options)
+            }
         }
         .map_err(|source| LoadError::Program { name, source })
     }
@@ -358,10 +468,15 @@ impl Datapath {
 /// Loads (verifies) the program of `hook` in `ebpf`.
 fn load_program(ebpf: &mut Ebpf, hook: Hook) -> Result<(), LoadError> {
     let name = hook.program();
-    let program = ebpf.program_mut(name).ok_or(LoadError::Program { name, source: ProgramError::NotLoaded })?;
+    let program = ebpf.program_mut(name).ok_or(LoadError::Program {
+        name,
+        source: ProgramError::NotLoaded,
+    })?;
     match hook {
         Hook::Xdp => <&mut Xdp>::try_from(program).and_then(Xdp::load),
-        Hook::TcIngress | Hook::TcEgress => <&mut SchedClassifier>::try_from(program).and_then(SchedClassifier::load),
+        Hook::TcIngress | Hook::TcEgress => {
+            <&mut SchedClassifier>::try_from(program).and_then(SchedClassifier::load)
+        }
     }
     .map_err(|source| LoadError::Program { name, source })
 }
@@ -370,7 +485,12 @@ fn open_pinned_link(path: &Path) -> Result<Option<PinnedLink>, LoadError> {
     if !path.exists() {
         return Ok(None);
     }
-    PinnedLink::from_pin(path).map(Some).map_err(|source| LoadError::Link { path: path.to_owned(), source })
+    PinnedLink::from_pin(path)
+        .map(Some)
+        .map_err(|source| LoadError::Link {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 /// A map pinned by another build must have the shape this build's programs expect.
@@ -384,12 +504,15 @@ fn check_pinned_maps(pins: &PinLayout, options: &LoadOptions) -> Result<(), Load
         if !path.exists() {
             continue;
         }
-        let Some(expected) = object.get(name) else { continue };
-        let info = aya::maps::MapInfo::from_pin(&path).map_err(|error| LoadError::IncompatiblePin {
-            name,
-            dir: pins.root.clone(),
-            detail: format!("cannot read it: {error}"),
-        })?;
+        let Some(expected) = object.get(name) else {
+            continue;
+        };
+        let info =
+            aya::maps::MapInfo::from_pin(&path).map_err(|error| LoadError::IncompatiblePin {
+                name,
+                dir: pins.root.clone(),
+                detail: format!("cannot read it: {error}"),
+            })?;
         let found = (info.key_size(), info.value_size(), info.max_entries());
         if found != *expected {
             return Err(LoadError::IncompatiblePin {
@@ -431,7 +554,11 @@ pub fn build_tags() -> Result<BTreeMap<&'static str, String>, LoadError> {
     for hook in Hook::ALL {
         let name = hook.program();
         load_program(&mut ebpf, hook)?;
-        let info = ebpf.program(name).map(|program| program.info()).transpose().map_err(|source| LoadError::Program { name, source })?;
+        let info = ebpf
+            .program(name)
+            .map(|program| program.info())
+            .transpose()
+            .map_err(|source| LoadError::Program { name, source })?;
         if let Some(info) = info {
             tags.insert(name, format!("{:016x}", info.tag()));
         }
@@ -441,10 +568,16 @@ pub fn build_tags() -> Result<BTreeMap<&'static str, String>, LoadError> {
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
 fn raise_memlock_limit() {
-    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: plain syscall with a valid struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        tracing::debug!("could not raise RLIMIT_MEMLOCK: {}", io::Error::last_os_error());
+        tracing::debug!(
+            "could not raise RLIMIT_MEMLOCK: {}",
+            io::Error::last_os_error()
+        );
     }
 }
 
@@ -465,10 +598,15 @@ pub fn pinned_programs(pins: &PinLayout) -> PinnedPrograms {
     }
     let mut linked = BTreeMap::new();
     for entry in fs::read_dir(pins.links()).into_iter().flatten().flatten() {
-        let Ok(link) = PinnedLink::from_pin(entry.path()) else { continue };
+        let Ok(link) = PinnedLink::from_pin(entry.path()) else {
+            continue;
+        };
         let fd_link = FdLink::from(link);
         let Ok(info) = fd_link.info() else { continue };
-        if let Some(program) = aya::programs::loaded_programs().flatten().find(|program| program.id() == info.program_id()) {
+        if let Some(program) = aya::programs::loaded_programs()
+            .flatten()
+            .find(|program| program.id() == info.program_id())
+        {
             linked.insert(entry.file_name().to_string_lossy().into_owned(), program);
         }
     }
@@ -483,7 +621,9 @@ pub fn unload(pins: &PinLayout) -> io::Result<Vec<PathBuf>> {
     }
     // Links first: removing a link's last reference detaches it.
     for dir in [pins.links(), pins.programs(), pins.maps()] {
-        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
         for entry in entries.flatten() {
             fs::remove_file(entry.path())?;
             removed.push(entry.path());

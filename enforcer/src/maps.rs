@@ -9,21 +9,22 @@ use std::{
 };
 
 use aya::{
-    maps::{
-        lpm_trie::{Key as LpmKey, LpmTrie},
-        Array, ArrayOfMaps, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf,
-    },
     Pod,
+    maps::{
+        Array, ArrayOfMaps, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray,
+        PerCpuHashMap, RingBuf,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
 };
 use enforcer_common::{
     addr::IpcacheKey,
-    config::{flags as config_flags, PolicyConfig},
+    config::{PolicyConfig, flags as config_flags},
     conntrack::{CtEntry, CtKey},
     counters::{Counter, FlowCounterKey},
     event::EventCpuState,
     identity::{CgroupKey, EndpointKey, IdentityInfo},
     policy::{PolicyKey, PortRanges, RangeKey, RuleVerdict},
-    verdict::{reason::REASON_SLOTS, PACKET_COUNTER_SLOTS},
+    verdict::{PACKET_COUNTER_SLOTS, reason::REASON_SLOTS},
 };
 
 use crate::compile::{Compiled, Prefix, Tables};
@@ -51,9 +52,18 @@ pub enum MapsError {
     #[error("map {name} is missing from the eBPF object or pin directory")]
     Missing { name: &'static str },
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: MapError },
-    #[error("{table} needs {needed} entries while a policy switch is in progress but holds at most {capacity}; shrink the policy")]
-    Capacity { table: &'static str, needed: usize, capacity: u32 },
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
+    #[error(
+        "{table} needs {needed} entries while a policy switch is in progress but holds at most {capacity}; shrink the policy"
+    )]
+    Capacity {
+        table: &'static str,
+        needed: usize,
+        capacity: u32,
+    },
     #[error("freezing the generation's config: {0}")]
     Freeze(std::io::Error),
 }
@@ -91,7 +101,10 @@ impl SlotKey for EndpointKey {
         self.slot as u8
     }
     fn in_slot(self, slot: u8) -> Self {
-        Self { slot: u32::from(slot), ..self }
+        Self {
+            slot: u32::from(slot),
+            ..self
+        }
     }
 }
 
@@ -100,7 +113,10 @@ impl SlotKey for CgroupKey {
         self.slot as u8
     }
     fn in_slot(self, slot: u8) -> Self {
-        Self { slot: u32::from(slot), ..self }
+        Self {
+            slot: u32::from(slot),
+            ..self
+        }
     }
 }
 
@@ -129,7 +145,9 @@ pub struct KernelMaps {
 impl KernelMaps {
     /// Takes the maps out of `source`, which yields a map by name (from a loaded object or from
     /// pins). Returns the ring buffer separately: it belongs to the event reader.
-    pub fn open(mut source: impl FnMut(&'static str) -> Option<Map>) -> Result<(Self, RingBuf<MapData>), MapsError> {
+    pub fn open(
+        mut source: impl FnMut(&'static str) -> Option<Map>,
+    ) -> Result<(Self, RingBuf<MapData>), MapsError> {
         let mut capacities = BTreeMap::new();
         let mut take = |name: &'static str| -> Result<Map, MapsError> {
             let map = source(name).ok_or(MapsError::Missing { name })?;
@@ -162,15 +180,26 @@ impl KernelMaps {
 
     /// Opens the maps pinned under `dir`.
     pub fn from_pins(dir: &Path) -> Result<(Self, RingBuf<MapData>), MapsError> {
-        Self::open(|name| MapData::from_pin(dir.join(name)).ok().and_then(|data| Map::from_map_data(data).ok()))
+        Self::open(|name| {
+            MapData::from_pin(dir.join(name))
+                .ok()
+                .and_then(|data| Map::from_map_data(data).ok())
+        })
     }
 
     /// The installed generation's config, if one is installed.
     pub fn installed(&self) -> Result<Option<PolicyConfig>, MapsError> {
         match self.active.get(&0, 0) {
-            Ok(config) => config.get(&0, 0).map(Some).map_err(map_err("POLICY_ACTIVE")),
+            Ok(config) => config
+                .get(&0, 0)
+                .map(Some)
+                .map_err(map_err("POLICY_ACTIVE")),
             Err(MapError::KeyNotFound) => Ok(None),
-            Err(MapError::SyscallError(error)) if error.io_error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(MapError::SyscallError(error))
+                if error.io_error.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Ok(None)
+            }
             Err(error) => Err(map_err("POLICY_ACTIVE")(error)),
         }
     }
@@ -181,45 +210,126 @@ impl KernelMaps {
 
     /// Writes `next` into `slot`. With `previous` (what the slot holds) only the difference is
     /// written; without, the slot is cleared first. Returns the number of map writes.
-    fn write_slot(&mut self, slot: u8, previous: Option<&Tables>, next: &Tables) -> Result<usize, MapsError> {
+    fn write_slot(
+        &mut self,
+        slot: u8,
+        previous: Option<&Tables>,
+        next: &Tables,
+    ) -> Result<usize, MapsError> {
         let mut writes = 0;
-        writes += sync_hash(&mut self.rules, slot, previous.map(|p| &p.rules), &next.rules).map_err(map_err("POLICY"))?;
-        writes += sync_hash(&mut self.ranges, slot, previous.map(|p| &p.ranges), &next.ranges).map_err(map_err("PORT_RANGES"))?;
-        writes += sync_hash(&mut self.endpoints, slot, previous.map(|p| &p.endpoints), &next.endpoints).map_err(map_err("ENDPOINTS"))?;
-        writes += sync_hash(&mut self.cgroups, slot, previous.map(|p| &p.cgroups), &next.cgroups).map_err(map_err("CGROUPS"))?;
-        writes += sync_ipcache(&mut self.ipcache, slot, previous.map(|p| &p.ipcache), &next.ipcache).map_err(map_err("IPCACHE"))?;
+        writes += sync_hash(
+            &mut self.rules,
+            slot,
+            previous.map(|p| &p.rules),
+            &next.rules,
+        )
+        .map_err(map_err("POLICY"))?;
+        writes += sync_hash(
+            &mut self.ranges,
+            slot,
+            previous.map(|p| &p.ranges),
+            &next.ranges,
+        )
+        .map_err(map_err("PORT_RANGES"))?;
+        writes += sync_hash(
+            &mut self.endpoints,
+            slot,
+            previous.map(|p| &p.endpoints),
+            &next.endpoints,
+        )
+        .map_err(map_err("ENDPOINTS"))?;
+        writes += sync_hash(
+            &mut self.cgroups,
+            slot,
+            previous.map(|p| &p.cgroups),
+            &next.cgroups,
+        )
+        .map_err(map_err("CGROUPS"))?;
+        writes += sync_ipcache(
+            &mut self.ipcache,
+            slot,
+            previous.map(|p| &p.ipcache),
+            &next.ipcache,
+        )
+        .map_err(map_err("IPCACHE"))?;
         Ok(writes)
     }
 
     /// Entries of each slot-versioned table in `slot`, counted in the kernel.
     fn slot_entries(&self, slot: u8) -> [usize; 5] {
-        let count = |keys: Vec<u8>| keys.into_iter().filter(|key_slot| *key_slot == slot).count();
+        let count = |keys: Vec<u8>| {
+            keys.into_iter()
+                .filter(|key_slot| *key_slot == slot)
+                .count()
+        };
         [
-            count(self.ipcache.keys().filter_map(Result::ok).map(|key| key.data().slot).collect()),
-            count(self.endpoints.keys().filter_map(Result::ok).map(|key| key.slot()).collect()),
-            count(self.cgroups.keys().filter_map(Result::ok).map(|key| key.slot()).collect()),
-            count(self.rules.keys().filter_map(Result::ok).map(|key| key.slot()).collect()),
-            count(self.ranges.keys().filter_map(Result::ok).map(|key| key.slot()).collect()),
+            count(
+                self.ipcache
+                    .keys()
+                    .filter_map(Result::ok)
+                    .map(|key| key.data().slot)
+                    .collect(),
+            ),
+            count(
+                self.endpoints
+                    .keys()
+                    .filter_map(Result::ok)
+                    .map(|key| key.slot())
+                    .collect(),
+            ),
+            count(
+                self.cgroups
+                    .keys()
+                    .filter_map(Result::ok)
+                    .map(|key| key.slot())
+                    .collect(),
+            ),
+            count(
+                self.rules
+                    .keys()
+                    .filter_map(Result::ok)
+                    .map(|key| key.slot())
+                    .collect(),
+            ),
+            count(
+                self.ranges
+                    .keys()
+                    .filter_map(Result::ok)
+                    .map(|key| key.slot())
+                    .collect(),
+            ),
         ]
     }
 
     /// Installs `config` as the live generation. The update of the array-of-maps returns only
     /// after every program run that could still see the old config has finished.
     fn switch_to(&mut self, config: &PolicyConfig) -> Result<(), MapsError> {
-        let mut generation: Array<MapData, PolicyConfig> = Array::create(1, 0).map_err(map_err("POLICY_ACTIVE"))?;
-        generation.set(0, config, 0).map_err(map_err("POLICY_ACTIVE"))?;
+        let mut generation: Array<MapData, PolicyConfig> =
+            Array::create(1, 0).map_err(map_err("POLICY_ACTIVE"))?;
+        generation
+            .set(0, config, 0)
+            .map_err(map_err("POLICY_ACTIVE"))?;
         freeze(IterableMap::map(&generation).fd().as_fd()).map_err(MapsError::Freeze)?;
-        self.active.set(0, &generation, 0).map_err(map_err("POLICY_ACTIVE"))
+        self.active
+            .set(0, &generation, 0)
+            .map_err(map_err("POLICY_ACTIVE"))
     }
 
     /// Per-(verdict, reason) packet and byte counts, summed over CPUs.
     pub fn packet_counts(&self) -> Result<Vec<(u8, u8, Counter)>, MapsError> {
         let mut counts = Vec::new();
         for index in 0..PACKET_COUNTER_SLOTS {
-            let per_cpu = self.packet_counts.get(&index, 0).map_err(map_err("PACKET_COUNTS"))?;
+            let per_cpu = self
+                .packet_counts
+                .get(&index, 0)
+                .map_err(map_err("PACKET_COUNTS"))?;
             let total = sum(per_cpu.iter());
             if total.packets > 0 {
-                counts.push(((index / REASON_SLOTS) as u8, (index % REASON_SLOTS) as u8, total));
+                counts.push((
+                    (index / REASON_SLOTS) as u8,
+                    (index % REASON_SLOTS) as u8,
+                    total,
+                ));
             }
         }
         Ok(counts)
@@ -227,17 +337,32 @@ impl KernelMaps {
 
     /// Per-(source, destination, verdict) packet and byte counts, summed over CPUs.
     pub fn flow_counts(&self) -> Vec<(FlowCounterKey, Counter)> {
-        self.flow_counts.iter().filter_map(Result::ok).map(|(key, per_cpu)| (key, sum(per_cpu.iter()))).collect()
+        self.flow_counts
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, per_cpu)| (key, sum(per_cpu.iter())))
+            .collect()
     }
 
     /// Events the ring buffer could not take, over all CPUs, since the maps were created.
     pub fn events_lost(&self) -> u64 {
-        self.event_state.get(&0, 0).map(|per_cpu| per_cpu.iter().map(|state| state.lost).sum()).unwrap_or(0)
+        self.event_state
+            .get(&0, 0)
+            .map(|per_cpu| per_cpu.iter().map(|state| state.lost).sum())
+            .unwrap_or(0)
     }
 
     /// Entries and capacity of the maps an operator sizes.
     pub fn fill(&self) -> BTreeMap<&'static str, Fill> {
-        let fill = |name: &'static str, entries: usize| (name, Fill { entries, capacity: self.capacity(name) });
+        let fill = |name: &'static str, entries: usize| {
+            (
+                name,
+                Fill {
+                    entries,
+                    capacity: self.capacity(name),
+                },
+            )
+        };
         BTreeMap::from([
             fill("IPCACHE", self.ipcache.keys().count()),
             fill("ENDPOINTS", self.endpoints.keys().count()),
@@ -270,13 +395,20 @@ fn map_data(map: &Map) -> &MapData {
 }
 
 fn sum<'a>(values: impl Iterator<Item = &'a Counter>) -> Counter {
-    values.fold(Counter::default(), |total, value| Counter { packets: total.packets + value.packets, bytes: total.bytes + value.bytes })
+    values.fold(Counter::default(), |total, value| Counter {
+        packets: total.packets + value.packets,
+        bytes: total.bytes + value.bytes,
+    })
 }
 
 fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
     match result {
         Err(MapError::KeyNotFound) => Ok(()),
-        Err(MapError::SyscallError(error)) if error.io_error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(MapError::SyscallError(error))
+            if error.io_error.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(())
+        }
         other => other,
     }
 }
@@ -294,13 +426,20 @@ fn sync_hash<K: SlotKey, V: Pod + PartialEq>(
                 ignore_missing(map.remove(&key.in_slot(slot)))?;
                 writes += 1;
             }
-            for (key, value) in next.iter().filter(|(key, value)| previous.get(key) != Some(value)) {
+            for (key, value) in next
+                .iter()
+                .filter(|(key, value)| previous.get(key) != Some(value))
+            {
                 map.insert(key.in_slot(slot), value, 0)?;
                 writes += 1;
             }
         }
         None => {
-            let stale: Vec<K> = map.keys().filter_map(Result::ok).filter(|key| key.slot() == slot).collect();
+            let stale: Vec<K> = map
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|key| key.slot() == slot)
+                .collect();
             for key in stale {
                 ignore_missing(map.remove(&key))?;
                 writes += 1;
@@ -332,13 +471,20 @@ fn sync_ipcache(
                 ignore_missing(map.remove(&lpm_key(prefix, slot)))?;
                 writes += 1;
             }
-            for (prefix, info) in next.iter().filter(|(prefix, info)| previous.get(prefix) != Some(info)) {
+            for (prefix, info) in next
+                .iter()
+                .filter(|(prefix, info)| previous.get(prefix) != Some(info))
+            {
                 map.insert(&lpm_key(prefix, slot), info, 0)?;
                 writes += 1;
             }
         }
         None => {
-            let stale: Vec<LpmKey<IpcacheKey>> = map.keys().filter_map(Result::ok).filter(|key| key.data().slot == slot).collect();
+            let stale: Vec<LpmKey<IpcacheKey>> = map
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|key| key.data().slot == slot)
+                .collect();
             for key in stale {
                 ignore_missing(map.remove(&key))?;
                 writes += 1;
@@ -360,11 +506,25 @@ fn freeze(fd: BorrowedFd<'_>) -> std::io::Result<()> {
         map_fd: u32,
         _pad: u32,
     }
-    let attr = FreezeAttr { map_fd: fd.as_raw_fd() as u32, _pad: 0 };
+    let attr = FreezeAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        _pad: 0,
+    };
     // SAFETY: `attr` is a valid, zero-padded prefix of `union bpf_attr` for this command and
     // outlives the call.
-    let ret = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_FREEZE, &attr as *const FreezeAttr, size_of::<FreezeAttr>()) };
-    if ret < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_FREEZE,
+            &attr as *const FreezeAttr,
+            size_of::<FreezeAttr>(),
+        )
+    };
+    if ret < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// What one slot of the tables holds, as far as the controller knows.
@@ -395,7 +555,10 @@ pub struct Installer {
 impl Installer {
     /// Starts from what the maps hold: a fresh datapath, or the state a previous controller left.
     pub fn adopt(maps: &KernelMaps) -> Result<Self, MapsError> {
-        Ok(Self { live: maps.installed()?, slots: Default::default() })
+        Ok(Self {
+            live: maps.installed()?,
+            slots: Default::default(),
+        })
     }
 
     /// The generation now live.
@@ -405,7 +568,11 @@ impl Installer {
 
     /// Writes `compiled` beside the live generation and switches to it. Nothing the live
     /// generation uses is touched; on error the live generation stays in force.
-    pub fn install(&mut self, maps: &mut KernelMaps, compiled: &Compiled) -> Result<Installed, MapsError> {
+    pub fn install(
+        &mut self,
+        maps: &mut KernelMaps,
+        compiled: &Compiled,
+    ) -> Result<Installed, MapsError> {
         let started = Instant::now();
         let (slot, generation) = match &self.live {
             Some(live) => (1 - live.slot as u8, live.generation.wrapping_add(1).max(1)),
@@ -421,21 +588,36 @@ impl Installer {
         let config = PolicyConfig {
             generation,
             slot: u32::from(slot),
-            flags: if compiled.audit { config_flags::AUDIT } else { 0 },
+            flags: if compiled.audit {
+                config_flags::AUDIT
+            } else {
+                0
+            },
             _pad: 0,
-            installed_at_ns: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |now| now.as_nanos() as u64),
+            installed_at_ns: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |now| now.as_nanos() as u64),
             policy_hash: compiled.hash,
         };
         maps.switch_to(&config)?;
         self.slots[usize::from(slot)] = SlotContents::Known(compiled.tables.clone());
         self.live = Some(config);
-        Ok(Installed { generation, slot, writes, took: started.elapsed() })
+        Ok(Installed {
+            generation,
+            slot,
+            writes,
+            took: started.elapsed(),
+        })
     }
 
     /// Brings the idle slot up to the live generation's tables, so that the next change writes
     /// only its own difference (rather than that plus the one before). Nothing reads the idle
     /// slot, so this runs after the switch, off the critical path.
-    pub fn sync_idle(&mut self, maps: &mut KernelMaps, compiled: &Compiled) -> Result<usize, MapsError> {
+    pub fn sync_idle(
+        &mut self,
+        maps: &mut KernelMaps,
+        compiled: &Compiled,
+    ) -> Result<usize, MapsError> {
         let Some(live) = &self.live else { return Ok(0) };
         let idle = usize::from(1 - live.slot as u8);
         // The slot is in an unknown state until the writes are done.
@@ -460,7 +642,11 @@ impl Installer {
         for ((table, count), live) in next.entry_counts().into_iter().zip(live_entries) {
             let capacity = maps.capacity(table);
             if capacity > 0 && count + live > capacity as usize {
-                return Err(MapsError::Capacity { table, needed: count + live, capacity });
+                return Err(MapsError::Capacity {
+                    table,
+                    needed: count + live,
+                    capacity,
+                });
             }
         }
         Ok(())

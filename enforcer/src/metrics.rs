@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use enforcer_common::verdict::{reason_name, Verdict};
+use enforcer_common::verdict::{Verdict, reason_name};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
@@ -61,11 +61,21 @@ impl Metrics {
     pub fn new(maps: Arc<Mutex<KernelMaps>>, names: Arc<RwLock<Generations>>) -> Self {
         let mut registry = Registry::default();
         let policy_generation = Gauge::default();
-        registry.register("enforcer_policy_generation", "Policy generation the datapath enforces", policy_generation.clone());
+        registry.register(
+            "enforcer_policy_generation",
+            "Policy generation the datapath enforces",
+            policy_generation.clone(),
+        );
         let policy_reloads = Family::<ResultLabel, Counter>::default();
-        registry.register("enforcer_policy_reloads", "Policy loads by result (success, failure, unchanged)", policy_reloads.clone());
+        registry.register(
+            "enforcer_policy_reloads",
+            "Policy loads by result (success, failure, unchanged)",
+            policy_reloads.clone(),
+        );
         // From 1 ms to about 65 s: a one-rule change up to a 100k-rule policy.
-        let policy_apply_seconds = Histogram::new([0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]);
+        let policy_apply_seconds = Histogram::new([
+            0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
+        ]);
         registry.register(
             "enforcer_policy_apply_seconds",
             "Time from a policy change (file event or SIGHUP) to the kernel switching to it",
@@ -74,13 +84,32 @@ impl Metrics {
         let flows = Family::<FlowLabels, Counter>::default();
         registry.register("enforcer_flows", "Flows the datapath reported: new allowed flows, and denied or audited flows (one per flow and second)", flows.clone());
         let alerts = Family::<DetectorLabel, Counter>::default();
-        registry.register("enforcer_alerts", "Alert records written, by detector (flow for flow records)", alerts.clone());
-        registry.register_collector(Box::new(KernelCollector { maps, names, fill: Mutex::new(None) }));
-        Self { registry, policy_generation, policy_reloads, policy_apply_seconds, flows, alerts }
+        registry.register(
+            "enforcer_alerts",
+            "Alert records written, by detector (flow for flow records)",
+            alerts.clone(),
+        );
+        registry.register_collector(Box::new(KernelCollector {
+            maps,
+            names,
+            fill: Mutex::new(None),
+        }));
+        Self {
+            registry,
+            policy_generation,
+            policy_reloads,
+            policy_apply_seconds,
+            flows,
+            alerts,
+        }
     }
 
     pub fn count_reload(&self, result: &str) {
-        self.policy_reloads.get_or_create(&ResultLabel { result: result.to_owned() }).inc();
+        self.policy_reloads
+            .get_or_create(&ResultLabel {
+                result: result.to_owned(),
+            })
+            .inc();
     }
 
     /// The OpenMetrics text exposition.
@@ -93,7 +122,8 @@ impl Metrics {
     }
 }
 
-pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
 pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Rewrites prometheus-client's OpenMetrics text as the Prometheus text format (0.0.4), for
@@ -111,7 +141,9 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
         if line == "# EOF" || line.starts_with("# UNIT ") {
             continue;
         }
-        let declaration = ["# HELP ", "# TYPE "].iter().find_map(|prefix| line.strip_prefix(prefix).map(|rest| (prefix, rest)));
+        let declaration = ["# HELP ", "# TYPE "]
+            .iter()
+            .find_map(|prefix| line.strip_prefix(prefix).map(|rest| (prefix, rest)));
         match declaration {
             Some((prefix, rest)) => {
                 let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
@@ -149,7 +181,10 @@ const FILL_REFRESH: Duration = Duration::from_secs(5);
 
 impl Collector for KernelCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let maps = self.maps.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let maps = self
+            .maps
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let packets = maps.packet_counts().unwrap_or_default();
         {
             let mut family = encoder.encode_descriptor(
@@ -160,7 +195,10 @@ impl Collector for KernelCollector {
             )?;
             for (verdict, reason, counter) in &packets {
                 let verdict = Verdict::from_code(*verdict).map_or("unknown", Verdict::as_str);
-                let labels = [("verdict", verdict.to_owned()), ("reason", reason_name(*reason).to_owned())];
+                let labels = [
+                    ("verdict", verdict.to_owned()),
+                    ("reason", reason_name(*reason).to_owned()),
+                ];
                 ConstCounter::new(counter.packets).encode(family.encode_family(&labels)?)?;
             }
         }
@@ -173,14 +211,25 @@ impl Collector for KernelCollector {
             )?;
             for (verdict, reason, counter) in &packets {
                 let verdict = Verdict::from_code(*verdict).map_or("unknown", Verdict::as_str);
-                let labels = [("verdict", verdict.to_owned()), ("reason", reason_name(*reason).to_owned())];
+                let labels = [
+                    ("verdict", verdict.to_owned()),
+                    ("reason", reason_name(*reason).to_owned()),
+                ];
                 ConstCounter::new(counter.bytes).encode(family.encode_family(&labels)?)?;
             }
         }
         {
-            let names = self.names.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let names = self
+                .names
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             let latest = names.latest().map(|(_, compiled)| compiled.clone());
-            let name = |identity: u32| latest.as_ref().map_or_else(|| identity.to_string(), |compiled| compiled.identity_name(identity));
+            let name = |identity: u32| {
+                latest.as_ref().map_or_else(
+                    || identity.to_string(),
+                    |compiled| compiled.identity_name(identity),
+                )
+            };
             let mut family = encoder.encode_descriptor(
                 "enforcer_edge_packets",
                 "Packets per source and destination identity and verdict",
@@ -190,7 +239,9 @@ impl Collector for KernelCollector {
             let mut edges: BTreeMap<(String, String, &'static str), u64> = BTreeMap::new();
             for (key, counter) in maps.flow_counts() {
                 let verdict = Verdict::from_code(key.verdict).map_or("unknown", Verdict::as_str);
-                *edges.entry((name(key.src_identity), name(key.dst_identity), verdict)).or_default() += counter.packets;
+                *edges
+                    .entry((name(key.src_identity), name(key.dst_identity), verdict))
+                    .or_default() += counter.packets;
             }
             for ((src, dst, verdict), packets) in edges {
                 let labels = [("src", src), ("dst", dst), ("verdict", verdict.to_owned())];
@@ -204,7 +255,10 @@ impl Collector for KernelCollector {
             prometheus_client::metrics::MetricType::Counter,
         )?)?;
         let fill = {
-            let mut cached = self.fill.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut cached = self
+                .fill
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             match &*cached {
                 Some((at, fill)) if at.elapsed() < FILL_REFRESH => fill.clone(),
                 _ => {
@@ -215,15 +269,27 @@ impl Collector for KernelCollector {
             }
         };
         {
-            let mut family = encoder.encode_descriptor("enforcer_map_entries", "Entries in each datapath map", None, prometheus_client::metrics::MetricType::Gauge)?;
+            let mut family = encoder.encode_descriptor(
+                "enforcer_map_entries",
+                "Entries in each datapath map",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
             for (map, fill) in &fill {
-                ConstGauge::new(fill.entries as i64).encode(family.encode_family(&[("map", (*map).to_owned())])?)?;
+                ConstGauge::new(fill.entries as i64)
+                    .encode(family.encode_family(&[("map", (*map).to_owned())])?)?;
             }
         }
         {
-            let mut family = encoder.encode_descriptor("enforcer_map_capacity", "Capacity of each datapath map", None, prometheus_client::metrics::MetricType::Gauge)?;
+            let mut family = encoder.encode_descriptor(
+                "enforcer_map_capacity",
+                "Capacity of each datapath map",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
             for (map, fill) in &fill {
-                ConstGauge::new(i64::from(fill.capacity)).encode(family.encode_family(&[("map", (*map).to_owned())])?)?;
+                ConstGauge::new(i64::from(fill.capacity))
+                    .encode(family.encode_family(&[("map", (*map).to_owned())])?)?;
             }
         }
         Ok(())
@@ -237,16 +303,17 @@ pub fn parse_listen_address(text: &str) -> Result<SocketAddr, String> {
     if let Ok(port) = text.trim_start_matches(':').parse::<u16>() {
         return Ok(SocketAddr::new(localhost, port));
     }
-    text.parse::<SocketAddr>().map_err(|_| format!("invalid --metrics address \"{text}\": expected PORT or HOST:PORT"))
+    text.parse::<SocketAddr>()
+        .map_err(|_| format!("invalid --metrics address \"{text}\": expected PORT or HOST:PORT"))
 }
 
 /// Serves `GET /metrics` until the task is dropped: OpenMetrics to scrapers that accept it
 /// (Prometheus asks for it), the Prometheus text format to everyone else.
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
     use axum::{
-        http::{header, HeaderMap},
-        routing::get,
         Router,
+        http::{HeaderMap, header},
+        routing::get,
     };
     let app = Router::new().route(
         "/metrics",
@@ -261,7 +328,10 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
                 if wants_openmetrics {
                     ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], text)
                 } else {
-                    ([(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)], to_prometheus_text(&text))
+                    (
+                        [(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)],
+                        to_prometheus_text(&text),
+                    )
                 }
             }
         }),
@@ -286,10 +356,22 @@ mod tests {
 
     #[test]
     fn metrics_bind_to_localhost_unless_told_otherwise() {
-        assert_eq!(parse_listen_address("9100").unwrap(), "127.0.0.1:9100".parse().unwrap());
-        assert_eq!(parse_listen_address(":9100").unwrap(), "127.0.0.1:9100".parse().unwrap());
-        assert_eq!(parse_listen_address("0.0.0.0:9100").unwrap(), "0.0.0.0:9100".parse().unwrap());
-        assert_eq!(parse_listen_address("[::1]:9100").unwrap(), "[::1]:9100".parse().unwrap());
+        assert_eq!(
+            parse_listen_address("9100").unwrap(),
+            "127.0.0.1:9100".parse().unwrap()
+        );
+        assert_eq!(
+            parse_listen_address(":9100").unwrap(),
+            "127.0.0.1:9100".parse().unwrap()
+        );
+        assert_eq!(
+            parse_listen_address("0.0.0.0:9100").unwrap(),
+            "0.0.0.0:9100".parse().unwrap()
+        );
+        assert_eq!(
+            parse_listen_address("[::1]:9100").unwrap(),
+            "[::1]:9100".parse().unwrap()
+        );
         assert!(parse_listen_address("localhost").is_err());
     }
 }

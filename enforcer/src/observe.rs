@@ -24,7 +24,10 @@ const BACKLOG: usize = 1024;
 
 /// The socket of the controller whose pins are at `pin_path`: `/run/enforcer/<pin dir name>.sock`.
 pub fn default_socket(pin_path: &Path) -> PathBuf {
-    let name = pin_path.file_name().map_or_else(|| "enforcer".to_owned(), |name| name.to_string_lossy().into_owned());
+    let name = pin_path.file_name().map_or_else(
+        || "enforcer".to_owned(),
+        |name| name.to_string_lossy().into_owned(),
+    );
     PathBuf::from("/run/enforcer").join(format!("{name}.sock"))
 }
 
@@ -36,15 +39,23 @@ pub struct Hub {
 
 impl Default for Hub {
     fn default() -> Self {
-        Self { backlog: Mutex::new(VecDeque::with_capacity(BACKLOG)), live: broadcast::channel(BACKLOG).0 }
+        Self {
+            backlog: Mutex::new(VecDeque::with_capacity(BACKLOG)),
+            live: broadcast::channel(BACKLOG).0,
+        }
     }
 }
 
 impl Hub {
     pub fn publish(&self, record: &FlowRecord) {
-        let Ok(line) = serde_json::to_string(record) else { return };
+        let Ok(line) = serde_json::to_string(record) else {
+            return;
+        };
         let line: Arc<str> = Arc::from(line);
-        let mut backlog = self.backlog.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut backlog = self
+            .backlog
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if backlog.len() == BACKLOG {
             backlog.pop_front();
         }
@@ -78,11 +89,19 @@ pub async fn serve(path: PathBuf, hub: Arc<Hub>) -> io::Result<()> {
 async fn serve_client(stream: tokio::net::UnixStream, hub: &Hub) -> io::Result<()> {
     let (reader, mut writer) = stream.into_split();
     let mut request = String::new();
-    tokio::io::BufReader::new(reader).read_line(&mut request).await?;
+    tokio::io::BufReader::new(reader)
+        .read_line(&mut request)
+        .await?;
     let follow = request.trim() == "follow";
     // Subscribe before copying the backlog so nothing falls between the two.
     let mut live = hub.live.subscribe();
-    let backlog: Vec<Arc<str>> = hub.backlog.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).iter().cloned().collect();
+    let backlog: Vec<Arc<str>> = hub
+        .backlog
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .iter()
+        .cloned()
+        .collect();
     for line in &backlog {
         writer.write_all(format!("{line}\n").as_bytes()).await?;
     }
@@ -94,7 +113,9 @@ async fn serve_client(stream: tokio::net::UnixStream, hub: &Hub) -> io::Result<(
             Ok(line) => writer.write_all(format!("{line}\n").as_bytes()).await?,
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 // Say so rather than silently skip.
-                writer.write_all(format!("{{\"observer_lagged\":{missed}}}\n").as_bytes()).await?;
+                writer
+                    .write_all(format!("{{\"observer_lagged\":{missed}}}\n").as_bytes())
+                    .await?;
             }
             Err(broadcast::error::RecvError::Closed) => return Ok(()),
         }
@@ -116,10 +137,15 @@ impl Filter {
     pub fn matches(&self, record: &Value) -> bool {
         let src = record["src"]["name"].as_str().unwrap_or_default();
         let dst = record["dst"]["name"].as_str().unwrap_or_default();
-        self.service.as_ref().is_none_or(|service| service == src || service == dst)
+        self.service
+            .as_ref()
+            .is_none_or(|service| service == src || service == dst)
             && self.from.as_ref().is_none_or(|from| from == src)
             && self.to.as_ref().is_none_or(|to| to == dst)
-            && self.verdict.as_ref().is_none_or(|verdict| record["verdict"] == verdict.as_str())
+            && self
+                .verdict
+                .as_ref()
+                .is_none_or(|verdict| record["verdict"] == verdict.as_str())
             && self.port.is_none_or(|port| record["dst"]["port"] == port)
     }
 }
@@ -128,31 +154,55 @@ impl Filter {
 pub fn describe(record: &Value) -> String {
     let end = |side: &str| {
         let end = &record[side];
-        format!("{} [{}]:{}", end["name"].as_str().unwrap_or("?"), end["ip"].as_str().unwrap_or("?"), end["port"])
+        format!(
+            "{} [{}]:{}",
+            end["name"].as_str().unwrap_or("?"),
+            end["ip"].as_str().unwrap_or("?"),
+            end["port"]
+        )
     };
     let count = record["count"].as_u64().unwrap_or(1);
     format!(
         "{} {} -> {} {} {:<5} {} by {}{}{}",
-        crate::alert::rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_millis(record["time"].as_u64().unwrap_or(0))),
+        crate::alert::rfc3339(
+            std::time::UNIX_EPOCH
+                + std::time::Duration::from_millis(record["time"].as_u64().unwrap_or(0))
+        ),
         end("src"),
         end("dst"),
         record["protocol"].as_str().unwrap_or("?"),
         record["verdict"].as_str().unwrap_or("?"),
         record["reason"].as_str().unwrap_or("?"),
         record["rule"].as_str().unwrap_or("?"),
-        if count > 1 { format!(" ({count} packets)") } else { String::new() },
-        if record["rejudged"] == true { " (policy changed)" } else { "" },
+        if count > 1 {
+            format!(" ({count} packets)")
+        } else {
+            String::new()
+        },
+        if record["rejudged"] == true {
+            " (policy changed)"
+        } else {
+            ""
+        },
     )
 }
 
 /// Connects to a controller's socket and prints matching records until the stream ends.
-pub fn watch(socket: &Path, follow: bool, filter: &Filter, json: bool, mut out: impl io::Write) -> io::Result<()> {
+pub fn watch(
+    socket: &Path,
+    follow: bool,
+    filter: &Filter,
+    json: bool,
+    mut out: impl io::Write,
+) -> io::Result<()> {
     let mut stream = std::os::unix::net::UnixStream::connect(socket)
         .map_err(|error| io::Error::new(error.kind(), format!("cannot reach the controller at {}: {error} (is `enforcer run` running with this --pin-path?)", socket.display())))?;
     stream.write_all(if follow { b"follow\n" } else { b"backlog\n" })?;
     for line in BufReader::new(stream).lines() {
         let line = line?;
-        let Ok(record) = serde_json::from_str::<Value>(&line) else { continue };
+        let Ok(record) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
         if let Some(missed) = record.get("observer_lagged") {
             eprintln!("observe: {missed} records skipped (this observer fell behind)");
             continue;
@@ -180,11 +230,49 @@ mod tests {
     fn filters_match_service_direction_verdict_and_port() {
         let record = json!({"src": {"name": "frontend", "port": 40000}, "dst": {"name": "api", "port": 8080}, "verdict": "deny"});
         assert!(Filter::default().matches(&record));
-        assert!(Filter { service: Some("api".into()), ..Default::default() }.matches(&record));
-        assert!(Filter { from: Some("frontend".into()), to: Some("api".into()), ..Default::default() }.matches(&record));
-        assert!(!Filter { from: Some("api".into()), ..Default::default() }.matches(&record));
-        assert!(Filter { verdict: Some("deny".into()), port: Some(8080), ..Default::default() }.matches(&record));
-        assert!(!Filter { verdict: Some("allow".into()), ..Default::default() }.matches(&record));
-        assert!(!Filter { port: Some(80), ..Default::default() }.matches(&record));
+        assert!(
+            Filter {
+                service: Some("api".into()),
+                ..Default::default()
+            }
+            .matches(&record)
+        );
+        assert!(
+            Filter {
+                from: Some("frontend".into()),
+                to: Some("api".into()),
+                ..Default::default()
+            }
+            .matches(&record)
+        );
+        assert!(
+            !Filter {
+                from: Some("api".into()),
+                ..Default::default()
+            }
+            .matches(&record)
+        );
+        assert!(
+            Filter {
+                verdict: Some("deny".into()),
+                port: Some(8080),
+                ..Default::default()
+            }
+            .matches(&record)
+        );
+        assert!(
+            !Filter {
+                verdict: Some("allow".into()),
+                ..Default::default()
+            }
+            .matches(&record)
+        );
+        assert!(
+            !Filter {
+                port: Some(80),
+                ..Default::default()
+            }
+            .matches(&record)
+        );
     }
 }

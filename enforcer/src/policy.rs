@@ -47,7 +47,10 @@ impl fmt::Display for Diagnostic {
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
     #[error("cannot read policy {}: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("no policy files (*.toml) in directory {}", .0.display())]
     EmptyDirectory(PathBuf),
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
@@ -118,7 +121,9 @@ impl FromStr for Protocol {
             "tcp" => Ok(Self::Tcp),
             "udp" => Ok(Self::Udp),
             "icmp" | "icmpv6" => Ok(Self::Icmp),
-            other => Err(format!("unknown protocol \"{other}\": expected tcp, udp or icmp")),
+            other => Err(format!(
+                "unknown protocol \"{other}\": expected tcp, udp or icmp"
+            )),
         }
     }
 }
@@ -151,13 +156,19 @@ impl FromStr for PortMatch {
         let text = text.trim();
         let Some((ports, protocol)) = text.split_once('/') else {
             let protocol: Protocol = text.parse().map_err(|_| {
-                format!("invalid port \"{text}\": expected PORT/PROTO, LOW-HIGH/PROTO, tcp, udp or icmp")
+                format!(
+                    "invalid port \"{text}\": expected PORT/PROTO, LOW-HIGH/PROTO, tcp, udp or icmp"
+                )
             })?;
             return Ok(Self::AnyPort(protocol));
         };
         let protocol: Protocol = protocol.parse()?;
         if !protocol.has_ports() {
-            return Err(format!("invalid port \"{text}\": {} has no ports, write \"{}\"", protocol.as_str(), protocol.as_str()));
+            return Err(format!(
+                "invalid port \"{text}\": {} has no ports, write \"{}\"",
+                protocol.as_str(),
+                protocol.as_str()
+            ));
         }
         let parse_port = |number: &str| -> Result<u16, String> {
             let value: u64 = number
@@ -165,7 +176,9 @@ impl FromStr for PortMatch {
                 .parse()
                 .map_err(|_| format!("invalid port \"{text}\": \"{number}\" is not a number"))?;
             if value == 0 || value > 65535 {
-                return Err(format!("invalid port \"{text}\": port {value} out of range 1-65535"));
+                return Err(format!(
+                    "invalid port \"{text}\": port {value} out of range 1-65535"
+                ));
             }
             Ok(value as u16)
         };
@@ -249,7 +262,14 @@ pub struct Detection {
 
 impl Default for Detection {
     fn default() -> Self {
-        Self { window_secs: 10, spike_z: 4.0, spike_min_calls: 50, spike_warmup_windows: 5, fanout_distinct_peers: 20, deny_burst: 20 }
+        Self {
+            window_secs: 10,
+            spike_z: 4.0,
+            spike_min_calls: 50,
+            spike_warmup_windows: 5,
+            fanout_distinct_peers: 20,
+            deny_burst: 20,
+        }
     }
 }
 
@@ -270,7 +290,10 @@ pub struct Policy {
 
 impl Policy {
     pub fn service(&self, name: &str) -> Option<&Service> {
-        self.services.binary_search_by(|service| service.name.as_str().cmp(name)).ok().map(|index| &self.services[index])
+        self.services
+            .binary_search_by(|service| service.name.as_str().cmp(name))
+            .ok()
+            .map(|index| &self.services[index])
     }
 
     /// The name a peer is written as in the policy.
@@ -300,22 +323,36 @@ impl Policy {
             _ => {}
         }
         // `services` is sorted by name.
-        if let Ok(index) = self.services.binary_search_by(|service| service.name.as_str().cmp(text)) {
+        if let Ok(index) = self
+            .services
+            .binary_search_by(|service| service.name.as_str().cmp(text))
+        {
             return Ok(Peer::Service(index));
         }
         if looks_like_address(text) {
             return parse_cidr(text).map(Peer::Cidr);
         }
-        let known: Vec<&str> = self.services.iter().map(|service| service.name.as_str()).collect();
+        let known: Vec<&str> = self
+            .services
+            .iter()
+            .map(|service| service.name.as_str())
+            .collect();
         Err(format!(
             "unknown service \"{text}\" (services: {}; or \"world\", \"host\", a CIDR)",
-            if known.is_empty() { "none declared".to_owned() } else { known.join(", ") }
+            if known.is_empty() {
+                "none declared".to_owned()
+            } else {
+                known.join(", ")
+            }
         ))
     }
 }
 
 fn looks_like_address(text: &str) -> bool {
-    text.contains('/') || text.contains(':') || text.parse::<IpAddr>().is_ok() || text.chars().next().is_some_and(|c| c.is_ascii_digit())
+    text.contains('/')
+        || text.contains(':')
+        || text.parse::<IpAddr>().is_ok()
+        || text.chars().next().is_some_and(|c| c.is_ascii_digit())
 }
 
 /// Parses `a.b.c.d/n`, `x::/n` or a bare address (a /32 or /128). Host bits must be zero.
@@ -328,7 +365,10 @@ pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
         },
     };
     if net.trunc() != net {
-        return Err(format!("CIDR \"{text}\" has host bits set; did you mean \"{}\"?", net.trunc()));
+        return Err(format!(
+            "CIDR \"{text}\" has host bits set; did you mean \"{}\"?",
+            net.trunc()
+        ));
     }
     Ok(net)
 }
@@ -400,8 +440,14 @@ struct Source {
 
 impl Source {
     fn new(path: PathBuf, text: String) -> Self {
-        let line_starts = std::iter::once(0).chain(text.match_indices('\n').map(|(newline, _)| newline + 1)).collect();
-        Self { path, text, line_starts }
+        let line_starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(newline, _)| newline + 1))
+            .collect();
+        Self {
+            path,
+            text,
+            line_starts,
+        }
     }
 
     fn origin(&self, offset: usize) -> Origin {
@@ -409,7 +455,11 @@ impl Source {
         let line = self.line_starts.partition_point(|start| *start <= offset);
         let line_start = self.line_starts[line - 1];
         let column = self.text[line_start..offset].chars().count() + 1;
-        Origin { file: self.path.clone(), line, column }
+        Origin {
+            file: self.path.clone(),
+            line,
+            column,
+        }
     }
 
     fn at<T>(&self, spanned: &Spanned<T>) -> Origin {
@@ -423,7 +473,10 @@ struct Diagnostics(Vec<Diagnostic>);
 
 impl Diagnostics {
     fn error(&mut self, origin: Origin, message: impl Into<String>) {
-        self.0.push(Diagnostic { origin, message: message.into() });
+        self.0.push(Diagnostic {
+            origin,
+            message: message.into(),
+        });
     }
 }
 
@@ -432,7 +485,10 @@ pub fn load(path: &Path) -> Result<Policy, PolicyError> {
     let files = policy_files(path)?;
     let mut sources = Vec::with_capacity(files.len());
     for file in files {
-        let text = std::fs::read_to_string(&file).map_err(|source| PolicyError::Read { path: file.clone(), source })?;
+        let text = std::fs::read_to_string(&file).map_err(|source| PolicyError::Read {
+            path: file.clone(),
+            source,
+        })?;
         sources.push((file, text));
     }
     parse_sources(sources)
@@ -440,14 +496,23 @@ pub fn load(path: &Path) -> Result<Policy, PolicyError> {
 
 /// The files a policy path stands for.
 pub fn policy_files(path: &Path) -> Result<Vec<PathBuf>, PolicyError> {
-    let metadata = std::fs::metadata(path).map_err(|source| PolicyError::Read { path: path.to_owned(), source })?;
+    let metadata = std::fs::metadata(path).map_err(|source| PolicyError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
     if !metadata.is_dir() {
         return Ok(vec![path.to_owned()]);
     }
-    let entries = std::fs::read_dir(path).map_err(|source| PolicyError::Read { path: path.to_owned(), source })?;
+    let entries = std::fs::read_dir(path).map_err(|source| PolicyError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
     let mut files = Vec::new();
     for entry in entries {
-        let entry = entry.map_err(|source| PolicyError::Read { path: path.to_owned(), source })?;
+        let entry = entry.map_err(|source| PolicyError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         let file = entry.path();
         let name = entry.file_name();
         let name = name.to_string_lossy();
@@ -471,7 +536,10 @@ pub fn policy_files(path: &Path) -> Result<Vec<PathBuf>, PolicyError> {
 pub fn parse_sources(files: Vec<(PathBuf, String)>) -> Result<Policy, PolicyError> {
     let mut hasher = Sha256::new();
     for (path, text) in &files {
-        let name = path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default();
         hasher.update((name.len() as u64).to_le_bytes());
         hasher.update(name.as_bytes());
         hasher.update((text.len() as u64).to_le_bytes());
@@ -502,22 +570,37 @@ pub fn parse_sources(files: Vec<(PathBuf, String)>) -> Result<Policy, PolicyErro
     }
 }
 
-fn parse_mode(source: &Source, text: &Spanned<String>, diagnostics: &mut Diagnostics) -> Option<Mode> {
+fn parse_mode(
+    source: &Source,
+    text: &Spanned<String>,
+    diagnostics: &mut Diagnostics,
+) -> Option<Mode> {
     match text.get_ref().as_str() {
         "enforce" => Some(Mode::Enforce),
         "audit" => Some(Mode::Audit),
         other => {
-            diagnostics.error(source.at(text), format!("unknown mode \"{other}\": expected \"enforce\" or \"audit\""));
+            diagnostics.error(
+                source.at(text),
+                format!("unknown mode \"{other}\": expected \"enforce\" or \"audit\""),
+            );
             None
         }
     }
 }
 
-fn positive(source: &Source, value: &Spanned<i64>, what: &str, diagnostics: &mut Diagnostics) -> Option<u64> {
+fn positive(
+    source: &Source,
+    value: &Spanned<i64>,
+    what: &str,
+    diagnostics: &mut Diagnostics,
+) -> Option<u64> {
     match u64::try_from(*value.get_ref()) {
         Ok(number) if number > 0 => Some(number),
         _ => {
-            diagnostics.error(source.at(value), format!("{what} must be a positive integer, not {}", value.get_ref()));
+            diagnostics.error(
+                source.at(value),
+                format!("{what} must be a positive integer, not {}", value.get_ref()),
+            );
             None
         }
     }
@@ -525,14 +608,23 @@ fn positive(source: &Source, value: &Spanned<i64>, what: &str, diagnostics: &mut
 
 fn valid_service_name(name: &str) -> bool {
     let mut chars = name.chars();
-    chars.next().is_some_and(|first| first.is_ascii_alphanumeric())
+    chars
+        .next()
+        .is_some_and(|first| first.is_ascii_alphanumeric())
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
-fn build(hash: [u8; 32], documents: Vec<(Source, PolicyDocument)>, diagnostics: &mut Diagnostics) -> Policy {
+fn build(
+    hash: [u8; 32],
+    documents: Vec<(Source, PolicyDocument)>,
+    diagnostics: &mut Diagnostics,
+) -> Policy {
     let mut policy = Policy {
         hash,
-        files: documents.iter().map(|(source, _)| source.path.clone()).collect(),
+        files: documents
+            .iter()
+            .map(|(source, _)| source.path.clone())
+            .collect(),
         mode: Mode::Enforce,
         manage_host: false,
         services: Vec::new(),
@@ -547,7 +639,10 @@ fn build(hash: [u8; 32], documents: Vec<(Source, PolicyDocument)>, diagnostics: 
         if let Some(settings) = &document.settings {
             let origin = source.at(settings);
             if let Some(first) = &settings_origin {
-                diagnostics.error(origin.clone(), format!("[settings] is already given at {first}"));
+                diagnostics.error(
+                    origin.clone(),
+                    format!("[settings] is already given at {first}"),
+                );
             }
             settings_origin = Some(origin);
             if let Some(mode) = &settings.get_ref().mode {
@@ -558,28 +653,67 @@ fn build(hash: [u8; 32], documents: Vec<(Source, PolicyDocument)>, diagnostics: 
         if let Some(detection) = &document.detection {
             let origin = source.at(detection);
             if let Some(first) = &detection_origin {
-                diagnostics.error(origin.clone(), format!("[detection] is already given at {first}"));
+                diagnostics.error(
+                    origin.clone(),
+                    format!("[detection] is already given at {first}"),
+                );
             }
             detection_origin = Some(origin);
             let tuning = detection.get_ref();
             let defaults = Detection::default();
-            let count = |value: &Option<Spanned<i64>>, what: &str, default: u64, diagnostics: &mut Diagnostics| {
-                value.as_ref().map_or(Some(default), |value| positive(source, value, what, diagnostics)).unwrap_or(default)
+            let count = |value: &Option<Spanned<i64>>,
+                         what: &str,
+                         default: u64,
+                         diagnostics: &mut Diagnostics| {
+                value
+                    .as_ref()
+                    .map_or(Some(default), |value| {
+                        positive(source, value, what, diagnostics)
+                    })
+                    .unwrap_or(default)
             };
             policy.detection = Detection {
-                window_secs: count(&tuning.window_secs, "window_secs", defaults.window_secs, diagnostics),
+                window_secs: count(
+                    &tuning.window_secs,
+                    "window_secs",
+                    defaults.window_secs,
+                    diagnostics,
+                ),
                 spike_z: match &tuning.spike_z {
                     Some(z) if *z.get_ref() > 0.0 && z.get_ref().is_finite() => *z.get_ref(),
                     Some(z) => {
-                        diagnostics.error(source.at(z), format!("spike_z must be a positive number, not {}", z.get_ref()));
+                        diagnostics.error(
+                            source.at(z),
+                            format!("spike_z must be a positive number, not {}", z.get_ref()),
+                        );
                         defaults.spike_z
                     }
                     None => defaults.spike_z,
                 },
-                spike_min_calls: count(&tuning.spike_min_calls, "spike_min_calls", defaults.spike_min_calls, diagnostics),
-                spike_warmup_windows: count(&tuning.spike_warmup_windows, "spike_warmup_windows", defaults.spike_warmup_windows, diagnostics),
-                fanout_distinct_peers: count(&tuning.fanout_distinct_peers, "fanout_distinct_peers", defaults.fanout_distinct_peers, diagnostics),
-                deny_burst: count(&tuning.deny_burst, "deny_burst", defaults.deny_burst, diagnostics),
+                spike_min_calls: count(
+                    &tuning.spike_min_calls,
+                    "spike_min_calls",
+                    defaults.spike_min_calls,
+                    diagnostics,
+                ),
+                spike_warmup_windows: count(
+                    &tuning.spike_warmup_windows,
+                    "spike_warmup_windows",
+                    defaults.spike_warmup_windows,
+                    diagnostics,
+                ),
+                fanout_distinct_peers: count(
+                    &tuning.fanout_distinct_peers,
+                    "fanout_distinct_peers",
+                    defaults.fanout_distinct_peers,
+                    diagnostics,
+                ),
+                deny_burst: count(
+                    &tuning.deny_burst,
+                    "deny_burst",
+                    defaults.deny_burst,
+                    diagnostics,
+                ),
             };
         }
     }
@@ -590,7 +724,13 @@ fn build(hash: [u8; 32], documents: Vec<(Source, PolicyDocument)>, diagnostics: 
         for service in &document.service {
             if let Some(parsed) = build_service(source, service, diagnostics) {
                 if let Some(first) = services_by_name.get(&parsed.name) {
-                    diagnostics.error(parsed.origin.clone(), format!("service \"{}\" is already declared at {}", parsed.name, first.origin));
+                    diagnostics.error(
+                        parsed.origin.clone(),
+                        format!(
+                            "service \"{}\" is already declared at {}",
+                            parsed.name, first.origin
+                        ),
+                    );
                     continue;
                 }
                 services_by_name.insert(parsed.name.clone(), parsed);
@@ -604,13 +744,19 @@ fn build(hash: [u8; 32], documents: Vec<(Source, PolicyDocument)>, diagnostics: 
     // Rules.
     let mut rule_ids: BTreeMap<String, Origin> = BTreeMap::new();
     for (source, document) in &documents {
-        for (kind, rules) in [(RuleKind::Allow, &document.allow), (RuleKind::Deny, &document.deny)] {
+        for (kind, rules) in [
+            (RuleKind::Allow, &document.allow),
+            (RuleKind::Deny, &document.deny),
+        ] {
             for rule in rules {
                 let Some(parsed) = build_rule(&policy, source, kind, rule, diagnostics) else {
                     continue;
                 };
                 if let Some(first) = rule_ids.get(&parsed.id) {
-                    diagnostics.error(parsed.origin.clone(), format!("rule id \"{}\" is already used at {first}", parsed.id));
+                    diagnostics.error(
+                        parsed.origin.clone(),
+                        format!("rule id \"{}\" is already used at {first}", parsed.id),
+                    );
                     continue;
                 }
                 rule_ids.insert(parsed.id.clone(), parsed.origin.clone());
@@ -622,20 +768,30 @@ fn build(hash: [u8; 32], documents: Vec<(Source, PolicyDocument)>, diagnostics: 
     // silently creating a second identity for the same address.
     for rule in &policy.rules {
         for peer in [&rule.from, &rule.to] {
-            if let Peer::Cidr(net) = peer {
-                if let Some(owner) = policy.services.iter().find(|service| service.addresses.contains(net)) {
-                    diagnostics.error(
-                        rule.origin.clone(),
-                        format!("{net} is the address of service \"{}\"; name the service instead", owner.name),
-                    );
-                }
+            if let Peer::Cidr(net) = peer
+                && let Some(owner) = policy
+                    .services
+                    .iter()
+                    .find(|service| service.addresses.contains(net))
+            {
+                diagnostics.error(
+                    rule.origin.clone(),
+                    format!(
+                        "{net} is the address of service \"{}\"; name the service instead",
+                        owner.name
+                    ),
+                );
             }
         }
     }
     policy
 }
 
-fn build_service(source: &Source, spanned: &Spanned<ServiceDocument>, diagnostics: &mut Diagnostics) -> Option<Service> {
+fn build_service(
+    source: &Source,
+    spanned: &Spanned<ServiceDocument>,
+    diagnostics: &mut Diagnostics,
+) -> Option<Service> {
     let document = spanned.get_ref();
     let name = document.name.get_ref().trim().to_owned();
     let origin = source.at(spanned);
@@ -647,13 +803,18 @@ fn build_service(source: &Source, spanned: &Spanned<ServiceDocument>, diagnostic
         return None;
     }
     if name == "world" || name == "host" {
-        diagnostics.error(source.at(&document.name), format!("\"{name}\" is a reserved peer name and cannot name a service"));
+        diagnostics.error(
+            source.at(&document.name),
+            format!("\"{name}\" is a reserved peer name and cannot name a service"),
+        );
         return None;
     }
     let (identity, identity_declared) = match &document.identity {
         Some(value) => {
             let number = *value.get_ref();
-            if number < i64::from(enforcer_common::identity::FIRST_SERVICE) || number >= i64::from(enforcer_common::identity::SERVICE_END) {
+            if number < i64::from(enforcer_common::identity::FIRST_SERVICE)
+                || number >= i64::from(enforcer_common::identity::SERVICE_END)
+            {
                 diagnostics.error(
                     source.at(value),
                     format!(
@@ -679,7 +840,10 @@ fn build_service(source: &Source, spanned: &Spanned<ServiceDocument>, diagnostic
     for cgroup in &document.cgroups {
         let path = PathBuf::from(cgroup.get_ref());
         if !path.is_absolute() {
-            diagnostics.error(source.at(cgroup), format!("cgroup \"{}\" must be an absolute path", cgroup.get_ref()));
+            diagnostics.error(
+                source.at(cgroup),
+                format!("cgroup \"{}\" must be an absolute path", cgroup.get_ref()),
+            );
             continue;
         }
         cgroups.push(path);
@@ -687,8 +851,17 @@ fn build_service(source: &Source, spanned: &Spanned<ServiceDocument>, diagnostic
     let mut interfaces = Vec::new();
     for interface in &document.interfaces {
         let text = interface.get_ref();
-        if text.is_empty() || text.len() > 15 || text.contains('/') || text.contains(char::is_whitespace) {
-            diagnostics.error(source.at(interface), format!("invalid interface name \"{text}\" (at most 15 characters, no '/' or spaces)"));
+        if text.is_empty()
+            || text.len() > 15
+            || text.contains('/')
+            || text.contains(char::is_whitespace)
+        {
+            diagnostics.error(
+                source.at(interface),
+                format!(
+                    "invalid interface name \"{text}\" (at most 15 characters, no '/' or spaces)"
+                ),
+            );
             continue;
         }
         interfaces.push(text.clone());
@@ -699,15 +872,33 @@ fn build_service(source: &Source, spanned: &Spanned<ServiceDocument>, diagnostic
             format!("service \"{name}\" has interfaces but no addresses: packets from its interfaces are checked against its addresses"),
         );
     }
-    let mode = document.mode.as_ref().and_then(|mode| parse_mode(source, mode, diagnostics));
-    Some(Service { name, identity, identity_declared, cgroups, interfaces, addresses, mode, origin })
+    let mode = document
+        .mode
+        .as_ref()
+        .and_then(|mode| parse_mode(source, mode, diagnostics));
+    Some(Service {
+        name,
+        identity,
+        identity_declared,
+        cgroups,
+        interfaces,
+        addresses,
+        mode,
+        origin,
+    })
 }
 
 fn check_identities(services: &[Service], diagnostics: &mut Diagnostics) {
     let mut owners: BTreeMap<u32, &Service> = BTreeMap::new();
     for service in services {
         if let Some(first) = owners.get(&service.identity) {
-            let how = |service: &Service| if service.identity_declared { "declared" } else { "hashed from its name" };
+            let how = |service: &Service| {
+                if service.identity_declared {
+                    "declared"
+                } else {
+                    "hashed from its name"
+                }
+            };
             diagnostics.error(
                 service.origin.clone(),
                 format!(
@@ -744,7 +935,13 @@ fn check_addresses(services: &[Service], diagnostics: &mut Diagnostics) {
     }
 }
 
-fn build_rule(policy: &Policy, source: &Source, kind: RuleKind, spanned: &Spanned<RuleDocument>, diagnostics: &mut Diagnostics) -> Option<Rule> {
+fn build_rule(
+    policy: &Policy,
+    source: &Source,
+    kind: RuleKind,
+    spanned: &Spanned<RuleDocument>,
+    diagnostics: &mut Diagnostics,
+) -> Option<Rule> {
     let document = spanned.get_ref();
     let origin = source.at(spanned);
     let mut peer = |text: &Spanned<String>| match policy.parse_peer(text.get_ref().trim()) {
@@ -768,18 +965,30 @@ fn build_rule(policy: &Policy, source: &Source, kind: RuleKind, spanned: &Spanne
         }
     }
     if document.ports.as_ref().is_some_and(Vec::is_empty) {
-        diagnostics.error(origin.clone(), "ports = [] matches nothing; omit `ports` to match any port and protocol");
+        diagnostics.error(
+            origin.clone(),
+            "ports = [] matches nothing; omit `ports` to match any port and protocol",
+        );
         ports_ok = false;
     }
     let max_new_per_sec = match &document.max_new_per_sec {
         Some(_) if kind == RuleKind::Deny => {
-            diagnostics.error(origin.clone(), "max_new_per_sec applies to allow rules only");
+            diagnostics.error(
+                origin.clone(),
+                "max_new_per_sec applies to allow rules only",
+            );
             return None;
         }
         Some(value) => match u32::try_from(*value.get_ref()) {
             Ok(rate) if rate > 0 && rate <= 1_000_000_000 => Some(rate),
             _ => {
-                diagnostics.error(source.at(value), format!("max_new_per_sec must be between 1 and 1000000000, not {}", value.get_ref()));
+                diagnostics.error(
+                    source.at(value),
+                    format!(
+                        "max_new_per_sec must be between 1 and 1000000000, not {}",
+                        value.get_ref()
+                    ),
+                );
                 return None;
             }
         },
@@ -792,19 +1001,45 @@ fn build_rule(policy: &Policy, source: &Source, kind: RuleKind, spanned: &Spanne
     let id = match &document.id {
         Some(id) => {
             let text = id.get_ref().trim();
-            if text.is_empty() || text.contains(char::is_whitespace) || text == crate::compile::DEFAULT_DENY_ID {
-                diagnostics.error(source.at(id), format!("invalid rule id \"{text}\": use a non-empty word that is not \"{}\"", crate::compile::DEFAULT_DENY_ID));
+            if text.is_empty()
+                || text.contains(char::is_whitespace)
+                || text == crate::compile::DEFAULT_DENY_ID
+            {
+                diagnostics.error(
+                    source.at(id),
+                    format!(
+                        "invalid rule id \"{text}\": use a non-empty word that is not \"{}\"",
+                        crate::compile::DEFAULT_DENY_ID
+                    ),
+                );
                 return None;
             }
             text.to_owned()
         }
-        None => format!("{}:{}->{}@{}:{}", kind.as_str(), policy.peer_name(&from), policy.peer_name(&to), file_name(&origin.file), origin.line),
+        None => format!(
+            "{}:{}->{}@{}:{}",
+            kind.as_str(),
+            policy.peer_name(&from),
+            policy.peer_name(&to),
+            file_name(&origin.file),
+            origin.line
+        ),
     };
-    Some(Rule { kind, id, from, to, ports, max_new_per_sec, origin })
+    Some(Rule {
+        kind,
+        id,
+        from,
+        to,
+        ports,
+        max_new_per_sec,
+        origin,
+    })
 }
 
 fn file_name(path: &Path) -> String {
-    path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default()
+    path.file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -820,7 +1055,11 @@ mod tests {
             Ok(_) => panic!("policy was accepted:\n{text}"),
             Err(error) => {
                 let diagnostics = error.diagnostics();
-                assert_eq!(diagnostics.len(), 1, "expected one diagnostic, got: {error}");
+                assert_eq!(
+                    diagnostics.len(),
+                    1,
+                    "expected one diagnostic, got: {error}"
+                );
                 diagnostics[0].to_string()
             }
         }
@@ -870,38 +1109,66 @@ id = "fe-to-api"
     #[test]
     fn unknown_service_names_file_line_and_column() {
         let error = only_error("[[allow]]\nfrom = \"frontend\"\nto = \"world\"\n");
-        assert_eq!(error, "policy.toml:2:8: unknown service \"frontend\" (services: none declared; or \"world\", \"host\", a CIDR)");
+        assert_eq!(
+            error,
+            "policy.toml:2:8: unknown service \"frontend\" (services: none declared; or \"world\", \"host\", a CIDR)"
+        );
     }
 
     #[test]
     fn bad_cidr_is_located() {
         let error = only_error("[[service]]\nname = \"a\"\naddresses = [\"10.0.0.300/24\"]\n");
-        assert_eq!(error, "policy.toml:3:14: invalid address or CIDR \"10.0.0.300/24\"");
+        assert_eq!(
+            error,
+            "policy.toml:3:14: invalid address or CIDR \"10.0.0.300/24\""
+        );
     }
 
     #[test]
     fn cidr_with_host_bits_suggests_the_network() {
         let error = only_error("[[allow]]\nfrom = \"10.1.2.3/16\"\nto = \"world\"\n");
-        assert_eq!(error, "policy.toml:2:8: CIDR \"10.1.2.3/16\" has host bits set; did you mean \"10.1.0.0/16\"?");
+        assert_eq!(
+            error,
+            "policy.toml:2:8: CIDR \"10.1.2.3/16\" has host bits set; did you mean \"10.1.0.0/16\"?"
+        );
     }
 
     #[test]
     fn port_out_of_range_is_located() {
-        let error = only_error("[[allow]]\nfrom = \"world\"\nto = \"host\"\nports = [\"22/tcp\", \"70000/tcp\"]\n");
-        assert_eq!(error, "policy.toml:4:20: invalid port \"70000/tcp\": port 70000 out of range 1-65535");
+        let error = only_error(
+            "[[allow]]\nfrom = \"world\"\nto = \"host\"\nports = [\"22/tcp\", \"70000/tcp\"]\n",
+        );
+        assert_eq!(
+            error,
+            "policy.toml:4:20: invalid port \"70000/tcp\": port 70000 out of range 1-65535"
+        );
     }
 
     #[test]
     fn port_zero_backwards_range_and_unknown_protocol_are_refused() {
-        assert!(only_error("[[allow]]\nfrom=\"world\"\nto=\"host\"\nports=[\"0/tcp\"]\n").ends_with("port 0 out of range 1-65535"));
-        assert!(only_error("[[allow]]\nfrom=\"world\"\nto=\"host\"\nports=[\"90-80/udp\"]\n").ends_with("90 is above 80"));
-        assert!(only_error("[[allow]]\nfrom=\"world\"\nto=\"host\"\nports=[\"80/sctp\"]\n").contains("unknown protocol \"sctp\""));
-        assert!(only_error("[[allow]]\nfrom=\"world\"\nto=\"host\"\nports=[\"8/icmp\"]\n").contains("icmp has no ports"));
+        assert!(
+            only_error("[[allow]]\nfrom=\"world\"\nto=\"host\"\nports=[\"0/tcp\"]\n")
+                .ends_with("port 0 out of range 1-65535")
+        );
+        assert!(
+            only_error("[[allow]]\nfrom=\"world\"\nto=\"host\"\nports=[\"90-80/udp\"]\n")
+                .ends_with("90 is above 80")
+        );
+        assert!(
+            only_error("[[allow]]\nfrom=\"world\"\nto=\"host\"\nports=[\"80/sctp\"]\n")
+                .contains("unknown protocol \"sctp\"")
+        );
+        assert!(
+            only_error("[[allow]]\nfrom=\"world\"\nto=\"host\"\nports=[\"8/icmp\"]\n")
+                .contains("icmp has no ports")
+        );
     }
 
     #[test]
     fn duplicate_identity_names_both_services() {
-        let error = only_error("[[service]]\nname = \"a\"\nidentity = 5000\n\n[[service]]\nname = \"b\"\nidentity = 5000\n");
+        let error = only_error(
+            "[[service]]\nname = \"a\"\nidentity = 5000\n\n[[service]]\nname = \"b\"\nidentity = 5000\n",
+        );
         assert_eq!(
             error,
             "policy.toml:5:1: duplicate identity 5000: service \"b\" (declared) and service \"a\" at policy.toml:1:1 (declared); give one an explicit identity"
@@ -911,13 +1178,20 @@ id = "fe-to-api"
     #[test]
     fn reserved_identity_is_refused() {
         let error = only_error("[[service]]\nname = \"a\"\nidentity = 2\n");
-        assert_eq!(error, "policy.toml:3:12: identity 2 of service \"a\" is out of range 256..16777215 (lower values are reserved)");
+        assert_eq!(
+            error,
+            "policy.toml:3:12: identity 2 of service \"a\" is out of range 256..16777215 (lower values are reserved)"
+        );
     }
 
     #[test]
     fn unknown_field_is_an_error_not_ignored() {
-        let error = only_error("[[allow]]\nfrom = \"world\"\nto = \"host\"\nprots = [\"22/tcp\"]\n");
-        assert!(error.starts_with("policy.toml:4:1: unknown field `prots`, expected one of"), "{error}");
+        let error =
+            only_error("[[allow]]\nfrom = \"world\"\nto = \"host\"\nprots = [\"22/tcp\"]\n");
+        assert!(
+            error.starts_with("policy.toml:4:1: unknown field `prots`, expected one of"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -928,23 +1202,43 @@ id = "fe-to-api"
 
     #[test]
     fn every_problem_is_reported_in_one_run() {
-        let error = parse("[[allow]]\nfrom = \"nope\"\nto = \"nada\"\nports = [\"99999/tcp\"]\n").unwrap_err();
-        let lines: Vec<_> = error.diagnostics().iter().map(|d| (d.origin.line, d.origin.column)).collect();
+        let error = parse("[[allow]]\nfrom = \"nope\"\nto = \"nada\"\nports = [\"99999/tcp\"]\n")
+            .unwrap_err();
+        let lines: Vec<_> = error
+            .diagnostics()
+            .iter()
+            .map(|d| (d.origin.line, d.origin.column))
+            .collect();
         assert_eq!(lines, vec![(2, 8), (3, 6), (4, 10)]);
     }
 
     #[test]
     fn files_merge_and_duplicates_across_files_are_named() {
         let error = parse_sources(vec![
-            (PathBuf::from("a.toml"), "[[service]]\nname = \"api\"\n".to_owned()),
-            (PathBuf::from("b.toml"), "\n[[service]]\nname = \"api\"\n".to_owned()),
+            (
+                PathBuf::from("a.toml"),
+                "[[service]]\nname = \"api\"\n".to_owned(),
+            ),
+            (
+                PathBuf::from("b.toml"),
+                "\n[[service]]\nname = \"api\"\n".to_owned(),
+            ),
         ])
         .unwrap_err();
-        assert_eq!(error.to_string(), "b.toml:2:1: service \"api\" is already declared at a.toml:1:1");
+        assert_eq!(
+            error.to_string(),
+            "b.toml:2:1: service \"api\" is already declared at a.toml:1:1"
+        );
 
         let merged = parse_sources(vec![
-            (PathBuf::from("a.toml"), "[[service]]\nname = \"api\"\n".to_owned()),
-            (PathBuf::from("b.toml"), "[[allow]]\nfrom = \"world\"\nto = \"api\"\n".to_owned()),
+            (
+                PathBuf::from("a.toml"),
+                "[[service]]\nname = \"api\"\n".to_owned(),
+            ),
+            (
+                PathBuf::from("b.toml"),
+                "[[allow]]\nfrom = \"world\"\nto = \"api\"\n".to_owned(),
+            ),
         ])
         .unwrap();
         assert_eq!(merged.rules[0].to, Peer::Service(0));
@@ -960,7 +1254,10 @@ id = "fe-to-api"
     #[test]
     fn rate_limit_on_deny_is_refused() {
         let error = only_error("[[deny]]\nfrom = \"world\"\nto = \"host\"\nmax_new_per_sec = 5\n");
-        assert_eq!(error, "policy.toml:1:1: max_new_per_sec applies to allow rules only");
+        assert_eq!(
+            error,
+            "policy.toml:1:1: max_new_per_sec applies to allow rules only"
+        );
     }
 
     #[test]

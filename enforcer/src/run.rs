@@ -13,8 +13,8 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use serde_json::json;
 use tokio::{
-    io::{unix::AsyncFd, Interest},
-    signal::unix::{signal, SignalKind},
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
     sync::mpsc,
 };
 
@@ -69,7 +69,10 @@ pub enum RunError {
 impl RunError {
     /// Whether the fault is in what the operator gave us (exit 1) rather than the system (exit 2).
     pub fn is_bad_input(&self) -> bool {
-        matches!(self, Self::Policy(_) | Self::Compile(_) | Self::NoSuchInterface(_))
+        matches!(
+            self,
+            Self::Policy(_) | Self::Compile(_) | Self::NoSuchInterface(_)
+        )
     }
 }
 
@@ -111,7 +114,9 @@ fn file_provenance(files: &[PathBuf]) -> serde_json::Value {
     let described: Vec<_> = files
         .iter()
         .map(|file| match std::fs::metadata(file) {
-            Ok(metadata) => json!({ "path": file, "owner_uid": metadata.uid(), "modified": metadata.mtime() }),
+            Ok(metadata) => {
+                json!({ "path": file, "owner_uid": metadata.uid(), "modified": metadata.mtime() })
+            }
             Err(error) => json!({ "path": file, "error": error.to_string() }),
         })
         .collect();
@@ -121,10 +126,16 @@ fn file_provenance(files: &[PathBuf]) -> serde_json::Value {
 type SharedAudit = Arc<Mutex<Option<AuditLog>>>;
 
 fn audit(log: &SharedAudit, kind: &str, fields: serde_json::Value) {
-    if let Some(log) = log.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).as_mut() {
-        if let Err(error) = log.append(kind, fields) {
-            tracing::error!("writing the audit log {} failed: {error}", log.path().display());
-        }
+    if let Some(log) = log
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .as_mut()
+        && let Err(error) = log.append(kind, fields)
+    {
+        tracing::error!(
+            "writing the audit log {} failed: {error}",
+            log.path().display()
+        );
     }
 }
 
@@ -143,9 +154,20 @@ struct Controller {
 }
 
 impl Controller {
-    fn install(&mut self, policy: Policy, view: HostView, compiled: Compiled, trigger: Trigger, started: Instant) -> Result<Option<Installed>, RunError> {
+    fn install(
+        &mut self,
+        policy: Policy,
+        view: HostView,
+        compiled: Compiled,
+        trigger: Trigger,
+        started: Instant,
+    ) -> Result<Option<Installed>, RunError> {
         let compiled_after = started.elapsed();
-        let unchanged = self.live.as_ref().is_some_and(|live| live.hash == compiled.hash && live.audit == compiled.audit && live.tables == compiled.tables);
+        let unchanged = self.live.as_ref().is_some_and(|live| {
+            live.hash == compiled.hash
+                && live.audit == compiled.audit
+                && live.tables == compiled.tables
+        });
         if unchanged {
             self.metrics.count_reload("unchanged");
             tracing::info!(trigger = trigger.as_str(), "policy unchanged");
@@ -157,14 +179,22 @@ impl Controller {
         }
         let compiled = Arc::new(compiled);
         let installed = {
-            let mut maps = self.maps.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut maps = self
+                .maps
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             self.installer.install(&mut maps, &compiled)?
         };
         let seconds = started.elapsed().as_secs_f64();
-        self.generations.write().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(installed.generation, compiled.clone());
+        self.generations
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(installed.generation, compiled.clone());
         self.metrics.count_reload("success");
         self.metrics.policy_apply_seconds.observe(seconds);
-        self.metrics.policy_generation.set(i64::from(installed.generation));
+        self.metrics
+            .policy_generation
+            .set(i64::from(installed.generation));
         tracing::info!(
             generation = installed.generation,
             slot = installed.slot,
@@ -190,11 +220,16 @@ impl Controller {
             }),
         );
         let synced = {
-            let mut maps = self.maps.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut maps = self
+                .maps
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             self.installer.sync_idle(&mut maps, &compiled)
         };
         match synced {
-            Ok(writes) => tracing::debug!(writes, "idle policy slot brought up to the live generation"),
+            Ok(writes) => {
+                tracing::debug!(writes, "idle policy slot brought up to the live generation")
+            }
             // Not fatal: the next install finds the slot in an unknown state and rewrites it.
             Err(error) => tracing::warn!("updating the idle policy slot failed: {error}"),
         }
@@ -205,10 +240,15 @@ impl Controller {
 
     /// Reloads the policy; a policy that does not load changes nothing.
     fn reload(&mut self, trigger: Trigger, started: Instant) {
-        let result = load_for_host(&self.options.policy).and_then(|(policy, view, compiled)| self.install(policy, view, compiled, trigger, started));
+        let result = load_for_host(&self.options.policy).and_then(|(policy, view, compiled)| {
+            self.install(policy, view, compiled, trigger, started)
+        });
         if let Err(error) = result {
             self.metrics.count_reload("failure");
-            tracing::error!(trigger = trigger.as_str(), "policy reload refused, the previous policy stays in force:\n{error}");
+            tracing::error!(
+                trigger = trigger.as_str(),
+                "policy reload refused, the previous policy stays in force:\n{error}"
+            );
             let files = policy::policy_files(&self.options.policy).unwrap_or_default();
             audit(
                 &self.audit,
@@ -220,15 +260,29 @@ impl Controller {
 
     /// Recompiles when the host's interfaces or cgroups the policy names have changed.
     fn resync_host(&mut self) {
-        let Some((policy, view)) = &self.policy else { return };
+        let Some((policy, view)) = &self.policy else {
+            return;
+        };
         let current = host::observe(policy);
         if current == *view {
             return;
         }
         let policy = policy.clone();
-        let result = compile::compile(&policy, &current).map_err(RunError::from).and_then(|compiled| self.install(policy, current, compiled, Trigger::HostChange, Instant::now()));
+        let result = compile::compile(&policy, &current)
+            .map_err(RunError::from)
+            .and_then(|compiled| {
+                self.install(
+                    policy,
+                    current,
+                    compiled,
+                    Trigger::HostChange,
+                    Instant::now(),
+                )
+            });
         if let Err(error) = result {
-            tracing::error!("recompiling for this host's changed interfaces or cgroups failed: {error}");
+            tracing::error!(
+                "recompiling for this host's changed interfaces or cgroups failed: {error}"
+            );
         }
     }
 }
@@ -249,10 +303,17 @@ impl AlertSink {
                 .create(true)
                 .append(true)
                 .open(target)
-                .map_err(|source| RunError::Io { what: format!("opening alerts file {}", target.display()), source })?;
+                .map_err(|source| RunError::Io {
+                    what: format!("opening alerts file {}", target.display()),
+                    source,
+                })?;
             Box::new(BufWriter::new(file))
         };
-        Ok(Self { writer, format, host: alert::hostname() })
+        Ok(Self {
+            writer,
+            format,
+            host: alert::hostname(),
+        })
     }
 
     fn write(&mut self, value: &serde_json::Value) {
@@ -281,13 +342,26 @@ impl FlowSummary {
 
     fn add(&mut self, record: &FlowRecord) {
         self.since.get_or_insert(record.time);
-        let port = if record.protocol == "tcp" || record.protocol == "udp" { record.dst.port } else { 0 };
-        let key = (record.src.name.clone(), record.dst.name.clone(), record.protocol.clone(), port, record.verdict.as_str(), record.rule.clone());
+        let port = if record.protocol == "tcp" || record.protocol == "udp" {
+            record.dst.port
+        } else {
+            0
+        };
+        let key = (
+            record.src.name.clone(),
+            record.dst.name.clone(),
+            record.protocol.clone(),
+            port,
+            record.verdict.as_str(),
+            record.rule.clone(),
+        );
         *self.counts.entry(key).or_default() += u64::from(record.count);
     }
 
     fn flush(&mut self, log: &SharedAudit) {
-        let Some(since) = self.since.take() else { return };
+        let Some(since) = self.since.take() else {
+            return;
+        };
         let until = crate::alert::rfc3339(SystemTime::now());
         for ((src, dst, protocol, port, verdict, rule), count) in std::mem::take(&mut self.counts) {
             audit(
@@ -316,27 +390,48 @@ impl Pipeline {
     fn interface_name(&mut self, ifindex: u32) -> String {
         self.interfaces
             .entry(ifindex)
-            .or_insert_with(|| host::interface_name(ifindex).unwrap_or_else(|| format!("if{ifindex}")))
+            .or_insert_with(|| {
+                host::interface_name(ifindex).unwrap_or_else(|| format!("if{ifindex}"))
+            })
             .clone()
     }
 
     fn handle(&mut self, event: &enforcer_common::event::FlowEvent) {
         let lost = self.sequences.observe(event.cpu, event.seq);
         if lost > 0 {
-            tracing::warn!(lost, cpu = event.cpu, "flow records lost: the ring buffer was full");
+            tracing::warn!(
+                lost,
+                cpu = event.cpu,
+                "flow records lost: the ring buffer was full"
+            );
             if let Some(sink) = &mut self.alerts {
-                sink.write(&alert::lost_events_alert(lost, SystemTime::now(), sink.format, &sink.host));
+                sink.write(&alert::lost_events_alert(
+                    lost,
+                    SystemTime::now(),
+                    sink.format,
+                    &sink.host,
+                ));
             }
-            audit(&self.audit, "events_lost", json!({ "count": lost, "cpu": event.cpu }));
+            audit(
+                &self.audit,
+                "events_lost",
+                json!({ "count": lost, "cpu": event.cpu }),
+            );
         }
         let interface_name = self.interface_name(event.ifindex);
         let record = {
-            let generations = self.generations.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let generations = self
+                .generations
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             events::describe(event, &generations, &self.clock, |_| interface_name.clone())
         };
         match record {
             Some(record) => self.emit(&record),
-            None => tracing::warn!(verdict = event.verdict, "flow record with an unknown verdict code (datapath from another build?)"),
+            None => tracing::warn!(
+                verdict = event.verdict,
+                "flow record with an unknown verdict code (datapath from another build?)"
+            ),
         }
     }
 
@@ -344,11 +439,20 @@ impl Pipeline {
         tracing::debug!("{}", alert::flow_message(record));
         self.metrics
             .flows
-            .get_or_create(&FlowLabels { src: record.src.name.clone(), dst: record.dst.name.clone(), verdict: record.verdict.as_str().to_owned() })
+            .get_or_create(&FlowLabels {
+                src: record.src.name.clone(),
+                dst: record.dst.name.clone(),
+                verdict: record.verdict.as_str().to_owned(),
+            })
             .inc();
         if let Some(sink) = &mut self.alerts {
             sink.write(&alert::flow_alert(record, sink.format, &sink.host));
-            self.metrics.alerts.get_or_create(&DetectorLabel { detector: "flow".to_owned() }).inc();
+            self.metrics
+                .alerts
+                .get_or_create(&DetectorLabel {
+                    detector: "flow".to_owned(),
+                })
+                .inc();
         }
         self.hub.publish(record);
         self.summary.add(record);
@@ -368,7 +472,9 @@ async fn read_events(ring: RingBuf<MapData>, mut pipeline: Pipeline, mut stop: m
     let mut ring = match unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) } {
         Ok(ring) => ring,
         Err(error) => {
-            tracing::error!("cannot poll the event ring buffer: {error}; no flow events will be reported");
+            tracing::error!(
+                "cannot poll the event ring buffer: {error}; no flow events will be reported"
+            );
             return;
         }
     };
@@ -419,27 +525,48 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     let started = Instant::now();
     // Everything that can be wrong with the input is found before the kernel is touched.
     let (policy, view, compiled) = load_for_host(&options.policy)?;
-    if let Some(missing) = options.attach.iter().find(|interface| host::interface_index(interface).is_none()) {
+    if let Some(missing) = options
+        .attach
+        .iter()
+        .find(|interface| host::interface_index(interface).is_none())
+    {
         return Err(RunError::NoSuchInterface(missing.clone()));
     }
-    let alerts = options.alerts.as_ref().map(|target| AlertSink::open(target, options.alert_format)).transpose()?;
+    let alerts = options
+        .alerts
+        .as_ref()
+        .map(|target| AlertSink::open(target, options.alert_format))
+        .transpose()?;
     let audit_log = options
         .audit_log
         .as_ref()
-        .map(|path| AuditLog::open(path).map_err(|source| RunError::Io { what: format!("opening audit log {}", path.display()), source }))
+        .map(|path| {
+            AuditLog::open(path).map_err(|source| RunError::Io {
+                what: format!("opening audit log {}", path.display()),
+                source,
+            })
+        })
         .transpose()?;
-    let metrics_listener = match options.metrics {
-        Some(address) => Some(
-            tokio::net::TcpListener::bind(address).await.map_err(|source| RunError::Io { what: format!("binding metrics to {address}"), source })?,
-        ),
-        None => None,
-    };
+    let metrics_listener =
+        match options.metrics {
+            Some(address) => Some(tokio::net::TcpListener::bind(address).await.map_err(
+                |source| RunError::Io {
+                    what: format!("binding metrics to {address}"),
+                    source,
+                },
+            )?),
+            None => None,
+        };
 
     let pins = PinLayout::new(&options.pin_path);
     let (mut datapath, maps, ring) = Datapath::load(pins.clone())?;
     let installer = Installer::adopt(&maps)?;
     if let Some(live) = installer.live() {
-        tracing::info!(generation = live.generation, "adopting the datapath pinned at {}", pins.root.display());
+        tracing::info!(
+            generation = live.generation,
+            "adopting the datapath pinned at {}",
+            pins.root.display()
+        );
     }
     let maps = Arc::new(Mutex::new(maps));
     let generations = Arc::new(RwLock::new(Generations::default()));
@@ -459,7 +586,12 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     controller.install(policy, view, compiled, Trigger::Start, started)?;
     for interface in &options.attach {
         let ingress = datapath.attach(interface, options.ingress_hook)?;
-        tracing::info!(interface, ingress = ingress.program(), egress = loader::TC_EGRESS_PROGRAM, "attached");
+        tracing::info!(
+            interface,
+            ingress = ingress.program(),
+            egress = loader::TC_EGRESS_PROGRAM,
+            "attached"
+        );
     }
     datapath.detach_others(&options.attach.iter().cloned().collect::<BTreeSet<_>>());
 
@@ -478,13 +610,21 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     };
     let events_task = tokio::spawn(read_events(ring, pipeline, stop_rx));
     let metrics_task = metrics_listener.map(|listener| {
-        tracing::info!("metrics on http://{}/metrics", listener.local_addr().map_or_else(|_| "?".to_owned(), |address| address.to_string()));
+        tracing::info!(
+            "metrics on http://{}/metrics",
+            listener
+                .local_addr()
+                .map_or_else(|_| "?".to_owned(), |address| address.to_string())
+        );
         tokio::spawn(metrics::serve(listener, metrics.clone()))
     });
     let observe_path = options.observe_socket.clone();
     let observe_task = tokio::spawn(async move {
         if let Err(error) = observe::serve(observe_path.clone(), hub).await {
-            tracing::error!("observe socket {}: {error}; `enforcer observe` will not work", observe_path.display());
+            tracing::error!(
+                "observe socket {}: {error}; `enforcer observe` will not work",
+                observe_path.display()
+            );
         }
     });
 
@@ -492,11 +632,17 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     let _watch = match watch::watch(&options.policy, changes_tx) {
         Ok(watch) => Some(watch),
         Err(error) => {
-            tracing::warn!("cannot watch {} for changes ({error}); reload with SIGHUP", options.policy.display());
+            tracing::warn!(
+                "cannot watch {} for changes ({error}); reload with SIGHUP",
+                options.policy.display()
+            );
             None
         }
     };
-    let signal_error = |source| RunError::Io { what: "installing signal handlers".to_owned(), source };
+    let signal_error = |source| RunError::Io {
+        what: "installing signal handlers".to_owned(),
+        source,
+    };
     let mut hangup = signal(SignalKind::hangup()).map_err(signal_error)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(signal_error)?;
     let mut terminate = signal(SignalKind::terminate()).map_err(signal_error)?;
@@ -526,10 +672,19 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     }
     if options.ephemeral {
         drop(datapath);
-        let removed = loader::unload(&pins).map_err(|source| RunError::Io { what: format!("unloading {}", pins.root.display()), source })?;
-        tracing::info!(removed = removed.len(), "detached and unpinned (--ephemeral)");
+        let removed = loader::unload(&pins).map_err(|source| RunError::Io {
+            what: format!("unloading {}", pins.root.display()),
+            source,
+        })?;
+        tracing::info!(
+            removed = removed.len(),
+            "detached and unpinned (--ephemeral)"
+        );
     } else {
-        tracing::info!("stopping; enforcement stays in place (pinned at {}); `enforcer unload` removes it", pins.root.display());
+        tracing::info!(
+            "stopping; enforcement stays in place (pinned at {}); `enforcer unload` removes it",
+            pins.root.display()
+        );
     }
     Ok(())
 }

@@ -30,42 +30,70 @@ struct Relevance {
 
 impl Relevance {
     fn concerns(&self, path: &Path) -> bool {
-        let Some(name) = path.file_name() else { return false };
+        let Some(name) = path.file_name() else {
+            return false;
+        };
         // ConfigMap volumes swap `..data` (and write `..data_tmp`, `..<timestamp>`).
         if name.as_encoded_bytes().starts_with(b"..") {
             return true;
         }
         if self.directory {
-            return path.extension().is_some_and(|extension| extension == "toml");
+            return path
+                .extension()
+                .is_some_and(|extension| extension == "toml");
         }
         self.names.contains(name)
     }
 }
 
 /// Watches what `policy` (a file or a directory) depends on; sends the time of each change.
-pub fn watch(policy: &Path, changes: mpsc::UnboundedSender<Instant>) -> notify::Result<PolicyWatch> {
+pub fn watch(
+    policy: &Path,
+    changes: mpsc::UnboundedSender<Instant>,
+) -> notify::Result<PolicyWatch> {
     let directory = policy.is_dir();
     let canonical = policy.canonicalize().ok();
-    let mut names: BTreeSet<OsString> = policy.file_name().map(ToOwned::to_owned).into_iter().collect();
-    names.extend(canonical.as_deref().and_then(Path::file_name).map(ToOwned::to_owned));
+    let mut names: BTreeSet<OsString> = policy
+        .file_name()
+        .map(ToOwned::to_owned)
+        .into_iter()
+        .collect();
+    names.extend(
+        canonical
+            .as_deref()
+            .and_then(Path::file_name)
+            .map(ToOwned::to_owned),
+    );
     let relevance = Relevance { directory, names };
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
-        Ok(event) if !event.kind.is_access() && event.paths.iter().any(|path| relevance.concerns(path)) => {
-            let _ = changes.send(Instant::now());
-        }
-        Ok(_) => {}
-        Err(error) => tracing::warn!("policy watch: {error}"),
-    })?;
+    let mut watcher =
+        notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
+            Ok(event)
+                if !event.kind.is_access()
+                    && event.paths.iter().any(|path| relevance.concerns(path)) =>
+            {
+                let _ = changes.send(Instant::now());
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!("policy watch: {error}"),
+        })?;
     let watched: PathBuf = if directory {
         policy.to_owned()
     } else {
-        policy.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_owned()
+        policy
+            .parent()
+            .filter(|parent| !parent.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_owned()
     };
     watcher.watch(&watched, RecursiveMode::NonRecursive)?;
     // The directory a symlinked policy resolves into (a ConfigMap's `..data` target) changes
     // too; the swap itself shows in `watched`, edits inside the target here.
     if let Some(target) = canonical {
-        let target_directory = if target.is_dir() { target } else { target.parent().map(Path::to_owned).unwrap_or(target) };
+        let target_directory = if target.is_dir() {
+            target
+        } else {
+            target.parent().map(Path::to_owned).unwrap_or(target)
+        };
         if target_directory != watched {
             let _ = watcher.watch(&target_directory, RecursiveMode::NonRecursive);
         }
@@ -79,13 +107,22 @@ mod tests {
 
     #[test]
     fn only_the_policys_own_entries_count() {
-        let file = Relevance { directory: false, names: BTreeSet::from([OsString::from("policy.toml")]) };
+        let file = Relevance {
+            directory: false,
+            names: BTreeSet::from([OsString::from("policy.toml")]),
+        };
         assert!(file.concerns(Path::new("/etc/enforcer/policy.toml")));
         assert!(file.concerns(Path::new("/etc/enforcer/..data")));
         assert!(file.concerns(Path::new("/etc/enforcer/..data_tmp")));
-        assert!(!file.concerns(Path::new("/etc/enforcer/audit.jsonl")), "a log beside the policy");
+        assert!(
+            !file.concerns(Path::new("/etc/enforcer/audit.jsonl")),
+            "a log beside the policy"
+        );
         assert!(!file.concerns(Path::new("/etc/enforcer/other.toml")));
-        let directory = Relevance { directory: true, names: BTreeSet::new() };
+        let directory = Relevance {
+            directory: true,
+            names: BTreeSet::new(),
+        };
         assert!(directory.concerns(Path::new("/etc/enforcer/20-db.toml")));
         assert!(!directory.concerns(Path::new("/etc/enforcer/alerts.jsonl")));
     }

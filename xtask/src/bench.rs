@@ -4,7 +4,7 @@
 
 use std::{path::Path, process::Command};
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 
 const BENCHES: [&str; 3] = ["datapath", "apply", "throughput"];
 
@@ -14,11 +14,15 @@ pub fn run(workspace: &Path) -> Result<()> {
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut command = Command::new(&cargo);
-    command.args(["bench", "--package", "enforcer"]).current_dir(workspace);
+    command
+        .args(["bench", "--package", "enforcer"])
+        .current_dir(workspace);
     for bench in BENCHES {
         command.args(["--bench", bench]);
     }
-    let status = command.status().with_context(|| format!("running {cargo} bench"))?;
+    let status = command
+        .status()
+        .with_context(|| format!("running {cargo} bench"))?;
     if !status.success() {
         bail!("a benchmark failed ({status})");
     }

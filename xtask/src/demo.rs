@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use enforcer_testbed::{Daemon, Topology};
 use serde_json::Value;
 
@@ -30,7 +30,10 @@ fn catch_interrupts() {
         nix::sys::signal::SaFlags::empty(),
         nix::sys::signal::SigSet::empty(),
     );
-    for signal in [nix::sys::signal::Signal::SIGINT, nix::sys::signal::Signal::SIGTERM] {
+    for signal in [
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGTERM,
+    ] {
         // SAFETY: the handler only stores to an atomic.
         let _ = unsafe { nix::sys::signal::sigaction(signal, &action) };
     }
@@ -57,23 +60,83 @@ struct Attempt {
 }
 
 const ATTEMPTS: [Attempt; 9] = [
-    Attempt { from: "world", to: "frontend", probe: Probe::Tcp(80), expect_allowed: true },
-    Attempt { from: "world", to: "frontend", probe: Probe::Ping, expect_allowed: true },
-    Attempt { from: "frontend", to: "api", probe: Probe::Tcp(8080), expect_allowed: true },
-    Attempt { from: "api", to: "db", probe: Probe::Tcp(5432), expect_allowed: true },
-    Attempt { from: "world", to: "api", probe: Probe::Tcp(8080), expect_allowed: false },
-    Attempt { from: "world", to: "db", probe: Probe::Tcp(5432), expect_allowed: false },
-    Attempt { from: "frontend", to: "db", probe: Probe::Tcp(5432), expect_allowed: false },
-    Attempt { from: "db", to: "api", probe: Probe::Tcp(8080), expect_allowed: false },
-    Attempt { from: "api", to: "frontend", probe: Probe::Tcp(80), expect_allowed: false },
+    Attempt {
+        from: "world",
+        to: "frontend",
+        probe: Probe::Tcp(80),
+        expect_allowed: true,
+    },
+    Attempt {
+        from: "world",
+        to: "frontend",
+        probe: Probe::Ping,
+        expect_allowed: true,
+    },
+    Attempt {
+        from: "frontend",
+        to: "api",
+        probe: Probe::Tcp(8080),
+        expect_allowed: true,
+    },
+    Attempt {
+        from: "api",
+        to: "db",
+        probe: Probe::Tcp(5432),
+        expect_allowed: true,
+    },
+    Attempt {
+        from: "world",
+        to: "api",
+        probe: Probe::Tcp(8080),
+        expect_allowed: false,
+    },
+    Attempt {
+        from: "world",
+        to: "db",
+        probe: Probe::Tcp(5432),
+        expect_allowed: false,
+    },
+    Attempt {
+        from: "frontend",
+        to: "db",
+        probe: Probe::Tcp(5432),
+        expect_allowed: false,
+    },
+    Attempt {
+        from: "db",
+        to: "api",
+        probe: Probe::Tcp(8080),
+        expect_allowed: false,
+    },
+    Attempt {
+        from: "api",
+        to: "frontend",
+        probe: Probe::Tcp(80),
+        expect_allowed: false,
+    },
 ];
 
 /// What the machine looks like from the outside, to prove the demo left nothing behind.
 fn footprint() -> (String, usize, String) {
-    let run = |args: &[&str]| Command::new(args[0]).args(&args[1..]).output().map(|output| String::from_utf8_lossy(&output.stdout).into_owned()).unwrap_or_default();
-    let mut pins: Vec<String> = std::fs::read_dir("/sys/fs/bpf").into_iter().flatten().flatten().map(|entry| entry.file_name().to_string_lossy().into_owned()).collect();
+    let run = |args: &[&str]| {
+        Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    let mut pins: Vec<String> = std::fs::read_dir("/sys/fs/bpf")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect();
     pins.sort();
-    (run(&["ip", "netns", "list"]), run(&["ip", "-o", "link", "show"]).lines().count(), pins.join(" "))
+    (
+        run(&["ip", "netns", "list"]),
+        run(&["ip", "-o", "link", "show"]).lines().count(),
+        pins.join(" "),
+    )
 }
 
 pub fn run(enforcer: &Path, workspace: &Path) -> Result<()> {
@@ -86,15 +149,22 @@ pub fn run(enforcer: &Path, workspace: &Path) -> Result<()> {
     let after = footprint();
     println!();
     if before == after {
-        println!("clean-up: no namespace, link or pin left behind (ip netns, ip link, /sys/fs/bpf as before)");
+        println!(
+            "clean-up: no namespace, link or pin left behind (ip netns, ip link, /sys/fs/bpf as before)"
+        );
     } else {
-        println!("clean-up: WARNING, the machine differs from before the demo:\n  before {before:?}\n  after  {after:?}");
+        println!(
+            "clean-up: WARNING, the machine differs from before the demo:\n  before {before:?}\n  after  {after:?}"
+        );
     }
     outcome
 }
 
 fn show(enforcer: &Path, policy: &Path) -> Result<()> {
-    println!("demo: building the shop in network namespaces: {}", ENDPOINTS.join(", "));
+    println!(
+        "demo: building the shop in network namespaces: {}",
+        ENDPOINTS.join(", ")
+    );
     let topology = Topology::build(&ENDPOINTS).context("building the demo topology")?;
     let _servers = [
         topology.endpoint("frontend").netns.tcp_echo_server(80)?,
@@ -105,18 +175,41 @@ fn show(enforcer: &Path, policy: &Path) -> Result<()> {
 
     let alerts = topology.dir.join("alerts.jsonl");
     let mut command = topology.host.command(enforcer)?;
-    command.args(["run", "--ephemeral", "--policy"]).arg(policy).arg("--pin-path").arg(topology.pin_path()).arg("--alerts").arg(&alerts);
+    command
+        .args(["run", "--ephemeral", "--policy"])
+        .arg(policy)
+        .arg("--pin-path")
+        .arg(topology.pin_path())
+        .arg("--alerts")
+        .arg(&alerts);
     for endpoint in &topology.endpoints {
         command.args(["--attach", &endpoint.host_interface]);
     }
-    println!("demo: enforcer run --policy {} --attach {}", policy.display(), topology.endpoints.iter().map(|e| e.host_interface.as_str()).collect::<Vec<_>>().join(" --attach "));
+    println!(
+        "demo: enforcer run --policy {} --attach {}",
+        policy.display(),
+        topology
+            .endpoints
+            .iter()
+            .map(|e| e.host_interface.as_str())
+            .collect::<Vec<_>>()
+            .join(" --attach ")
+    );
     let pins = topology.pin_path();
     let unload = enforcer.to_owned();
-    let daemon = Daemon::spawn(command, topology.dir.join("enforcer.log"), "enforcing", Duration::from_secs(30))
-        .context("starting enforcer")?
-        .on_drop(move || {
-            let _ = Command::new(unload).args(["unload", "--pin-path"]).arg(&pins).output();
-        });
+    let daemon = Daemon::spawn(
+        command,
+        topology.dir.join("enforcer.log"),
+        "enforcing",
+        Duration::from_secs(30),
+    )
+    .context("starting enforcer")?
+    .on_drop(move || {
+        let _ = Command::new(unload)
+            .args(["unload", "--pin-path"])
+            .arg(&pins)
+            .output();
+    });
     check_interrupt()?;
 
     println!("demo: trying each connection\n");
@@ -126,8 +219,18 @@ fn show(enforcer: &Path, policy: &Path) -> Result<()> {
         let from = topology.endpoint(attempt.from);
         let to = topology.endpoint(attempt.to);
         let allowed = match attempt.probe {
-            Probe::Tcp(port) => from.netns.tcp_exchange(SocketAddr::new(IpAddr::V4(to.ipv4), port), b"hello", TIMEOUT).is_ok_and(|reply| reply == b"hello"),
-            Probe::Ping => from.netns.ping(IpAddr::V4(to.ipv4), TIMEOUT).unwrap_or(false),
+            Probe::Tcp(port) => from
+                .netns
+                .tcp_exchange(
+                    SocketAddr::new(IpAddr::V4(to.ipv4), port),
+                    b"hello",
+                    TIMEOUT,
+                )
+                .is_ok_and(|reply| reply == b"hello"),
+            Probe::Ping => from
+                .netns
+                .ping(IpAddr::V4(to.ipv4), TIMEOUT)
+                .unwrap_or(false),
         };
         results.push(allowed);
     }
@@ -135,14 +238,24 @@ fn show(enforcer: &Path, policy: &Path) -> Result<()> {
     // The kernel's flow events say which rule decided each one.
     let mut decided = vec![None; ATTEMPTS.len()];
     enforcer_testbed::eventually(Duration::from_secs(5), || {
-        let records: Vec<Value> = std::fs::read_to_string(&alerts).unwrap_or_default().lines().filter_map(|line| serde_json::from_str(line).ok()).collect();
+        let records: Vec<Value> = std::fs::read_to_string(&alerts)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect();
         for (index, attempt) in ATTEMPTS.iter().enumerate() {
-            decided[index] = records.iter().find(|record| matches(record, attempt)).cloned();
+            decided[index] = records
+                .iter()
+                .find(|record| matches(record, attempt))
+                .cloned();
         }
         decided.iter().all(Option::is_some)
     });
 
-    println!("{:<9} {:<9} {:<10} {:<9} {:<20} {}", "FROM", "TO", "SERVICE", "RESULT", "DECIDED BY", "WHY");
+    println!(
+        "{:<9} {:<9} {:<10} {:<9} {:<20} WHY",
+        "FROM", "TO", "SERVICE", "RESULT", "DECIDED BY"
+    );
     let mut surprises = 0;
     for ((attempt, allowed), record) in ATTEMPTS.iter().zip(&results).zip(&decided) {
         let service = match attempt.probe {
@@ -150,28 +263,45 @@ fn show(enforcer: &Path, policy: &Path) -> Result<()> {
             Probe::Ping => "icmp echo".to_owned(),
         };
         let (rule, why) = match record {
-            Some(record) => (record["policy"]["uid"].as_str().unwrap_or("?").to_owned(), explain(record)),
+            Some(record) => (
+                record["policy"]["uid"].as_str().unwrap_or("?").to_owned(),
+                explain(record),
+            ),
             None => ("-".to_owned(), "no flow event seen".to_owned()),
         };
-        let mark = if *allowed == attempt.expect_allowed { "" } else { "  <-- UNEXPECTED" };
+        let mark = if *allowed == attempt.expect_allowed {
+            ""
+        } else {
+            "  <-- UNEXPECTED"
+        };
         if !mark.is_empty() {
             surprises += 1;
         }
         let result = if *allowed { "allowed" } else { "refused" };
-        println!("{:<9} {:<9} {:<10} {:<9} {:<20} {why}{mark}", attempt.from, attempt.to, service, result, rule);
+        println!(
+            "{:<9} {:<9} {:<10} {:<9} {:<20} {why}{mark}",
+            attempt.from, attempt.to, service, result, rule
+        );
     }
     drop(daemon);
     if surprises > 0 {
-        bail!("{surprises} connection(s) did not go as the policy says; enforcer log: {}", topology.dir.join("enforcer.log").display());
+        bail!(
+            "{surprises} connection(s) did not go as the policy says; enforcer log: {}",
+            topology.dir.join("enforcer.log").display()
+        );
     }
     println!("\ndemo: every connection went as policies/demo.toml says");
     Ok(())
 }
 
 fn matches(record: &Value, attempt: &Attempt) -> bool {
-    let endpoints = record["src_endpoint"]["svc_name"] == attempt.from && record["dst_endpoint"]["svc_name"] == attempt.to;
+    let endpoints = record["src_endpoint"]["svc_name"] == attempt.from
+        && record["dst_endpoint"]["svc_name"] == attempt.to;
     let service = match attempt.probe {
-        Probe::Tcp(port) => record["connection_info"]["protocol_name"] == "tcp" && record["dst_endpoint"]["port"] == port,
+        Probe::Tcp(port) => {
+            record["connection_info"]["protocol_name"] == "tcp"
+                && record["dst_endpoint"]["port"] == port
+        }
         Probe::Ping => record["connection_info"]["protocol_name"] == "icmp",
     };
     endpoints && service
@@ -179,7 +309,10 @@ fn matches(record: &Value, attempt: &Attempt) -> bool {
 
 fn explain(record: &Value) -> String {
     let rule = record["policy"]["uid"].as_str().unwrap_or("?");
-    match record["unmapped"]["enforcer"]["reason"].as_str().unwrap_or("") {
+    match record["unmapped"]["enforcer"]["reason"]
+        .as_str()
+        .unwrap_or("")
+    {
         "policy_allow" => format!("allowed by rule {rule}"),
         "policy_deny" => format!("explicitly denied by rule {rule}"),
         "default_deny" => "no rule allows it, and a declared service is involved".to_owned(),

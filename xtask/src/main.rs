@@ -10,11 +10,14 @@ use std::{
     process::{Command, ExitCode},
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use clap::Parser;
 
 #[derive(Debug, Parser)]
-#[command(name = "cargo xtask", about = "Set up, build, load, demonstrate, test and benchmark enforcer.")]
+#[command(
+    name = "cargo xtask",
+    about = "Set up, build, load, demonstrate, test and benchmark enforcer."
+)]
 enum Task {
     /// Install what building and testing need: Debian packages, rust-src, bpf-linker (idempotent).
     Setup,
@@ -70,7 +73,11 @@ fn run(task: Task) -> Result<()> {
         Task::Load { args } => {
             prerequisites::setup_if_missing()?;
             let binary = build_release()?;
-            let status = Command::new(&binary).arg("run").args(&args).status().with_context(|| format!("running {}", binary.display()))?;
+            let status = Command::new(&binary)
+                .arg("run")
+                .args(&args)
+                .status()
+                .with_context(|| format!("running {}", binary.display()))?;
             if !status.success() {
                 bail!("enforcer run exited with {status}");
             }
@@ -95,12 +102,20 @@ fn run(task: Task) -> Result<()> {
 }
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
 }
 
 fn cargo(args: &[&str], extra: &[String]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let status = Command::new(&cargo).args(args).args(extra).current_dir(workspace_root()).status().with_context(|| format!("running {cargo}"))?;
+    let status = Command::new(&cargo)
+        .args(args)
+        .args(extra)
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("running {cargo}"))?;
     if !status.success() {
         bail!("cargo {} failed ({status})", args.join(" "));
     }
@@ -110,6 +125,7 @@ fn cargo(args: &[&str], extra: &[String]) -> Result<()> {
 /// Builds the controller (which embeds the eBPF object) in release mode; returns its path.
 pub fn build_release() -> Result<PathBuf> {
     cargo(&["build", "--release", "--package", "enforcer"], &[])?;
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from);
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from);
     Ok(target.join("release").join("enforcer"))
 }

@@ -6,7 +6,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 
 /// Debian packages, each with why it is needed.
 const PACKAGES: &[(&str, &str)] = &[
@@ -14,10 +14,16 @@ const PACKAGES: &[(&str, &str)] = &[
     ("libpolly-22-dev", "LLVM 22's CMake files reference Polly"),
     ("zlib1g-dev", "linking bpf-linker"),
     ("libzstd-dev", "linking bpf-linker"),
-    ("iproute2", "network namespaces and veths for tests and the demo"),
+    (
+        "iproute2",
+        "network namespaces and veths for tests and the demo",
+    ),
     ("bpftool", "inspecting loaded programs (tests, doctor)"),
     ("prometheus", "promtool checks the metrics output in tests"),
-    ("socat", "a client process the cgroup tests place in a service's cgroup"),
+    (
+        "socat",
+        "a client process the cgroup tests place in a service's cgroup",
+    ),
     ("iperf3", "the throughput benchmark"),
 ];
 
@@ -25,21 +31,41 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 fn quiet(command: &mut Command) -> bool {
-    command.stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|status| status.success())
+    command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
 }
 
 fn output(command: &mut Command) -> Option<String> {
     let output = command.stderr(Stdio::null()).output().ok()?;
-    output.status.success().then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 fn package_installed(package: &str) -> bool {
-    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", package])).is_some_and(|status| status.contains("install ok installed"))
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
+        .is_some_and(|status| status.contains("install ok installed"))
 }
 
-fn rust_src_installed() -> bool {
-    output(Command::new("rustup").args(["component", "list", "--installed"]).current_dir(crate::workspace_root()))
-        .is_some_and(|components| components.lines().any(|line| line.starts_with("rust-src")))
+/// Rust toolchain components: `rust-src` builds core for the BPF target; `rustfmt` and
+/// `clippy` are what CI checks the code with.
+const COMPONENTS: [&str; 3] = ["rust-src", "rustfmt", "clippy"];
+
+fn missing_components() -> Vec<&'static str> {
+    let installed = output(
+        Command::new("rustup")
+            .args(["component", "list", "--installed"])
+            .current_dir(crate::workspace_root()),
+    )
+    .unwrap_or_default();
+    COMPONENTS
+        .into_iter()
+        .filter(|component| !installed.lines().any(|line| line.starts_with(component)))
+        .collect()
 }
 
 fn bpf_linker_installed() -> bool {
@@ -47,12 +73,16 @@ fn bpf_linker_installed() -> bool {
 }
 
 fn missing_packages() -> Vec<&'static str> {
-    PACKAGES.iter().map(|(package, _)| *package).filter(|package| !package_installed(package)).collect()
+    PACKAGES
+        .iter()
+        .map(|(package, _)| *package)
+        .filter(|package| !package_installed(package))
+        .collect()
 }
 
 /// Whether everything `setup` installs is present (no network needed to find out).
 fn tooling_complete() -> bool {
-    missing_packages().is_empty() && rust_src_installed() && bpf_linker_installed()
+    missing_packages().is_empty() && missing_components().is_empty() && bpf_linker_installed()
 }
 
 /// Runs `setup` only if something it installs is missing.
@@ -66,7 +96,9 @@ pub fn setup_if_missing() -> Result<()> {
 
 fn run_step(what: &str, command: &mut Command) -> Result<()> {
     println!("  -> {what}");
-    let status = command.status().with_context(|| format!("starting: {what}"))?;
+    let status = command
+        .status()
+        .with_context(|| format!("starting: {what}"))?;
     if !status.success() {
         bail!("{what} failed ({status})");
     }
@@ -86,23 +118,46 @@ pub fn setup() -> Result<()> {
     }
     if !missing.is_empty() {
         if !nix::unistd::geteuid().is_root() {
-            bail!("installing {} needs root: run `sudo cargo xtask setup`", missing.join(" "));
+            bail!(
+                "installing {} needs root: run `sudo cargo xtask setup`",
+                missing.join(" ")
+            );
         }
-        run_step("apt-get update", Command::new("apt-get").args(["update", "-q"]))?;
+        run_step(
+            "apt-get update",
+            Command::new("apt-get").args(["update", "-q"]),
+        )?;
         run_step(
             &format!("apt-get install {}", missing.join(" ")),
-            Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"),
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
     }
 
-    println!("setup: Rust toolchain component rust-src (the eBPF crate builds core from source)");
-    if rust_src_installed() {
-        println!("  ok rust-src");
-    } else {
-        run_step("rustup component add rust-src", Command::new("rustup").args(["component", "add", "rust-src"]).current_dir(crate::workspace_root()))?;
+    println!(
+        "setup: Rust toolchain components (rust-src builds core for the BPF target; rustfmt and clippy check the code)"
+    );
+    let missing = missing_components();
+    for component in COMPONENTS {
+        if !missing.contains(&component) {
+            println!("  ok {component}");
+        }
+    }
+    if !missing.is_empty() {
+        run_step(
+            &format!("rustup component add {}", missing.join(" ")),
+            Command::new("rustup")
+                .args(["component", "add"])
+                .args(&missing)
+                .current_dir(crate::workspace_root()),
+        )?;
     }
 
-    println!("setup: bpf-linker {BPF_LINKER_VERSION} built against LLVM 22 (links the eBPF object)");
+    println!(
+        "setup: bpf-linker {BPF_LINKER_VERSION} built against LLVM 22 (links the eBPF object)"
+    );
     if bpf_linker_installed() {
         println!("  ok bpf-linker");
     } else {
@@ -110,7 +165,16 @@ pub fn setup() -> Result<()> {
         run_step(
             &format!("cargo install bpf-linker {BPF_LINKER_VERSION} (takes a few minutes)"),
             Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
-                .args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features", "llvm-22"])
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--locked",
+                    "--version",
+                    BPF_LINKER_VERSION,
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                ])
                 .env("LLVM_PREFIX", LLVM_PREFIX),
         )?;
     }
@@ -126,20 +190,34 @@ struct Check {
 }
 
 fn kernel_release() -> (u32, u32, String) {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
-    let mut numbers = release.split(|c: char| !c.is_ascii_digit()).filter_map(|part| part.parse::<u32>().ok());
-    (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0), release)
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|part| part.parse::<u32>().ok());
+    (
+        numbers.next().unwrap_or(0),
+        numbers.next().unwrap_or(0),
+        release,
+    )
 }
 
 fn filesystem_magic(path: &str) -> Option<i64> {
-    nix::sys::statfs::statfs(path).ok().map(|stat| stat.filesystem_type().0 as i64)
+    nix::sys::statfs::statfs(path)
+        .ok()
+        .map(|stat| stat.filesystem_type().0)
 }
 
 fn cgroup2_mount() -> Option<String> {
-    std::fs::read_to_string("/proc/self/mounts").ok()?.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        (fields.get(2) == Some(&"cgroup2")).then(|| fields[1].to_owned())
-    })
+    std::fs::read_to_string("/proc/self/mounts")
+        .ok()?
+        .lines()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.get(2) == Some(&"cgroup2")).then(|| fields[1].to_owned())
+        })
 }
 
 /// Whether a clsact qdisc can be added, tried on a dummy interface in a throwaway namespace.
@@ -148,8 +226,11 @@ fn clsact_works() -> bool {
     if !quiet(Command::new("ip").args(["netns", "add", &namespace])) {
         return false;
     }
-    let works = quiet(Command::new("ip").args(["-n", &namespace, "link", "add", "probe0", "type", "dummy"]))
-        && quiet(Command::new("ip").args(["netns", "exec", &namespace, "tc", "qdisc", "add", "dev", "probe0", "clsact"]));
+    let works = quiet(
+        Command::new("ip").args(["-n", &namespace, "link", "add", "probe0", "type", "dummy"]),
+    ) && quiet(Command::new("ip").args([
+        "netns", "exec", &namespace, "tc", "qdisc", "add", "dev", "probe0", "clsact",
+    ]));
     quiet(Command::new("ip").args(["netns", "delete", &namespace]));
     works
 }
@@ -160,28 +241,50 @@ fn checks() -> Vec<Check> {
     checks.push(Check {
         name: "privileges",
         ok: root,
-        detail: if root { "running as root".to_owned() } else { "not root".to_owned() },
-        fix: "run as root (or with CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and CAP_SYS_ADMIN)".to_owned(),
+        detail: if root {
+            "running as root".to_owned()
+        } else {
+            "not root".to_owned()
+        },
+        fix: "run as root (or with CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and CAP_SYS_ADMIN)"
+            .to_owned(),
     });
     let (major, minor, release) = kernel_release();
     checks.push(Check {
         name: "kernel",
         ok: (major, minor) >= (5, 15),
-        detail: format!("Linux {release}{}", if (major, minor) >= (6, 6) { " (TCX links available)" } else { " (TC via clsact)" }),
+        detail: format!(
+            "Linux {release}{}",
+            if (major, minor) >= (6, 6) {
+                " (TCX links available)"
+            } else {
+                " (TC via clsact)"
+            }
+        ),
         fix: "use kernel 5.15 or newer".to_owned(),
     });
     let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
     checks.push(Check {
         name: "BTF",
         ok: btf,
-        detail: if btf { "/sys/kernel/btf/vmlinux present".to_owned() } else { "no kernel BTF".to_owned() },
+        detail: if btf {
+            "/sys/kernel/btf/vmlinux present".to_owned()
+        } else {
+            "no kernel BTF".to_owned()
+        },
         fix: "boot a kernel built with CONFIG_DEBUG_INFO_BTF=y".to_owned(),
     });
-    let jit = std::fs::read_to_string("/proc/sys/net/core/bpf_jit_enable").unwrap_or_default().trim().to_owned();
+    let jit = std::fs::read_to_string("/proc/sys/net/core/bpf_jit_enable")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
     checks.push(Check {
         name: "BPF JIT",
         ok: jit == "1" || jit == "2",
-        detail: format!("net.core.bpf_jit_enable = {}", if jit.is_empty() { "unknown" } else { &jit }),
+        detail: format!(
+            "net.core.bpf_jit_enable = {}",
+            if jit.is_empty() { "unknown" } else { &jit }
+        ),
         fix: "sysctl -w net.core.bpf_jit_enable=1".to_owned(),
     });
     let bpffs = filesystem_magic("/sys/fs/bpf") == Some(0xcafe_4a11);
@@ -189,14 +292,21 @@ fn checks() -> Vec<Check> {
         name: "bpffs",
         // enforcer mounts it when missing; a missing mount point is the real problem.
         ok: Path::new("/sys/fs/bpf").is_dir(),
-        detail: if bpffs { "mounted at /sys/fs/bpf".to_owned() } else { "not mounted at /sys/fs/bpf (enforcer mounts it on start)".to_owned() },
+        detail: if bpffs {
+            "mounted at /sys/fs/bpf".to_owned()
+        } else {
+            "not mounted at /sys/fs/bpf (enforcer mounts it on start)".to_owned()
+        },
         fix: "mount -t bpf bpf /sys/fs/bpf".to_owned(),
     });
     let cgroup2 = cgroup2_mount();
     checks.push(Check {
         name: "cgroup v2",
         ok: cgroup2.is_some(),
-        detail: cgroup2.map_or("not mounted (cgroup identities unavailable)".to_owned(), |mount| format!("mounted at {mount}")),
+        detail: cgroup2.map_or(
+            "not mounted (cgroup identities unavailable)".to_owned(),
+            |mount| format!("mounted at {mount}"),
+        ),
         fix: "mount -t cgroup2 none /sys/fs/cgroup/unified".to_owned(),
     });
     if root {
@@ -204,20 +314,39 @@ fn checks() -> Vec<Check> {
         checks.push(Check {
             name: "TC egress hook",
             ok: clsact,
-            detail: if (major, minor) >= (6, 6) { "TCX".to_owned() } else if clsact { "clsact qdisc works".to_owned() } else { "clsact unavailable".to_owned() },
+            detail: if (major, minor) >= (6, 6) {
+                "TCX".to_owned()
+            } else if clsact {
+                "clsact qdisc works".to_owned()
+            } else {
+                "clsact unavailable".to_owned()
+            },
             fix: "enable CONFIG_NET_CLS_ACT and CONFIG_NET_SCH_INGRESS".to_owned(),
         });
     }
     for (package, why) in PACKAGES {
         let ok = package_installed(package);
-        checks.push(Check { name: package, ok, detail: (*why).to_owned(), fix: format!("cargo xtask setup (installs {package})") });
+        checks.push(Check {
+            name: package,
+            ok,
+            detail: (*why).to_owned(),
+            fix: format!("cargo xtask setup (installs {package})"),
+        });
     }
-    checks.push(Check {
-        name: "rust-src",
-        ok: rust_src_installed(),
-        detail: "builds core for bpfel-unknown-none".to_owned(),
-        fix: "rustup component add rust-src".to_owned(),
-    });
+    let missing = missing_components();
+    for component in COMPONENTS {
+        checks.push(Check {
+            name: component,
+            ok: !missing.contains(&component),
+            detail: if component == "rust-src" {
+                "builds core for bpfel-unknown-none"
+            } else {
+                "checks the code (CI)"
+            }
+            .to_owned(),
+            fix: format!("rustup component add {component}"),
+        });
+    }
     checks.push(Check {
         name: "bpf-linker",
         ok: bpf_linker_installed(),
@@ -235,7 +364,10 @@ pub fn doctor() -> bool {
             println!("ok      {:<16} {}", check.name, check.detail);
         } else {
             all_ok = false;
-            println!("MISSING {:<16} {}\n        fix: {}", check.name, check.detail, check.fix);
+            println!(
+                "MISSING {:<16} {}\n        fix: {}",
+                check.name, check.detail, check.fix
+            );
         }
     }
     all_ok

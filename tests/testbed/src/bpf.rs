@@ -21,7 +21,11 @@ fn sys(command: libc::c_long, attr: &mut [u8]) -> io::Result<i64> {
     // SAFETY: `attr` is a zero-padded `union bpf_attr` prefix laid out for `command`, and
     // outlives the call; the kernel writes results back into it.
     let ret = unsafe { libc::syscall(libc::SYS_bpf, command, attr.as_mut_ptr(), attr.len()) };
-    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
 }
 
 /// Loads `r0 = XDP_PASS; exit`: an XDP program that does nothing and lets everything through.

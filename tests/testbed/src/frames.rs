@@ -54,7 +54,17 @@ pub struct Ipv4 {
 
 impl Ipv4 {
     pub fn new(src: Ipv4Addr, dst: Ipv4Addr, proto: u8) -> Self {
-        Self { src, dst, proto, ihl: 5, id: 1, more_fragments: false, fragment_offset: 0, total_len: None, ttl: 64 }
+        Self {
+            src,
+            dst,
+            proto,
+            ihl: 5,
+            id: 1,
+            more_fragments: false,
+            fragment_offset: 0,
+            total_len: None,
+            ttl: 64,
+        }
     }
 
     /// The packet: header (options, if `ihl` > 5, are NOPs) and `payload`.
@@ -62,7 +72,9 @@ impl Ipv4 {
         let header_len = usize::from(self.ihl.max(1)) * 4;
         let mut packet = vec![0u8; header_len.max(20)];
         packet[0] = 0x40 | (self.ihl & 0x0f);
-        let total = self.total_len.unwrap_or((header_len + payload.len()) as u16);
+        let total = self
+            .total_len
+            .unwrap_or((header_len + payload.len()) as u16);
         packet[2..4].copy_from_slice(&total.to_be_bytes());
         packet[4..6].copy_from_slice(&self.id.to_be_bytes());
         let frags = (u16::from(self.more_fragments) << 13) | (self.fragment_offset & 0x1fff);
@@ -87,7 +99,14 @@ impl Ipv4 {
 
 /// An IPv6 packet; `headers` are extension headers `(type, body)` placed before `payload`, in
 /// order, each chaining to the next (the last to `proto`).
-pub fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, proto: u8, hop_limit: u8, headers: &[(u8, Vec<u8>)], payload: &[u8]) -> Vec<u8> {
+pub fn ipv6(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    proto: u8,
+    hop_limit: u8,
+    headers: &[(u8, Vec<u8>)],
+    payload: &[u8],
+) -> Vec<u8> {
     let mut body = Vec::new();
     for (index, (_, ext)) in headers.iter().enumerate() {
         let next = headers.get(index + 1).map_or(proto, |(kind, _)| *kind);

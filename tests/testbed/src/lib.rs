@@ -18,14 +18,14 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Once,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
 };
 
-use nix::sched::{setns, CloneFlags};
+use nix::sched::{CloneFlags, setns};
 
 pub mod bpf;
 pub mod frames;
@@ -69,7 +69,11 @@ pub fn ip(args: &[&str]) -> io::Result<()> {
 /// A name no other topology, cgroup or pin directory of any run uses (`enft-<pid>-<n>`).
 pub fn unique_id() -> String {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    format!("{PREFIX}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{PREFIX}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Removes namespaces and pins that runs which no longer exist left behind.
@@ -77,8 +81,16 @@ fn sweep_stale() {
     static SWEEP: Once = Once::new();
     SWEEP.call_once(|| {
         let dead = |name: &str| -> bool {
-            let Some(rest) = name.strip_prefix(&format!("{PREFIX}-")) else { return false };
-            let Some(pid) = rest.split('-').next().and_then(|pid| pid.parse::<u32>().ok()) else { return false };
+            let Some(rest) = name.strip_prefix(&format!("{PREFIX}-")) else {
+                return false;
+            };
+            let Some(pid) = rest
+                .split('-')
+                .next()
+                .and_then(|pid| pid.parse::<u32>().ok())
+            else {
+                return false;
+            };
             pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
         };
         for entry in fs::read_dir(NETNS_DIR).into_iter().flatten().flatten() {
@@ -103,7 +115,9 @@ pub struct Netns {
 impl Netns {
     pub fn create(name: &str) -> io::Result<Self> {
         ip(&["netns", "add", name])?;
-        let netns = Self { name: name.to_owned() };
+        let netns = Self {
+            name: name.to_owned(),
+        };
         netns.ip(&["link", "set", "lo", "up"])?;
         // Link-local IPv6 addresses are usable at once, not after a second of duplicate
         // address detection (during which neighbour discovery, and so IPv6, stalls).
@@ -124,7 +138,16 @@ impl Netns {
 
     /// Sets a sysctl inside the namespace.
     pub fn sysctl(&self, key: &str, value: &str) -> io::Result<()> {
-        run_checked(Command::new("ip").args(["netns", "exec", &self.name, "sysctl", "-q", "-w", &format!("{key}={value}")])).map(drop)
+        run_checked(Command::new("ip").args([
+            "netns",
+            "exec",
+            &self.name,
+            "sysctl",
+            "-q",
+            "-w",
+            &format!("{key}={value}"),
+        ]))
+        .map(drop)
     }
 
     /// Runs `f` on a thread inside the namespace; sockets it creates belong to the namespace.
@@ -153,7 +176,9 @@ impl Netns {
                 f();
             }
         });
-        ready_rx.recv().map_err(|_| io::Error::other("namespace thread died"))??;
+        ready_rx
+            .recv()
+            .map_err(|_| io::Error::other("namespace thread died"))??;
         Ok(thread)
     }
 
@@ -164,7 +189,9 @@ impl Netns {
         let mut command = Command::new(program);
         // SAFETY: setns is async-signal-safe; the handle stays open in the parent until spawn.
         unsafe {
-            command.pre_exec(move || setns(&handle, CloneFlags::CLONE_NEWNET).map_err(io::Error::from));
+            command.pre_exec(move || {
+                setns(&handle, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
+            });
         }
         Ok(command)
     }
@@ -211,7 +238,12 @@ impl Topology {
         let host = Netns::create(&format!("{id}-host"))?;
         host.sysctl("net.ipv4.ip_forward", "1")?;
         host.sysctl("net.ipv6.conf.all.forwarding", "1")?;
-        let mut topology = Self { id: id.clone(), endpoints: Vec::new(), host, dir };
+        let mut topology = Self {
+            id: id.clone(),
+            endpoints: Vec::new(),
+            host,
+            dir,
+        };
         for (index, name) in endpoints.iter().enumerate() {
             topology.add_endpoint(name, index as u8 + 1)?;
         }
@@ -223,25 +255,67 @@ impl Topology {
         let host_interface: String = format!("v-{name}").chars().take(15).collect();
         // Created inside the host namespace with its peer straight into the endpoint's, so the
         // name never exists in the machine's own namespace.
-        self.host.ip(&["link", "add", &host_interface, "type", "veth", "peer", "name", "eth0", "netns", &netns.name])?;
+        self.host.ip(&[
+            "link",
+            "add",
+            &host_interface,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &netns.name,
+        ])?;
         let ipv4 = Ipv4Addr::new(10, 200, subnet, 2);
         let gateway_v4 = Ipv4Addr::new(10, 200, subnet, 1);
         let ipv6: Ipv6Addr = format!("fd00:200:{subnet}::2").parse().expect("valid");
         let gateway_v6: Ipv6Addr = format!("fd00:200:{subnet}::1").parse().expect("valid");
-        self.host.ip(&["addr", "add", &format!("{gateway_v4}/24"), "dev", &host_interface])?;
-        self.host.ip(&["addr", "add", &format!("{gateway_v6}/64"), "dev", &host_interface, "nodad"])?;
+        self.host.ip(&[
+            "addr",
+            "add",
+            &format!("{gateway_v4}/24"),
+            "dev",
+            &host_interface,
+        ])?;
+        self.host.ip(&[
+            "addr",
+            "add",
+            &format!("{gateway_v6}/64"),
+            "dev",
+            &host_interface,
+            "nodad",
+        ])?;
         self.host.ip(&["link", "set", &host_interface, "up"])?;
         netns.ip(&["addr", "add", &format!("{ipv4}/24"), "dev", "eth0"])?;
         netns.ip(&["addr", "add", &format!("{ipv6}/64"), "dev", "eth0", "nodad"])?;
         netns.ip(&["link", "set", "eth0", "up"])?;
         netns.ip(&["route", "add", "default", "via", &gateway_v4.to_string()])?;
-        netns.ip(&["-6", "route", "add", "default", "via", &gateway_v6.to_string()])?;
-        self.endpoints.push(Endpoint { name: name.to_owned(), netns, host_interface, ipv4, ipv6, gateway_v4, gateway_v6 });
+        netns.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &gateway_v6.to_string(),
+        ])?;
+        self.endpoints.push(Endpoint {
+            name: name.to_owned(),
+            netns,
+            host_interface,
+            ipv4,
+            ipv6,
+            gateway_v4,
+            gateway_v6,
+        });
         Ok(())
     }
 
     pub fn endpoint(&self, name: &str) -> &Endpoint {
-        self.endpoints.iter().find(|endpoint| endpoint.name == name).unwrap_or_else(|| panic!("no endpoint {name}"))
+        self.endpoints
+            .iter()
+            .find(|endpoint| endpoint.name == name)
+            .unwrap_or_else(|| panic!("no endpoint {name}"))
     }
 
     /// A pin directory for this topology's enforcer (removed on drop).
@@ -261,10 +335,10 @@ impl Drop for Topology {
     fn drop(&mut self) {
         self.endpoints.clear();
         let pins = self.pin_path();
-        if pins.exists() {
-            if let Err(error) = fs::remove_dir_all(&pins) {
-                eprintln!("testbed: could not remove {}: {error}", pins.display());
-            }
+        if pins.exists()
+            && let Err(error) = fs::remove_dir_all(&pins)
+        {
+            eprintln!("testbed: could not remove {}: {error}", pins.display());
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
@@ -322,9 +396,13 @@ impl Netns {
                         let _ = stream.set_nonblocking(false);
                         let stopping = stopping.clone();
                         let received = received.clone();
-                        connections.push(std::thread::spawn(move || echo_stream(stream, &stopping, &received)));
+                        connections.push(std::thread::spawn(move || {
+                            echo_stream(stream, &stopping, &received)
+                        }));
                     }
-                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(POLL),
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(POLL)
+                    }
                     Err(_) => std::thread::sleep(POLL),
                 }
             }
@@ -332,7 +410,13 @@ impl Netns {
                 let _ = connection.join();
             }
         })?;
-        Ok(Server { stop, thread: Some(thread), port, hits, bytes })
+        Ok(Server {
+            stop,
+            thread: Some(thread),
+            port,
+            hits,
+            bytes,
+        })
     }
 
     /// A UDP server on every address that echoes each datagram to its sender.
@@ -355,7 +439,13 @@ impl Netns {
                 }
             }
         })?;
-        Ok(Server { stop, thread: Some(thread), port, hits, bytes })
+        Ok(Server {
+            stop,
+            thread: Some(thread),
+            port,
+            hits,
+            bytes,
+        })
     }
 
     /// Connects from inside this namespace.
@@ -368,21 +458,41 @@ impl Netns {
 
     /// Connects, sends `payload`, and returns what the peer sends back (an echo server returns
     /// `payload`).
-    pub fn tcp_exchange(&self, to: SocketAddr, payload: &[u8], timeout: Duration) -> io::Result<Vec<u8>> {
+    pub fn tcp_exchange(
+        &self,
+        to: SocketAddr,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> io::Result<Vec<u8>> {
         let mut stream = self.tcp_connect(to, timeout)?;
         exchange(&mut stream, payload)
     }
 
     /// Sends one datagram and waits for one back. The socket is connected, so an ICMP error
     /// about the datagram (port unreachable) comes back as `ConnectionRefused`.
-    pub fn udp_exchange(&self, to: SocketAddr, payload: &[u8], timeout: Duration) -> io::Result<Vec<u8>> {
+    pub fn udp_exchange(
+        &self,
+        to: SocketAddr,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> io::Result<Vec<u8>> {
         self.udp_exchange_from(None, to, payload, timeout)
     }
 
     /// [`Self::udp_exchange`] from a chosen source address (which must be on an interface of
     /// this namespace).
-    pub fn udp_exchange_from(&self, from: Option<IpAddr>, to: SocketAddr, payload: &[u8], timeout: Duration) -> io::Result<Vec<u8>> {
-        let any: IpAddr = if to.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
+    pub fn udp_exchange_from(
+        &self,
+        from: Option<IpAddr>,
+        to: SocketAddr,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> io::Result<Vec<u8>> {
+        let any: IpAddr = if to.is_ipv4() {
+            Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            Ipv6Addr::UNSPECIFIED.into()
+        };
         let local = SocketAddr::new(from.unwrap_or(any), 0);
         let socket = self.run(move || UdpSocket::bind(local))??;
         socket.connect(to)?;
@@ -395,9 +505,18 @@ impl Netns {
     }
 
     /// Connects from a chosen source address.
-    pub fn tcp_connect_from(&self, from: IpAddr, to: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    pub fn tcp_connect_from(
+        &self,
+        from: IpAddr,
+        to: SocketAddr,
+        timeout: Duration,
+    ) -> io::Result<TcpStream> {
         use socket2::{Domain, Socket, Type};
-        let domain = if to.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
+        let domain = if to.is_ipv4() {
+            Domain::IPV4
+        } else {
+            Domain::IPV6
+        };
         let socket = self.run(move || -> io::Result<Socket> {
             let socket = Socket::new(domain, Type::STREAM, None)?;
             socket.bind(&SocketAddr::new(from, 0).into())?;
@@ -418,8 +537,22 @@ impl Netns {
             IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6, 128u8, 129u8),
         };
         let socket = self.run(move || Socket::new(domain, Type::RAW, Some(protocol)))??;
-        let id = (std::process::id() as u16) ^ (PING_SEQUENCE.fetch_add(1, Ordering::Relaxed) as u16);
-        let mut request = [request_type, 0, 0, 0, (id >> 8) as u8, id as u8, 0, 1, b'e', b'n', b'f', b't'];
+        let id =
+            (std::process::id() as u16) ^ (PING_SEQUENCE.fetch_add(1, Ordering::Relaxed) as u16);
+        let mut request = [
+            request_type,
+            0,
+            0,
+            0,
+            (id >> 8) as u8,
+            id as u8,
+            0,
+            1,
+            b'e',
+            b'n',
+            b'f',
+            b't',
+        ];
         if to.is_ipv4() {
             let checksum = internet_checksum(&request);
             request[2..4].copy_from_slice(&checksum.to_be_bytes());
@@ -431,15 +564,33 @@ impl Netns {
             socket.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
             let (len, from) = match socket.recv_from(&mut buffer) {
                 Ok(received) => received,
-                Err(error) if matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Ok(false),
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Ok(false);
+                }
                 Err(error) => return Err(error),
             };
             // SAFETY: recv_from initialised the first `len` bytes.
-            let packet: Vec<u8> = buffer[..len].iter().map(|byte| unsafe { byte.assume_init() }).collect();
+            let packet: Vec<u8> = buffer[..len]
+                .iter()
+                .map(|byte| unsafe { byte.assume_init() })
+                .collect();
             // Raw IPv4 sockets deliver the IP header too; IPv6 ones do not.
-            let icmp = if to.is_ipv4() { &packet[((packet[0] & 0x0f) as usize * 4).min(packet.len())..] } else { &packet[..] };
+            let icmp = if to.is_ipv4() {
+                &packet[((packet[0] & 0x0f) as usize * 4).min(packet.len())..]
+            } else {
+                &packet[..]
+            };
             let from_target = from.as_socket().is_some_and(|from| from.ip() == to);
-            if from_target && icmp.len() >= 8 && icmp[0] == reply_type && icmp[4..6] == [(id >> 8) as u8, id as u8] {
+            if from_target
+                && icmp.len() >= 8
+                && icmp[0] == reply_type
+                && icmp[4..6] == [(id >> 8) as u8, id as u8]
+            {
                 return Ok(true);
             }
         }
@@ -450,7 +601,10 @@ impl Netns {
 static PING_SEQUENCE: AtomicUsize = AtomicUsize::new(0);
 
 fn internet_checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes.chunks(2).map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]))).sum();
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+        .sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -469,7 +623,11 @@ fn echo_stream(mut stream: TcpStream, stop: &AtomicBool, received: &AtomicUsize)
                     break;
                 }
             }
-            Err(error) if matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => break,
         }
     }
@@ -514,7 +672,9 @@ impl Cgroup {
 impl Drop for Cgroup {
     fn drop(&mut self) {
         // The directory can only go once empty: wait briefly for exiting processes.
-        let removed = eventually(Duration::from_secs(5), || fs::remove_dir(&self.path).is_ok());
+        let removed = eventually(Duration::from_secs(5), || {
+            fs::remove_dir(&self.path).is_ok()
+        });
         if !removed {
             eprintln!("testbed: could not remove cgroup {}", self.path.display());
         }
@@ -523,18 +683,27 @@ impl Drop for Cgroup {
 
 /// Where cgroup v2 is mounted.
 pub fn cgroup2_root() -> Option<PathBuf> {
-    fs::read_to_string("/proc/self/mounts").ok()?.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        (fields.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(fields[1]))
-    })
+    fs::read_to_string("/proc/self/mounts")
+        .ok()?
+        .lines()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(fields[1]))
+        })
 }
 
 impl Netns {
     /// A command that runs inside the namespace and inside `cgroup` (joined after fork, so every
     /// socket it opens belongs to the cgroup).
-    pub fn command_in_cgroup(&self, program: impl AsRef<std::ffi::OsStr>, cgroup: &Cgroup) -> io::Result<Command> {
+    pub fn command_in_cgroup(
+        &self,
+        program: impl AsRef<std::ffi::OsStr>,
+        cgroup: &Cgroup,
+    ) -> io::Result<Command> {
         let handle = self.handle()?;
-        let procs = File::options().write(true).open(cgroup.path.join("cgroup.procs"))?;
+        let procs = File::options()
+            .write(true)
+            .open(cgroup.path.join("cgroup.procs"))?;
         let mut command = Command::new(program);
         // SAFETY: write and setns are async-signal-safe; both files stay open in the parent.
         unsafe {
@@ -554,18 +723,33 @@ impl Netns {
 /// Runs `socat` to connect to `to` (optionally from `from`), send `payload` and read the reply;
 /// returns the reply, or an error describing the failure. For tests whose client must be a
 /// separate process (one placed in a cgroup).
-pub fn socat_exchange(mut command: Command, from: Option<IpAddr>, to: SocketAddr, payload: &[u8], timeout: Duration) -> io::Result<Vec<u8>> {
+pub fn socat_exchange(
+    mut command: Command,
+    from: Option<IpAddr>,
+    to: SocketAddr,
+    payload: &[u8],
+    timeout: Duration,
+) -> io::Result<Vec<u8>> {
     let family = if to.is_ipv4() { "TCP4" } else { "TCP6" };
     let host = match to.ip() {
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => format!("[{v6}]"),
     };
-    let mut address = format!("{family}:{host}:{},connect-timeout={}", to.port(), timeout.as_secs_f64());
+    let mut address = format!(
+        "{family}:{host}:{},connect-timeout={}",
+        to.port(),
+        timeout.as_secs_f64()
+    );
     if let Some(from) = from {
         address.push_str(&format!(",bind={from}"));
     }
     let mut child = command
-        .args(["-T", &format!("{}", timeout.as_secs_f64()), "STDIO", &address])
+        .args([
+            "-T",
+            &format!("{}", timeout.as_secs_f64()),
+            "STDIO",
+            &address,
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -573,7 +757,11 @@ pub fn socat_exchange(mut command: Command, from: Option<IpAddr>, to: SocketAddr
     child.stdin.take().expect("piped").write_all(payload)?;
     let output = child.wait_with_output()?;
     if !output.status.success() || output.stdout.is_empty() {
-        return Err(io::Error::other(format!("socat {address}: {} {}", output.status, String::from_utf8_lossy(&output.stderr).trim())));
+        return Err(io::Error::other(format!(
+            "socat {address}: {} {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
     }
     Ok(output.stdout)
 }
@@ -589,20 +777,43 @@ pub struct Daemon {
 impl Daemon {
     /// Spawns `command` with stderr to `log` and waits until the log contains `ready` (an error
     /// carrying the log if the process exits first or `timeout` passes).
-    pub fn spawn(mut command: Command, log: PathBuf, ready: &str, timeout: Duration) -> io::Result<Self> {
+    pub fn spawn(
+        mut command: Command,
+        log: PathBuf,
+        ready: &str,
+        timeout: Duration,
+    ) -> io::Result<Self> {
         let log_file = File::create(&log)?;
-        let child = command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log_file).spawn()?;
-        let mut daemon = Self { child: Some(child), log, on_drop: None };
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()?;
+        let mut daemon = Self {
+            child: Some(child),
+            log,
+            on_drop: None,
+        };
         let deadline = Instant::now() + timeout;
         loop {
             if daemon.log_text().contains(ready) {
                 return Ok(daemon);
             }
-            if let Some(status) = daemon.child.as_mut().and_then(|child| child.try_wait().ok().flatten()) {
-                return Err(io::Error::other(format!("exited ({status}) before \"{ready}\":\n{}", daemon.log_text())));
+            if let Some(status) = daemon
+                .child
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten())
+            {
+                return Err(io::Error::other(format!(
+                    "exited ({status}) before \"{ready}\":\n{}",
+                    daemon.log_text()
+                )));
             }
             if Instant::now() > deadline {
-                return Err(io::Error::other(format!("no \"{ready}\" after {timeout:?}:\n{}", daemon.log_text())));
+                return Err(io::Error::other(format!(
+                    "no \"{ready}\" after {timeout:?}:\n{}",
+                    daemon.log_text()
+                )));
             }
             std::thread::sleep(POLL);
         }
@@ -623,13 +834,19 @@ impl Daemon {
 
     /// Sends `signal` to the daemon.
     pub fn signal(&self, signal: nix::sys::signal::Signal) -> io::Result<()> {
-        let pid = self.pid().ok_or_else(|| io::Error::other("daemon already reaped"))?;
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).map_err(io::Error::from)
+        let pid = self
+            .pid()
+            .ok_or_else(|| io::Error::other("daemon already reaped"))?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)
+            .map_err(io::Error::from)
     }
 
     /// Waits for the daemon to exit, up to `timeout`.
     pub fn wait(&mut self, timeout: Duration) -> io::Result<std::process::ExitStatus> {
-        let child = self.child.as_mut().ok_or_else(|| io::Error::other("daemon already reaped"))?;
+        let child = self
+            .child
+            .as_mut()
+            .ok_or_else(|| io::Error::other("daemon already reaped"))?;
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = child.try_wait()? {
@@ -648,7 +865,10 @@ impl Daemon {
         let deadline = Instant::now() + timeout;
         while !self.log_text().contains(text) {
             if Instant::now() > deadline {
-                return Err(io::Error::other(format!("no \"{text}\" after {timeout:?}:\n{}", self.log_text())));
+                return Err(io::Error::other(format!(
+                    "no \"{text}\" after {timeout:?}:\n{}",
+                    self.log_text()
+                )));
             }
             std::thread::sleep(POLL);
         }
@@ -659,7 +879,9 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         // Asked to stop first, so it can clean up after itself; killed if it does not.
-        if self.signal(nix::sys::signal::Signal::SIGTERM).is_ok() && self.wait(Duration::from_secs(3)).is_ok() {
+        if self.signal(nix::sys::signal::Signal::SIGTERM).is_ok()
+            && self.wait(Duration::from_secs(3)).is_ok()
+        {
             self.child = None;
         }
         if let Some(mut child) = self.child.take() {

@@ -21,17 +21,31 @@ pub fn generated(services: usize, rules: usize) -> String {
 }
 
 /// [`generated`], with rule `k`'s port replaced by `port(k)` where that returns one.
-pub fn generated_with(services: usize, rules: usize, port: impl Fn(usize) -> Option<u16>) -> String {
-    assert!(services >= 2 && rules / services < services - 1, "too many rules for {services} services");
+pub fn generated_with(
+    services: usize,
+    rules: usize,
+    port: impl Fn(usize) -> Option<u16>,
+) -> String {
+    assert!(
+        services >= 2 && rules / services < services - 1,
+        "too many rules for {services} services"
+    );
     let mut text = String::with_capacity(rules * 90 + services * 60);
     for index in 0..services {
-        let _ = write!(text, "[[service]]\nname = \"s{index}\"\naddresses = [\"{}/32\"]\n", service_address(index));
+        let _ = write!(
+            text,
+            "[[service]]\nname = \"s{index}\"\naddresses = [\"{}/32\"]\n",
+            service_address(index)
+        );
     }
     for rule in 0..rules {
         let src = rule % services;
         let dst = (src + 1 + rule / services) % services;
         let port = port(rule).unwrap_or_else(|| rule_port(services, rule));
-        let _ = write!(text, "[[allow]]\nfrom = \"s{src}\"\nto = \"s{dst}\"\nports = [\"{port}/tcp\"]\nid = \"r{rule}\"\n");
+        let _ = write!(
+            text,
+            "[[allow]]\nfrom = \"s{src}\"\nto = \"s{dst}\"\nports = [\"{port}/tcp\"]\nid = \"r{rule}\"\n"
+        );
     }
     text
 }
