@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use enforcer_common::verdict::Verdict;
 use serde_json::{Value, json};
 
-use crate::events::FlowRecord;
+use crate::{detect::Finding, events::FlowRecord};
 
 pub const OCSF_VERSION: &str = "1.3.0";
 pub const ECS_VERSION: &str = "8.11.0";
@@ -261,6 +261,185 @@ fn ecs_flow(record: &FlowRecord, host: &str) -> Value {
     })
 }
 
+/// A detector's finding: OCSF Detection Finding (`class_uid` 2004), or an ECS alert.
+pub fn finding_alert(finding: &Finding, format: AlertFormat, host: &str) -> Value {
+    let endpoint = |party: &crate::detect::Party, port: Option<u16>| {
+        let mut endpoint = json!({ "svc_name": party.name });
+        if let Some(ip) = party.ip {
+            endpoint["ip"] = json!(ip.to_string());
+        }
+        if let Some(port) = port.filter(|port| *port != 0) {
+            endpoint["port"] = json!(port);
+        }
+        endpoint
+    };
+    let uid = finding_uid(finding);
+    match format {
+        AlertFormat::Ocsf => {
+            let mut alert = json!({
+                "class_uid": 2004,
+                "class_name": "Detection Finding",
+                "category_uid": 2,
+                "category_name": "Findings",
+                "activity_id": 1,
+                "activity_name": "Create",
+                "type_uid": 200_401,
+                "type_name": "Detection Finding: Create",
+                "time": millis(finding.end),
+                "start_time": millis(finding.start),
+                "end_time": millis(finding.end),
+                "count": finding.count,
+                "severity_id": finding.detector.severity_id(),
+                "severity": severity_name(finding.detector.severity_id()),
+                "status_id": 1,
+                "status": "New",
+                "message": finding.message,
+                "finding_info": {
+                    "uid": uid,
+                    "title": format!("{}: {}", finding.detector.name(), finding.src.name),
+                    "desc": finding.message,
+                    "first_seen_time": millis(finding.start),
+                    "last_seen_time": millis(finding.end),
+                    "analytic": { "name": finding.detector.name(), "type_id": 1, "type": "Rule", "uid": finding.detector.name() },
+                },
+                "src_endpoint": endpoint(&finding.src, None),
+                "device": { "hostname": host, "type_id": 1, "type": "Server" },
+                "metadata": ocsf_metadata(0),
+                "unmapped": { "enforcer": { "detector": finding.detector.name(), "details": finding.details } },
+            });
+            if let Some(dst) = &finding.dst {
+                alert["dst_endpoint"] = endpoint(dst, finding.port);
+            }
+            if let Some(rule) = &finding.rule {
+                alert["policy"] = json!({ "uid": rule, "name": rule });
+            }
+            if let Some(protocol) = &finding.protocol {
+                alert["connection_info"] = json!({ "protocol_name": protocol });
+            }
+            alert
+        }
+        AlertFormat::Ecs => {
+            let mut alert = json!({
+                "@timestamp": rfc3339(finding.end),
+                "ecs": { "version": ECS_VERSION },
+                "message": finding.message,
+                "event": {
+                    "kind": "alert",
+                    "category": ["network", "intrusion_detection"],
+                    "type": ["info"],
+                    "action": finding.detector.name(),
+                    "severity": finding.detector.severity_id(),
+                    "start": rfc3339(finding.start),
+                    "end": rfc3339(finding.end),
+                    "id": uid,
+                    "module": PRODUCT,
+                    "dataset": "enforcer.finding",
+                },
+                "rule": { "name": finding.detector.name(), "ruleset": PRODUCT },
+                "service": { "origin": { "name": finding.src.name } },
+                "host": { "hostname": host },
+                "enforcer": { "detector": finding.detector.name(), "count": finding.count, "details": finding.details, "policy_rule": finding.rule },
+            });
+            if let Some(ip) = finding.src.ip {
+                alert["source"] = json!({ "ip": ip.to_string() });
+            }
+            if let Some(dst) = &finding.dst {
+                alert["service"]["target"] = json!({ "name": dst.name });
+                let mut destination = json!({});
+                if let Some(ip) = dst.ip {
+                    destination["ip"] = json!(ip.to_string());
+                }
+                if let Some(port) = finding.port.filter(|port| *port != 0) {
+                    destination["port"] = json!(port);
+                }
+                alert["destination"] = destination;
+            }
+            if let Some(protocol) = &finding.protocol {
+                alert["network"] = json!({ "transport": protocol });
+            }
+            alert
+        }
+    }
+}
+
+/// A stable id for a finding: the same finding reported twice has the same id.
+fn finding_uid(finding: &Finding) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(finding.detector.name());
+    hasher.update(&finding.src.name);
+    hasher.update(finding.src.ip.map(|ip| ip.to_string()).unwrap_or_default());
+    hasher.update(
+        finding
+            .dst
+            .as_ref()
+            .map(|dst| dst.name.as_str())
+            .unwrap_or_default(),
+    );
+    hasher.update(finding.port.unwrap_or(0).to_be_bytes());
+    hasher.update(millis(finding.start).to_be_bytes());
+    hex::encode(&hasher.finalize()[..16])
+}
+
+/// What a heartbeat says: enough for a SIEM to notice a silent unload, a swapped program or an
+/// audit log cut at its end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub policy_sha256: String,
+    pub generation: u32,
+    /// Tags of the programs the attached links run, by link.
+    pub programs: std::collections::BTreeMap<String, String>,
+    /// Tags this build's programs have; a link running another tag runs someone else's code.
+    pub expected_programs: std::collections::BTreeMap<String, String>,
+    pub audit_chain_head: Option<String>,
+    pub interval_secs: u64,
+}
+
+/// The heartbeat record: OCSF Application Lifecycle (`class_uid` 6002), or ECS state.
+pub fn heartbeat_alert(
+    heartbeat: &Heartbeat,
+    at: SystemTime,
+    format: AlertFormat,
+    host: &str,
+) -> Value {
+    let state = json!({
+        "policy_sha256": heartbeat.policy_sha256,
+        "generation": heartbeat.generation,
+        "programs": heartbeat.programs,
+        "expected_programs": heartbeat.expected_programs,
+        "audit_chain_head": heartbeat.audit_chain_head,
+        "interval_secs": heartbeat.interval_secs,
+    });
+    match format {
+        AlertFormat::Ocsf => json!({
+            "class_uid": 6002,
+            "class_name": "Application Lifecycle",
+            "category_uid": 6,
+            "category_name": "Application Activity",
+            "activity_id": 99,
+            "activity_name": "Heartbeat",
+            "type_uid": 600_299,
+            "type_name": "Application Lifecycle: Other",
+            "time": millis(at),
+            "severity_id": 1,
+            "severity": "Informational",
+            "message": format!("enforcing generation {} of policy {}", heartbeat.generation, heartbeat.policy_sha256),
+            "app": { "name": PRODUCT, "vendor_name": PRODUCT, "version": env!("CARGO_PKG_VERSION") },
+            "device": { "hostname": host, "type_id": 1, "type": "Server" },
+            "metadata": ocsf_metadata(0),
+            "unmapped": { "enforcer": state },
+        }),
+        AlertFormat::Ecs => json!({
+            "@timestamp": rfc3339(at),
+            "ecs": { "version": ECS_VERSION },
+            "message": format!("enforcing generation {} of policy {}", heartbeat.generation, heartbeat.policy_sha256),
+            "event": { "kind": "state", "category": ["configuration"], "type": ["info"], "action": "heartbeat", "module": PRODUCT, "dataset": "enforcer.heartbeat" },
+            "host": { "hostname": host },
+            "enforcer": state,
+        }),
+    }
+}
+
 /// A record saying that `count` flow records never reached the controller.
 pub fn lost_events_alert(count: u64, at: SystemTime, format: AlertFormat, host: &str) -> Value {
     let message = format!(
@@ -427,6 +606,84 @@ mod tests {
         assert_eq!(alert["service"]["target"]["name"], "db");
         assert_eq!(alert["network"]["transport"], "tcp");
         assert_eq!(alert["rule"]["id"], "no-db");
+    }
+
+    fn spike() -> Finding {
+        Finding {
+            detector: crate::detect::Detector::Spike,
+            src: crate::detect::Party {
+                name: "frontend".to_owned(),
+                ip: None,
+            },
+            dst: Some(crate::detect::Party {
+                name: "api".to_owned(),
+                ip: None,
+            }),
+            protocol: Some("tcp".to_owned()),
+            port: Some(8080),
+            rule: Some("fe-api".to_owned()),
+            count: 60,
+            start: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            end: UNIX_EPOCH + Duration::from_secs(1_700_000_010),
+            message: "frontend -> api 8080/tcp: 60 new connections".to_owned(),
+            details: serde_json::json!({ "z": 11.0 }),
+        }
+    }
+
+    #[test]
+    fn findings_are_ocsf_detection_findings_with_the_contract_fields() {
+        let alert = finding_alert(&spike(), AlertFormat::Ocsf, "node-1");
+        assert_eq!(alert["class_uid"], 2004);
+        assert_eq!(alert["finding_info"]["analytic"]["name"], "spike");
+        assert_eq!(alert["src_endpoint"]["svc_name"], "frontend");
+        assert_eq!(alert["dst_endpoint"]["svc_name"], "api");
+        assert_eq!(alert["dst_endpoint"]["port"], 8080);
+        assert_eq!(alert["policy"]["uid"], "fe-api");
+        assert_eq!(
+            (
+                alert["count"].as_u64(),
+                alert["start_time"].as_u64(),
+                alert["end_time"].as_u64()
+            ),
+            (Some(60), Some(1_700_000_000_000), Some(1_700_000_010_000))
+        );
+        assert_eq!(
+            alert["finding_info"]["uid"],
+            finding_alert(&spike(), AlertFormat::Ocsf, "other")["finding_info"]["uid"],
+            "stable ids"
+        );
+        let ecs = finding_alert(&spike(), AlertFormat::Ecs, "node-1");
+        assert_eq!(
+            (
+                ecs["event"]["kind"].as_str(),
+                ecs["rule"]["name"].as_str(),
+                ecs["service"]["target"]["name"].as_str()
+            ),
+            (Some("alert"), Some("spike"), Some("api"))
+        );
+    }
+
+    #[test]
+    fn heartbeat_carries_what_a_siem_checks() {
+        let heartbeat = Heartbeat {
+            policy_sha256: "ab".repeat(32),
+            generation: 7,
+            programs: [("xdp-eth1".to_owned(), "1234".to_owned())].into(),
+            expected_programs: [("enf_xdp_ingress".to_owned(), "1234".to_owned())].into(),
+            audit_chain_head: Some("cd".repeat(32)),
+            interval_secs: 10,
+        };
+        let alert = heartbeat_alert(&heartbeat, UNIX_EPOCH, AlertFormat::Ocsf, "h");
+        assert_eq!(alert["activity_name"], "Heartbeat");
+        assert_eq!(alert["unmapped"]["enforcer"]["generation"], 7);
+        assert_eq!(
+            alert["unmapped"]["enforcer"]["programs"]["xdp-eth1"],
+            "1234"
+        );
+        assert_eq!(
+            alert["unmapped"]["enforcer"]["audit_chain_head"],
+            "cd".repeat(32)
+        );
     }
 
     #[test]

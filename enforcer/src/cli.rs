@@ -139,6 +139,12 @@ pub struct RunArgs {
     /// Serve `enforcer observe` on this Unix socket (default: /run/enforcer/<pin directory name>.sock).
     #[arg(long, value_name = "PATH")]
     pub observe_socket: Option<PathBuf>,
+    /// Send the alert records to a syslog collector too (RFC 5424 over TCP).
+    #[arg(long, value_name = "tcp://HOST:PORT")]
+    pub syslog: Option<String>,
+    /// Seconds between heartbeat records (policy hash, generation, program tags, audit chain head).
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub heartbeat_interval: u64,
 }
 
 /// How a command failed: the operator's input (exit 1) or the system (exit 2).
@@ -170,6 +176,12 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
             let observe_socket = args
                 .observe_socket
                 .unwrap_or_else(|| crate::observe::default_socket(&args.pin_path));
+            let syslog = args
+                .syslog
+                .as_deref()
+                .map(crate::syslog::parse_target)
+                .transpose()
+                .map_err(Failure::BadInput)?;
             let options = RunOptions {
                 policy: args.policy,
                 attach: args.attach,
@@ -181,6 +193,8 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
                 metrics,
                 audit_log: args.audit_log,
                 observe_socket,
+                syslog,
+                heartbeat_interval: std::time::Duration::from_secs(args.heartbeat_interval),
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

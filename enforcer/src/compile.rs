@@ -160,6 +160,8 @@ pub struct Compiled {
     pub identities: BTreeMap<u32, (String, IdentityInfo)>,
     /// Things the policy names that this host does not have (skipped, not fatal).
     pub warnings: Vec<String>,
+    /// The anomaly detectors' tuning (`[detection]`).
+    pub detection: crate::policy::Detection,
 }
 
 impl Compiled {
@@ -630,6 +632,7 @@ pub fn compile(policy: &Policy, host: &HostView) -> Result<Compiled, CompileErro
         rules,
         identities,
         warnings,
+        detection: policy.detection.clone(),
     })
 }
 

@@ -22,6 +22,7 @@ use crate::{
     alert::{self, AlertFormat},
     audit::AuditLog,
     compile::{self, CompileError, Compiled, HostView},
+    detect::{Detectors, Finding},
     events::{self, Clock, FlowRecord, Generations, SequenceTracker},
     host,
     loader::{self, Datapath, IngressHook, LoadError, PinLayout},
@@ -29,6 +30,7 @@ use crate::{
     metrics::{self, DetectorLabel, FlowLabels, Metrics},
     observe,
     policy::{self, Policy, PolicyError},
+    syslog::SyslogSink,
     watch,
 };
 
@@ -48,6 +50,10 @@ pub struct RunOptions {
     pub metrics: Option<SocketAddr>,
     pub audit_log: Option<PathBuf>,
     pub observe_socket: PathBuf,
+    /// Collector for the same records as the alerts, `(host, port)` over TCP.
+    pub syslog: Option<(String, u16)>,
+    /// Seconds between heartbeat records.
+    pub heartbeat_interval: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -258,6 +264,38 @@ impl Controller {
         }
     }
 
+    /// What the heartbeat says now: the live generation, the programs the links run next to
+    /// this build's, the audit chain head.
+    fn heartbeat(
+        &self,
+        pins: &PinLayout,
+        expected: &std::collections::BTreeMap<&'static str, String>,
+    ) -> Option<alert::Heartbeat> {
+        let live = self.installer.live()?;
+        let programs = loader::pinned_programs(pins)
+            .linked
+            .into_iter()
+            .map(|(link, info)| (link, format!("{:016x}", info.tag())))
+            .collect();
+        let audit_chain_head = self
+            .audit
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_ref()
+            .map(|log| log.head().to_owned());
+        Some(alert::Heartbeat {
+            policy_sha256: hex::encode(live.policy_hash),
+            generation: live.generation,
+            programs,
+            expected_programs: expected
+                .iter()
+                .map(|(name, tag)| ((*name).to_owned(), tag.clone()))
+                .collect(),
+            audit_chain_head,
+            interval_secs: self.options.heartbeat_interval.as_secs(),
+        })
+    }
+
     /// Recompiles when the host's interfaces or cgroups the policy names have changed.
     fn resync_host(&mut self) {
         let Some((policy, view)) = &self.policy else {
@@ -287,15 +325,13 @@ impl Controller {
     }
 }
 
-/// Where flow records go as alerts.
+/// The alerts file (or stdout).
 struct AlertSink {
     writer: Box<dyn Write + Send>,
-    format: AlertFormat,
-    host: String,
 }
 
 impl AlertSink {
-    fn open(target: &Path, format: AlertFormat) -> Result<Self, RunError> {
+    fn open(target: &Path) -> Result<Self, RunError> {
         let writer: Box<dyn Write + Send> = if target.as_os_str() == "-" {
             Box::new(io::stdout())
         } else {
@@ -309,11 +345,7 @@ impl AlertSink {
                 })?;
             Box::new(BufWriter::new(file))
         };
-        Ok(Self {
-            writer,
-            format,
-            host: alert::hostname(),
-        })
+        Ok(Self { writer })
     }
 
     fn write(&mut self, value: &serde_json::Value) {
@@ -380,10 +412,16 @@ struct Pipeline {
     sequences: SequenceTracker,
     interfaces: HashMap<u32, String>,
     alerts: Option<AlertSink>,
+    syslog: Option<SyslogSink>,
+    format: AlertFormat,
+    host: String,
     metrics: Arc<Metrics>,
     hub: Arc<observe::Hub>,
     audit: SharedAudit,
     summary: FlowSummary,
+    detectors: Detectors,
+    /// Generation whose `[detection]` tuning the detectors run with.
+    detection_generation: u32,
 }
 
 impl Pipeline {
@@ -396,6 +434,73 @@ impl Pipeline {
             .clone()
     }
 
+    /// Writes a record to the alerts file and syslog.
+    fn publish(&mut self, msgid: &str, record: &serde_json::Value) {
+        if let Some(sink) = &mut self.alerts {
+            sink.write(record);
+        }
+        if let Some(syslog) = &self.syslog {
+            syslog.send(
+                record["severity_id"].as_u64().unwrap_or(1) as u8,
+                msgid,
+                record,
+            );
+        }
+    }
+
+    /// Runs the detectors with the latest generation's tuning.
+    fn tune_detectors(&mut self) {
+        let generations = self
+            .generations
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((generation, compiled)) = generations.latest()
+            && generation != self.detection_generation
+        {
+            self.detectors.configure(compiled.detection.clone());
+            self.detection_generation = generation;
+        }
+    }
+
+    fn report(&mut self, findings: Vec<Finding>) {
+        for finding in findings {
+            tracing::info!(detector = finding.detector.name(), "{}", finding.message);
+            let record = alert::finding_alert(&finding, self.format, &self.host);
+            self.publish("finding", &record);
+            self.metrics
+                .alerts
+                .get_or_create(&DetectorLabel {
+                    detector: finding.detector.name().to_owned(),
+                })
+                .inc();
+            audit(
+                &self.audit,
+                "finding",
+                json!({
+                    "detector": finding.detector.name(),
+                    "src": finding.src.name,
+                    "dst": finding.dst.as_ref().map(|dst| dst.name.clone()),
+                    "port": finding.port,
+                    "rule": finding.rule,
+                    "count": finding.count,
+                    "message": finding.message,
+                }),
+            );
+        }
+    }
+
+    /// Closes detector windows that ended.
+    fn tick(&mut self) {
+        self.tune_detectors();
+        let findings = self.detectors.tick(SystemTime::now());
+        self.report(findings);
+    }
+
+    fn heartbeat(&mut self, heartbeat: &alert::Heartbeat) {
+        let record = alert::heartbeat_alert(heartbeat, SystemTime::now(), self.format, &self.host);
+        self.publish("heartbeat", &record);
+    }
+
     fn handle(&mut self, event: &enforcer_common::event::FlowEvent) {
         let lost = self.sequences.observe(event.cpu, event.seq);
         if lost > 0 {
@@ -404,14 +509,8 @@ impl Pipeline {
                 cpu = event.cpu,
                 "flow records lost: the ring buffer was full"
             );
-            if let Some(sink) = &mut self.alerts {
-                sink.write(&alert::lost_events_alert(
-                    lost,
-                    SystemTime::now(),
-                    sink.format,
-                    &sink.host,
-                ));
-            }
+            let record = alert::lost_events_alert(lost, SystemTime::now(), self.format, &self.host);
+            self.publish("lost", &record);
             audit(
                 &self.audit,
                 "events_lost",
@@ -445,8 +544,9 @@ impl Pipeline {
                 verdict: record.verdict.as_str().to_owned(),
             })
             .inc();
-        if let Some(sink) = &mut self.alerts {
-            sink.write(&alert::flow_alert(record, sink.format, &sink.host));
+        if self.alerts.is_some() || self.syslog.is_some() {
+            let alert = alert::flow_alert(record, self.format, &self.host);
+            self.publish("flow", &alert);
             self.metrics
                 .alerts
                 .get_or_create(&DetectorLabel {
@@ -456,6 +556,9 @@ impl Pipeline {
         }
         self.hub.publish(record);
         self.summary.add(record);
+        self.tune_detectors();
+        let findings = self.detectors.observe(record);
+        self.report(findings);
     }
 
     fn flush(&mut self) {
@@ -465,8 +568,13 @@ impl Pipeline {
     }
 }
 
-/// Reads the ring buffer until told to stop.
-async fn read_events(ring: RingBuf<MapData>, mut pipeline: Pipeline, mut stop: mpsc::Receiver<()>) {
+/// Reads the ring buffer until told to stop; heartbeats come from the controller.
+async fn read_events(
+    ring: RingBuf<MapData>,
+    mut pipeline: Pipeline,
+    mut stop: mpsc::Receiver<()>,
+    mut heartbeats: mpsc::UnboundedReceiver<alert::Heartbeat>,
+) {
     // SAFETY: the ring buffer owns its map fd and keeps it open and unchanged until dropped,
     // which only happens when the AsyncFd is dropped.
     let mut ring = match unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) } {
@@ -479,10 +587,19 @@ async fn read_events(ring: RingBuf<MapData>, mut pipeline: Pipeline, mut stop: m
         }
     };
     let mut summary_tick = tokio::time::interval(FlowSummary::WINDOW);
+    let mut detector_tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = stop.recv() => break,
             _ = summary_tick.tick() => pipeline.summary.flush(&pipeline.audit),
+            _ = detector_tick.tick() => {
+                pipeline.tick();
+                pipeline.flush();
+            }
+            Some(heartbeat) = heartbeats.recv() => {
+                pipeline.heartbeat(&heartbeat);
+                pipeline.flush();
+            }
             ready = ring.readable_mut() => {
                 let mut guard = match ready {
                     Ok(guard) => guard,
@@ -535,7 +652,7 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     let alerts = options
         .alerts
         .as_ref()
-        .map(|target| AlertSink::open(target, options.alert_format))
+        .map(|target| AlertSink::open(target))
         .transpose()?;
     let audit_log = options
         .audit_log
@@ -597,18 +714,37 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
 
     let hub = Arc::new(observe::Hub::default());
     let (stop_events, stop_rx) = mpsc::channel(1);
+    let (heartbeats, heartbeat_rx) = mpsc::unbounded_channel();
+    let host_name = alert::hostname();
+    let syslog = options
+        .syslog
+        .clone()
+        .map(|(host, port)| SyslogSink::start(host, port, host_name.clone()));
+    let reporting = alerts.is_some() || syslog.is_some();
+    let detection = controller
+        .live
+        .as_ref()
+        .map(|compiled| compiled.detection.clone())
+        .unwrap_or_default();
     let pipeline = Pipeline {
         generations,
         clock: Clock::now(),
         sequences: SequenceTracker::default(),
         interfaces: HashMap::new(),
         alerts,
+        syslog,
+        format: options.alert_format,
+        host: host_name,
         metrics: metrics.clone(),
         hub: hub.clone(),
         audit: audit_log.clone(),
         summary: FlowSummary::default(),
+        detectors: Detectors::new(detection),
+        detection_generation: 0,
     };
-    let events_task = tokio::spawn(read_events(ring, pipeline, stop_rx));
+    let events_task = tokio::spawn(read_events(ring, pipeline, stop_rx, heartbeat_rx));
+    let expected_programs = datapath.program_tags();
+    let mut heartbeat_tick = tokio::time::interval(options.heartbeat_interval);
     let metrics_task = metrics_listener.map(|listener| {
         tracing::info!(
             "metrics on http://{}/metrics",
@@ -658,6 +794,11 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
                 controller.reload(Trigger::FileChange, first);
             }
             _ = host_resync.tick() => controller.resync_host(),
+            _ = heartbeat_tick.tick(), if reporting => {
+                if let Some(heartbeat) = controller.heartbeat(&pins, &expected_programs) {
+                    let _ = heartbeats.send(heartbeat);
+                }
+            }
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
         }

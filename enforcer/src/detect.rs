@@ -1,0 +1,668 @@
+//! Anomaly detectors over the flow records (DESIGN §7). Pure logic: records and the clock go
+//! in, findings come out.
+//!
+//! * `spike`: new connections per edge (source, destination, protocol, port) per window against
+//!   an exponentially weighted mean and variance of that edge's past windows; fires when the
+//!   window's count is at least `spike_min_calls`, at least 3× the mean and `spike_z` standard
+//!   deviations above it, once `spike_warmup_windows` windows have been seen; then stays quiet
+//!   on that edge for [`SPIKE_COOLDOWN_WINDOWS`].
+//! * `new_edge`: the first allowed flow on an edge not seen since the controller started.
+//! * `fanout`: one source (service and address) reaching `fanout_distinct_peers` distinct
+//!   (destination, port) pairs in a window, allowed or not: a scan, or lateral movement.
+//! * `deny_burst`: `deny_burst` denied attempts from one source in a window.
+//! * `spoof`, `rate_limit`: each such record from the kernel (already de-duplicated there).
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    time::{Duration, SystemTime},
+};
+
+use enforcer_common::verdict::Verdict;
+use serde_json::{Value, json};
+
+use crate::{events::FlowRecord, policy::Detection};
+
+/// Windows an edge stays quiet after a spike.
+pub const SPIKE_COOLDOWN_WINDOWS: u64 = 3;
+/// Weight of the newest window in the edge baselines.
+const EWMA_ALPHA: f64 = 0.3;
+/// Most edges and sources tracked at once; beyond it new ones are not (and that is logged).
+const MAX_TRACKED: usize = 100_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Detector {
+    Spike,
+    NewEdge,
+    Fanout,
+    DenyBurst,
+    Spoof,
+    RateLimit,
+}
+
+impl Detector {
+    /// The name in `finding_info.analytic.name` and the metrics' `detector` label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Spike => "spike",
+            Self::NewEdge => "new_edge",
+            Self::Fanout => "fanout",
+            Self::DenyBurst => "deny_burst",
+            Self::Spoof => "spoof",
+            Self::RateLimit => "rate_limit",
+        }
+    }
+
+    /// OCSF severity: what each one means for the person on call.
+    pub fn severity_id(self) -> u8 {
+        match self {
+            Self::NewEdge => 2,
+            Self::Spike | Self::DenyBurst | Self::RateLimit => 3,
+            Self::Fanout | Self::Spoof => 4,
+        }
+    }
+}
+
+/// One side of a finding.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Party {
+    pub name: String,
+    pub ip: Option<IpAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Finding {
+    pub detector: Detector,
+    pub src: Party,
+    /// None when the finding is about many destinations (fanout, deny burst).
+    pub dst: Option<Party>,
+    pub protocol: Option<String>,
+    pub port: Option<u16>,
+    /// The rule behind the flows (`default-deny` included), when one rule is.
+    pub rule: Option<String>,
+    pub count: u64,
+    pub start: SystemTime,
+    pub end: SystemTime,
+    pub message: String,
+    /// Detector specifics (baseline, z-score, peers seen, ...).
+    pub details: Value,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Edge {
+    src: String,
+    dst: String,
+    protocol: String,
+    port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Source {
+    name: String,
+    ip: IpAddr,
+}
+
+/// An edge's baseline of new connections per window.
+#[derive(Clone, Debug, Default)]
+struct Baseline {
+    mean: f64,
+    variance: f64,
+    windows: u64,
+    quiet_until: u64,
+    rule: String,
+}
+
+#[derive(Default)]
+struct SourceWindow {
+    peers: HashSet<(IpAddr, u16)>,
+    denied: u64,
+    fanout_reported: bool,
+    burst_reported: bool,
+    rules: HashSet<String>,
+}
+
+/// The detectors' state.
+pub struct Detectors {
+    config: Detection,
+    window_start: Option<SystemTime>,
+    window_index: u64,
+    calls: HashMap<Edge, u64>,
+    baselines: HashMap<Edge, Baseline>,
+    seen_edges: HashSet<Edge>,
+    sources: HashMap<Source, SourceWindow>,
+    saturated: bool,
+}
+
+fn port_of(record: &FlowRecord) -> u16 {
+    if record.protocol == "tcp" || record.protocol == "udp" {
+        record.dst.port
+    } else {
+        0
+    }
+}
+
+fn service_text(protocol: &str, port: u16) -> String {
+    if port == 0 {
+        protocol.to_owned()
+    } else {
+        format!("{port}/{protocol}")
+    }
+}
+
+impl Detectors {
+    pub fn new(config: Detection) -> Self {
+        Self {
+            config,
+            window_start: None,
+            window_index: 0,
+            calls: HashMap::new(),
+            baselines: HashMap::new(),
+            seen_edges: HashSet::new(),
+            sources: HashMap::new(),
+            saturated: false,
+        }
+    }
+
+    /// Takes new tuning (a policy reload); baselines are kept.
+    pub fn configure(&mut self, config: Detection) {
+        self.config = config;
+    }
+
+    fn window(&self) -> Duration {
+        Duration::from_secs(self.config.window_secs.max(1))
+    }
+
+    fn room_for(&mut self, tracked: usize) -> bool {
+        if tracked < MAX_TRACKED {
+            return true;
+        }
+        if !self.saturated {
+            tracing::warn!(
+                "anomaly detectors track {MAX_TRACKED} edges or sources; new ones are not tracked until windows close"
+            );
+            self.saturated = true;
+        }
+        false
+    }
+
+    /// Feeds one flow record; returns what it makes the detectors find.
+    pub fn observe(&mut self, record: &FlowRecord) -> Vec<Finding> {
+        let mut findings = self.tick(record.time);
+        let start = *self.window_start.get_or_insert(record.time);
+        let window_end = start + self.window();
+        let port = port_of(record);
+        let src = Party {
+            name: record.src.name.clone(),
+            ip: Some(record.src.ip),
+        };
+        let dst = Party {
+            name: record.dst.name.clone(),
+            ip: Some(record.dst.ip),
+        };
+        let finding = |detector: Detector, count: u64, message: String, details: Value| Finding {
+            detector,
+            src: src.clone(),
+            dst: Some(dst.clone()),
+            protocol: Some(record.protocol.clone()),
+            port: Some(port),
+            rule: Some(record.rule.clone()),
+            count,
+            start: record.time,
+            end: record.time,
+            message,
+            details,
+        };
+
+        match record.reason {
+            "spoofed" | "identity_mismatch" => findings.push(finding(
+                Detector::Spoof,
+                u64::from(record.count),
+                format!(
+                    "{} sent as {} ({}) from where it cannot be",
+                    record.src.name, record.src.ip, record.reason
+                ),
+                json!({ "reason": record.reason, "address_identity": record.address_identity }),
+            )),
+            "rate_limited" => findings.push(finding(
+                Detector::RateLimit,
+                u64::from(record.count),
+                format!(
+                    "{} -> {} {} over the new-connection limit of {}",
+                    record.src.name,
+                    record.dst.name,
+                    service_text(&record.protocol, port),
+                    record.rule
+                ),
+                json!({}),
+            )),
+            _ => {}
+        }
+
+        let edge = Edge {
+            src: record.src.name.clone(),
+            dst: record.dst.name.clone(),
+            protocol: record.protocol.clone(),
+            port,
+        };
+        let new_connection = record.verdict != Verdict::Deny && record.reason == "policy_allow";
+        if new_connection {
+            let tracked = self.calls.len();
+            if self.calls.contains_key(&edge) || self.room_for(tracked) {
+                *self.calls.entry(edge.clone()).or_default() += u64::from(record.count);
+                self.baselines.entry(edge.clone()).or_default().rule = record.rule.clone();
+            }
+            let tracked = self.seen_edges.len();
+            if !self.seen_edges.contains(&edge) && self.room_for(tracked) {
+                self.seen_edges.insert(edge.clone());
+                findings.push(finding(
+                    Detector::NewEdge,
+                    1,
+                    format!(
+                        "first {} -> {} {} since the controller started",
+                        record.src.name,
+                        record.dst.name,
+                        service_text(&record.protocol, port)
+                    ),
+                    json!({}),
+                ));
+            }
+        }
+
+        let source = Source {
+            name: record.src.name.clone(),
+            ip: record.src.ip,
+        };
+        let tracked = self.sources.len();
+        if !self.sources.contains_key(&source) && !self.room_for(tracked) {
+            return findings;
+        }
+        let (fanout_threshold, burst_threshold, window_secs) = (
+            self.config.fanout_distinct_peers,
+            self.config.deny_burst,
+            self.config.window_secs,
+        );
+        let window = self.sources.entry(source).or_default();
+        window.peers.insert((record.dst.ip, port));
+        if record.verdict != Verdict::Allow {
+            window.denied += u64::from(record.count);
+            window.rules.insert(record.rule.clone());
+        }
+        let window_party =
+            |detector: Detector, count: u64, message: String, details: Value| Finding {
+                detector,
+                src: src.clone(),
+                dst: None,
+                protocol: None,
+                port: None,
+                rule: None,
+                count,
+                start,
+                end: record.time.max(start).min(window_end),
+                message,
+                details,
+            };
+        if !window.fanout_reported && window.peers.len() as u64 >= fanout_threshold {
+            window.fanout_reported = true;
+            let mut peers: Vec<String> = window
+                .peers
+                .iter()
+                .map(|(ip, port)| {
+                    if *port == 0 {
+                        ip.to_string()
+                    } else {
+                        format!("{ip}:{port}")
+                    }
+                })
+                .collect();
+            peers.sort();
+            findings.push(window_party(
+                Detector::Fanout,
+                window.peers.len() as u64,
+                format!("{} ({}) reached {} distinct destinations and ports within {window_secs} s", record.src.name, record.src.ip, window.peers.len()),
+                json!({ "distinct_peers": window.peers.len(), "threshold": fanout_threshold, "peers": peers }),
+            ));
+        }
+        if !window.burst_reported && window.denied >= burst_threshold {
+            window.burst_reported = true;
+            let mut rules: Vec<&String> = window.rules.iter().collect();
+            rules.sort();
+            let mut burst = window_party(
+                Detector::DenyBurst,
+                window.denied,
+                format!(
+                    "{} ({}) was denied {} times within {window_secs} s",
+                    record.src.name, record.src.ip, window.denied
+                ),
+                json!({ "denied": window.denied, "threshold": burst_threshold, "rules": rules }),
+            );
+            burst.rule = (rules.len() == 1).then(|| rules[0].clone());
+            findings.push(burst);
+        }
+        findings
+    }
+
+    /// Closes every window that ended by `now`, evaluating spikes; call it periodically so quiet
+    /// windows close too.
+    pub fn tick(&mut self, now: SystemTime) -> Vec<Finding> {
+        let mut findings = Vec::new();
+        while let Some(start) = self.window_start {
+            let end = start + self.window();
+            if now < end {
+                break;
+            }
+            findings.extend(self.close_window(start, end));
+            // Skip over silent windows in one step, but let the baselines see them as empty.
+            self.window_start = Some(end);
+        }
+        findings
+    }
+
+    fn close_window(&mut self, start: SystemTime, end: SystemTime) -> Vec<Finding> {
+        let mut findings = Vec::new();
+        let calls = std::mem::take(&mut self.calls);
+        self.sources.clear();
+        self.saturated = false;
+        let index = self.window_index;
+        self.window_index += 1;
+        let config = &self.config;
+        for (edge, baseline) in &mut self.baselines {
+            let count = calls.get(edge).copied().unwrap_or(0);
+            let observed = count as f64;
+            let spread = baseline.variance.sqrt().max(1.0);
+            let z = (observed - baseline.mean) / spread;
+            let warm = baseline.windows >= config.spike_warmup_windows;
+            if warm
+                && index >= baseline.quiet_until
+                && count >= config.spike_min_calls
+                && observed >= 3.0 * baseline.mean
+                && z >= config.spike_z
+            {
+                baseline.quiet_until = index + 1 + SPIKE_COOLDOWN_WINDOWS;
+                findings.push(Finding {
+                    detector: Detector::Spike,
+                    src: Party { name: edge.src.clone(), ip: None },
+                    dst: Some(Party { name: edge.dst.clone(), ip: None }),
+                    protocol: Some(edge.protocol.clone()),
+                    port: Some(edge.port),
+                    rule: Some(baseline.rule.clone()),
+                    count,
+                    start,
+                    end,
+                    message: format!(
+                        "{} -> {} {}: {count} new connections in {} s, against a usual {:.1} (z = {z:.1})",
+                        edge.src,
+                        edge.dst,
+                        service_text(&edge.protocol, edge.port),
+                        config.window_secs,
+                        baseline.mean
+                    ),
+                    details: json!({ "baseline_mean": baseline.mean, "baseline_stddev": baseline.variance.sqrt(), "z": z, "windows_seen": baseline.windows }),
+                });
+            }
+            let difference = observed - baseline.mean;
+            let increment = EWMA_ALPHA * difference;
+            baseline.mean += increment;
+            baseline.variance = (1.0 - EWMA_ALPHA) * (baseline.variance + difference * increment);
+            baseline.windows += 1;
+        }
+        findings
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::UNIX_EPOCH;
+
+    use super::*;
+    use crate::events::FlowEnd;
+
+    fn config() -> Detection {
+        Detection {
+            window_secs: 10,
+            spike_z: 4.0,
+            spike_min_calls: 20,
+            spike_warmup_windows: 3,
+            fanout_distinct_peers: 5,
+            deny_burst: 10,
+        }
+    }
+
+    fn record(
+        at_secs: f64,
+        src: &str,
+        dst: &str,
+        dst_ip: [u8; 4],
+        port: u16,
+        verdict: Verdict,
+        reason: &'static str,
+    ) -> FlowRecord {
+        FlowRecord {
+            time: UNIX_EPOCH + Duration::from_secs_f64(1_000_000.0 + at_secs),
+            verdict,
+            reason,
+            rule: if verdict == Verdict::Allow {
+                "r".to_owned()
+            } else {
+                "default-deny".to_owned()
+            },
+            src: FlowEnd {
+                ip: IpAddr::from([10, 0, 0, 1]),
+                port: 40000,
+                identity: 1001,
+                name: src.to_owned(),
+            },
+            dst: FlowEnd {
+                ip: IpAddr::from(dst_ip),
+                port,
+                identity: 1002,
+                name: dst.to_owned(),
+            },
+            address_identity: 1001,
+            protocol: "tcp".to_owned(),
+            protocol_number: 6,
+            ip_version: 4,
+            generation: 1,
+            interface: "v".to_owned(),
+            hook: "tc-ingress",
+            count: 1,
+            rejudged: false,
+            cgroup_id: 0,
+            cpu: 0,
+            sequence: 0,
+        }
+    }
+
+    fn allowed(at: f64) -> FlowRecord {
+        record(
+            at,
+            "frontend",
+            "api",
+            [10, 0, 0, 2],
+            8080,
+            Verdict::Allow,
+            "policy_allow",
+        )
+    }
+
+    fn detected(findings: &[Finding], detector: Detector) -> Vec<&Finding> {
+        findings
+            .iter()
+            .filter(|finding| finding.detector == detector)
+            .collect()
+    }
+
+    /// Feeds `calls[i]` allowed connections in window `i`, then closes the last window.
+    fn windows(detectors: &mut Detectors, calls: &[u64]) -> Vec<Finding> {
+        let mut findings = Vec::new();
+        for (window, count) in calls.iter().enumerate() {
+            for call in 0..*count {
+                findings.extend(detectors.observe(&allowed(
+                    window as f64 * 10.0 + call as f64 * 9.0 / *count as f64,
+                )));
+            }
+        }
+        findings.extend(
+            detectors.tick(UNIX_EPOCH + Duration::from_secs(1_000_000 + 10 * calls.len() as u64)),
+        );
+        findings
+    }
+
+    #[test]
+    fn a_call_rate_spike_is_found_after_warm_up_and_then_the_edge_cools_down() {
+        let mut detectors = Detectors::new(config());
+        let findings = windows(&mut detectors, &[5, 6, 5, 4, 5, 60, 70, 5]);
+        let spikes = detected(&findings, Detector::Spike);
+        assert_eq!(
+            spikes.len(),
+            1,
+            "one spike, then the cool-down holds the next window back: {spikes:#?}"
+        );
+        assert_eq!(
+            (spikes[0].count, spikes[0].port, spikes[0].src.name.as_str()),
+            (60, Some(8080), "frontend")
+        );
+        assert_eq!(spikes[0].start, UNIX_EPOCH + Duration::from_secs(1_000_050));
+        assert_eq!(spikes[0].end, UNIX_EPOCH + Duration::from_secs(1_000_060));
+    }
+
+    #[test]
+    fn no_spike_during_warm_up_below_the_minimum_or_within_the_normal_spread() {
+        assert!(
+            detected(
+                &windows(&mut Detectors::new(config()), &[5, 80]),
+                Detector::Spike
+            )
+            .is_empty(),
+            "still warming up"
+        );
+        assert!(
+            detected(
+                &windows(&mut Detectors::new(config()), &[2, 2, 2, 2, 15]),
+                Detector::Spike
+            )
+            .is_empty(),
+            "below spike_min_calls"
+        );
+        assert!(
+            detected(
+                &windows(&mut Detectors::new(config()), &[40, 10, 45, 12, 44, 50]),
+                Detector::Spike
+            )
+            .is_empty(),
+            "a noisy edge is judged by its spread"
+        );
+    }
+
+    #[test]
+    fn the_first_allowed_flow_of_an_edge_is_a_new_edge_once() {
+        let mut detectors = Detectors::new(config());
+        let first = detectors.observe(&allowed(0.0));
+        assert_eq!(detected(&first, Detector::NewEdge).len(), 1);
+        assert!(detected(&detectors.observe(&allowed(1.0)), Detector::NewEdge).is_empty());
+        let denied = record(
+            2.0,
+            "frontend",
+            "db",
+            [10, 0, 0, 3],
+            5432,
+            Verdict::Deny,
+            "default_deny",
+        );
+        assert!(
+            detected(&detectors.observe(&denied), Detector::NewEdge).is_empty(),
+            "a denied flow opens no edge"
+        );
+    }
+
+    #[test]
+    fn a_scan_across_destinations_is_a_fanout_once_per_window() {
+        let mut detectors = Detectors::new(config());
+        let mut findings = Vec::new();
+        for port in 1..=8 {
+            findings.extend(detectors.observe(&record(
+                f64::from(port) * 0.1,
+                "frontend",
+                "api",
+                [10, 0, 0, 2],
+                1000 + port,
+                Verdict::Deny,
+                "default_deny",
+            )));
+        }
+        let fanouts = detected(&findings, Detector::Fanout);
+        assert_eq!(fanouts.len(), 1);
+        assert_eq!(
+            fanouts[0].count, 5,
+            "reported when the fifth distinct peer came"
+        );
+        assert!(fanouts[0].dst.is_none());
+        // The next window starts counting afresh.
+        let later = detectors.observe(&record(
+            11.0,
+            "frontend",
+            "api",
+            [10, 0, 0, 2],
+            2000,
+            Verdict::Deny,
+            "default_deny",
+        ));
+        assert!(detected(&later, Detector::Fanout).is_empty());
+    }
+
+    #[test]
+    fn repeated_denials_from_one_source_are_a_burst() {
+        let mut detectors = Detectors::new(config());
+        let mut denied = record(
+            0.0,
+            "world",
+            "db",
+            [10, 0, 0, 3],
+            5432,
+            Verdict::Deny,
+            "default_deny",
+        );
+        denied.count = 4;
+        let mut findings = Vec::new();
+        for at in 0..3 {
+            denied.time = UNIX_EPOCH + Duration::from_secs(1_000_000 + at);
+            findings.extend(detectors.observe(&denied));
+        }
+        let bursts = detected(&findings, Detector::DenyBurst);
+        assert_eq!(bursts.len(), 1);
+        assert_eq!(
+            (bursts[0].count, bursts[0].rule.as_deref()),
+            (12, Some("default-deny"))
+        );
+    }
+
+    #[test]
+    fn spoofed_and_rate_limited_records_are_findings_as_they_come() {
+        let mut detectors = Detectors::new(config());
+        let spoofed = record(
+            0.0,
+            "frontend",
+            "api",
+            [10, 0, 0, 2],
+            53,
+            Verdict::Deny,
+            "spoofed",
+        );
+        assert_eq!(
+            detected(&detectors.observe(&spoofed), Detector::Spoof).len(),
+            1
+        );
+        let limited = record(
+            0.5,
+            "frontend",
+            "api",
+            [10, 0, 0, 2],
+            8080,
+            Verdict::Deny,
+            "rate_limited",
+        );
+        assert_eq!(
+            detected(&detectors.observe(&limited), Detector::RateLimit).len(),
+            1
+        );
+    }
+}

@@ -1,0 +1,314 @@
+//! Detection and reporting (DESIGN §7) against real traffic: the anomaly detectors' findings,
+//! the heartbeat, and syslog delivery.
+
+mod support;
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _},
+    net::{Ipv4Addr, TcpListener},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use support::*;
+
+fn finding<'a>(alerts: &'a [Value], detector: &str) -> Option<&'a Value> {
+    alerts.iter().find(|alert| {
+        alert["class_uid"] == 2004 && alert["finding_info"]["analytic"]["name"] == detector
+    })
+}
+
+fn wait_for_finding(enforcer: &Enforcer, detector: &str) -> Value {
+    enforcer
+        .wait_for_alert(|alert| {
+            alert["class_uid"] == 2004 && alert["finding_info"]["analytic"]["name"] == detector
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no {detector} finding; log:\n{}",
+                enforcer.daemon.log_text()
+            )
+        })
+}
+
+#[test]
+fn a_new_edge_and_a_call_rate_spike_are_found_as_root() {
+    if !require_root("a_new_edge_and_a_call_rate_spike_are_found_as_root") {
+        return;
+    }
+    let topology = Topology::build(&["frontend", "api"]).unwrap();
+    let policy = format!(
+        "{}{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\nid = \"fe-api\"\n[detection]\nwindow_secs = 1\nspike_warmup_windows = 3\nspike_min_calls = 10\nspike_z = 3.0\n",
+        service(&topology, "frontend", ""),
+        service(&topology, "api", "")
+    );
+    let enforcer = enforce(&topology, &policy);
+    let _server = topology
+        .endpoint("api")
+        .netns
+        .tcp_echo_server(8080)
+        .unwrap();
+    let frontend = &topology.endpoint("frontend").netns;
+    let target = socket(topology.endpoint("api").ipv4, 8080);
+
+    // A steady call or two a second for four windows...
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        frontend.tcp_exchange(target, b"steady", TIMEOUT).unwrap();
+        std::thread::sleep(Duration::from_millis(600));
+    }
+    let new_edge = wait_for_finding(&enforcer, "new_edge");
+    assert_eq!(
+        (
+            new_edge["src_endpoint"]["svc_name"].as_str(),
+            new_edge["dst_endpoint"]["svc_name"].as_str()
+        ),
+        (Some("frontend"), Some("api"))
+    );
+    assert_eq!(new_edge["policy"]["uid"], "fe-api");
+    assert!(
+        finding(&enforcer.alerts(), "spike").is_none(),
+        "a steady edge does not spike"
+    );
+    // ...then forty in a moment.
+    for _ in 0..40 {
+        frontend.tcp_exchange(target, b"burst", TIMEOUT).unwrap();
+    }
+    let spike = wait_for_finding(&enforcer, "spike");
+    assert_eq!(spike["dst_endpoint"]["port"], 8080);
+    assert!(spike["count"].as_u64().unwrap() >= 10, "{spike}");
+    assert!(
+        spike["end_time"].as_u64().unwrap() - spike["start_time"].as_u64().unwrap() == 1000,
+        "one window: {spike}"
+    );
+    assert_eq!(spike["severity_id"], 3);
+    assert!(
+        spike["unmapped"]["enforcer"]["details"]["z"]
+            .as_f64()
+            .unwrap()
+            >= 3.0
+    );
+}
+
+#[test]
+fn a_scan_and_a_burst_of_denials_are_found_as_root() {
+    if !require_root("a_scan_and_a_burst_of_denials_are_found_as_root") {
+        return;
+    }
+    let topology = Topology::build(&["frontend", "api", "client"]).unwrap();
+    let audit_log = topology.dir.join("audit.jsonl");
+    let policy = format!(
+        "{}{}[detection]\nwindow_secs = 5\nfanout_distinct_peers = 10\ndeny_burst = 20\n",
+        service(&topology, "frontend", ""),
+        service(&topology, "api", "")
+    );
+    let interfaces: Vec<&str> = topology
+        .endpoints
+        .iter()
+        .map(|endpoint| endpoint.host_interface.as_str())
+        .collect();
+    let enforcer = Enforcer::start(
+        &topology,
+        &policy,
+        &interfaces,
+        &[
+            "--audit-log",
+            audit_log.to_str().unwrap(),
+            "--metrics",
+            "9464",
+        ],
+    )
+    .unwrap();
+    let api = topology.endpoint("api");
+
+    // frontend probes a dozen ports of api: all denied, each a distinct peer; a dozen denials
+    // stay under the burst threshold, so the scan is a fan-out and nothing else.
+    std::thread::scope(|scope| {
+        for port in 2000..2012 {
+            let frontend = &topology.endpoint("frontend").netns;
+            scope.spawn(move || {
+                frontend.tcp_connect(socket(api.ipv4, port), Duration::from_millis(300))
+            });
+        }
+    });
+    let fanout = wait_for_finding(&enforcer, "fanout");
+    assert_eq!(fanout["src_endpoint"]["svc_name"], "frontend");
+    assert_eq!(
+        fanout["src_endpoint"]["ip"],
+        topology.endpoint("frontend").ipv4.to_string()
+    );
+    assert!(fanout["dst_endpoint"].is_null(), "about many destinations");
+    assert_eq!(fanout["count"], 10);
+    assert_eq!(fanout["severity_id"], 4);
+
+    // An outside client keeps knocking on one closed door: the kernel reports it once a second
+    // with the count, and the counts add up to a burst.
+    let client = &topology.endpoint("client").netns;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(3500) {
+        let _ = client.udp_exchange(socket(api.ipv4, 9999), b"knock", Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    let burst = wait_for_finding(&enforcer, "deny_burst");
+    assert_eq!(burst["src_endpoint"]["svc_name"], "world");
+    assert_eq!(burst["policy"]["uid"], "default-deny");
+    assert!(burst["count"].as_u64().unwrap() >= 20, "{burst}");
+    assert!(
+        finding(&enforcer.alerts(), "deny_burst")
+            .is_some_and(|first| first["src_endpoint"]["svc_name"] == "world"),
+        "the scan alone was no burst"
+    );
+
+    let metrics = http_get(&topology.host, 9464, "/metrics").unwrap();
+    assert!(
+        metrics.contains("enforcer_alerts_total{detector=\"fanout\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("enforcer_alerts_total{detector=\"deny_burst\"} 1"),
+        "{metrics}"
+    );
+    let audited: Vec<Value> = std::fs::read_to_string(&audit_log)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert!(
+        audited
+            .iter()
+            .any(|record| record["kind"] == "finding" && record["detector"] == "fanout"),
+        "findings go to the audit log"
+    );
+}
+
+/// Collects syslog frames (octet counting) arriving on `listener`.
+fn collect_syslog(listener: TcpListener) -> Arc<Mutex<Vec<String>>> {
+    let frames = Arc::new(Mutex::new(Vec::new()));
+    let received = frames.clone();
+    std::thread::spawn(move || {
+        let Ok((stream, _)) = listener.accept() else {
+            return;
+        };
+        let mut reader = BufReader::new(stream);
+        loop {
+            let mut length = Vec::new();
+            if reader.read_until(b' ', &mut length).unwrap_or(0) == 0 {
+                return;
+            }
+            let Ok(length) = String::from_utf8_lossy(&length).trim().parse::<usize>() else {
+                return;
+            };
+            let mut message = vec![0u8; length];
+            if reader.read_exact(&mut message).is_err() {
+                return;
+            }
+            received
+                .lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&message).into_owned());
+        }
+    });
+    frames
+}
+
+#[test]
+fn syslog_gets_the_records_and_the_heartbeat_anchors_the_state_as_root() {
+    if !require_root("syslog_gets_the_records_and_the_heartbeat_anchors_the_state_as_root") {
+        return;
+    }
+    let topology = Topology::build(&["frontend", "api"]).unwrap();
+    let listener = topology
+        .host
+        .run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
+        .unwrap()
+        .unwrap();
+    let syslog = format!("tcp://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let frames = collect_syslog(listener);
+    let audit_log = topology.dir.join("audit.jsonl");
+    let policy = format!(
+        "{}{}",
+        service(&topology, "frontend", ""),
+        service(&topology, "api", "")
+    );
+    let enforcer = Enforcer::start(
+        &topology,
+        &policy,
+        &["v-frontend", "v-api"],
+        &[
+            "--syslog",
+            &syslog,
+            "--heartbeat-interval",
+            "1",
+            "--audit-log",
+            audit_log.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    let _ = topology
+        .endpoint("frontend")
+        .netns
+        .tcp_connect(socket(topology.endpoint("api").ipv4, 8080), TIMEOUT);
+
+    let heartbeat = enforcer
+        .wait_for_alert(|alert| alert["activity_name"] == "Heartbeat")
+        .expect("a heartbeat");
+    let state = &heartbeat["unmapped"]["enforcer"];
+    assert_eq!(state["generation"], 1);
+    let status =
+        String::from_utf8_lossy(&enforcer.command(&topology, &["status"]).stdout).into_owned();
+    assert!(
+        status.contains(state["policy_sha256"].as_str().unwrap()),
+        "the heartbeat's policy hash is the live one:\n{status}"
+    );
+    for (link, tag) in state["programs"].as_object().unwrap() {
+        let program = if link.starts_with("tci-") {
+            "enf_tc_ingress"
+        } else {
+            "enf_tc_egress"
+        };
+        assert_eq!(
+            &state["expected_programs"][program], tag,
+            "{link} runs this build's program"
+        );
+    }
+    assert_eq!(
+        state["programs"].as_object().unwrap().len(),
+        4,
+        "two hooks on each of two interfaces"
+    );
+    assert_eq!(state["audit_chain_head"].as_str().unwrap().len(), 64);
+
+    let delivered = enforcer_testbed::eventually(SETTLE, || {
+        let frames = frames.lock().unwrap();
+        frames.iter().any(|frame| frame.contains(" flow - "))
+            && frames.iter().any(|frame| frame.contains(" heartbeat - "))
+    });
+    assert!(
+        delivered,
+        "syslog got a flow record and a heartbeat: {:#?}",
+        frames.lock().unwrap()
+    );
+    let frames = frames.lock().unwrap();
+    let flow = frames
+        .iter()
+        .find(|frame| frame.contains(" flow - "))
+        .unwrap();
+    // RFC 5424: <PRI>VERSION TIMESTAMP HOSTNAME APP-NAME PROCID MSGID STRUCTURED-DATA MSG
+    let fields: Vec<&str> = flow.splitn(8, ' ').collect();
+    assert_eq!(
+        fields[0], "<133>1",
+        "local0, notice (a denied flow is low severity): {flow}"
+    );
+    assert!(
+        fields[1].ends_with('Z') && fields[1].contains('T'),
+        "RFC 3339 timestamp: {flow}"
+    );
+    assert_eq!((fields[3], fields[5], fields[6]), ("enforcer", "flow", "-"));
+    let record: Value = serde_json::from_str(fields[7]).unwrap();
+    assert_eq!(
+        (record["class_uid"].as_u64(), record["action_id"].as_u64()),
+        (Some(4001), Some(2))
+    );
+    assert_eq!(record["dst_endpoint"]["svc_name"], "api");
+}
