@@ -6,7 +6,7 @@
 mod support;
 
 use std::{
-    io::BufRead as _,
+    io::{BufRead as _, Write as _},
     net::SocketAddr,
     os::unix::fs::symlink,
     path::Path,
@@ -15,7 +15,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use serde_json::Value;
@@ -463,6 +463,59 @@ fn broken_policy_written_over_the_live_one_is_refused_and_the_old_one_keeps_enfo
         .expect("audited");
     assert!(refused["error"].as_str().unwrap().contains("out of range"));
     assert_eq!(refused["trigger"], "file-change");
+}
+
+#[test]
+fn a_policy_caught_half_written_is_never_installed_as_root() {
+    if !require_root("a_policy_caught_half_written_is_never_installed_as_root") {
+        return;
+    }
+    let topology = Topology::build(&["frontend", "api"]).unwrap();
+    // The deny comes last: the file cut before it lets frontend reach api's admin port.
+    let policy = format!(
+        "{}{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"tcp\"]\n[[deny]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"9090/tcp\"]\n",
+        service(&topology, "frontend", ""),
+        service(&topology, "api", "")
+    );
+    let enforcer = enforce(&topology, &policy);
+    let _admin = topology
+        .endpoint("api")
+        .netns
+        .tcp_echo_server(9090)
+        .unwrap();
+    let frontend = &topology.endpoint("frontend").netns;
+    let probe = || frontend.tcp_connect(v4(&topology, "api", 9090), Duration::from_millis(200));
+    assert!(was_dropped(&probe()));
+
+    // An editor saving in place: truncate, write part, stall, write the rest, close.
+    let cut = policy.find("[[deny]]").unwrap();
+    let mut file = std::fs::File::create(&enforcer.policy).unwrap();
+    let stalled = Instant::now();
+    let mut leaks = 0;
+    for (index, part) in ["", &policy[..cut], &policy[cut..]].iter().enumerate() {
+        file.write_all(part.as_bytes()).unwrap();
+        while stalled.elapsed() < Duration::from_millis(600 * (index as u64 + 1)) {
+            leaks += usize::from(probe().is_ok());
+        }
+    }
+    drop(file);
+    enforcer
+        .daemon
+        .wait_for_log("policy unchanged", SETTLE)
+        .expect("the finished file is read");
+    let log = enforcer.daemon.log_text();
+    assert_eq!(
+        leaks, 0,
+        "frontend reached the denied port while the file was half written:\n{log}"
+    );
+    assert!(
+        !log.contains("generation=2 "),
+        "nothing installed from a partial file:\n{log}"
+    );
+    assert!(
+        !log.contains("reload refused"),
+        "nor was a partial file even read:\n{log}"
+    );
 }
 
 #[test]

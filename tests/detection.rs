@@ -312,3 +312,91 @@ fn syslog_gets_the_records_and_the_heartbeat_anchors_the_state_as_root() {
     );
     assert_eq!(record["dst_endpoint"]["svc_name"], "api");
 }
+
+#[test]
+fn an_edge_baseline_keeps_known_edges_quiet_across_a_restart_as_root() {
+    if !require_root("an_edge_baseline_keeps_known_edges_quiet_across_a_restart_as_root") {
+        return;
+    }
+    let topology = Topology::build(&["frontend", "api"]).unwrap();
+    let baseline = topology.dir.join("edges.jsonl");
+    let policy = format!(
+        "{}{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\", \"9090/tcp\"]\n",
+        service(&topology, "frontend", ""),
+        service(&topology, "api", "")
+    );
+    let _known = topology
+        .endpoint("api")
+        .netns
+        .tcp_echo_server(8080)
+        .unwrap();
+    let _unknown = topology
+        .endpoint("api")
+        .netns
+        .tcp_echo_server(9090)
+        .unwrap();
+    let frontend = &topology.endpoint("frontend").netns;
+    let api = topology.endpoint("api").ipv4;
+    let is_new_edge = |port: u16| {
+        move |alert: &Value| {
+            alert["finding_info"]["analytic"]["name"] == "new_edge"
+                && alert["dst_endpoint"]["port"] == port
+        }
+    };
+
+    let first = enforce_with(
+        &topology,
+        &policy,
+        &["--edge-baseline", baseline.to_str().unwrap()],
+    );
+    frontend
+        .tcp_exchange(socket(api, 8080), b"first", TIMEOUT)
+        .unwrap();
+    first
+        .wait_for_alert(is_new_edge(8080))
+        .expect("the first controller reports the edge");
+    drop(first);
+    let kept = std::fs::read_to_string(&baseline).unwrap();
+    assert_eq!(
+        kept,
+        "{\"src\":\"frontend\",\"dst\":\"api\",\"protocol\":\"tcp\",\"port\":8080}\n"
+    );
+    // A controller killed in the middle of an append leaves a torn line; the next one cuts it off.
+    std::fs::write(&baseline, format!("{kept}{{\"src\":\"fron")).unwrap();
+
+    let second = enforce_with(
+        &topology,
+        &policy,
+        &["--edge-baseline", baseline.to_str().unwrap()],
+    );
+    frontend
+        .tcp_exchange(socket(api, 8080), b"again", TIMEOUT)
+        .unwrap();
+    frontend
+        .tcp_exchange(socket(api, 9090), b"other", TIMEOUT)
+        .unwrap();
+    second
+        .wait_for_alert(is_new_edge(9090))
+        .expect("an edge the baseline lacks is new");
+    let alerts = second.alerts();
+    assert!(
+        alerts
+            .iter()
+            .any(|alert| alert["class_uid"] == 4001 && is_flow(alert, "frontend", "api", 8080)),
+        "the known edge was used again"
+    );
+    assert!(
+        !alerts.iter().any(is_new_edge(8080)),
+        "but it is not new: {alerts:#?}"
+    );
+    assert!(
+        second
+            .daemon
+            .log_text()
+            .contains("dropping a torn last line")
+    );
+    assert_eq!(
+        std::fs::read_to_string(&baseline).unwrap().lines().count(),
+        2
+    );
+}

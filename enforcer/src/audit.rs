@@ -163,30 +163,19 @@ mod tests {
 
     use super::*;
 
-    fn written_log(records: usize) -> (PathBuf, Vec<String>) {
-        let path = std::env::temp_dir().join(format!(
-            "enforcer-audit-test-{}-{records}-{}",
-            std::process::id(),
-            rand_suffix()
-        ));
-        let mut log = AuditLog::open(&path).unwrap();
+    fn written_log(records: usize) -> (crate::ScratchFile, Vec<String>) {
+        let scratch = crate::ScratchFile::new("audit.jsonl");
+        let mut log = AuditLog::open(&scratch.0).unwrap();
         for index in 0..records {
             log.append("policy_load", json!({ "generation": index }))
                 .unwrap();
         }
-        let lines = std::fs::read_to_string(&path)
+        let lines = std::fs::read_to_string(&scratch.0)
             .unwrap()
             .lines()
             .map(str::to_owned)
             .collect();
-        (path, lines)
-    }
-
-    fn rand_suffix() -> u128 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
+        (scratch, lines)
     }
 
     fn verify_lines(path: &Path, lines: &[String]) -> Verification {
@@ -203,20 +192,21 @@ mod tests {
 
     #[test]
     fn an_untouched_log_verifies_and_reopening_continues_the_chain() {
-        let (path, lines) = written_log(3);
-        let Verification::Intact { records: 3, head } = verify(&path).unwrap() else {
+        let (scratch, lines) = written_log(3);
+        let path = &scratch.0;
+        let Verification::Intact { records: 3, head } = verify(path).unwrap() else {
             panic!("intact log refused")
         };
         assert_eq!(head, sha256_hex(lines[2].as_bytes()));
-        let mut log = AuditLog::open(&path).unwrap();
+        let mut log = AuditLog::open(path).unwrap();
         assert_eq!(log.head(), head);
         log.append("policy_load", json!({})).unwrap();
         assert!(matches!(
-            verify(&path).unwrap(),
+            verify(path).unwrap(),
             Verification::Intact { records: 4, .. }
         ));
         let last: Value = serde_json::from_str(
-            std::fs::read_to_string(&path)
+            std::fs::read_to_string(path)
                 .unwrap()
                 .lines()
                 .last()
@@ -224,17 +214,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(last["seq"], 3);
-        std::fs::remove_file(path).unwrap();
     }
 
     #[test]
     fn any_line_changed_removed_inserted_or_reordered_is_found() {
-        let (path, lines) = written_log(4);
+        let (scratch, lines) = written_log(4);
+        let path = &scratch.0;
         let mut changed = lines.clone();
         changed[1] = changed[1].replace("\"generation\":1", "\"generation\":7");
         assert!(
             matches!(
-                verify_lines(&path, &changed),
+                verify_lines(path, &changed),
                 Verification::Broken { line: 3, .. }
             ),
             "changed line 2"
@@ -243,7 +233,7 @@ mod tests {
         removed.remove(1);
         assert!(
             matches!(
-                verify_lines(&path, &removed),
+                verify_lines(path, &removed),
                 Verification::Broken { line: 2, .. }
             ),
             "removed line 2"
@@ -252,7 +242,7 @@ mod tests {
         inserted.insert(2, lines[1].clone());
         assert!(
             matches!(
-                verify_lines(&path, &inserted),
+                verify_lines(path, &inserted),
                 Verification::Broken { line: 3, .. }
             ),
             "inserted a copy"
@@ -261,7 +251,7 @@ mod tests {
         reordered.swap(1, 2);
         assert!(
             matches!(
-                verify_lines(&path, &reordered),
+                verify_lines(path, &reordered),
                 Verification::Broken { line: 2, .. }
             ),
             "swapped 2 and 3"
@@ -269,11 +259,10 @@ mod tests {
         let truncated_start = lines[1..].to_vec();
         assert!(
             matches!(
-                verify_lines(&path, &truncated_start),
+                verify_lines(path, &truncated_start),
                 Verification::Broken { line: 1, .. }
             ),
             "cut at the start"
         );
-        std::fs::remove_file(path).unwrap();
     }
 }

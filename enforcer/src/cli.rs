@@ -145,6 +145,9 @@ pub struct RunArgs {
     /// Seconds between heartbeat records (policy hash, generation, program tags, audit chain head).
     #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub heartbeat_interval: u64,
+    /// Keep the edges `new_edge` has reported in this file, so a restart does not report them again.
+    #[arg(long, value_name = "PATH")]
+    pub edge_baseline: Option<PathBuf>,
 }
 
 /// How a command failed: the operator's input (exit 1) or the system (exit 2).
@@ -195,6 +198,7 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
                 observe_socket,
                 syslog,
                 heartbeat_interval: std::time::Duration::from_secs(args.heartbeat_interval),
+                edge_baseline: args.edge_baseline,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -27,6 +27,8 @@ use crate::{events::FlowRecord, policy::Detection};
 pub const SPIKE_COOLDOWN_WINDOWS: u64 = 3;
 /// Weight of the newest window in the edge baselines.
 const EWMA_ALPHA: f64 = 0.3;
+/// A baseline mean below this is an edge unused for a dozen windows or more: forgotten.
+const FORGOTTEN_MEAN: f64 = 0.01;
 /// Most edges and sources tracked at once; beyond it new ones are not (and that is logged).
 const MAX_TRACKED: usize = 100_000;
 
@@ -88,12 +90,27 @@ pub struct Finding {
     pub details: Value,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct Edge {
-    src: String,
-    dst: String,
-    protocol: String,
-    port: u16,
+/// Who called whom on what: the unit of `spike` and `new_edge`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Edge {
+    pub src: String,
+    pub dst: String,
+    pub protocol: String,
+    /// 0 for protocols without ports.
+    pub port: u16,
+}
+
+impl Finding {
+    /// The edge a `new_edge` or `spike` finding is about.
+    pub fn edge(&self) -> Option<Edge> {
+        Some(Edge {
+            src: self.src.name.clone(),
+            dst: self.dst.as_ref()?.name.clone(),
+            protocol: self.protocol.clone()?,
+            port: self.port?,
+        })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -161,6 +178,11 @@ impl Detectors {
             sources: HashMap::new(),
             saturated: false,
         }
+    }
+
+    /// Edges seen before this controller started (`--edge-baseline`): not new.
+    pub fn remember(&mut self, edges: impl IntoIterator<Item = Edge>) {
+        self.seen_edges.extend(edges);
     }
 
     /// Takes new tuning (a policy reload); baselines are kept.
@@ -246,8 +268,9 @@ impl Detectors {
         };
         let new_connection = record.verdict != Verdict::Deny && record.reason == "policy_allow";
         if new_connection {
-            let tracked = self.calls.len();
-            if self.calls.contains_key(&edge) || self.room_for(tracked) {
+            // Every edge counted in a window has a baseline, so the baselines bound both.
+            let tracked = self.baselines.len();
+            if self.baselines.contains_key(&edge) || self.room_for(tracked) {
                 *self.calls.entry(edge.clone()).or_default() += u64::from(record.count);
                 self.baselines.entry(edge.clone()).or_default().rule = record.rule.clone();
             }
@@ -405,6 +428,10 @@ impl Detectors {
             baseline.variance = (1.0 - EWMA_ALPHA) * (baseline.variance + difference * increment);
             baseline.windows += 1;
         }
+        // An edge quiet long enough to have no baseline left starts over (with a warm-up) when
+        // it is used again; forgetting it keeps short-lived edges from piling up.
+        self.baselines
+            .retain(|edge, baseline| baseline.mean >= FORGOTTEN_MEAN || calls.contains_key(edge));
         findings
     }
 }
@@ -571,6 +598,57 @@ mod tests {
         assert!(
             detected(&detectors.observe(&denied), Detector::NewEdge).is_empty(),
             "a denied flow opens no edge"
+        );
+    }
+
+    #[test]
+    fn an_edge_unused_for_long_is_forgotten_and_must_warm_up_again() {
+        let busy_then_idle = [[5; 4].as_slice(), &[0; 20]].concat();
+        let mut detectors = Detectors::new(config());
+        windows(&mut detectors, &busy_then_idle);
+        assert!(
+            detectors.baselines.is_empty(),
+            "the idle edge is no longer tracked"
+        );
+        // Remembered, its near-zero mean would make this an extreme spike.
+        let then_busy_again = [busy_then_idle.as_slice(), &[40]].concat();
+        let findings = windows(&mut Detectors::new(config()), &then_busy_again);
+        assert!(
+            detected(&findings, Detector::Spike).is_empty(),
+            "a forgotten edge warms up again before it can spike"
+        );
+    }
+
+    #[test]
+    fn a_remembered_edge_is_not_new_and_the_finding_names_the_edge_to_remember() {
+        let mut detectors = Detectors::new(config());
+        let findings = detectors.observe(&allowed(0.0));
+        let edge = detected(&findings, Detector::NewEdge)[0].edge().unwrap();
+        assert_eq!(
+            edge,
+            Edge {
+                src: "frontend".to_owned(),
+                dst: "api".to_owned(),
+                protocol: "tcp".to_owned(),
+                port: 8080
+            }
+        );
+        let mut restarted = Detectors::new(config());
+        restarted.remember([edge]);
+        assert!(detected(&restarted.observe(&allowed(0.0)), Detector::NewEdge).is_empty());
+        let other = record(
+            1.0,
+            "frontend",
+            "api",
+            [10, 0, 0, 2],
+            9090,
+            Verdict::Allow,
+            "policy_allow",
+        );
+        assert_eq!(
+            detected(&restarted.observe(&other), Detector::NewEdge).len(),
+            1,
+            "other edges still are"
         );
     }
 

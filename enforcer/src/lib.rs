@@ -4,6 +4,7 @@
 
 pub mod alert;
 pub mod audit;
+pub mod baseline;
 pub mod cli;
 pub mod compile;
 pub mod detect;
@@ -19,3 +20,26 @@ pub mod policy;
 pub mod run;
 pub mod syslog;
 pub mod watch;
+
+/// A file path of a unit test's own under the temp directory, removed when dropped.
+#[cfg(test)]
+pub(crate) struct ScratchFile(pub std::path::PathBuf);
+
+#[cfg(test)]
+impl ScratchFile {
+    pub(crate) fn new(name: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let unique = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(std::env::temp_dir().join(format!(
+            "enforcer-test-{}-{unique}-{name}",
+            std::process::id()
+        )))
+    }
+}
+
+#[cfg(test)]
+impl Drop for ScratchFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

@@ -551,6 +551,15 @@ pub fn parse_sources(files: Vec<(PathBuf, String)>) -> Result<Policy, PolicyErro
     let mut documents = Vec::new();
     for (path, text) in files {
         let source = Source::new(path, text);
+        if declares_nothing(&source.text) {
+            // Installing it would stop enforcing everything the policy declared; an empty
+            // file is far more often a write caught half-way, or a mistake, than a wish.
+            diagnostics.error(
+                source.origin(0),
+                "the file is empty: a policy file declares at least one service, rule or setting",
+            );
+            continue;
+        }
         match toml::from_str::<PolicyDocument>(&source.text) {
             Ok(document) => documents.push((source, document)),
             Err(error) => {
@@ -568,6 +577,14 @@ pub fn parse_sources(files: Vec<(PathBuf, String)>) -> Result<Policy, PolicyErro
     } else {
         Err(PolicyError::Invalid(diagnostics.0))
     }
+}
+
+/// Whether TOML text is only whitespace and comments.
+fn declares_nothing(text: &str) -> bool {
+    text.lines().all(|line| {
+        let line = line.trim();
+        line.is_empty() || line.starts_with('#')
+    })
 }
 
 fn parse_mode(
@@ -1048,6 +1065,16 @@ mod tests {
 
     fn parse(text: &str) -> Result<Policy, PolicyError> {
         parse_sources(vec![(PathBuf::from("policy.toml"), text.to_owned())])
+    }
+
+    #[test]
+    fn an_empty_file_is_refused_not_taken_for_a_policy_that_enforces_nothing() {
+        for text in ["", "\n  \n", "# policy coming soon\n"] {
+            assert_eq!(
+                only_error(text),
+                "policy.toml:1:1: the file is empty: a policy file declares at least one service, rule or setting"
+            );
+        }
     }
 
     fn only_error(text: &str) -> String {

@@ -21,8 +21,9 @@ use tokio::{
 use crate::{
     alert::{self, AlertFormat},
     audit::AuditLog,
+    baseline::{BaselineError, EdgeBaseline},
     compile::{self, CompileError, Compiled, HostView},
-    detect::{Detectors, Finding},
+    detect::{Detector, Detectors, Finding},
     events::{self, Clock, FlowRecord, Generations, SequenceTracker},
     host,
     loader::{self, Datapath, IngressHook, LoadError, PinLayout},
@@ -54,6 +55,8 @@ pub struct RunOptions {
     pub syslog: Option<(String, u16)>,
     /// Seconds between heartbeat records.
     pub heartbeat_interval: Duration,
+    /// Where the edges `new_edge` has reported are kept across restarts.
+    pub edge_baseline: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +73,8 @@ pub enum RunError {
     Maps(#[from] MapsError),
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
+    #[error("{0}")]
+    Baseline(#[from] BaselineError),
 }
 
 impl RunError {
@@ -77,7 +82,10 @@ impl RunError {
     pub fn is_bad_input(&self) -> bool {
         matches!(
             self,
-            Self::Policy(_) | Self::Compile(_) | Self::NoSuchInterface(_)
+            Self::Policy(_)
+                | Self::Compile(_)
+                | Self::NoSuchInterface(_)
+                | Self::Baseline(BaselineError::Malformed { .. })
         )
     }
 }
@@ -420,6 +428,7 @@ struct Pipeline {
     audit: SharedAudit,
     summary: FlowSummary,
     detectors: Detectors,
+    edge_baseline: Option<EdgeBaseline>,
     /// Generation whose `[detection]` tuning the detectors run with.
     detection_generation: u32,
 }
@@ -465,6 +474,11 @@ impl Pipeline {
     fn report(&mut self, findings: Vec<Finding>) {
         for finding in findings {
             tracing::info!(detector = finding.detector.name(), "{}", finding.message);
+            if finding.detector == Detector::NewEdge
+                && let (Some(baseline), Some(edge)) = (&mut self.edge_baseline, finding.edge())
+            {
+                baseline.record(&edge);
+            }
             let record = alert::finding_alert(&finding, self.format, &self.host);
             self.publish("finding", &record);
             self.metrics
@@ -664,6 +678,18 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
             })
         })
         .transpose()?;
+    let (edge_baseline, known_edges) = match &options.edge_baseline {
+        Some(path) => {
+            let (baseline, known) = EdgeBaseline::open(path)?;
+            tracing::info!(
+                edges = known.len(),
+                "edges already seen, from {}",
+                path.display()
+            );
+            (Some(baseline), known)
+        }
+        None => (None, Vec::new()),
+    };
     let metrics_listener =
         match options.metrics {
             Some(address) => Some(tokio::net::TcpListener::bind(address).await.map_err(
@@ -726,6 +752,8 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         .as_ref()
         .map(|compiled| compiled.detection.clone())
         .unwrap_or_default();
+    let mut detectors = Detectors::new(detection);
+    detectors.remember(known_edges);
     let pipeline = Pipeline {
         generations,
         clock: Clock::now(),
@@ -739,7 +767,8 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         hub: hub.clone(),
         audit: audit_log.clone(),
         summary: FlowSummary::default(),
-        detectors: Detectors::new(detection),
+        detectors,
+        edge_baseline,
         detection_generation: 0,
     };
     let events_task = tokio::spawn(read_events(ring, pipeline, stop_rx, heartbeat_rx));

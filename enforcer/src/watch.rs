@@ -2,8 +2,11 @@
 //! writes, editors' rename-over saves and the atomic `..data` symlink swap of a Kubernetes
 //! ConfigMap mount are all seen. Only the policy's own entries count — its file (or `*.toml`
 //! files of a policy directory) and ConfigMap `..` entries — so logs or alerts kept beside the
-//! policy do not set off reloads. The controller reloads only if what it compiles differs from
-//! what is live.
+//! policy do not set off reloads. Only events that end a change count: a file closed after
+//! writing, a rename, a removal, a symlink made. A write in progress (the truncation that opens
+//! `>` or `fs::write`, each chunk after it) is not one: reading the file then would install
+//! whatever part of it was written. The controller reloads only if what it compiles differs
+//! from what is live.
 
 use std::{
     collections::BTreeSet,
@@ -12,7 +15,10 @@ use std::{
     time::Instant,
 };
 
-use notify::{RecursiveMode, Watcher as _};
+use notify::{
+    EventKind, RecursiveMode, Watcher as _,
+    event::{AccessKind, AccessMode, CreateKind, ModifyKind},
+};
 use tokio::sync::mpsc;
 
 /// Keeps the watch alive; dropping it stops it.
@@ -46,6 +52,20 @@ impl Relevance {
     }
 }
 
+/// Whether an event ends a change to `path`: after it, the file holds what its writer meant.
+fn ends_a_change(kind: &EventKind, path: &Path) -> bool {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+        | EventKind::Modify(ModifyKind::Name(_))
+        | EventKind::Remove(_) => true,
+        // A new regular file is empty until written and closed; a symlink is whole at once.
+        EventKind::Create(CreateKind::File) => path.is_symlink(),
+        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Access(_) => false,
+        // Events notify cannot classify (a queue overflow among them): look again.
+        EventKind::Any | EventKind::Other => true,
+    }
+}
+
 /// Watches what `policy` (a file or a directory) depends on; sends the time of each change.
 pub fn watch(
     policy: &Path,
@@ -68,8 +88,10 @@ pub fn watch(
     let mut watcher =
         notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
             Ok(event)
-                if !event.kind.is_access()
-                    && event.paths.iter().any(|path| relevance.concerns(path)) =>
+                if event.need_rescan()
+                    || event.paths.iter().any(|path| {
+                        relevance.concerns(path) && ends_a_change(&event.kind, path)
+                    }) =>
             {
                 let _ = changes.send(Instant::now());
             }
@@ -125,5 +147,43 @@ mod tests {
         };
         assert!(directory.concerns(Path::new("/etc/enforcer/20-db.toml")));
         assert!(!directory.concerns(Path::new("/etc/enforcer/alerts.jsonl")));
+    }
+
+    #[test]
+    fn a_write_counts_when_it_is_finished_not_while_it_is_under_way() {
+        use notify::event::{DataChange, MetadataKind, RemoveKind, RenameMode};
+        let policy = Path::new("/nonexistent/policy.toml");
+        let written = EventKind::Modify(ModifyKind::Data(DataChange::Any));
+        assert!(
+            !ends_a_change(&written, policy),
+            "truncated or partly written"
+        );
+        assert!(
+            !ends_a_change(&EventKind::Create(CreateKind::File), policy),
+            "created empty"
+        );
+        assert!(!ends_a_change(
+            &EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any)),
+            policy
+        ));
+        assert!(!ends_a_change(
+            &EventKind::Access(AccessKind::Open(notify::event::AccessMode::Any)),
+            policy
+        ));
+        assert!(ends_a_change(
+            &EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            policy
+        ));
+        assert!(
+            ends_a_change(&EventKind::Modify(ModifyKind::Name(RenameMode::To)), policy),
+            "saved by rename, or a ConfigMap swap"
+        );
+        assert!(ends_a_change(&EventKind::Remove(RemoveKind::File), policy));
+        let scratch = crate::ScratchFile::new("policy-link.toml");
+        std::os::unix::fs::symlink("/etc/hostname", &scratch.0).unwrap();
+        assert!(
+            ends_a_change(&EventKind::Create(CreateKind::File), &scratch.0),
+            "a symlink made"
+        );
     }
 }
