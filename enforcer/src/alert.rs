@@ -153,6 +153,15 @@ pub fn flow_message(record: &FlowRecord) -> String {
     )
 }
 
+/// The severity of a record in either format (OCSF `severity_id`, ECS `event.severity`, which
+/// carry the same scale).
+pub fn severity_of(record: &Value) -> u8 {
+    record["severity_id"]
+        .as_u64()
+        .or_else(|| record["event"]["severity"].as_u64())
+        .map_or(1, |severity| severity.min(6) as u8)
+}
+
 /// A flow record as a SIEM record.
 pub fn flow_alert(record: &FlowRecord, format: AlertFormat, host: &str) -> Value {
     match format {
@@ -240,6 +249,7 @@ fn ecs_flow(record: &FlowRecord, host: &str) -> Value {
             "action": format!("flow-{}", record.verdict.as_str()),
             "outcome": outcome,
             "reason": record.reason,
+            "severity": classify(record).severity_id,
             "sequence": record.sequence,
             "start": timestamp,
             "end": timestamp,
@@ -433,7 +443,7 @@ pub fn heartbeat_alert(
             "@timestamp": rfc3339(at),
             "ecs": { "version": ECS_VERSION },
             "message": format!("enforcing generation {} of policy {}", heartbeat.generation, heartbeat.policy_sha256),
-            "event": { "kind": "state", "category": ["configuration"], "type": ["info"], "action": "heartbeat", "module": PRODUCT, "dataset": "enforcer.heartbeat" },
+            "event": { "kind": "state", "category": ["configuration"], "type": ["info"], "action": "heartbeat", "severity": 1, "module": PRODUCT, "dataset": "enforcer.heartbeat" },
             "host": { "hostname": host },
             "enforcer": state,
         }),
@@ -468,7 +478,7 @@ pub fn lost_events_alert(count: u64, at: SystemTime, format: AlertFormat, host: 
             "@timestamp": rfc3339(at),
             "ecs": { "version": ECS_VERSION },
             "message": message,
-            "event": { "kind": "pipeline_error", "category": ["network"], "type": ["info"], "action": "events-lost", "module": PRODUCT, "dataset": "enforcer.flow" },
+            "event": { "kind": "pipeline_error", "category": ["network"], "type": ["info"], "action": "events-lost", "severity": 3, "module": PRODUCT, "dataset": "enforcer.flow" },
             "host": { "hostname": host },
             "enforcer": { "events_lost": count },
         }),
@@ -606,6 +616,31 @@ mod tests {
         assert_eq!(alert["service"]["target"]["name"], "db");
         assert_eq!(alert["network"]["transport"], "tcp");
         assert_eq!(alert["rule"]["id"], "no-db");
+    }
+
+    #[test]
+    fn a_record_has_the_same_severity_in_both_formats() {
+        for (verdict, reason) in [
+            (Verdict::Allow, "policy_allow"),
+            (Verdict::Deny, "policy_deny"),
+            (Verdict::Deny, "spoofed"),
+        ] {
+            let flow = record(verdict, reason, "r");
+            let [ocsf, ecs] = [AlertFormat::Ocsf, AlertFormat::Ecs]
+                .map(|format| severity_of(&flow_alert(&flow, format, "node-1")));
+            assert_eq!(ocsf, ecs, "{reason}");
+        }
+        assert_eq!(
+            severity_of(&flow_alert(
+                &record(Verdict::Deny, "spoofed", "r"),
+                AlertFormat::Ecs,
+                "n"
+            )),
+            4
+        );
+        let lost = [AlertFormat::Ocsf, AlertFormat::Ecs]
+            .map(|format| severity_of(&lost_events_alert(3, UNIX_EPOCH, format, "n")));
+        assert_eq!(lost, [3, 3]);
     }
 
     fn spike() -> Finding {

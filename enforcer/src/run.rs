@@ -449,11 +449,7 @@ impl Pipeline {
             sink.write(record);
         }
         if let Some(syslog) = &self.syslog {
-            syslog.send(
-                record["severity_id"].as_u64().unwrap_or(1) as u8,
-                msgid,
-                record,
-            );
+            syslog.send(alert::severity_of(record), msgid, record);
         }
     }
 
