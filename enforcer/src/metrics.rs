@@ -54,6 +54,7 @@ pub struct Metrics {
     pub policy_apply_seconds: Histogram,
     pub flows: Family<FlowLabels, Counter>,
     pub alerts: Family<DetectorLabel, Counter>,
+    pub syslog_dropped: Counter,
 }
 
 impl Metrics {
@@ -89,6 +90,12 @@ impl Metrics {
             "Alert records written, by detector (flow for flow records)",
             alerts.clone(),
         );
+        let syslog_dropped = Counter::default();
+        registry.register(
+            "enforcer_syslog_dropped",
+            "Records not sent to the syslog collector because it was too slow or unreachable and its queue was full",
+            syslog_dropped.clone(),
+        );
         registry.register_collector(Box::new(KernelCollector {
             maps,
             names,
@@ -101,6 +108,7 @@ impl Metrics {
             policy_apply_seconds,
             flows,
             alerts,
+            syslog_dropped,
         }
     }
 

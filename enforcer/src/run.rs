@@ -738,10 +738,14 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     let (stop_events, stop_rx) = mpsc::channel(1);
     let (heartbeats, heartbeat_rx) = mpsc::unbounded_channel();
     let host_name = alert::hostname();
-    let syslog = options
-        .syslog
-        .clone()
-        .map(|(host, port)| SyslogSink::start(host, port, host_name.clone()));
+    let syslog = options.syslog.clone().map(|(host, port)| {
+        SyslogSink::start(
+            host,
+            port,
+            host_name.clone(),
+            metrics.syslog_dropped.clone(),
+        )
+    });
     let reporting = alerts.is_some() || syslog.is_some();
     let detection = controller
         .live

@@ -7,15 +7,12 @@
 use std::{
     io::Write as _,
     net::{SocketAddr, TcpStream, ToSocketAddrs as _},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-        mpsc,
-    },
+    sync::mpsc,
     thread::JoinHandle,
     time::{Duration, SystemTime},
 };
 
+use prometheus_client::metrics::counter::Counter;
 use serde_json::Value;
 
 /// Messages waiting for the collector before new ones are dropped (and counted).
@@ -70,15 +67,27 @@ pub fn frame(
 
 pub struct SyslogSink {
     queue: Option<mpsc::SyncSender<String>>,
-    dropped: Arc<AtomicU64>,
+    /// `enforcer_syslog_dropped_total`.
+    dropped: Counter,
     sender: Option<JoinHandle<()>>,
     hostname: String,
 }
 
 impl SyslogSink {
-    /// Starts sending to `host:port` (resolved again at each reconnect).
-    pub fn start(host: String, port: u16, hostname: String) -> Self {
-        let (queue, messages) = mpsc::sync_channel::<String>(QUEUE);
+    /// Starts sending to `host:port` (resolved again at each reconnect); counts what it has to
+    /// drop in `dropped`.
+    pub fn start(host: String, port: u16, hostname: String, dropped: Counter) -> Self {
+        Self::with_queue(host, port, hostname, dropped, QUEUE)
+    }
+
+    fn with_queue(
+        host: String,
+        port: u16,
+        hostname: String,
+        dropped: Counter,
+        capacity: usize,
+    ) -> Self {
+        let (queue, messages) = mpsc::sync_channel::<String>(capacity);
         let sender = std::thread::Builder::new()
             .name("syslog".to_owned())
             .spawn(move || send_all(&host, port, &messages))
@@ -86,7 +95,7 @@ impl SyslogSink {
             .ok();
         Self {
             queue: Some(queue),
-            dropped: Arc::new(AtomicU64::new(0)),
+            dropped,
             sender,
             hostname,
         }
@@ -103,7 +112,7 @@ impl SyslogSink {
             record,
         );
         if queue.try_send(framed).is_err() {
-            let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            let dropped = self.dropped.inc() + 1;
             if dropped.is_power_of_two() {
                 tracing::warn!(
                     dropped,
@@ -188,6 +197,27 @@ mod tests {
         assert!(
             message.ends_with(" flow - {\"class_uid\":4001}"),
             "{message}"
+        );
+    }
+
+    #[test]
+    fn records_beyond_the_queue_of_an_unreachable_collector_are_counted() {
+        let dropped = Counter::default();
+        // Nothing listens on port 1: the sender holds one record and retries.
+        let sink = SyslogSink::with_queue(
+            "127.0.0.1".to_owned(),
+            1,
+            "node-1".to_owned(),
+            dropped.clone(),
+            4,
+        );
+        for _ in 0..10 {
+            sink.send(2, "flow", &serde_json::json!({}));
+        }
+        let counted = dropped.get();
+        assert!(
+            (5..=6).contains(&counted),
+            "10 sent, 4 queued, at most 1 in hand: {counted}"
         );
     }
 
