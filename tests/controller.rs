@@ -127,20 +127,13 @@ fn check_names_file_line_and_column_for_each_kind_of_error() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-fn three_services(topology: &Topology) -> String {
-    ["frontend", "api", "db"]
-        .iter()
-        .map(|name| service(topology, name, ""))
-        .collect()
-}
-
 #[test]
 fn explain_and_diff_agree_with_what_the_datapath_does_as_root() {
     if !require_root("explain_and_diff_agree_with_what_the_datapath_does_as_root") {
         return;
     }
     let topology = Topology::build(&["frontend", "api", "db"]).unwrap();
-    let services = three_services(&topology);
+    let services = services(&topology, &["frontend", "api", "db"]);
     let old = format!(
         "{services}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\", \"9000-9001/tcp\"]\nid = \"fe-api\"\n[[allow]]\nfrom = \"api\"\nto = \"db\"\nports = [\"5432/tcp\"]\nid = \"api-db\"\n[[deny]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"9001/tcp\"]\nid = \"no-9001\"\n"
     );
@@ -278,7 +271,7 @@ fn hundred_reloads_under_traffic_never_admit_what_both_forbid_nor_break_what_bot
         return;
     }
     let topology = Topology::build(&["frontend", "api", "db"]).unwrap();
-    let services = three_services(&topology);
+    let services = services(&topology, &["frontend", "api", "db"]);
     // Both allow frontend -> api 8080 and forbid frontend -> db; they differ on api -> db.
     let first = format!(
         "{services}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\n[[allow]]\nfrom = \"api\"\nto = \"db\"\nports = [\"5432/tcp\"]\n"
@@ -386,9 +379,8 @@ fn broken_policy_written_over_the_live_one_is_refused_and_the_old_one_keeps_enfo
     }
     let topology = Topology::build(&["frontend", "api"]).unwrap();
     let policy = format!(
-        "{}{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\n",
-        service(&topology, "frontend", ""),
-        service(&topology, "api", "")
+        "{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\n",
+        services(&topology, &["frontend", "api"])
     );
     let audit_log = topology.dir.join("audit.jsonl");
     let enforcer = Enforcer::start(
@@ -473,9 +465,8 @@ fn a_policy_caught_half_written_is_never_installed_as_root() {
     let topology = Topology::build(&["frontend", "api"]).unwrap();
     // The deny comes last: the file cut before it lets frontend reach api's admin port.
     let policy = format!(
-        "{}{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"tcp\"]\n[[deny]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"9090/tcp\"]\n",
-        service(&topology, "frontend", ""),
-        service(&topology, "api", "")
+        "{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"tcp\"]\n[[deny]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"9090/tcp\"]\n",
+        services(&topology, &["frontend", "api"])
     );
     let enforcer = enforce(&topology, &policy);
     let _admin = topology
@@ -524,11 +515,7 @@ fn configmap_style_symlink_swap_reloads_the_policy_as_root() {
         return;
     }
     let topology = Topology::build(&["frontend", "api"]).unwrap();
-    let services = format!(
-        "{}{}",
-        service(&topology, "frontend", ""),
-        service(&topology, "api", "")
-    );
+    let services = services(&topology, &["frontend", "api"]);
     // The layout kubelet keeps for a ConfigMap volume: policy.toml -> ..data/policy.toml,
     // ..data -> ..<version>; an update writes a new version directory and renames a new
     // ..data symlink over the old one.
@@ -606,7 +593,7 @@ fn killed_controller_leaves_enforcement_in_place_and_a_new_one_adopts_it_as_root
     let topology = Topology::build(&["frontend", "api", "db"]).unwrap();
     let policy = format!(
         "{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\n",
-        three_services(&topology)
+        services(&topology, &["frontend", "api", "db"])
     );
     let first = enforce(&topology, &policy);
     let _api = topology
@@ -700,9 +687,8 @@ fn metrics_are_valid_for_promtool_and_carry_the_contract_names_as_root() {
     }
     let topology = Topology::build(&["frontend", "api"]).unwrap();
     let policy = format!(
-        "{}{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\n",
-        service(&topology, "frontend", ""),
-        service(&topology, "api", "")
+        "{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\n",
+        services(&topology, &["frontend", "api"])
     );
     let enforcer = Enforcer::start(
         &topology,
@@ -777,9 +763,8 @@ fn observe_streams_live_flow_records_with_filters_as_root() {
     }
     let topology = Topology::build(&["frontend", "api"]).unwrap();
     let policy = format!(
-        "{}{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\n",
-        service(&topology, "frontend", ""),
-        service(&topology, "api", "")
+        "{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\n",
+        services(&topology, &["frontend", "api"])
     );
     let enforcer = Enforcer::start(&topology, &policy, &["v-frontend", "v-api"], &[]).unwrap();
     let socket_path = enforcer.observe_socket.clone();
@@ -863,11 +848,7 @@ fn audit_log_chains_policy_loads_and_verification_finds_tampering_as_root() {
         return;
     }
     let topology = Topology::build(&["frontend", "api"]).unwrap();
-    let policy = format!(
-        "{}{}",
-        service(&topology, "frontend", ""),
-        service(&topology, "api", "")
-    );
+    let policy = services(&topology, &["frontend", "api"]);
     let audit_log = topology.dir.join("audit.jsonl");
     let enforcer = Enforcer::start(
         &topology,
@@ -947,11 +928,7 @@ fn a_program_swapped_behind_the_controllers_back_shows_in_status_as_root() {
         return;
     }
     let topology = Topology::build(&["frontend", "api"]).unwrap();
-    let policy = format!(
-        "{}{}",
-        service(&topology, "frontend", ""),
-        service(&topology, "api", "")
-    );
+    let policy = services(&topology, &["frontend", "api"]);
     let enforcer = enforce_with(&topology, &policy, &["--ingress-hook", "xdp"]);
     let _server = topology
         .endpoint("api")
@@ -990,11 +967,7 @@ fn a_one_rule_change_to_a_large_policy_is_a_handful_of_map_writes_as_root() {
         return;
     }
     let topology = Topology::build(&["frontend", "api"]).unwrap();
-    let services = format!(
-        "{}{}",
-        service(&topology, "frontend", ""),
-        service(&topology, "api", "")
-    );
+    let services = services(&topology, &["frontend", "api"]);
     let rules: String = (1..=5000).map(|port| format!("[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"{port}/tcp\"]\nid = \"r{port}\"\n")).collect();
     let enforcer = enforce(&topology, &format!("{services}{rules}"));
     let writes = |generation: u32| -> usize {
@@ -1035,11 +1008,7 @@ fn unload_removes_every_pin_and_program_as_root() {
         return;
     }
     let topology = Topology::build(&["frontend", "api"]).unwrap();
-    let policy = format!(
-        "{}{}",
-        service(&topology, "frontend", ""),
-        service(&topology, "api", "")
-    );
+    let policy = services(&topology, &["frontend", "api"]);
     let enforcer = enforce(&topology, &policy);
     let _server = topology
         .endpoint("api")

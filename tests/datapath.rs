@@ -42,9 +42,8 @@ fn tcp_udp_and_icmp_are_allowed_and_denied_per_rule_with_xdp_ingress_as_root() {
 fn allowed_and_denied_per_rule(ingress: &str, hook: &str) {
     let topology = Topology::build(&["frontend", "api"]).unwrap();
     let policy = format!(
-        "{}{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\", \"53/udp\", \"icmp\"]\nid = \"fe-api\"\n",
-        service(&topology, "frontend", ""),
-        service(&topology, "api", "")
+        "{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\", \"53/udp\", \"icmp\"]\nid = \"fe-api\"\n",
+        services(&topology, &["frontend", "api"])
     );
     let enforcer = enforce_with(&topology, &policy, &["--ingress-hook", ingress]);
     let (frontend, api) = (
@@ -158,9 +157,8 @@ fn port_range_admits_its_ends_and_refuses_one_past_them_as_root() {
     }
     let topology = Topology::build(&["frontend", "api"]).unwrap();
     let policy = format!(
-        "{}{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8000-8100/tcp\"]\nid = \"range\"\n",
-        service(&topology, "frontend", ""),
-        service(&topology, "api", "")
+        "{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8000-8100/tcp\"]\nid = \"range\"\n",
+        services(&topology, &["frontend", "api"])
     );
     let _enforcer = enforce(&topology, &policy);
     let api = &topology.endpoint("api").netns;
@@ -194,9 +192,8 @@ fn explicit_deny_beats_an_overlapping_allow_as_root() {
     }
     let topology = Topology::build(&["frontend", "api"]).unwrap();
     let policy = format!(
-        "{}{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"tcp\"]\nid = \"all-tcp\"\n[[deny]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"9090/tcp\"]\nid = \"no-admin\"\n",
-        service(&topology, "frontend", ""),
-        service(&topology, "api", "")
+        "{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"tcp\"]\nid = \"all-tcp\"\n[[deny]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"9090/tcp\"]\nid = \"no-admin\"\n",
+        services(&topology, &["frontend", "api"])
     );
     let enforcer = enforce(&topology, &policy);
     let api = &topology.endpoint("api").netns;
@@ -228,9 +225,8 @@ fn icmp_errors_about_an_allowed_flow_reach_the_client_as_root() {
     }
     let topology = Topology::build(&["frontend", "api"]).unwrap();
     let policy = format!(
-        "{}{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"53/udp\"]\n",
-        service(&topology, "frontend", ""),
-        service(&topology, "api", "")
+        "{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"53/udp\"]\n",
+        services(&topology, &["frontend", "api"])
     );
     let _enforcer = enforce(&topology, &policy);
     // Nothing listens on api:53: api answers with port unreachable, an ICMP packet from api to
@@ -390,9 +386,8 @@ fn spoofed_source_is_dropped(ingress: &str) {
     let topology = Topology::build(&["frontend", "api"]).unwrap();
     let db_address = Ipv4Addr::new(10, 99, 0, 3);
     let policy = format!(
-        "{}{}[[service]]\nname = \"db\"\naddresses = [\"{db_address}/32\"]\n[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"53/udp\"]\n[[allow]]\nfrom = \"db\"\nto = \"api\"\nports = [\"53/udp\"]\n[[allow]]\nfrom = \"world\"\nto = \"api\"\nports = [\"53/udp\"]\n",
-        service(&topology, "frontend", ""),
-        service(&topology, "api", "")
+        "{}[[service]]\nname = \"db\"\naddresses = [\"{db_address}/32\"]\n[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"53/udp\"]\n[[allow]]\nfrom = \"db\"\nto = \"api\"\nports = [\"53/udp\"]\n[[allow]]\nfrom = \"world\"\nto = \"api\"\nports = [\"53/udp\"]\n",
+        services(&topology, &["frontend", "api"])
     );
     let enforcer = enforce_with(&topology, &policy, &["--ingress-hook", ingress]);
     let server = topology.endpoint("api").netns.udp_echo_server(53).unwrap();
@@ -446,11 +441,7 @@ fn live_connection_dies_at_its_next_packet_when_its_rule_is_removed_as_root() {
         return;
     }
     let topology = Topology::build(&["frontend", "api"]).unwrap();
-    let services = format!(
-        "{}{}",
-        service(&topology, "frontend", ""),
-        service(&topology, "api", "")
-    );
+    let services = services(&topology, &["frontend", "api"]);
     let allowing = format!(
         "{services}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\nid = \"fe-api\"\n"
     );
@@ -496,9 +487,8 @@ fn rate_limit_admits_about_the_configured_new_connections_per_second_as_root() {
     }
     let topology = Topology::build(&["frontend", "api"]).unwrap();
     let policy = format!(
-        "{}{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\nmax_new_per_sec = 10\nid = \"limited\"\n",
-        service(&topology, "frontend", ""),
-        service(&topology, "api", "")
+        "{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\nmax_new_per_sec = 10\nid = \"limited\"\n",
+        services(&topology, &["frontend", "api"])
     );
     let enforcer = enforce(&topology, &policy);
     let server = topology
@@ -566,11 +556,7 @@ fn audit_mode_passes_what_it_would_drop_and_reports_it_as_root() {
     }
     // Global audit: nothing is dropped.
     let topology = Topology::build(&["frontend", "api", "client"]).unwrap();
-    let services = format!(
-        "{}{}",
-        service(&topology, "frontend", ""),
-        service(&topology, "api", "")
-    );
+    let services = services(&topology, &["frontend", "api"]);
     let policy = format!("[settings]\nmode = \"audit\"\n{services}");
     let enforcer = enforce(&topology, &policy);
     let _servers = [
@@ -639,11 +625,7 @@ fn status_shows_the_pinned_datapath_as_root() {
         return;
     }
     let topology = Topology::build(&["frontend", "api"]).unwrap();
-    let policy = format!(
-        "{}{}",
-        service(&topology, "frontend", ""),
-        service(&topology, "api", "")
-    );
+    let policy = services(&topology, &["frontend", "api"]);
     let enforcer = enforce(&topology, &policy);
     let _ = topology
         .endpoint("frontend")

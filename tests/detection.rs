@@ -13,17 +13,17 @@ use std::{
 use serde_json::Value;
 use support::*;
 
+fn is_finding(alert: &Value, detector: &str) -> bool {
+    alert["class_uid"] == 2004 && alert["finding_info"]["analytic"]["name"] == detector
+}
+
 fn finding<'a>(alerts: &'a [Value], detector: &str) -> Option<&'a Value> {
-    alerts.iter().find(|alert| {
-        alert["class_uid"] == 2004 && alert["finding_info"]["analytic"]["name"] == detector
-    })
+    alerts.iter().find(|alert| is_finding(alert, detector))
 }
 
 fn wait_for_finding(enforcer: &Enforcer, detector: &str) -> Value {
     enforcer
-        .wait_for_alert(|alert| {
-            alert["class_uid"] == 2004 && alert["finding_info"]["analytic"]["name"] == detector
-        })
+        .wait_for_alert(|alert| is_finding(alert, detector))
         .unwrap_or_else(|| {
             panic!(
                 "no {detector} finding; log:\n{}",
@@ -39,9 +39,8 @@ fn a_new_edge_and_a_call_rate_spike_are_found_as_root() {
     }
     let topology = Topology::build(&["frontend", "api"]).unwrap();
     let policy = format!(
-        "{}{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\nid = \"fe-api\"\n[detection]\nwindow_secs = 1\nspike_warmup_windows = 3\nspike_min_calls = 10\nspike_z = 3.0\n",
-        service(&topology, "frontend", ""),
-        service(&topology, "api", "")
+        "{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\nid = \"fe-api\"\n[detection]\nwindow_secs = 1\nspike_warmup_windows = 3\nspike_min_calls = 10\nspike_z = 3.0\n",
+        services(&topology, &["frontend", "api"])
     );
     let enforcer = enforce(&topology, &policy);
     let _server = topology
@@ -99,9 +98,8 @@ fn a_scan_and_a_burst_of_denials_are_found_as_root() {
     let topology = Topology::build(&["frontend", "api", "client"]).unwrap();
     let audit_log = topology.dir.join("audit.jsonl");
     let policy = format!(
-        "{}{}[detection]\nwindow_secs = 5\nfanout_distinct_peers = 10\ndeny_burst = 20\n",
-        service(&topology, "frontend", ""),
-        service(&topology, "api", "")
+        "{}[detection]\nwindow_secs = 5\nfanout_distinct_peers = 10\ndeny_burst = 20\n",
+        services(&topology, &["frontend", "api"])
     );
     let interfaces: Vec<&str> = topology
         .endpoints
@@ -226,11 +224,7 @@ fn syslog_gets_the_records_and_the_heartbeat_anchors_the_state_as_root() {
     let syslog = format!("tcp://127.0.0.1:{}", listener.local_addr().unwrap().port());
     let frames = collect_syslog(listener);
     let audit_log = topology.dir.join("audit.jsonl");
-    let policy = format!(
-        "{}{}",
-        service(&topology, "frontend", ""),
-        service(&topology, "api", "")
-    );
+    let policy = services(&topology, &["frontend", "api"]);
     let enforcer = Enforcer::start(
         &topology,
         &policy,
@@ -321,9 +315,8 @@ fn an_edge_baseline_keeps_known_edges_quiet_across_a_restart_as_root() {
     let topology = Topology::build(&["frontend", "api"]).unwrap();
     let baseline = topology.dir.join("edges.jsonl");
     let policy = format!(
-        "{}{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\", \"9090/tcp\"]\n",
-        service(&topology, "frontend", ""),
-        service(&topology, "api", "")
+        "{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\", \"9090/tcp\"]\n",
+        services(&topology, &["frontend", "api"])
     );
     let _known = topology
         .endpoint("api")
@@ -338,17 +331,18 @@ fn an_edge_baseline_keeps_known_edges_quiet_across_a_restart_as_root() {
     let frontend = &topology.endpoint("frontend").netns;
     let api = topology.endpoint("api").ipv4;
     let is_new_edge = |port: u16| {
-        move |alert: &Value| {
-            alert["finding_info"]["analytic"]["name"] == "new_edge"
-                && alert["dst_endpoint"]["port"] == port
-        }
+        move |alert: &Value| is_finding(alert, "new_edge") && alert["dst_endpoint"]["port"] == port
+    };
+    // Two controllers, one after the other, keeping the same baseline.
+    let start = || {
+        enforce_with(
+            &topology,
+            &policy,
+            &["--edge-baseline", baseline.to_str().unwrap()],
+        )
     };
 
-    let first = enforce_with(
-        &topology,
-        &policy,
-        &["--edge-baseline", baseline.to_str().unwrap()],
-    );
+    let first = start();
     frontend
         .tcp_exchange(socket(api, 8080), b"first", TIMEOUT)
         .unwrap();
@@ -364,11 +358,7 @@ fn an_edge_baseline_keeps_known_edges_quiet_across_a_restart_as_root() {
     // A controller killed in the middle of an append leaves a torn line; the next one cuts it off.
     std::fs::write(&baseline, format!("{kept}{{\"src\":\"fron")).unwrap();
 
-    let second = enforce_with(
-        &topology,
-        &policy,
-        &["--edge-baseline", baseline.to_str().unwrap()],
-    );
+    let second = start();
     frontend
         .tcp_exchange(socket(api, 8080), b"again", TIMEOUT)
         .unwrap();

@@ -139,6 +139,14 @@ pub fn service(topology: &Topology, name: &str, extra: &str) -> String {
     )
 }
 
+/// The `[[service]]` declarations of the named endpoints, each by its interface and addresses.
+pub fn services(topology: &Topology, names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|name| service(topology, name, ""))
+        .collect()
+}
+
 /// Starts enforcer on every endpoint interface of `topology` with `policy`.
 pub fn enforce(topology: &Topology, policy: &str) -> Enforcer {
     enforce_with(topology, policy, &[])

@@ -453,7 +453,9 @@ impl Pipeline {
         }
     }
 
-    /// Runs the detectors with the latest generation's tuning.
+    /// Runs the detectors with the latest generation's tuning. Called from the once-a-second
+    /// tick, not per record: a reload's new thresholds apply within a second, without a lock
+    /// taken for every flow record.
     fn tune_detectors(&mut self) {
         let generations = self
             .generations
@@ -566,7 +568,6 @@ impl Pipeline {
         }
         self.hub.publish(record);
         self.summary.add(record);
-        self.tune_detectors();
         let findings = self.detectors.observe(record);
         self.report(findings);
     }
