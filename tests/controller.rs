@@ -1,7 +1,7 @@
 //! The controller (issue #4): the policy language's errors at the command line, explain and
 //! diff against what the datapath really does, hot reload under traffic, refusal of a broken
 //! policy, the ConfigMap symlink swap, kill -9 and adoption, metrics, observe, the audit chain,
-//! a swapped program showing in status, incremental apply, unload.
+//! a swapped program showing in status, the frozen live generation, incremental apply, unload.
 
 mod support;
 
@@ -958,6 +958,94 @@ fn a_program_swapped_behind_the_controllers_back_shows_in_status_as_root() {
             && line.contains("xdp")
             && line.contains("matches this build")),
         "{status}"
+    );
+}
+
+/// `bpftool -j ARGS`, parsed; panics with bpftool's message when it fails.
+fn bpftool_json(args: &[&str]) -> Value {
+    let output = Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "bpftool {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+fn json_bytes(value: &Value) -> Vec<u8> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|byte| {
+            u8::from_str_radix(byte.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn the_live_policy_generation_cannot_be_rewritten_from_userspace_as_root() {
+    if !require_root("the_live_policy_generation_cannot_be_rewritten_from_userspace_as_root") {
+        return;
+    }
+    let topology = Topology::build(&["frontend", "api"]).unwrap();
+    let policy = services(&topology, &["frontend", "api"]);
+    let enforcer = enforce(&topology, &policy);
+    let _server = topology
+        .endpoint("api")
+        .netns
+        .tcp_echo_server(8080)
+        .unwrap();
+    let frontend = &topology.endpoint("frontend").netns;
+    assert!(was_dropped(
+        &frontend.tcp_connect(v4(&topology, "api", 8080), TIMEOUT)
+    ));
+
+    let active = enforcer.pins.join("maps/POLICY_ACTIVE");
+    let outer = bpftool_json(&[
+        "map",
+        "lookup",
+        "pinned",
+        active.to_str().unwrap(),
+        "key",
+        "0",
+        "0",
+        "0",
+        "0",
+    ]);
+    let id = u32::from_le_bytes(json_bytes(&outer["value"]).try_into().unwrap()).to_string();
+    let shown = Command::new("bpftool")
+        .args(["map", "show", "id", &id])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&shown.stdout).contains("frozen"),
+        "the live generation's config map is frozen: {}",
+        String::from_utf8_lossy(&shown.stdout)
+    );
+    // Someone with root flips the live generation to audit mode, to switch dropping off.
+    let live = bpftool_json(&["map", "lookup", "id", &id, "key", "0", "0", "0", "0"]);
+    let mut config = json_bytes(&live["value"]);
+    config[8] |= enforcer_common::config::flags::AUDIT as u8;
+    let mut update = Command::new("bpftool");
+    update.args([
+        "map", "update", "id", &id, "key", "0", "0", "0", "0", "value",
+    ]);
+    update.args(config.iter().map(u8::to_string));
+    let refused = update.output().unwrap();
+    assert!(!refused.status.success(), "the kernel refuses the write");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("Operation not permitted"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(
+        was_dropped(&frontend.tcp_connect(v4(&topology, "api", 8080), TIMEOUT)),
+        "the policy still drops what it denies"
     );
 }
 

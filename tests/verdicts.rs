@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{MapData, RingBuf};
+use aya::maps::{HashMap, Map, MapData, RingBuf};
 use enforcer::{
     compile::{self, HostView},
     events::{self, SequenceTracker},
@@ -20,6 +20,7 @@ use enforcer::{
     policy,
 };
 use enforcer_common::{
+    conntrack::{CtEntry, CtKey, timeout},
     event::FlowEvent,
     verdict::{DENY, reason},
 };
@@ -152,6 +153,25 @@ impl Kernel {
             received.extend(events::decode(&item));
         }
         received
+    }
+
+    /// Makes every tracked flow look idle for `idle` longer than it has been, as if that much
+    /// time had passed without a packet.
+    fn idle_flows(&self, idle: Duration) {
+        let pin = self.pins.maps().join("CONNTRACK");
+        let data = MapData::from_pin(&pin).unwrap();
+        let mut conntrack: HashMap<MapData, CtKey, CtEntry> =
+            HashMap::try_from(Map::from_map_data(data).unwrap()).unwrap();
+        let idle = idle.as_nanos() as u64;
+        let entries: Vec<_> = conntrack.iter().map(Result::unwrap).collect();
+        for (key, mut entry) in entries {
+            assert!(
+                entry.last_seen_ns > idle,
+                "the machine has been up for less than the idle time to simulate"
+            );
+            entry.last_seen_ns -= idle;
+            conntrack.insert(key, entry, 0).unwrap();
+        }
     }
 
     fn packets_with_reason(&self, wanted: u8) -> u64 {
@@ -289,6 +309,93 @@ fn malformed_and_truncated_headers_are_dropped_as_root() {
         kernel.packets_with_reason(reason::MALFORMED) >= 10,
         "drops are counted as malformed"
     );
+}
+
+#[test]
+fn tracked_flows_expire_when_idle_and_soon_after_they_close_as_root() {
+    if !require_root("tracked_flows_expire_when_idle_and_soon_after_they_close_as_root") {
+        return;
+    }
+    let mut kernel = Kernel::load(LoadOptions::default());
+    let second = Duration::from_secs(1);
+    let nanos = Duration::from_nanos;
+    // b may open nothing towards a: each packet from b passes only while a's flow is tracked.
+    for hook in Hook::ALL {
+        kernel.next_port += 1;
+        let port = kernel.next_port;
+        let query = Ipv4::new(A4, B4, frames::UDP).frame(&frames::udp(port, 53, b"q"));
+        let answer = Ipv4::new(B4, A4, frames::UDP).frame(&frames::udp(53, port, b"a"));
+        assert!(kernel.passes(hook, &query), "{hook:?}: a -> b 53/udp");
+        assert!(kernel.passes(hook, &answer), "{hook:?}: its answer");
+        kernel.idle_flows(nanos(timeout::UDP_NS) - 5 * second);
+        assert!(
+            kernel.passes(hook, &answer),
+            "{hook:?}: an answer within the UDP idle timeout passes"
+        );
+        kernel.idle_flows(nanos(timeout::UDP_NS) + second);
+        assert!(
+            !kernel.passes(hook, &answer),
+            "{hook:?}: an answer after the UDP idle timeout is a new flow b may not open"
+        );
+
+        let tcp = |src, dst, sport, dport, flags| {
+            Ipv4::new(src, dst, frames::TCP).frame(&frames::tcp(sport, dport, flags))
+        };
+        let ack = frames::TCP_ACK;
+        // Never answered: gone after the opening timeout.
+        kernel.next_port += 1;
+        let port = kernel.next_port;
+        assert!(kernel.passes(hook, &tcp(A4, B4, port, 80, frames::TCP_SYN)));
+        kernel.idle_flows(nanos(timeout::TCP_OPENING_NS) + second);
+        assert!(
+            !kernel.passes(hook, &tcp(B4, A4, 80, port, frames::TCP_SYN | ack)),
+            "{hook:?}: a SYN-ACK after the opening timeout"
+        );
+
+        // Reset: the last packets still pass, a SYN reusing the ports is new, and the entry is
+        // gone after the closing timeout.
+        kernel.next_port += 1;
+        let port = kernel.next_port;
+        assert!(kernel.passes(hook, &tcp(A4, B4, port, 80, frames::TCP_SYN)));
+        assert!(kernel.passes(hook, &tcp(B4, A4, 80, port, frames::TCP_SYN | ack)));
+        kernel.idle_flows(nanos(timeout::UDP_NS) + second);
+        assert!(
+            kernel.passes(hook, &tcp(B4, A4, 80, port, ack)),
+            "{hook:?}: an established connection outlives the UDP idle timeout"
+        );
+        assert!(kernel.passes(hook, &tcp(A4, B4, port, 80, frames::TCP_RST)));
+        assert!(
+            kernel.passes(hook, &tcp(B4, A4, 80, port, ack)),
+            "{hook:?}: a packet in flight when the RST was sent"
+        );
+        assert!(
+            !kernel.passes(hook, &tcp(B4, A4, 80, port, frames::TCP_SYN)),
+            "{hook:?}: a SYN on the reset connection's ports is a new flow b may not open"
+        );
+        kernel.idle_flows(nanos(timeout::TCP_CLOSING_NS) + second);
+        assert!(
+            !kernel.passes(hook, &tcp(B4, A4, 80, port, ack)),
+            "{hook:?}: a packet after the closing timeout of a reset connection"
+        );
+
+        // FIN from both ends closes; FIN from one end only (half close) does not.
+        kernel.next_port += 1;
+        let port = kernel.next_port;
+        assert!(kernel.passes(hook, &tcp(A4, B4, port, 80, frames::TCP_SYN)));
+        assert!(kernel.passes(hook, &tcp(B4, A4, 80, port, frames::TCP_SYN | ack)));
+        assert!(kernel.passes(hook, &tcp(A4, B4, port, 80, frames::TCP_FIN | ack)));
+        kernel.idle_flows(nanos(timeout::TCP_CLOSING_NS) + second);
+        assert!(
+            kernel.passes(hook, &tcp(B4, A4, 80, port, ack)),
+            "{hook:?}: a half-closed connection is still open"
+        );
+        assert!(kernel.passes(hook, &tcp(B4, A4, 80, port, frames::TCP_FIN | ack)));
+        kernel.idle_flows(nanos(timeout::TCP_CLOSING_NS) + second);
+        assert!(
+            !kernel.passes(hook, &tcp(B4, A4, 80, port, ack)),
+            "{hook:?}: a packet after the closing timeout of a connection closed both ways"
+        );
+    }
 }
 
 #[test]
