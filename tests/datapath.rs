@@ -186,6 +186,120 @@ fn port_range_admits_its_ends_and_refuses_one_past_them_as_root() {
 }
 
 #[test]
+fn cidr_world_and_host_peers_and_the_default_rule_decide_as_documented_as_root() {
+    if !require_root("cidr_world_and_host_peers_and_the_default_rule_decide_as_documented_as_root")
+    {
+        return;
+    }
+    // Only api is a declared service; office, partner and stranger are plain addresses.
+    let topology = Topology::build(&["api", "office", "partner", "stranger"]).unwrap();
+    let office = topology.endpoint("office").ipv4.octets();
+    let office_cidr = format!("{}.{}.{}.0/24", office[0], office[1], office[2]);
+    let rules = format!(
+        "[[allow]]\nfrom = \"{office_cidr}\"\nto = \"api\"\nports = [\"8080/tcp\"]\n\
+         [[allow]]\nfrom = \"world\"\nto = \"api\"\nports = [\"9090/tcp\"]\n\
+         [[allow]]\nfrom = \"host\"\nto = \"api\"\nports = [\"7070/tcp\"]\n"
+    );
+    let policy = format!("{}{rules}", services(&topology, &["api"]));
+    let enforcer = enforce(&topology, &policy);
+    let api = &topology.endpoint("api").netns;
+    let _servers = [
+        api.tcp_echo_server(7070).unwrap(),
+        api.tcp_echo_server(8080).unwrap(),
+        api.tcp_echo_server(9090).unwrap(),
+        topology
+            .endpoint("partner")
+            .netns
+            .tcp_echo_server(8080)
+            .unwrap(),
+    ];
+    let client = |name: &str| match name {
+        "host" => &topology.host,
+        endpoint => &topology.endpoint(endpoint).netns,
+    };
+    let check = |from: &str, to: &str, port: u16, allowed: bool, why: &str| {
+        let target = v4(&topology, to, port);
+        if allowed {
+            assert_eq!(
+                client(from)
+                    .tcp_exchange(target, b"hi", TIMEOUT)
+                    .unwrap_or_default(),
+                b"hi",
+                "{from} -> {to}:{port} passes: {why}"
+            );
+        } else {
+            let refused = client(from).tcp_connect(target, TIMEOUT);
+            assert!(
+                was_dropped(&refused),
+                "{from} -> {to}:{port} is dropped: {why}: {refused:?}"
+            );
+        }
+    };
+    check(
+        "office",
+        "api",
+        8080,
+        true,
+        "office is inside the CIDR peer",
+    );
+    check("stranger", "api", 8080, false, "stranger is outside it");
+    check("stranger", "api", 9090, true, "stranger is world");
+    check(
+        "office",
+        "api",
+        9090,
+        true,
+        "world covers CIDR-peer addresses too",
+    );
+    check("host", "api", 7070, true, "the host peer");
+    check("host", "api", 9090, false, "the host is not world");
+    check(
+        "api",
+        "partner",
+        8080,
+        false,
+        "a declared service is default-deny outbound",
+    );
+    check(
+        "office",
+        "partner",
+        8080,
+        true,
+        "traffic between undeclared addresses passes",
+    );
+    check(
+        "host",
+        "partner",
+        8080,
+        true,
+        "the host's own traffic passes by default",
+    );
+
+    enforcer.reload(&format!("[settings]\nmanage_host = true\n{policy}"), 2);
+    check(
+        "host",
+        "partner",
+        8080,
+        false,
+        "manage_host: the host is default-deny too",
+    );
+    check(
+        "host",
+        "api",
+        7070,
+        true,
+        "manage_host keeps the host's allow rules",
+    );
+    check(
+        "office",
+        "partner",
+        8080,
+        true,
+        "undeclared traffic not involving the host",
+    );
+}
+
+#[test]
 fn explicit_deny_beats_an_overlapping_allow_as_root() {
     if !require_root("explicit_deny_beats_an_overlapping_allow_as_root") {
         return;
