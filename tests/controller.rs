@@ -1088,6 +1088,18 @@ fn a_one_rule_change_to_a_large_policy_is_a_handful_of_map_writes_as_root() {
         2,
         "one more rule changed relative to the live generation"
     );
+    // Adding a rule in front of all others, or removing one from the middle, leaves the other
+    // rules' entries alone: their rule numbers do not shift with their position.
+    let new_rule = "[[allow]]\nfrom = \"api\"\nto = \"frontend\"\nports = [\"22/tcp\"]\n";
+    enforcer.reload(&format!("{services}{new_rule}{two_changed}"), 4);
+    assert_eq!(writes(4), 1, "a rule added before 5000 others");
+    let one_removed = two_changed.replace(
+        "[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"2500/tcp\"]\nid = \"r2500\"\n",
+        "",
+    );
+    assert_ne!(one_removed, two_changed);
+    enforcer.reload(&format!("{services}{new_rule}{one_removed}"), 5);
+    assert_eq!(writes(5), 1, "a rule removed from the middle");
 }
 
 #[test]

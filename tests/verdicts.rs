@@ -69,7 +69,7 @@ impl Kernel {
         let policy =
             policy::parse_sources(vec![(PathBuf::from("verdicts.toml"), POLICY.to_owned())])
                 .unwrap();
-        let compiled = compile::compile(&policy, &HostView::default()).unwrap();
+        let compiled = compile::compile(&policy, &HostView::default(), None).unwrap();
         Installer::adopt(&maps)
             .unwrap()
             .install(&mut maps, &compiled)

@@ -1,6 +1,7 @@
 //! Time from a policy file write to the kernel switching to it, measured end to end against a
 //! running `enforcer run` (its file watch, parse, compile, map writes, generation switch): a full
-//! 100 000-rule load, and a one-rule change to that policy, reported as a ratio to the full load.
+//! 100 000-rule load, a one-rule change to that policy (reported as a ratio to the full load),
+//! and a rule added in front of all the others.
 
 use std::{
     path::Path,
@@ -102,6 +103,13 @@ fn main() {
     }
     changes.sort_by_key(|(took, _)| *took);
     let (one_rule, one_rule_line) = &changes[changes.len() / 2];
+    // A rule added in front of all the others: the others keep their rule numbers, so their
+    // entries stay as they are.
+    let added_text = format!(
+        "[[allow]]\nfrom = \"s1\"\nto = \"s0\"\nports = [\"9/tcp\"]\nid = \"added\"\n{}",
+        policies::generated(SERVICES, RULES)
+    );
+    let (added, added_line) = apply(&daemon, &policy, &added_text, 3 + CHANGES as u32);
 
     println!(
         "policy apply, file write to kernel switch ({RULES} rules, {SERVICES} services, {} KiB of TOML)",
@@ -120,6 +128,13 @@ fn main() {
         field(one_rule_line, "compile_ms"),
         field(one_rule_line, "switch_ms"),
         field(one_rule_line, "writes")
+    );
+    println!(
+        "  rule added first: {:>9.1} ms  (parse+compile {} ms, map writes+switch {} ms, {} map writes)",
+        added.as_secs_f64() * 1000.0,
+        field(&added_line, "compile_ms"),
+        field(&added_line, "switch_ms"),
+        field(&added_line, "writes")
     );
     let switch = |line: &str| field(line, "switch_ms").parse::<f64>().unwrap_or(f64::NAN);
     println!(

@@ -28,7 +28,7 @@ fn median(mut samples: Vec<Duration>) -> Duration {
 fn install(maps: &mut KernelMaps, installer: &mut Installer, text: &str) {
     let policy = policy::parse_sources(vec![(PathBuf::from("bench.toml"), text.to_owned())])
         .expect("valid policy");
-    let compiled = compile::compile(&policy, &HostView::default()).expect("compiles");
+    let compiled = compile::compile(&policy, &HostView::default(), None).expect("compiles");
     installer.install(maps, &compiled).expect("installs");
 }
 

@@ -312,7 +312,7 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
 /// Loads and compiles a policy without looking at this host (for `check`, `explain`).
 fn load_offline(path: &Path) -> Result<(Policy, Compiled), Failure> {
     let policy = policy::load(path).map_err(|error| Failure::BadInput(error.to_string()))?;
-    let compiled = compile::compile(&policy, &HostView::default())
+    let compiled = compile::compile(&policy, &HostView::default(), None)
         .map_err(|error| Failure::BadInput(error.to_string()))?;
     Ok((policy, compiled))
 }
@@ -449,10 +449,7 @@ fn explain(
         let verdict = compiled.evaluate(&src, &dst, protocol, number);
         let allowed = verdict.action == action::ALLOW;
         let rule_id = compiled.rule_id(verdict.rule);
-        let rule = verdict
-            .rule
-            .checked_sub(enforcer_common::policy::rule::FIRST_USER)
-            .and_then(|index| compiled.rules.get(index as usize));
+        let rule = compiled.rules.get(&verdict.rule);
         if json {
             answers.push(serde_json::json!({
                 "from": compiled.identity_name(src.identity),

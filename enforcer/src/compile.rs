@@ -8,7 +8,7 @@
 //! that deny. [`Compiled::evaluate`] runs the same lookup in userspace for `explain`.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
     fmt,
     net::IpAddr,
     path::PathBuf,
@@ -122,7 +122,7 @@ impl Tables {
 }
 
 /// What a rule number stands for, for events, alerts and `explain`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RuleInfo {
     pub id: String,
     pub kind: RuleKind,
@@ -154,8 +154,10 @@ pub struct Compiled {
     pub hash: [u8; 32],
     pub audit: bool,
     pub tables: Tables,
-    /// Rule number `rule::FIRST_USER + i` is `rules[i]`.
-    pub rules: Vec<RuleInfo>,
+    /// The rules by the number the kernel's entries and events carry.
+    pub rules: BTreeMap<u32, RuleInfo>,
+    /// The rules' numbers in policy order.
+    pub rule_order: Vec<u32>,
     /// Every identity the policy names: services, host, world, CIDR peers.
     pub identities: BTreeMap<u32, (String, IdentityInfo)>,
     /// Things the policy names that this host does not have (skipped, not fatal).
@@ -174,10 +176,7 @@ impl Compiled {
             rule::PACKET_SANITY => PACKET_SANITY_ID.to_owned(),
             rule::NO_POLICY => NO_POLICY_ID.to_owned(),
             rule::NONE => "none".to_owned(),
-            user => match user
-                .checked_sub(rule::FIRST_USER)
-                .and_then(|index| self.rules.get(index as usize))
-            {
+            user => match self.rules.get(&user) {
                 Some(info) => info.id.clone(),
                 None => format!("rule-{user}"),
             },
@@ -292,8 +291,14 @@ fn first_of(kind: RuleKind, candidates: &[(RuleKind, usize)]) -> Option<usize> {
         .map(|(_, index)| *index)
 }
 
-/// Compiles `policy` for the host described by `host`.
-pub fn compile(policy: &Policy, host: &HostView) -> Result<Compiled, CompileError> {
+/// Compiles `policy` for the host described by `host`. Rules that `previous` (the policy in
+/// force) also has keep their numbers, so a change touches only the kernel entries of the rules
+/// it changes.
+pub fn compile(
+    policy: &Policy,
+    host: &HostView,
+    previous: Option<&Compiled>,
+) -> Result<Compiled, CompileError> {
     let mut warnings = Vec::new();
     let mut identities: BTreeMap<u32, (String, IdentityInfo)> = BTreeMap::new();
     let host_info = IdentityInfo {
@@ -428,6 +433,27 @@ pub fn compile(policy: &Policy, host: &HostView) -> Result<Compiled, CompileErro
     }
 
     // Rule entries.
+    let infos: Vec<RuleInfo> = policy
+        .rules
+        .iter()
+        .map(|rule| RuleInfo {
+            id: rule.id.clone(),
+            kind: rule.kind,
+            from: policy.peer_name(&rule.from),
+            to: policy.peer_name(&rule.to),
+            ports: if rule.ports.is_empty() {
+                "any".to_owned()
+            } else {
+                rule.ports
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+            max_new_per_sec: rule.max_new_per_sec,
+        })
+        .collect();
+    let numbers = number_rules(&infos, previous);
     let expand = |peer: &Peer| -> Vec<u32> {
         match peer {
             Peer::Service(index) => vec![service_infos[*index].identity],
@@ -487,7 +513,7 @@ pub fn compile(policy: &Policy, host: &HostView) -> Result<Compiled, CompileErro
             },
         };
         RuleVerdict {
-            rule: rule::FIRST_USER + index as u32,
+            rule: numbers[index],
             bucket,
             max_new_per_sec: limit,
             action: verdict_action,
@@ -605,35 +631,106 @@ pub fn compile(policy: &Policy, host: &HostView) -> Result<Compiled, CompileErro
         }
     }
 
-    let rules = policy
-        .rules
-        .iter()
-        .map(|rule| RuleInfo {
-            id: rule.id.clone(),
-            kind: rule.kind,
-            from: policy.peer_name(&rule.from),
-            to: policy.peer_name(&rule.to),
-            ports: if rule.ports.is_empty() {
-                "any".to_owned()
-            } else {
-                rule.ports
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            },
-            max_new_per_sec: rule.max_new_per_sec,
-        })
+    let rules = infos
+        .into_iter()
+        .zip(&numbers)
+        .map(|(info, number)| (*number, info))
         .collect();
     Ok(Compiled {
         hash: policy.hash,
         audit: policy.mode == Mode::Audit,
         tables,
         rules,
+        rule_order: numbers,
         identities,
         warnings,
         detection: policy.detection.clone(),
     })
+}
+
+/// The number of each of `rules` (in policy order). A rule the previous generation had keeps
+/// its number: those before and after the changed part of the policy by position, those in it
+/// by same id and meaning, then by same meaning (a rule whose default id moved with its line).
+/// The rest take the lowest free numbers. So adding or removing a rule leaves every other
+/// rule's kernel entries as they are.
+fn number_rules(rules: &[RuleInfo], previous: Option<&Compiled>) -> Vec<u32> {
+    type Meaning<'a> = (RuleKind, &'a str, &'a str, &'a str, Option<u32>);
+    fn meaning(info: &RuleInfo) -> Meaning<'_> {
+        (
+            info.kind,
+            &info.from,
+            &info.to,
+            &info.ports,
+            info.max_new_per_sec,
+        )
+    }
+    let mut numbers: Vec<Option<u32>> = vec![None; rules.len()];
+    if let Some(previous) = previous {
+        let old: Vec<(&RuleInfo, u32)> = previous
+            .rule_order
+            .iter()
+            .filter_map(|number| Some((previous.rules.get(number)?, *number)))
+            .collect();
+        let shorter = rules.len().min(old.len());
+        let same_start = rules
+            .iter()
+            .zip(&old)
+            .take_while(|(rule, (was, _))| *rule == *was)
+            .count();
+        let same_end = rules[same_start..]
+            .iter()
+            .rev()
+            .zip(old[same_start..].iter().rev())
+            .take(shorter - same_start)
+            .take_while(|(rule, (was, _))| *rule == *was)
+            .count();
+        let new_middle = same_start..rules.len() - same_end;
+        let old_middle = &old[same_start..old.len() - same_end];
+        for (index, (_, number)) in (0..same_start)
+            .zip(&old)
+            .chain((rules.len() - same_end..rules.len()).zip(&old[old.len() - same_end..]))
+        {
+            numbers[index] = Some(*number);
+        }
+        let mut by_info: HashMap<&RuleInfo, u32> = old_middle.iter().copied().collect();
+        for index in new_middle.clone() {
+            if let Some(number) = by_info.remove(&rules[index]) {
+                numbers[index] = Some(number);
+            }
+        }
+        let mut by_meaning: HashMap<Meaning<'_>, VecDeque<u32>> = HashMap::new();
+        for (was, number) in old_middle {
+            if by_info.contains_key(was) {
+                by_meaning
+                    .entry(meaning(was))
+                    .or_default()
+                    .push_back(*number);
+            }
+        }
+        for index in new_middle {
+            if numbers[index].is_none()
+                && let Some(number) = by_meaning
+                    .get_mut(&meaning(&rules[index]))
+                    .and_then(VecDeque::pop_front)
+            {
+                numbers[index] = Some(number);
+            }
+        }
+    }
+    let taken: HashSet<u32> = numbers.iter().flatten().copied().collect();
+    let mut next_free = rule::FIRST_USER;
+    numbers
+        .into_iter()
+        .map(|number| {
+            number.unwrap_or_else(|| {
+                while taken.contains(&next_free) {
+                    next_free += 1;
+                }
+                next_free += 1;
+                next_free - 1
+            })
+        })
+        .collect()
 }
 
 /// A protocol name for a wire protocol number (ICMPv6 counts as ICMP, as in the policy).
@@ -656,7 +753,88 @@ mod tests {
     fn compile_text(text: &str) -> Compiled {
         let policy =
             parse_sources(vec![(PathBuf::from("p.toml"), text.to_owned())]).expect("valid policy");
-        compile(&policy, &HostView::default()).expect("compiles")
+        compile(&policy, &HostView::default(), None).expect("compiles")
+    }
+
+    /// Kernel rule entries that `next` adds, removes or changes relative to `previous`.
+    fn rewritten_entries(previous: &Compiled, next: &Compiled) -> usize {
+        let changed = next
+            .tables
+            .rules
+            .iter()
+            .filter(|(key, verdict)| previous.tables.rules.get(key) != Some(verdict))
+            .count();
+        let removed = previous
+            .tables
+            .rules
+            .keys()
+            .filter(|key| !next.tables.rules.contains_key(key))
+            .count();
+        changed + removed
+    }
+
+    #[test]
+    fn adding_removing_or_changing_one_rule_rewrites_only_that_rules_entries() {
+        // Half the rules with ids, half with default ids (which carry their line number).
+        let rules: Vec<String> = (0..40)
+            .map(|n| {
+                let id = if n % 2 == 0 {
+                    format!("id = \"r{n}\"\n")
+                } else {
+                    String::new()
+                };
+                format!(
+                    "[[allow]]\nfrom = \"a\"\nto = \"b\"\nports = [\"{}/tcp\"]\n{id}",
+                    1000 + n
+                )
+            })
+            .collect();
+        let text = |rules: &[String]| format!("{SERVICES}{}", rules.concat());
+        let parse = |rules: &[String]| {
+            parse_sources(vec![(PathBuf::from("p.toml"), text(rules))]).expect("valid policy")
+        };
+        let before = compile(&parse(&rules), &HostView::default(), None).unwrap();
+        let new_rule = "[[allow]]\nfrom = \"b\"\nto = \"a\"\nports = [\"9/tcp\"]\n".to_owned();
+        let mut inserted_first = rules.clone();
+        inserted_first.insert(0, new_rule.clone());
+        let mut removed_middle = rules.clone();
+        removed_middle.remove(20);
+        let mut port_changed = rules.clone();
+        port_changed[10] = port_changed[10].replace("1010/tcp", "2010/tcp");
+        for (change, after, rewritten) in [
+            ("a rule added first", inserted_first, 1),
+            ("a rule removed", removed_middle, 1),
+            ("a rule's port changed", port_changed, 2),
+        ] {
+            let policy = parse(&after);
+            let compiled = compile(&policy, &HostView::default(), Some(&before)).unwrap();
+            assert_eq!(rewritten_entries(&before, &compiled), rewritten, "{change}");
+            // Every rule still answers to its own id.
+            for rule in &policy.rules {
+                let PortMatch::Port(_, port) = rule.ports[0] else {
+                    unreachable!()
+                };
+                let from = policy.peer_name(&rule.from);
+                let to = policy.peer_name(&rule.to);
+                assert_eq!(
+                    decide(&compiled, &from, &to, proto::TCP, port),
+                    (action::ALLOW, rule.id.clone()),
+                    "{change}"
+                );
+            }
+            let numbers: BTreeSet<u32> = compiled.rules.keys().copied().collect();
+            assert_eq!(
+                numbers.len(),
+                policy.rules.len(),
+                "{change}: one number a rule"
+            );
+        }
+        // Without the policy in force to follow, numbers follow the policy order.
+        let fresh = compile(&parse(&rules), &HostView::default(), None).unwrap();
+        assert_eq!(
+            fresh.rules.keys().copied().collect::<Vec<_>>(),
+            (rule::FIRST_USER..rule::FIRST_USER + 40).collect::<Vec<_>>()
+        );
     }
 
     fn decide(compiled: &Compiled, from: &str, to: &str, protocol: u8, port: u16) -> (u8, String) {
@@ -860,7 +1038,7 @@ id = \"everyone\"
             addresses: vec!["10.0.0.1".parse().unwrap(), "10.9.9.9".parse().unwrap()],
             ..Default::default()
         };
-        let compiled = compile(&policy, &host).unwrap();
+        let compiled = compile(&policy, &host, None).unwrap();
         assert_eq!(
             compiled
                 .resolve_address("10.9.9.9".parse().unwrap())
@@ -886,7 +1064,7 @@ id = \"everyone\"
             interfaces: BTreeMap::from([("veth-a".to_owned(), 7)]),
             ..Default::default()
         };
-        let compiled = compile(&policy, &host).unwrap();
+        let compiled = compile(&policy, &host, None).unwrap();
         assert_eq!(compiled.tables.endpoints.len(), 1);
         assert_eq!(
             compiled.tables.endpoints[&EndpointKey {
@@ -928,7 +1106,7 @@ id = \"everyone\"
             ports.join(", ")
         );
         let policy = parse_sources(vec![(PathBuf::from("p.toml"), text)]).unwrap();
-        let error = compile(&policy, &HostView::default())
+        let error = compile(&policy, &HostView::default(), None)
             .unwrap_err()
             .to_string();
         assert!(

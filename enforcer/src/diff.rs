@@ -327,6 +327,7 @@ mod tests {
         compile(
             &parse_sources(vec![(PathBuf::from("p.toml"), text.to_owned())]).unwrap(),
             &HostView::default(),
+            None,
         )
         .unwrap()
     }

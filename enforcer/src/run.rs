@@ -30,7 +30,7 @@ use crate::{
     maps::{Installed, Installer, KernelMaps, MapsError},
     metrics::{self, DetectorLabel, FlowLabels, Metrics},
     observe,
-    policy::{self, Policy, PolicyError},
+    policy::{self, ParseCache, Policy, PolicyError},
     syslog::SyslogSink,
     watch,
 };
@@ -91,14 +91,14 @@ impl RunError {
 }
 
 /// Loads, validates and compiles the policy at `path` for this host.
-pub fn load_and_compile(path: &Path) -> Result<Compiled, RunError> {
-    Ok(load_for_host(path)?.2)
-}
-
-fn load_for_host(path: &Path) -> Result<(Policy, HostView, Compiled), RunError> {
-    let policy = policy::load(path)?;
+fn load_for_host(
+    path: &Path,
+    cache: &mut ParseCache,
+    live: Option<&Compiled>,
+) -> Result<(Policy, HostView, Compiled), RunError> {
+    let policy = policy::load_cached(path, cache)?;
     let view = host::observe(&policy);
-    let compiled = compile::compile(&policy, &view)?;
+    let compiled = compile::compile(&policy, &view, live)?;
     Ok((policy, view, compiled))
 }
 
@@ -165,6 +165,8 @@ struct Controller {
     /// The last policy that loaded, and the host it was compiled for: interfaces and cgroups
     /// that appear later are picked up without a reload.
     policy: Option<(Policy, HostView)>,
+    /// The last policy's parsed tables: a reload parses only what changed.
+    parse_cache: ParseCache,
 }
 
 impl Controller {
@@ -254,7 +256,12 @@ impl Controller {
 
     /// Reloads the policy; a policy that does not load changes nothing.
     fn reload(&mut self, trigger: Trigger, started: Instant) {
-        let result = load_for_host(&self.options.policy).and_then(|(policy, view, compiled)| {
+        let result = load_for_host(
+            &self.options.policy,
+            &mut self.parse_cache,
+            self.live.as_deref(),
+        )
+        .and_then(|(policy, view, compiled)| {
             self.install(policy, view, compiled, trigger, started)
         });
         if let Err(error) = result {
@@ -314,7 +321,7 @@ impl Controller {
             return;
         }
         let policy = policy.clone();
-        let result = compile::compile(&policy, &current)
+        let result = compile::compile(&policy, &current, self.live.as_deref())
             .map_err(RunError::from)
             .and_then(|compiled| {
                 self.install(
@@ -652,7 +659,8 @@ const MAX_CHANGE_SETTLE: Duration = Duration::from_millis(500);
 pub async fn run(options: RunOptions) -> Result<(), RunError> {
     let started = Instant::now();
     // Everything that can be wrong with the input is found before the kernel is touched.
-    let (policy, view, compiled) = load_for_host(&options.policy)?;
+    let mut parse_cache = ParseCache::default();
+    let (policy, view, compiled) = load_for_host(&options.policy, &mut parse_cache, None)?;
     if let Some(missing) = options
         .attach
         .iter()
@@ -721,6 +729,7 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         audit: audit_log.clone(),
         live: None,
         policy: None,
+        parse_cache,
     };
     // The policy goes in before any interface is attached: the programs fail closed without one.
     controller.install(policy, view, compiled, Trigger::Start, started)?;
