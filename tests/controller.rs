@@ -922,23 +922,35 @@ fn audit_log_chains_policy_loads_and_verification_finds_tampering_as_root() {
     );
 }
 
+/// frontend and api declared with nothing allowed between them, api serving 8080/tcp, and the
+/// controller started with `extra` arguments and seen dropping frontend's connection to it.
+fn nothing_allowed(extra: &[&str]) -> (Topology, Enforcer, enforcer_testbed::Server) {
+    let topology = Topology::build(&["frontend", "api"]).unwrap();
+    let policy = services(&topology, &["frontend", "api"]);
+    let enforcer = enforce_with(&topology, &policy, extra);
+    let server = topology
+        .endpoint("api")
+        .netns
+        .tcp_echo_server(8080)
+        .unwrap();
+    assert!(
+        was_dropped(
+            &topology
+                .endpoint("frontend")
+                .netns
+                .tcp_connect(v4(&topology, "api", 8080), TIMEOUT)
+        ),
+        "enforcing"
+    );
+    (topology, enforcer, server)
+}
+
 #[test]
 fn a_program_swapped_behind_the_controllers_back_shows_in_status_as_root() {
     if !require_root("a_program_swapped_behind_the_controllers_back_shows_in_status_as_root") {
         return;
     }
-    let topology = Topology::build(&["frontend", "api"]).unwrap();
-    let policy = services(&topology, &["frontend", "api"]);
-    let enforcer = enforce_with(&topology, &policy, &["--ingress-hook", "xdp"]);
-    let _server = topology
-        .endpoint("api")
-        .netns
-        .tcp_echo_server(8080)
-        .unwrap();
-    let frontend = &topology.endpoint("frontend").netns;
-    assert!(was_dropped(
-        &frontend.tcp_connect(v4(&topology, "api", 8080), TIMEOUT)
-    ));
+    let (topology, enforcer, _server) = nothing_allowed(&["--ingress-hook", "xdp"]);
 
     let evil = enforcer_testbed::bpf::load_pass_all_xdp().unwrap();
     enforcer_testbed::bpf::swap_link_program(&enforcer.pins.join("links/xdp-v-frontend"), &evil)
@@ -992,18 +1004,8 @@ fn the_live_policy_generation_cannot_be_rewritten_from_userspace_as_root() {
     if !require_root("the_live_policy_generation_cannot_be_rewritten_from_userspace_as_root") {
         return;
     }
-    let topology = Topology::build(&["frontend", "api"]).unwrap();
-    let policy = services(&topology, &["frontend", "api"]);
-    let enforcer = enforce(&topology, &policy);
-    let _server = topology
-        .endpoint("api")
-        .netns
-        .tcp_echo_server(8080)
-        .unwrap();
+    let (topology, enforcer, _server) = nothing_allowed(&[]);
     let frontend = &topology.endpoint("frontend").netns;
-    assert!(was_dropped(
-        &frontend.tcp_connect(v4(&topology, "api", 8080), TIMEOUT)
-    ));
 
     let active = enforcer.pins.join("maps/POLICY_ACTIVE");
     let outer = bpftool_json(&[
@@ -1107,19 +1109,8 @@ fn unload_removes_every_pin_and_program_as_root() {
     if !require_root("unload_removes_every_pin_and_program_as_root") {
         return;
     }
-    let topology = Topology::build(&["frontend", "api"]).unwrap();
-    let policy = services(&topology, &["frontend", "api"]);
-    let enforcer = enforce(&topology, &policy);
-    let _server = topology
-        .endpoint("api")
-        .netns
-        .tcp_echo_server(8080)
-        .unwrap();
+    let (topology, enforcer, _server) = nothing_allowed(&[]);
     let frontend = &topology.endpoint("frontend").netns;
-    assert!(
-        was_dropped(&frontend.tcp_connect(v4(&topology, "api", 8080), TIMEOUT)),
-        "enforcing"
-    );
     enforcer
         .daemon
         .signal(nix::sys::signal::Signal::SIGTERM)
