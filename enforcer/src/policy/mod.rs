@@ -657,6 +657,10 @@ fn parse_file(source: &Source, previous: Option<&ParsedFile>) -> Result<FilePart
     {
         return Ok(parts);
     }
+    parse_whole_file(source)
+}
+
+fn parse_whole_file(source: &Source) -> Result<FileParts, Diagnostic> {
     match toml::from_str::<PolicyDocument>(&source.text) {
         Ok(document) => Ok(vec![(0..source.text.len(), Arc::new(document))]),
         Err(error) => Err(Diagnostic {
@@ -1322,14 +1326,7 @@ mod tests {
         let files = vec![(PathBuf::from("policy.toml"), text.to_owned())];
         let hash = content_hash(&files);
         let source = Source::new(files[0].0.clone(), text.to_owned());
-        let document = toml::from_str::<PolicyDocument>(text).map_err(|error| {
-            Diagnostic {
-                origin: source.origin(error.span().map_or(0, |span| span.start)),
-                message: error.message().trim().to_owned(),
-            }
-            .to_string()
-        })?;
-        let parts = vec![(0..text.len(), Arc::new(document))];
+        let parts = parse_whole_file(&source).map_err(|diagnostic| diagnostic.to_string())?;
         let mut diagnostics = Diagnostics::default();
         let policy = build(
             hash,
