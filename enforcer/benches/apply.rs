@@ -41,6 +41,23 @@ fn apply(daemon: &Daemon, policy: &Path, text: &str, generation: u32) -> (Durati
     }
 }
 
+/// The controller's resident memory in KiB (`VmRSS`) and its peak (`VmHWM`).
+fn memory_kib(daemon: &Daemon) -> (u64, u64) {
+    let status = daemon
+        .pid()
+        .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .unwrap_or_default();
+    let read = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|kib| kib.parse().ok())
+            .unwrap_or(0)
+    };
+    (read("VmRSS:"), read("VmHWM:"))
+}
+
 fn field<'a>(line: &'a str, name: &str) -> &'a str {
     line.split(&format!("{name}="))
         .nth(1)
@@ -86,6 +103,7 @@ fn main() {
 
     let full_text = policies::generated(SERVICES, RULES);
     let (full, full_line) = apply(&daemon, &policy, &full_text, 2);
+    let (after_full, _) = memory_kib(&daemon);
     let mut changes = Vec::new();
     for change in 0..CHANGES {
         // Rule `change` moves to another port: one entry removed, one added.
@@ -110,6 +128,7 @@ fn main() {
         policies::generated(SERVICES, RULES)
     );
     let (added, added_line) = apply(&daemon, &policy, &added_text, 3 + CHANGES as u32);
+    let (after_reloads, peak) = memory_kib(&daemon);
 
     println!(
         "policy apply, file write to kernel switch ({RULES} rules, {SERVICES} services, {} KiB of TOML)",
@@ -144,6 +163,15 @@ fn main() {
     println!(
         "  one-rule change / full load, map writes + switch:  {:.3}",
         switch(one_rule_line) / switch(&full_line)
+    );
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    println!(
+        "controller memory: {:.0} MiB after the full load, {:.0} MiB after {} more reloads ({:.2}x), peak {:.0} MiB",
+        mib(after_full),
+        mib(after_reloads),
+        CHANGES + 1,
+        after_reloads as f64 / after_full as f64,
+        mib(peak)
     );
     drop(daemon);
 }

@@ -403,11 +403,14 @@ pub fn check_report(policy: &Policy, compiled: &Compiled) -> String {
 /// The identity a peer written on the command line resolves to.
 fn resolve_peer(policy: &Policy, compiled: &Compiled, text: &str) -> Result<IdentityInfo, String> {
     match policy.parse_peer(text)? {
-        Peer::Service(index) => Ok(compiled.identity_info(policy.services[index].identity)),
-        Peer::World => Ok(compiled.identity_info(WORLD)),
-        Peer::Host => Ok(compiled.identity_info(HOST)),
+        Peer::Service(index) => Ok(compiled
+            .names
+            .identity_info(policy.services[index].identity)),
+        Peer::World => Ok(compiled.names.identity_info(WORLD)),
+        Peer::Host => Ok(compiled.names.identity_info(HOST)),
         Peer::Cidr(net) => {
             let by_name = compiled
+                .names
                 .identities
                 .values()
                 .find(|(name, _)| *name == net.to_string())
@@ -448,12 +451,12 @@ fn explain(
     for (protocol, number, label) in probes {
         let verdict = compiled.evaluate(&src, &dst, protocol, number);
         let allowed = verdict.action == action::ALLOW;
-        let rule_id = compiled.rule_id(verdict.rule);
-        let rule = compiled.rules.get(&verdict.rule);
+        let rule_id = compiled.names.rule_id(verdict.rule);
+        let rule = compiled.names.rules.get(&verdict.rule);
         if json {
             answers.push(serde_json::json!({
-                "from": compiled.identity_name(src.identity),
-                "to": compiled.identity_name(dst.identity),
+                "from": compiled.names.identity_name(src.identity),
+                "to": compiled.names.identity_name(dst.identity),
                 "port": label,
                 "verdict": if allowed { "allow" } else { "deny" },
                 "rule": rule_id,
@@ -464,8 +467,8 @@ fn explain(
         let _ = writeln!(
             out,
             "{} -> {} {label}: {} by {rule_id}",
-            compiled.identity_name(src.identity),
-            compiled.identity_name(dst.identity),
+            compiled.names.identity_name(src.identity),
+            compiled.names.identity_name(dst.identity),
             if allowed { "allow" } else { "deny" },
         );
         match rule {

@@ -40,11 +40,14 @@ pub fn edges(compiled: &Compiled) -> BTreeMap<(String, String), Allowed> {
         .map(|(src, dst)| {
             let allowed = allowed_on(
                 compiled,
-                &compiled.identity_info(src),
-                &compiled.identity_info(dst),
+                &compiled.names.identity_info(src),
+                &compiled.names.identity_info(dst),
             );
             (
-                (compiled.identity_name(src), compiled.identity_name(dst)),
+                (
+                    compiled.names.identity_name(src),
+                    compiled.names.identity_name(dst),
+                ),
                 allowed,
             )
         })
@@ -81,7 +84,8 @@ fn allowed_on(compiled: &Compiled, src: &IdentityInfo, dst: &IdentityInfo) -> Al
         for window in starts.windows(2) {
             let (lo, hi) = (window[0], window[1] - 1);
             let verdict = compiled.evaluate(src, dst, protocol, lo as u16);
-            let rule = (verdict.action == action::ALLOW).then(|| compiled.rule_id(verdict.rule));
+            let rule =
+                (verdict.action == action::ALLOW).then(|| compiled.names.rule_id(verdict.rule));
             run = match (run, rule) {
                 (Some((start, _, current)), Some(rule)) if current == rule => {
                     Some((start, hi, current))
@@ -100,12 +104,15 @@ fn allowed_on(compiled: &Compiled, src: &IdentityInfo, dst: &IdentityInfo) -> Al
     }
     let icmp = compiled.evaluate(src, dst, proto::ICMP, 0);
     if icmp.action == action::ALLOW {
-        allowed.insert(("icmp".to_owned(), compiled.rule_id(icmp.rule)));
+        allowed.insert(("icmp".to_owned(), compiled.names.rule_id(icmp.rule)));
     }
     // Any protocol the policy has no name for (GRE, SCTP, ...): what the any-protocol entry says.
     let other = compiled.evaluate(src, dst, 47, 0);
     if other.action == action::ALLOW {
-        allowed.insert(("other protocols".to_owned(), compiled.rule_id(other.rule)));
+        allowed.insert((
+            "other protocols".to_owned(),
+            compiled.names.rule_id(other.rule),
+        ));
     }
     allowed
 }
@@ -165,6 +172,7 @@ pub fn diff(old: &Compiled, new: &Compiled) -> Diff {
     }
     let services = |compiled: &Compiled| -> BTreeSet<String> {
         compiled
+            .names
             .identities
             .values()
             .filter(|(_, info)| {
@@ -182,6 +190,7 @@ pub fn diff(old: &Compiled, new: &Compiled) -> Diff {
 /// The identity a name from a flow record has under `compiled` (world if it names nothing).
 fn by_name(compiled: &Compiled, name: &str) -> IdentityInfo {
     compiled
+        .names
         .identities
         .values()
         .find(|(candidate, _)| candidate == name)

@@ -15,7 +15,10 @@ use enforcer_common::{
 };
 use serde::Serialize;
 
-use crate::compile::{Compiled, protocol_name};
+use crate::{
+    compile::{Compiled, Names, protocol_name},
+    policy::Detection,
+};
 
 /// One end of a flow, with the names the policy gives it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -132,35 +135,47 @@ impl Clock {
     }
 }
 
-/// The compiled policies events may refer to, by generation: a record can arrive after the
-/// generation that produced it was replaced.
+/// The names events may refer to, by generation (a record can arrive after the generation
+/// that judged it was replaced), and the detectors' tuning of the latest generation.
 #[derive(Clone, Default)]
 pub struct Generations {
-    by_generation: BTreeMap<u32, Arc<Compiled>>,
+    by_generation: BTreeMap<u32, Arc<Names>>,
+    detection: Detection,
 }
 
 impl Generations {
     const KEEP: usize = 8;
 
-    pub fn insert(&mut self, generation: u32, compiled: Arc<Compiled>) {
-        self.by_generation.insert(generation, compiled);
+    pub fn insert(&mut self, generation: u32, compiled: &Compiled) {
+        self.by_generation
+            .insert(generation, Arc::clone(&compiled.names));
         while self.by_generation.len() > Self::KEEP {
             self.by_generation.pop_first();
         }
+        if self.latest_generation() == Some(generation) {
+            self.detection = compiled.detection.clone();
+        }
     }
 
-    pub fn get(&self, generation: u32) -> Option<&Arc<Compiled>> {
-        self.by_generation.get(&generation).or_else(|| {
-            self.by_generation
-                .last_key_value()
-                .map(|(_, compiled)| compiled)
-        })
+    /// The names of `generation`, else of the latest generation.
+    pub fn get(&self, generation: u32) -> Option<&Arc<Names>> {
+        self.by_generation
+            .get(&generation)
+            .or_else(|| self.latest())
     }
 
-    pub fn latest(&self) -> Option<(u32, &Arc<Compiled>)> {
+    pub fn latest(&self) -> Option<&Arc<Names>> {
+        self.by_generation.last_key_value().map(|(_, names)| names)
+    }
+
+    pub fn latest_generation(&self) -> Option<u32> {
         self.by_generation
             .last_key_value()
-            .map(|(generation, compiled)| (*generation, compiled))
+            .map(|(generation, _)| *generation)
+    }
+
+    pub fn detection(&self) -> &Detection {
+        &self.detection
     }
 }
 
@@ -173,13 +188,13 @@ pub fn describe(
     interface: impl Fn(u32) -> String,
 ) -> Option<FlowRecord> {
     let verdict = Verdict::from_code(event.verdict)?;
-    let compiled = generations.get(event.generation);
-    let name = |identity: u32| match compiled {
-        Some(compiled) => compiled.identity_name(identity),
+    let names = generations.get(event.generation);
+    let name = |identity: u32| match names {
+        Some(names) => names.identity_name(identity),
         None => format!("identity-{identity}"),
     };
-    let rule = match compiled {
-        Some(compiled) => compiled.rule_id(event.rule),
+    let rule = match names {
+        Some(names) => names.rule_id(event.rule),
         None => format!("rule-{}", event.rule),
     };
     Some(FlowRecord {

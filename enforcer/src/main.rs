@@ -3,6 +3,12 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use enforcer::cli::{Cli, Failure};
 
+// A policy reload builds and drops hundreds of thousands of small objects; glibc's malloc spent
+// about 40% of a 100 000-rule reload in its free lists (measured with perf), mimalloc a
+// fraction of that.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()

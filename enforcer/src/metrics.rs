@@ -231,11 +231,11 @@ impl Collector for KernelCollector {
                 .names
                 .read()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let latest = names.latest().map(|(_, compiled)| compiled.clone());
+            let latest = names.latest();
             let name = |identity: u32| {
-                latest.as_ref().map_or_else(
+                latest.map_or_else(
                     || identity.to_string(),
-                    |compiled| compiled.identity_name(identity),
+                    |names| names.identity_name(identity),
                 )
             };
             let mut family = encoder.encode_descriptor(

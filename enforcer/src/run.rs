@@ -205,7 +205,7 @@ impl Controller {
         self.generations
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(installed.generation, compiled.clone());
+            .insert(installed.generation, &compiled);
         self.metrics.count_reload("success");
         self.metrics.policy_apply_seconds.observe(seconds);
         self.metrics
@@ -468,10 +468,10 @@ impl Pipeline {
             .generations
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some((generation, compiled)) = generations.latest()
+        if let Some(generation) = generations.latest_generation()
             && generation != self.detection_generation
         {
-            self.detectors.configure(compiled.detection.clone());
+            self.detectors.configure(generations.detection().clone());
             self.detection_generation = generation;
         }
     }

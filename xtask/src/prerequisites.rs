@@ -10,6 +10,10 @@ use anyhow::{Context as _, Result, bail};
 
 /// Debian packages, each with why it is needed.
 const PACKAGES: &[(&str, &str)] = &[
+    (
+        "build-essential",
+        "a C compiler: links the Rust binaries, builds mimalloc",
+    ),
     ("llvm-22-dev", "bpf-linker is built against LLVM 22"),
     ("libpolly-22-dev", "LLVM 22's CMake files reference Polly"),
     ("zlib1g-dev", "linking bpf-linker"),

@@ -392,6 +392,34 @@ struct PolicyDocument {
     detection: Option<Spanned<DetectionDocument>>,
 }
 
+impl PolicyDocument {
+    fn parse(text: &str) -> Result<Self, toml::de::Error> {
+        let mut document: Self = toml::from_str(text)?;
+        document.shrink_to_fit();
+        Ok(document)
+    }
+
+    /// Deserializing leaves each list with room for four entries: for a table of one rule,
+    /// kept in the parse cache, that is most of its memory.
+    fn shrink_to_fit(&mut self) {
+        self.service.shrink_to_fit();
+        for service in &mut self.service {
+            let service = service.get_mut();
+            service.cgroups.shrink_to_fit();
+            service.interfaces.shrink_to_fit();
+            service.addresses.shrink_to_fit();
+        }
+        for rules in [&mut self.allow, &mut self.deny] {
+            rules.shrink_to_fit();
+            for rule in rules.iter_mut() {
+                if let Some(ports) = &mut rule.get_mut().ports {
+                    ports.shrink_to_fit();
+                }
+            }
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SettingsDocument {
@@ -661,7 +689,7 @@ fn parse_file(source: &Source, previous: Option<&ParsedFile>) -> Result<FilePart
 }
 
 fn parse_whole_file(source: &Source) -> Result<FileParts, Diagnostic> {
-    match toml::from_str::<PolicyDocument>(&source.text) {
+    match PolicyDocument::parse(&source.text) {
         Ok(document) => Ok(vec![(0..source.text.len(), Arc::new(document))]),
         Err(error) => Err(Diagnostic {
             origin: source.origin(error.span().map_or(0, |span| span.start)),
@@ -706,7 +734,7 @@ fn parse_tables(
                 scope.spawn(move || {
                     tables
                         .iter()
-                        .map(|(_, table)| toml::from_str::<PolicyDocument>(table).ok())
+                        .map(|(_, table)| PolicyDocument::parse(table).ok())
                         .collect()
                 })
             })
@@ -1013,7 +1041,12 @@ fn build(
     check_addresses(&policy.services, diagnostics);
 
     // Rules.
-    let mut rule_ids: BTreeMap<String, Origin> = BTreeMap::new();
+    let rule_count = contents
+        .iter()
+        .map(|content| content.allow.len() + content.deny.len())
+        .sum();
+    let mut rule_ids: HashMap<String, Origin> = HashMap::with_capacity(rule_count);
+    policy.rules.reserve(rule_count);
     for content in contents {
         for (kind, rules) in [
             (RuleKind::Allow, &content.allow),
