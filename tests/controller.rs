@@ -1094,7 +1094,11 @@ fn a_one_rule_change_to_a_large_policy_is_a_handful_of_map_writes_as_root() {
     // rules' entries alone: their rule numbers do not shift with their position.
     let new_rule = "[[allow]]\nfrom = \"api\"\nto = \"frontend\"\nports = [\"22/tcp\"]\n";
     enforcer.reload(&format!("{services}{new_rule}{two_changed}"), 4);
-    assert_eq!(writes(4), 1, "a rule added before 5000 others");
+    assert_eq!(
+        writes(4),
+        2,
+        "a rule added before 5000 others: its entry and its pair's summary (a new pair)"
+    );
     let one_removed = two_changed.replace(
         "[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"2500/tcp\"]\nid = \"r2500\"\n",
         "",

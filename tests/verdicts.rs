@@ -83,6 +83,18 @@ impl Kernel {
         }
     }
 
+    /// Installs `text` as the next generation, returning it compiled.
+    fn install(&mut self, text: &str) -> compile::Compiled {
+        let policy =
+            policy::parse_sources(vec![(PathBuf::from("verdicts.toml"), text.to_owned())]).unwrap();
+        let compiled = compile::compile(&policy, &HostView::default(), None).unwrap();
+        Installer::adopt(&self.maps)
+            .unwrap()
+            .install(&mut self.maps, &compiled)
+            .unwrap();
+        compiled
+    }
+
     fn xdp_passes(&mut self, frame: &[u8]) -> bool {
         match self
             .datapath
@@ -254,6 +266,58 @@ fn well_formed_packets_follow_the_policy_at_both_hooks_as_root() {
     kernel.assert_passes("ARP (not IP)", |_| {
         frames::ethernet(&[], frames::ETH_P_ARP, &[0u8; 28])
     });
+}
+
+#[test]
+fn the_kernel_decides_new_flows_as_explain_does_on_random_policies_as_root() {
+    if !require_root("the_kernel_decides_new_flows_as_explain_does_on_random_policies_as_root") {
+        return;
+    }
+    use enforcer_testbed::policies::{RANDOM_PORTS, RANDOM_SERVICES, random};
+    let mut kernel = Kernel::load(LoadOptions::default());
+    let mut probes = 0;
+    for seed in 0..40 {
+        let text = random(seed);
+        let compiled = kernel.install(&text);
+        for (from, src) in RANDOM_SERVICES {
+            for (to, dst) in RANDOM_SERVICES {
+                let (src_info, dst_info) = (
+                    compiled.resolve_address(src.into()),
+                    compiled.resolve_address(dst.into()),
+                );
+                let flows = RANDOM_PORTS
+                    .flat_map(|port| [(frames::TCP, port), (frames::UDP, port)])
+                    .chain([(frames::ICMP, 0)]);
+                for (protocol, port) in flows {
+                    kernel.next_port += 1;
+                    let source_port = kernel.next_port;
+                    let frame = match protocol {
+                        frames::TCP => tcp4(src, dst, source_port, port),
+                        frames::UDP => Ipv4::new(src, dst, frames::UDP).frame(&frames::udp(
+                            source_port,
+                            port,
+                            b"q",
+                        )),
+                        _ => Ipv4::new(src, dst, frames::ICMP).frame(&frames::icmp(
+                            8,
+                            0,
+                            [(source_port >> 8) as u8, source_port as u8, 0, 1],
+                            b"",
+                        )),
+                    };
+                    let expected = compiled.evaluate(&src_info, &dst_info, protocol, port);
+                    assert_eq!(
+                        kernel.xdp_passes(&frame),
+                        expected.action == enforcer_common::policy::action::ALLOW,
+                        "{from} -> {to} protocol {protocol} port {port}: explain says rule {} under\n{text}",
+                        compiled.names.rule_id(expected.rule)
+                    );
+                    probes += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(probes, 40 * 9 * (2 * RANDOM_PORTS.len() + 1));
 }
 
 #[test]

@@ -98,6 +98,50 @@ pub struct PortRanges {
     pub ranges: [PortRange; MAX_PORT_RANGES],
 }
 
+/// Key of a (source, destination) pair's [`PairLayers`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PairKey {
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub slot: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Which rule lookups can hit for one (source, destination) pair, one [`layer`] bit each. The
+/// datapath skips the others: most new flows a default-deny refuses are between identities
+/// with no rule at all, and then one lookup replaces four.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PairLayers {
+    pub bits: u32,
+}
+
+/// The lookup layers of [`PairLayers`].
+pub mod layer {
+    use super::proto;
+
+    pub const EXACT: u32 = 0;
+    pub const RANGE: u32 = 1;
+    pub const ANY_PORT: u32 = 2;
+
+    /// The bit of the any-protocol entry ([`ANY_PROTO`](super::ANY_PROTO)).
+    pub const ANY_PROTOCOL_BIT: u32 = 1 << 9;
+
+    /// The bit of `layer` (one of the above) for `protocol`: TCP, UDP and ICMP have three each;
+    /// other protocols, which rules cannot name, none.
+    #[inline(always)]
+    pub const fn bit(layer: u32, protocol: u8) -> u32 {
+        let index = match protocol {
+            proto::TCP => 0,
+            proto::UDP => 1,
+            proto::ICMP => 2,
+            _ => return 0,
+        };
+        1 << (index * 3 + layer)
+    }
+}
+
 /// Token bucket of one rate-limited rule, kept as the GCRA "theoretical arrival time".
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -112,4 +156,6 @@ kernel_abi!(
     PortRange = 20,
     PortRanges = 4 + 20 * MAX_PORT_RANGES,
     RateState = 8,
+    PairKey = 12,
+    PairLayers = 4,
 );

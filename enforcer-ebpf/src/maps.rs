@@ -16,7 +16,7 @@ use enforcer_common::{
     counters::{Counter, FlowCounterKey},
     event::{EventCpuState, FlowEvent, ReportKey, ReportState},
     identity::{CgroupKey, EndpointKey, IdentityInfo},
-    policy::{PolicyKey, PortRanges, RangeKey, RateState, RuleVerdict},
+    policy::{PairKey, PairLayers, PolicyKey, PortRanges, RangeKey, RateState, RuleVerdict},
     verdict::PACKET_COUNTER_SLOTS,
 };
 
@@ -35,6 +35,8 @@ pub static ENDPOINTS: HashMap<EndpointKey, IdentityInfo, 8192> = HashMap::new();
 pub static CGROUPS: HashMap<CgroupKey, IdentityInfo, 8192> = HashMap::new();
 #[btf_map]
 pub static POLICY: HashMap<PolicyKey, RuleVerdict, 524288, NO_PREALLOC> = HashMap::new();
+#[btf_map]
+pub static PAIRS: HashMap<PairKey, PairLayers, 524288, NO_PREALLOC> = HashMap::new();
 #[btf_map]
 pub static PORT_RANGES: HashMap<RangeKey, PortRanges, 65536, NO_PREALLOC> = HashMap::new();
 

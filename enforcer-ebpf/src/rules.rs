@@ -3,12 +3,12 @@
 use enforcer_common::{
     identity::IdentityInfo,
     policy::{
-        ANY_PORT, ANY_PROTO, MAX_PORT_RANGES, PolicyKey, RangeKey, RateState, RuleVerdict, action,
-        proto, rule,
+        ANY_PORT, ANY_PROTO, MAX_PORT_RANGES, PairKey, PolicyKey, RangeKey, RateState, RuleVerdict,
+        action, layer, proto, rule,
     },
 };
 
-use crate::maps::{POLICY, PORT_RANGES, RATE_LIMITS};
+use crate::maps::{PAIRS, POLICY, PORT_RANGES, RATE_LIMITS};
 
 /// The protocol number rules are written against: ICMPv6 is judged as ICMP.
 #[inline(always)]
@@ -21,7 +21,8 @@ pub fn policy_proto(wire_proto: u8) -> u8 {
 }
 
 /// The rule that decides a new flow from `src` to `dst`: exact port, then port ranges, then any
-/// port of the protocol, then any protocol; else the default.
+/// port of the protocol, then any protocol; else the default. Only the lookups the pair has
+/// entries for are made.
 #[inline(always)]
 pub fn evaluate(
     slot: u8,
@@ -31,6 +32,16 @@ pub fn evaluate(
     dst_port: u16,
 ) -> RuleVerdict {
     let protocol = policy_proto(wire_proto);
+    let pair = PairKey {
+        src_identity: src.identity,
+        dst_identity: dst.identity,
+        slot,
+        _pad: [0; 3],
+    };
+    // SAFETY: the value is copied out at once.
+    let Some(layers) = (unsafe { PAIRS.get(&pair) }).map(|layers| layers.bits) else {
+        return default_for(src, dst);
+    };
     let mut key = PolicyKey {
         src_identity: src.identity,
         dst_identity: dst.identity,
@@ -39,21 +50,30 @@ pub fn evaluate(
         slot,
     };
     if (protocol == proto::TCP || protocol == proto::UDP) && dst_port != ANY_PORT {
-        key.port = dst_port;
-        // SAFETY: values are copied out at once.
-        if let Some(verdict) = unsafe { POLICY.get(&key) } {
-            return *verdict;
+        if layers & layer::bit(layer::EXACT, protocol) != 0 {
+            key.port = dst_port;
+            // SAFETY: values are copied out at once.
+            if let Some(verdict) = unsafe { POLICY.get(&key) } {
+                return *verdict;
+            }
+            key.port = ANY_PORT;
         }
-        if let Some(verdict) = in_port_range(slot, src.identity, dst.identity, protocol, dst_port) {
+        if layers & layer::bit(layer::RANGE, protocol) != 0
+            && let Some(verdict) =
+                in_port_range(slot, src.identity, dst.identity, protocol, dst_port)
+        {
             return verdict;
         }
-        key.port = ANY_PORT;
     }
-    if let Some(verdict) = unsafe { POLICY.get(&key) } {
+    if layers & layer::bit(layer::ANY_PORT, protocol) != 0
+        && let Some(verdict) = unsafe { POLICY.get(&key) }
+    {
         return *verdict;
     }
     key.proto = ANY_PROTO;
-    if let Some(verdict) = unsafe { POLICY.get(&key) } {
+    if layers & layer::ANY_PROTOCOL_BIT != 0
+        && let Some(verdict) = unsafe { POLICY.get(&key) }
+    {
         return *verdict;
     }
     default_for(src, dst)

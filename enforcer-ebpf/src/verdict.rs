@@ -44,7 +44,8 @@ pub struct Subject {
     pub from_lo: u8,
     pub slot: u8,
     pub global_audit: u8,
-    pub _pad: u8,
+    /// Whether conntrack has an entry for the flow (looked up once, by [`pass_established`]).
+    pub tracked: u8,
 }
 
 /// Judges the frame and returns [`ALLOW`], [`DENY`] or [`AUDIT`] (which passes).
@@ -60,6 +61,7 @@ pub fn judge<F: Frame>(frame: &F, hook: &Hook) -> u8 {
     subject.outcome = Outcome::EMPTY;
     subject.src = IdentityInfo::WORLD;
     subject.dst = IdentityInfo::WORLD;
+    subject.tracked = 0;
     match packet::parse(frame, &mut subject.packet) {
         packet::PARSED_IP => {}
         packet::NOT_IP => return ALLOW,
@@ -100,9 +102,11 @@ pub fn judge<F: Frame>(frame: &F, hook: &Hook) -> u8 {
     if subject.packet.fragment == fragment::LATER {
         return follow_first_fragment(hook, subject);
     }
-    let verdict = judge_tracked(hook, subject);
-    if verdict != NOT_TRACKED {
-        return verdict;
+    if subject.tracked != 0 {
+        let verdict = judge_tracked(hook, subject);
+        if verdict != NOT_TRACKED {
+            return verdict;
+        }
     }
     if subject.packet.is_icmp_error() && is_about_tracked_flow(frame, hook, subject) {
         subject.outcome.verdict = ALLOW;
@@ -196,6 +200,7 @@ fn pass_established(hook: &Hook, subject: &mut Subject) -> u8 {
     ) else {
         return NOT_TRACKED;
     };
+    subject.tracked = 1;
     // SAFETY: map value pointer from `live_entry`, valid for this run.
     let tracked = unsafe { &*entry };
     let from_initiator = from_lo == (tracked.flags & ct_flags::ORIG_IS_LO != 0);

@@ -19,8 +19,8 @@ use enforcer_common::{
     addr::IpcacheKey,
     identity::{CgroupKey, EndpointKey, HOST, IdentityInfo, WORLD, flags},
     policy::{
-        ANY_PORT, ANY_PROTO, MAX_PORT_RANGES, PolicyKey, PortRange, PortRanges, RangeKey,
-        RuleVerdict, action, proto, rule,
+        ANY_PORT, ANY_PROTO, MAX_PORT_RANGES, PairKey, PairLayers, PolicyKey, PortRange,
+        PortRanges, RangeKey, RuleVerdict, action, layer, proto, rule,
     },
 };
 use ipnet::IpNet;
@@ -107,18 +107,53 @@ pub struct Tables {
     pub cgroups: BTreeMap<CgroupKey, IdentityInfo>,
     pub rules: BTreeMap<PolicyKey, RuleVerdict>,
     pub ranges: BTreeMap<RangeKey, PortRanges>,
+    /// Which of `rules` and `ranges` each pair has, derived from them.
+    pub pairs: BTreeMap<PairKey, PairLayers>,
 }
 
 impl Tables {
     /// Entries per kernel map, by map name.
-    pub fn entry_counts(&self) -> [(&'static str, usize); 5] {
+    pub fn entry_counts(&self) -> [(&'static str, usize); 6] {
         [
             ("IPCACHE", self.ipcache.len()),
             ("ENDPOINTS", self.endpoints.len()),
             ("CGROUPS", self.cgroups.len()),
             ("POLICY", self.rules.len()),
             ("PORT_RANGES", self.ranges.len()),
+            ("PAIRS", self.pairs.len()),
         ]
+    }
+
+    /// The [`PairLayers`] of every pair that has rule entries, from those entries.
+    fn pair_layers(&self) -> BTreeMap<PairKey, PairLayers> {
+        let mut pairs: BTreeMap<PairKey, PairLayers> = BTreeMap::new();
+        let mut mark = |src_identity: u32, dst_identity: u32, bit: u32| {
+            pairs
+                .entry(PairKey {
+                    src_identity,
+                    dst_identity,
+                    slot: 0,
+                    _pad: [0; 3],
+                })
+                .or_default()
+                .bits |= bit;
+        };
+        for key in self.rules.keys() {
+            let bit = match (key.proto, key.port) {
+                (ANY_PROTO, _) => layer::ANY_PROTOCOL_BIT,
+                (protocol, ANY_PORT) => layer::bit(layer::ANY_PORT, protocol),
+                (protocol, _) => layer::bit(layer::EXACT, protocol),
+            };
+            mark(key.src_identity, key.dst_identity, bit);
+        }
+        for key in self.ranges.keys() {
+            mark(
+                key.src_identity,
+                key.dst_identity,
+                layer::bit(layer::RANGE, key.proto),
+            );
+        }
+        pairs
     }
 }
 
@@ -686,6 +721,7 @@ pub fn compile(
         }
     }
     tables.rules = rule_entries.into_iter().collect();
+    tables.pairs = tables.pair_layers();
 
     let rules = infos
         .into_iter()
@@ -1043,51 +1079,10 @@ id = \"a-b\"
 
     #[test]
     fn compiled_lookups_agree_with_the_rules_read_directly_on_random_policies() {
-        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut random = move |below: u64| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state % below
-        };
-        let names = ["a", "b", "c"];
-        let mut services = String::new();
-        for (index, name) in names.iter().enumerate() {
-            services.push_str(&format!(
-                "[[service]]\nname = \"{name}\"\naddresses = [\"10.0.0.{}/32\"]\n",
-                index + 1
-            ));
-        }
-        for _ in 0..300 {
-            let mut text = services.clone();
-            for rule in 0..1 + random(12) {
-                let kind = if random(10) < 3 { "deny" } else { "allow" };
-                let from = names[random(3) as usize];
-                let to = names[random(3) as usize];
-                let mut ports = Vec::new();
-                if random(7) > 0 {
-                    for _ in 0..1 + random(2) {
-                        let protocol = ["tcp", "udp"][random(2) as usize];
-                        ports.push(match random(5) {
-                            0 | 1 => format!("\"{}/{protocol}\"", 80 + random(4)),
-                            2 | 3 => {
-                                let lo = 78 + random(12);
-                                format!("\"{lo}-{}/{protocol}\"", lo + 1 + random(4))
-                            }
-                            _ if random(3) == 0 => "\"icmp\"".to_owned(),
-                            _ => format!("\"{protocol}\""),
-                        });
-                    }
-                }
-                let ports = if ports.is_empty() {
-                    String::new()
-                } else {
-                    format!("ports = [{}]\n", ports.join(", "))
-                };
-                text.push_str(&format!(
-                    "[[{kind}]]\nfrom = \"{from}\"\nto = \"{to}\"\n{ports}id = \"r{rule}\"\n"
-                ));
-            }
+        use enforcer_testbed::policies::{RANDOM_PORTS, RANDOM_SERVICES, random};
+        let names = RANDOM_SERVICES.map(|(name, _)| name);
+        for seed in 0..300 {
+            let text = random(seed);
             let policy =
                 parse_sources(vec![(PathBuf::from("p.toml"), text.clone())]).expect("valid policy");
             let compiled = compile(&policy, &HostView::default(), None).expect("compiles");
@@ -1104,7 +1099,7 @@ id = \"a-b\"
                         let ports: Vec<u16> = if protocol == proto::ICMP {
                             vec![ANY_PORT]
                         } else {
-                            (76..96).collect()
+                            RANDOM_PORTS.collect()
                         };
                         for port in ports {
                             assert_eq!(

@@ -23,20 +23,21 @@ use enforcer_common::{
     counters::{Counter, FlowCounterKey},
     event::EventCpuState,
     identity::{CgroupKey, EndpointKey, IdentityInfo},
-    policy::{PolicyKey, PortRanges, RangeKey, RuleVerdict},
+    policy::{PairKey, PairLayers, PolicyKey, PortRanges, RangeKey, RuleVerdict},
     verdict::{PACKET_COUNTER_SLOTS, reason::REASON_SLOTS},
 };
 
 use crate::compile::{Compiled, Prefix, Tables};
 
 /// Names of every map in the object, as `bpftool map` shows them.
-pub const MAP_NAMES: [&str; 14] = [
+pub const MAP_NAMES: [&str; 15] = [
     "POLICY_ACTIVE",
     "IPCACHE",
     "ENDPOINTS",
     "CGROUPS",
     "POLICY",
     "PORT_RANGES",
+    "PAIRS",
     "CONNTRACK",
     "FRAGMENTS",
     "RATE_LIMITS",
@@ -79,6 +80,15 @@ trait SlotKey: Pod + Ord {
 }
 
 impl SlotKey for PolicyKey {
+    fn slot(&self) -> u8 {
+        self.slot
+    }
+    fn in_slot(self, slot: u8) -> Self {
+        Self { slot, ..self }
+    }
+}
+
+impl SlotKey for PairKey {
     fn slot(&self) -> u8 {
         self.slot
     }
@@ -135,6 +145,7 @@ pub struct KernelMaps {
     cgroups: HashMap<MapData, CgroupKey, IdentityInfo>,
     rules: HashMap<MapData, PolicyKey, RuleVerdict>,
     ranges: HashMap<MapData, RangeKey, PortRanges>,
+    pairs: HashMap<MapData, PairKey, PairLayers>,
     conntrack: HashMap<MapData, CtKey, CtEntry>,
     event_state: PerCpuArray<MapData, EventCpuState>,
     packet_counts: PerCpuArray<MapData, Counter>,
@@ -168,6 +179,7 @@ impl KernelMaps {
             cgroups: typed!("CGROUPS"),
             rules: typed!("POLICY"),
             ranges: typed!("PORT_RANGES"),
+            pairs: typed!("PAIRS"),
             conntrack: typed!("CONNTRACK"),
             event_state: typed!("EVENT_STATE"),
             packet_counts: typed!("PACKET_COUNTS"),
@@ -232,6 +244,13 @@ impl KernelMaps {
         )
         .map_err(map_err("PORT_RANGES"))?;
         writes += sync_hash(
+            &mut self.pairs,
+            slot,
+            previous.map(|p| &p.pairs),
+            &next.pairs,
+        )
+        .map_err(map_err("PAIRS"))?;
+        writes += sync_hash(
             &mut self.endpoints,
             slot,
             previous.map(|p| &p.endpoints),
@@ -256,7 +275,7 @@ impl KernelMaps {
     }
 
     /// Entries of each slot-versioned table in `slot`, counted in the kernel.
-    fn slot_entries(&self, slot: u8) -> [usize; 5] {
+    fn slot_entries(&self, slot: u8) -> [usize; 6] {
         let count = |keys: Vec<u8>| {
             keys.into_iter()
                 .filter(|key_slot| *key_slot == slot)
@@ -293,6 +312,13 @@ impl KernelMaps {
             ),
             count(
                 self.ranges
+                    .keys()
+                    .filter_map(Result::ok)
+                    .map(|key| key.slot())
+                    .collect(),
+            ),
+            count(
+                self.pairs
                     .keys()
                     .filter_map(Result::ok)
                     .map(|key| key.slot())
@@ -369,6 +395,7 @@ impl KernelMaps {
             fill("CGROUPS", self.cgroups.keys().count()),
             fill("POLICY", self.rules.keys().count()),
             fill("PORT_RANGES", self.ranges.keys().count()),
+            fill("PAIRS", self.pairs.keys().count()),
             fill("CONNTRACK", self.conntrack.keys().count()),
         ])
     }
@@ -632,8 +659,8 @@ impl Installer {
 
     /// Both generations share each map while switching: the live one and `next` must fit.
     fn check_capacity(&self, maps: &KernelMaps, next: &Tables) -> Result<(), MapsError> {
-        let live_entries: [usize; 5] = match &self.live {
-            None => [0; 5],
+        let live_entries: [usize; 6] = match &self.live {
+            None => [0; 6],
             Some(live) => match &self.slots[live.slot as usize] {
                 SlotContents::Known(tables) => tables.entry_counts().map(|(_, count)| count),
                 SlotContents::Unknown => maps.slot_entries(live.slot as u8),

@@ -1,5 +1,6 @@
-//! Generated policies for benchmarks: many services, many rules, every rule a distinct
-//! `(source, destination, port)` so each is one entry in the datapath's rule table.
+//! Generated policies: for benchmarks, many services and many rules, every rule a distinct
+//! `(source, destination, port)` so each is one entry in the datapath's rule table; for tests
+//! of precedence, small random policies whose rules overlap in every way.
 
 use std::{fmt::Write as _, net::Ipv4Addr};
 
@@ -45,6 +46,68 @@ pub fn generated_with(
         let _ = write!(
             text,
             "[[allow]]\nfrom = \"s{src}\"\nto = \"s{dst}\"\nports = [\"{port}/tcp\"]\nid = \"r{rule}\"\n"
+        );
+    }
+    text
+}
+
+/// The services of [`random`]: `a`, `b`, `c` at 10.0.0.1, .2, .3.
+pub const RANDOM_SERVICES: [(&str, Ipv4Addr); 3] = [
+    ("a", Ipv4Addr::new(10, 0, 0, 1)),
+    ("b", Ipv4Addr::new(10, 0, 0, 2)),
+    ("c", Ipv4Addr::new(10, 0, 0, 3)),
+];
+
+/// The ports [`random`] policies name lie in 78..=95: probing 76..96 covers each rule's ends
+/// and the ports just past them.
+pub const RANDOM_PORTS: std::ops::Range<u16> = 76..96;
+
+/// A small policy drawn from `seed`: the three [`RANDOM_SERVICES`] and 1 to 12 allow and deny
+/// rules (`r0`, `r1`, ...) between them, with exact ports, overlapping ranges, whole protocols,
+/// ICMP and any-protocol rules, so that every precedence case of DESIGN §4 comes up.
+pub fn random(seed: u64) -> String {
+    // xorshift64: deterministic, and no dependency for it.
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut below = move |bound: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % bound
+    };
+    let mut text = String::new();
+    for (name, address) in RANDOM_SERVICES {
+        let _ = write!(
+            text,
+            "[[service]]\nname = \"{name}\"\naddresses = [\"{address}/32\"]\n"
+        );
+    }
+    for rule in 0..1 + below(12) {
+        let kind = if below(10) < 3 { "deny" } else { "allow" };
+        let from = RANDOM_SERVICES[below(3) as usize].0;
+        let to = RANDOM_SERVICES[below(3) as usize].0;
+        let mut ports = Vec::new();
+        if below(7) > 0 {
+            for _ in 0..1 + below(2) {
+                let protocol = ["tcp", "udp"][below(2) as usize];
+                ports.push(match below(5) {
+                    0 | 1 => format!("\"{}/{protocol}\"", 80 + below(4)),
+                    2 | 3 => {
+                        let lo = 78 + below(12);
+                        format!("\"{lo}-{}/{protocol}\"", lo + 1 + below(4))
+                    }
+                    _ if below(3) == 0 => "\"icmp\"".to_owned(),
+                    _ => format!("\"{protocol}\""),
+                });
+            }
+        }
+        let ports = if ports.is_empty() {
+            String::new()
+        } else {
+            format!("ports = [{}]\n", ports.join(", "))
+        };
+        let _ = write!(
+            text,
+            "[[{kind}]]\nfrom = \"{from}\"\nto = \"{to}\"\n{ports}id = \"r{rule}\"\n"
         );
     }
     text
