@@ -258,7 +258,8 @@ impl Compiled {
             .map_or(IdentityInfo::WORLD, |(_, info)| *info)
     }
 
-    /// The rule that decides a new flow, by the same lookups as the datapath (`rules.rs`).
+    /// The rule that decides a new flow, by the same lookups as the datapath (`rules.rs`; its
+    /// pair summary only skips lookups that would miss, so it is not consulted here).
     pub fn evaluate(
         &self,
         src: &IdentityInfo,
