@@ -157,11 +157,9 @@ impl Generations {
         }
     }
 
-    /// The names of `generation`, else of the latest generation.
+    /// The names of `generation`, if it is one of those kept.
     pub fn get(&self, generation: u32) -> Option<&Arc<Names>> {
-        self.by_generation
-            .get(&generation)
-            .or_else(|| self.latest())
+        self.by_generation.get(&generation)
     }
 
     pub fn latest(&self) -> Option<&Arc<Names>> {
@@ -188,14 +186,17 @@ pub fn describe(
     interface: impl Fn(u32) -> String,
 ) -> Option<FlowRecord> {
     let verdict = Verdict::from_code(event.verdict)?;
+    // A generation this controller did not install (one adopted after a restart, or one
+    // older than those kept): identities keep their numbers from one generation to the next,
+    // so the latest names them; rule numbers may not, so a user rule shows as its number.
     let names = generations.get(event.generation);
-    let name = |identity: u32| match names {
+    let name = |identity: u32| match names.or_else(|| generations.latest()) {
         Some(names) => names.identity_name(identity),
         None => format!("identity-{identity}"),
     };
     let rule = match names {
         Some(names) => names.rule_id(event.rule),
-        None => format!("rule-{}", event.rule),
+        None => Names::default().rule_id(event.rule),
     };
     Some(FlowRecord {
         time: clock.wall(event.timestamp_ns),
@@ -250,6 +251,57 @@ mod tests {
         assert_eq!(tracker.observe(0, 15), 3);
         assert_eq!(tracker.observe(1, 4), 0);
         assert_eq!(tracker.lost(), 3);
+    }
+
+    #[test]
+    fn events_name_rules_by_their_own_generation_and_identities_by_any() {
+        let policy = crate::policy::parse_sources(vec![(
+            std::path::PathBuf::from("p.toml"),
+            "[[service]]\nname = \"a\"\naddresses = [\"10.0.0.1/32\"]\n\
+             [[service]]\nname = \"b\"\naddresses = [\"10.0.0.2/32\"]\n\
+             [[allow]]\nfrom = \"a\"\nto = \"b\"\nports = [\"80/tcp\"]\nid = \"web\"\n"
+                .to_owned(),
+        )])
+        .unwrap();
+        let compiled =
+            crate::compile::compile(&policy, &crate::compile::HostView::default(), None).unwrap();
+        let mut generations = Generations::default();
+        generations.insert(5, &compiled);
+        let a = crate::identity::of_service_name("a");
+        let b = crate::identity::of_service_name("b");
+        let web = compiled.rule_order[0];
+        let record = |generation: u32, rule: u32| {
+            let event = FlowEvent {
+                generation,
+                rule,
+                src_identity: a,
+                dst_identity: b,
+                verdict: enforcer_common::verdict::ALLOW,
+                ..Default::default()
+            };
+            describe(&event, &generations, &Clock::now(), |_| String::new()).unwrap()
+        };
+        let current = record(5, web);
+        assert_eq!(
+            (
+                current.rule.as_str(),
+                current.src.name.as_str(),
+                current.dst.name.as_str()
+            ),
+            ("web", "a", "b")
+        );
+        // Generation 4 was installed by a controller before a restart: its rule numbers may
+        // stand for other rules, so none is named after this generation's.
+        let adopted = record(4, web);
+        assert_eq!(adopted.rule, format!("rule-{web}"));
+        assert_eq!(
+            (adopted.src.name.as_str(), adopted.dst.name.as_str()),
+            ("a", "b")
+        );
+        assert_eq!(
+            record(4, enforcer_common::policy::rule::DEFAULT_DENY).rule,
+            "default-deny"
+        );
     }
 
     #[test]
