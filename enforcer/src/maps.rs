@@ -276,54 +276,17 @@ impl KernelMaps {
 
     /// Entries of each slot-versioned table in `slot`, counted in the kernel.
     fn slot_entries(&self, slot: u8) -> [usize; 6] {
-        let count = |keys: Vec<u8>| {
-            keys.into_iter()
-                .filter(|key_slot| *key_slot == slot)
-                .count()
-        };
         [
-            count(
-                self.ipcache
-                    .keys()
-                    .filter_map(Result::ok)
-                    .map(|key| key.data().slot)
-                    .collect(),
-            ),
-            count(
-                self.endpoints
-                    .keys()
-                    .filter_map(Result::ok)
-                    .map(|key| key.slot())
-                    .collect(),
-            ),
-            count(
-                self.cgroups
-                    .keys()
-                    .filter_map(Result::ok)
-                    .map(|key| key.slot())
-                    .collect(),
-            ),
-            count(
-                self.rules
-                    .keys()
-                    .filter_map(Result::ok)
-                    .map(|key| key.slot())
-                    .collect(),
-            ),
-            count(
-                self.ranges
-                    .keys()
-                    .filter_map(Result::ok)
-                    .map(|key| key.slot())
-                    .collect(),
-            ),
-            count(
-                self.pairs
-                    .keys()
-                    .filter_map(Result::ok)
-                    .map(|key| key.slot())
-                    .collect(),
-            ),
+            self.ipcache
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|key| key.data().slot == slot)
+                .count(),
+            entries_in_slot(&self.endpoints, slot),
+            entries_in_slot(&self.cgroups, slot),
+            entries_in_slot(&self.rules, slot),
+            entries_in_slot(&self.ranges, slot),
+            entries_in_slot(&self.pairs, slot),
         ]
     }
 
@@ -438,6 +401,13 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
         }
         other => other,
     }
+}
+
+fn entries_in_slot<K: SlotKey, V: Pod>(map: &HashMap<MapData, K, V>, slot: u8) -> usize {
+    map.keys()
+        .filter_map(Result::ok)
+        .filter(|key| key.slot() == slot)
+        .count()
 }
 
 fn sync_hash<K: SlotKey, V: Pod + PartialEq>(
