@@ -7,7 +7,6 @@ mod support;
 
 use std::{
     io::{BufRead as _, Write as _},
-    net::SocketAddr,
     os::unix::fs::symlink,
     path::Path,
     process::{Command, Stdio},
@@ -31,10 +30,6 @@ fn run_enforcer(args: &[&str]) -> (Option<i32>, String, String) {
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
-}
-
-fn v4(topology: &Topology, name: &str, port: u16) -> SocketAddr {
-    socket(topology.endpoint(name).ipv4, port)
 }
 
 #[test]
@@ -157,13 +152,7 @@ fn explain_and_diff_agree_with_what_the_datapath_does_as_root() {
         ("frontend", 8080),
     ]
     .iter()
-    .map(|(name, port)| {
-        topology
-            .endpoint(name)
-            .netns
-            .tcp_echo_server(*port)
-            .unwrap()
-    })
+    .map(|(name, port)| topology.netns(name).tcp_echo_server(*port).unwrap())
     .collect();
     let probes = [
         ("frontend", "api", 8080),
@@ -175,8 +164,7 @@ fn explain_and_diff_agree_with_what_the_datapath_does_as_root() {
     ];
     let connects = |from: &str, to: &str, port: u16| {
         topology
-            .endpoint(from)
-            .netns
+            .netns(from)
             .tcp_connect(v4(&topology, to, port), TIMEOUT)
             .is_ok()
     };
@@ -274,19 +262,19 @@ fn hundred_reloads_under_traffic_never_admit_what_both_forbid_nor_break_what_bot
     let services = services(&topology, &["frontend", "api", "db"]);
     // Both allow frontend -> api 8080 and forbid frontend -> db; they differ on api -> db.
     let first = format!(
-        "{services}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\n[[allow]]\nfrom = \"api\"\nto = \"db\"\nports = [\"5432/tcp\"]\n"
+        "{services}{}{}",
+        allow("frontend", "api", &["8080/tcp"], ""),
+        allow("api", "db", &["5432/tcp"], "")
     );
     let second = format!(
-        "{services}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\", \"8081/tcp\"]\n[[allow]]\nfrom = \"api\"\nto = \"db\"\nports = [\"53/udp\"]\n"
+        "{services}{}{}",
+        allow("frontend", "api", &["8080/tcp", "8081/tcp"], ""),
+        allow("api", "db", &["53/udp"], "")
     );
     let enforcer = enforce(&topology, &first);
-    let api = topology
-        .endpoint("api")
-        .netns
-        .tcp_echo_server(8080)
-        .unwrap();
-    let forbidden = topology.endpoint("db").netns.udp_echo_server(5432).unwrap();
-    let frontend = &topology.endpoint("frontend").netns;
+    let api = topology.netns("api").tcp_echo_server(8080).unwrap();
+    let forbidden = topology.netns("db").udp_echo_server(5432).unwrap();
+    let frontend = topology.netns("frontend");
 
     let stop = Arc::new(AtomicBool::new(false));
     let failures = Arc::new(AtomicUsize::new(0));
@@ -297,34 +285,31 @@ fn hundred_reloads_under_traffic_never_admit_what_both_forbid_nor_break_what_bot
     let mut stream = frontend
         .tcp_connect(v4(&topology, "api", 8080), TIMEOUT)
         .unwrap();
+    // Counts an echo of `sent` in `echoed`, anything else (said on stderr) as a failure.
+    let tally = |what: &str, sent: &[u8], reply: std::io::Result<Vec<u8>>, echoed: &AtomicUsize| {
+        match reply {
+            Ok(reply) if reply == sent => echoed.fetch_add(1, Ordering::SeqCst),
+            other => {
+                eprintln!(
+                    "{what} failed at {:?}: {other:?}",
+                    std::time::SystemTime::now()
+                );
+                failures.fetch_add(1, Ordering::SeqCst)
+            }
+        };
+    };
     std::thread::scope(|scope| {
         scope.spawn(|| {
             while !stop.load(Ordering::SeqCst) {
-                match enforcer_testbed::exchange(&mut stream, b"steady") {
-                    Ok(reply) if reply == b"steady" => exchanges.fetch_add(1, Ordering::SeqCst),
-                    other => {
-                        eprintln!(
-                            "steady exchange failed at {:?}: {other:?}",
-                            std::time::SystemTime::now()
-                        );
-                        failures.fetch_add(1, Ordering::SeqCst)
-                    }
-                };
+                let reply = enforcer_testbed::exchange(&mut stream, b"steady");
+                tally("steady exchange", b"steady", reply, &exchanges);
             }
         });
         // New connections both policies allow.
         scope.spawn(|| {
             while !stop.load(Ordering::SeqCst) {
-                match frontend.tcp_exchange(v4(&topology, "api", 8080), b"new", TIMEOUT) {
-                    Ok(reply) if reply == b"new" => connections.fetch_add(1, Ordering::SeqCst),
-                    other => {
-                        eprintln!(
-                            "new connection failed at {:?}: {other:?}",
-                            std::time::SystemTime::now()
-                        );
-                        failures.fetch_add(1, Ordering::SeqCst)
-                    }
-                };
+                let reply = frontend.tcp_exchange(v4(&topology, "api", 8080), b"new", TIMEOUT);
+                tally("new connection", b"new", reply, &connections);
             }
         });
         // Datagrams both policies forbid.
@@ -379,8 +364,9 @@ fn broken_policy_written_over_the_live_one_is_refused_and_the_old_one_keeps_enfo
     }
     let topology = Topology::build(&["frontend", "api"]).unwrap();
     let policy = format!(
-        "{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\n",
-        services(&topology, &["frontend", "api"])
+        "{}{}",
+        services(&topology, &["frontend", "api"]),
+        allow("frontend", "api", &["8080/tcp"], "")
     );
     let audit_log = topology.dir.join("audit.jsonl");
     let enforcer = Enforcer::start(
@@ -396,16 +382,8 @@ fn broken_policy_written_over_the_live_one_is_refused_and_the_old_one_keeps_enfo
     )
     .unwrap();
     let _servers = [
-        topology
-            .endpoint("api")
-            .netns
-            .tcp_echo_server(8080)
-            .unwrap(),
-        topology
-            .endpoint("api")
-            .netns
-            .tcp_echo_server(9090)
-            .unwrap(),
+        topology.netns("api").tcp_echo_server(8080).unwrap(),
+        topology.netns("api").tcp_echo_server(9090).unwrap(),
     ];
 
     // Written over the live file: the watch sees it, no signal needed.
@@ -421,7 +399,7 @@ fn broken_policy_written_over_the_live_one_is_refused_and_the_old_one_keeps_enfo
             .contains("port 80800 out of range"),
         "the log says why"
     );
-    let frontend = &topology.endpoint("frontend").netns;
+    let frontend = topology.netns("frontend");
     assert_eq!(
         frontend
             .tcp_exchange(v4(&topology, "api", 8080), b"still", TIMEOUT)
@@ -462,19 +440,14 @@ fn a_policy_caught_half_written_is_never_installed_as_root() {
     if !require_root("a_policy_caught_half_written_is_never_installed_as_root") {
         return;
     }
-    let topology = Topology::build(&["frontend", "api"]).unwrap();
     // The deny comes last: the file cut before it lets frontend reach api's admin port.
-    let policy = format!(
-        "{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"tcp\"]\n[[deny]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"9090/tcp\"]\n",
-        services(&topology, &["frontend", "api"])
+    let (topology, enforcer) = frontend_and_api(
+        &(allow("frontend", "api", &["tcp"], "") + &deny("frontend", "api", &["9090/tcp"], "")),
+        &[],
     );
-    let enforcer = enforce(&topology, &policy);
-    let _admin = topology
-        .endpoint("api")
-        .netns
-        .tcp_echo_server(9090)
-        .unwrap();
-    let frontend = &topology.endpoint("frontend").netns;
+    let policy = std::fs::read_to_string(&enforcer.policy).unwrap();
+    let _admin = topology.netns("api").tcp_echo_server(9090).unwrap();
+    let frontend = topology.netns("frontend");
     let probe = || frontend.tcp_connect(v4(&topology, "api", 9090), Duration::from_millis(200));
     assert!(was_dropped(&probe()));
 
@@ -524,7 +497,7 @@ fn configmap_style_symlink_swap_reloads_the_policy_as_root() {
     std::fs::create_dir_all(&version_one).unwrap();
     std::fs::write(
         version_one.join("policy.toml"),
-        format!("{services}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\n"),
+        format!("{services}{}", allow("frontend", "api", &["8080/tcp"], "")),
     )
     .unwrap();
     symlink("..2026_11_22_v1", mount.join("..data")).unwrap();
@@ -532,18 +505,10 @@ fn configmap_style_symlink_swap_reloads_the_policy_as_root() {
     let enforcer =
         Enforcer::start_with_policy_path(&topology, &mount, &["v-frontend", "v-api"], &[]).unwrap();
     let _servers = [
-        topology
-            .endpoint("api")
-            .netns
-            .tcp_echo_server(8080)
-            .unwrap(),
-        topology
-            .endpoint("api")
-            .netns
-            .tcp_echo_server(9090)
-            .unwrap(),
+        topology.netns("api").tcp_echo_server(8080).unwrap(),
+        topology.netns("api").tcp_echo_server(9090).unwrap(),
     ];
-    let frontend = &topology.endpoint("frontend").netns;
+    let frontend = topology.netns("frontend");
     assert!(was_dropped(
         &frontend.tcp_connect(v4(&topology, "api", 9090), TIMEOUT)
     ));
@@ -552,7 +517,7 @@ fn configmap_style_symlink_swap_reloads_the_policy_as_root() {
     std::fs::create_dir_all(&version_two).unwrap();
     std::fs::write(
         version_two.join("policy.toml"),
-        format!("{services}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"9090/tcp\"]\n"),
+        format!("{services}{}", allow("frontend", "api", &["9090/tcp"], "")),
     )
     .unwrap();
     symlink("..2026_11_22_v2", mount.join("..data_tmp")).unwrap();
@@ -592,17 +557,14 @@ fn killed_controller_leaves_enforcement_in_place_and_a_new_one_adopts_it_as_root
     }
     let topology = Topology::build(&["frontend", "api", "db"]).unwrap();
     let policy = format!(
-        "{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\n",
-        services(&topology, &["frontend", "api", "db"])
+        "{}{}",
+        services(&topology, &["frontend", "api", "db"]),
+        allow("frontend", "api", &["8080/tcp"], "")
     );
     let first = enforce(&topology, &policy);
-    let _api = topology
-        .endpoint("api")
-        .netns
-        .tcp_echo_server(8080)
-        .unwrap();
-    let forbidden = topology.endpoint("db").netns.udp_echo_server(5432).unwrap();
-    let frontend = &topology.endpoint("frontend").netns;
+    let _api = topology.netns("api").tcp_echo_server(8080).unwrap();
+    let forbidden = topology.netns("db").udp_echo_server(5432).unwrap();
+    let frontend = topology.netns("frontend");
     let mut established = frontend
         .tcp_connect(v4(&topology, "api", 8080), TIMEOUT)
         .unwrap();
@@ -685,24 +647,13 @@ fn metrics_are_valid_for_promtool_and_carry_the_contract_names_as_root() {
     if !require_root("metrics_are_valid_for_promtool_and_carry_the_contract_names_as_root") {
         return;
     }
-    let topology = Topology::build(&["frontend", "api"]).unwrap();
-    let policy = format!(
-        "{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\n",
-        services(&topology, &["frontend", "api"])
-    );
-    let enforcer = Enforcer::start(
-        &topology,
-        &policy,
-        &["v-frontend", "v-api"],
+    let (topology, enforcer) = frontend_and_api(
+        &allow("frontend", "api", &["8080/tcp"], ""),
         &["--metrics", "9464"],
-    )
-    .unwrap();
-    let _server = topology
-        .endpoint("api")
-        .netns
-        .tcp_echo_server(8080)
-        .unwrap();
-    let frontend = &topology.endpoint("frontend").netns;
+    );
+    let policy = std::fs::read_to_string(&enforcer.policy).unwrap();
+    let _server = topology.netns("api").tcp_echo_server(8080).unwrap();
+    let frontend = topology.netns("frontend");
     frontend
         .tcp_exchange(v4(&topology, "api", 8080), b"x", TIMEOUT)
         .unwrap();
@@ -761,19 +712,10 @@ fn observe_streams_live_flow_records_with_filters_as_root() {
     if !require_root("observe_streams_live_flow_records_with_filters_as_root") {
         return;
     }
-    let topology = Topology::build(&["frontend", "api"]).unwrap();
-    let policy = format!(
-        "{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\n",
-        services(&topology, &["frontend", "api"])
-    );
-    let enforcer = Enforcer::start(&topology, &policy, &["v-frontend", "v-api"], &[]).unwrap();
+    let (topology, enforcer) = frontend_and_api(&allow("frontend", "api", &["8080/tcp"], ""), &[]);
     let socket_path = enforcer.observe_socket.clone();
-    let _server = topology
-        .endpoint("api")
-        .netns
-        .tcp_echo_server(8080)
-        .unwrap();
-    let frontend = &topology.endpoint("frontend").netns;
+    let _server = topology.netns("api").tcp_echo_server(8080).unwrap();
+    let frontend = topology.netns("frontend");
     frontend
         .tcp_exchange(v4(&topology, "api", 8080), b"x", TIMEOUT)
         .unwrap();
@@ -858,8 +800,7 @@ fn audit_log_chains_policy_loads_and_verification_finds_tampering_as_root() {
     )
     .unwrap();
     let _ = topology
-        .endpoint("frontend")
-        .netns
+        .netns("frontend")
         .tcp_connect(v4(&topology, "api", 9), TIMEOUT);
     enforcer.reload(
         &format!("{policy}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\n"),
@@ -925,19 +866,12 @@ fn audit_log_chains_policy_loads_and_verification_finds_tampering_as_root() {
 /// frontend and api declared with nothing allowed between them, api serving 8080/tcp, and the
 /// controller started with `extra` arguments and seen dropping frontend's connection to it.
 fn nothing_allowed(extra: &[&str]) -> (Topology, Enforcer, enforcer_testbed::Server) {
-    let topology = Topology::build(&["frontend", "api"]).unwrap();
-    let policy = services(&topology, &["frontend", "api"]);
-    let enforcer = enforce_with(&topology, &policy, extra);
-    let server = topology
-        .endpoint("api")
-        .netns
-        .tcp_echo_server(8080)
-        .unwrap();
+    let (topology, enforcer) = frontend_and_api("", extra);
+    let server = topology.netns("api").tcp_echo_server(8080).unwrap();
     assert!(
         was_dropped(
             &topology
-                .endpoint("frontend")
-                .netns
+                .netns("frontend")
                 .tcp_connect(v4(&topology, "api", 8080), TIMEOUT)
         ),
         "enforcing"
@@ -1005,7 +939,7 @@ fn the_live_policy_generation_cannot_be_rewritten_from_userspace_as_root() {
         return;
     }
     let (topology, enforcer, _server) = nothing_allowed(&[]);
-    let frontend = &topology.endpoint("frontend").netns;
+    let frontend = topology.netns("frontend");
 
     let active = enforcer.pins.join("maps/POLICY_ACTIVE");
     let outer = bpftool_json(&[
@@ -1058,7 +992,16 @@ fn a_one_rule_change_to_a_large_policy_is_a_handful_of_map_writes_as_root() {
     }
     let topology = Topology::build(&["frontend", "api"]).unwrap();
     let services = services(&topology, &["frontend", "api"]);
-    let rules: String = (1..=5000).map(|port| format!("[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"{port}/tcp\"]\nid = \"r{port}\"\n")).collect();
+    let rules: String = (1..=5000)
+        .map(|port| {
+            allow(
+                "frontend",
+                "api",
+                &[&format!("{port}/tcp")],
+                &format!("id = \"r{port}\""),
+            )
+        })
+        .collect();
     let enforcer = enforce(&topology, &format!("{services}{rules}"));
     let writes = |generation: u32| -> usize {
         let log = enforcer.daemon.log_text();
@@ -1092,7 +1035,7 @@ fn a_one_rule_change_to_a_large_policy_is_a_handful_of_map_writes_as_root() {
     );
     // Adding a rule in front of all others, or removing one from the middle, leaves the other
     // rules' entries alone: their rule numbers do not shift with their position.
-    let new_rule = "[[allow]]\nfrom = \"api\"\nto = \"frontend\"\nports = [\"22/tcp\"]\n";
+    let new_rule = allow("api", "frontend", &["22/tcp"], "");
     enforcer.reload(&format!("{services}{new_rule}{two_changed}"), 4);
     assert_eq!(
         writes(4),
@@ -1100,7 +1043,7 @@ fn a_one_rule_change_to_a_large_policy_is_a_handful_of_map_writes_as_root() {
         "a rule added before 5000 others: its entry and its pair's summary (a new pair)"
     );
     let one_removed = two_changed.replace(
-        "[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"2500/tcp\"]\nid = \"r2500\"\n",
+        &allow("frontend", "api", &["2500/tcp"], "id = \"r2500\""),
         "",
     );
     assert_ne!(one_removed, two_changed);
@@ -1114,7 +1057,7 @@ fn unload_removes_every_pin_and_program_as_root() {
         return;
     }
     let (topology, enforcer, _server) = nothing_allowed(&[]);
-    let frontend = &topology.endpoint("frontend").netns;
+    let frontend = topology.netns("frontend");
     enforcer
         .daemon
         .signal(nix::sys::signal::Signal::SIGTERM)

@@ -15,14 +15,6 @@ use std::{
 use enforcer_testbed::{Cgroup, socat_exchange};
 use support::*;
 
-fn v4(topology: &Topology, name: &str, port: u16) -> SocketAddr {
-    socket(topology.endpoint(name).ipv4, port)
-}
-
-fn v6(topology: &Topology, name: &str, port: u16) -> SocketAddr {
-    socket(topology.endpoint(name).ipv6, port)
-}
-
 #[test]
 fn tcp_udp_and_icmp_are_allowed_and_denied_per_rule_over_ipv4_and_ipv6_as_root() {
     if require_root("tcp_udp_and_icmp_are_allowed_and_denied_per_rule_over_ipv4_and_ipv6_as_root") {
@@ -40,16 +32,16 @@ fn tcp_udp_and_icmp_are_allowed_and_denied_per_rule_with_xdp_ingress_as_root() {
 /// The rules' effect over IPv4 and IPv6, with `ingress` judging what enters the host (`hook` is
 /// how events name it).
 fn allowed_and_denied_per_rule(ingress: &str, hook: &str) {
-    let topology = Topology::build(&["frontend", "api"]).unwrap();
-    let policy = format!(
-        "{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\", \"53/udp\", \"icmp\"]\nid = \"fe-api\"\n",
-        services(&topology, &["frontend", "api"])
+    let (topology, enforcer) = frontend_and_api(
+        &allow(
+            "frontend",
+            "api",
+            &["8080/tcp", "53/udp", "icmp"],
+            "id = \"fe-api\"",
+        ),
+        &["--ingress-hook", ingress],
     );
-    let enforcer = enforce_with(&topology, &policy, &["--ingress-hook", ingress]);
-    let (frontend, api) = (
-        &topology.endpoint("frontend").netns,
-        &topology.endpoint("api").netns,
-    );
+    let (frontend, api) = (topology.netns("frontend"), topology.netns("api"));
     let _tcp = [
         api.tcp_echo_server(8080).unwrap(),
         api.tcp_echo_server(8081).unwrap(),
@@ -155,18 +147,16 @@ fn port_range_admits_its_ends_and_refuses_one_past_them_as_root() {
     if !require_root("port_range_admits_its_ends_and_refuses_one_past_them_as_root") {
         return;
     }
-    let topology = Topology::build(&["frontend", "api"]).unwrap();
-    let policy = format!(
-        "{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8000-8100/tcp\"]\nid = \"range\"\n",
-        services(&topology, &["frontend", "api"])
+    let (topology, _enforcer) = frontend_and_api(
+        &allow("frontend", "api", &["8000-8100/tcp"], "id = \"range\""),
+        &[],
     );
-    let _enforcer = enforce(&topology, &policy);
-    let api = &topology.endpoint("api").netns;
+    let api = topology.netns("api");
     let _servers: Vec<_> = [7999, 8000, 8100, 8101]
         .iter()
         .map(|port| api.tcp_echo_server(*port).unwrap())
         .collect();
-    let frontend = &topology.endpoint("frontend").netns;
+    let frontend = topology.netns("frontend");
     for port in [8000, 8100] {
         assert_eq!(
             frontend
@@ -202,20 +192,16 @@ fn cidr_world_and_host_peers_and_the_default_rule_decide_as_documented_as_root()
     );
     let policy = format!("{}{rules}", services(&topology, &["api"]));
     let enforcer = enforce(&topology, &policy);
-    let api = &topology.endpoint("api").netns;
+    let api = topology.netns("api");
     let _servers = [
         api.tcp_echo_server(7070).unwrap(),
         api.tcp_echo_server(8080).unwrap(),
         api.tcp_echo_server(9090).unwrap(),
-        topology
-            .endpoint("partner")
-            .netns
-            .tcp_echo_server(8080)
-            .unwrap(),
+        topology.netns("partner").tcp_echo_server(8080).unwrap(),
     ];
     let client = |name: &str| match name {
         "host" => &topology.host,
-        endpoint => &topology.endpoint(endpoint).netns,
+        endpoint => topology.netns(endpoint),
     };
     let check = |from: &str, to: &str, port: u16, allowed: bool, why: &str| {
         let target = v4(&topology, to, port);
@@ -304,18 +290,17 @@ fn explicit_deny_beats_an_overlapping_allow_as_root() {
     if !require_root("explicit_deny_beats_an_overlapping_allow_as_root") {
         return;
     }
-    let topology = Topology::build(&["frontend", "api"]).unwrap();
-    let policy = format!(
-        "{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"tcp\"]\nid = \"all-tcp\"\n[[deny]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"9090/tcp\"]\nid = \"no-admin\"\n",
-        services(&topology, &["frontend", "api"])
+    let (topology, enforcer) = frontend_and_api(
+        &(allow("frontend", "api", &["tcp"], "id = \"all-tcp\"")
+            + &deny("frontend", "api", &["9090/tcp"], "id = \"no-admin\"")),
+        &[],
     );
-    let enforcer = enforce(&topology, &policy);
-    let api = &topology.endpoint("api").netns;
+    let api = topology.netns("api");
     let _servers = [
         api.tcp_echo_server(9090).unwrap(),
         api.tcp_echo_server(9091).unwrap(),
     ];
-    let frontend = &topology.endpoint("frontend").netns;
+    let frontend = topology.netns("frontend");
     assert_eq!(
         frontend
             .tcp_exchange(v4(&topology, "api", 9091), b"ok", TIMEOUT)
@@ -337,16 +322,11 @@ fn icmp_errors_about_an_allowed_flow_reach_the_client_as_root() {
     if !require_root("icmp_errors_about_an_allowed_flow_reach_the_client_as_root") {
         return;
     }
-    let topology = Topology::build(&["frontend", "api"]).unwrap();
-    let policy = format!(
-        "{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"53/udp\"]\n",
-        services(&topology, &["frontend", "api"])
-    );
-    let _enforcer = enforce(&topology, &policy);
+    let (topology, _enforcer) = frontend_and_api(&allow("frontend", "api", &["53/udp"], ""), &[]);
     // Nothing listens on api:53: api answers with port unreachable, an ICMP packet from api to
     // frontend that no rule allows by itself. It is about an allowed flow, so it passes, and the
     // client learns at once instead of waiting for a timeout.
-    let frontend = &topology.endpoint("frontend").netns;
+    let frontend = topology.netns("frontend");
     for target in [v6(&topology, "api", 53), v4(&topology, "api", 53)] {
         let answer = frontend.udp_exchange(target, b"anyone?", TIMEOUT);
         assert!(
@@ -369,11 +349,7 @@ fn process_in_a_services_cgroup_is_judged_as_that_service_as_root() {
         service(&topology, "api", "")
     );
     let enforcer = enforce(&topology, &policy);
-    let _server = topology
-        .endpoint("api")
-        .netns
-        .tcp_echo_server(8080)
-        .unwrap();
+    let _server = topology.netns("api").tcp_echo_server(8080).unwrap();
     let target = v4(&topology, "api", 8080);
 
     let inside = socat_exchange(
@@ -434,11 +410,7 @@ fn cgroup_and_source_address_naming_different_services_is_dropped_as_spoofed_as_
         service(&topology, "api", "")
     );
     let enforcer = enforce(&topology, &policy);
-    let server = topology
-        .endpoint("api")
-        .netns
-        .tcp_echo_server(8080)
-        .unwrap();
+    let server = topology.netns("api").tcp_echo_server(8080).unwrap();
     let target = v4(&topology, "api", 8080);
     // Either identity alone may reach api: only the contradiction is refused.
     let honest = socat_exchange(
@@ -497,15 +469,15 @@ fn spoofed_source_from_an_endpoint_never_reaches_its_target_with_xdp_ingress_as_
 }
 
 fn spoofed_source_is_dropped(ingress: &str) {
-    let topology = Topology::build(&["frontend", "api"]).unwrap();
     let db_address = Ipv4Addr::new(10, 99, 0, 3);
-    let policy = format!(
-        "{}[[service]]\nname = \"db\"\naddresses = [\"{db_address}/32\"]\n[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"53/udp\"]\n[[allow]]\nfrom = \"db\"\nto = \"api\"\nports = [\"53/udp\"]\n[[allow]]\nfrom = \"world\"\nto = \"api\"\nports = [\"53/udp\"]\n",
-        services(&topology, &["frontend", "api"])
-    );
-    let enforcer = enforce_with(&topology, &policy, &["--ingress-hook", ingress]);
-    let server = topology.endpoint("api").netns.udp_echo_server(53).unwrap();
-    let frontend = &topology.endpoint("frontend").netns;
+    let db = format!("[[service]]\nname = \"db\"\naddresses = [\"{db_address}/32\"]\n");
+    let rules: String = ["frontend", "db", "world"]
+        .iter()
+        .map(|from| allow(from, "api", &["53/udp"], ""))
+        .collect();
+    let (topology, enforcer) = frontend_and_api(&(db + &rules), &["--ingress-hook", ingress]);
+    let server = topology.netns("api").udp_echo_server(53).unwrap();
+    let frontend = topology.netns("frontend");
     let unclaimed = Ipv4Addr::new(10, 200, 1, 77);
     frontend
         .ip(&["addr", "add", &format!("{unclaimed}/32"), "dev", "eth0"])
@@ -554,18 +526,12 @@ fn live_connection_dies_at_its_next_packet_when_its_rule_is_removed_as_root() {
     if !require_root("live_connection_dies_at_its_next_packet_when_its_rule_is_removed_as_root") {
         return;
     }
-    let topology = Topology::build(&["frontend", "api"]).unwrap();
-    let services = services(&topology, &["frontend", "api"]);
-    let allowing = format!(
-        "{services}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\nid = \"fe-api\"\n"
+    let (topology, enforcer) = frontend_and_api(
+        &allow("frontend", "api", &["8080/tcp"], "id = \"fe-api\""),
+        &[],
     );
-    let enforcer = enforce(&topology, &allowing);
-    let server = topology
-        .endpoint("api")
-        .netns
-        .tcp_echo_server(8080)
-        .unwrap();
-    let frontend = &topology.endpoint("frontend").netns;
+    let server = topology.netns("api").tcp_echo_server(8080).unwrap();
+    let frontend = topology.netns("frontend");
     let mut stream = frontend
         .tcp_connect(v4(&topology, "api", 8080), TIMEOUT)
         .unwrap();
@@ -575,7 +541,7 @@ fn live_connection_dies_at_its_next_packet_when_its_rule_is_removed_as_root() {
     );
     let received_before = server.byte_count();
 
-    enforcer.reload(&services, 2);
+    enforcer.reload(&services(&topology, &["frontend", "api"]), 2);
     let after = enforcer_testbed::exchange(&mut stream, b"after");
     assert!(
         after.is_err(),
@@ -599,17 +565,16 @@ fn rate_limit_admits_about_the_configured_new_connections_per_second_as_root() {
     if !require_root("rate_limit_admits_about_the_configured_new_connections_per_second_as_root") {
         return;
     }
-    let topology = Topology::build(&["frontend", "api"]).unwrap();
-    let policy = format!(
-        "{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\nmax_new_per_sec = 10\nid = \"limited\"\n",
-        services(&topology, &["frontend", "api"])
+    let (topology, enforcer) = frontend_and_api(
+        &allow(
+            "frontend",
+            "api",
+            &["8080/tcp"],
+            "max_new_per_sec = 10\nid = \"limited\"",
+        ),
+        &[],
     );
-    let enforcer = enforce(&topology, &policy);
-    let server = topology
-        .endpoint("api")
-        .netns
-        .tcp_echo_server(8080)
-        .unwrap();
+    let server = topology.netns("api").tcp_echo_server(8080).unwrap();
     let target = v4(&topology, "api", 8080);
 
     // 200 attempts spread over 2 seconds. A refused attempt gives up before TCP would retry its
@@ -623,7 +588,7 @@ fn rate_limit_admits_about_the_configured_new_connections_per_second_as_root() {
     std::thread::scope(|scope| {
         for worker in 0..WORKERS {
             let admitted = admitted.clone();
-            let netns = &topology.endpoint("frontend").netns;
+            let netns = topology.netns("frontend");
             scope.spawn(move || {
                 for attempt in (worker..ATTEMPTS).step_by(WORKERS) {
                     let due = started + SPREAD.mul_f64(attempt as f64 / ATTEMPTS as f64);
@@ -674,18 +639,10 @@ fn audit_mode_passes_what_it_would_drop_and_reports_it_as_root() {
     let policy = format!("[settings]\nmode = \"audit\"\n{services}");
     let enforcer = enforce(&topology, &policy);
     let _servers = [
-        topology
-            .endpoint("api")
-            .netns
-            .tcp_echo_server(9090)
-            .unwrap(),
-        topology
-            .endpoint("frontend")
-            .netns
-            .tcp_echo_server(80)
-            .unwrap(),
+        topology.netns("api").tcp_echo_server(9090).unwrap(),
+        topology.netns("frontend").tcp_echo_server(80).unwrap(),
     ];
-    let frontend = &topology.endpoint("frontend").netns;
+    let frontend = topology.netns("frontend");
     assert_eq!(
         frontend
             .tcp_exchange(v4(&topology, "api", 9090), b"audited", TIMEOUT)
@@ -711,7 +668,7 @@ fn audit_mode_passes_what_it_would_drop_and_reports_it_as_root() {
         service(&topology, "api", "")
     );
     let enforcer = enforce(&topology, &policy);
-    let client = &topology.endpoint("client").netns;
+    let client = topology.netns("client");
     assert_eq!(
         client
             .tcp_exchange(v4(&topology, "frontend", 80), b"to frontend", TIMEOUT)
@@ -738,12 +695,9 @@ fn status_shows_the_pinned_datapath_as_root() {
     if !require_root("status_shows_the_pinned_datapath_as_root") {
         return;
     }
-    let topology = Topology::build(&["frontend", "api"]).unwrap();
-    let policy = services(&topology, &["frontend", "api"]);
-    let enforcer = enforce(&topology, &policy);
+    let (topology, enforcer) = frontend_and_api("", &[]);
     let _ = topology
-        .endpoint("frontend")
-        .netns
+        .netns("frontend")
         .tcp_connect(v4(&topology, "api", 1), TIMEOUT);
     let output = enforcer.command(&topology, &["status"]);
     let status = String::from_utf8_lossy(&output.stdout);

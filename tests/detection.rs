@@ -37,18 +37,13 @@ fn a_new_edge_and_a_call_rate_spike_are_found_as_root() {
     if !require_root("a_new_edge_and_a_call_rate_spike_are_found_as_root") {
         return;
     }
-    let topology = Topology::build(&["frontend", "api"]).unwrap();
-    let policy = format!(
-        "{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\nid = \"fe-api\"\n[detection]\nwindow_secs = 1\nspike_warmup_windows = 3\nspike_min_calls = 10\nspike_z = 3.0\n",
-        services(&topology, &["frontend", "api"])
+    let (topology, enforcer) = frontend_and_api(
+        &(allow("frontend", "api", &["8080/tcp"], "id = \"fe-api\"")
+            + "[detection]\nwindow_secs = 1\nspike_warmup_windows = 3\nspike_min_calls = 10\nspike_z = 3.0\n"),
+        &[],
     );
-    let enforcer = enforce(&topology, &policy);
-    let _server = topology
-        .endpoint("api")
-        .netns
-        .tcp_echo_server(8080)
-        .unwrap();
-    let frontend = &topology.endpoint("frontend").netns;
+    let _server = topology.netns("api").tcp_echo_server(8080).unwrap();
+    let frontend = topology.netns("frontend");
     let target = socket(topology.endpoint("api").ipv4, 8080);
 
     // A steady call or two a second for four windows...
@@ -124,7 +119,7 @@ fn a_scan_and_a_burst_of_denials_are_found_as_root() {
     // stay under the burst threshold, so the scan is a fan-out and nothing else.
     std::thread::scope(|scope| {
         for port in 2000..2012 {
-            let frontend = &topology.endpoint("frontend").netns;
+            let frontend = topology.netns("frontend");
             scope.spawn(move || {
                 frontend.tcp_connect(socket(api.ipv4, port), Duration::from_millis(300))
             });
@@ -142,7 +137,7 @@ fn a_scan_and_a_burst_of_denials_are_found_as_root() {
 
     // An outside client keeps knocking on one closed door: the kernel reports it once a second
     // with the count, and the counts add up to a burst.
-    let client = &topology.endpoint("client").netns;
+    let client = topology.netns("client");
     let started = Instant::now();
     while started.elapsed() < Duration::from_millis(3500) {
         let _ = client.udp_exchange(socket(api.ipv4, 9999), b"knock", Duration::from_millis(1));
@@ -240,8 +235,7 @@ fn syslog_gets_the_records_and_the_heartbeat_anchors_the_state_as_root() {
     )
     .unwrap();
     let _ = topology
-        .endpoint("frontend")
-        .netns
+        .netns("frontend")
         .tcp_connect(socket(topology.endpoint("api").ipv4, 8080), TIMEOUT);
 
     let heartbeat = enforcer
@@ -315,20 +309,13 @@ fn an_edge_baseline_keeps_known_edges_quiet_across_a_restart_as_root() {
     let topology = Topology::build(&["frontend", "api"]).unwrap();
     let baseline = topology.dir.join("edges.jsonl");
     let policy = format!(
-        "{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\", \"9090/tcp\"]\n",
-        services(&topology, &["frontend", "api"])
+        "{}{}",
+        services(&topology, &["frontend", "api"]),
+        allow("frontend", "api", &["8080/tcp", "9090/tcp"], "")
     );
-    let _known = topology
-        .endpoint("api")
-        .netns
-        .tcp_echo_server(8080)
-        .unwrap();
-    let _unknown = topology
-        .endpoint("api")
-        .netns
-        .tcp_echo_server(9090)
-        .unwrap();
-    let frontend = &topology.endpoint("frontend").netns;
+    let _known = topology.netns("api").tcp_echo_server(8080).unwrap();
+    let _unknown = topology.netns("api").tcp_echo_server(9090).unwrap();
+    let frontend = topology.netns("frontend");
     let api = topology.endpoint("api").ipv4;
     let is_new_edge = |port: u16| {
         move |alert: &Value| is_finding(alert, "new_edge") && alert["dst_endpoint"]["port"] == port

@@ -61,8 +61,7 @@ fn allowed_tcp_connection_carries_data_both_ways_as_root() {
     // Large enough to take many segments each way.
     let payload: Vec<u8> = (0..512 * 1024).map(|i| (i % 251) as u8).collect();
     let reply = topology
-        .endpoint("frontend")
-        .netns
+        .netns("frontend")
         .tcp_exchange(socket(api.ipv4, 8080), &payload, TIMEOUT * 4)
         .expect("allowed connection works");
     assert_eq!(reply, payload, "the echo came back intact");
@@ -182,10 +181,9 @@ fn policy_that_does_not_parse_is_refused_and_nothing_is_attached_as_root() {
         "no XDP program on the interface"
     );
     let _server = api.netns.tcp_echo_server(8080).unwrap();
-    let reply = topology.endpoint("frontend").netns.tcp_exchange(
-        socket(api.ipv4, 8080),
-        b"still open",
-        TIMEOUT,
-    );
+    let reply =
+        topology
+            .netns("frontend")
+            .tcp_exchange(socket(api.ipv4, 8080), b"still open", TIMEOUT);
     assert_eq!(reply.expect("traffic is untouched"), b"still open");
 }

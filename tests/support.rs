@@ -124,6 +124,16 @@ pub fn socket(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
 }
 
+/// The named endpoint's IPv4 address with `port`.
+pub fn v4(topology: &Topology, name: &str, port: u16) -> SocketAddr {
+    socket(topology.endpoint(name).ipv4, port)
+}
+
+/// The named endpoint's IPv6 address with `port`.
+pub fn v6(topology: &Topology, name: &str, port: u16) -> SocketAddr {
+    socket(topology.endpoint(name).ipv6, port)
+}
+
 /// Whether a connection attempt failed the way a dropped SYN fails (no answer at all), as
 /// opposed to a closed port (RST) or an unreachable route.
 pub fn was_dropped(result: &io::Result<impl std::fmt::Debug>) -> bool {
@@ -145,6 +155,35 @@ pub fn services(topology: &Topology, names: &[&str]) -> String {
         .iter()
         .map(|name| service(topology, name, ""))
         .collect()
+}
+
+/// An `[[allow]]` rule from `from` to `to` on `ports`, followed by `more` (lines such as an
+/// `id` or a `max_new_per_sec`).
+pub fn allow(from: &str, to: &str, ports: &[&str], more: &str) -> String {
+    rule("allow", from, to, ports, more)
+}
+
+/// A `[[deny]]` rule, written like [`allow`].
+pub fn deny(from: &str, to: &str, ports: &[&str], more: &str) -> String {
+    rule("deny", from, to, ports, more)
+}
+
+fn rule(kind: &str, from: &str, to: &str, ports: &[&str], more: &str) -> String {
+    let ports: Vec<String> = ports.iter().map(|port| format!("\"{port}\"")).collect();
+    format!(
+        "[[{kind}]]\nfrom = \"{from}\"\nto = \"{to}\"\nports = [{}]\n{more}\n",
+        ports.join(", ")
+    )
+}
+
+/// The test bed most tests need: a frontend and an api endpoint, declared as services by their
+/// interfaces and addresses, then `rules`, enforced on both interfaces with `extra` arguments.
+/// Bind the pair as `let (topology, enforcer)`: the enforcer then goes first on drop.
+pub fn frontend_and_api(rules: &str, extra: &[&str]) -> (Topology, Enforcer) {
+    let topology = Topology::build(&["frontend", "api"]).expect("topology");
+    let policy = format!("{}{rules}", services(&topology, &["frontend", "api"]));
+    let enforcer = enforce_with(&topology, &policy, extra);
+    (topology, enforcer)
 }
 
 /// Starts enforcer on every endpoint interface of `topology` with `policy`.

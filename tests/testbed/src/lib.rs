@@ -318,6 +318,11 @@ impl Topology {
             .unwrap_or_else(|| panic!("no endpoint {name}"))
     }
 
+    /// The named endpoint's namespace, where its servers listen and its clients run.
+    pub fn netns(&self, name: &str) -> &Netns {
+        &self.endpoint(name).netns
+    }
+
     /// A pin directory for this topology's enforcer (removed on drop).
     pub fn pin_path(&self) -> PathBuf {
         Path::new(BPFFS).join(&self.id)
