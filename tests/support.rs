@@ -6,7 +6,7 @@ use std::{
     io,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    process::{Command, Output},
+    process::Output,
     time::Duration,
 };
 
@@ -70,13 +70,7 @@ impl Enforcer {
         }
         command.args(extra).env("RUST_LOG", "info");
         let log = topology.dir.join(format!("enforcer-{started}.log"));
-        let unload_pins = pins.clone();
-        let daemon = Daemon::spawn(command, log, "enforcing", SETTLE)?.on_drop(move || {
-            let _ = Command::new(ENFORCER)
-                .args(["unload", "--pin-path"])
-                .arg(&unload_pins)
-                .output();
-        });
+        let daemon = Daemon::spawn_enforcer(command, ENFORCER.as_ref(), &pins, log, SETTLE)?;
         Ok(Self {
             daemon,
             alerts,

@@ -207,6 +207,11 @@ fn tcp4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
     Ipv4::new(src, dst, frames::TCP).frame(&frames::tcp(sport, dport, frames::TCP_SYN))
 }
 
+fn tcp6(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16) -> Vec<u8> {
+    let syn = frames::tcp(sport, dport, frames::TCP_SYN);
+    frames::ipv6_frame(src, dst, frames::TCP, 64, &[], &syn)
+}
+
 #[test]
 fn well_formed_packets_follow_the_policy_at_both_hooks_as_root() {
     if !require_root("well_formed_packets_follow_the_policy_at_both_hooks_as_root") {
@@ -235,34 +240,8 @@ fn well_formed_packets_follow_the_policy_at_both_hooks_as_root() {
             b"",
         ))
     });
-    kernel.assert_passes("IPv6 a -> b 80/tcp", |port| {
-        frames::ethernet(
-            &[],
-            frames::ETH_P_IPV6,
-            &frames::ipv6(
-                A6,
-                B6,
-                frames::TCP,
-                64,
-                &[],
-                &frames::tcp(port, 80, frames::TCP_SYN),
-            ),
-        )
-    });
-    kernel.assert_dropped("IPv6 a -> b 81/tcp", |port| {
-        frames::ethernet(
-            &[],
-            frames::ETH_P_IPV6,
-            &frames::ipv6(
-                A6,
-                B6,
-                frames::TCP,
-                64,
-                &[],
-                &frames::tcp(port, 81, frames::TCP_SYN),
-            ),
-        )
-    });
+    kernel.assert_passes("IPv6 a -> b 80/tcp", |port| tcp6(A6, B6, port, 80));
+    kernel.assert_dropped("IPv6 a -> b 81/tcp", |port| tcp6(A6, B6, port, 81));
     kernel.assert_passes("ARP (not IP)", |_| {
         frames::ethernet(&[], frames::ETH_P_ARP, &[0u8; 28])
     });
@@ -354,11 +333,7 @@ fn malformed_and_truncated_headers_are_dropped_as_root() {
         frame.truncate(14 + 20 + 8);
         frame
     });
-    let mut frame = frames::ethernet(
-        &[],
-        frames::ETH_P_IPV6,
-        &frames::ipv6(A6, B6, frames::TCP, 64, &[], &syn(40000)),
-    );
+    let mut frame = tcp6(A6, B6, 40000, 80);
     frame.truncate(14 + 30);
     assert!(
         !kernel.xdp_passes(&frame),
@@ -579,17 +554,13 @@ fn fragments_follow_their_first_fragment_or_are_dropped_as_root() {
     }
     // IPv6 fragment headers get the same treatment.
     let v6 = |id: u32, offset: u16, more: bool, payload: &[u8]| {
-        frames::ethernet(
-            &[],
-            frames::ETH_P_IPV6,
-            &frames::ipv6(
-                A6,
-                B6,
-                frames::UDP,
-                64,
-                &[frames::fragment_header(offset, more, id)],
-                payload,
-            ),
+        frames::ipv6_frame(
+            A6,
+            B6,
+            frames::UDP,
+            64,
+            &[frames::fragment_header(offset, more, id)],
+            payload,
         )
     };
     assert!(
@@ -641,17 +612,13 @@ fn vlan_tags_and_extension_headers_do_not_bypass_the_policy_as_root() {
     let with_headers = |count: usize, dport: u16| {
         move |port| {
             let headers: Vec<_> = (0..count).map(|_| frames::hop_by_hop()).collect();
-            frames::ethernet(
-                &[],
-                frames::ETH_P_IPV6,
-                &frames::ipv6(
-                    A6,
-                    B6,
-                    frames::TCP,
-                    64,
-                    &headers,
-                    &frames::tcp(port, dport, frames::TCP_SYN),
-                ),
+            frames::ipv6_frame(
+                A6,
+                B6,
+                frames::TCP,
+                64,
+                &headers,
+                &frames::tcp(port, dport, frames::TCP_SYN),
             )
         }
     };
@@ -670,17 +637,13 @@ fn neighbour_discovery_passes_only_when_it_never_left_the_link_as_root() {
     // b may send nothing to a, yet the link needs its neighbour solicitations.
     let solicitation = |hop_limit: u8| {
         move |_| {
-            frames::ethernet(
+            frames::ipv6_frame(
+                B6,
+                A6,
+                frames::ICMPV6,
+                hop_limit,
                 &[],
-                frames::ETH_P_IPV6,
-                &frames::ipv6(
-                    B6,
-                    A6,
-                    frames::ICMPV6,
-                    hop_limit,
-                    &[],
-                    &frames::icmp(135, 0, [0; 4], &A6.octets()),
-                ),
+                &frames::icmp(135, 0, [0; 4], &A6.octets()),
             )
         }
     };
@@ -690,17 +653,13 @@ fn neighbour_discovery_passes_only_when_it_never_left_the_link_as_root() {
         solicitation(64),
     );
     kernel.assert_dropped("echo request b -> a", |port| {
-        frames::ethernet(
+        frames::ipv6_frame(
+            B6,
+            A6,
+            frames::ICMPV6,
+            64,
             &[],
-            frames::ETH_P_IPV6,
-            &frames::ipv6(
-                B6,
-                A6,
-                frames::ICMPV6,
-                64,
-                &[],
-                &frames::icmp(128, 0, [(port >> 8) as u8, port as u8, 0, 1], b""),
-            ),
+            &frames::icmp(128, 0, [(port >> 8) as u8, port as u8, 0, 1], b""),
         )
     });
 }

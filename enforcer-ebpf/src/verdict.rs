@@ -188,22 +188,27 @@ fn remember_arrival(hook: &Hook, tracked: &mut CtEntry, from_initiator: bool) {
     }
 }
 
-/// The shortcut (see the module documentation): [`NOT_TRACKED`] unless it applies.
-#[inline(never)]
-fn pass_established(hook: &Hook, subject: &mut Subject) -> u8 {
+/// The live conntrack entry of the subject's flow, as [`conntrack::live_entry`] finds it.
+#[inline(always)]
+fn tracked_entry(hook: &Hook, subject: &Subject) -> Option<*mut CtEntry> {
     let packet = &subject.packet;
-    let from_lo = subject.from_lo != 0;
-    let Some(entry) = conntrack::live_entry(
+    conntrack::live_entry(
         &subject.key,
         packet.is_tcp() && packet.tcp_syn_only(),
         hook.now,
-    ) else {
+    )
+}
+
+/// The shortcut (see the module documentation): [`NOT_TRACKED`] unless it applies.
+#[inline(never)]
+fn pass_established(hook: &Hook, subject: &mut Subject) -> u8 {
+    let Some(entry) = tracked_entry(hook, subject) else {
         return NOT_TRACKED;
     };
     subject.tracked = 1;
     // SAFETY: map value pointer from `live_entry`, valid for this run.
     let tracked = unsafe { &*entry };
-    let from_initiator = from_lo == (tracked.flags & ct_flags::ORIG_IS_LO != 0);
+    let from_initiator = (subject.from_lo != 0) == (tracked.flags & ct_flags::ORIG_IS_LO != 0);
     if tracked.generation != subject.outcome.generation
         || !arrives_as_before(hook, tracked, from_initiator)
     {
@@ -250,13 +255,7 @@ fn established(
 /// else is judged again. [`NOT_TRACKED`] if the flow is not tracked.
 #[inline(never)]
 fn judge_tracked(hook: &Hook, subject: &mut Subject) -> u8 {
-    let packet = &subject.packet;
-    let from_lo = subject.from_lo != 0;
-    let Some(entry) = conntrack::live_entry(
-        &subject.key,
-        packet.is_tcp() && packet.tcp_syn_only(),
-        hook.now,
-    ) else {
+    let Some(entry) = tracked_entry(hook, subject) else {
         return NOT_TRACKED;
     };
     // SAFETY: map value pointer from `live_entry`, valid for this run.
@@ -264,7 +263,7 @@ fn judge_tracked(hook: &Hook, subject: &mut Subject) -> u8 {
     if tracked.generation != subject.outcome.generation {
         return judge_again(hook, subject, entry);
     }
-    let from_initiator = from_lo == (tracked.flags & ct_flags::ORIG_IS_LO != 0);
+    let from_initiator = (subject.from_lo != 0) == (tracked.flags & ct_flags::ORIG_IS_LO != 0);
     // This packet passed the identity checks just now: later ones of its direction arriving
     // the same way can take the shortcut.
     // SAFETY: as above; no reference to the entry is held across this write.

@@ -5,7 +5,6 @@
 
 use std::{
     path::Path,
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -86,20 +85,14 @@ fn main() {
         .arg("--observe-socket")
         .arg(topology.dir.join("observe.sock"))
         .env("RUST_LOG", "info");
-    let unload = pins.clone();
-    let daemon = Daemon::spawn(
+    let daemon = Daemon::spawn_enforcer(
         command,
+        ENFORCER.as_ref(),
+        &pins,
         topology.dir.join("enforcer.log"),
-        "enforcing",
         Duration::from_secs(60),
     )
-    .expect("enforcer starts")
-    .on_drop(move || {
-        let _ = Command::new(ENFORCER)
-            .args(["unload", "--pin-path"])
-            .arg(&unload)
-            .output();
-    });
+    .expect("enforcer starts");
 
     let full_text = policies::generated(SERVICES, RULES);
     let (full, full_line) = apply(&daemon, &policy, &full_text, 2);

@@ -3,11 +3,7 @@
 //! in the same run (iperf3, bounded runs): with the default ingress hook (TC on veths) and with
 //! XDP forced, which shows why the default is what it is.
 
-use std::{
-    net::IpAddr,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{net::IpAddr, process::Stdio, time::Duration};
 
 use enforcer_testbed::{Daemon, Topology};
 use serde_json::Value;
@@ -92,20 +88,14 @@ fn main() {
                 "--attach",
                 "v-server",
             ]);
-        let unload = pins.clone();
-        let daemon = Daemon::spawn(
+        let daemon = Daemon::spawn_enforcer(
             command,
+            ENFORCER.as_ref(),
+            &pins,
             topology.dir.join(format!("enforcer-{ingress}.log")),
-            "enforcing",
             Duration::from_secs(60),
         )
-        .expect("enforcer starts")
-        .on_drop(move || {
-            let _ = Command::new(ENFORCER)
-                .args(["unload", "--pin-path"])
-                .arg(&unload)
-                .output();
-        });
+        .expect("enforcer starts");
         let rate = median((0..ROUNDS).map(|_| iperf(&topology, server_ip)).collect());
         drop(daemon);
         rate

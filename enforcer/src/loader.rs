@@ -347,14 +347,7 @@ impl Datapath {
         let id = program
             .attach(interface, XdpMode::Default)
             .map_err(attach_error)?;
-        let link = program.take_link(id).map_err(attach_error)?;
-        let link = FdLink::try_from(link).map_err(|source| LoadError::Link {
-            path: path.clone(),
-            source,
-        })?;
-        link.pin(&path)
-            .map_err(|source| LoadError::Pin { path, source })?;
-        Ok(())
+        pin_link(program.take_link(id).map_err(attach_error)?, path)
     }
 
     fn attach_tc(&mut self, interface: &str, hook: Hook) -> Result<(), LoadError> {
@@ -390,14 +383,7 @@ impl Datapath {
         let id = program
             .attach(interface, attach_type)
             .map_err(attach_error)?;
-        let link = program.take_link(id).map_err(attach_error)?;
-        let link = FdLink::try_from(link).map_err(|source| LoadError::Link {
-            path: path.clone(),
-            source,
-        })?;
-        link.pin(&path)
-            .map_err(|source| LoadError::Pin { path, source })?;
-        Ok(())
+        pin_link(program.take_link(id).map_err(attach_error)?, path)
     }
 
     fn program_mut<'a, P>(&'a mut self, name: &'static str) -> Result<&'a mut P, LoadError>
@@ -479,6 +465,20 @@ fn load_program(ebpf: &mut Ebpf, hook: Hook) -> Result<(), LoadError> {
         }
     }
     .map_err(|source| LoadError::Program { name, source })
+}
+
+/// Pins a link just made, so that it outlives the controller.
+fn pin_link<L>(link: L, path: PathBuf) -> Result<(), LoadError>
+where
+    FdLink: TryFrom<L, Error = LinkError>,
+{
+    let link = FdLink::try_from(link).map_err(|source| LoadError::Link {
+        path: path.clone(),
+        source,
+    })?;
+    link.pin(&path)
+        .map_err(|source| LoadError::Pin { path, source })?;
+    Ok(())
 }
 
 fn open_pinned_link(path: &Path) -> Result<Option<PinnedLink>, LoadError> {

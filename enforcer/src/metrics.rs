@@ -185,6 +185,9 @@ impl std::fmt::Debug for KernelCollector {
     }
 }
 
+/// A metric family read from samples of `T`: its name, its help, and the value of a sample.
+type FamilyOf<T, V> = (&'static str, &'static str, fn(&T) -> V);
+
 const FILL_REFRESH: Duration = Duration::from_secs(5);
 
 impl Collector for KernelCollector {
@@ -194,26 +197,22 @@ impl Collector for KernelCollector {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let packets = maps.packet_counts().unwrap_or_default();
-        {
-            let mut family = encoder.encode_descriptor(
+        let packet_families: [FamilyOf<enforcer_common::counters::Counter, u64>; 2] = [
+            (
                 "enforcer_packets",
                 "Packets judged by the datapath, by verdict and reason",
-                None,
-                prometheus_client::metrics::MetricType::Counter,
-            )?;
-            for (verdict, reason, counter) in &packets {
-                let verdict = Verdict::from_code(*verdict).map_or("unknown", Verdict::as_str);
-                let labels = [
-                    ("verdict", verdict.to_owned()),
-                    ("reason", reason_name(*reason).to_owned()),
-                ];
-                ConstCounter::new(counter.packets).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        {
-            let mut family = encoder.encode_descriptor(
+                |counter| counter.packets,
+            ),
+            (
                 "enforcer_packet_bytes",
                 "Bytes of the packets judged by the datapath, by verdict and reason",
+                |counter| counter.bytes,
+            ),
+        ];
+        for (name, help, value) in packet_families {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
                 None,
                 prometheus_client::metrics::MetricType::Counter,
             )?;
@@ -223,7 +222,7 @@ impl Collector for KernelCollector {
                     ("verdict", verdict.to_owned()),
                     ("reason", reason_name(*reason).to_owned()),
                 ];
-                ConstCounter::new(counter.bytes).encode(family.encode_family(&labels)?)?;
+                ConstCounter::new(value(counter)).encode(family.encode_family(&labels)?)?;
             }
         }
         {
@@ -276,27 +275,27 @@ impl Collector for KernelCollector {
                 }
             }
         };
-        {
-            let mut family = encoder.encode_descriptor(
+        let fill_families: [FamilyOf<Fill, i64>; 2] = [
+            (
                 "enforcer_map_entries",
                 "Entries in each datapath map",
-                None,
-                prometheus_client::metrics::MetricType::Gauge,
-            )?;
-            for (map, fill) in &fill {
-                ConstGauge::new(fill.entries as i64)
-                    .encode(family.encode_family(&[("map", (*map).to_owned())])?)?;
-            }
-        }
-        {
-            let mut family = encoder.encode_descriptor(
+                |fill| fill.entries as i64,
+            ),
+            (
                 "enforcer_map_capacity",
                 "Capacity of each datapath map",
+                |fill| i64::from(fill.capacity),
+            ),
+        ];
+        for (name, help, value) in fill_families {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
                 None,
                 prometheus_client::metrics::MetricType::Gauge,
             )?;
             for (map, fill) in &fill {
-                ConstGauge::new(i64::from(fill.capacity))
+                ConstGauge::new(value(fill))
                     .encode(family.encode_family(&[("map", (*map).to_owned())])?)?;
             }
         }

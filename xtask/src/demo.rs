@@ -195,21 +195,14 @@ fn show(enforcer: &Path, policy: &Path) -> Result<()> {
             .collect::<Vec<_>>()
             .join(" --attach ")
     );
-    let pins = topology.pin_path();
-    let unload = enforcer.to_owned();
-    let daemon = Daemon::spawn(
+    let daemon = Daemon::spawn_enforcer(
         command,
+        enforcer,
+        &topology.pin_path(),
         topology.dir.join("enforcer.log"),
-        "enforcing",
         Duration::from_secs(30),
     )
-    .context("starting enforcer")?
-    .on_drop(move || {
-        let _ = Command::new(unload)
-            .args(["unload", "--pin-path"])
-            .arg(&pins)
-            .output();
-    });
+    .context("starting enforcer")?;
     check_interrupt()?;
 
     println!("demo: trying each connection\n");

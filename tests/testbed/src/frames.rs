@@ -127,6 +127,22 @@ pub fn ipv6(
     packet
 }
 
+/// An Ethernet frame (untagged) carrying [`ipv6`]`(src, dst, proto, hop_limit, headers, payload)`.
+pub fn ipv6_frame(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    proto: u8,
+    hop_limit: u8,
+    headers: &[(u8, Vec<u8>)],
+    payload: &[u8],
+) -> Vec<u8> {
+    ethernet(
+        &[],
+        ETH_P_IPV6,
+        &ipv6(src, dst, proto, hop_limit, headers, payload),
+    )
+}
+
 /// Hop-by-hop options header type, and a body (after the next-header byte) of 8 bytes.
 pub const IPV6_HOPOPTS: u8 = 0;
 pub fn hop_by_hop() -> (u8, Vec<u8>) {

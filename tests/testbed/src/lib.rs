@@ -349,6 +349,14 @@ impl Drop for Topology {
     }
 }
 
+/// What a server thread shares with its [`Server`]: when to stop, and what it counted.
+#[derive(Clone, Default)]
+struct ServerTally {
+    stop: Arc<AtomicBool>,
+    hits: Arc<AtomicUsize>,
+    bytes: Arc<AtomicUsize>,
+}
+
 /// A server thread in a namespace, stopped on drop.
 pub struct Server {
     stop: Arc<AtomicBool>,
@@ -386,27 +394,17 @@ impl Netns {
     pub fn tcp_echo_server(&self, port: u16) -> io::Result<Server> {
         let listener = self.run(move || TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)))??;
         listener.set_nonblocking(true)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let hits = Arc::new(AtomicUsize::new(0));
-        let bytes = Arc::new(AtomicUsize::new(0));
-        let stopping = stop.clone();
-        let counted = hits.clone();
-        let received = bytes.clone();
-        let thread = self.spawn_thread(move || {
+        self.serve(port, move |tally| {
             let mut connections = Vec::new();
-            while !stopping.load(Ordering::Relaxed) {
+            while !tally.stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((stream, _)) => {
-                        counted.fetch_add(1, Ordering::SeqCst);
+                        tally.hits.fetch_add(1, Ordering::SeqCst);
                         let _ = stream.set_nonblocking(false);
-                        let stopping = stopping.clone();
-                        let received = received.clone();
+                        let tally = tally.clone();
                         connections.push(std::thread::spawn(move || {
-                            echo_stream(stream, &stopping, &received)
+                            echo_stream(stream, &tally.stop, &tally.bytes)
                         }));
-                    }
-                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(POLL)
                     }
                     Err(_) => std::thread::sleep(POLL),
                 }
@@ -414,13 +412,6 @@ impl Netns {
             for connection in connections {
                 let _ = connection.join();
             }
-        })?;
-        Ok(Server {
-            stop,
-            thread: Some(thread),
-            port,
-            hits,
-            bytes,
         })
     }
 
@@ -428,28 +419,33 @@ impl Netns {
     pub fn udp_echo_server(&self, port: u16) -> io::Result<Server> {
         let socket = self.run(move || UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port)))??;
         socket.set_read_timeout(Some(POLL))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let hits = Arc::new(AtomicUsize::new(0));
-        let bytes = Arc::new(AtomicUsize::new(0));
-        let stopping = stop.clone();
-        let counted = hits.clone();
-        let received = bytes.clone();
-        let thread = self.spawn_thread(move || {
+        self.serve(port, move |tally| {
             let mut buffer = [0u8; 65536];
-            while !stopping.load(Ordering::Relaxed) {
+            while !tally.stop.load(Ordering::Relaxed) {
                 if let Ok((len, from)) = socket.recv_from(&mut buffer) {
-                    counted.fetch_add(1, Ordering::SeqCst);
-                    received.fetch_add(len, Ordering::SeqCst);
+                    tally.hits.fetch_add(1, Ordering::SeqCst);
+                    tally.bytes.fetch_add(len, Ordering::SeqCst);
                     let _ = socket.send_to(&buffer[..len], from);
                 }
             }
-        })?;
+        })
+    }
+
+    /// Runs `serve` on a thread in this namespace until the returned [`Server`] is dropped.
+    fn serve(
+        &self,
+        port: u16,
+        serve: impl FnOnce(ServerTally) + Send + 'static,
+    ) -> io::Result<Server> {
+        let tally = ServerTally::default();
+        let shared = tally.clone();
+        let thread = self.spawn_thread(move || serve(shared))?;
         Ok(Server {
-            stop,
+            stop: tally.stop,
             thread: Some(thread),
             port,
-            hits,
-            bytes,
+            hits: tally.hits,
+            bytes: tally.bytes,
         })
     }
 
@@ -822,6 +818,27 @@ impl Daemon {
             }
             std::thread::sleep(POLL);
         }
+    }
+
+    /// Starts `command`, an `enforcer run` pinning under `pins`, and waits until it enforces.
+    /// Dropping it kills the controller, then `enforcer unload` (the `enforcer` binary) removes
+    /// what it left in the kernel.
+    pub fn spawn_enforcer(
+        command: Command,
+        enforcer: &Path,
+        pins: &Path,
+        log: PathBuf,
+        timeout: Duration,
+    ) -> io::Result<Self> {
+        let (enforcer, pins) = (enforcer.to_owned(), pins.to_owned());
+        Ok(
+            Self::spawn(command, log, "enforcing", timeout)?.on_drop(move || {
+                let _ = Command::new(enforcer)
+                    .args(["unload", "--pin-path"])
+                    .arg(pins)
+                    .output();
+            }),
+        )
     }
 
     pub fn on_drop(mut self, cleanup: impl FnOnce() + Send + 'static) -> Self {
