@@ -785,6 +785,61 @@ fn observe_streams_live_flow_records_with_filters_as_root() {
 }
 
 #[test]
+fn a_rotated_audit_log_goes_on_in_a_new_file_that_verifies_after_the_old_as_root() {
+    if !require_root(
+        "a_rotated_audit_log_goes_on_in_a_new_file_that_verifies_after_the_old_as_root",
+    ) {
+        return;
+    }
+    let topology = Topology::build(&["frontend", "api"]).unwrap();
+    let policy = services(&topology, &["frontend", "api"]);
+    let audit_log = topology.dir.join("audit.jsonl");
+    let rotated = topology.dir.join("audit.jsonl.1");
+    let enforcer = Enforcer::start(
+        &topology,
+        &policy,
+        &["v-frontend", "v-api"],
+        &["--audit-log", audit_log.to_str().unwrap()],
+    )
+    .unwrap();
+    // logrotate's default: move the log away and let the writer start a new one.
+    std::fs::rename(&audit_log, &rotated).unwrap();
+    enforcer.reload(
+        &format!("{policy}{}", allow("frontend", "api", &["8080/tcp"], "")),
+        2,
+    );
+    drop(enforcer);
+
+    let generations = |path: &Path| -> Vec<Value> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str::<Value>(line).unwrap())
+            .filter(|record| record["kind"] == "policy_load")
+            .map(|record| record["generation"].clone())
+            .collect()
+    };
+    assert_eq!(generations(&rotated), [1], "the load before the rotation");
+    assert_eq!(
+        generations(&audit_log),
+        [2],
+        "the load after it, in a new file"
+    );
+    let (old, new) = (rotated.to_str().unwrap(), audit_log.to_str().unwrap());
+    let (code, stdout, stderr) = run_enforcer(&["audit-verify", old, new]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("intact"), "{stdout}");
+    let (code, _, stderr) = run_enforcer(&["audit-verify", new]);
+    assert_eq!(code, Some(1), "the new file alone does not start the chain");
+    assert!(
+        stderr.contains(&format!(
+            "{new}:1: the first record does not start the chain"
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn audit_log_chains_policy_loads_and_verification_finds_tampering_as_root() {
     if !require_root("audit_log_chains_policy_loads_and_verification_finds_tampering_as_root") {
         return;

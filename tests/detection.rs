@@ -1,5 +1,5 @@
 //! Detection and reporting (DESIGN §7) against real traffic: the anomaly detectors' findings,
-//! the heartbeat, and syslog delivery.
+//! the heartbeat, syslog delivery, and the alerts file across log rotation.
 
 mod support;
 
@@ -176,6 +176,36 @@ fn a_scan_and_a_burst_of_denials_are_found_as_root() {
 }
 
 /// Collects syslog frames (octet counting) arriving on `listener`.
+#[test]
+fn alerts_continue_in_a_new_file_after_log_rotation_moves_the_old_one_as_root() {
+    if !require_root("alerts_continue_in_a_new_file_after_log_rotation_moves_the_old_one_as_root") {
+        return;
+    }
+    let (topology, enforcer) = frontend_and_api(&allow("frontend", "api", &["8080/tcp"], ""), &[]);
+    let _server = topology.netns("api").tcp_echo_server(8080).unwrap();
+    let frontend = topology.netns("frontend");
+    frontend
+        .tcp_exchange(v4(&topology, "api", 8080), b"before", TIMEOUT)
+        .unwrap();
+    enforcer
+        .wait_for_alert(|alert| is_flow(alert, "frontend", "api", 8080))
+        .expect("flow in the first file");
+
+    // What logrotate does by default: move the file away; the writer must start a new one.
+    let rotated = enforcer.alerts.with_extension("jsonl.1");
+    std::fs::rename(&enforcer.alerts, &rotated).unwrap();
+    let _ = frontend.tcp_connect(v4(&topology, "api", 9090), TIMEOUT);
+    let denied = enforcer
+        .wait_for_alert(|alert| is_flow(alert, "frontend", "api", 9090))
+        .expect("a record written after the rotation lands in a new file at the same path");
+    assert_eq!(denied["policy"]["uid"], "default-deny");
+    let moved = std::fs::read_to_string(&rotated).unwrap();
+    assert!(
+        moved.contains("\"port\":8080"),
+        "the records before the rotation stay in the moved file"
+    );
+}
+
 fn collect_syslog(listener: TcpListener) -> Arc<Mutex<Vec<String>>> {
     let frames = Arc::new(Mutex::new(Vec::new()));
     let received = frames.clone();

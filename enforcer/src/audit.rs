@@ -2,12 +2,17 @@
 //! before it, so that changing, removing, inserting or reordering a line breaks the chain that
 //! `enforcer audit-verify` walks. The end of the log is anchored outside it: the heartbeat sends
 //! the chain head to the SIEM, so a log cut at its end is noticed there.
+//!
+//! A rotated log (see [`crate::logfile`]) goes on in a new file whose first line chains to the
+//! last line of the moved one; `audit-verify OLD NEW` checks the pieces as one chain.
 
 use std::{
     fs::File,
     io::{self, BufRead, BufReader, Write},
     path::{Path, PathBuf},
 };
+
+use crate::logfile::LogPath;
 
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -21,7 +26,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 /// An append-only, hash-chained log file.
 pub struct AuditLog {
-    path: PathBuf,
+    log: LogPath,
     file: File,
     head: String,
     next_seq: u64,
@@ -53,9 +58,9 @@ impl AuditLog {
             Err(error) if error.kind() == io::ErrorKind::NotFound => (GENESIS.to_owned(), 0),
             Err(error) => return Err(error),
         };
-        let file = File::options().create(true).append(true).open(path)?;
+        let (file, log) = LogPath::open(path)?;
         Ok(Self {
-            path: path.to_owned(),
+            log,
             file,
             head,
             next_seq,
@@ -63,7 +68,7 @@ impl AuditLog {
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.log.path()
     }
 
     /// SHA-256 of the last line written: what the next line will carry as `prev_hash`.
@@ -74,6 +79,13 @@ impl AuditLog {
     /// Appends a record: `fields` plus `seq`, `time` and `prev_hash`. Written and flushed
     /// before returning, so a crash never loses an acknowledged record.
     pub fn append(&mut self, kind: &str, fields: Value) -> io::Result<()> {
+        if self.log.was_rotated()? {
+            self.file = self.log.reopen()?;
+            tracing::info!(
+                "audit log {} was moved or removed (rotated): its chain goes on in a new file",
+                self.log.path().display()
+            );
+        }
         let mut record = Map::new();
         record.insert("seq".to_owned(), Value::from(self.next_seq));
         record.insert(
@@ -99,57 +111,60 @@ impl AuditLog {
 pub enum Verification {
     /// Every line chains to the one before; `head` is the last line's hash.
     Intact { records: usize, head: String },
-    /// The chain breaks at `line` (1-based).
-    Broken { line: usize, problem: String },
+    /// The chain breaks at `line` (1-based) of `path`.
+    Broken {
+        path: PathBuf,
+        line: usize,
+        problem: String,
+    },
 }
 
-/// Walks the chain of the log at `path`.
-pub fn verify(path: &Path) -> io::Result<Verification> {
-    let reader = BufReader::new(File::open(path)?);
+/// Walks the chain of the log at `paths`: one file, or the pieces of a rotated log, oldest
+/// first. The first line of the first piece must start the chain.
+pub fn verify(paths: &[PathBuf]) -> io::Result<Verification> {
     let mut expected_prev = GENESIS.to_owned();
     let mut expected_seq: Option<u64> = None;
     let mut records = 0;
-    for (index, line) in reader.lines().enumerate() {
-        let line = line?;
-        let number = index + 1;
-        let record: Value = match serde_json::from_str(&line) {
-            Ok(record) => record,
-            Err(error) => {
-                return Ok(Verification::Broken {
-                    line: number,
-                    problem: format!("not a JSON record ({error})"),
-                });
-            }
+    for (piece, path) in paths.iter().enumerate() {
+        let reader = BufReader::new(File::open(path)?);
+        let broken = |line: usize, problem: String| Verification::Broken {
+            path: path.clone(),
+            line,
+            problem,
         };
-        let prev = record["prev_hash"].as_str().unwrap_or_default();
-        if index == 0 && prev != GENESIS {
-            return Ok(Verification::Broken {
-                line: 1,
-                problem:
-                    "the first record does not start the chain: records before it were removed"
-                        .to_owned(),
-            });
+        for (index, line) in reader.lines().enumerate() {
+            let line = line?;
+            let number = index + 1;
+            let record: Value = match serde_json::from_str(&line) {
+                Ok(record) => record,
+                Err(error) => {
+                    return Ok(broken(number, format!("not a JSON record ({error})")));
+                }
+            };
+            let prev = record["prev_hash"].as_str().unwrap_or_default();
+            if prev != expected_prev {
+                let problem = match (piece, index) {
+                    (0, 0) => "the first record does not start the chain: records before it were removed (or it continues a rotated log: give the earlier files first)".to_owned(),
+                    (_, 0) => "the first record does not continue the file before it: a file is missing between them, or out of order".to_owned(),
+                    _ => format!(
+                        "prev_hash does not match line {index}: a line was changed, removed, inserted or reordered"
+                    ),
+                };
+                return Ok(broken(number, problem));
+            }
+            let seq = record["seq"].as_u64();
+            if let (Some(expected), Some(seq)) = (expected_seq, seq)
+                && seq != expected
+            {
+                return Ok(broken(
+                    number,
+                    format!("seq {seq} where {expected} was due"),
+                ));
+            }
+            expected_seq = seq.map(|seq| seq + 1);
+            expected_prev = sha256_hex(line.as_bytes());
+            records += 1;
         }
-        if prev != expected_prev {
-            return Ok(Verification::Broken {
-                line: number,
-                problem: format!(
-                    "prev_hash does not match line {index}: a line was changed, removed, inserted or reordered"
-                ),
-            });
-        }
-        let seq = record["seq"].as_u64();
-        if let (Some(expected), Some(seq)) = (expected_seq, seq)
-            && seq != expected
-        {
-            return Ok(Verification::Broken {
-                line: number,
-                problem: format!("seq {seq} where {expected} was due"),
-            });
-        }
-        expected_seq = seq.map(|seq| seq + 1);
-        expected_prev = sha256_hex(line.as_bytes());
-        records += 1;
     }
     Ok(Verification::Intact {
         records,
@@ -187,14 +202,15 @@ mod tests {
                 .collect::<String>(),
         )
         .unwrap();
-        verify(path).unwrap()
+        verify(&[path.to_owned()]).unwrap()
     }
 
     #[test]
     fn an_untouched_log_verifies_and_reopening_continues_the_chain() {
         let (scratch, lines) = written_log(3);
         let path = &scratch.0;
-        let Verification::Intact { records: 3, head } = verify(path).unwrap() else {
+        let Verification::Intact { records: 3, head } = verify(std::slice::from_ref(path)).unwrap()
+        else {
             panic!("intact log refused")
         };
         assert_eq!(head, sha256_hex(lines[2].as_bytes()));
@@ -202,7 +218,7 @@ mod tests {
         assert_eq!(log.head(), head);
         log.append("policy_load", json!({})).unwrap();
         assert!(matches!(
-            verify(path).unwrap(),
+            verify(std::slice::from_ref(path)).unwrap(),
             Verification::Intact { records: 4, .. }
         ));
         let last: Value = serde_json::from_str(
@@ -263,6 +279,46 @@ mod tests {
                 Verification::Broken { line: 1, .. }
             ),
             "cut at the start"
+        );
+    }
+
+    #[test]
+    fn a_rotated_log_goes_on_in_a_new_file_and_verifies_as_one_chain_with_the_old() {
+        let (current, moved) = (
+            crate::ScratchFile::new("audit.jsonl"),
+            crate::ScratchFile::new("audit.1"),
+        );
+        let mut log = AuditLog::open(&current.0).unwrap();
+        log.append("policy_load", json!({ "generation": 1 }))
+            .unwrap();
+        std::fs::rename(&current.0, &moved.0).unwrap();
+        log.append("policy_load", json!({ "generation": 2 }))
+            .unwrap();
+        log.append("policy_load", json!({ "generation": 3 }))
+            .unwrap();
+
+        let pieces = [moved.0.clone(), current.0.clone()];
+        assert!(matches!(
+            verify(&pieces).unwrap(),
+            Verification::Intact { records: 3, ref head } if head == log.head()
+        ));
+        assert_eq!(
+            std::fs::read_to_string(&current.0).unwrap().lines().count(),
+            2,
+            "the new file holds what came after the rotation"
+        );
+        let Verification::Broken { path, line: 1, .. } =
+            verify(std::slice::from_ref(&current.0)).unwrap()
+        else {
+            panic!("the newer piece alone does not start the chain")
+        };
+        assert_eq!(path, current.0);
+        assert!(
+            matches!(
+                verify(&[current.0.clone(), moved.0.clone()]).unwrap(),
+                Verification::Broken { line: 1, .. }
+            ),
+            "pieces out of order"
         );
     }
 }

@@ -99,8 +99,12 @@ pub enum Command {
         #[arg(long)]
         socket: Option<PathBuf>,
     },
-    /// Verify the hash chain of an audit log.
-    AuditVerify { path: PathBuf },
+    /// Verify the hash chain of an audit log: one file, or the files of a rotated log, oldest
+    /// first.
+    AuditVerify {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
     /// Detach, unpin and remove everything under the pin path.
     Unload {
         #[arg(long, default_value = DEFAULT_PIN_PATH)]
@@ -270,22 +274,28 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
             crate::observe::watch(&socket, follow, &filter, json, std::io::stdout().lock())
                 .map_err(|error| Failure::Runtime(error.to_string()))
         }
-        Command::AuditVerify { path } => match crate::audit::verify(&path) {
-            Ok(crate::audit::Verification::Intact { records, head }) => {
-                println!(
-                    "{}: intact, {records} records, chain head {head}",
+        Command::AuditVerify { paths } => {
+            let named = paths
+                .iter()
+                .map(|path| path.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            match crate::audit::verify(&paths) {
+                Ok(crate::audit::Verification::Intact { records, head }) => {
+                    println!("{named}: intact, {records} records, chain head {head}");
+                    Ok(())
+                }
+                Ok(crate::audit::Verification::Broken {
+                    path,
+                    line,
+                    problem,
+                }) => Err(Failure::BadInput(format!(
+                    "{}:{line}: {problem}",
                     path.display()
-                );
-                Ok(())
+                ))),
+                Err(error) => Err(Failure::Runtime(format!("reading {named}: {error}"))),
             }
-            Ok(crate::audit::Verification::Broken { line, problem }) => Err(Failure::BadInput(
-                format!("{}:{line}: {problem}", path.display()),
-            )),
-            Err(error) => Err(Failure::Runtime(format!(
-                "reading {}: {error}",
-                path.display()
-            ))),
-        },
+        }
         Command::Status { pin_path } => {
             print!("{}", status(&PinLayout::new(pin_path))?);
             Ok(())

@@ -3,6 +3,7 @@
 //! this library; integration tests use it directly too.
 
 pub mod alert;
+pub mod alerts_file;
 pub mod audit;
 pub mod baseline;
 pub mod cli;
@@ -13,6 +14,7 @@ pub mod events;
 pub mod host;
 pub mod identity;
 pub mod loader;
+pub mod logfile;
 pub mod maps;
 pub mod metrics;
 pub mod observe;

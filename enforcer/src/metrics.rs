@@ -55,6 +55,8 @@ pub struct Metrics {
     pub flows: Family<FlowLabels, Counter>,
     pub alerts: Family<DetectorLabel, Counter>,
     pub syslog_dropped: Counter,
+    /// Records the alerts file did not take.
+    pub alerts_unwritten: Counter,
 }
 
 impl Metrics {
@@ -96,6 +98,12 @@ impl Metrics {
             "Records not sent to the syslog collector because it was too slow or unreachable and its queue was full",
             syslog_dropped.clone(),
         );
+        let alerts_unwritten = Counter::default();
+        registry.register(
+            "enforcer_alerts_unwritten",
+            "Alert records that could not be written to the alerts file (a full disk, a failing file system)",
+            alerts_unwritten.clone(),
+        );
         registry.register_collector(Box::new(KernelCollector {
             maps,
             names,
@@ -109,6 +117,7 @@ impl Metrics {
             flows,
             alerts,
             syslog_dropped,
+            alerts_unwritten,
         }
     }
 

@@ -2,8 +2,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    fs::File,
-    io::{self, BufWriter, Write},
+    io,
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, RwLock},
@@ -20,6 +19,7 @@ use tokio::{
 
 use crate::{
     alert::{self, AlertFormat},
+    alerts_file::AlertsFile,
     audit::AuditLog,
     baseline::{BaselineError, EdgeBaseline},
     compile::{self, CompileError, Compiled, HostView},
@@ -340,43 +340,6 @@ impl Controller {
     }
 }
 
-/// The alerts file (or stdout).
-struct AlertSink {
-    writer: Box<dyn Write + Send>,
-}
-
-impl AlertSink {
-    fn open(target: &Path) -> Result<Self, RunError> {
-        let writer: Box<dyn Write + Send> = if target.as_os_str() == "-" {
-            Box::new(io::stdout())
-        } else {
-            let file = File::options()
-                .create(true)
-                .append(true)
-                .open(target)
-                .map_err(|source| RunError::Io {
-                    what: format!("opening alerts file {}", target.display()),
-                    source,
-                })?;
-            Box::new(BufWriter::new(file))
-        };
-        Ok(Self { writer })
-    }
-
-    fn write(&mut self, value: &serde_json::Value) {
-        let line = serde_json::to_string(value).unwrap_or_default() + "\n";
-        if let Err(error) = self.writer.write_all(line.as_bytes()) {
-            tracing::error!("writing an alert failed: {error}");
-        }
-    }
-
-    fn flush(&mut self) {
-        if let Err(error) = self.writer.flush() {
-            tracing::error!("flushing alerts failed: {error}");
-        }
-    }
-}
-
 /// Flow records aggregated over a window, for the audit log (`diff --replay` reads them).
 #[derive(Default)]
 struct FlowSummary {
@@ -426,7 +389,7 @@ struct Pipeline {
     clock: Clock,
     sequences: SequenceTracker,
     interfaces: HashMap<u32, String>,
-    alerts: Option<AlertSink>,
+    alerts: Option<AlertsFile>,
     syslog: Option<SyslogSink>,
     format: AlertFormat,
     host: String,
@@ -452,8 +415,8 @@ impl Pipeline {
 
     /// Writes a record to the alerts file and syslog.
     fn publish(&mut self, msgid: &str, record: &serde_json::Value) {
-        if let Some(sink) = &mut self.alerts {
-            sink.write(record);
+        if let Some(alerts) = &mut self.alerts {
+            alerts.write(record);
         }
         if let Some(syslog) = &self.syslog {
             syslog.send(alert::severity_of(record), msgid, record);
@@ -580,8 +543,15 @@ impl Pipeline {
     }
 
     fn flush(&mut self) {
-        if let Some(sink) = &mut self.alerts {
-            sink.flush();
+        if let Some(alerts) = &mut self.alerts {
+            alerts.flush();
+        }
+    }
+
+    /// Once a second: follow a rotated alerts file.
+    fn follow_rotation(&mut self) {
+        if let Some(alerts) = &mut self.alerts {
+            alerts.follow_rotation();
         }
     }
 }
@@ -613,6 +583,7 @@ async fn read_events(
             _ = detector_tick.tick() => {
                 pipeline.tick();
                 pipeline.flush();
+                pipeline.follow_rotation();
             }
             Some(heartbeat) = heartbeats.recv() => {
                 pipeline.heartbeat(&heartbeat);
@@ -671,7 +642,12 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     let alerts = options
         .alerts
         .as_ref()
-        .map(|target| AlertSink::open(target))
+        .map(|target| {
+            AlertsFile::open(target).map_err(|source| RunError::Io {
+                what: format!("opening alerts file {}", target.display()),
+                source,
+            })
+        })
         .transpose()?;
     let audit_log = options
         .audit_log
@@ -769,7 +745,7 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         clock: Clock::now(),
         sequences: SequenceTracker::default(),
         interfaces: HashMap::new(),
-        alerts,
+        alerts: alerts.map(|alerts| alerts.counting_in(metrics.alerts_unwritten.clone())),
         syslog,
         format: options.alert_format,
         host: host_name,
