@@ -299,6 +299,7 @@ fn hundred_reloads_under_traffic_never_admit_what_both_forbid_nor_break_what_bot
         };
     };
     std::thread::scope(|scope| {
+        let _stop = RaiseOnDrop(&stop);
         scope.spawn(|| {
             while !stop.load(Ordering::SeqCst) {
                 let reply = enforcer_testbed::exchange(&mut stream, b"steady");
@@ -329,7 +330,6 @@ fn hundred_reloads_under_traffic_never_admit_what_both_forbid_nor_break_what_bot
                 generation,
             );
         }
-        stop.store(true, Ordering::SeqCst);
     });
     assert_eq!(
         failures.load(Ordering::SeqCst),
@@ -559,7 +559,7 @@ fn killed_controller_leaves_enforcement_in_place_and_a_new_one_adopts_it_as_root
     let policy = format!(
         "{}{}",
         services(&topology, &["frontend", "api", "db"]),
-        allow("frontend", "api", &["8080/tcp"], "")
+        allow("frontend", "api", &["8080/tcp"], "id = \"fe-api\"")
     );
     let first = enforce(&topology, &policy);
     let _api = topology.netns("api").tcp_echo_server(8080).unwrap();
@@ -576,6 +576,7 @@ fn killed_controller_leaves_enforcement_in_place_and_a_new_one_adopts_it_as_root
     let stop = AtomicBool::new(false);
     let probes = AtomicUsize::new(0);
     let second = std::thread::scope(|scope| {
+        let _stop = RaiseOnDrop(&stop);
         // A continuous probe of a denied flow, through the kill and the restart.
         scope.spawn(|| {
             while !stop.load(Ordering::SeqCst) {
@@ -630,8 +631,16 @@ fn killed_controller_leaves_enforcement_in_place_and_a_new_one_adopts_it_as_root
             b"adopted",
             "the connection survives the adoption"
         );
+        // The record of the connection made while no controller ran was queued under the
+        // first controller's generation; the second names its rule as the first did.
+        let queued = second
+            .wait_for_alert(|alert| {
+                is_flow(alert, "frontend", "api", 8080)
+                    && alert["unmapped"]["enforcer"]["generation"] == 1
+            })
+            .expect("the record queued while no controller ran is reported");
+        assert_eq!(queued["policy"]["uid"], "fe-api");
         std::thread::sleep(Duration::from_millis(300));
-        stop.store(true, Ordering::SeqCst);
         second
     });
     assert_eq!(

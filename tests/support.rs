@@ -107,6 +107,17 @@ impl Enforcer {
     }
 }
 
+/// Raises its flag when dropped, also while a failed assertion unwinds: loops on other threads
+/// of a `std::thread::scope` that run until the flag is up then end, and the test fails rather
+/// than waiting for them forever.
+pub struct RaiseOnDrop<'a>(pub &'a std::sync::atomic::AtomicBool);
+
+impl Drop for RaiseOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// A flow alert's endpoints and port, for matching.
 pub fn is_flow(alert: &Value, from: &str, to: &str, port: u16) -> bool {
     alert["src_endpoint"]["svc_name"] == from

@@ -158,7 +158,7 @@ impl Tables {
 }
 
 /// What a rule number stands for, for events, alerts and `explain`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct RuleInfo {
     pub id: String,
     pub kind: RuleKind,

@@ -139,31 +139,45 @@ impl Clock {
 /// that judged it was replaced), and the detectors' tuning of the latest generation.
 #[derive(Clone, Default)]
 pub struct Generations {
-    by_generation: BTreeMap<u32, Arc<Names>>,
-    detection: Detection,
+    by_generation: BTreeMap<u32, (Arc<Names>, Detection)>,
 }
 
 impl Generations {
     const KEEP: usize = 8;
 
+    /// Adds `generation`'s names. Done before the kernel switches to it, so that its first
+    /// records are named; [`remove`](Self::remove) takes it back if the switch fails.
     pub fn insert(&mut self, generation: u32, compiled: &Compiled) {
-        self.by_generation
-            .insert(generation, Arc::clone(&compiled.names));
+        self.by_generation.insert(
+            generation,
+            (Arc::clone(&compiled.names), compiled.detection.clone()),
+        );
         while self.by_generation.len() > Self::KEEP {
             self.by_generation.pop_first();
         }
-        if self.latest_generation() == Some(generation) {
-            self.detection = compiled.detection.clone();
-        }
+    }
+
+    /// Adds the names of a generation another controller installed (see
+    /// [`crate::names_file`]); its detector tuning is not known, and not needed: this
+    /// controller installs its own generation next.
+    pub fn adopt(&mut self, generation: u32, names: Arc<Names>) {
+        self.by_generation
+            .insert(generation, (names, Detection::default()));
+    }
+
+    pub fn remove(&mut self, generation: u32) {
+        self.by_generation.remove(&generation);
     }
 
     /// The names of `generation`, if it is one of those kept.
     pub fn get(&self, generation: u32) -> Option<&Arc<Names>> {
-        self.by_generation.get(&generation)
+        self.by_generation.get(&generation).map(|(names, _)| names)
     }
 
     pub fn latest(&self) -> Option<&Arc<Names>> {
-        self.by_generation.last_key_value().map(|(_, names)| names)
+        self.by_generation
+            .last_key_value()
+            .map(|(_, (names, _))| names)
     }
 
     pub fn latest_generation(&self) -> Option<u32> {
@@ -172,8 +186,12 @@ impl Generations {
             .map(|(generation, _)| *generation)
     }
 
-    pub fn detection(&self) -> &Detection {
-        &self.detection
+    /// The detectors' tuning of the latest generation.
+    pub fn detection(&self) -> Detection {
+        self.by_generation
+            .last_key_value()
+            .map(|(_, (_, detection))| detection.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -186,9 +204,10 @@ pub fn describe(
     interface: impl Fn(u32) -> String,
 ) -> Option<FlowRecord> {
     let verdict = Verdict::from_code(event.verdict)?;
-    // A generation this controller did not install (one adopted after a restart, or one
-    // older than those kept): identities keep their numbers from one generation to the next,
-    // so the latest names them; rule numbers may not, so a user rule shows as its number.
+    // A generation this controller neither installed nor adopted with its names (see
+    // `names_file`), or one older than those kept: identities keep their numbers from one
+    // generation to the next, so the latest names them; rule numbers may not, so a user rule
+    // shows as its number.
     let names = generations.get(event.generation);
     let name = |identity: u32| match names.or_else(|| generations.latest()) {
         Some(names) => names.identity_name(identity),

@@ -17,6 +17,7 @@ pub mod loader;
 pub mod logfile;
 pub mod maps;
 pub mod metrics;
+pub mod names_file;
 pub mod observe;
 pub mod policy;
 pub mod run;

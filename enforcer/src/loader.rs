@@ -106,6 +106,21 @@ impl PinLayout {
         self.links().join(format!("{}-{interface}", hook.as_str()))
     }
 
+    /// A file of the controller using these pins, beside its observe socket:
+    /// `/run/enforcer/<pin directory name>.<extension>` (bpffs holds only BPF objects).
+    pub fn state_file(&self, extension: &str) -> PathBuf {
+        let name = self.root.file_name().map_or_else(
+            || "enforcer".to_owned(),
+            |name| name.to_string_lossy().into_owned(),
+        );
+        PathBuf::from("/run/enforcer").join(format!("{name}.{extension}"))
+    }
+
+    /// Where the live generation's rule names are kept (see [`crate::names_file`]).
+    pub fn names_file(&self) -> PathBuf {
+        self.state_file("names.json")
+    }
+
     /// Whether a datapath is pinned here.
     pub fn exists(&self) -> bool {
         self.maps().join("POLICY_ACTIVE").exists()
@@ -631,5 +646,9 @@ pub fn unload(pins: &PinLayout) -> io::Result<Vec<PathBuf>> {
         fs::remove_dir(&dir)?;
     }
     fs::remove_dir(&pins.root)?;
+    let names = pins.names_file();
+    if fs::remove_file(&names).is_ok() {
+        removed.push(names);
+    }
     Ok(removed)
 }

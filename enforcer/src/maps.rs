@@ -563,6 +563,13 @@ impl Installer {
         self.live.as_ref()
     }
 
+    /// The number the next installed generation gets (0 is never used: it means none).
+    pub fn next_generation(&self) -> u32 {
+        self.live
+            .as_ref()
+            .map_or(1, |live| live.generation.wrapping_add(1).max(1))
+    }
+
     /// Writes `compiled` beside the live generation and switches to it. Nothing the live
     /// generation uses is touched; on error the live generation stays in force.
     pub fn install(
@@ -571,10 +578,8 @@ impl Installer {
         compiled: &Compiled,
     ) -> Result<Installed, MapsError> {
         let started = Instant::now();
-        let (slot, generation) = match &self.live {
-            Some(live) => (1 - live.slot as u8, live.generation.wrapping_add(1).max(1)),
-            None => (0, 1),
-        };
+        let generation = self.next_generation();
+        let slot = self.live.as_ref().map_or(0, |live| 1 - live.slot as u8);
         self.check_capacity(maps, &compiled.tables)?;
         // The target slot is about to change: until the switch, it is in an unknown state.
         let previous = match std::mem::take(&mut self.slots[usize::from(slot)]) {

@@ -24,11 +24,7 @@ const BACKLOG: usize = 1024;
 
 /// The socket of the controller whose pins are at `pin_path`: `/run/enforcer/<pin dir name>.sock`.
 pub fn default_socket(pin_path: &Path) -> PathBuf {
-    let name = pin_path.file_name().map_or_else(
-        || "enforcer".to_owned(),
-        |name| name.to_string_lossy().into_owned(),
-    );
-    PathBuf::from("/run/enforcer").join(format!("{name}.sock"))
+    crate::loader::PinLayout::new(pin_path).state_file("sock")
 }
 
 /// Where the pipeline publishes flow records for observers.

@@ -29,6 +29,7 @@ use crate::{
     loader::{self, Datapath, IngressHook, LoadError, PinLayout},
     maps::{Installed, Installer, KernelMaps, MapsError},
     metrics::{self, DetectorLabel, FlowLabels, Metrics},
+    names_file::{self, NamesWriter},
     observe,
     policy::{self, ParseCache, Policy, PolicyError},
     syslog::SyslogSink,
@@ -167,6 +168,8 @@ struct Controller {
     policy: Option<(Policy, HostView)>,
     /// The last policy's parsed tables: a reload parses only what changed.
     parse_cache: ParseCache,
+    /// Keeps the live generation's rule names for a controller that may adopt it.
+    names_file: NamesWriter,
 }
 
 impl Controller {
@@ -194,18 +197,30 @@ impl Controller {
             tracing::warn!("{warning}");
         }
         let compiled = Arc::new(compiled);
+        let generation = self.installer.next_generation();
+        self.generations
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(generation, &compiled);
         let installed = {
             let mut maps = self
                 .maps
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            self.installer.install(&mut maps, &compiled)?
+            self.installer.install(&mut maps, &compiled)
         };
+        let installed = installed.inspect_err(|_| {
+            self.generations
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .remove(generation);
+        })?;
         let seconds = started.elapsed().as_secs_f64();
-        self.generations
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(installed.generation, &compiled);
+        self.names_file.record(
+            installed.generation,
+            compiled.hash,
+            Arc::clone(&compiled.names),
+        );
         self.metrics.count_reload("success");
         self.metrics.policy_apply_seconds.observe(seconds);
         self.metrics
@@ -434,7 +449,7 @@ impl Pipeline {
         if let Some(generation) = generations.latest_generation()
             && generation != self.detection_generation
         {
-            self.detectors.configure(generations.detection().clone());
+            self.detectors.configure(generations.detection());
             self.detection_generation = generation;
         }
     }
@@ -685,15 +700,23 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     let pins = PinLayout::new(&options.pin_path);
     let (mut datapath, maps, ring) = Datapath::load(pins.clone())?;
     let installer = Installer::adopt(&maps)?;
+    let mut generations = Generations::default();
     if let Some(live) = installer.live() {
         tracing::info!(
             generation = live.generation,
             "adopting the datapath pinned at {}",
             pins.root.display()
         );
+        // Records still queued from the adopted generation, and those judged until this
+        // controller's first generation is in, name their rules as their controller did.
+        if let Some(names) =
+            names_file::read(&pins.names_file(), live.generation, &live.policy_hash)
+        {
+            generations.adopt(live.generation, Arc::new(names));
+        }
     }
     let maps = Arc::new(Mutex::new(maps));
-    let generations = Arc::new(RwLock::new(Generations::default()));
+    let generations = Arc::new(RwLock::new(generations));
     let metrics = Arc::new(Metrics::new(maps.clone(), generations.clone()));
     let audit_log: SharedAudit = Arc::new(Mutex::new(audit_log));
     let mut controller = Controller {
@@ -706,6 +729,7 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         live: None,
         policy: None,
         parse_cache,
+        names_file: NamesWriter::start(pins.names_file()),
     };
     // The policy goes in before any interface is attached: the programs fail closed without one.
     controller.install(policy, view, compiled, Trigger::Start, started)?;
