@@ -573,6 +573,14 @@ fn killed_controller_leaves_enforcement_in_place_and_a_new_one_adopts_it_as_root
         b"before"
     );
 
+    // The controller keeps its rule names for a successor once reloads pause (half a second).
+    let names_file = enforcer::loader::PinLayout::new(&first.pins).names_file();
+    assert!(
+        enforcer_testbed::eventually(SETTLE, || names_file.exists()),
+        "{} written",
+        names_file.display()
+    );
+
     let stop = AtomicBool::new(false);
     let probes = AtomicUsize::new(0);
     let second = std::thread::scope(|scope| {

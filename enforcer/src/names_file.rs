@@ -4,9 +4,11 @@
 //! this file to name the records still queued from it, and those the kernel judges until the
 //! new controller's first generation is in, by their rule ids rather than by number.
 //!
-//! The file is written after each switch, off the reload path, on a thread of its own that
-//! writes only the newest generation it has been given, by rename so that a reader never sees
-//! half a file. It is trusted only for the generation and policy hash it says it describes.
+//! The file is written after a switch, off the reload path, on a thread of its own that writes
+//! the newest generation it has been given once reloads pause for half a second, by rename so
+//! that a reader never sees half a file. It is trusted only for the generation and policy hash
+//! it says it describes: a controller killed within that half second leaves the file of the
+//! generation before, and its successor names the last generation's rules by number.
 
 use std::{
     collections::BTreeMap,
@@ -20,7 +22,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::compile::{Names, RuleInfo};
 
-#[derive(Serialize, Deserialize)]
+/// The file, as read.
+#[derive(Deserialize)]
 struct Stored {
     generation: u32,
     policy_sha256: String,
@@ -29,24 +32,48 @@ struct Stored {
     identities: Vec<(u32, String, u32)>,
 }
 
-impl Stored {
-    fn of(generation: u32, policy_hash: &[u8; 32], names: &Names) -> Self {
+/// The file, as written: the same fields, serialized straight from the shared names (a
+/// 100 000-rule policy's names are tens of megabytes when copied).
+#[derive(Serialize)]
+struct StoredView<'a> {
+    generation: u32,
+    policy_sha256: String,
+    rules: RulesView<'a>,
+    identities: IdentitiesView<'a>,
+}
+
+struct RulesView<'a>(&'a Names);
+struct IdentitiesView<'a>(&'a Names);
+
+impl Serialize for RulesView<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.rules.iter().map(|(number, info)| (number, &**info)))
+    }
+}
+
+impl Serialize for IdentitiesView<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(
+            self.0
+                .identities
+                .iter()
+                .map(|(number, (name, info))| (number, name, info.flags)),
+        )
+    }
+}
+
+impl<'a> StoredView<'a> {
+    fn of(generation: u32, policy_hash: &[u8; 32], names: &'a Names) -> Self {
         Self {
             generation,
             policy_sha256: hex::encode(policy_hash),
-            rules: names
-                .rules
-                .iter()
-                .map(|(number, info)| (*number, RuleInfo::clone(info)))
-                .collect(),
-            identities: names
-                .identities
-                .iter()
-                .map(|(number, (name, info))| (*number, name.clone(), info.flags))
-                .collect(),
+            rules: RulesView(names),
+            identities: IdentitiesView(names),
         }
     }
+}
 
+impl Stored {
     fn into_names(self) -> Names {
         Names {
             rules: self
@@ -93,24 +120,32 @@ pub fn read(path: &Path, generation: u32, policy_hash: &[u8; 32]) -> Option<Name
     Some(stored.into_names())
 }
 
+/// How long reloads must pause before the newest generation's names are written.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// A generation now live: its number, policy hash and names.
+type Live = (u32, [u8; 32], Arc<Names>);
+
 /// Writes the live generation's names to the file, in the background.
 pub struct NamesWriter {
-    queue: mpsc::Sender<(u32, [u8; 32], Arc<Names>)>,
+    queue: Option<mpsc::Sender<Live>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl NamesWriter {
     pub fn start(path: PathBuf) -> Self {
-        let (queue, pending) = mpsc::channel::<(u32, [u8; 32], Arc<Names>)>();
-        std::thread::Builder::new()
+        let (queue, pending) = mpsc::channel::<Live>();
+        let thread = std::thread::Builder::new()
             .name("names-file".to_owned())
             .spawn(move || {
                 while let Ok(mut newest) = pending.recv() {
-                    // Only the newest matters: skip what a quicker reload already replaced.
-                    while let Ok(newer) = pending.try_recv() {
+                    // Only the newest matters, once reloads pause: writing a large policy's
+                    // names takes CPU a reload in a burst of them would rather have.
+                    while let Ok(newer) = pending.recv_timeout(SETTLE) {
                         newest = newer;
                     }
                     let (generation, hash, names) = newest;
-                    if let Err(error) = write(&path, &Stored::of(generation, &hash, &names)) {
+                    if let Err(error) = write(&path, &StoredView::of(generation, &hash, &names)) {
                         tracing::warn!(
                             "cannot keep the rule names in {}: {error}; a restarted controller will name this generation's rules by number",
                             path.display()
@@ -119,24 +154,36 @@ impl NamesWriter {
                 }
             })
             .expect("spawning a thread");
-        Self { queue }
+        Self {
+            queue: Some(queue),
+            thread: Some(thread),
+        }
     }
 
     /// Stores `names` as those of `generation`, now live.
     pub fn record(&self, generation: u32, policy_hash: [u8; 32], names: Arc<Names>) {
-        let _ = self.queue.send((generation, policy_hash, names));
+        if let Some(queue) = &self.queue {
+            let _ = queue.send((generation, policy_hash, names));
+        }
+    }
+
+    /// Writes what is pending now, and stops: at shutdown, before an `unload` removes the file.
+    pub fn finish(&mut self) {
+        drop(self.queue.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
-fn write(path: &Path, stored: &Stored) -> io::Result<()> {
+fn write(path: &Path, stored: &StoredView) -> io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let partial = path.with_extension("json.partial");
-    std::fs::write(
-        &partial,
-        serde_json::to_vec(stored).map_err(io::Error::other)?,
-    )?;
+    let mut file = io::BufWriter::new(std::fs::File::create(&partial)?);
+    serde_json::to_writer(&mut file, stored).map_err(io::Error::other)?;
+    file.into_inner().map_err(io::IntoInnerError::into_error)?;
     std::fs::rename(&partial, path)
 }
 
@@ -168,13 +215,14 @@ mod tests {
     fn names_read_back_for_the_generation_and_policy_they_were_written_for_only() {
         let file = ScratchFile::new("names.json");
         let hash = [7; 32];
-        write(&file.0, &Stored::of(4, &hash, &names())).unwrap();
+        let written = names();
+        write(&file.0, &StoredView::of(4, &hash, &written)).unwrap();
 
         let read_back = read(&file.0, 4, &hash).expect("the same generation and policy");
         assert_eq!(read_back.rule_id(17), "fe-api");
-        assert_eq!(read_back.rules[&17], names().rules[&17]);
+        assert_eq!(read_back.rules[&17], written.rules[&17]);
         assert_eq!(read_back.identity_name(300), "frontend");
-        assert_eq!(read_back.identity_info(300), names().identity_info(300));
+        assert_eq!(read_back.identity_info(300), written.identity_info(300));
         assert!(read(&file.0, 5, &hash).is_none(), "another generation");
         assert!(read(&file.0, 4, &[8; 32]).is_none(), "another policy");
         assert!(read(Path::new("/nonexistent/names.json"), 4, &hash).is_none());
@@ -183,14 +231,21 @@ mod tests {
     #[test]
     fn the_writer_leaves_the_newest_generation_in_the_file() {
         let file = ScratchFile::new("names-writer.json");
-        let writer = NamesWriter::start(file.0.clone());
+        let mut writer = NamesWriter::start(file.0.clone());
         let names = Arc::new(names());
-        for generation in 1..=20 {
+        writer.record(1, [1; 32], names.clone());
+        let settled = enforcer_testbed::eventually(std::time::Duration::from_secs(5), || {
+            read(&file.0, 1, &[1; 32]).is_some()
+        });
+        assert!(
+            settled,
+            "generation 1's names were written once reloads paused"
+        );
+        for generation in 2..=20 {
             writer.record(generation, [1; 32], names.clone());
         }
-        let written = enforcer_testbed::eventually(std::time::Duration::from_secs(5), || {
-            read(&file.0, 20, &[1; 32]).is_some()
-        });
-        assert!(written, "generation 20's names were written");
+        // At shutdown, what is pending is written before the writer stops.
+        writer.finish();
+        assert!(read(&file.0, 20, &[1; 32]).is_some());
     }
 }

@@ -843,6 +843,7 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         }
     }
 
+    controller.names_file.finish();
     let _ = stop_events.send(()).await;
     let _ = events_task.await;
     observe_task.abort();

@@ -117,7 +117,7 @@ const ATTEMPTS: [Attempt; 9] = [
 ];
 
 /// What the machine looks like from the outside, to prove the demo left nothing behind.
-fn footprint() -> (String, usize, String) {
+fn footprint() -> (String, usize, String, String) {
     let run = |args: &[&str]| {
         Command::new(args[0])
             .args(&args[1..])
@@ -125,17 +125,22 @@ fn footprint() -> (String, usize, String) {
             .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
             .unwrap_or_default()
     };
-    let mut pins: Vec<String> = std::fs::read_dir("/sys/fs/bpf")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|entry| entry.file_name().to_string_lossy().into_owned())
-        .collect();
-    pins.sort();
+    let entries = |dir: &str| {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names.join(" ")
+    };
     (
         run(&["ip", "netns", "list"]),
         run(&["ip", "-o", "link", "show"]).lines().count(),
-        pins.join(" "),
+        entries("/sys/fs/bpf"),
+        // The controller's socket and rule-names file.
+        entries("/run/enforcer"),
     )
 }
 
@@ -150,7 +155,7 @@ pub fn run(enforcer: &Path, workspace: &Path) -> Result<()> {
     println!();
     if before == after {
         println!(
-            "clean-up: no namespace, link or pin left behind (ip netns, ip link, /sys/fs/bpf as before)"
+            "clean-up: no namespace, link, pin or state file left behind (ip netns, ip link, /sys/fs/bpf, /run/enforcer as before)"
         );
     } else {
         println!(
