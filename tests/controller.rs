@@ -368,19 +368,14 @@ fn broken_policy_written_over_the_live_one_is_refused_and_the_old_one_keeps_enfo
         services(&topology, &["frontend", "api"]),
         allow("frontend", "api", &["8080/tcp"], "")
     );
-    let audit_log = topology.dir.join("audit.jsonl");
     let enforcer = Enforcer::start(
         &topology,
         &policy,
         &["v-frontend", "v-api"],
-        &[
-            "--metrics",
-            "9464",
-            "--audit-log",
-            audit_log.to_str().unwrap(),
-        ],
+        &["--metrics", "9464"],
     )
     .unwrap();
+    let audit_log = &enforcer.audit_log;
     let _servers = [
         topology.netns("api").tcp_echo_server(8080).unwrap(),
         topology.netns("api").tcp_echo_server(9090).unwrap(),
@@ -422,7 +417,7 @@ fn broken_policy_written_over_the_live_one_is_refused_and_the_old_one_keeps_enfo
         metrics.contains("enforcer_policy_reloads_total{result=\"failure\"} 1"),
         "counted:\n{metrics}"
     );
-    let records: Vec<Value> = std::fs::read_to_string(&audit_log)
+    let records: Vec<Value> = std::fs::read_to_string(audit_log)
         .unwrap()
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
@@ -808,17 +803,10 @@ fn a_rotated_audit_log_goes_on_in_a_new_file_that_verifies_after_the_old_as_root
     ) {
         return;
     }
-    let topology = Topology::build(&["frontend", "api"]).unwrap();
+    let (topology, enforcer) = frontend_and_api("", &[]);
     let policy = services(&topology, &["frontend", "api"]);
-    let audit_log = topology.dir.join("audit.jsonl");
-    let rotated = topology.dir.join("audit.jsonl.1");
-    let enforcer = Enforcer::start(
-        &topology,
-        &policy,
-        &["v-frontend", "v-api"],
-        &["--audit-log", audit_log.to_str().unwrap()],
-    )
-    .unwrap();
+    let audit_log = enforcer.audit_log.clone();
+    let rotated = audit_log.with_extension("jsonl.1");
     // logrotate's default: move the log away and let the writer start a new one.
     std::fs::rename(&audit_log, &rotated).unwrap();
     enforcer.reload(
@@ -861,16 +849,9 @@ fn audit_log_chains_policy_loads_and_verification_finds_tampering_as_root() {
     if !require_root("audit_log_chains_policy_loads_and_verification_finds_tampering_as_root") {
         return;
     }
-    let topology = Topology::build(&["frontend", "api"]).unwrap();
+    let (topology, enforcer) = frontend_and_api("", &[]);
     let policy = services(&topology, &["frontend", "api"]);
-    let audit_log = topology.dir.join("audit.jsonl");
-    let enforcer = Enforcer::start(
-        &topology,
-        &policy,
-        &["v-frontend", "v-api"],
-        &["--audit-log", audit_log.to_str().unwrap()],
-    )
-    .unwrap();
+    let audit_log = enforcer.audit_log.clone();
     let _ = topology
         .netns("frontend")
         .tcp_connect(v4(&topology, "api", 9), TIMEOUT);

@@ -91,7 +91,6 @@ fn a_scan_and_a_burst_of_denials_are_found_as_root() {
         return;
     }
     let topology = Topology::build(&["frontend", "api", "client"]).unwrap();
-    let audit_log = topology.dir.join("audit.jsonl");
     let policy = format!(
         "{}[detection]\nwindow_secs = 5\nfanout_distinct_peers = 10\ndeny_burst = 20\n",
         services(&topology, &["frontend", "api"])
@@ -101,18 +100,8 @@ fn a_scan_and_a_burst_of_denials_are_found_as_root() {
         .iter()
         .map(|endpoint| endpoint.host_interface.as_str())
         .collect();
-    let enforcer = Enforcer::start(
-        &topology,
-        &policy,
-        &interfaces,
-        &[
-            "--audit-log",
-            audit_log.to_str().unwrap(),
-            "--metrics",
-            "9464",
-        ],
-    )
-    .unwrap();
+    let enforcer =
+        Enforcer::start(&topology, &policy, &interfaces, &["--metrics", "9464"]).unwrap();
     let api = topology.endpoint("api");
 
     // frontend probes a dozen ports of api: all denied, each a distinct peer; a dozen denials
@@ -162,7 +151,7 @@ fn a_scan_and_a_burst_of_denials_are_found_as_root() {
         metrics.contains("enforcer_alerts_total{detector=\"deny_burst\"} 1"),
         "{metrics}"
     );
-    let audited: Vec<Value> = std::fs::read_to_string(&audit_log)
+    let audited: Vec<Value> = std::fs::read_to_string(&enforcer.audit_log)
         .unwrap()
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
@@ -248,20 +237,12 @@ fn syslog_gets_the_records_and_the_heartbeat_anchors_the_state_as_root() {
         .unwrap();
     let syslog = format!("tcp://127.0.0.1:{}", listener.local_addr().unwrap().port());
     let frames = collect_syslog(listener);
-    let audit_log = topology.dir.join("audit.jsonl");
     let policy = services(&topology, &["frontend", "api"]);
     let enforcer = Enforcer::start(
         &topology,
         &policy,
         &["v-frontend", "v-api"],
-        &[
-            "--syslog",
-            &syslog,
-            "--heartbeat-interval",
-            "1",
-            "--audit-log",
-            audit_log.to_str().unwrap(),
-        ],
+        &["--syslog", &syslog, "--heartbeat-interval", "1"],
     )
     .unwrap();
     let _ = topology

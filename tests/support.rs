@@ -24,6 +24,8 @@ pub const SETTLE: Duration = Duration::from_secs(20);
 pub struct Enforcer {
     pub daemon: Daemon,
     pub alerts: PathBuf,
+    /// Every test controller keeps an audit log, as a production one would.
+    pub audit_log: PathBuf,
     pub policy: PathBuf,
     pub pins: PathBuf,
     pub observe_socket: PathBuf,
@@ -52,6 +54,7 @@ impl Enforcer {
             .unwrap()
             .as_nanos();
         let alerts = topology.dir.join(format!("alerts-{started}.jsonl"));
+        let audit_log = topology.dir.join(format!("audit-{started}.jsonl"));
         let pins = topology.pin_path();
         let observe_socket = topology.dir.join(format!("observe-{started}.sock"));
         let mut command = topology.host.command(ENFORCER)?;
@@ -63,6 +66,8 @@ impl Enforcer {
             .arg(&pins)
             .arg("--alerts")
             .arg(&alerts)
+            .arg("--audit-log")
+            .arg(&audit_log)
             .arg("--observe-socket")
             .arg(&observe_socket);
         for interface in attach {
@@ -74,6 +79,7 @@ impl Enforcer {
         Ok(Self {
             daemon,
             alerts,
+            audit_log,
             policy: policy.to_owned(),
             pins,
             observe_socket,
