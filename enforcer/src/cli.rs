@@ -143,9 +143,13 @@ pub struct RunArgs {
     /// Serve `enforcer observe` on this Unix socket (default: /run/enforcer/<pin directory name>.sock).
     #[arg(long, value_name = "PATH")]
     pub observe_socket: Option<PathBuf>,
-    /// Send the alert records to a syslog collector too (RFC 5424 over TCP).
-    #[arg(long, value_name = "tcp://HOST:PORT")]
+    /// Send the alert records to a syslog collector too (RFC 5424 over TCP, or over TLS as in
+    /// RFC 5425).
+    #[arg(long, value_name = "tcp://HOST:PORT|tls://HOST:PORT")]
     pub syslog: Option<String>,
+    /// CA certificates (PEM) a tls:// syslog collector's certificate must chain to.
+    #[arg(long, value_name = "PATH", default_value = crate::syslog::SYSTEM_CA_BUNDLE)]
+    pub syslog_ca: PathBuf,
     /// Seconds between heartbeat records (policy hash, generation, program tags, audit chain head).
     #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub heartbeat_interval: u64,
@@ -186,7 +190,13 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
             let syslog = args
                 .syslog
                 .as_deref()
-                .map(crate::syslog::parse_target)
+                .map(|text| {
+                    let (host, port, tls) = crate::syslog::parse_target(text)?;
+                    let tls = tls
+                        .then(|| crate::syslog::tls_config(&args.syslog_ca))
+                        .transpose()?;
+                    Ok(crate::syslog::SyslogTarget { host, port, tls })
+                })
                 .transpose()
                 .map_err(Failure::BadInput)?;
             let options = RunOptions {

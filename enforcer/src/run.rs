@@ -32,7 +32,7 @@ use crate::{
     names_file::{self, NamesWriter},
     observe,
     policy::{self, ParseCache, Policy, PolicyError},
-    syslog::SyslogSink,
+    syslog::{SyslogSink, SyslogTarget},
     watch,
 };
 
@@ -52,8 +52,8 @@ pub struct RunOptions {
     pub metrics: Option<SocketAddr>,
     pub audit_log: Option<PathBuf>,
     pub observe_socket: PathBuf,
-    /// Collector for the same records as the alerts, `(host, port)` over TCP.
-    pub syslog: Option<(String, u16)>,
+    /// Collector for the same records as the alerts.
+    pub syslog: Option<SyslogTarget>,
     /// Seconds between heartbeat records.
     pub heartbeat_interval: Duration,
     /// Where the edges `new_edge` has reported are kept across restarts.
@@ -748,14 +748,10 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     let (stop_events, stop_rx) = mpsc::channel(1);
     let (heartbeats, heartbeat_rx) = mpsc::unbounded_channel();
     let host_name = alert::hostname();
-    let syslog = options.syslog.clone().map(|(host, port)| {
-        SyslogSink::start(
-            host,
-            port,
-            host_name.clone(),
-            metrics.syslog_dropped.clone(),
-        )
-    });
+    let syslog = options
+        .syslog
+        .clone()
+        .map(|target| SyslogSink::start(target, host_name.clone(), metrics.syslog_dropped.clone()));
     let reporting = alerts.is_some() || syslog.is_some();
     let detection = controller
         .live

@@ -1,29 +1,88 @@
-//! `--syslog tcp://HOST:PORT`: the same records the alerts file gets, as RFC 5424 messages
-//! (facility local0, the JSON record as the message) framed by octet counting (RFC 6587) on a
-//! TCP connection. A thread of its own sends them, reconnecting with back-off, so a slow or
-//! absent collector never stalls the event pipeline; what does not fit its queue is counted
-//! and logged, never dropped silently.
+//! `--syslog tcp://HOST:PORT` or `tls://HOST:PORT`: the same records the alerts file gets, as
+//! RFC 5424 messages (facility local0, the JSON record as the message) framed by octet counting
+//! (RFC 6587) on a TCP connection, or on TLS (RFC 5425) with the collector's certificate checked
+//! against `--syslog-ca` (default: the system's CA bundle) and its host name. A thread of its
+//! own sends them, reconnecting with back-off, so a slow or absent collector never stalls the
+//! event pipeline; what does not fit its queue is counted and logged, never dropped silently.
 
 use std::{
-    io::Write as _,
+    io::{self, Write},
     net::{SocketAddr, TcpStream, ToSocketAddrs as _},
-    sync::mpsc,
+    path::Path,
+    sync::{Arc, mpsc},
     thread::JoinHandle,
     time::{Duration, SystemTime},
 };
 
 use prometheus_client::metrics::counter::Counter;
+use rustls::{
+    ClientConfig, ClientConnection, RootCertStore, StreamOwned,
+    pki_types::{CertificateDer, ServerName, pem::PemObject as _},
+};
 use serde_json::Value;
+
+/// Where the syslog records go.
+#[derive(Clone, Debug)]
+pub struct SyslogTarget {
+    pub host: String,
+    pub port: u16,
+    /// TLS settings; `None` for plain TCP.
+    pub tls: Option<Arc<ClientConfig>>,
+}
+
+/// The CA bundle TLS collectors are checked against unless `--syslog-ca` says otherwise.
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// TLS settings that trust the CA certificates (PEM) in `ca_bundle`.
+pub fn tls_config(ca_bundle: &Path) -> Result<Arc<ClientConfig>, String> {
+    let mut roots = RootCertStore::empty();
+    let certificates = CertificateDer::pem_file_iter(ca_bundle).map_err(|error| {
+        format!(
+            "reading CA certificates from {}: {error}",
+            ca_bundle.display()
+        )
+    })?;
+    for certificate in certificates {
+        let certificate = certificate.map_err(|error| {
+            format!(
+                "reading CA certificates from {}: {error}",
+                ca_bundle.display()
+            )
+        })?;
+        roots.add(certificate).map_err(|error| {
+            format!(
+                "a CA certificate in {} is not usable: {error}",
+                ca_bundle.display()
+            )
+        })?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{} holds no CA certificate", ca_bundle.display()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|error| format!("TLS settings: {error}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
 
 /// Messages waiting for the collector before new ones are dropped (and counted).
 const QUEUE: usize = 65_536;
 const FACILITY_LOCAL0: u8 = 16;
 
-/// Parses `tcp://HOST:PORT`.
-pub fn parse_target(text: &str) -> Result<(String, u16), String> {
-    let rest = text
-        .strip_prefix("tcp://")
-        .ok_or_else(|| format!("invalid --syslog \"{text}\": expected tcp://HOST:PORT"))?;
+/// Parses `tcp://HOST:PORT` or `tls://HOST:PORT`; the flag says whether it is TLS.
+pub fn parse_target(text: &str) -> Result<(String, u16, bool), String> {
+    let (rest, tls) = match (text.strip_prefix("tcp://"), text.strip_prefix("tls://")) {
+        (Some(rest), _) => (rest, false),
+        (_, Some(rest)) => (rest, true),
+        _ => {
+            return Err(format!(
+                "invalid --syslog \"{text}\": expected tcp://HOST:PORT or tls://HOST:PORT"
+            ));
+        }
+    };
     let (host, port) = rest
         .rsplit_once(':')
         .ok_or_else(|| format!("invalid --syslog \"{text}\": no port"))?;
@@ -34,7 +93,7 @@ pub fn parse_target(text: &str) -> Result<(String, u16), String> {
     if host.is_empty() {
         return Err(format!("invalid --syslog \"{text}\": no host"));
     }
-    Ok((host.to_owned(), port))
+    Ok((host.to_owned(), port, tls))
 }
 
 /// Syslog severity for an OCSF severity id.
@@ -74,15 +133,14 @@ pub struct SyslogSink {
 }
 
 impl SyslogSink {
-    /// Starts sending to `host:port` (resolved again at each reconnect); counts what it has to
+    /// Starts sending to `target` (resolved again at each reconnect); counts what it has to
     /// drop in `dropped`.
-    pub fn start(host: String, port: u16, hostname: String, dropped: Counter) -> Self {
-        Self::with_queue(host, port, hostname, dropped, QUEUE)
+    pub fn start(target: SyslogTarget, hostname: String, dropped: Counter) -> Self {
+        Self::with_queue(target, hostname, dropped, QUEUE)
     }
 
     fn with_queue(
-        host: String,
-        port: u16,
+        target: SyslogTarget,
         hostname: String,
         dropped: Counter,
         capacity: usize,
@@ -90,7 +148,7 @@ impl SyslogSink {
         let (queue, messages) = mpsc::sync_channel::<String>(capacity);
         let sender = std::thread::Builder::new()
             .name("syslog".to_owned())
-            .spawn(move || send_all(&host, port, &messages))
+            .spawn(move || send_all(&target, &messages))
             .map_err(|error| tracing::error!("cannot start the syslog sender: {error}"))
             .ok();
         Self {
@@ -136,39 +194,84 @@ impl Drop for SyslogSink {
     }
 }
 
-fn connect(host: &str, port: u16) -> Option<TcpStream> {
-    let addresses: Vec<SocketAddr> = (host, port).to_socket_addrs().ok()?.collect();
-    addresses
-        .iter()
-        .find_map(|address| TcpStream::connect_timeout(address, Duration::from_secs(2)).ok())
+/// A connection to the collector.
+enum Connection {
+    Tcp(TcpStream),
+    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
 }
 
-fn send_all(host: &str, port: u16, messages: &mpsc::Receiver<String>) {
-    let mut stream: Option<TcpStream> = None;
+impl Connection {
+    /// Sends one framed message, all of it, or fails.
+    fn send(&mut self, message: &[u8]) -> io::Result<()> {
+        match self {
+            Self::Tcp(stream) => stream.write_all(message),
+            Self::Tls(stream) => {
+                stream.write_all(message)?;
+                stream.flush()
+            }
+        }
+    }
+}
+
+/// Connects, and completes the TLS handshake when there is one, so that a collector whose
+/// certificate does not check out is refused here, with the reason.
+fn connect(target: &SyslogTarget) -> Result<Connection, String> {
+    let addresses: Vec<SocketAddr> = (target.host.as_str(), target.port)
+        .to_socket_addrs()
+        .map_err(|error| format!("resolving {}: {error}", target.host))?
+        .collect();
+    let stream = addresses
+        .iter()
+        .find_map(|address| TcpStream::connect_timeout(address, Duration::from_secs(2)).ok())
+        .ok_or_else(|| "unreachable".to_owned())?;
+    let timeout = Some(Duration::from_secs(5));
+    stream
+        .set_write_timeout(timeout)
+        .and_then(|()| stream.set_read_timeout(timeout))
+        .map_err(|error| error.to_string())?;
+    let Some(config) = &target.tls else {
+        return Ok(Connection::Tcp(stream));
+    };
+    let name = ServerName::try_from(target.host.clone())
+        .map_err(|error| format!("not a TLS server name: {error}"))?;
+    let session =
+        ClientConnection::new(Arc::clone(config), name).map_err(|error| format!("TLS: {error}"))?;
+    let mut tls = StreamOwned::new(session, stream);
+    while tls.conn.is_handshaking() {
+        tls.conn
+            .complete_io(&mut tls.sock)
+            .map_err(|error| format!("TLS handshake: {error}"))?;
+    }
+    Ok(Connection::Tls(Box::new(tls)))
+}
+
+fn send_all(target: &SyslogTarget, messages: &mpsc::Receiver<String>) {
+    let (host, port) = (&target.host, target.port);
+    let mut connection: Option<Connection> = None;
     let mut backoff = Duration::from_millis(250);
     while let Ok(message) = messages.recv() {
         loop {
-            if stream.is_none() {
-                stream = connect(host, port);
-                if stream.is_none() {
-                    tracing::warn!(
-                        "syslog collector {host}:{port} unreachable; retrying in {backoff:?}"
-                    );
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                    continue;
-                }
-                let _ = stream
-                    .as_ref()
-                    .map(|stream| stream.set_write_timeout(Some(Duration::from_secs(5))));
-                backoff = Duration::from_millis(250);
-            }
-            match stream
-                .as_mut()
-                .map(|stream| stream.write_all(message.as_bytes()))
-            {
-                Some(Ok(())) => break,
-                _ => stream = None,
+            let sending = match &mut connection {
+                Some(connection) => connection,
+                None => match connect(target) {
+                    Ok(connected) => {
+                        backoff = Duration::from_millis(250);
+                        connection.insert(connected)
+                    }
+                    Err(error) => {
+                        tracing::warn!(
+                            "syslog collector {host}:{port}: {error}; retrying in {backoff:?}"
+                        );
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        continue;
+                    }
+                },
+            };
+            match sending.send(message.as_bytes()) {
+                Ok(()) => break,
+                // The message goes again on a new connection.
+                Err(_) => connection = None,
             }
         }
     }
@@ -204,13 +307,12 @@ mod tests {
     fn records_beyond_the_queue_of_an_unreachable_collector_are_counted() {
         let dropped = Counter::default();
         // Nothing listens on port 1: the sender holds one record and retries.
-        let sink = SyslogSink::with_queue(
-            "127.0.0.1".to_owned(),
-            1,
-            "node-1".to_owned(),
-            dropped.clone(),
-            4,
-        );
+        let target = SyslogTarget {
+            host: "127.0.0.1".to_owned(),
+            port: 1,
+            tls: None,
+        };
+        let sink = SyslogSink::with_queue(target, "node-1".to_owned(), dropped.clone(), 4);
         for _ in 0..10 {
             sink.send(2, "flow", &serde_json::json!({}));
         }
@@ -225,13 +327,214 @@ mod tests {
     fn targets_parse_and_bad_ones_are_refused() {
         assert_eq!(
             parse_target("tcp://127.0.0.1:514").unwrap(),
-            ("127.0.0.1".to_owned(), 514)
+            ("127.0.0.1".to_owned(), 514, false)
         );
         assert_eq!(
-            parse_target("tcp://[::1]:6514").unwrap(),
-            ("::1".to_owned(), 6514)
+            parse_target("tls://[::1]:6514").unwrap(),
+            ("::1".to_owned(), 6514, true)
         );
         assert!(parse_target("udp://127.0.0.1:514").is_err());
         assert!(parse_target("tcp://127.0.0.1").is_err());
+    }
+
+    /// A CA, a certificate it signed for `localhost`, and an `openssl s_server` collector with
+    /// it on 127.0.0.1, which prints what it receives.
+    struct TlsCollector {
+        dir: std::path::PathBuf,
+        server: std::process::Child,
+        port: u16,
+        received: Arc<std::sync::Mutex<String>>,
+    }
+
+    impl TlsCollector {
+        fn start(name: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("enforcer-tls-{}-{name}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let openssl = |args: &[&str]| {
+                let output = std::process::Command::new("openssl")
+                    .args(args)
+                    .current_dir(&dir)
+                    .output()
+                    .expect("openssl (cargo xtask setup installs it)");
+                assert!(
+                    output.status.success(),
+                    "openssl {args:?}: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            };
+            let key = [
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+            ];
+            openssl(
+                &[
+                    &["req", "-x509"],
+                    &key[..],
+                    &[
+                        "-keyout",
+                        "ca.key",
+                        "-out",
+                        "ca.pem",
+                        "-days",
+                        "1",
+                        "-subj",
+                        "/CN=enforcer test CA",
+                    ],
+                ]
+                .concat(),
+            );
+            openssl(
+                &[
+                    &["req"],
+                    &key[..],
+                    &[
+                        "-keyout",
+                        "server.key",
+                        "-out",
+                        "server.csr",
+                        "-subj",
+                        "/CN=localhost",
+                    ],
+                ]
+                .concat(),
+            );
+            std::fs::write(dir.join("san"), "subjectAltName=DNS:localhost\n").unwrap();
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.pem",
+                "-days",
+                "1",
+                "-extfile",
+                "san",
+            ]);
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut server = std::process::Command::new("openssl")
+                .args([
+                    "s_server",
+                    "-quiet",
+                    "-cert",
+                    "server.pem",
+                    "-key",
+                    "server.key",
+                    "-accept",
+                ])
+                .arg(format!("127.0.0.1:{port}"))
+                .current_dir(&dir)
+                // s_server stops at the end of its input: keep it open.
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            let received = Arc::new(std::sync::Mutex::new(String::new()));
+            let mut stdout = server.stdout.take().unwrap();
+            let sink = Arc::clone(&received);
+            std::thread::spawn(move || {
+                let mut buffer = [0u8; 4096];
+                while let Ok(read @ 1..) = std::io::Read::read(&mut stdout, &mut buffer) {
+                    sink.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buffer[..read]));
+                }
+            });
+            let listening = enforcer_testbed::eventually(Duration::from_secs(5), || {
+                TcpStream::connect(("127.0.0.1", port)).is_ok()
+            });
+            assert!(listening, "s_server listens");
+            Self {
+                dir,
+                server,
+                port,
+                received,
+            }
+        }
+
+        fn target(&self, ca: &Path) -> SyslogTarget {
+            SyslogTarget {
+                host: "localhost".to_owned(),
+                port: self.port,
+                tls: Some(tls_config(ca).unwrap()),
+            }
+        }
+    }
+
+    impl Drop for TlsCollector {
+        fn drop(&mut self) {
+            let _ = self.server.kill();
+            let _ = self.server.wait();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[test]
+    fn records_reach_a_tls_collector_whose_certificate_checks_out_and_no_other() {
+        let collector = TlsCollector::start("trusted");
+        let sink = SyslogSink::start(
+            collector.target(&collector.dir.join("ca.pem")),
+            "node-1".to_owned(),
+            Counter::default(),
+        );
+        sink.send(4, "finding", &serde_json::json!({ "class_uid": 2004 }));
+        let delivered = enforcer_testbed::eventually(Duration::from_secs(10), || {
+            collector
+                .received
+                .lock()
+                .unwrap()
+                .contains(" node-1 enforcer ")
+        });
+        let received = collector.received.lock().unwrap().clone();
+        assert!(delivered, "nothing arrived over TLS: {received:?}");
+        let (length, message) = received.split_once(' ').unwrap();
+        assert_eq!(
+            length.parse::<usize>().unwrap(),
+            message.len(),
+            "octet counting"
+        );
+        assert!(
+            message.ends_with(" finding - {\"class_uid\":2004}"),
+            "{message}"
+        );
+
+        // A collector whose certificate another CA signed gets nothing.
+        let impostor = TlsCollector::start("impostor");
+        let sink = SyslogSink::start(
+            impostor.target(&collector.dir.join("ca.pem")),
+            "node-1".to_owned(),
+            Counter::default(),
+        );
+        sink.send(4, "finding", &serde_json::json!({ "class_uid": 2004 }));
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(
+            *impostor.received.lock().unwrap(),
+            "",
+            "an unverified collector got records"
+        );
+    }
+
+    #[test]
+    fn a_ca_file_without_certificates_is_refused() {
+        let empty = std::env::temp_dir().join(format!("enforcer-empty-ca-{}", std::process::id()));
+        std::fs::write(&empty, "").unwrap();
+        let error = tls_config(&empty).unwrap_err();
+        std::fs::remove_file(&empty).unwrap();
+        assert!(error.contains("holds no CA certificate"), "{error}");
+        assert!(tls_config(Path::new("/nonexistent/ca.pem")).is_err());
     }
 }

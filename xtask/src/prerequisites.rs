@@ -29,6 +29,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "a client process the cgroup tests place in a service's cgroup",
     ),
     ("iperf3", "the throughput benchmark"),
+    (
+        "openssl",
+        "the TLS syslog test makes its certificates and collector with it",
+    ),
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
