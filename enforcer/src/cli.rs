@@ -150,6 +150,13 @@ pub struct RunArgs {
     /// CA certificates (PEM) a tls:// syslog collector's certificate must chain to.
     #[arg(long, value_name = "PATH", default_value = crate::syslog::SYSTEM_CA_BUNDLE)]
     pub syslog_ca: PathBuf,
+    /// This host's certificate (PEM, with any intermediates) for a tls:// collector that asks
+    /// for one (mutual TLS); needs --syslog-key.
+    #[arg(long, value_name = "PATH", requires = "syslog_key")]
+    pub syslog_cert: Option<PathBuf>,
+    /// The private key (PEM) of --syslog-cert.
+    #[arg(long, value_name = "PATH", requires = "syslog_cert")]
+    pub syslog_key: Option<PathBuf>,
     /// Seconds between heartbeat records (policy hash, generation, program tags, audit chain head).
     #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub heartbeat_interval: u64,
@@ -192,8 +199,19 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
                 .as_deref()
                 .map(|text| {
                     let (host, port, tls) = crate::syslog::parse_target(text)?;
+                    let client = args
+                        .syslog_cert
+                        .as_deref()
+                        .zip(args.syslog_key.as_deref())
+                        .map(|(certificate_chain, key)| crate::syslog::ClientIdentity {
+                            certificate_chain,
+                            key,
+                        });
+                    if !tls && client.is_some() {
+                        return Err("--syslog-cert needs a tls:// --syslog".to_owned());
+                    }
                     let tls = tls
-                        .then(|| crate::syslog::tls_config(&args.syslog_ca))
+                        .then(|| crate::syslog::tls_config(&args.syslog_ca, client))
                         .transpose()?;
                     Ok(crate::syslog::SyslogTarget { host, port, tls })
                 })

@@ -17,7 +17,7 @@ use std::{
 use prometheus_client::metrics::counter::Counter;
 use rustls::{
     ClientConfig, ClientConnection, RootCertStore, StreamOwned,
-    pki_types::{CertificateDer, ServerName, pem::PemObject as _},
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _},
 };
 use serde_json::Value;
 
@@ -33,22 +33,23 @@ pub struct SyslogTarget {
 /// The CA bundle TLS collectors are checked against unless `--syslog-ca` says otherwise.
 pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
-/// TLS settings that trust the CA certificates (PEM) in `ca_bundle`.
-pub fn tls_config(ca_bundle: &Path) -> Result<Arc<ClientConfig>, String> {
+/// This host's certificate and key for collectors that ask for one (mutual TLS).
+#[derive(Clone, Debug)]
+pub struct ClientIdentity<'a> {
+    /// PEM: the certificate, then any intermediate CA certificates.
+    pub certificate_chain: &'a Path,
+    /// PEM: the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: &'a Path,
+}
+
+/// TLS settings that trust the CA certificates (PEM) in `ca_bundle`, and present `client` to
+/// collectors that ask for a certificate.
+pub fn tls_config(
+    ca_bundle: &Path,
+    client: Option<ClientIdentity>,
+) -> Result<Arc<ClientConfig>, String> {
     let mut roots = RootCertStore::empty();
-    let certificates = CertificateDer::pem_file_iter(ca_bundle).map_err(|error| {
-        format!(
-            "reading CA certificates from {}: {error}",
-            ca_bundle.display()
-        )
-    })?;
-    for certificate in certificates {
-        let certificate = certificate.map_err(|error| {
-            format!(
-                "reading CA certificates from {}: {error}",
-                ca_bundle.display()
-            )
-        })?;
+    for certificate in read_certificates(ca_bundle, "CA certificates")? {
         roots.add(certificate).map_err(|error| {
             format!(
                 "a CA certificate in {} is not usable: {error}",
@@ -56,16 +57,38 @@ pub fn tls_config(ca_bundle: &Path) -> Result<Arc<ClientConfig>, String> {
             )
         })?;
     }
-    if roots.is_empty() {
-        return Err(format!("{} holds no CA certificate", ca_bundle.display()));
-    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
+    let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|error| format!("TLS settings: {error}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let config = match client {
+        None => builder.with_no_client_auth(),
+        Some(client) => {
+            let chain = read_certificates(client.certificate_chain, "the client certificate")?;
+            let key = PrivateKeyDer::from_pem_file(client.key).map_err(|error| {
+                format!(
+                    "reading the client key from {}: {error}",
+                    client.key.display()
+                )
+            })?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|error| format!("the client certificate and key: {error}"))?
+        }
+    };
     Ok(Arc::new(config))
+}
+
+/// The certificates (PEM) in `path`; at least one.
+fn read_certificates(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certificates = CertificateDer::pem_file_iter(path)
+        .and_then(|certificates| certificates.collect::<Result<Vec<_>, _>>())
+        .map_err(|error| format!("reading {what} from {}: {error}", path.display()))?;
+    if certificates.is_empty() {
+        return Err(format!("{} holds no certificate", path.display()));
+    }
+    Ok(certificates)
 }
 
 /// Messages waiting for the collector before new ones are dropped (and counted).
@@ -337,8 +360,9 @@ mod tests {
         assert!(parse_target("tcp://127.0.0.1").is_err());
     }
 
-    /// A CA, a certificate it signed for `localhost`, and an `openssl s_server` collector with
-    /// it on 127.0.0.1, which prints what it receives.
+    /// A CA, certificates it signed for `localhost` (the collector) and for this host (a client),
+    /// and an `openssl s_server` collector on 127.0.0.1 that prints what it receives; with
+    /// `require_client`, it accepts only clients with a certificate of that CA.
     struct TlsCollector {
         dir: std::path::PathBuf,
         server: std::process::Child,
@@ -347,7 +371,7 @@ mod tests {
     }
 
     impl TlsCollector {
-        fn start(name: &str) -> Self {
+        fn start(name: &str, require_client: bool) -> Self {
             let dir =
                 std::env::temp_dir().join(format!("enforcer-tls-{}-{name}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();
@@ -363,69 +387,60 @@ mod tests {
                     String::from_utf8_lossy(&output.stderr)
                 );
             };
-            let key = [
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-            ];
-            openssl(
-                &[
-                    &["req", "-x509"],
-                    &key[..],
-                    &[
-                        "-keyout",
-                        "ca.key",
-                        "-out",
-                        "ca.pem",
-                        "-days",
-                        "1",
-                        "-subj",
-                        "/CN=enforcer test CA",
-                    ],
-                ]
-                .concat(),
-            );
-            openssl(
-                &[
-                    &["req"],
-                    &key[..],
-                    &[
-                        "-keyout",
-                        "server.key",
-                        "-out",
-                        "server.csr",
-                        "-subj",
-                        "/CN=localhost",
-                    ],
-                ]
-                .concat(),
-            );
-            std::fs::write(dir.join("san"), "subjectAltName=DNS:localhost\n").unwrap();
-            openssl(&[
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                "server.pem",
-                "-days",
-                "1",
-                "-extfile",
-                "san",
-            ]);
+            let new_key = |name: &str, subject: &str| {
+                let (key, csr) = (format!("{name}.key"), format!("{name}.csr"));
+                let mut args = vec![
+                    "req",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                ];
+                args.extend(["-nodes", "-keyout", &key, "-subj", subject]);
+                match name {
+                    "ca" => args.extend(["-x509", "-days", "1", "-out", "ca.pem"]),
+                    _ => args.extend(["-out", &csr]),
+                }
+                openssl(&args);
+            };
+            let sign = |name: &str, extensions: &str| {
+                let (csr, pem, ext) = (
+                    format!("{name}.csr"),
+                    format!("{name}.pem"),
+                    format!("{name}.ext"),
+                );
+                std::fs::write(dir.join(&ext), extensions).unwrap();
+                openssl(&[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr,
+                    "-CA",
+                    "ca.pem",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-days",
+                    "1",
+                    "-out",
+                    &pem,
+                    "-extfile",
+                    &ext,
+                ]);
+            };
+            new_key("ca", "/CN=enforcer test CA");
+            new_key("server", "/CN=localhost");
+            sign("server", "subjectAltName=DNS:localhost\n");
+            new_key("client", "/CN=node-1");
+            sign("client", "extendedKeyUsage=clientAuth\n");
+
             let port = std::net::TcpListener::bind("127.0.0.1:0")
                 .unwrap()
                 .local_addr()
                 .unwrap()
                 .port();
-            let mut server = std::process::Command::new("openssl")
+            let mut command = std::process::Command::new("openssl");
+            command
                 .args([
                     "s_server",
                     "-quiet",
@@ -433,9 +448,13 @@ mod tests {
                     "server.pem",
                     "-key",
                     "server.key",
-                    "-accept",
                 ])
-                .arg(format!("127.0.0.1:{port}"))
+                .arg("-accept")
+                .arg(format!("127.0.0.1:{port}"));
+            if require_client {
+                command.args(["-Verify", "1", "-CAfile", "ca.pem"]);
+            }
+            let mut server = command
                 .current_dir(&dir)
                 // s_server stops at the end of its input: keep it open.
                 .stdin(std::process::Stdio::piped())
@@ -466,12 +485,29 @@ mod tests {
             }
         }
 
-        fn target(&self, ca: &Path) -> SyslogTarget {
-            SyslogTarget {
+        /// A sink to this collector, trusting the CA in `trusted_dir` (this collector's or
+        /// another's), presenting this collector's client certificate when `with_certificate`.
+        fn sink(&self, trusted_dir: &Path, with_certificate: bool) -> SyslogSink {
+            let (chain, key) = (self.dir.join("client.pem"), self.dir.join("client.key"));
+            let client = with_certificate.then(|| ClientIdentity {
+                certificate_chain: &chain,
+                key: &key,
+            });
+            let target = SyslogTarget {
                 host: "localhost".to_owned(),
                 port: self.port,
-                tls: Some(tls_config(ca).unwrap()),
-            }
+                tls: Some(tls_config(&trusted_dir.join("ca.pem"), client).unwrap()),
+            };
+            SyslogSink::start(target, "node-1".to_owned(), Counter::default())
+        }
+
+        /// Whether a framed record arrives within `wait`; what arrived.
+        fn delivers(&self, sink: &SyslogSink, wait: Duration) -> (bool, String) {
+            sink.send(4, "finding", &serde_json::json!({ "class_uid": 2004 }));
+            let arrived = enforcer_testbed::eventually(wait, || {
+                self.received.lock().unwrap().contains(" node-1 enforcer ")
+            });
+            (arrived, self.received.lock().unwrap().clone())
         }
     }
 
@@ -485,21 +521,11 @@ mod tests {
 
     #[test]
     fn records_reach_a_tls_collector_whose_certificate_checks_out_and_no_other() {
-        let collector = TlsCollector::start("trusted");
-        let sink = SyslogSink::start(
-            collector.target(&collector.dir.join("ca.pem")),
-            "node-1".to_owned(),
-            Counter::default(),
+        let collector = TlsCollector::start("trusted", false);
+        let (delivered, received) = collector.delivers(
+            &collector.sink(&collector.dir, false),
+            Duration::from_secs(10),
         );
-        sink.send(4, "finding", &serde_json::json!({ "class_uid": 2004 }));
-        let delivered = enforcer_testbed::eventually(Duration::from_secs(10), || {
-            collector
-                .received
-                .lock()
-                .unwrap()
-                .contains(" node-1 enforcer ")
-        });
-        let received = collector.received.lock().unwrap().clone();
         assert!(delivered, "nothing arrived over TLS: {received:?}");
         let (length, message) = received.split_once(' ').unwrap();
         assert_eq!(
@@ -513,18 +539,35 @@ mod tests {
         );
 
         // A collector whose certificate another CA signed gets nothing.
-        let impostor = TlsCollector::start("impostor");
-        let sink = SyslogSink::start(
-            impostor.target(&collector.dir.join("ca.pem")),
-            "node-1".to_owned(),
-            Counter::default(),
+        let impostor = TlsCollector::start("impostor", false);
+        let (delivered, received) = impostor.delivers(
+            &impostor.sink(&collector.dir, false),
+            Duration::from_secs(2),
         );
-        sink.send(4, "finding", &serde_json::json!({ "class_uid": 2004 }));
-        std::thread::sleep(Duration::from_secs(2));
-        assert_eq!(
-            *impostor.received.lock().unwrap(),
-            "",
-            "an unverified collector got records"
+        assert!(
+            !delivered,
+            "an unverified collector got records: {received:?}"
+        );
+    }
+
+    #[test]
+    fn a_collector_that_requires_a_client_certificate_gets_records_only_with_one() {
+        let collector = TlsCollector::start("mutual", true);
+        let (delivered, received) = collector.delivers(
+            &collector.sink(&collector.dir, false),
+            Duration::from_secs(2),
+        );
+        assert!(
+            !delivered,
+            "accepted without a client certificate: {received:?}"
+        );
+        let (delivered, received) = collector.delivers(
+            &collector.sink(&collector.dir, true),
+            Duration::from_secs(10),
+        );
+        assert!(
+            delivered,
+            "nothing arrived with the client certificate: {received:?}"
         );
     }
 
@@ -532,9 +575,9 @@ mod tests {
     fn a_ca_file_without_certificates_is_refused() {
         let empty = std::env::temp_dir().join(format!("enforcer-empty-ca-{}", std::process::id()));
         std::fs::write(&empty, "").unwrap();
-        let error = tls_config(&empty).unwrap_err();
+        let error = tls_config(&empty, None).unwrap_err();
         std::fs::remove_file(&empty).unwrap();
-        assert!(error.contains("holds no CA certificate"), "{error}");
-        assert!(tls_config(Path::new("/nonexistent/ca.pem")).is_err());
+        assert!(error.contains("holds no certificate"), "{error}");
+        assert!(tls_config(Path::new("/nonexistent/ca.pem"), None).is_err());
     }
 }
