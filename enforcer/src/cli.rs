@@ -199,19 +199,24 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
                 .as_deref()
                 .map(|text| {
                     let (host, port, tls) = crate::syslog::parse_target(text)?;
-                    let client = args
-                        .syslog_cert
-                        .as_deref()
-                        .zip(args.syslog_key.as_deref())
-                        .map(|(certificate_chain, key)| crate::syslog::ClientIdentity {
+                    let client = args.syslog_cert.clone().zip(args.syslog_key.clone()).map(
+                        |(certificate_chain, key)| crate::syslog::ClientFiles {
                             certificate_chain,
                             key,
-                        });
+                        },
+                    );
                     if !tls && client.is_some() {
                         return Err("--syslog-cert needs a tls:// --syslog".to_owned());
                     }
                     let tls = tls
-                        .then(|| crate::syslog::tls_config(&args.syslog_ca, client))
+                        .then(|| {
+                            let files = crate::syslog::TlsFiles {
+                                ca_bundle: args.syslog_ca.clone(),
+                                client,
+                            };
+                            // Checked now, so that a wrong path stops `run` at start.
+                            files.config().map(|_| files)
+                        })
                         .transpose()?;
                     Ok(crate::syslog::SyslogTarget { host, port, tls })
                 })

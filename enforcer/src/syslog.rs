@@ -8,7 +8,7 @@
 use std::{
     io::{self, Write},
     net::{SocketAddr, TcpStream, ToSocketAddrs as _},
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Arc, mpsc},
     thread::JoinHandle,
     time::{Duration, SystemTime},
@@ -26,28 +26,40 @@ use serde_json::Value;
 pub struct SyslogTarget {
     pub host: String,
     pub port: u16,
-    /// TLS settings; `None` for plain TCP.
-    pub tls: Option<Arc<ClientConfig>>,
+    /// Where the TLS settings come from; `None` for plain TCP.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The files TLS settings are made from. They are read again for every connection, so a
+/// renewed CA bundle or client certificate is used from the next reconnect on, without a
+/// restart (certificates from cert-manager or an ACME client rotate every few weeks).
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub ca_bundle: PathBuf,
+    pub client: Option<ClientFiles>,
+}
+
+/// This host's certificate and key for collectors that ask for one (mutual TLS).
+#[derive(Clone, Debug)]
+pub struct ClientFiles {
+    /// PEM: the certificate, then any intermediate CA certificates.
+    pub certificate_chain: PathBuf,
+    /// PEM: the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 /// The CA bundle TLS collectors are checked against unless `--syslog-ca` says otherwise.
 pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
-/// This host's certificate and key for collectors that ask for one (mutual TLS).
-#[derive(Clone, Debug)]
-pub struct ClientIdentity<'a> {
-    /// PEM: the certificate, then any intermediate CA certificates.
-    pub certificate_chain: &'a Path,
-    /// PEM: the private key (PKCS#8, PKCS#1 or SEC1).
-    pub key: &'a Path,
+impl TlsFiles {
+    /// TLS settings that trust the CA certificates (PEM) in the bundle, and present the client
+    /// certificate, if any, to collectors that ask for one.
+    pub fn config(&self) -> Result<Arc<ClientConfig>, String> {
+        tls_config(&self.ca_bundle, self.client.as_ref())
+    }
 }
 
-/// TLS settings that trust the CA certificates (PEM) in `ca_bundle`, and present `client` to
-/// collectors that ask for a certificate.
-pub fn tls_config(
-    ca_bundle: &Path,
-    client: Option<ClientIdentity>,
-) -> Result<Arc<ClientConfig>, String> {
+fn tls_config(ca_bundle: &Path, client: Option<&ClientFiles>) -> Result<Arc<ClientConfig>, String> {
     let mut roots = RootCertStore::empty();
     for certificate in read_certificates(ca_bundle, "CA certificates")? {
         roots.add(certificate).map_err(|error| {
@@ -65,8 +77,8 @@ pub fn tls_config(
     let config = match client {
         None => builder.with_no_client_auth(),
         Some(client) => {
-            let chain = read_certificates(client.certificate_chain, "the client certificate")?;
-            let key = PrivateKeyDer::from_pem_file(client.key).map_err(|error| {
+            let chain = read_certificates(&client.certificate_chain, "the client certificate")?;
+            let key = PrivateKeyDer::from_pem_file(&client.key).map_err(|error| {
                 format!(
                     "reading the client key from {}: {error}",
                     client.key.display()
@@ -252,13 +264,13 @@ fn connect(target: &SyslogTarget) -> Result<Connection, String> {
         .set_write_timeout(timeout)
         .and_then(|()| stream.set_read_timeout(timeout))
         .map_err(|error| error.to_string())?;
-    let Some(config) = &target.tls else {
+    let Some(files) = &target.tls else {
         return Ok(Connection::Tcp(stream));
     };
+    let config = files.config()?;
     let name = ServerName::try_from(target.host.clone())
         .map_err(|error| format!("not a TLS server name: {error}"))?;
-    let session =
-        ClientConnection::new(Arc::clone(config), name).map_err(|error| format!("TLS: {error}"))?;
+    let session = ClientConnection::new(config, name).map_err(|error| format!("TLS: {error}"))?;
     let mut tls = StreamOwned::new(session, stream);
     while tls.conn.is_handshaking() {
         tls.conn
@@ -489,14 +501,17 @@ mod tests {
         /// another's), presenting this collector's client certificate when `with_certificate`.
         fn sink(&self, trusted_dir: &Path, with_certificate: bool) -> SyslogSink {
             let (chain, key) = (self.dir.join("client.pem"), self.dir.join("client.key"));
-            let client = with_certificate.then(|| ClientIdentity {
-                certificate_chain: &chain,
-                key: &key,
+            let client = with_certificate.then_some(ClientFiles {
+                certificate_chain: chain,
+                key,
             });
             let target = SyslogTarget {
                 host: "localhost".to_owned(),
                 port: self.port,
-                tls: Some(tls_config(&trusted_dir.join("ca.pem"), client).unwrap()),
+                tls: Some(TlsFiles {
+                    ca_bundle: trusted_dir.join("ca.pem"),
+                    client,
+                }),
             };
             SyslogSink::start(target, "node-1".to_owned(), Counter::default())
         }
@@ -569,6 +584,39 @@ mod tests {
             delivered,
             "nothing arrived with the client certificate: {received:?}"
         );
+    }
+
+    #[test]
+    fn a_renewed_ca_bundle_is_read_at_the_next_reconnect_without_a_restart() {
+        let collector = TlsCollector::start("renewed", false);
+        let other = TlsCollector::start("other-ca", false);
+        let bundle = collector.dir.join("bundle.pem");
+        std::fs::copy(other.dir.join("ca.pem"), &bundle).unwrap();
+        let target = SyslogTarget {
+            host: "localhost".to_owned(),
+            port: collector.port,
+            tls: Some(TlsFiles {
+                ca_bundle: bundle.clone(),
+                client: None,
+            }),
+        };
+        let sink = SyslogSink::start(target, "node-1".to_owned(), Counter::default());
+        let (delivered, _) = collector.delivers(&sink, Duration::from_secs(1));
+        assert!(
+            !delivered,
+            "the bundle does not hold the collector's CA yet"
+        );
+        // The operator (or cert-manager) puts the right CA in place; the sender, retrying the
+        // record it holds, reads the bundle again.
+        std::fs::copy(collector.dir.join("ca.pem"), &bundle).unwrap();
+        let arrived = enforcer_testbed::eventually(Duration::from_secs(10), || {
+            collector
+                .received
+                .lock()
+                .unwrap()
+                .contains(" node-1 enforcer ")
+        });
+        assert!(arrived, "the record held back arrived after the renewal");
     }
 
     #[test]
