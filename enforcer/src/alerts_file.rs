@@ -150,6 +150,9 @@ mod tests {
         assert_eq!(lines(rotated), [json!({ "n": 1 }), json!({ "n": 2 })]);
         assert_eq!(lines(path), [json!({ "n": 3 })]);
         assert_eq!(alerts.unwritten(), 0);
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640, "a new alerts file is not world-readable");
     }
 
     #[test]

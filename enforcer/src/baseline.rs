@@ -76,10 +76,7 @@ impl EdgeBaseline {
             Err(error) => return Err(io_error("reading edge baseline", error)),
         };
         let (edges, whole) = parse(path, &text)?;
-        let mut file = File::options()
-            .create(true)
-            .append(true)
-            .open(path)
+        let mut file = crate::logfile::open_append(path)
             .map_err(|error| io_error("opening edge baseline", error))?;
         if whole < text.len() {
             tracing::warn!(

@@ -2,13 +2,29 @@
 //! moves the file away (or removes it) and expects the writer to start a new one at the same
 //! path; the writer notices because the path no longer names the inode it has open.
 //! `copytruncate` rotation needs nothing: the files are opened in append mode.
+//!
+//! Files the controller creates are readable by its group only ([`CREATE_MODE`]): flow records
+//! and audit entries map which services talk to which, which is no one else's business. A log
+//! shipper reads them as root or through the group (Debian's `adm` convention).
 
 use std::{
     fs::File,
     io,
-    os::unix::fs::MetadataExt as _,
+    os::unix::fs::{MetadataExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
 };
+
+/// Permissions of the files the controller creates (alerts, audit log, edge baseline).
+pub const CREATE_MODE: u32 = 0o640;
+
+/// Opens `path` for appending, creating it with [`CREATE_MODE`] if needed.
+pub fn open_append(path: &Path) -> io::Result<File> {
+    File::options()
+        .create(true)
+        .append(true)
+        .mode(CREATE_MODE)
+        .open(path)
+}
 
 /// Where an open log file lives, and which file it was when opened.
 #[derive(Debug)]
@@ -21,7 +37,7 @@ pub struct LogPath {
 impl LogPath {
     /// Opens `path` for appending, creating it if needed.
     pub fn open(path: &Path) -> io::Result<(File, Self)> {
-        let file = File::options().create(true).append(true).open(path)?;
+        let file = open_append(path)?;
         let metadata = file.metadata()?;
         Ok((
             file,

@@ -13,6 +13,7 @@
 use std::{
     collections::BTreeMap,
     io,
+    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
     sync::{Arc, mpsc},
 };
@@ -181,7 +182,14 @@ fn write(path: &Path, stored: &StoredView) -> io::Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     let partial = path.with_extension("json.partial");
-    let mut file = io::BufWriter::new(std::fs::File::create(&partial)?);
+    // Rule names and ids describe the policy: root's only.
+    let file = std::fs::File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&partial)?;
+    let mut file = io::BufWriter::new(file);
     serde_json::to_writer(&mut file, stored).map_err(io::Error::other)?;
     file.into_inner().map_err(io::IntoInnerError::into_error)?;
     std::fs::rename(&partial, path)
@@ -226,6 +234,9 @@ mod tests {
         assert!(read(&file.0, 5, &hash).is_none(), "another generation");
         assert!(read(&file.0, 4, &[8; 32]).is_none(), "another policy");
         assert!(read(Path::new("/nonexistent/names.json"), 4, &hash).is_none());
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&file.0).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the policy's rule names are root's only");
     }
 
     #[test]
