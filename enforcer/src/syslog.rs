@@ -277,6 +277,35 @@ fn connect(target: &SyslogTarget) -> Result<Connection, String> {
             .complete_io(&mut tls.sock)
             .map_err(|error| format!("TLS handshake: {error}"))?;
     }
+    // In TLS 1.3 the client is done with the handshake before the collector has checked the
+    // client's certificate; a collector that refuses it says so right after. Otherwise it
+    // sends at most session tickets, so reading until a short wait times out tells the two
+    // apart, and records are not sent into a connection that is being refused.
+    tls.sock
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .map_err(|error| error.to_string())?;
+    for _ in 0..8 {
+        match tls.conn.complete_io(&mut tls.sock) {
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                break;
+            }
+            Err(error) => {
+                return Err(format!(
+                    "TLS: the collector refused the connection: {error}"
+                ));
+            }
+            Ok((0, _)) => return Err("TLS: the collector closed the connection".to_owned()),
+            Ok(_) => {}
+        }
+    }
+    tls.sock
+        .set_read_timeout(timeout)
+        .map_err(|error| error.to_string())?;
     Ok(Connection::Tls(Box::new(tls)))
 }
 
@@ -284,29 +313,40 @@ fn send_all(target: &SyslogTarget, messages: &mpsc::Receiver<String>) {
     let (host, port) = (&target.host, target.port);
     let mut connection: Option<Connection> = None;
     let mut backoff = Duration::from_millis(250);
+    // Grows while connections fail or break, and only a delivered message resets it: a
+    // collector that accepts and then drops every connection is not hammered.
+    let wait_and_back_off = |backoff: &mut Duration| {
+        std::thread::sleep(*backoff);
+        *backoff = (*backoff * 2).min(Duration::from_secs(30));
+    };
     while let Ok(message) = messages.recv() {
         loop {
             let sending = match &mut connection {
                 Some(connection) => connection,
                 None => match connect(target) {
-                    Ok(connected) => {
-                        backoff = Duration::from_millis(250);
-                        connection.insert(connected)
-                    }
+                    Ok(connected) => connection.insert(connected),
                     Err(error) => {
                         tracing::warn!(
                             "syslog collector {host}:{port}: {error}; retrying in {backoff:?}"
                         );
-                        std::thread::sleep(backoff);
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        wait_and_back_off(&mut backoff);
                         continue;
                     }
                 },
             };
             match sending.send(message.as_bytes()) {
-                Ok(()) => break,
+                Ok(()) => {
+                    backoff = Duration::from_millis(250);
+                    break;
+                }
                 // The message goes again on a new connection.
-                Err(_) => connection = None,
+                Err(error) => {
+                    tracing::warn!(
+                        "syslog connection to {host}:{port} broke: {error}; reconnecting in {backoff:?}"
+                    );
+                    connection = None;
+                    wait_and_back_off(&mut backoff);
+                }
             }
         }
     }
@@ -464,7 +504,7 @@ mod tests {
                 .arg("-accept")
                 .arg(format!("127.0.0.1:{port}"));
             if require_client {
-                command.args(["-Verify", "1", "-CAfile", "ca.pem"]);
+                command.args(["-Verify", "1", "-verify_return_error", "-CAfile", "ca.pem"]);
             }
             let mut server = command
                 .current_dir(&dir)
@@ -576,13 +616,47 @@ mod tests {
             !delivered,
             "accepted without a client certificate: {received:?}"
         );
-        let (delivered, received) = collector.delivers(
-            &collector.sink(&collector.dir, true),
-            Duration::from_secs(10),
+
+        // A certificate of another CA is refused too. The refusal comes after the client's
+        // side of the handshake (TLS 1.3), and is still seen at connect: the record is held,
+        // not sent into the closing connection, and goes out once the right certificate is
+        // in place (renewed files are read at every reconnect).
+        let other = TlsCollector::start("other-client-ca", false);
+        let (chain, key) = (
+            collector.dir.join("mine.pem"),
+            collector.dir.join("mine.key"),
         );
+        std::fs::copy(other.dir.join("client.pem"), &chain).unwrap();
+        std::fs::copy(other.dir.join("client.key"), &key).unwrap();
+        let target = SyslogTarget {
+            host: "localhost".to_owned(),
+            port: collector.port,
+            tls: Some(TlsFiles {
+                ca_bundle: collector.dir.join("ca.pem"),
+                client: Some(ClientFiles {
+                    certificate_chain: chain.clone(),
+                    key: key.clone(),
+                }),
+            }),
+        };
+        let sink = SyslogSink::start(target, "node-1".to_owned(), Counter::default());
+        let (delivered, received) = collector.delivers(&sink, Duration::from_secs(2));
         assert!(
-            delivered,
-            "nothing arrived with the client certificate: {received:?}"
+            !delivered,
+            "accepted with another CA's certificate: {received:?}"
+        );
+        std::fs::copy(collector.dir.join("client.pem"), &chain).unwrap();
+        std::fs::copy(collector.dir.join("client.key"), &key).unwrap();
+        let arrived = enforcer_testbed::eventually(Duration::from_secs(10), || {
+            collector
+                .received
+                .lock()
+                .unwrap()
+                .contains(" node-1 enforcer ")
+        });
+        assert!(
+            arrived,
+            "the held record arrived with the right certificate"
         );
     }
 
