@@ -540,18 +540,22 @@ mod tests {
         /// A sink to this collector, trusting the CA in `trusted_dir` (this collector's or
         /// another's), presenting this collector's client certificate when `with_certificate`.
         fn sink(&self, trusted_dir: &Path, with_certificate: bool) -> SyslogSink {
-            let (chain, key) = (self.dir.join("client.pem"), self.dir.join("client.key"));
             let client = with_certificate.then_some(ClientFiles {
-                certificate_chain: chain,
-                key,
+                certificate_chain: self.dir.join("client.pem"),
+                key: self.dir.join("client.key"),
             });
+            self.sink_with(TlsFiles {
+                ca_bundle: trusted_dir.join("ca.pem"),
+                client,
+            })
+        }
+
+        /// A sink to this collector with the TLS settings in `files`.
+        fn sink_with(&self, files: TlsFiles) -> SyslogSink {
             let target = SyslogTarget {
                 host: "localhost".to_owned(),
                 port: self.port,
-                tls: Some(TlsFiles {
-                    ca_bundle: trusted_dir.join("ca.pem"),
-                    client,
-                }),
+                tls: Some(files),
             };
             SyslogSink::start(target, "node-1".to_owned(), Counter::default())
         }
@@ -559,10 +563,14 @@ mod tests {
         /// Whether a framed record arrives within `wait`; what arrived.
         fn delivers(&self, sink: &SyslogSink, wait: Duration) -> (bool, String) {
             sink.send(4, "finding", &serde_json::json!({ "class_uid": 2004 }));
-            let arrived = enforcer_testbed::eventually(wait, || {
+            (self.arrives(wait), self.received.lock().unwrap().clone())
+        }
+
+        /// Whether a record from this host has arrived, or does within `wait`.
+        fn arrives(&self, wait: Duration) -> bool {
+            enforcer_testbed::eventually(wait, || {
                 self.received.lock().unwrap().contains(" node-1 enforcer ")
-            });
-            (arrived, self.received.lock().unwrap().clone())
+            })
         }
     }
 
@@ -628,18 +636,13 @@ mod tests {
         );
         std::fs::copy(other.dir.join("client.pem"), &chain).unwrap();
         std::fs::copy(other.dir.join("client.key"), &key).unwrap();
-        let target = SyslogTarget {
-            host: "localhost".to_owned(),
-            port: collector.port,
-            tls: Some(TlsFiles {
-                ca_bundle: collector.dir.join("ca.pem"),
-                client: Some(ClientFiles {
-                    certificate_chain: chain.clone(),
-                    key: key.clone(),
-                }),
+        let sink = collector.sink_with(TlsFiles {
+            ca_bundle: collector.dir.join("ca.pem"),
+            client: Some(ClientFiles {
+                certificate_chain: chain.clone(),
+                key: key.clone(),
             }),
-        };
-        let sink = SyslogSink::start(target, "node-1".to_owned(), Counter::default());
+        });
         let (delivered, received) = collector.delivers(&sink, Duration::from_secs(2));
         assert!(
             !delivered,
@@ -647,15 +650,8 @@ mod tests {
         );
         std::fs::copy(collector.dir.join("client.pem"), &chain).unwrap();
         std::fs::copy(collector.dir.join("client.key"), &key).unwrap();
-        let arrived = enforcer_testbed::eventually(Duration::from_secs(10), || {
-            collector
-                .received
-                .lock()
-                .unwrap()
-                .contains(" node-1 enforcer ")
-        });
         assert!(
-            arrived,
+            collector.arrives(Duration::from_secs(10)),
             "the held record arrived with the right certificate"
         );
     }
@@ -666,15 +662,10 @@ mod tests {
         let other = TlsCollector::start("other-ca", false);
         let bundle = collector.dir.join("bundle.pem");
         std::fs::copy(other.dir.join("ca.pem"), &bundle).unwrap();
-        let target = SyslogTarget {
-            host: "localhost".to_owned(),
-            port: collector.port,
-            tls: Some(TlsFiles {
-                ca_bundle: bundle.clone(),
-                client: None,
-            }),
-        };
-        let sink = SyslogSink::start(target, "node-1".to_owned(), Counter::default());
+        let sink = collector.sink_with(TlsFiles {
+            ca_bundle: bundle.clone(),
+            client: None,
+        });
         let (delivered, _) = collector.delivers(&sink, Duration::from_secs(1));
         assert!(
             !delivered,
@@ -683,14 +674,10 @@ mod tests {
         // The operator (or cert-manager) puts the right CA in place; the sender, retrying the
         // record it holds, reads the bundle again.
         std::fs::copy(collector.dir.join("ca.pem"), &bundle).unwrap();
-        let arrived = enforcer_testbed::eventually(Duration::from_secs(10), || {
-            collector
-                .received
-                .lock()
-                .unwrap()
-                .contains(" node-1 enforcer ")
-        });
-        assert!(arrived, "the record held back arrived after the renewal");
+        assert!(
+            collector.arrives(Duration::from_secs(10)),
+            "the record held back arrived after the renewal"
+        );
     }
 
     #[test]
