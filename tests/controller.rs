@@ -550,13 +550,27 @@ fn killed_controller_leaves_enforcement_in_place_and_a_new_one_adopts_it_as_root
     ) {
         return;
     }
+    killed_controller_is_adopted(&[]);
+}
+
+/// The same with the TC programs attached as netlink filters on clsact, as on kernels before
+/// 6.6 (the kernel matrix runs this path on real 5.10 and 6.1 kernels).
+#[test]
+fn killed_controller_with_netlink_tc_filters_is_adopted_as_root() {
+    if !require_root("killed_controller_with_netlink_tc_filters_is_adopted_as_root") {
+        return;
+    }
+    killed_controller_is_adopted(&["--tc-attach", "netlink"]);
+}
+
+fn killed_controller_is_adopted(tc_attach: &[&str]) {
     let topology = Topology::build(&["frontend", "api", "db"]).unwrap();
     let policy = format!(
         "{}{}",
         services(&topology, &["frontend", "api", "db"]),
         allow("frontend", "api", &["8080/tcp"], "id = \"fe-api\"")
     );
-    let first = enforce(&topology, &policy);
+    let first = enforce_with(&topology, &policy, tc_attach);
     let _api = topology.netns("api").tcp_echo_server(8080).unwrap();
     let forbidden = topology.netns("db").udp_echo_server(5432).unwrap();
     let frontend = topology.netns("frontend");
@@ -614,7 +628,7 @@ fn killed_controller_leaves_enforcement_in_place_and_a_new_one_adopts_it_as_root
             &topology,
             &first.policy,
             &["v-frontend", "v-api", "v-db"],
-            &[],
+            tc_attach,
         )
         .unwrap();
         assert!(
@@ -650,6 +664,14 @@ fn killed_controller_leaves_enforcement_in_place_and_a_new_one_adopts_it_as_root
         forbidden.hit_count(),
         0,
         "no denied datagram passed while no controller ran, nor during the adoption"
+    );
+    let status = second.command(&topology, &["status"]);
+    let report = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{report}");
+    assert_eq!(
+        report.matches("matches this build").count(),
+        6,
+        "three interfaces, two hooks each, run the adopting controller's programs:\n{report}"
     );
     drop(second);
 }

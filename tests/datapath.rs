@@ -731,3 +731,55 @@ fn status_shows_the_pinned_datapath_as_root() {
         "the refused SYNs are counted:\n{status}"
     );
 }
+
+/// `status` reports what the kernel runs, not what the pins remember: an interface that is gone
+/// is not shown as enforced, and with none left it says so and exits non-zero. Both ways of
+/// attaching TC programs (TCX links, netlink filters as before 6.6).
+#[test]
+fn status_never_claims_an_interface_that_is_gone_as_root() {
+    if !require_root("status_never_claims_an_interface_that_is_gone_as_root") {
+        return;
+    }
+    for tc_attach in ["tcx", "netlink"] {
+        let (topology, enforcer) = frontend_and_api("", &["--tc-attach", tc_attach]);
+        let delete = |interface: &str| {
+            let deleted = topology
+                .host
+                .command("ip")
+                .unwrap()
+                .args(["link", "del", interface])
+                .status()
+                .unwrap();
+            assert!(deleted.success(), "ip link del {interface}");
+        };
+        delete("v-api");
+        let output = enforcer.command(&topology, &["status"]);
+        let status = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "v-frontend is still enforced ({tc_attach}): {status}"
+        );
+        let api_lines: Vec<&str> = status
+            .lines()
+            .filter(|line| line.contains("v-api"))
+            .collect();
+        assert_eq!(api_lines.len(), 2, "{status}");
+        assert!(
+            api_lines.iter().all(|line| line.contains("NOT ENFORCED")),
+            "a deleted interface is not enforced ({tc_attach}):\n{status}"
+        );
+        assert_eq!(status.matches("matches this build").count(), 2, "{status}");
+
+        delete("v-frontend");
+        let output = enforcer.command(&topology, &["status"]);
+        assert!(
+            !output.status.success(),
+            "nothing is enforced ({tc_attach})"
+        );
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains("nothing is enforced"),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}

@@ -672,6 +672,7 @@ fn denials_are_deduplicated_in_the_kernel_and_losses_show_as_gaps_as_root() {
     // One page of ring buffer: a few dozen records.
     let mut kernel = Kernel::load(LoadOptions {
         event_buffer_bytes: Some(4096),
+        ..LoadOptions::default()
     });
 
     // A flood of one denied flow shape: one record, then one per second carrying the count.

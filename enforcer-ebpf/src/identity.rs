@@ -15,7 +15,10 @@ use crate::maps::{CGROUPS, ENDPOINTS, IPCACHE, POLICY_ACTIVE};
 /// meanwhile (the kernel frees the old config map only after running programs finish).
 #[inline(always)]
 pub fn active_config() -> Option<&'static PolicyConfig> {
-    POLICY_ACTIVE.get_value(0, &0)
+    let bytes = POLICY_ACTIVE.get_value(0, &0)?;
+    // SAFETY: the value is a `PolicyConfig` written by the controller (see `PolicyConfigBytes`);
+    // map values are 8-byte aligned and `PolicyConfig` is plain data.
+    Some(unsafe { &*(bytes as *const _ as *const PolicyConfig) })
 }
 
 /// The identity an address resolves to: the longest matching prefix, else world.

@@ -4,6 +4,8 @@
 //! points only describe where the packet was seen.
 #![no_std]
 #![no_main]
+// `asm!` keeps bounds in a form every verifier follows (see `packet::opaque`).
+#![feature(asm_experimental_arch)]
 
 mod conntrack;
 mod identity;
@@ -15,7 +17,7 @@ mod verdict;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
-    helpers::{bpf_ktime_get_coarse_ns, bpf_skb_cgroup_id},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_skb_cgroup_id},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -58,6 +60,25 @@ impl Frame for TcContext {
     }
 }
 
+/// 1 where the kernel has `bpf_ktime_get_coarse_ns` (5.11 and later), the cheaper clock; the
+/// controller sets it to 0 before loading on older kernels. The verifier knows the value (a
+/// frozen read-only global) and never visits the branch not taken, so an older kernel does not
+/// refuse the helper it lacks.
+#[unsafe(no_mangle)]
+static COARSE_CLOCK: u8 = 1;
+
+/// `CLOCK_MONOTONIC` nanoseconds.
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: a plain read of a global; volatile so that it is read from the map at run time
+    // rather than folded into the default at compile time.
+    if unsafe { core::ptr::read_volatile(&COARSE_CLOCK) } != 0 {
+        unsafe { bpf_ktime_get_coarse_ns() }
+    } else {
+        unsafe { bpf_ktime_get_ns() }
+    }
+}
+
 #[xdp]
 pub fn enf_xdp_ingress(ctx: XdpContext) -> u32 {
     let hook = Hook {
@@ -65,7 +86,7 @@ pub fn enf_xdp_ingress(ctx: XdpContext) -> u32 {
         ifindex: ctx.ingress_ifindex() as u32,
         cgroup_id: 0,
         len: (ctx.end() - ctx.start()) as u32,
-        now: unsafe { bpf_ktime_get_coarse_ns() },
+        now: now(),
     };
     match verdict::judge(&ctx, &hook) {
         DENY => xdp_action::XDP_DROP,
@@ -104,7 +125,7 @@ fn judge_skb(ctx: &TcContext, kind: u8) -> i32 {
             0
         },
         len: ctx.len(),
-        now: unsafe { bpf_ktime_get_coarse_ns() },
+        now: now(),
     };
     match verdict::judge(ctx, &hook) {
         DENY => TC_ACT_SHOT as i32,

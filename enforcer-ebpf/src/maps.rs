@@ -24,7 +24,14 @@ const NO_PREALLOC: usize = aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize;
 
 /// The installed generation's config, swapped as a whole (see `enforcer_common::config`).
 #[btf_map]
-pub static POLICY_ACTIVE: ArrayOfMaps<Array<PolicyConfig, 1>, 1> = ArrayOfMaps::new();
+pub static POLICY_ACTIVE: ArrayOfMaps<Array<PolicyConfigBytes, 1>, 1> = ArrayOfMaps::new();
+
+/// The config map's value as the inner-map template declares it: plain bytes, not the
+/// `PolicyConfig` struct. Kernels 5.15 to 6.1 accept an inner map only if its `timer_off` equals
+/// the template's, and that is -ENOENT for a template whose BTF value is a struct but -EINVAL
+/// for the BTF-less maps the controller creates per generation (aya cannot give them BTF), so
+/// 6.1 refused every switch with EINVAL. A byte array is not a struct: -EINVAL on both sides.
+pub type PolicyConfigBytes = [u8; core::mem::size_of::<PolicyConfig>()];
 
 // The policy tables. Both generations live side by side, told apart by the slot in the key.
 #[btf_map]

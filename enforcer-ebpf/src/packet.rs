@@ -58,14 +58,36 @@ pub trait Frame {
         if offset > MAX_HEADER_OFFSET {
             return None;
         }
-        let start = self.start();
-        if start + offset + size_of::<T>() > self.end() {
+        let at = opaque(self.start() + (opaque(offset) & OFFSET_MASK));
+        if at + size_of::<T>() > self.end() {
             return None;
         }
-        // SAFETY: the range [start + offset, start + offset + size_of::<T>()) was checked to lie
-        // inside the frame; `T` is a plain header struct, valid for any bytes.
-        Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) })
+        // SAFETY: the range [at, at + size_of::<T>()) was checked to lie inside the frame; `T`
+        // is a plain header struct, valid for any bytes.
+        Some(unsafe { core::ptr::read_unaligned(at as *const T) })
     }
+}
+
+/// Covers every offset up to [`MAX_HEADER_OFFSET`].
+const OFFSET_MASK: usize = (MAX_HEADER_OFFSET << 1) - 1;
+const _: () = assert!(MAX_HEADER_OFFSET & OFFSET_MASK == MAX_HEADER_OFFSET);
+
+/// `value`, unchanged, but opaque to LLVM, so that [`Frame::read`]'s bounds stay in the form
+/// every verifier can follow (6.1's refused both of the following; 6.12's accepts them):
+/// * the mask on the offset: LLVM drops it as redundant after the comparison with
+///   [`MAX_HEADER_OFFSET`], and may then compare `x` but build the pointer from `x + 8`; older
+///   verifiers carry no bound across such linked registers and saw an offset of up to 2^32. A
+///   mask on the register the pointer is built from is understood by every kernel.
+/// * the pointer: LLVM rewrites `at + 1 > end` as `at >= end`, and older verifiers draw no
+///   packet range from a strict comparison of a pointer at offset 0.
+///
+/// One register move each.
+#[inline(always)]
+fn opaque(value: usize) -> usize {
+    let mut value = value;
+    // SAFETY: a register move onto itself: nothing changes but what LLVM can assume.
+    unsafe { core::arch::asm!("{0} = {0}", inout(reg) value, options(pure, nomem, nostack)) };
+    value
 }
 
 /// Fragment position of a packet (a `u8` because the packet lives in a map value).

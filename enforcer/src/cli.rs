@@ -17,7 +17,7 @@ use crate::{
     alert::AlertFormat,
     compile::{self, Compiled, HostView},
     host,
-    loader::{self, DEFAULT_PIN_PATH, IngressHook, PinLayout},
+    loader::{self, DEFAULT_PIN_PATH, IngressHook, PinLayout, TcAttach},
     maps::KernelMaps,
     policy::{self, Peer, Policy, PortMatch, Protocol},
     run::{self, RunError, RunOptions},
@@ -110,6 +110,9 @@ pub enum Command {
         #[arg(long, default_value = DEFAULT_PIN_PATH)]
         pin_path: PathBuf,
     },
+    /// What this kernel gives the datapath (BPF features probed), and how enforcer uses it;
+    /// exits 2 on a kernel enforcer cannot run on.
+    Features,
 }
 
 #[derive(Debug, Args)]
@@ -124,6 +127,10 @@ pub struct RunArgs {
     /// costs the peer its segmentation offload; XDP elsewhere).
     #[arg(long, value_enum, default_value_t = IngressHook::Auto)]
     pub ingress_hook: IngressHook,
+    /// How TC programs are attached: TCX links (Linux 6.6 and later), netlink filters on a
+    /// clsact qdisc (any kernel), or auto (TCX where the kernel has it).
+    #[arg(long, value_enum, default_value_t = TcAttach::Auto)]
+    pub tc_attach: TcAttach,
     /// Write alerts (JSON Lines) to PATH, or to stdout with "-".
     #[arg(long, value_name = "PATH|-")]
     pub alerts: Option<PathBuf>,
@@ -175,11 +182,26 @@ pub enum Failure {
 impl From<RunError> for Failure {
     fn from(error: RunError) -> Self {
         if error.is_bad_input() {
-            Self::BadInput(error.to_string())
+            Self::BadInput(with_causes(&error))
         } else {
-            Self::Runtime(error.to_string())
+            Self::Runtime(with_causes(&error))
         }
     }
+}
+
+/// `error` followed by each cause its message does not already include: aya's errors name the
+/// failed call and keep the errno (what says *why*) as their source.
+pub fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        let text = error.to_string();
+        if !message.contains(&text) {
+            message = format!("{message}: {text}");
+        }
+        cause = error.source();
+    }
+    message
 }
 
 pub fn execute(cli: Cli) -> Result<(), Failure> {
@@ -226,6 +248,7 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
                 policy: args.policy,
                 attach: args.attach,
                 ingress_hook: args.ingress_hook,
+                tc_attach: args.tc_attach,
                 pin_path: args.pin_path,
                 alerts: args.alerts,
                 alert_format: args.alert_format,
@@ -330,8 +353,23 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Status { pin_path } => {
-            print!("{}", status(&PinLayout::new(pin_path))?);
+            let (report, enforced) = status(&PinLayout::new(pin_path))?;
+            print!("{report}");
+            if enforced == 0 {
+                return Err(Failure::Runtime(
+                    "nothing is enforced: no interface has enforcer's programs attached".to_owned(),
+                ));
+            }
             Ok(())
+        }
+        Command::Features => {
+            let features = crate::kernel::Features::current();
+            for (ok, line) in features.report() {
+                println!("{} {line}", if ok { "ok     " } else { "MISSING" });
+            }
+            features
+                .check_minimum()
+                .map_err(|error| Failure::Runtime(error.to_string()))
         }
         Command::Unload { pin_path } => {
             let pins = PinLayout::new(pin_path);
@@ -603,15 +641,16 @@ fn format_time(nanos: u64) -> String {
     crate::alert::rfc3339(time)
 }
 
-fn status(pins: &PinLayout) -> Result<String, Failure> {
+/// The report, and how many (interface, hook) attachments the kernel really runs.
+fn status(pins: &PinLayout) -> Result<(String, usize), Failure> {
     if !pins.exists() {
         return Err(Failure::Runtime(format!(
             "no datapath is pinned at {} (is `enforcer run` using another --pin-path?)",
             pins.root.display()
         )));
     }
-    let (maps, _) =
-        KernelMaps::from_pins(&pins.maps()).map_err(|error| Failure::Runtime(error.to_string()))?;
+    let (maps, _) = KernelMaps::from_pins(&pins.maps())
+        .map_err(|error| Failure::Runtime(with_causes(&error)))?;
     let mut out = String::new();
     let _ = writeln!(out, "pin path {}", pins.root.display());
     match maps
@@ -647,6 +686,7 @@ fn status(pins: &PinLayout) -> Result<String, Failure> {
     if attached.is_empty() {
         let _ = writeln!(out, "  (no interfaces)");
     }
+    let mut enforced = 0;
     for (interface, hooks) in &attached {
         for hook in hooks {
             let link = format!("{}-{interface}", hook.as_str());
@@ -661,8 +701,12 @@ fn status(pins: &PinLayout) -> Result<String, Failure> {
                     };
                     (tag, verdict)
                 }
-                None => ("-".to_owned(), "link not readable"),
+                None => (
+                    "-".to_owned(),
+                    "NOT ENFORCED: no program attached (the interface is gone or was recreated, or the link or filter was removed)",
+                ),
             };
+            enforced += usize::from(programs.linked.contains_key(&link));
             let present = if host::interface_index(interface).is_some() {
                 ""
             } else {
@@ -699,5 +743,5 @@ fn status(pins: &PinLayout) -> Result<String, Failure> {
         );
     }
     let _ = writeln!(out, "\nevents lost: {}", maps.events_lost());
-    Ok(out)
+    Ok((out, enforced))
 }

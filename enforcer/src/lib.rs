@@ -6,6 +6,7 @@ pub mod alert;
 pub mod alerts_file;
 pub mod audit;
 pub mod baseline;
+pub mod bpf_link;
 pub mod cli;
 pub mod compile;
 pub mod detect;
@@ -13,6 +14,7 @@ pub mod diff;
 pub mod events;
 pub mod host;
 pub mod identity;
+pub mod kernel;
 pub mod loader;
 pub mod logfile;
 pub mod maps;
@@ -22,6 +24,7 @@ pub mod observe;
 pub mod policy;
 pub mod run;
 pub mod syslog;
+pub mod tc_netlink;
 pub mod watch;
 
 /// A file path of a unit test's own under the temp directory, removed when dropped.

@@ -6,6 +6,11 @@
 //! attached when the controller exits or dies (fail closed); a new controller reuses the pinned
 //! maps (so conntrack and the live generation survive) and swaps its freshly loaded programs
 //! into the pinned links with `bpf_link_update`, which never leaves an interface unattached.
+//!
+//! Kernels before 6.6 have no TCX links: there the TC programs are `cls_bpf` filters on a
+//! `clsact` qdisc ([`crate::tc_netlink`]), which outlive the controller by themselves and get
+//! their program replaced in place; `tc-filters/<hook>-<interface>` pins the program a filter
+//! was given, as the record of which interfaces this pin directory enforces.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -25,7 +30,11 @@ use aya::{
     },
 };
 
-use crate::maps::{KernelMaps, MAP_NAMES, MapsError};
+use crate::{
+    kernel::{Features, Unsupported},
+    maps::{KernelMaps, MAP_NAMES, MapsError},
+    tc_netlink,
+};
 
 /// The eBPF object, built by `build.rs` from `enforcer-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer"));
@@ -66,6 +75,13 @@ pub enum LoadError {
         interface: String,
         source: ProgramError,
     },
+    #[error("interface {interface}: TC filter through netlink: {source}")]
+    TcFilter {
+        interface: String,
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Kernel(#[from] Unsupported),
     #[error("interface {interface} does not exist in this network namespace")]
     NoSuchInterface { interface: String },
     #[error("link {}: {source}", path.display())]
@@ -102,8 +118,17 @@ impl PinLayout {
         self.root.join("links")
     }
 
+    /// Records of TC programs attached as netlink filters (kernels without TCX).
+    pub fn tc_filters(&self) -> PathBuf {
+        self.root.join("tc-filters")
+    }
+
     fn link(&self, hook: Hook, interface: &str) -> PathBuf {
-        self.links().join(format!("{}-{interface}", hook.as_str()))
+        self.links().join(hook.pin_name(interface))
+    }
+
+    fn tc_filter(&self, hook: Hook, interface: &str) -> PathBuf {
+        self.tc_filters().join(hook.pin_name(interface))
     }
 
     /// A file of the controller using these pins, beside its observe socket:
@@ -126,10 +151,15 @@ impl PinLayout {
         self.maps().join("POLICY_ACTIVE").exists()
     }
 
-    /// Interfaces with a pinned link, per hook.
+    /// Interfaces with a pinned link or a recorded TC filter, per hook.
     pub fn attached_interfaces(&self) -> BTreeMap<String, Vec<Hook>> {
         let mut interfaces: BTreeMap<String, Vec<Hook>> = BTreeMap::new();
-        for entry in fs::read_dir(self.links()).into_iter().flatten().flatten() {
+        let links = fs::read_dir(self.links()).into_iter().flatten().flatten();
+        let filters = fs::read_dir(self.tc_filters())
+            .into_iter()
+            .flatten()
+            .flatten();
+        for entry in links.chain(filters) {
             let name = entry.file_name().to_string_lossy().into_owned();
             for hook in Hook::ALL {
                 if let Some(interface) = name.strip_prefix(&format!("{}-", hook.as_str())) {
@@ -158,6 +188,11 @@ pub enum Hook {
 impl Hook {
     pub const ALL: [Self; 3] = [Self::Xdp, Self::TcIngress, Self::TcEgress];
 
+    /// The pin name of its link (or TC filter record) on `interface`.
+    pub fn pin_name(self, interface: &str) -> String {
+        format!("{}-{interface}", self.as_str())
+    }
+
     /// Its link's pin name prefix.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -167,11 +202,42 @@ impl Hook {
         }
     }
 
+    /// The TC direction of a TC hook (XDP has none; it is never a filter).
+    fn tc_direction(self) -> tc_netlink::Direction {
+        match self {
+            Self::TcEgress => tc_netlink::Direction::Egress,
+            Self::Xdp | Self::TcIngress => tc_netlink::Direction::Ingress,
+        }
+    }
+
     pub fn program(self) -> &'static str {
         match self {
             Self::Xdp => XDP_PROGRAM,
             Self::TcIngress => TC_INGRESS_PROGRAM,
             Self::TcEgress => TC_EGRESS_PROGRAM,
+        }
+    }
+}
+
+/// How TC programs are attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcAttach {
+    /// TCX links where the kernel has them (6.6 and later), netlink filters before.
+    #[default]
+    Auto,
+    /// TCX links (Linux 6.6 and later).
+    Tcx,
+    /// `cls_bpf` filters on a `clsact` qdisc, through netlink (any kernel).
+    Netlink,
+}
+
+impl TcAttach {
+    /// Whether TC programs go in as netlink filters on this kernel.
+    pub fn uses_netlink(self) -> bool {
+        match self {
+            Self::Auto => !Features::current().tcx,
+            Self::Tcx => false,
+            Self::Netlink => true,
         }
     }
 }
@@ -249,12 +315,14 @@ fn create_dir(path: &Path) -> Result<(), LoadError> {
 pub struct LoadOptions {
     /// Bytes of the event ring buffer (a power of two, at least one page); default 4 MiB.
     pub event_buffer_bytes: Option<u32>,
+    pub tc_attach: TcAttach,
 }
 
 /// The loaded datapath: the object with its programs, and where it is pinned.
 pub struct Datapath {
     ebpf: Ebpf,
     pins: PinLayout,
+    tc_netlink: bool,
 }
 
 impl Datapath {
@@ -268,8 +336,14 @@ impl Datapath {
         pins: PinLayout,
         options: &LoadOptions,
     ) -> Result<(Self, KernelMaps, RingBuf<MapData>), LoadError> {
+        Features::current().check_minimum()?;
         prepare_pin_root(&pins.root)?;
-        for dir in [pins.maps(), pins.programs(), pins.links()] {
+        for dir in [
+            pins.maps(),
+            pins.programs(),
+            pins.links(),
+            pins.tc_filters(),
+        ] {
             create_dir(&dir)?;
         }
         check_pinned_maps(&pins, options)?;
@@ -278,7 +352,7 @@ impl Datapath {
             .iter()
             .map(|name| (*name, pins.maps().join(name)))
             .collect();
-        let mut loader = EbpfLoader::new();
+        let mut loader = object_loader();
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -302,7 +376,16 @@ impl Datapath {
             })?;
         }
         let (maps, events) = KernelMaps::open(|name| ebpf.take_map(name))?;
-        Ok((Self { ebpf, pins }, maps, events))
+        let tc_netlink = options.tc_attach.uses_netlink();
+        Ok((
+            Self {
+                ebpf,
+                pins,
+                tc_netlink,
+            },
+            maps,
+            events,
+        ))
     }
 
     pub fn pins(&self) -> &PinLayout {
@@ -366,6 +449,52 @@ impl Datapath {
     }
 
     fn attach_tc(&mut self, interface: &str, hook: Hook) -> Result<(), LoadError> {
+        if self.tc_netlink {
+            self.attach_tc_filter(interface, hook)?;
+            let _ = fs::remove_file(self.pins.link(hook, interface));
+            return Ok(());
+        }
+        self.attach_tcx(interface, hook)?;
+        // A filter an earlier controller attached through netlink goes once the link is in.
+        if self.pins.tc_filter(hook, interface).exists() {
+            remove_tc_filter(&self.pins, hook, interface);
+        }
+        Ok(())
+    }
+
+    /// Attaches (or replaces the program of) enforcer's netlink filter, creating the `clsact`
+    /// qdisc if needed, and records it.
+    fn attach_tc_filter(&mut self, interface: &str, hook: Hook) -> Result<(), LoadError> {
+        let record = self.pins.tc_filter(hook, interface);
+        let ifindex =
+            crate::host::interface_index(interface).ok_or_else(|| LoadError::NoSuchInterface {
+                interface: interface.to_owned(),
+            })?;
+        let netlink_error = |source| LoadError::TcFilter {
+            interface: interface.to_owned(),
+            source,
+        };
+        tc_netlink::add_clsact(ifindex).map_err(netlink_error)?;
+        let name = hook.program();
+        let program: &mut SchedClassifier = self.program_mut(name)?;
+        let fd = program
+            .fd()
+            .map_err(|source| LoadError::Program { name, source })?;
+        tc_netlink::set_filter(
+            ifindex,
+            hook.tc_direction(),
+            std::os::fd::AsFd::as_fd(fd),
+            name,
+        )
+        .map_err(netlink_error)?;
+        let _ = fs::remove_file(&record);
+        program.pin(&record).map_err(|source| LoadError::Pin {
+            path: record.clone(),
+            source,
+        })
+    }
+
+    fn attach_tcx(&mut self, interface: &str, hook: Hook) -> Result<(), LoadError> {
         let path = self.pins.link(hook, interface);
         let program: &mut SchedClassifier = self.program_mut(hook.program())?;
         let attach_type = if hook == Hook::TcIngress {
@@ -396,7 +525,11 @@ impl Datapath {
             }
         }
         let id = program
-            .attach(interface, attach_type)
+            .attach_with_options(
+                interface,
+                attach_type,
+                aya::programs::tc::TcAttachOptions::TcxOrder(Default::default()),
+            )
             .map_err(attach_error)?;
         pin_link(program.take_link(id).map_err(attach_error)?, path)
     }
@@ -427,6 +560,7 @@ impl Datapath {
                     "detaching: not in --attach"
                 );
                 let _ = fs::remove_file(self.pins.link(hook, &interface));
+                remove_tc_filter(&self.pins, hook, &interface);
             }
         }
     }
@@ -480,6 +614,30 @@ fn load_program(ebpf: &mut Ebpf, hook: Hook) -> Result<(), LoadError> {
         }
     }
     .map_err(|source| LoadError::Program { name, source })
+}
+
+/// The object loader, with the globals that adapt the programs to this kernel.
+fn object_loader() -> EbpfLoader<'static> {
+    let mut loader = EbpfLoader::new();
+    // Static, because the loader borrows the value until it loads.
+    static CLOCKS: [u8; 2] = [0, 1];
+    let coarse_clock = &CLOCKS[usize::from(Features::current().coarse_clock)];
+    loader.override_global("COARSE_CLOCK", coarse_clock, true);
+    loader
+}
+
+/// Removes enforcer's netlink filter for `hook` from `interface` (if it still exists), the
+/// `clsact` qdisc if nothing else uses it, and the record.
+fn remove_tc_filter(pins: &PinLayout, hook: Hook, interface: &str) {
+    if let Some(ifindex) = crate::host::interface_index(interface) {
+        if let Err(error) = tc_netlink::remove_filter(ifindex, hook.tc_direction()) {
+            tracing::warn!(interface, "removing the TC filter: {error}");
+        }
+        if let Err(error) = tc_netlink::remove_clsact_if_unused(ifindex) {
+            tracing::warn!(interface, "removing the clsact qdisc: {error}");
+        }
+    }
+    let _ = fs::remove_file(pins.tc_filter(hook, interface));
 }
 
 /// Pins a link just made, so that it outlives the controller.
@@ -557,7 +715,7 @@ fn aya_object_maps() -> BTreeMap<&'static str, (u32, u32, u32)> {
 /// ignores map addresses), found by loading them without attaching anything.
 pub fn build_tags() -> Result<BTreeMap<&'static str, String>, LoadError> {
     raise_memlock_limit();
-    let mut loader = EbpfLoader::new();
+    let mut loader = object_loader();
     // Small maps: only the programs matter here.
     for name in MAP_NAMES {
         if name != "POLICY_ACTIVE" && name != "EVENT_STATE" && name != "PACKET_COUNTS" {
@@ -612,20 +770,36 @@ pub fn pinned_programs(pins: &PinLayout) -> PinnedPrograms {
         }
     }
     let mut linked = BTreeMap::new();
-    for entry in fs::read_dir(pins.links()).into_iter().flatten().flatten() {
-        let Ok(link) = PinnedLink::from_pin(entry.path()) else {
-            continue;
-        };
-        let fd_link = FdLink::from(link);
-        let Ok(info) = fd_link.info() else { continue };
-        if let Some(program) = aya::programs::loaded_programs()
-            .flatten()
-            .find(|program| program.id() == info.program_id())
-        {
-            linked.insert(entry.file_name().to_string_lossy().into_owned(), program);
+    for (interface, hooks) in pins.attached_interfaces() {
+        for hook in hooks {
+            let Some(program_id) = attached_program(pins, hook, &interface) else {
+                continue;
+            };
+            if let Some(program) = aya::programs::loaded_programs()
+                .flatten()
+                .find(|program| program.id() == program_id)
+            {
+                linked.insert(hook.pin_name(&interface), program);
+            }
         }
     }
     PinnedPrograms { pinned, linked }
+}
+
+/// The program the kernel runs for `hook` on `interface` as it exists now, through the pinned
+/// link or the recorded filter: `None` if the interface is gone or was recreated (a link to a
+/// vanished interface is defunct, a filter vanishes with it) or nothing is attached.
+fn attached_program(pins: &PinLayout, hook: Hook, interface: &str) -> Option<u32> {
+    let ifindex = crate::host::interface_index(interface)?;
+    let record = pins.tc_filter(hook, interface);
+    if record.exists() {
+        return tc_netlink::enforcer_filter(ifindex, hook.tc_direction())
+            .ok()
+            .flatten()
+            .map(|filter| filter.program_id);
+    }
+    let target = crate::bpf_link::target(&pins.link(hook, interface))?;
+    (target.ifindex == ifindex).then_some(target.program_id)
 }
 
 /// Detaches and removes everything pinned under `pins`. Returns what was removed.
@@ -634,8 +808,22 @@ pub fn unload(pins: &PinLayout) -> io::Result<Vec<PathBuf>> {
     if !pins.root.exists() {
         return Ok(removed);
     }
-    // Links first: removing a link's last reference detaches it.
-    for dir in [pins.links(), pins.programs(), pins.maps()] {
+    // Links and filters first: removing a link's last reference detaches it; a filter is
+    // removed from its interface.
+    for (interface, hooks) in pins.attached_interfaces() {
+        for hook in hooks {
+            if pins.tc_filter(hook, &interface).exists() {
+                remove_tc_filter(pins, hook, &interface);
+                removed.push(pins.tc_filter(hook, &interface));
+            }
+        }
+    }
+    for dir in [
+        pins.links(),
+        pins.tc_filters(),
+        pins.programs(),
+        pins.maps(),
+    ] {
         let Ok(entries) = fs::read_dir(&dir) else {
             continue;
         };

@@ -26,7 +26,7 @@ use crate::{
     detect::{Detector, Detectors, Finding},
     events::{self, Clock, FlowRecord, Generations, SequenceTracker},
     host,
-    loader::{self, Datapath, IngressHook, LoadError, PinLayout},
+    loader::{self, Datapath, IngressHook, LoadError, LoadOptions, PinLayout, TcAttach},
     maps::{Installed, Installer, KernelMaps, MapsError},
     metrics::{self, DetectorLabel, FlowLabels, Metrics},
     names_file::{self, NamesWriter},
@@ -36,6 +36,30 @@ use crate::{
     watch,
 };
 
+/// Removes what a failed start pinned (see `run`).
+struct UnpinOnFailure {
+    /// `Some` until the start has succeeded.
+    pins: Option<PinLayout>,
+}
+
+impl Drop for UnpinOnFailure {
+    fn drop(&mut self) {
+        if let Some(pins) = &self.pins {
+            match loader::unload(pins) {
+                Ok(removed) => tracing::info!(
+                    "start failed: removed the {} pins it had made under {}",
+                    removed.len(),
+                    pins.root.display()
+                ),
+                Err(error) => tracing::warn!(
+                    "start failed, and removing its pins under {} failed too: {error}",
+                    pins.root.display()
+                ),
+            }
+        }
+    }
+}
+
 /// Options of `enforcer run` (DESIGN §6).
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -43,6 +67,8 @@ pub struct RunOptions {
     pub attach: Vec<String>,
     /// Which program judges packets entering the host.
     pub ingress_hook: IngressHook,
+    /// How TC programs are attached (TCX links or netlink filters).
+    pub tc_attach: TcAttach,
     pub pin_path: PathBuf,
     /// Where alerts go: a file (appended), or stdout for `-`.
     pub alerts: Option<PathBuf>,
@@ -698,7 +724,23 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         };
 
     let pins = PinLayout::new(&options.pin_path);
-    let (mut datapath, maps, ring) = Datapath::load(pins.clone())?;
+    // A start that fails before enforcing leaves nothing pinned, unless it was adopting what an
+    // earlier controller pinned: that keeps enforcing (fail closed).
+    let mut unpin_on_failure = UnpinOnFailure {
+        pins: (!pins.exists()).then(|| pins.clone()),
+    };
+    let load_options = LoadOptions {
+        tc_attach: options.tc_attach,
+        ..LoadOptions::default()
+    };
+    let (mut datapath, maps, ring) = Datapath::load_with(pins.clone(), &load_options)?;
+    let kernel = crate::kernel::Features::current();
+    tracing::info!(
+        kernel = %kernel.release,
+        tc = if options.tc_attach.uses_netlink() { "netlink filters on clsact" } else { "TCX links" },
+        clock = if kernel.coarse_clock { "coarse" } else { "ktime_get_ns" },
+        "datapath loaded"
+    );
     let installer = Installer::adopt(&maps)?;
     let mut generations = Generations::default();
     if let Some(live) = installer.live() {
@@ -743,6 +785,7 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         );
     }
     datapath.detach_others(&options.attach.iter().cloned().collect::<BTreeSet<_>>());
+    unpin_on_failure.pins = None;
 
     let hub = Arc::new(observe::Hub::default());
     let (stop_events, stop_rx) = mpsc::channel(1);

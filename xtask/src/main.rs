@@ -3,6 +3,7 @@
 
 mod bench;
 mod demo;
+mod kernels;
 mod prerequisites;
 
 use std::{
@@ -34,12 +35,19 @@ enum Task {
     /// Enforce a demo policy on a topology of network namespaces, show what was allowed and
     /// refused and why, then remove everything.
     Demo,
-    /// Run every test: unit tests, and integration tests against the real kernel (needs root).
+    /// Run every test: the kernel matrix (the release binary on Debian's 5.10, 6.1 and 6.12
+    /// kernels under QEMU), then unit tests and integration tests against this host's kernel
+    /// (needs root).
     Test {
+        /// Skip the kernel matrix (quicker, for work that does not touch the datapath).
+        #[arg(long)]
+        no_kernel_matrix: bool,
         /// Extra arguments for `cargo test`, after `--`.
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Only the kernel matrix, on every kernel or those named (5.10, 6.1, 6.12).
+    Kernels { names: Vec<String> },
     /// Benchmarks, as ratios against baselines measured in the same run.
     Bench,
 }
@@ -88,11 +96,21 @@ fn run(task: Task) -> Result<()> {
             let binary = build_release()?;
             demo::run(&binary, &workspace_root())
         }
-        Task::Test { args } => {
+        Task::Test {
+            no_kernel_matrix,
+            args,
+        } => {
             prerequisites::setup_if_missing()?;
+            if !no_kernel_matrix {
+                kernels::run(&build_release()?, &[])?;
+            }
             // The default members: everything but the eBPF crate, which builds only for the BPF
             // target (the controller's build script builds it).
             cargo(&["test"], &args)
+        }
+        Task::Kernels { names } => {
+            prerequisites::setup_if_missing()?;
+            kernels::run(&build_release()?, &names)
         }
         Task::Bench => {
             prerequisites::setup_if_missing()?;
