@@ -202,7 +202,8 @@ impl Hook {
         }
     }
 
-    /// The TC direction of a TC hook (XDP has none; it is never a filter).
+    /// The TC direction of a TC hook (XDP has none: it is never a filter, and callers check
+    /// for a filter record first).
     fn tc_direction(self) -> tc_netlink::Direction {
         match self {
             Self::TcEgress => tc_netlink::Direction::Egress,
@@ -414,6 +415,9 @@ impl Datapath {
             Hook::Xdp
         };
         let _ = fs::remove_file(self.pins.link(other, interface));
+        if self.pins.tc_filter(other, interface).exists() {
+            remove_tc_filter(&self.pins, other, interface);
+        }
         Ok(hook)
     }
 
@@ -560,7 +564,9 @@ impl Datapath {
                     "detaching: not in --attach"
                 );
                 let _ = fs::remove_file(self.pins.link(hook, &interface));
-                remove_tc_filter(&self.pins, hook, &interface);
+                if self.pins.tc_filter(hook, &interface).exists() {
+                    remove_tc_filter(&self.pins, hook, &interface);
+                }
             }
         }
     }
