@@ -689,7 +689,7 @@ fn status(pins: &PinLayout) -> Result<(String, usize), Failure> {
     let mut enforced = 0;
     for (interface, hooks) in &attached {
         for hook in hooks {
-            let link = format!("{}-{interface}", hook.as_str());
+            let link = hook.pin_name(interface);
             let (tag, verdict) = match programs.linked.get(&link) {
                 Some(info) => {
                     let tag = format!("{:016x}", info.tag());

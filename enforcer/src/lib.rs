@@ -6,7 +6,7 @@ pub mod alert;
 pub mod alerts_file;
 pub mod audit;
 pub mod baseline;
-pub mod bpf_link;
+pub mod bpf_sys;
 pub mod cli;
 pub mod compile;
 pub mod detect;

@@ -202,8 +202,8 @@ impl Hook {
         }
     }
 
-    /// The TC direction of a TC hook (XDP has none: it is never a filter, and callers check
-    /// for a filter record first).
+    /// The TC direction of a TC hook (XDP has none: it is never a filter, so never recorded as
+    /// one).
     fn tc_direction(self) -> tc_netlink::Direction {
         match self {
             Self::TcEgress => tc_netlink::Direction::Egress,
@@ -415,9 +415,7 @@ impl Datapath {
             Hook::Xdp
         };
         let _ = fs::remove_file(self.pins.link(other, interface));
-        if self.pins.tc_filter(other, interface).exists() {
-            remove_tc_filter(&self.pins, other, interface);
-        }
+        remove_tc_filter(&self.pins, other, interface);
         Ok(hook)
     }
 
@@ -460,9 +458,7 @@ impl Datapath {
         }
         self.attach_tcx(interface, hook)?;
         // A filter an earlier controller attached through netlink goes once the link is in.
-        if self.pins.tc_filter(hook, interface).exists() {
-            remove_tc_filter(&self.pins, hook, interface);
-        }
+        remove_tc_filter(&self.pins, hook, interface);
         Ok(())
     }
 
@@ -564,9 +560,7 @@ impl Datapath {
                     "detaching: not in --attach"
                 );
                 let _ = fs::remove_file(self.pins.link(hook, &interface));
-                if self.pins.tc_filter(hook, &interface).exists() {
-                    remove_tc_filter(&self.pins, hook, &interface);
-                }
+                remove_tc_filter(&self.pins, hook, &interface);
             }
         }
     }
@@ -633,8 +627,13 @@ fn object_loader() -> EbpfLoader<'static> {
 }
 
 /// Removes enforcer's netlink filter for `hook` from `interface` (if it still exists), the
-/// `clsact` qdisc if nothing else uses it, and the record.
-fn remove_tc_filter(pins: &PinLayout, hook: Hook, interface: &str) {
+/// `clsact` qdisc if nothing else uses it, and the record. Only a recorded filter is touched:
+/// returns whether there was one.
+fn remove_tc_filter(pins: &PinLayout, hook: Hook, interface: &str) -> bool {
+    let record = pins.tc_filter(hook, interface);
+    if !record.exists() {
+        return false;
+    }
     if let Some(ifindex) = crate::host::interface_index(interface) {
         if let Err(error) = tc_netlink::remove_filter(ifindex, hook.tc_direction()) {
             tracing::warn!(interface, "removing the TC filter: {error}");
@@ -643,7 +642,8 @@ fn remove_tc_filter(pins: &PinLayout, hook: Hook, interface: &str) {
             tracing::warn!(interface, "removing the clsact qdisc: {error}");
         }
     }
-    let _ = fs::remove_file(pins.tc_filter(hook, interface));
+    let _ = fs::remove_file(record);
+    true
 }
 
 /// Pins a link just made, so that it outlives the controller.
@@ -804,7 +804,7 @@ fn attached_program(pins: &PinLayout, hook: Hook, interface: &str) -> Option<u32
             .flatten()
             .map(|filter| filter.program_id);
     }
-    let target = crate::bpf_link::target(&pins.link(hook, interface))?;
+    let target = crate::bpf_sys::link_target(&pins.link(hook, interface))?;
     (target.ifindex == ifindex).then_some(target.program_id)
 }
 
@@ -818,8 +818,7 @@ pub fn unload(pins: &PinLayout) -> io::Result<Vec<PathBuf>> {
     // removed from its interface.
     for (interface, hooks) in pins.attached_interfaces() {
         for hook in hooks {
-            if pins.tc_filter(hook, &interface).exists() {
-                remove_tc_filter(pins, hook, &interface);
+            if remove_tc_filter(pins, hook, &interface) {
                 removed.push(pins.tc_filter(hook, &interface));
             }
         }

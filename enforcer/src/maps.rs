@@ -3,7 +3,7 @@
 
 use std::{
     collections::BTreeMap,
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+    os::fd::AsFd as _,
     path::Path,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -298,7 +298,8 @@ impl KernelMaps {
         generation
             .set(0, config, 0)
             .map_err(map_err("POLICY_ACTIVE"))?;
-        freeze(IterableMap::map(&generation).fd().as_fd()).map_err(MapsError::Freeze)?;
+        crate::bpf_sys::freeze(IterableMap::map(&generation).fd().as_fd())
+            .map_err(MapsError::Freeze)?;
         self.active
             .set(0, &generation, 0)
             .map_err(map_err("POLICY_ACTIVE"))
@@ -493,35 +494,6 @@ fn sync_ipcache(
         }
     }
     Ok(writes)
-}
-
-/// `BPF_MAP_FREEZE`: no further writes from userspace (aya has no wrapper for it).
-fn freeze(fd: BorrowedFd<'_>) -> std::io::Result<()> {
-    const BPF_MAP_FREEZE: libc::c_long = 22;
-    #[repr(C)]
-    struct FreezeAttr {
-        map_fd: u32,
-        _pad: u32,
-    }
-    let attr = FreezeAttr {
-        map_fd: fd.as_raw_fd() as u32,
-        _pad: 0,
-    };
-    // SAFETY: `attr` is a valid, zero-padded prefix of `union bpf_attr` for this command and
-    // outlives the call.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_FREEZE,
-            &attr as *const FreezeAttr,
-            size_of::<FreezeAttr>(),
-        )
-    };
-    if ret < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
 }
 
 /// What one slot of the tables holds, as far as the controller knows.

@@ -1,0 +1,109 @@
+//! The bpf(2) commands aya does not wrap: `BPF_MAP_FREEZE` (each generation's config), and
+//! what a pinned link is attached to (aya does not report a link's interface; `status` shows an
+//! interface as enforced only if its link still points at it).
+
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::Path,
+};
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_MAP_FREEZE: libc::c_long = 22;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_TYPE_XDP: u32 = 6;
+const BPF_LINK_TYPE_TCX: u32 = 11;
+
+/// The program a link runs and the interface it is attached to (0 once that interface is gone:
+/// the link is then defunct).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkTarget {
+    pub program_id: u32,
+    pub ifindex: u32,
+}
+
+/// `bpf(command, attr)`. `Attr` must be a `#[repr(C)]` prefix of `union bpf_attr` for
+/// `command`, with every pointer in it valid for the call.
+fn bpf<Attr>(command: libc::c_long, attr: &Attr) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a valid `Attr` that outlives the call, and its size is passed with it;
+    // what it points to is the caller's promise above.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            command,
+            attr as *const Attr,
+            size_of::<Attr>(),
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// `BPF_MAP_FREEZE`: no further writes from userspace.
+pub fn freeze(map: BorrowedFd<'_>) -> io::Result<()> {
+    #[repr(C)]
+    struct FreezeAttr {
+        map_fd: u32,
+        _pad: u32,
+    }
+    let attr = FreezeAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+    };
+    bpf(BPF_MAP_FREEZE, &attr).map(|_| ())
+}
+
+/// The target of the XDP or TCX link pinned at `path`; `None` if there is none or it is
+/// another kind of link.
+pub fn link_target(path: &Path) -> Option<LinkTarget> {
+    let link = open_pinned(path)?;
+    // `struct bpf_link_info`: type, id, prog_id, then (8-byte aligned) the per-type union, whose
+    // first field is the ifindex for XDP and TCX links.
+    let mut info = [0u32; 16];
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let attr = InfoAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: size_of_val(&info) as u32,
+        // `info` outlives the call and is as long as `info_len` says.
+        info: info.as_mut_ptr() as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &attr).ok()?;
+    if !matches!(info[0], BPF_LINK_TYPE_XDP | BPF_LINK_TYPE_TCX) {
+        return None;
+    }
+    Some(LinkTarget {
+        program_id: info[2],
+        ifindex: info[4],
+    })
+}
+
+fn open_pinned(path: &Path) -> Option<OwnedFd> {
+    let path = CString::new(path.as_os_str().as_bytes()).ok()?;
+    #[repr(C)]
+    struct GetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let attr = GetAttr {
+        // `path` outlives the call.
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    let fd = bpf(BPF_OBJ_GET, &attr).ok()?;
+    // SAFETY: a descriptor the kernel just returned, owned by nobody else.
+    Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
