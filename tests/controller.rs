@@ -583,7 +583,7 @@ fn killed_controller_is_adopted(tc_attach: &[&str]) {
     );
 
     // The controller keeps its rule names for a successor once reloads pause (half a second).
-    let names_file = enforcer::loader::PinLayout::new(&first.pins).names_file();
+    let names_file = enforcer::datapath::pins::PinLayout::new(&first.pins).names_file();
     assert!(
         enforcer_testbed::eventually(SETTLE, || names_file.exists()),
         "{} written",

@@ -446,7 +446,7 @@ fn cgroup_and_source_address_naming_different_services_is_dropped_as_spoofed_as_
     );
     assert_eq!(
         spoofed["unmapped"]["enforcer"]["address_identity"],
-        enforcer::identity::of_service_name("db"),
+        enforcer::policy::identity::of_service_name("db"),
         "and the address's"
     );
     assert_eq!(spoofed["policy"]["uid"], "anti-spoofing");
@@ -516,7 +516,7 @@ fn spoofed_source_is_dropped(ingress: &str) {
     );
     assert_eq!(
         spoofed["unmapped"]["enforcer"]["address_identity"],
-        enforcer::identity::of_service_name("db")
+        enforcer::policy::identity::of_service_name("db")
     );
     assert_eq!(spoofed["severity_id"], 4);
 }

@@ -14,9 +14,13 @@ use std::{
 use aya::maps::{HashMap, Map, MapData, RingBuf};
 use enforcer::{
     compile::{self, HostView},
+    datapath::maps::{Installer, KernelMaps},
+    datapath::{
+        hook::Hook,
+        loader::{self, Datapath, LoadOptions},
+        pins::PinLayout,
+    },
     events::{self, SequenceTracker},
-    loader::{self, Datapath, Hook, LoadOptions, PinLayout},
-    maps::{Installer, KernelMaps},
     policy,
 };
 use enforcer_common::{

@@ -41,6 +41,29 @@ pub mod rule {
     /// No policy generation is installed (fail closed).
     pub const NO_POLICY: u32 = 5;
     pub const FIRST_USER: u32 = 16;
+
+    /// The names of the reserved rules, as alerts and `explain` show them. A policy's rules
+    /// may not take them.
+    pub const RESERVED_NAMES: [(u32, &str); 5] = [
+        (DEFAULT_DENY, "default-deny"),
+        (DEFAULT_ALLOW, "default-allow"),
+        (ANTI_SPOOFING, "anti-spoofing"),
+        (PACKET_SANITY, "packet-sanity"),
+        (NO_POLICY, "no-policy"),
+    ];
+
+    /// The name of reserved rule `number`.
+    pub fn reserved_name(number: u32) -> Option<&'static str> {
+        RESERVED_NAMES
+            .iter()
+            .find(|(reserved, _)| *reserved == number)
+            .map(|(_, name)| *name)
+    }
+
+    /// Whether `name` is a reserved rule's.
+    pub fn is_reserved_name(name: &str) -> bool {
+        RESERVED_NAMES.iter().any(|(_, reserved)| *reserved == name)
+    }
 }
 
 #[repr(C)]

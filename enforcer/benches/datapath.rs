@@ -7,8 +7,12 @@ use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use enforcer::{
     compile::{self, HostView},
-    loader::{self, Datapath, Hook, PinLayout},
-    maps::{Installer, KernelMaps},
+    datapath::maps::{Installer, KernelMaps},
+    datapath::{
+        hook::Hook,
+        loader::{self, Datapath},
+        pins::PinLayout,
+    },
     policy,
 };
 use enforcer_testbed::{

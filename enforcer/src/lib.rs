@@ -2,30 +2,16 @@
 //! pinning the eBPF programs, and the event pipeline. The `enforcer` binary is a thin CLI over
 //! this library; integration tests use it directly too.
 
-pub mod alert;
-pub mod alerts_file;
-pub mod audit;
-pub mod baseline;
-pub mod bpf_sys;
 pub mod cli;
 pub mod compile;
+pub mod datapath;
 pub mod detect;
-pub mod diff;
 pub mod events;
-pub mod host;
-pub mod identity;
-pub mod kernel;
-pub mod loader;
-pub mod logfile;
-pub mod maps;
-pub mod metrics;
-pub mod names_file;
-pub mod observe;
+/// Files the controller appends to (outputs and the detectors' baseline share it).
+mod logfile;
+pub mod outputs;
 pub mod policy;
 pub mod run;
-pub mod syslog;
-pub mod tc_netlink;
-pub mod watch;
 
 /// A file path of a unit test's own under the temp directory, removed when dropped.
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! The policy language (DESIGN §5): parsing one file or a directory of `*.toml` files, merging
 //! them, and validating the result. Every problem is reported with its file, line and column.
 
+pub mod identity;
+
 mod tables;
 
 use std::{
@@ -13,12 +15,11 @@ use std::{
     sync::Arc,
 };
 
+use enforcer_common::policy::rule;
 use ipnet::IpNet;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use toml::Spanned;
-
-use crate::identity;
 
 /// A position in a policy file, 1-based.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -1308,15 +1309,21 @@ fn build_rule(
     let id = match &document.id {
         Some(id) => {
             let text = id.get_ref().trim();
-            if text.is_empty()
-                || text.contains(char::is_whitespace)
-                || text == crate::compile::DEFAULT_DENY_ID
-            {
+            if text.is_empty() || text.contains(char::is_whitespace) {
+                diagnostics.error(
+                    source.at(id),
+                    format!("invalid rule id \"{text}\": use a non-empty word"),
+                );
+                return None;
+            }
+            if rule::is_reserved_name(text) {
+                let reserved: Vec<&str> =
+                    rule::RESERVED_NAMES.iter().map(|(_, name)| *name).collect();
                 diagnostics.error(
                     source.at(id),
                     format!(
-                        "invalid rule id \"{text}\": use a non-empty word that is not \"{}\"",
-                        crate::compile::DEFAULT_DENY_ID
+                        "invalid rule id \"{text}\": it is reserved for enforcer's own decisions ({})",
+                        reserved.join(", ")
                     ),
                 );
                 return None;
@@ -1559,6 +1566,21 @@ id = "fe-to-api"
             error,
             "policy.toml:2:8: unknown service \"frontend\" (services: none declared; or \"world\", \"host\", a CIDR)"
         );
+    }
+
+    #[test]
+    fn every_reserved_rule_id_is_refused() {
+        for (_, reserved) in rule::RESERVED_NAMES {
+            let error = only_error(&format!(
+                "[[allow]]\nfrom = \"world\"\nto = \"host\"\nid = \"{reserved}\"\n"
+            ));
+            assert_eq!(
+                error,
+                format!(
+                    "policy.toml:4:6: invalid rule id \"{reserved}\": it is reserved for enforcer's own decisions (default-deny, default-allow, anti-spoofing, packet-sanity, no-policy)"
+                )
+            );
+        }
     }
 
     #[test]

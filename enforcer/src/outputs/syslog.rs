@@ -153,7 +153,7 @@ pub fn frame(
     let priority = u16::from(FACILITY_LOCAL0) * 8 + u16::from(severity);
     let message = format!(
         "<{priority}>1 {} {hostname} enforcer {} {msgid} - {record}",
-        crate::alert::rfc3339(time),
+        crate::outputs::alert::rfc3339(time),
         std::process::id()
     );
     format!("{} {message}", message.len())

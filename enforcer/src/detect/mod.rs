@@ -12,6 +12,8 @@
 //! * `deny_burst`: `deny_burst` denied attempts from one source in a window.
 //! * `spoof`, `rate_limit`: each such record from the kernel (already de-duplicated there).
 
+pub mod baseline;
+
 use std::{
     collections::{HashMap, HashSet},
     net::IpAddr,

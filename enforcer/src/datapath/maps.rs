@@ -298,7 +298,7 @@ impl KernelMaps {
         generation
             .set(0, config, 0)
             .map_err(map_err("POLICY_ACTIVE"))?;
-        crate::bpf_sys::freeze(IterableMap::map(&generation).fd().as_fd())
+        crate::datapath::bpf_sys::freeze(IterableMap::map(&generation).fd().as_fd())
             .map_err(MapsError::Freeze)?;
         self.active
             .set(0, &generation, 0)

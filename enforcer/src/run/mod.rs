@@ -1,5 +1,7 @@
 //! `enforcer run`: load and install the policy, attach, stream events, reload on change.
 
+pub mod watch;
+
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     io,
@@ -18,22 +20,25 @@ use tokio::{
 };
 
 use crate::{
-    alert::{self, AlertFormat},
-    alerts_file::AlertsFile,
-    audit::AuditLog,
-    baseline::{BaselineError, EdgeBaseline},
     compile::{self, CompileError, Compiled, HostView},
+    datapath::host,
+    datapath::maps::{Installed, Installer, KernelMaps, MapsError},
+    datapath::{
+        hook::{IngressHook, TcAttach},
+        loader::{self, Datapath, LoadError, LoadOptions},
+        pins::PinLayout,
+    },
+    detect::baseline::{BaselineError, EdgeBaseline},
     detect::{Detector, Detectors, Finding},
+    events::names_file::{self, NamesWriter},
     events::{self, Clock, FlowRecord, Generations, SequenceTracker},
-    host,
-    loader::{self, Datapath, IngressHook, LoadError, LoadOptions, PinLayout, TcAttach},
-    maps::{Installed, Installer, KernelMaps, MapsError},
-    metrics::{self, DetectorLabel, FlowLabels, Metrics},
-    names_file::{self, NamesWriter},
-    observe,
+    outputs::alert::{self, AlertFormat},
+    outputs::alerts_file::AlertsFile,
+    outputs::audit::AuditLog,
+    outputs::metrics::{self, DetectorLabel, FlowLabels, Metrics},
+    outputs::observe,
+    outputs::syslog::{SyslogSink, SyslogTarget},
     policy::{self, ParseCache, Policy, PolicyError},
-    syslog::{SyslogSink, SyslogTarget},
-    watch,
 };
 
 /// Removes what a failed start pinned (see `run`).
@@ -413,12 +418,12 @@ impl FlowSummary {
         let Some(since) = self.since.take() else {
             return;
         };
-        let until = crate::alert::rfc3339(SystemTime::now());
+        let until = crate::outputs::alert::rfc3339(SystemTime::now());
         for ((src, dst, protocol, port, verdict, rule), count) in std::mem::take(&mut self.counts) {
             audit(
                 log,
                 "flow_summary",
-                json!({ "src": src, "dst": dst, "protocol": protocol, "port": port, "verdict": verdict, "rule": rule, "count": count, "since": crate::alert::rfc3339(since), "until": until }),
+                json!({ "src": src, "dst": dst, "protocol": protocol, "port": port, "verdict": verdict, "rule": rule, "count": count, "since": crate::outputs::alert::rfc3339(since), "until": until }),
             );
         }
     }
@@ -734,7 +739,7 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         ..LoadOptions::default()
     };
     let (mut datapath, maps, ring) = Datapath::load_with(pins.clone(), &load_options)?;
-    let kernel = crate::kernel::Features::current();
+    let kernel = crate::datapath::kernel::Features::current();
     tracing::info!(
         kernel = %kernel.release,
         tc = if options.tc_attach.uses_netlink() { "netlink filters on clsact" } else { "TCX links" },

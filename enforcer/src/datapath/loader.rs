@@ -8,7 +8,7 @@
 //! into the pinned links with `bpf_link_update`, which never leaves an interface unattached.
 //!
 //! Kernels before 6.6 have no TCX links: there the TC programs are `cls_bpf` filters on a
-//! `clsact` qdisc ([`crate::tc_netlink`]), which outlive the controller by themselves and get
+//! `clsact` qdisc ([`crate::datapath::tc_netlink`]), which outlive the controller by themselves and get
 //! their program replaced in place; `tc-filters/<hook>-<interface>` pins the program a filter
 //! was given, as the record of which interfaces this pin directory enforces.
 
@@ -31,9 +31,13 @@ use aya::{
 };
 
 use crate::{
-    kernel::{Features, Unsupported},
-    maps::{KernelMaps, MAP_NAMES, MapsError},
-    tc_netlink,
+    datapath::kernel::{Features, Unsupported},
+    datapath::maps::{KernelMaps, MAP_NAMES, MapsError},
+    datapath::tc_netlink,
+    datapath::{
+        hook::{Hook, IngressHook, TcAttach},
+        pins::PinLayout,
+    },
 };
 
 /// The eBPF object, built by `build.rs` from `enforcer-ebpf`.
@@ -93,181 +97,6 @@ pub enum LoadError {
     },
     #[error(transparent)]
     Maps(#[from] MapsError),
-}
-
-/// The paths under a pin directory.
-#[derive(Clone, Debug)]
-pub struct PinLayout {
-    pub root: PathBuf,
-}
-
-impl PinLayout {
-    pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
-    }
-
-    pub fn maps(&self) -> PathBuf {
-        self.root.join("maps")
-    }
-
-    pub fn programs(&self) -> PathBuf {
-        self.root.join("programs")
-    }
-
-    pub fn links(&self) -> PathBuf {
-        self.root.join("links")
-    }
-
-    /// Records of TC programs attached as netlink filters (kernels without TCX).
-    pub fn tc_filters(&self) -> PathBuf {
-        self.root.join("tc-filters")
-    }
-
-    fn link(&self, hook: Hook, interface: &str) -> PathBuf {
-        self.links().join(hook.pin_name(interface))
-    }
-
-    fn tc_filter(&self, hook: Hook, interface: &str) -> PathBuf {
-        self.tc_filters().join(hook.pin_name(interface))
-    }
-
-    /// A file of the controller using these pins, beside its observe socket:
-    /// `/run/enforcer/<pin directory name>.<extension>` (bpffs holds only BPF objects).
-    pub fn state_file(&self, extension: &str) -> PathBuf {
-        let name = self.root.file_name().map_or_else(
-            || "enforcer".to_owned(),
-            |name| name.to_string_lossy().into_owned(),
-        );
-        PathBuf::from("/run/enforcer").join(format!("{name}.{extension}"))
-    }
-
-    /// Where the live generation's rule names are kept (see [`crate::names_file`]).
-    pub fn names_file(&self) -> PathBuf {
-        self.state_file("names.json")
-    }
-
-    /// Whether a datapath is pinned here.
-    pub fn exists(&self) -> bool {
-        self.maps().join("POLICY_ACTIVE").exists()
-    }
-
-    /// Interfaces with a pinned link or a recorded TC filter, per hook.
-    pub fn attached_interfaces(&self) -> BTreeMap<String, Vec<Hook>> {
-        let mut interfaces: BTreeMap<String, Vec<Hook>> = BTreeMap::new();
-        let links = fs::read_dir(self.links()).into_iter().flatten().flatten();
-        let filters = fs::read_dir(self.tc_filters())
-            .into_iter()
-            .flatten()
-            .flatten();
-        for entry in links.chain(filters) {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            for hook in Hook::ALL {
-                if let Some(interface) = name.strip_prefix(&format!("{}-", hook.as_str())) {
-                    interfaces
-                        .entry(interface.to_owned())
-                        .or_default()
-                        .push(hook);
-                }
-            }
-        }
-        interfaces
-    }
-}
-
-/// Where a program is attached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Hook {
-    /// XDP: packets entering the host, before the stack sees them.
-    Xdp,
-    /// TC ingress: packets entering the host, as the stack's skbs.
-    TcIngress,
-    /// TC egress: packets leaving the host.
-    TcEgress,
-}
-
-impl Hook {
-    pub const ALL: [Self; 3] = [Self::Xdp, Self::TcIngress, Self::TcEgress];
-
-    /// The pin name of its link (or TC filter record) on `interface`.
-    pub fn pin_name(self, interface: &str) -> String {
-        format!("{}-{interface}", self.as_str())
-    }
-
-    /// Its link's pin name prefix.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Xdp => "xdp",
-            Self::TcIngress => "tci",
-            Self::TcEgress => "tc",
-        }
-    }
-
-    /// The TC direction of a TC hook (XDP has none: it is never a filter, so never recorded as
-    /// one).
-    fn tc_direction(self) -> tc_netlink::Direction {
-        match self {
-            Self::TcEgress => tc_netlink::Direction::Egress,
-            Self::Xdp | Self::TcIngress => tc_netlink::Direction::Ingress,
-        }
-    }
-
-    pub fn program(self) -> &'static str {
-        match self {
-            Self::Xdp => XDP_PROGRAM,
-            Self::TcIngress => TC_INGRESS_PROGRAM,
-            Self::TcEgress => TC_EGRESS_PROGRAM,
-        }
-    }
-}
-
-/// How TC programs are attached.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum TcAttach {
-    /// TCX links where the kernel has them (6.6 and later), netlink filters before.
-    #[default]
-    Auto,
-    /// TCX links (Linux 6.6 and later).
-    Tcx,
-    /// `cls_bpf` filters on a `clsact` qdisc, through netlink (any kernel).
-    Netlink,
-}
-
-impl TcAttach {
-    /// Whether TC programs go in as netlink filters on this kernel.
-    pub fn uses_netlink(self) -> bool {
-        match self {
-            Self::Auto => !Features::current().tcx,
-            Self::Tcx => false,
-            Self::Netlink => true,
-        }
-    }
-}
-
-/// Which program judges packets entering the host through an interface.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum IngressHook {
-    /// TC ingress on veths, XDP on everything else.
-    #[default]
-    Auto,
-    /// XDP everywhere. On a veth it makes the driver drop segmentation offload on the peer,
-    /// which costs most of the bandwidth between namespaces.
-    Xdp,
-    /// TC ingress everywhere.
-    Tc,
-}
-
-impl IngressHook {
-    /// The ingress hook for `interface`.
-    pub fn for_interface(self, interface: &str) -> Hook {
-        match self {
-            Self::Xdp => Hook::Xdp,
-            Self::Tc => Hook::TcIngress,
-            Self::Auto if crate::host::interface_driver(interface).as_deref() == Some("veth") => {
-                Hook::TcIngress
-            }
-            Self::Auto => Hook::Xdp,
-        }
-    }
 }
 
 /// Makes sure `root` can hold pins: on a bpffs, mounting one at `/sys/fs/bpf` if that is where
@@ -398,7 +227,7 @@ impl Datapath {
     /// gets the new programs swapped in atomically; if it used the other ingress hook, that link
     /// goes once the new one is in place. Returns the ingress hook used.
     pub fn attach(&mut self, interface: &str, ingress: IngressHook) -> Result<Hook, LoadError> {
-        if crate::host::interface_index(interface).is_none() {
+        if crate::datapath::host::interface_index(interface).is_none() {
             return Err(LoadError::NoSuchInterface {
                 interface: interface.to_owned(),
             });
@@ -466,10 +295,11 @@ impl Datapath {
     /// qdisc if needed, and records it.
     fn attach_tc_filter(&mut self, interface: &str, hook: Hook) -> Result<(), LoadError> {
         let record = self.pins.tc_filter(hook, interface);
-        let ifindex =
-            crate::host::interface_index(interface).ok_or_else(|| LoadError::NoSuchInterface {
+        let ifindex = crate::datapath::host::interface_index(interface).ok_or_else(|| {
+            LoadError::NoSuchInterface {
                 interface: interface.to_owned(),
-            })?;
+            }
+        })?;
         let netlink_error = |source| LoadError::TcFilter {
             interface: interface.to_owned(),
             source,
@@ -634,7 +464,7 @@ fn remove_tc_filter(pins: &PinLayout, hook: Hook, interface: &str) -> bool {
     if !record.exists() {
         return false;
     }
-    if let Some(ifindex) = crate::host::interface_index(interface) {
+    if let Some(ifindex) = crate::datapath::host::interface_index(interface) {
         if let Err(error) = tc_netlink::remove_filter(ifindex, hook.tc_direction()) {
             tracing::warn!(interface, "removing the TC filter: {error}");
         }
@@ -796,7 +626,7 @@ pub fn pinned_programs(pins: &PinLayout) -> PinnedPrograms {
 /// link or the recorded filter: `None` if the interface is gone or was recreated (a link to a
 /// vanished interface is defunct, a filter vanishes with it) or nothing is attached.
 fn attached_program(pins: &PinLayout, hook: Hook, interface: &str) -> Option<u32> {
-    let ifindex = crate::host::interface_index(interface)?;
+    let ifindex = crate::datapath::host::interface_index(interface)?;
     let record = pins.tc_filter(hook, interface);
     if record.exists() {
         return tc_netlink::enforcer_filter(ifindex, hook.tc_direction())
@@ -804,7 +634,7 @@ fn attached_program(pins: &PinLayout, hook: Hook, interface: &str) -> Option<u32
             .flatten()
             .map(|filter| filter.program_id);
     }
-    let target = crate::bpf_sys::link_target(&pins.link(hook, interface))?;
+    let target = crate::datapath::bpf_sys::link_target(&pins.link(hook, interface))?;
     (target.ifindex == ifindex).then_some(target.program_id)
 }
 

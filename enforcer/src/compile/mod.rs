@@ -7,6 +7,8 @@
 //! An allow entry that a less specific deny covers is left out, so the lookup falls through to
 //! that deny. [`Compiled::evaluate`] runs the same lookup in userspace for `explain`.
 
+pub mod diff;
+
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
     fmt,
@@ -26,15 +28,9 @@ use enforcer_common::{
 use ipnet::IpNet;
 
 use crate::{
-    identity,
+    policy::identity,
     policy::{Mode, Peer, Policy, PortMatch, Protocol, RuleKind},
 };
-
-pub const DEFAULT_DENY_ID: &str = "default-deny";
-pub const DEFAULT_ALLOW_ID: &str = "default-allow";
-pub const ANTI_SPOOFING_ID: &str = "anti-spoofing";
-pub const PACKET_SANITY_ID: &str = "packet-sanity";
-pub const NO_POLICY_ID: &str = "no-policy";
 
 /// The parts of this host a policy refers to by name: its own addresses, interface indexes,
 /// cgroup ids. Compiling is pure given this view; `host::observe` reads it from the system.
@@ -199,12 +195,10 @@ pub struct Names {
 impl Names {
     /// The stable id of rule number `number`, as events and alerts show it.
     pub fn rule_id(&self, number: u32) -> String {
+        if let Some(reserved) = rule::reserved_name(number) {
+            return reserved.to_owned();
+        }
         match number {
-            rule::DEFAULT_DENY => DEFAULT_DENY_ID.to_owned(),
-            rule::DEFAULT_ALLOW => DEFAULT_ALLOW_ID.to_owned(),
-            rule::ANTI_SPOOFING => ANTI_SPOOFING_ID.to_owned(),
-            rule::PACKET_SANITY => PACKET_SANITY_ID.to_owned(),
-            rule::NO_POLICY => NO_POLICY_ID.to_owned(),
             rule::NONE => "none".to_owned(),
             user => match self.rules.get(&user) {
                 Some(info) => info.id.clone(),
@@ -1010,7 +1004,7 @@ id = \"a-b\"
         for port in [442, 7999, 8101] {
             assert_eq!(
                 decide(&compiled, "a", "b", proto::TCP, port),
-                (action::DENY, DEFAULT_DENY_ID.to_owned()),
+                (action::DENY, "default-deny".to_owned()),
                 "port {port}"
             );
         }
@@ -1074,7 +1068,7 @@ id = \"a-b\"
         match (best(RuleKind::Deny), best(RuleKind::Allow)) {
             (Some(deny), _) => (action::DENY, deny),
             (None, Some(allow)) => (action::ALLOW, allow),
-            (None, None) => (action::DENY, DEFAULT_DENY_ID.to_owned()),
+            (None, None) => (action::DENY, "default-deny".to_owned()),
         }
     }
 
@@ -1200,7 +1194,7 @@ id = \"https\"
         let compiled = compile_text(SERVICES);
         assert_eq!(
             decide(&compiled, "world", "world", proto::TCP, 80),
-            (action::ALLOW, DEFAULT_ALLOW_ID.to_owned())
+            (action::ALLOW, "default-allow".to_owned())
         );
         assert_eq!(
             decide(&compiled, "world", "a", proto::TCP, 80).0,
@@ -1252,9 +1246,9 @@ id = \"everyone\"
         assert_eq!(rule(&narrow, 80), "wide");
         assert_eq!(rule(&narrow, 81), "narrow");
         assert_eq!(rule(&narrow, 82), "everyone");
-        assert_eq!(rule(&wide, 81), DEFAULT_DENY_ID);
+        assert_eq!(rule(&wide, 81), "default-deny");
         assert_eq!(rule(&elsewhere, 82), "everyone");
-        assert_eq!(rule(&elsewhere, 80), DEFAULT_DENY_ID);
+        assert_eq!(rule(&elsewhere, 80), "default-deny");
     }
 
     #[test]

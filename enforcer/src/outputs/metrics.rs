@@ -25,8 +25,8 @@ use prometheus_client::{
 };
 
 use crate::{
+    datapath::maps::{Fill, KernelMaps},
     events::Generations,
-    maps::{Fill, KernelMaps},
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

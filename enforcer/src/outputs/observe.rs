@@ -22,11 +22,6 @@ use crate::events::FlowRecord;
 /// Records a client gets when it connects.
 const BACKLOG: usize = 1024;
 
-/// The socket of the controller whose pins are at `pin_path`: `/run/enforcer/<pin dir name>.sock`.
-pub fn default_socket(pin_path: &Path) -> PathBuf {
-    crate::loader::PinLayout::new(pin_path).state_file("sock")
-}
-
 /// Where the pipeline publishes flow records for observers.
 pub struct Hub {
     backlog: Mutex<VecDeque<Arc<str>>>,
@@ -160,7 +155,7 @@ pub fn describe(record: &Value) -> String {
     let count = record["count"].as_u64().unwrap_or(1);
     format!(
         "{} {} -> {} {} {:<5} {} by {}{}{}",
-        crate::alert::rfc3339(
+        crate::outputs::alert::rfc3339(
             std::time::UNIX_EPOCH
                 + std::time::Duration::from_millis(record["time"].as_u64().unwrap_or(0))
         ),

@@ -90,7 +90,7 @@ impl AuditLog {
         record.insert("seq".to_owned(), Value::from(self.next_seq));
         record.insert(
             "time".to_owned(),
-            Value::from(crate::alert::rfc3339(std::time::SystemTime::now())),
+            Value::from(crate::outputs::alert::rfc3339(std::time::SystemTime::now())),
         );
         record.insert("kind".to_owned(), Value::from(kind));
         if let Value::Object(fields) = fields {

@@ -1,6 +1,8 @@
 //! Turning the datapath's ring-buffer records into flow records with names, and noticing any
 //! record the kernel could not deliver.
 
+pub mod names_file;
+
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
@@ -158,7 +160,7 @@ impl Generations {
     }
 
     /// Adds the names of a generation another controller installed (see
-    /// [`crate::names_file`]); its detector tuning is not known, and not needed: this
+    /// [`crate::events::names_file`]); its detector tuning is not known, and not needed: this
     /// controller installs its own generation next.
     pub fn adopt(&mut self, generation: u32, names: Arc<Names>) {
         self.by_generation
@@ -286,8 +288,8 @@ mod tests {
             crate::compile::compile(&policy, &crate::compile::HostView::default(), None).unwrap();
         let mut generations = Generations::default();
         generations.insert(5, &compiled);
-        let a = crate::identity::of_service_name("a");
-        let b = crate::identity::of_service_name("b");
+        let a = crate::policy::identity::of_service_name("a");
+        let b = crate::policy::identity::of_service_name("b");
         let web = compiled.rule_order[0];
         let record = |generation: u32, rule: u32| {
             let event = FlowEvent {

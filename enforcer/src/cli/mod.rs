@@ -14,11 +14,15 @@ use enforcer_common::{
 };
 
 use crate::{
-    alert::AlertFormat,
     compile::{self, Compiled, HostView},
-    host,
-    loader::{self, DEFAULT_PIN_PATH, IngressHook, PinLayout, TcAttach},
-    maps::KernelMaps,
+    datapath::host,
+    datapath::maps::KernelMaps,
+    datapath::{
+        hook::{IngressHook, TcAttach},
+        loader::{self, DEFAULT_PIN_PATH},
+        pins::PinLayout,
+    },
+    outputs::alert::AlertFormat,
     policy::{self, Peer, Policy, PortMatch, Protocol},
     run::{self, RunError, RunOptions},
 };
@@ -155,7 +159,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "tcp://HOST:PORT|tls://HOST:PORT")]
     pub syslog: Option<String>,
     /// CA certificates (PEM) a tls:// syslog collector's certificate must chain to.
-    #[arg(long, value_name = "PATH", default_value = crate::syslog::SYSTEM_CA_BUNDLE)]
+    #[arg(long, value_name = "PATH", default_value = crate::outputs::syslog::SYSTEM_CA_BUNDLE)]
     pub syslog_ca: PathBuf,
     /// This host's certificate (PEM, with any intermediates) for a tls:// collector that asks
     /// for one (mutual TLS); needs --syslog-key.
@@ -210,19 +214,19 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
             let metrics = args
                 .metrics
                 .as_deref()
-                .map(crate::metrics::parse_listen_address)
+                .map(crate::outputs::metrics::parse_listen_address)
                 .transpose()
                 .map_err(Failure::BadInput)?;
             let observe_socket = args
                 .observe_socket
-                .unwrap_or_else(|| crate::observe::default_socket(&args.pin_path));
+                .unwrap_or_else(|| PinLayout::new(&args.pin_path).observe_socket());
             let syslog = args
                 .syslog
                 .as_deref()
                 .map(|text| {
-                    let (host, port, tls) = crate::syslog::parse_target(text)?;
+                    let (host, port, tls) = crate::outputs::syslog::parse_target(text)?;
                     let client = args.syslog_cert.clone().zip(args.syslog_key.clone()).map(
-                        |(certificate_chain, key)| crate::syslog::ClientFiles {
+                        |(certificate_chain, key)| crate::outputs::syslog::ClientFiles {
                             certificate_chain,
                             key,
                         },
@@ -232,7 +236,7 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
                     }
                     let tls = tls
                         .then(|| {
-                            let files = crate::syslog::TlsFiles {
+                            let files = crate::outputs::syslog::TlsFiles {
                                 ca_bundle: args.syslog_ca.clone(),
                                 client,
                             };
@@ -240,7 +244,7 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
                             files.config().map(|_| files)
                         })
                         .transpose()?;
-                    Ok(crate::syslog::SyslogTarget { host, port, tls })
+                    Ok(crate::outputs::syslog::SyslogTarget { host, port, tls })
                 })
                 .transpose()
                 .map_err(Failure::BadInput)?;
@@ -295,9 +299,9 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
         } => {
             let (_, old) = load_offline(&old)?;
             let (_, new) = load_offline(&new)?;
-            let mut result = crate::diff::diff(&old, &new);
+            let mut result = crate::compile::diff::diff(&old, &new);
             if let Some(log) = replay {
-                crate::diff::replay(&mut result, &old, &new, &log).map_err(|error| {
+                crate::compile::diff::replay(&mut result, &old, &new, &log).map_err(|error| {
                     Failure::BadInput(format!("reading {}: {error}", log.display()))
                 })?;
             }
@@ -319,15 +323,15 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
             pin_path,
             socket,
         } => {
-            let socket = socket.unwrap_or_else(|| crate::observe::default_socket(&pin_path));
-            let filter = crate::observe::Filter {
+            let socket = socket.unwrap_or_else(|| PinLayout::new(&pin_path).observe_socket());
+            let filter = crate::outputs::observe::Filter {
                 service,
                 from,
                 to,
                 verdict,
                 port,
             };
-            crate::observe::watch(&socket, follow, &filter, json, std::io::stdout().lock())
+            crate::outputs::observe::watch(&socket, follow, &filter, json, std::io::stdout().lock())
                 .map_err(|error| Failure::Runtime(error.to_string()))
         }
         Command::AuditVerify { paths } => {
@@ -336,12 +340,12 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
                 .map(|path| path.display().to_string())
                 .collect::<Vec<_>>()
                 .join(", ");
-            match crate::audit::verify(&paths) {
-                Ok(crate::audit::Verification::Intact { records, head }) => {
+            match crate::outputs::audit::verify(&paths) {
+                Ok(crate::outputs::audit::Verification::Intact { records, head }) => {
                     println!("{named}: intact, {records} records, chain head {head}");
                     Ok(())
                 }
-                Ok(crate::audit::Verification::Broken {
+                Ok(crate::outputs::audit::Verification::Broken {
                     path,
                     line,
                     problem,
@@ -363,7 +367,7 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Features => {
-            let features = crate::kernel::Features::current();
+            let features = crate::datapath::kernel::Features::current();
             for (ok, line) in features.report() {
                 println!("{} {line}", if ok { "ok     " } else { "MISSING" });
             }
@@ -638,7 +642,7 @@ fn edge_probes(
 
 fn format_time(nanos: u64) -> String {
     let time = UNIX_EPOCH + Duration::from_nanos(nanos);
-    crate::alert::rfc3339(time)
+    crate::outputs::alert::rfc3339(time)
 }
 
 /// The report, and how many (interface, hook) attachments the kernel really runs.

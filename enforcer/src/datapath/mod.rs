@@ -1,0 +1,12 @@
+//! The kernel side of the controller: which BPF features this kernel has, loading, attaching
+//! and pinning the programs, the maps a compiled policy is written into, and what this host
+//! has (interfaces, addresses, cgroups) for the compiler to refer to.
+
+pub mod bpf_sys;
+pub mod hook;
+pub mod host;
+pub mod kernel;
+pub mod loader;
+pub mod maps;
+pub mod pins;
+pub mod tc_netlink;

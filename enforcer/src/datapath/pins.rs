@@ -1,0 +1,89 @@
+//! Where a datapath's objects are pinned, and the controller's files beside them.
+
+use std::{collections::BTreeMap, fs, path::PathBuf};
+
+use super::hook::Hook;
+
+/// The paths under a pin directory.
+#[derive(Clone, Debug)]
+pub struct PinLayout {
+    pub root: PathBuf,
+}
+
+impl PinLayout {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn maps(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+
+    pub fn programs(&self) -> PathBuf {
+        self.root.join("programs")
+    }
+
+    pub fn links(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    /// Records of TC programs attached as netlink filters (kernels without TCX).
+    pub fn tc_filters(&self) -> PathBuf {
+        self.root.join("tc-filters")
+    }
+
+    pub(crate) fn link(&self, hook: Hook, interface: &str) -> PathBuf {
+        self.links().join(hook.pin_name(interface))
+    }
+
+    pub(crate) fn tc_filter(&self, hook: Hook, interface: &str) -> PathBuf {
+        self.tc_filters().join(hook.pin_name(interface))
+    }
+
+    /// A file of the controller using these pins, beside its observe socket:
+    /// `/run/enforcer/<pin directory name>.<extension>` (bpffs holds only BPF objects).
+    pub fn state_file(&self, extension: &str) -> PathBuf {
+        let name = self.root.file_name().map_or_else(
+            || "enforcer".to_owned(),
+            |name| name.to_string_lossy().into_owned(),
+        );
+        PathBuf::from("/run/enforcer").join(format!("{name}.{extension}"))
+    }
+
+    /// The socket `observe` clients connect to.
+    pub fn observe_socket(&self) -> PathBuf {
+        self.state_file("sock")
+    }
+
+    /// Where the live generation's rule names are kept (see [`crate::events::names_file`]).
+    pub fn names_file(&self) -> PathBuf {
+        self.state_file("names.json")
+    }
+
+    /// Whether a datapath is pinned here.
+    pub fn exists(&self) -> bool {
+        self.maps().join("POLICY_ACTIVE").exists()
+    }
+
+    /// Interfaces with a pinned link or a recorded TC filter, per hook.
+    pub fn attached_interfaces(&self) -> BTreeMap<String, Vec<Hook>> {
+        let mut interfaces: BTreeMap<String, Vec<Hook>> = BTreeMap::new();
+        let links = fs::read_dir(self.links()).into_iter().flatten().flatten();
+        let filters = fs::read_dir(self.tc_filters())
+            .into_iter()
+            .flatten()
+            .flatten();
+        for entry in links.chain(filters) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            for hook in Hook::ALL {
+                if let Some(interface) = name.strip_prefix(&format!("{}-", hook.as_str())) {
+                    interfaces
+                        .entry(interface.to_owned())
+                        .or_default()
+                        .push(hook);
+                }
+            }
+        }
+        interfaces
+    }
+}
