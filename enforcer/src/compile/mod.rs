@@ -9,149 +9,23 @@
 
 pub mod diff;
 
-use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
-    fmt,
-    net::IpAddr,
-    path::PathBuf,
-    sync::Arc,
-};
+mod evaluate;
+mod identities;
+mod numbering;
+mod rules;
+mod tables;
+
+use std::{collections::BTreeMap, sync::Arc};
 
 use enforcer_common::{
-    addr::IpcacheKey,
-    identity::{CgroupKey, EndpointKey, HOST, IdentityInfo, WORLD, flags},
-    policy::{
-        ANY_PORT, ANY_PROTO, MAX_PORT_RANGES, PairKey, PairLayers, PolicyKey, PortRange,
-        PortRanges, RangeKey, RuleVerdict, action, layer, proto, rule,
-    },
+    identity::{HOST, IdentityInfo, WORLD},
+    policy::{MAX_PORT_RANGES, proto, rule},
 };
 use ipnet::IpNet;
 
-use crate::{
-    policy::identity,
-    policy::{Mode, Peer, Policy, PortMatch, Protocol, RuleKind},
-};
-
-/// The parts of this host a policy refers to by name: its own addresses, interface indexes,
-/// cgroup ids. Compiling is pure given this view; `host::observe` reads it from the system.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct HostView {
-    pub addresses: Vec<IpAddr>,
-    pub interfaces: BTreeMap<String, u32>,
-    pub cgroups: BTreeMap<PathBuf, u64>,
-}
-
-/// LPM entry of the ipcache, without the slot (the map layer adds it).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Prefix {
-    pub addr: [u8; 16],
-    /// Prefix length over the 16-byte form (IPv4 counts from 96).
-    pub len: u8,
-}
-
-impl Prefix {
-    pub fn of(net: &IpNet) -> Self {
-        let (addr, len) = match net {
-            IpNet::V4(v4) => (
-                enforcer_common::addr::v4_mapped(v4.network().octets()),
-                96 + v4.prefix_len(),
-            ),
-            IpNet::V6(v6) => (v6.network().octets(), v6.prefix_len()),
-        };
-        Self { addr, len }
-    }
-
-    pub fn contains(&self, addr: &[u8; 16]) -> bool {
-        let bits = u32::from(self.len);
-        let mask = if bits == 0 {
-            0
-        } else {
-            u128::MAX << (128 - bits)
-        };
-        u128::from_be_bytes(self.addr) & mask == u128::from_be_bytes(*addr) & mask
-    }
-
-    pub fn key(&self, slot: u8) -> (u32, IpcacheKey) {
-        (
-            enforcer_common::addr::IPCACHE_KEY_HEADER_BITS + u32::from(self.len),
-            IpcacheKey {
-                slot,
-                _pad: [0; 3],
-                addr: self.addr,
-            },
-        )
-    }
-}
-
-impl fmt::Display for Prefix {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let addr = enforcer_common::addr::from_key_bytes(self.addr);
-        let len = if addr.is_ipv4() {
-            self.len.saturating_sub(96)
-        } else {
-            self.len
-        };
-        write!(f, "{addr}/{len}")
-    }
-}
-
-/// The compiled tables, with slot 0 in every key (the map layer writes them into a slot).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Tables {
-    pub ipcache: BTreeMap<Prefix, IdentityInfo>,
-    pub endpoints: BTreeMap<EndpointKey, IdentityInfo>,
-    pub cgroups: BTreeMap<CgroupKey, IdentityInfo>,
-    pub rules: BTreeMap<PolicyKey, RuleVerdict>,
-    pub ranges: BTreeMap<RangeKey, PortRanges>,
-    /// Which of `rules` and `ranges` each pair has, derived from them.
-    pub pairs: BTreeMap<PairKey, PairLayers>,
-}
-
-impl Tables {
-    /// Entries per kernel map, by map name.
-    pub fn entry_counts(&self) -> [(&'static str, usize); 6] {
-        [
-            ("IPCACHE", self.ipcache.len()),
-            ("ENDPOINTS", self.endpoints.len()),
-            ("CGROUPS", self.cgroups.len()),
-            ("POLICY", self.rules.len()),
-            ("PORT_RANGES", self.ranges.len()),
-            ("PAIRS", self.pairs.len()),
-        ]
-    }
-
-    /// The [`PairLayers`] of every pair that has rule entries, from those entries.
-    fn pair_layers(&self) -> BTreeMap<PairKey, PairLayers> {
-        let mut pairs: BTreeMap<PairKey, PairLayers> = BTreeMap::new();
-        let mut mark = |src_identity: u32, dst_identity: u32, bit: u32| {
-            pairs
-                .entry(PairKey {
-                    src_identity,
-                    dst_identity,
-                    slot: 0,
-                    _pad: [0; 3],
-                })
-                .or_default()
-                .bits |= bit;
-        };
-        for key in self.rules.keys() {
-            let bit = match (key.proto, key.port) {
-                (ANY_PROTO, _) => layer::ANY_PROTOCOL_BIT,
-                (protocol, ANY_PORT) => layer::bit(layer::ANY_PORT, protocol),
-                (protocol, _) => layer::bit(layer::EXACT, protocol),
-            };
-            mark(key.src_identity, key.dst_identity, bit);
-        }
-        for key in self.ranges.keys() {
-            mark(
-                key.src_identity,
-                key.dst_identity,
-                layer::bit(layer::RANGE, key.proto),
-            );
-        }
-        pairs
-    }
-}
+pub use self::tables::{HostView, Prefix, Tables};
+use self::{identities::Identities, numbering::number_rules};
+use crate::policy::{Mode, Policy, Protocol, Rule, RuleKind};
 
 /// What a rule number stands for, for events, alerts and `explain`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -192,7 +66,77 @@ pub struct Names {
     pub identities: BTreeMap<u32, (String, IdentityInfo)>,
 }
 
+/// Compiles `policy` for the host described by `host`. Rules that `previous` (the policy in
+/// force) also has keep their numbers, so a change touches only the kernel entries of the rules
+/// it changes.
+pub fn compile(
+    policy: &Policy,
+    host: &HostView,
+    previous: Option<&Compiled>,
+) -> Result<Compiled, CompileError> {
+    let mut warnings = Vec::new();
+    let mut tables = Tables::default();
+    let identities = Identities::of(policy)?;
+    identities.place(policy, host, &mut tables, &mut warnings);
+    let infos: Vec<RuleInfo> = policy
+        .rules
+        .iter()
+        .map(|rule| RuleInfo::of(policy, rule))
+        .collect();
+    let numbers = number_rules(&infos, previous);
+    rules::write_entries(policy, &identities, &numbers, &mut tables)?;
+    Ok(Compiled {
+        hash: policy.hash,
+        audit: policy.mode == Mode::Audit,
+        tables,
+        names: Arc::new(Names::of(infos, &numbers, identities.names, previous)),
+        rule_order: numbers,
+        warnings,
+        detection: policy.detection.clone(),
+    })
+}
+
+impl RuleInfo {
+    fn of(policy: &Policy, rule: &Rule) -> Self {
+        let ports = if rule.ports.is_empty() {
+            "any".to_owned()
+        } else {
+            let ports: Vec<String> = rule.ports.iter().map(ToString::to_string).collect();
+            ports.join(", ")
+        };
+        Self {
+            id: rule.id.clone(),
+            kind: rule.kind,
+            from: policy.peer_name(&rule.from),
+            to: policy.peer_name(&rule.to),
+            ports,
+            max_new_per_sec: rule.max_new_per_sec,
+        }
+    }
+}
+
 impl Names {
+    /// The names of a generation whose rules are `infos`, numbered `numbers`. A rule the
+    /// `previous` generation has unchanged shares its entry.
+    fn of(
+        infos: Vec<RuleInfo>,
+        numbers: &[u32],
+        identities: BTreeMap<u32, (String, IdentityInfo)>,
+        previous: Option<&Compiled>,
+    ) -> Self {
+        let rules = infos
+            .into_iter()
+            .zip(numbers)
+            .map(|(info, number)| {
+                let shared = previous
+                    .and_then(|previous| previous.names.rules.get(number))
+                    .filter(|was| ***was == info);
+                (*number, shared.map_or_else(|| Arc::new(info), Arc::clone))
+            })
+            .collect();
+        Self { rules, identities }
+    }
+
     /// The stable id of rule number `number`, as events and alerts show it.
     pub fn rule_id(&self, number: u32) -> String {
         if let Some(reserved) = rule::reserved_name(number) {
@@ -239,591 +183,6 @@ pub struct Compiled {
     pub detection: crate::policy::Detection,
 }
 
-impl Compiled {
-    /// The identity an address resolves to (longest matching prefix, else world), as the
-    /// datapath's ipcache lookup does.
-    pub fn resolve_address(&self, addr: IpAddr) -> IdentityInfo {
-        let bytes = enforcer_common::addr::to_key_bytes(addr);
-        self.tables
-            .ipcache
-            .iter()
-            .filter(|(prefix, _)| prefix.contains(&bytes))
-            .max_by_key(|(prefix, _)| prefix.len)
-            .map_or(IdentityInfo::WORLD, |(_, info)| *info)
-    }
-
-    /// The rule that decides a new flow, by the same lookups as the datapath (`rules.rs`; its
-    /// pair summary only skips lookups that would miss, so it is not consulted here).
-    pub fn evaluate(
-        &self,
-        src: &IdentityInfo,
-        dst: &IdentityInfo,
-        wire_proto: u8,
-        dst_port: u16,
-    ) -> RuleVerdict {
-        let protocol = if wire_proto == proto::ICMPV6 {
-            proto::ICMP
-        } else {
-            wire_proto
-        };
-        let mut key = PolicyKey {
-            src_identity: src.identity,
-            dst_identity: dst.identity,
-            port: ANY_PORT,
-            proto: protocol,
-            slot: 0,
-        };
-        if (protocol == proto::TCP || protocol == proto::UDP) && dst_port != ANY_PORT {
-            key.port = dst_port;
-            if let Some(verdict) = self.tables.rules.get(&key) {
-                return *verdict;
-            }
-            let range_key = RangeKey {
-                src_identity: src.identity,
-                dst_identity: dst.identity,
-                proto: protocol,
-                slot: 0,
-                _pad: [0; 2],
-            };
-            if let Some(ranges) = self.tables.ranges.get(&range_key) {
-                let found = ranges.ranges[..ranges.count as usize]
-                    .iter()
-                    .find(|range| range.lo <= dst_port && dst_port <= range.hi);
-                if let Some(range) = found {
-                    return range.verdict;
-                }
-            }
-            key.port = ANY_PORT;
-        }
-        if let Some(verdict) = self.tables.rules.get(&key) {
-            return *verdict;
-        }
-        key.proto = ANY_PROTO;
-        if let Some(verdict) = self.tables.rules.get(&key) {
-            return *verdict;
-        }
-        let (verdict_action, verdict_rule) = if src.is_service() || dst.is_service() {
-            (action::DENY, rule::DEFAULT_DENY)
-        } else {
-            (action::ALLOW, rule::DEFAULT_ALLOW)
-        };
-        RuleVerdict {
-            rule: verdict_rule,
-            bucket: 0,
-            max_new_per_sec: 0,
-            action: verdict_action,
-            _pad: [0; 3],
-        }
-    }
-}
-
-/// Where a port match sits in the kernel's lookup order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Layer {
-    Exact,
-    Range,
-    AnyPort,
-    AnyProto,
-}
-
-/// One port match of one rule, on one (source identity, destination identity) pair.
-#[derive(Clone, Copy, Debug)]
-struct PairMatch {
-    pair: (u32, u32),
-    layer: Layer,
-    /// Wire protocol number; 0 for [`Layer::AnyProto`].
-    protocol: u8,
-    /// The port of an exact match; 0 in the other layers, so that their matches stay in
-    /// policy order.
-    port: u16,
-    /// Policy order: the rule's index, then the match's position within the rule.
-    order: u32,
-    lo: u16,
-    hi: u16,
-    kind: RuleKind,
-    rule: usize,
-}
-
-impl PairMatch {
-    fn sort_key(&self) -> ((u32, u32), Layer, u8, u16, u32) {
-        (self.pair, self.layer, self.protocol, self.port, self.order)
-    }
-}
-
-/// The first match of `kind` in policy order.
-fn first_of<'a>(
-    kind: RuleKind,
-    matches: impl IntoIterator<Item = &'a PairMatch>,
-) -> Option<&'a PairMatch> {
-    matches.into_iter().find(|candidate| candidate.kind == kind)
-}
-
-/// The matches of one layer in a pair's matches (sorted by [`PairMatch::sort_key`]).
-fn layer_of(matches: &[PairMatch], layer: Layer) -> &[PairMatch] {
-    let start = matches.partition_point(|candidate| candidate.layer < layer);
-    let end = matches.partition_point(|candidate| candidate.layer <= layer);
-    &matches[start..end]
-}
-
-/// Compiles `policy` for the host described by `host`. Rules that `previous` (the policy in
-/// force) also has keep their numbers, so a change touches only the kernel entries of the rules
-/// it changes.
-pub fn compile(
-    policy: &Policy,
-    host: &HostView,
-    previous: Option<&Compiled>,
-) -> Result<Compiled, CompileError> {
-    let mut warnings = Vec::new();
-    let mut identities: BTreeMap<u32, (String, IdentityInfo)> = BTreeMap::new();
-    let host_info = IdentityInfo {
-        identity: HOST,
-        flags: if policy.manage_host {
-            flags::SERVICE
-        } else {
-            0
-        },
-    };
-    identities.insert(HOST, ("host".to_owned(), host_info));
-    identities.insert(WORLD, ("world".to_owned(), IdentityInfo::WORLD));
-    let service_infos: Vec<IdentityInfo> = policy
-        .services
-        .iter()
-        .map(|service| {
-            let audit = if policy.service_mode(service) == Mode::Audit {
-                flags::AUDIT
-            } else {
-                0
-            };
-            IdentityInfo {
-                identity: service.identity,
-                flags: flags::SERVICE | audit,
-            }
-        })
-        .collect();
-    for (service, info) in policy.services.iter().zip(&service_infos) {
-        identities.insert(info.identity, (service.name.clone(), *info));
-    }
-
-    // CIDR peers get identities of their own.
-    let cidrs: BTreeSet<IpNet> = policy
-        .rules
-        .iter()
-        .flat_map(|rule| [&rule.from, &rule.to])
-        .filter_map(|peer| {
-            if let Peer::Cidr(net) = peer {
-                Some(*net)
-            } else {
-                None
-            }
-        })
-        .collect();
-    let mut cidr_identity: BTreeMap<IpNet, u32> = BTreeMap::new();
-    let mut cidr_owner: BTreeMap<u32, IpNet> = BTreeMap::new();
-    for net in &cidrs {
-        let id = identity::of_cidr(net);
-        if let Some(other) = cidr_owner.get(&id) {
-            return Err(CompileError::CidrCollision {
-                a: *other,
-                b: *net,
-                identity: id,
-            });
-        }
-        cidr_owner.insert(id, *net);
-        cidr_identity.insert(*net, id);
-        identities.insert(
-            id,
-            (
-                net.to_string(),
-                IdentityInfo {
-                    identity: id,
-                    flags: 0,
-                },
-            ),
-        );
-    }
-
-    let mut tables = Tables::default();
-    for (service, info) in policy.services.iter().zip(&service_infos) {
-        for net in &service.addresses {
-            tables.ipcache.insert(Prefix::of(net), *info);
-        }
-        for name in &service.interfaces {
-            match host.interfaces.get(name) {
-                Some(ifindex) => {
-                    tables.endpoints.insert(
-                        EndpointKey {
-                            ifindex: *ifindex,
-                            slot: 0,
-                        },
-                        *info,
-                    );
-                }
-                None => warnings.push(format!(
-                    "interface \"{name}\" of service \"{}\" does not exist on this host; skipped",
-                    service.name
-                )),
-            }
-        }
-        for path in &service.cgroups {
-            match host.cgroups.get(path) {
-                Some(cgroup_id) => {
-                    tables.cgroups.insert(
-                        CgroupKey {
-                            cgroup_id: *cgroup_id,
-                            slot: 0,
-                            _pad: 0,
-                        },
-                        *info,
-                    );
-                }
-                None => warnings.push(format!(
-                    "cgroup {} of service \"{}\" does not exist on this host; skipped",
-                    path.display(),
-                    service.name
-                )),
-            }
-        }
-    }
-    for (net, id) in &cidr_identity {
-        tables
-            .ipcache
-            .entry(Prefix::of(net))
-            .or_insert(IdentityInfo {
-                identity: *id,
-                flags: 0,
-            });
-    }
-    for addr in &host.addresses {
-        let prefix = Prefix::of(&IpNet::from(*addr));
-        match tables.ipcache.get(&prefix) {
-            None => {
-                tables.ipcache.insert(prefix, host_info);
-            }
-            Some(existing) if existing.identity >= enforcer_common::identity::SERVICE_END => warnings.push(format!(
-                "host address {addr} is also CIDR peer {prefix} in a rule; it resolves to that CIDR, not to \"host\""
-            )),
-            Some(_) => {}
-        }
-    }
-
-    // Rule entries.
-    let infos: Vec<RuleInfo> = policy
-        .rules
-        .iter()
-        .map(|rule| RuleInfo {
-            id: rule.id.clone(),
-            kind: rule.kind,
-            from: policy.peer_name(&rule.from),
-            to: policy.peer_name(&rule.to),
-            ports: if rule.ports.is_empty() {
-                "any".to_owned()
-            } else {
-                rule.ports
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            },
-            max_new_per_sec: rule.max_new_per_sec,
-        })
-        .collect();
-    let numbers = number_rules(&infos, previous);
-    let expand = |peer: &Peer, identities: &mut Vec<u32>| {
-        identities.clear();
-        match peer {
-            Peer::Service(index) => identities.push(service_infos[*index].identity),
-            Peer::Host => identities.push(HOST),
-            // World is everything unclaimed, and that includes addresses a CIDR rule names.
-            Peer::World => {
-                identities.push(WORLD);
-                identities.extend(cidr_identity.values().copied());
-            }
-            // A longest-prefix match resolves an address inside a narrower CIDR peer to that
-            // peer's identity; rules about the wider CIDR must apply to it too.
-            Peer::Cidr(net) => identities.extend(
-                cidr_identity
-                    .iter()
-                    .filter(|(inner, _)| net.contains(*inner))
-                    .map(|(_, id)| *id),
-            ),
-        }
-    };
-    // Every rule's matches, grouped by pair and lookup layer by sorting: no per-pair
-    // collections, which for 100 000 pairs cost more than the rest of the compile.
-    let mut matches: Vec<PairMatch> = Vec::with_capacity(policy.rules.len());
-    let (mut sources, mut destinations) = (Vec::new(), Vec::new());
-    let mut order = 0u32;
-    for (index, rule) in policy.rules.iter().enumerate() {
-        expand(&rule.from, &mut sources);
-        expand(&rule.to, &mut destinations);
-        let port_matches = rule.ports.iter().map(|port| match *port {
-            PortMatch::Port(protocol, number) => {
-                (Layer::Exact, protocol.number(), number, number, number)
-            }
-            PortMatch::Range(protocol, lo, hi) => (Layer::Range, protocol.number(), 0, lo, hi),
-            PortMatch::AnyPort(protocol) => (Layer::AnyPort, protocol.number(), 0, 0, 0),
-        });
-        let any_proto = rule
-            .ports
-            .is_empty()
-            .then_some((Layer::AnyProto, 0, 0, 0, 0));
-        for (layer, protocol, port, lo, hi) in port_matches.chain(any_proto) {
-            for src in &sources {
-                for dst in &destinations {
-                    matches.push(PairMatch {
-                        pair: (*src, *dst),
-                        layer,
-                        protocol,
-                        port,
-                        order,
-                        lo,
-                        hi,
-                        kind: rule.kind,
-                        rule: index,
-                    });
-                }
-            }
-            order += 1;
-        }
-    }
-    matches.sort_unstable_by_key(PairMatch::sort_key);
-    let verdict_of = |found: &PairMatch| -> RuleVerdict {
-        let rule = &policy.rules[found.rule];
-        let (verdict_action, bucket, limit) = match rule.kind {
-            RuleKind::Deny => (action::DENY, 0, 0),
-            RuleKind::Allow => match rule.max_new_per_sec {
-                Some(limit) => (action::ALLOW, identity::of_rule_bucket(&rule.id), limit),
-                None => (action::ALLOW, 0, 0),
-            },
-        };
-        RuleVerdict {
-            rule: numbers[found.rule],
-            bucket,
-            max_new_per_sec: limit,
-            action: verdict_action,
-            _pad: [0; 3],
-        }
-    };
-    let mut rule_entries: Vec<(PolicyKey, RuleVerdict)> = Vec::with_capacity(matches.len());
-    for pair_matches in matches.chunk_by(|a, b| a.pair == b.pair) {
-        let (src, dst) = pair_matches[0].pair;
-        let key = |protocol: u8, port: u16| PolicyKey {
-            src_identity: src,
-            dst_identity: dst,
-            port,
-            proto: protocol,
-            slot: 0,
-        };
-        let exact = layer_of(pair_matches, Layer::Exact);
-        let ranges = layer_of(pair_matches, Layer::Range);
-        let any_port = layer_of(pair_matches, Layer::AnyPort);
-        let any_proto = layer_of(pair_matches, Layer::AnyProto);
-        let deny_any_proto = first_of(RuleKind::Deny, any_proto);
-        let deny_any_port = |protocol: u8| {
-            first_of(
-                RuleKind::Deny,
-                any_port
-                    .iter()
-                    .filter(|candidate| candidate.protocol == protocol),
-            )
-        };
-        let denied_by_range = |protocol: u8, port: u16| {
-            ranges.iter().any(|range| {
-                range.protocol == protocol
-                    && range.kind == RuleKind::Deny
-                    && range.lo <= port
-                    && port <= range.hi
-            })
-        };
-        for list in exact.chunk_by(|a, b| (a.protocol, a.port) == (b.protocol, b.port)) {
-            let (protocol, port) = (list[0].protocol, list[0].port);
-            if let Some(deny) = first_of(RuleKind::Deny, list) {
-                rule_entries.push((key(protocol, port), verdict_of(deny)));
-            } else if deny_any_proto.is_none()
-                && deny_any_port(protocol).is_none()
-                && !denied_by_range(protocol, port)
-                && let Some(allow) = first_of(RuleKind::Allow, list)
-            {
-                rule_entries.push((key(protocol, port), verdict_of(allow)));
-            }
-        }
-        for list in ranges.chunk_by(|a, b| a.protocol == b.protocol) {
-            let protocol = list[0].protocol;
-            let allows_covered = deny_any_proto.is_some() || deny_any_port(protocol).is_some();
-            let ordered: Vec<&PairMatch> = list
-                .iter()
-                .filter(|range| range.kind == RuleKind::Deny)
-                .chain(
-                    list.iter()
-                        .filter(|range| range.kind == RuleKind::Allow && !allows_covered),
-                )
-                .collect();
-            if ordered.is_empty() {
-                continue;
-            }
-            if ordered.len() > MAX_PORT_RANGES {
-                let mut rules: Vec<&str> = ordered
-                    .iter()
-                    .map(|range| policy.rules[range.rule].id.as_str())
-                    .collect();
-                rules.dedup();
-                return Err(CompileError::TooManyRanges {
-                    from: identities
-                        .get(&src)
-                        .map_or_else(|| src.to_string(), |(name, _)| name.clone()),
-                    to: identities
-                        .get(&dst)
-                        .map_or_else(|| dst.to_string(), |(name, _)| name.clone()),
-                    protocol: if protocol == proto::TCP { "tcp" } else { "udp" },
-                    count: ordered.len(),
-                    rules: rules.join(", "),
-                });
-            }
-            let mut port_ranges = PortRanges {
-                count: ordered.len() as u32,
-                ranges: [PortRange::default(); MAX_PORT_RANGES],
-            };
-            for (slot, range) in port_ranges.ranges.iter_mut().zip(&ordered) {
-                *slot = PortRange {
-                    lo: range.lo,
-                    hi: range.hi,
-                    verdict: verdict_of(range),
-                };
-            }
-            tables.ranges.insert(
-                RangeKey {
-                    src_identity: src,
-                    dst_identity: dst,
-                    proto: protocol,
-                    slot: 0,
-                    _pad: [0; 2],
-                },
-                port_ranges,
-            );
-        }
-        for list in any_port.chunk_by(|a, b| a.protocol == b.protocol) {
-            let protocol = list[0].protocol;
-            if let Some(deny) = first_of(RuleKind::Deny, list) {
-                rule_entries.push((key(protocol, ANY_PORT), verdict_of(deny)));
-            } else if deny_any_proto.is_none()
-                && let Some(allow) = first_of(RuleKind::Allow, list)
-            {
-                rule_entries.push((key(protocol, ANY_PORT), verdict_of(allow)));
-            }
-        }
-        if let Some(chosen) = deny_any_proto.or_else(|| first_of(RuleKind::Allow, any_proto)) {
-            rule_entries.push((key(ANY_PROTO, ANY_PORT), verdict_of(chosen)));
-        }
-    }
-    tables.rules = rule_entries.into_iter().collect();
-    tables.pairs = tables.pair_layers();
-
-    let rules = infos
-        .into_iter()
-        .zip(&numbers)
-        .map(|(info, number)| {
-            let shared = previous
-                .and_then(|previous| previous.names.rules.get(number))
-                .filter(|was| ***was == info);
-            (*number, shared.map_or_else(|| Arc::new(info), Arc::clone))
-        })
-        .collect();
-    Ok(Compiled {
-        hash: policy.hash,
-        audit: policy.mode == Mode::Audit,
-        tables,
-        names: Arc::new(Names { rules, identities }),
-        rule_order: numbers,
-        warnings,
-        detection: policy.detection.clone(),
-    })
-}
-
-/// The number of each of `rules` (in policy order). A rule the previous generation had keeps
-/// its number: those before and after the changed part of the policy by position, those in it
-/// by same id and meaning, then by same meaning (a rule whose default id moved with its line).
-/// The rest take the lowest free numbers. So adding or removing a rule leaves every other
-/// rule's kernel entries as they are.
-fn number_rules(rules: &[RuleInfo], previous: Option<&Compiled>) -> Vec<u32> {
-    type Meaning<'a> = (RuleKind, &'a str, &'a str, &'a str, Option<u32>);
-    fn meaning(info: &RuleInfo) -> Meaning<'_> {
-        (
-            info.kind,
-            &info.from,
-            &info.to,
-            &info.ports,
-            info.max_new_per_sec,
-        )
-    }
-    let mut numbers: Vec<Option<u32>> = vec![None; rules.len()];
-    if let Some(previous) = previous {
-        let old: Vec<(&RuleInfo, u32)> = previous
-            .rule_order
-            .iter()
-            .filter_map(|number| Some((&**previous.names.rules.get(number)?, *number)))
-            .collect();
-        let shorter = rules.len().min(old.len());
-        let same_start = rules
-            .iter()
-            .zip(&old)
-            .take_while(|(rule, (was, _))| *rule == *was)
-            .count();
-        let same_end = rules[same_start..]
-            .iter()
-            .rev()
-            .zip(old[same_start..].iter().rev())
-            .take(shorter - same_start)
-            .take_while(|(rule, (was, _))| *rule == *was)
-            .count();
-        let new_middle = same_start..rules.len() - same_end;
-        let old_middle = &old[same_start..old.len() - same_end];
-        for (index, (_, number)) in (0..same_start)
-            .zip(&old)
-            .chain((rules.len() - same_end..rules.len()).zip(&old[old.len() - same_end..]))
-        {
-            numbers[index] = Some(*number);
-        }
-        let mut by_info: HashMap<&RuleInfo, u32> = old_middle.iter().copied().collect();
-        for index in new_middle.clone() {
-            if let Some(number) = by_info.remove(&rules[index]) {
-                numbers[index] = Some(number);
-            }
-        }
-        let mut by_meaning: HashMap<Meaning<'_>, VecDeque<u32>> = HashMap::new();
-        for (was, number) in old_middle {
-            if by_info.contains_key(was) {
-                by_meaning
-                    .entry(meaning(was))
-                    .or_default()
-                    .push_back(*number);
-            }
-        }
-        for index in new_middle {
-            if numbers[index].is_none()
-                && let Some(number) = by_meaning
-                    .get_mut(&meaning(&rules[index]))
-                    .and_then(VecDeque::pop_front)
-            {
-                numbers[index] = Some(number);
-            }
-        }
-    }
-    let taken: HashSet<u32> = numbers.iter().flatten().copied().collect();
-    let mut next_free = rule::FIRST_USER;
-    numbers
-        .into_iter()
-        .map(|number| {
-            number.unwrap_or_else(|| {
-                while taken.contains(&next_free) {
-                    next_free += 1;
-                }
-                next_free += 1;
-                next_free - 1
-            })
-        })
-        .collect()
-}
-
 /// A protocol name for a wire protocol number (ICMPv6 counts as ICMP, as in the policy).
 pub fn protocol_name(wire_proto: u8) -> String {
     match wire_proto {
@@ -836,10 +195,16 @@ pub fn protocol_name(wire_proto: u8) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
+    use std::{collections::BTreeSet, path::PathBuf};
+
+    use enforcer_common::{
+        identity::EndpointKey,
+        policy::{ANY_PORT, PolicyKey, action},
+    };
 
     use super::*;
     use crate::policy::parse_sources;
+    use crate::policy::{Peer, PortMatch, identity};
 
     fn compile_text(text: &str) -> Compiled {
         let policy =

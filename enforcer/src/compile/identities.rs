@@ -1,0 +1,225 @@
+//! The first phase of compiling: every identity the policy names (host, world, services, CIDR
+//! peers), and where this host's packets get them (ipcache, endpoint interfaces, cgroups).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use enforcer_common::identity::{
+    CgroupKey, EndpointKey, HOST, IdentityInfo, SERVICE_END, WORLD, flags,
+};
+use ipnet::IpNet;
+
+use super::{
+    CompileError,
+    tables::{HostView, Prefix, Tables},
+};
+use crate::policy::{Mode, Peer, Policy, Service, identity};
+
+/// The identities of one policy.
+pub(super) struct Identities {
+    pub host: IdentityInfo,
+    /// The services' identities, in policy order.
+    pub services: Vec<IdentityInfo>,
+    pub cidrs: BTreeMap<IpNet, u32>,
+    /// Every identity with its name, as [`super::Names`] keeps them.
+    pub names: BTreeMap<u32, (String, IdentityInfo)>,
+}
+
+impl Identities {
+    pub fn of(policy: &Policy) -> Result<Self, CompileError> {
+        let host = IdentityInfo {
+            identity: HOST,
+            flags: if policy.manage_host {
+                flags::SERVICE
+            } else {
+                0
+            },
+        };
+        let mut names = BTreeMap::new();
+        names.insert(HOST, ("host".to_owned(), host));
+        names.insert(WORLD, ("world".to_owned(), IdentityInfo::WORLD));
+        let services: Vec<IdentityInfo> = policy
+            .services
+            .iter()
+            .map(|service| service_info(policy, service))
+            .collect();
+        for (service, info) in policy.services.iter().zip(&services) {
+            names.insert(info.identity, (service.name.clone(), *info));
+        }
+        let cidrs = cidr_identities(policy)?;
+        for (net, id) in &cidrs {
+            let info = IdentityInfo {
+                identity: *id,
+                flags: 0,
+            };
+            names.insert(*id, (net.to_string(), info));
+        }
+        Ok(Self {
+            host,
+            services,
+            cidrs,
+            names,
+        })
+    }
+
+    /// The identities a rule's peer stands for, into `identities`.
+    pub fn expand(&self, peer: &Peer, identities: &mut Vec<u32>) {
+        identities.clear();
+        match peer {
+            Peer::Service(index) => identities.push(self.services[*index].identity),
+            Peer::Host => identities.push(HOST),
+            // World is everything unclaimed, and that includes addresses a CIDR rule names.
+            Peer::World => {
+                identities.push(WORLD);
+                identities.extend(self.cidrs.values().copied());
+            }
+            // A longest-prefix match resolves an address inside a narrower CIDR peer to that
+            // peer's identity; rules about the wider CIDR must apply to it too.
+            Peer::Cidr(net) => identities.extend(
+                self.cidrs
+                    .iter()
+                    .filter(|(inner, _)| net.contains(*inner))
+                    .map(|(_, id)| *id),
+            ),
+        }
+    }
+
+    /// The name of `identity`, for errors.
+    pub fn name(&self, identity: u32) -> String {
+        self.names
+            .get(&identity)
+            .map_or_else(|| identity.to_string(), |(name, _)| name.clone())
+    }
+
+    /// Writes where packets get their identities: the services' addresses, interfaces and
+    /// cgroups, the CIDR peers, this host's addresses. What this host lacks is a warning.
+    pub fn place(
+        &self,
+        policy: &Policy,
+        host: &HostView,
+        tables: &mut Tables,
+        warnings: &mut Vec<String>,
+    ) {
+        for (service, info) in policy.services.iter().zip(&self.services) {
+            for net in &service.addresses {
+                tables.ipcache.insert(Prefix::of(net), *info);
+            }
+            place_interfaces(service, *info, host, tables, warnings);
+            place_cgroups(service, *info, host, tables, warnings);
+        }
+        for (net, id) in &self.cidrs {
+            tables
+                .ipcache
+                .entry(Prefix::of(net))
+                .or_insert(IdentityInfo {
+                    identity: *id,
+                    flags: 0,
+                });
+        }
+        for addr in &host.addresses {
+            let prefix = Prefix::of(&IpNet::from(*addr));
+            match tables.ipcache.get(&prefix) {
+                None => {
+                    tables.ipcache.insert(prefix, self.host);
+                }
+                Some(existing) if existing.identity >= SERVICE_END => warnings.push(format!(
+                    "host address {addr} is also CIDR peer {prefix} in a rule; it resolves to that CIDR, not to \"host\""
+                )),
+                Some(_) => {}
+            }
+        }
+    }
+}
+
+fn service_info(policy: &Policy, service: &Service) -> IdentityInfo {
+    let audit = if policy.service_mode(service) == Mode::Audit {
+        flags::AUDIT
+    } else {
+        0
+    };
+    IdentityInfo {
+        identity: service.identity,
+        flags: flags::SERVICE | audit,
+    }
+}
+
+/// CIDR peers get identities of their own, hashed from the prefix; two that collide are an
+/// error.
+fn cidr_identities(policy: &Policy) -> Result<BTreeMap<IpNet, u32>, CompileError> {
+    let cidrs: BTreeSet<IpNet> = policy
+        .rules
+        .iter()
+        .flat_map(|rule| [&rule.from, &rule.to])
+        .filter_map(|peer| match peer {
+            Peer::Cidr(net) => Some(*net),
+            _ => None,
+        })
+        .collect();
+    let mut identities = BTreeMap::new();
+    let mut owner: BTreeMap<u32, IpNet> = BTreeMap::new();
+    for net in cidrs {
+        let id = identity::of_cidr(&net);
+        if let Some(other) = owner.insert(id, net) {
+            return Err(CompileError::CidrCollision {
+                a: other,
+                b: net,
+                identity: id,
+            });
+        }
+        identities.insert(net, id);
+    }
+    Ok(identities)
+}
+
+fn place_interfaces(
+    service: &Service,
+    info: IdentityInfo,
+    host: &HostView,
+    tables: &mut Tables,
+    warnings: &mut Vec<String>,
+) {
+    for name in &service.interfaces {
+        match host.interfaces.get(name) {
+            Some(ifindex) => {
+                tables.endpoints.insert(
+                    EndpointKey {
+                        ifindex: *ifindex,
+                        slot: 0,
+                    },
+                    info,
+                );
+            }
+            None => warnings.push(format!(
+                "interface \"{name}\" of service \"{}\" does not exist on this host; skipped",
+                service.name
+            )),
+        }
+    }
+}
+
+fn place_cgroups(
+    service: &Service,
+    info: IdentityInfo,
+    host: &HostView,
+    tables: &mut Tables,
+    warnings: &mut Vec<String>,
+) {
+    for path in &service.cgroups {
+        match host.cgroups.get(path) {
+            Some(cgroup_id) => {
+                tables.cgroups.insert(
+                    CgroupKey {
+                        cgroup_id: *cgroup_id,
+                        slot: 0,
+                        _pad: 0,
+                    },
+                    info,
+                );
+            }
+            None => warnings.push(format!(
+                "cgroup {} of service \"{}\" does not exist on this host; skipped",
+                path.display(),
+                service.name
+            )),
+        }
+    }
+}

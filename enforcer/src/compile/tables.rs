@@ -1,0 +1,134 @@
+//! The compiled tables, and the view of this host they are compiled for.
+
+use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf};
+
+use enforcer_common::{
+    addr::IpcacheKey,
+    identity::{CgroupKey, EndpointKey, IdentityInfo},
+    policy::{
+        ANY_PORT, ANY_PROTO, PairKey, PairLayers, PolicyKey, PortRanges, RangeKey, RuleVerdict,
+        layer,
+    },
+};
+use ipnet::IpNet;
+
+/// The parts of this host a policy refers to by name: its own addresses, interface indexes,
+/// cgroup ids. Compiling is pure given this view; `host::observe` reads it from the system.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostView {
+    pub addresses: Vec<IpAddr>,
+    pub interfaces: BTreeMap<String, u32>,
+    pub cgroups: BTreeMap<PathBuf, u64>,
+}
+
+/// LPM entry of the ipcache, without the slot (the map layer adds it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Prefix {
+    pub addr: [u8; 16],
+    /// Prefix length over the 16-byte form (IPv4 counts from 96).
+    pub len: u8,
+}
+
+impl Prefix {
+    pub fn of(net: &IpNet) -> Self {
+        let (addr, len) = match net {
+            IpNet::V4(v4) => (
+                enforcer_common::addr::v4_mapped(v4.network().octets()),
+                96 + v4.prefix_len(),
+            ),
+            IpNet::V6(v6) => (v6.network().octets(), v6.prefix_len()),
+        };
+        Self { addr, len }
+    }
+
+    pub fn contains(&self, addr: &[u8; 16]) -> bool {
+        let bits = u32::from(self.len);
+        let mask = if bits == 0 {
+            0
+        } else {
+            u128::MAX << (128 - bits)
+        };
+        u128::from_be_bytes(self.addr) & mask == u128::from_be_bytes(*addr) & mask
+    }
+
+    pub fn key(&self, slot: u8) -> (u32, IpcacheKey) {
+        (
+            enforcer_common::addr::IPCACHE_KEY_HEADER_BITS + u32::from(self.len),
+            IpcacheKey {
+                slot,
+                _pad: [0; 3],
+                addr: self.addr,
+            },
+        )
+    }
+}
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let addr = enforcer_common::addr::from_key_bytes(self.addr);
+        let len = if addr.is_ipv4() {
+            self.len.saturating_sub(96)
+        } else {
+            self.len
+        };
+        write!(f, "{addr}/{len}")
+    }
+}
+
+/// The compiled tables, with slot 0 in every key (the map layer writes them into a slot).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tables {
+    pub ipcache: BTreeMap<Prefix, IdentityInfo>,
+    pub endpoints: BTreeMap<EndpointKey, IdentityInfo>,
+    pub cgroups: BTreeMap<CgroupKey, IdentityInfo>,
+    pub rules: BTreeMap<PolicyKey, RuleVerdict>,
+    pub ranges: BTreeMap<RangeKey, PortRanges>,
+    /// Which of `rules` and `ranges` each pair has, derived from them.
+    pub pairs: BTreeMap<PairKey, PairLayers>,
+}
+
+impl Tables {
+    /// Entries per kernel map, by map name.
+    pub fn entry_counts(&self) -> [(&'static str, usize); 6] {
+        [
+            ("IPCACHE", self.ipcache.len()),
+            ("ENDPOINTS", self.endpoints.len()),
+            ("CGROUPS", self.cgroups.len()),
+            ("POLICY", self.rules.len()),
+            ("PORT_RANGES", self.ranges.len()),
+            ("PAIRS", self.pairs.len()),
+        ]
+    }
+
+    /// The [`PairLayers`] of every pair that has rule entries, from those entries.
+    pub(super) fn pair_layers(&self) -> BTreeMap<PairKey, PairLayers> {
+        let mut pairs: BTreeMap<PairKey, PairLayers> = BTreeMap::new();
+        let mut mark = |src_identity: u32, dst_identity: u32, bit: u32| {
+            pairs
+                .entry(PairKey {
+                    src_identity,
+                    dst_identity,
+                    slot: 0,
+                    _pad: [0; 3],
+                })
+                .or_default()
+                .bits |= bit;
+        };
+        for key in self.rules.keys() {
+            let bit = match (key.proto, key.port) {
+                (ANY_PROTO, _) => layer::ANY_PROTOCOL_BIT,
+                (protocol, ANY_PORT) => layer::bit(layer::ANY_PORT, protocol),
+                (protocol, _) => layer::bit(layer::EXACT, protocol),
+            };
+            mark(key.src_identity, key.dst_identity, bit);
+        }
+        for key in self.ranges.keys() {
+            mark(
+                key.src_identity,
+                key.dst_identity,
+                layer::bit(layer::RANGE, key.proto),
+            );
+        }
+        pairs
+    }
+}
