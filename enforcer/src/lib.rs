@@ -8,6 +8,7 @@ pub mod datapath;
 pub mod detect;
 pub mod events;
 /// Files the controller appends to (outputs and the detectors' baseline share it).
+mod locks;
 mod logfile;
 pub mod outputs;
 pub mod policy;

@@ -201,10 +201,7 @@ const FILL_REFRESH: Duration = Duration::from_secs(5);
 
 impl Collector for KernelCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let maps = self
-            .maps
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let maps = crate::locks::lock(&self.maps);
         let packets = maps.packet_counts().unwrap_or_default();
         let packet_families: [FamilyOf<enforcer_common::counters::Counter, u64>; 2] = [
             (
@@ -235,10 +232,7 @@ impl Collector for KernelCollector {
             }
         }
         {
-            let names = self
-                .names
-                .read()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let names = crate::locks::read(&self.names);
             let latest = names.latest();
             let name = |identity: u32| {
                 latest.map_or_else(
@@ -271,10 +265,7 @@ impl Collector for KernelCollector {
             prometheus_client::metrics::MetricType::Counter,
         )?)?;
         let fill = {
-            let mut cached = self
-                .fill
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut cached = crate::locks::lock(&self.fill);
             match &*cached {
                 Some((at, fill)) if at.elapsed() < FILL_REFRESH => fill.clone(),
                 _ => {

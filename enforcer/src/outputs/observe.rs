@@ -43,10 +43,7 @@ impl Hub {
             return;
         };
         let line: Arc<str> = Arc::from(line);
-        let mut backlog = self
-            .backlog
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut backlog = crate::locks::lock(&self.backlog);
         if backlog.len() == BACKLOG {
             backlog.pop_front();
         }
@@ -86,13 +83,7 @@ async fn serve_client(stream: tokio::net::UnixStream, hub: &Hub) -> io::Result<(
     let follow = request.trim() == "follow";
     // Subscribe before copying the backlog so nothing falls between the two.
     let mut live = hub.live.subscribe();
-    let backlog: Vec<Arc<str>> = hub
-        .backlog
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .iter()
-        .cloned()
-        .collect();
+    let backlog: Vec<Arc<str>> = crate::locks::lock(&hub.backlog).iter().cloned().collect();
     for line in &backlog {
         writer.write_all(format!("{line}\n").as_bytes()).await?;
     }

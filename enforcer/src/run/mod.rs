@@ -2,43 +2,57 @@
 
 pub mod watch;
 
+mod controller;
+mod pipeline;
+
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     io,
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, Mutex, RwLock},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use aya::maps::{MapData, RingBuf};
-use serde_json::json;
 use tokio::{
-    io::{Interest, unix::AsyncFd},
+    net::TcpListener,
     signal::unix::{SignalKind, signal},
     sync::mpsc,
+    task::JoinHandle,
 };
 
+use self::{
+    controller::{Controller, Trigger, load_for_host},
+    pipeline::{FlowSummary, Pipeline, read_events},
+};
 use crate::{
-    compile::{self, CompileError, Compiled, HostView},
-    datapath::host,
-    datapath::maps::{Installed, Installer, KernelMaps, MapsError},
+    compile::{CompileError, Compiled, HostView},
     datapath::{
         hook::{IngressHook, TcAttach},
+        host,
+        kernel::Features,
         loader::{self, Datapath, LoadError, LoadOptions},
+        maps::{Installer, MapsError},
         pins::PinLayout,
     },
-    detect::baseline::{BaselineError, EdgeBaseline},
-    detect::{Detector, Detectors, Finding},
-    events::names_file::{self, NamesWriter},
-    events::{self, Clock, FlowRecord, Generations, SequenceTracker},
-    outputs::alert::{self, AlertFormat},
-    outputs::alerts_file::AlertsFile,
-    outputs::audit::AuditLog,
-    outputs::metrics::{self, DetectorLabel, FlowLabels, Metrics},
-    outputs::observe,
-    outputs::syslog::{SyslogSink, SyslogTarget},
-    policy::{self, ParseCache, Policy, PolicyError},
+    detect::{
+        Detectors, Edge,
+        baseline::{BaselineError, EdgeBaseline},
+    },
+    events::{
+        Clock, Generations, SequenceTracker,
+        names_file::{self, NamesWriter},
+    },
+    outputs::{
+        alert::{self, AlertFormat},
+        alerts_file::AlertsFile,
+        audit::AuditLog,
+        metrics::{self, Metrics},
+        observe,
+        syslog::{SyslogSink, SyslogTarget},
+    },
+    policy::{ParseCache, Policy, PolicyError},
 };
 
 /// Removes what a failed start pinned (see `run`).
@@ -122,549 +136,6 @@ impl RunError {
     }
 }
 
-/// Loads, validates and compiles the policy at `path` for this host.
-fn load_for_host(
-    path: &Path,
-    cache: &mut ParseCache,
-    live: Option<&Compiled>,
-) -> Result<(Policy, HostView, Compiled), RunError> {
-    let policy = policy::load_cached(path, cache)?;
-    let view = host::observe(&policy);
-    let compiled = compile::compile(&policy, &view, live)?;
-    Ok((policy, view, compiled))
-}
-
-/// What set off a policy load, for logs and the audit log.
-#[derive(Clone, Copy, Debug)]
-enum Trigger {
-    Start,
-    Signal,
-    FileChange,
-    HostChange,
-}
-
-impl Trigger {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Start => "start",
-            Self::Signal => "sighup",
-            Self::FileChange => "file-change",
-            Self::HostChange => "host-change",
-        }
-    }
-}
-
-/// Owner and modification time of each policy file: the "who" of a file change.
-fn file_provenance(files: &[PathBuf]) -> serde_json::Value {
-    use std::os::unix::fs::MetadataExt as _;
-    let described: Vec<_> = files
-        .iter()
-        .map(|file| match std::fs::metadata(file) {
-            Ok(metadata) => {
-                json!({ "path": file, "owner_uid": metadata.uid(), "modified": metadata.mtime() })
-            }
-            Err(error) => json!({ "path": file, "error": error.to_string() }),
-        })
-        .collect();
-    serde_json::Value::Array(described)
-}
-
-type SharedAudit = Arc<Mutex<Option<AuditLog>>>;
-
-fn audit(log: &SharedAudit, kind: &str, fields: serde_json::Value) {
-    if let Some(log) = log
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .as_mut()
-        && let Err(error) = log.append(kind, fields)
-    {
-        tracing::error!(
-            "writing the audit log {} failed: {error}",
-            log.path().display()
-        );
-    }
-}
-
-/// The running controller's state.
-struct Controller {
-    options: RunOptions,
-    maps: Arc<Mutex<KernelMaps>>,
-    installer: Installer,
-    generations: Arc<RwLock<Generations>>,
-    metrics: Arc<Metrics>,
-    audit: SharedAudit,
-    live: Option<Arc<Compiled>>,
-    /// The last policy that loaded, and the host it was compiled for: interfaces and cgroups
-    /// that appear later are picked up without a reload.
-    policy: Option<(Policy, HostView)>,
-    /// The last policy's parsed tables: a reload parses only what changed.
-    parse_cache: ParseCache,
-    /// Keeps the live generation's rule names for a controller that may adopt it.
-    names_file: NamesWriter,
-}
-
-impl Controller {
-    fn install(
-        &mut self,
-        policy: Policy,
-        view: HostView,
-        compiled: Compiled,
-        trigger: Trigger,
-        started: Instant,
-    ) -> Result<Option<Installed>, RunError> {
-        let compiled_after = started.elapsed();
-        let unchanged = self.live.as_ref().is_some_and(|live| {
-            live.hash == compiled.hash
-                && live.audit == compiled.audit
-                && live.tables == compiled.tables
-        });
-        if unchanged {
-            self.metrics.count_reload("unchanged");
-            tracing::info!(trigger = trigger.as_str(), "policy unchanged");
-            self.policy = Some((policy, view));
-            return Ok(None);
-        }
-        for warning in &compiled.warnings {
-            tracing::warn!("{warning}");
-        }
-        let compiled = Arc::new(compiled);
-        let generation = self.installer.next_generation();
-        self.generations
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(generation, &compiled);
-        let installed = {
-            let mut maps = self
-                .maps
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            self.installer.install(&mut maps, &compiled)
-        };
-        let installed = installed.inspect_err(|_| {
-            self.generations
-                .write()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .remove(generation);
-        })?;
-        let seconds = started.elapsed().as_secs_f64();
-        self.names_file.record(
-            installed.generation,
-            compiled.hash,
-            Arc::clone(&compiled.names),
-        );
-        self.metrics.count_reload("success");
-        self.metrics.policy_apply_seconds.observe(seconds);
-        self.metrics
-            .policy_generation
-            .set(i64::from(installed.generation));
-        tracing::info!(
-            generation = installed.generation,
-            slot = installed.slot,
-            writes = installed.writes,
-            took_ms = format!("{:.1}", seconds * 1000.0),
-            compile_ms = format!("{:.1}", compiled_after.as_secs_f64() * 1000.0),
-            switch_ms = format!("{:.1}", installed.took.as_secs_f64() * 1000.0),
-            trigger = trigger.as_str(),
-            policy = %hex::encode(compiled.hash),
-            "policy installed"
-        );
-        audit(
-            &self.audit,
-            "policy_load",
-            json!({
-                "result": "success",
-                "trigger": trigger.as_str(),
-                "policy_sha256": hex::encode(compiled.hash),
-                "generation": installed.generation,
-                "map_writes": installed.writes,
-                "files": file_provenance(&policy.files),
-                "by_uid": nix::unistd::getuid().as_raw(),
-            }),
-        );
-        let synced = {
-            let mut maps = self
-                .maps
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            self.installer.sync_idle(&mut maps, &compiled)
-        };
-        match synced {
-            Ok(writes) => {
-                tracing::debug!(writes, "idle policy slot brought up to the live generation")
-            }
-            // Not fatal: the next install finds the slot in an unknown state and rewrites it.
-            Err(error) => tracing::warn!("updating the idle policy slot failed: {error}"),
-        }
-        self.live = Some(compiled);
-        self.policy = Some((policy, view));
-        Ok(Some(installed))
-    }
-
-    /// Reloads the policy; a policy that does not load changes nothing.
-    fn reload(&mut self, trigger: Trigger, started: Instant) {
-        let result = load_for_host(
-            &self.options.policy,
-            &mut self.parse_cache,
-            self.live.as_deref(),
-        )
-        .and_then(|(policy, view, compiled)| {
-            self.install(policy, view, compiled, trigger, started)
-        });
-        if let Err(error) = result {
-            self.metrics.count_reload("failure");
-            tracing::error!(
-                trigger = trigger.as_str(),
-                "policy reload refused, the previous policy stays in force:\n{error}"
-            );
-            let files = policy::policy_files(&self.options.policy).unwrap_or_default();
-            audit(
-                &self.audit,
-                "policy_load",
-                json!({ "result": "failure", "trigger": trigger.as_str(), "error": error.to_string(), "files": file_provenance(&files) }),
-            );
-        }
-    }
-
-    /// What the heartbeat says now: the live generation, the programs the links run next to
-    /// this build's, the audit chain head.
-    fn heartbeat(
-        &self,
-        pins: &PinLayout,
-        expected: &std::collections::BTreeMap<&'static str, String>,
-    ) -> Option<alert::Heartbeat> {
-        let live = self.installer.live()?;
-        let programs = loader::pinned_programs(pins)
-            .linked
-            .into_iter()
-            .map(|(link, info)| (link, format!("{:016x}", info.tag())))
-            .collect();
-        let audit_chain_head = self
-            .audit
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .as_ref()
-            .map(|log| log.head().to_owned());
-        Some(alert::Heartbeat {
-            policy_sha256: hex::encode(live.policy_hash),
-            generation: live.generation,
-            programs,
-            expected_programs: expected
-                .iter()
-                .map(|(name, tag)| ((*name).to_owned(), tag.clone()))
-                .collect(),
-            audit_chain_head,
-            interval_secs: self.options.heartbeat_interval.as_secs(),
-        })
-    }
-
-    /// Recompiles when the host's interfaces or cgroups the policy names have changed.
-    fn resync_host(&mut self) {
-        let Some((policy, view)) = &self.policy else {
-            return;
-        };
-        let current = host::observe(policy);
-        if current == *view {
-            return;
-        }
-        let policy = policy.clone();
-        let result = compile::compile(&policy, &current, self.live.as_deref())
-            .map_err(RunError::from)
-            .and_then(|compiled| {
-                self.install(
-                    policy,
-                    current,
-                    compiled,
-                    Trigger::HostChange,
-                    Instant::now(),
-                )
-            });
-        if let Err(error) = result {
-            tracing::error!(
-                "recompiling for this host's changed interfaces or cgroups failed: {error}"
-            );
-        }
-    }
-}
-
-/// Flow records aggregated over a window, for the audit log (`diff --replay` reads them).
-#[derive(Default)]
-struct FlowSummary {
-    since: Option<SystemTime>,
-    counts: BTreeMap<(String, String, String, u16, &'static str, String), u64>,
-}
-
-impl FlowSummary {
-    const WINDOW: Duration = Duration::from_secs(10);
-
-    fn add(&mut self, record: &FlowRecord) {
-        self.since.get_or_insert(record.time);
-        let port = if record.protocol == "tcp" || record.protocol == "udp" {
-            record.dst.port
-        } else {
-            0
-        };
-        let key = (
-            record.src.name.clone(),
-            record.dst.name.clone(),
-            record.protocol.clone(),
-            port,
-            record.verdict.as_str(),
-            record.rule.clone(),
-        );
-        *self.counts.entry(key).or_default() += u64::from(record.count);
-    }
-
-    fn flush(&mut self, log: &SharedAudit) {
-        let Some(since) = self.since.take() else {
-            return;
-        };
-        let until = crate::outputs::alert::rfc3339(SystemTime::now());
-        for ((src, dst, protocol, port, verdict, rule), count) in std::mem::take(&mut self.counts) {
-            audit(
-                log,
-                "flow_summary",
-                json!({ "src": src, "dst": dst, "protocol": protocol, "port": port, "verdict": verdict, "rule": rule, "count": count, "since": crate::outputs::alert::rfc3339(since), "until": until }),
-            );
-        }
-    }
-}
-
-/// Everything that consumes flow records.
-struct Pipeline {
-    generations: Arc<RwLock<Generations>>,
-    clock: Clock,
-    sequences: SequenceTracker,
-    interfaces: HashMap<u32, String>,
-    alerts: Option<AlertsFile>,
-    syslog: Option<SyslogSink>,
-    format: AlertFormat,
-    host: String,
-    metrics: Arc<Metrics>,
-    hub: Arc<observe::Hub>,
-    audit: SharedAudit,
-    summary: FlowSummary,
-    detectors: Detectors,
-    edge_baseline: Option<EdgeBaseline>,
-    /// Generation whose `[detection]` tuning the detectors run with.
-    detection_generation: u32,
-}
-
-impl Pipeline {
-    fn interface_name(&mut self, ifindex: u32) -> String {
-        self.interfaces
-            .entry(ifindex)
-            .or_insert_with(|| {
-                host::interface_name(ifindex).unwrap_or_else(|| format!("if{ifindex}"))
-            })
-            .clone()
-    }
-
-    /// Writes a record to the alerts file and syslog.
-    fn publish(&mut self, msgid: &str, record: &serde_json::Value) {
-        if let Some(alerts) = &mut self.alerts {
-            alerts.write(record);
-        }
-        if let Some(syslog) = &self.syslog {
-            syslog.send(alert::severity_of(record), msgid, record);
-        }
-    }
-
-    /// Runs the detectors with the latest generation's tuning. Called from the once-a-second
-    /// tick, not per record: a reload's new thresholds apply within a second, without a lock
-    /// taken for every flow record.
-    fn tune_detectors(&mut self) {
-        let generations = self
-            .generations
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(generation) = generations.latest_generation()
-            && generation != self.detection_generation
-        {
-            self.detectors.configure(generations.detection());
-            self.detection_generation = generation;
-        }
-    }
-
-    fn report(&mut self, findings: Vec<Finding>) {
-        for finding in findings {
-            tracing::info!(detector = finding.detector.name(), "{}", finding.message);
-            if finding.detector == Detector::NewEdge
-                && let (Some(baseline), Some(edge)) = (&mut self.edge_baseline, finding.edge())
-            {
-                baseline.record(&edge);
-            }
-            let record = alert::finding_alert(&finding, self.format, &self.host);
-            self.publish("finding", &record);
-            self.metrics
-                .alerts
-                .get_or_create(&DetectorLabel {
-                    detector: finding.detector.name().to_owned(),
-                })
-                .inc();
-            audit(
-                &self.audit,
-                "finding",
-                json!({
-                    "detector": finding.detector.name(),
-                    "src": finding.src.name,
-                    "dst": finding.dst.as_ref().map(|dst| dst.name.clone()),
-                    "port": finding.port,
-                    "rule": finding.rule,
-                    "count": finding.count,
-                    "message": finding.message,
-                }),
-            );
-        }
-    }
-
-    /// Closes detector windows that ended.
-    fn tick(&mut self) {
-        self.tune_detectors();
-        let findings = self.detectors.tick(SystemTime::now());
-        self.report(findings);
-    }
-
-    fn heartbeat(&mut self, heartbeat: &alert::Heartbeat) {
-        let record = alert::heartbeat_alert(heartbeat, SystemTime::now(), self.format, &self.host);
-        self.publish("heartbeat", &record);
-    }
-
-    fn handle(&mut self, event: &enforcer_common::event::FlowEvent) {
-        let lost = self.sequences.observe(event.cpu, event.seq);
-        if lost > 0 {
-            tracing::warn!(
-                lost,
-                cpu = event.cpu,
-                "flow records lost: the ring buffer was full"
-            );
-            let record = alert::lost_events_alert(lost, SystemTime::now(), self.format, &self.host);
-            self.publish("lost", &record);
-            audit(
-                &self.audit,
-                "events_lost",
-                json!({ "count": lost, "cpu": event.cpu }),
-            );
-        }
-        let interface_name = self.interface_name(event.ifindex);
-        let record = {
-            let generations = self
-                .generations
-                .read()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            events::describe(event, &generations, &self.clock, |_| interface_name.clone())
-        };
-        match record {
-            Some(record) => self.emit(&record),
-            None => tracing::warn!(
-                verdict = event.verdict,
-                "flow record with an unknown verdict code (datapath from another build?)"
-            ),
-        }
-    }
-
-    fn emit(&mut self, record: &FlowRecord) {
-        tracing::debug!("{}", alert::flow_message(record));
-        self.metrics
-            .flows
-            .get_or_create(&FlowLabels {
-                src: record.src.name.clone(),
-                dst: record.dst.name.clone(),
-                verdict: record.verdict.as_str().to_owned(),
-            })
-            .inc();
-        if self.alerts.is_some() || self.syslog.is_some() {
-            let alert = alert::flow_alert(record, self.format, &self.host);
-            self.publish("flow", &alert);
-            self.metrics
-                .alerts
-                .get_or_create(&DetectorLabel {
-                    detector: "flow".to_owned(),
-                })
-                .inc();
-        }
-        self.hub.publish(record);
-        self.summary.add(record);
-        let findings = self.detectors.observe(record);
-        self.report(findings);
-    }
-
-    fn flush(&mut self) {
-        if let Some(alerts) = &mut self.alerts {
-            alerts.flush();
-        }
-    }
-
-    /// Once a second: follow a rotated alerts file.
-    fn follow_rotation(&mut self) {
-        if let Some(alerts) = &mut self.alerts {
-            alerts.follow_rotation();
-        }
-    }
-}
-
-/// Reads the ring buffer until told to stop; heartbeats come from the controller.
-async fn read_events(
-    ring: RingBuf<MapData>,
-    mut pipeline: Pipeline,
-    mut stop: mpsc::Receiver<()>,
-    mut heartbeats: mpsc::UnboundedReceiver<alert::Heartbeat>,
-) {
-    // SAFETY: the ring buffer owns its map fd and keeps it open and unchanged until dropped,
-    // which only happens when the AsyncFd is dropped.
-    let mut ring = match unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) } {
-        Ok(ring) => ring,
-        Err(error) => {
-            tracing::error!(
-                "cannot poll the event ring buffer: {error}; no flow events will be reported"
-            );
-            return;
-        }
-    };
-    let mut summary_tick = tokio::time::interval(FlowSummary::WINDOW);
-    let mut detector_tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            _ = stop.recv() => break,
-            _ = summary_tick.tick() => pipeline.summary.flush(&pipeline.audit),
-            _ = detector_tick.tick() => {
-                pipeline.tick();
-                pipeline.flush();
-                pipeline.follow_rotation();
-            }
-            Some(heartbeat) = heartbeats.recv() => {
-                pipeline.heartbeat(&heartbeat);
-                pipeline.flush();
-            }
-            ready = ring.readable_mut() => {
-                let mut guard = match ready {
-                    Ok(guard) => guard,
-                    Err(error) => {
-                        tracing::error!("polling the event ring buffer failed: {error}");
-                        return;
-                    }
-                };
-                let buffer = guard.get_inner_mut();
-                while let Some(item) = buffer.next() {
-                    if let Some(event) = events::decode(&item) {
-                        pipeline.handle(&event);
-                    }
-                }
-                pipeline.flush();
-                guard.clear_ready();
-            }
-        }
-    }
-    // Drain what arrived before the stop.
-    let buffer = ring.get_mut();
-    while let Some(item) = buffer.next() {
-        if let Some(event) = events::decode(&item) {
-            pipeline.handle(&event);
-        }
-    }
-    pipeline.flush();
-    pipeline.summary.flush(&pipeline.audit);
-}
-
 /// How often the controller looks for interfaces and cgroups that appeared or went.
 const HOST_RESYNC: Duration = Duration::from_secs(10);
 /// A save is often several file events in a burst: reload once no event came for this long...
@@ -677,7 +148,7 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     let started = Instant::now();
     // Everything that can be wrong with the input is found before the kernel is touched.
     let mut parse_cache = ParseCache::default();
-    let (policy, view, compiled) = load_for_host(&options.policy, &mut parse_cache, None)?;
+    let first = load_for_host(&options.policy, &mut parse_cache, None)?;
     if let Some(missing) = options
         .attach
         .iter()
@@ -685,50 +156,105 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     {
         return Err(RunError::NoSuchInterface(missing.clone()));
     }
-    let alerts = options
-        .alerts
-        .as_ref()
-        .map(|target| {
-            AlertsFile::open(target).map_err(|source| RunError::Io {
-                what: format!("opening alerts file {}", target.display()),
-                source,
-            })
-        })
-        .transpose()?;
-    let audit_log = options
-        .audit_log
-        .as_ref()
-        .map(|path| {
-            AuditLog::open(path).map_err(|source| RunError::Io {
-                what: format!("opening audit log {}", path.display()),
-                source,
-            })
-        })
-        .transpose()?;
-    let (edge_baseline, known_edges) = match &options.edge_baseline {
-        Some(path) => {
-            let (baseline, known) = EdgeBaseline::open(path)?;
-            tracing::info!(
-                edges = known.len(),
-                "edges already seen, from {}",
-                path.display()
-            );
-            (Some(baseline), known)
-        }
-        None => (None, Vec::new()),
-    };
-    let metrics_listener =
-        match options.metrics {
-            Some(address) => Some(tokio::net::TcpListener::bind(address).await.map_err(
-                |source| RunError::Io {
-                    what: format!("binding metrics to {address}"),
+    let outputs = Outputs::open(&options).await?;
+    let pins = PinLayout::new(&options.pin_path);
+    let (mut controller, datapath, ring) = adopt_datapath(
+        &options,
+        &pins,
+        parse_cache,
+        outputs.audit_log,
+        first,
+        started,
+    )?;
+    let tasks = spawn_pipeline(&options, &controller, ring, outputs.rest);
+    event_loop(&options, &mut controller, &pins, &datapath, &tasks).await?;
+    shutdown(&options, controller, datapath, tasks, &pins).await
+}
+
+/// The outputs `run` opens before it touches the kernel, so that a wrong path or a taken port
+/// changes nothing.
+struct Outputs {
+    audit_log: Option<AuditLog>,
+    rest: PipelineOutputs,
+}
+
+/// The outputs the event pipeline writes to.
+struct PipelineOutputs {
+    alerts: Option<AlertsFile>,
+    edge_baseline: Option<EdgeBaseline>,
+    known_edges: Vec<Edge>,
+    metrics_listener: Option<TcpListener>,
+}
+
+impl Outputs {
+    async fn open(options: &RunOptions) -> Result<Self, RunError> {
+        let alerts = options
+            .alerts
+            .as_ref()
+            .map(|target| {
+                AlertsFile::open(target).map_err(|source| RunError::Io {
+                    what: format!("opening alerts file {}", target.display()),
                     source,
-                },
-            )?),
+                })
+            })
+            .transpose()?;
+        let audit_log = options
+            .audit_log
+            .as_ref()
+            .map(|path| {
+                AuditLog::open(path).map_err(|source| RunError::Io {
+                    what: format!("opening audit log {}", path.display()),
+                    source,
+                })
+            })
+            .transpose()?;
+        let (edge_baseline, known_edges) = match &options.edge_baseline {
+            Some(path) => {
+                let (baseline, known) = EdgeBaseline::open(path)?;
+                tracing::info!(
+                    edges = known.len(),
+                    "edges already seen, from {}",
+                    path.display()
+                );
+                (Some(baseline), known)
+            }
+            None => (None, Vec::new()),
+        };
+        let metrics_listener = match options.metrics {
+            Some(address) => {
+                Some(
+                    TcpListener::bind(address)
+                        .await
+                        .map_err(|source| RunError::Io {
+                            what: format!("binding metrics to {address}"),
+                            source,
+                        })?,
+                )
+            }
             None => None,
         };
+        Ok(Self {
+            audit_log,
+            rest: PipelineOutputs {
+                alerts,
+                edge_baseline,
+                known_edges,
+                metrics_listener,
+            },
+        })
+    }
+}
 
-    let pins = PinLayout::new(&options.pin_path);
+/// Loads the datapath (adopting what an earlier controller pinned), installs the first policy,
+/// then attaches: the programs fail closed until a policy is in.
+fn adopt_datapath(
+    options: &RunOptions,
+    pins: &PinLayout,
+    parse_cache: ParseCache,
+    audit_log: Option<AuditLog>,
+    (policy, view, compiled): (Policy, HostView, Compiled),
+    started: Instant,
+) -> Result<(Controller, Datapath, RingBuf<MapData>), RunError> {
     // A start that fails before enforcing leaves nothing pinned, unless it was adopting what an
     // earlier controller pinned: that keeps enforcing (fail closed).
     let mut unpin_on_failure = UnpinOnFailure {
@@ -739,7 +265,7 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         ..LoadOptions::default()
     };
     let (mut datapath, maps, ring) = Datapath::load_with(pins.clone(), &load_options)?;
-    let kernel = crate::datapath::kernel::Features::current();
+    let kernel = Features::current();
     tracing::info!(
         kernel = %kernel.release,
         tc = if options.tc_attach.uses_netlink() { "netlink filters on clsact" } else { "TCX links" },
@@ -747,38 +273,21 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         "datapath loaded"
     );
     let installer = Installer::adopt(&maps)?;
-    let mut generations = Generations::default();
-    if let Some(live) = installer.live() {
-        tracing::info!(
-            generation = live.generation,
-            "adopting the datapath pinned at {}",
-            pins.root.display()
-        );
-        // Records still queued from the adopted generation, and those judged until this
-        // controller's first generation is in, name their rules as their controller did.
-        if let Some(names) =
-            names_file::read(&pins.names_file(), live.generation, &live.policy_hash)
-        {
-            generations.adopt(live.generation, Arc::new(names));
-        }
-    }
+    let generations = adopted_generations(&installer, pins);
     let maps = Arc::new(Mutex::new(maps));
     let generations = Arc::new(RwLock::new(generations));
-    let metrics = Arc::new(Metrics::new(maps.clone(), generations.clone()));
-    let audit_log: SharedAudit = Arc::new(Mutex::new(audit_log));
     let mut controller = Controller {
         options: options.clone(),
+        metrics: Arc::new(Metrics::new(maps.clone(), generations.clone())),
         maps,
         installer,
-        generations: generations.clone(),
-        metrics: metrics.clone(),
-        audit: audit_log.clone(),
+        generations,
+        audit: Arc::new(Mutex::new(audit_log)),
         live: None,
         policy: None,
         parse_cache,
         names_file: NamesWriter::start(pins.names_file()),
     };
-    // The policy goes in before any interface is attached: the programs fail closed without one.
     controller.install(policy, view, compiled, Trigger::Start, started)?;
     for interface in &options.attach {
         let ingress = datapath.attach(interface, options.ingress_hook)?;
@@ -791,7 +300,47 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     }
     datapath.detach_others(&options.attach.iter().cloned().collect::<BTreeSet<_>>());
     unpin_on_failure.pins = None;
+    Ok((controller, datapath, ring))
+}
 
+/// The rule names of an adopted generation: records still queued from it, and those judged
+/// until this controller's first generation is in, name their rules as their controller did.
+fn adopted_generations(installer: &Installer, pins: &PinLayout) -> Generations {
+    let mut generations = Generations::default();
+    if let Some(live) = installer.live() {
+        tracing::info!(
+            generation = live.generation,
+            "adopting the datapath pinned at {}",
+            pins.root.display()
+        );
+        if let Some(names) =
+            names_file::read(&pins.names_file(), live.generation, &live.policy_hash)
+        {
+            generations.adopt(live.generation, Arc::new(names));
+        }
+    }
+    generations
+}
+
+/// The tasks beside the controller's event loop, and how to reach them.
+struct Tasks {
+    events: JoinHandle<()>,
+    stop_events: mpsc::Sender<()>,
+    heartbeats: mpsc::UnboundedSender<alert::Heartbeat>,
+    /// Whether anything receives heartbeats (an alerts file or syslog).
+    reporting: bool,
+    metrics: Option<JoinHandle<()>>,
+    observe: JoinHandle<()>,
+}
+
+/// Starts the event pipeline, the metrics endpoint and the observe socket.
+fn spawn_pipeline(
+    options: &RunOptions,
+    controller: &Controller,
+    ring: RingBuf<MapData>,
+    outputs: PipelineOutputs,
+) -> Tasks {
+    let metrics = &controller.metrics;
     let hub = Arc::new(observe::Hub::default());
     let (stop_events, stop_rx) = mpsc::channel(1);
     let (heartbeats, heartbeat_rx) = mpsc::unbounded_channel();
@@ -800,35 +349,35 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         .syslog
         .clone()
         .map(|target| SyslogSink::start(target, host_name.clone(), metrics.syslog_dropped.clone()));
-    let reporting = alerts.is_some() || syslog.is_some();
+    let reporting = outputs.alerts.is_some() || syslog.is_some();
     let detection = controller
         .live
         .as_ref()
         .map(|compiled| compiled.detection.clone())
         .unwrap_or_default();
     let mut detectors = Detectors::new(detection);
-    detectors.remember(known_edges);
+    detectors.remember(outputs.known_edges);
     let pipeline = Pipeline {
-        generations,
+        generations: controller.generations.clone(),
         clock: Clock::now(),
         sequences: SequenceTracker::default(),
         interfaces: HashMap::new(),
-        alerts: alerts.map(|alerts| alerts.counting_in(metrics.alerts_unwritten.clone())),
+        alerts: outputs
+            .alerts
+            .map(|alerts| alerts.counting_in(metrics.alerts_unwritten.clone())),
         syslog,
         format: options.alert_format,
         host: host_name,
         metrics: metrics.clone(),
         hub: hub.clone(),
-        audit: audit_log.clone(),
+        audit: controller.audit.clone(),
         summary: FlowSummary::default(),
         detectors,
-        edge_baseline,
+        edge_baseline: outputs.edge_baseline,
         detection_generation: 0,
     };
-    let events_task = tokio::spawn(read_events(ring, pipeline, stop_rx, heartbeat_rx));
-    let expected_programs = datapath.program_tags();
-    let mut heartbeat_tick = tokio::time::interval(options.heartbeat_interval);
-    let metrics_task = metrics_listener.map(|listener| {
+    let events = tokio::spawn(read_events(ring, pipeline, stop_rx, heartbeat_rx));
+    let metrics_task = outputs.metrics_listener.map(|listener| {
         tracing::info!(
             "metrics on http://{}/metrics",
             listener
@@ -838,7 +387,7 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         tokio::spawn(metrics::serve(listener, metrics.clone()))
     });
     let observe_path = options.observe_socket.clone();
-    let observe_task = tokio::spawn(async move {
+    let observe = tokio::spawn(async move {
         if let Err(error) = observe::serve(observe_path.clone(), hub).await {
             tracing::error!(
                 "observe socket {}: {error}; `enforcer observe` will not work",
@@ -846,7 +395,27 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
             );
         }
     });
+    Tasks {
+        events,
+        stop_events,
+        heartbeats,
+        reporting,
+        metrics: metrics_task,
+        observe,
+    }
+}
 
+/// Reloads on SIGHUP and file changes, follows the host, sends heartbeats; returns on SIGINT
+/// or SIGTERM.
+async fn event_loop(
+    options: &RunOptions,
+    controller: &mut Controller,
+    pins: &PinLayout,
+    datapath: &Datapath,
+    tasks: &Tasks,
+) -> Result<(), RunError> {
+    let expected_programs: BTreeMap<&'static str, String> = datapath.program_tags();
+    let mut heartbeat_tick = tokio::time::interval(options.heartbeat_interval);
     let (changes_tx, mut changes) = mpsc::unbounded_channel();
     let _watch = match watch::watch(&options.policy, changes_tx) {
         Ok(watch) => Some(watch),
@@ -877,27 +446,36 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
                 controller.reload(Trigger::FileChange, first);
             }
             _ = host_resync.tick() => controller.resync_host(),
-            _ = heartbeat_tick.tick(), if reporting => {
-                if let Some(heartbeat) = controller.heartbeat(&pins, &expected_programs) {
-                    let _ = heartbeats.send(heartbeat);
+            _ = heartbeat_tick.tick(), if tasks.reporting => {
+                if let Some(heartbeat) = controller.heartbeat(pins, &expected_programs) {
+                    let _ = tasks.heartbeats.send(heartbeat);
                 }
             }
-            _ = interrupt.recv() => break,
-            _ = terminate.recv() => break,
+            _ = interrupt.recv() => return Ok(()),
+            _ = terminate.recv() => return Ok(()),
         }
     }
+}
 
+/// Drains the pipeline, stops the tasks; with `--ephemeral`, detaches and unpins everything.
+async fn shutdown(
+    options: &RunOptions,
+    mut controller: Controller,
+    datapath: Datapath,
+    tasks: Tasks,
+    pins: &PinLayout,
+) -> Result<(), RunError> {
     controller.names_file.finish();
-    let _ = stop_events.send(()).await;
-    let _ = events_task.await;
-    observe_task.abort();
+    let _ = tasks.stop_events.send(()).await;
+    let _ = tasks.events.await;
+    tasks.observe.abort();
     let _ = std::fs::remove_file(&options.observe_socket);
-    if let Some(task) = metrics_task {
+    if let Some(task) = tasks.metrics {
         task.abort();
     }
     if options.ephemeral {
         drop(datapath);
-        let removed = loader::unload(&pins).map_err(|source| RunError::Io {
+        let removed = loader::unload(pins).map_err(|source| RunError::Io {
             what: format!("unloading {}", pins.root.display()),
             source,
         })?;

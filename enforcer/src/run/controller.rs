@@ -1,0 +1,270 @@
+//! The controller's state between events: the live generation, and how a policy (re)load or a
+//! change of this host's interfaces and cgroups becomes a new one.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, RwLock},
+    time::Instant,
+};
+
+use serde_json::json;
+
+use super::{RunError, RunOptions};
+use crate::{
+    compile::{self, Compiled, HostView},
+    datapath::{
+        host, loader,
+        maps::{Installed, Installer, KernelMaps},
+        pins::PinLayout,
+    },
+    events::{Generations, names_file::NamesWriter},
+    locks,
+    outputs::{alert, audit::AuditLog, metrics::Metrics},
+    policy::{self, ParseCache, Policy},
+};
+
+/// Loads, validates and compiles the policy at `path` for this host.
+pub(super) fn load_for_host(
+    path: &Path,
+    cache: &mut ParseCache,
+    live: Option<&Compiled>,
+) -> Result<(Policy, HostView, Compiled), RunError> {
+    let policy = policy::load_cached(path, cache)?;
+    let view = host::observe(&policy);
+    let compiled = compile::compile(&policy, &view, live)?;
+    Ok((policy, view, compiled))
+}
+
+/// What set off a policy load, for logs and the audit log.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Trigger {
+    Start,
+    Signal,
+    FileChange,
+    HostChange,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Start => "start",
+            Self::Signal => "sighup",
+            Self::FileChange => "file-change",
+            Self::HostChange => "host-change",
+        }
+    }
+}
+
+/// Owner and modification time of each policy file: the "who" of a file change.
+fn file_provenance(files: &[PathBuf]) -> serde_json::Value {
+    use std::os::unix::fs::MetadataExt as _;
+    let described: Vec<_> = files
+        .iter()
+        .map(|file| match std::fs::metadata(file) {
+            Ok(metadata) => {
+                json!({ "path": file, "owner_uid": metadata.uid(), "modified": metadata.mtime() })
+            }
+            Err(error) => json!({ "path": file, "error": error.to_string() }),
+        })
+        .collect();
+    serde_json::Value::Array(described)
+}
+
+pub(super) type SharedAudit = Arc<Mutex<Option<AuditLog>>>;
+
+pub(super) fn audit(log: &SharedAudit, kind: &str, fields: serde_json::Value) {
+    if let Some(log) = locks::lock(&log).as_mut()
+        && let Err(error) = log.append(kind, fields)
+    {
+        tracing::error!(
+            "writing the audit log {} failed: {error}",
+            log.path().display()
+        );
+    }
+}
+
+/// The running controller's state.
+pub(super) struct Controller {
+    pub(super) options: RunOptions,
+    pub(super) maps: Arc<Mutex<KernelMaps>>,
+    pub(super) installer: Installer,
+    pub(super) generations: Arc<RwLock<Generations>>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) audit: SharedAudit,
+    pub(super) live: Option<Arc<Compiled>>,
+    /// The last policy that loaded, and the host it was compiled for: interfaces and cgroups
+    /// that appear later are picked up without a reload.
+    pub(super) policy: Option<(Policy, HostView)>,
+    /// The last policy's parsed tables: a reload parses only what changed.
+    pub(super) parse_cache: ParseCache,
+    /// Keeps the live generation's rule names for a controller that may adopt it.
+    pub(super) names_file: NamesWriter,
+}
+
+impl Controller {
+    pub(super) fn install(
+        &mut self,
+        policy: Policy,
+        view: HostView,
+        compiled: Compiled,
+        trigger: Trigger,
+        started: Instant,
+    ) -> Result<Option<Installed>, RunError> {
+        let compiled_after = started.elapsed();
+        let unchanged = self.live.as_ref().is_some_and(|live| {
+            live.hash == compiled.hash
+                && live.audit == compiled.audit
+                && live.tables == compiled.tables
+        });
+        if unchanged {
+            self.metrics.count_reload("unchanged");
+            tracing::info!(trigger = trigger.as_str(), "policy unchanged");
+            self.policy = Some((policy, view));
+            return Ok(None);
+        }
+        for warning in &compiled.warnings {
+            tracing::warn!("{warning}");
+        }
+        let compiled = Arc::new(compiled);
+        let generation = self.installer.next_generation();
+        locks::write(&self.generations).insert(generation, &compiled);
+        let installed = {
+            let mut maps = locks::lock(&self.maps);
+            self.installer.install(&mut maps, &compiled)
+        };
+        let installed = installed.inspect_err(|_| {
+            locks::write(&self.generations).remove(generation);
+        })?;
+        let seconds = started.elapsed().as_secs_f64();
+        self.names_file.record(
+            installed.generation,
+            compiled.hash,
+            Arc::clone(&compiled.names),
+        );
+        self.metrics.count_reload("success");
+        self.metrics.policy_apply_seconds.observe(seconds);
+        self.metrics
+            .policy_generation
+            .set(i64::from(installed.generation));
+        tracing::info!(
+            generation = installed.generation,
+            slot = installed.slot,
+            writes = installed.writes,
+            took_ms = format!("{:.1}", seconds * 1000.0),
+            compile_ms = format!("{:.1}", compiled_after.as_secs_f64() * 1000.0),
+            switch_ms = format!("{:.1}", installed.took.as_secs_f64() * 1000.0),
+            trigger = trigger.as_str(),
+            policy = %hex::encode(compiled.hash),
+            "policy installed"
+        );
+        audit(
+            &self.audit,
+            "policy_load",
+            json!({
+                "result": "success",
+                "trigger": trigger.as_str(),
+                "policy_sha256": hex::encode(compiled.hash),
+                "generation": installed.generation,
+                "map_writes": installed.writes,
+                "files": file_provenance(&policy.files),
+                "by_uid": nix::unistd::getuid().as_raw(),
+            }),
+        );
+        let synced = {
+            let mut maps = locks::lock(&self.maps);
+            self.installer.sync_idle(&mut maps, &compiled)
+        };
+        match synced {
+            Ok(writes) => {
+                tracing::debug!(writes, "idle policy slot brought up to the live generation")
+            }
+            // Not fatal: the next install finds the slot in an unknown state and rewrites it.
+            Err(error) => tracing::warn!("updating the idle policy slot failed: {error}"),
+        }
+        self.live = Some(compiled);
+        self.policy = Some((policy, view));
+        Ok(Some(installed))
+    }
+
+    /// Reloads the policy; a policy that does not load changes nothing.
+    pub(super) fn reload(&mut self, trigger: Trigger, started: Instant) {
+        let result = load_for_host(
+            &self.options.policy,
+            &mut self.parse_cache,
+            self.live.as_deref(),
+        )
+        .and_then(|(policy, view, compiled)| {
+            self.install(policy, view, compiled, trigger, started)
+        });
+        if let Err(error) = result {
+            self.metrics.count_reload("failure");
+            tracing::error!(
+                trigger = trigger.as_str(),
+                "policy reload refused, the previous policy stays in force:\n{error}"
+            );
+            let files = policy::policy_files(&self.options.policy).unwrap_or_default();
+            audit(
+                &self.audit,
+                "policy_load",
+                json!({ "result": "failure", "trigger": trigger.as_str(), "error": error.to_string(), "files": file_provenance(&files) }),
+            );
+        }
+    }
+
+    /// What the heartbeat says now: the live generation, the programs the links run next to
+    /// this build's, the audit chain head.
+    pub(super) fn heartbeat(
+        &self,
+        pins: &PinLayout,
+        expected: &std::collections::BTreeMap<&'static str, String>,
+    ) -> Option<alert::Heartbeat> {
+        let live = self.installer.live()?;
+        let programs = loader::pinned_programs(pins)
+            .linked
+            .into_iter()
+            .map(|(link, info)| (link, format!("{:016x}", info.tag())))
+            .collect();
+        let audit_chain_head = locks::lock(&self.audit)
+            .as_ref()
+            .map(|log| log.head().to_owned());
+        Some(alert::Heartbeat {
+            policy_sha256: hex::encode(live.policy_hash),
+            generation: live.generation,
+            programs,
+            expected_programs: expected
+                .iter()
+                .map(|(name, tag)| ((*name).to_owned(), tag.clone()))
+                .collect(),
+            audit_chain_head,
+            interval_secs: self.options.heartbeat_interval.as_secs(),
+        })
+    }
+
+    /// Recompiles when the host's interfaces or cgroups the policy names have changed.
+    pub(super) fn resync_host(&mut self) {
+        let Some((policy, view)) = &self.policy else {
+            return;
+        };
+        let current = host::observe(policy);
+        if current == *view {
+            return;
+        }
+        let policy = policy.clone();
+        let result = compile::compile(&policy, &current, self.live.as_deref())
+            .map_err(RunError::from)
+            .and_then(|compiled| {
+                self.install(
+                    policy,
+                    current,
+                    compiled,
+                    Trigger::HostChange,
+                    Instant::now(),
+                )
+            });
+        if let Err(error) = result {
+            tracing::error!(
+                "recompiling for this host's changed interfaces or cgroups failed: {error}"
+            );
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! The event pipeline: flow records from the ring buffer to every output and the detectors.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime},
+};
+
+use aya::maps::{MapData, RingBuf};
+use serde_json::json;
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::mpsc,
+};
+
+use super::controller::{SharedAudit, audit};
+use crate::{
+    datapath::host,
+    detect::{Detector, Detectors, Finding, baseline::EdgeBaseline},
+    events::{self, Clock, FlowRecord, Generations, SequenceTracker},
+    locks,
+    outputs::{
+        alert::{self, AlertFormat},
+        alerts_file::AlertsFile,
+        metrics::{DetectorLabel, FlowLabels, Metrics},
+        observe,
+        syslog::SyslogSink,
+    },
+};
+
+/// Flow records aggregated over a window, for the audit log (`diff --replay` reads them).
+#[derive(Default)]
+pub(super) struct FlowSummary {
+    since: Option<SystemTime>,
+    counts: BTreeMap<(String, String, String, u16, &'static str, String), u64>,
+}
+
+impl FlowSummary {
+    const WINDOW: Duration = Duration::from_secs(10);
+
+    fn add(&mut self, record: &FlowRecord) {
+        self.since.get_or_insert(record.time);
+        let port = if record.protocol == "tcp" || record.protocol == "udp" {
+            record.dst.port
+        } else {
+            0
+        };
+        let key = (
+            record.src.name.clone(),
+            record.dst.name.clone(),
+            record.protocol.clone(),
+            port,
+            record.verdict.as_str(),
+            record.rule.clone(),
+        );
+        *self.counts.entry(key).or_default() += u64::from(record.count);
+    }
+
+    fn flush(&mut self, log: &SharedAudit) {
+        let Some(since) = self.since.take() else {
+            return;
+        };
+        let until = crate::outputs::alert::rfc3339(SystemTime::now());
+        for ((src, dst, protocol, port, verdict, rule), count) in std::mem::take(&mut self.counts) {
+            audit(
+                log,
+                "flow_summary",
+                json!({ "src": src, "dst": dst, "protocol": protocol, "port": port, "verdict": verdict, "rule": rule, "count": count, "since": crate::outputs::alert::rfc3339(since), "until": until }),
+            );
+        }
+    }
+}
+
+/// Everything that consumes flow records.
+pub(super) struct Pipeline {
+    pub(super) generations: Arc<RwLock<Generations>>,
+    pub(super) clock: Clock,
+    pub(super) sequences: SequenceTracker,
+    pub(super) interfaces: HashMap<u32, String>,
+    pub(super) alerts: Option<AlertsFile>,
+    pub(super) syslog: Option<SyslogSink>,
+    pub(super) format: AlertFormat,
+    pub(super) host: String,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) hub: Arc<observe::Hub>,
+    pub(super) audit: SharedAudit,
+    pub(super) summary: FlowSummary,
+    pub(super) detectors: Detectors,
+    pub(super) edge_baseline: Option<EdgeBaseline>,
+    /// Generation whose `[detection]` tuning the detectors run with.
+    pub(super) detection_generation: u32,
+}
+
+impl Pipeline {
+    fn interface_name(&mut self, ifindex: u32) -> String {
+        self.interfaces
+            .entry(ifindex)
+            .or_insert_with(|| {
+                host::interface_name(ifindex).unwrap_or_else(|| format!("if{ifindex}"))
+            })
+            .clone()
+    }
+
+    /// Writes a record to the alerts file and syslog.
+    fn publish(&mut self, msgid: &str, record: &serde_json::Value) {
+        if let Some(alerts) = &mut self.alerts {
+            alerts.write(record);
+        }
+        if let Some(syslog) = &self.syslog {
+            syslog.send(alert::severity_of(record), msgid, record);
+        }
+    }
+
+    /// Runs the detectors with the latest generation's tuning. Called from the once-a-second
+    /// tick, not per record: a reload's new thresholds apply within a second, without a lock
+    /// taken for every flow record.
+    fn tune_detectors(&mut self) {
+        let generations = locks::read(&self.generations);
+        if let Some(generation) = generations.latest_generation()
+            && generation != self.detection_generation
+        {
+            self.detectors.configure(generations.detection());
+            self.detection_generation = generation;
+        }
+    }
+
+    fn report(&mut self, findings: Vec<Finding>) {
+        for finding in findings {
+            tracing::info!(detector = finding.detector.name(), "{}", finding.message);
+            if finding.detector == Detector::NewEdge
+                && let (Some(baseline), Some(edge)) = (&mut self.edge_baseline, finding.edge())
+            {
+                baseline.record(&edge);
+            }
+            let record = alert::finding_alert(&finding, self.format, &self.host);
+            self.publish("finding", &record);
+            self.metrics
+                .alerts
+                .get_or_create(&DetectorLabel {
+                    detector: finding.detector.name().to_owned(),
+                })
+                .inc();
+            audit(
+                &self.audit,
+                "finding",
+                json!({
+                    "detector": finding.detector.name(),
+                    "src": finding.src.name,
+                    "dst": finding.dst.as_ref().map(|dst| dst.name.clone()),
+                    "port": finding.port,
+                    "rule": finding.rule,
+                    "count": finding.count,
+                    "message": finding.message,
+                }),
+            );
+        }
+    }
+
+    /// Closes detector windows that ended.
+    fn tick(&mut self) {
+        self.tune_detectors();
+        let findings = self.detectors.tick(SystemTime::now());
+        self.report(findings);
+    }
+
+    fn heartbeat(&mut self, heartbeat: &alert::Heartbeat) {
+        let record = alert::heartbeat_alert(heartbeat, SystemTime::now(), self.format, &self.host);
+        self.publish("heartbeat", &record);
+    }
+
+    fn handle(&mut self, event: &enforcer_common::event::FlowEvent) {
+        let lost = self.sequences.observe(event.cpu, event.seq);
+        if lost > 0 {
+            tracing::warn!(
+                lost,
+                cpu = event.cpu,
+                "flow records lost: the ring buffer was full"
+            );
+            let record = alert::lost_events_alert(lost, SystemTime::now(), self.format, &self.host);
+            self.publish("lost", &record);
+            audit(
+                &self.audit,
+                "events_lost",
+                json!({ "count": lost, "cpu": event.cpu }),
+            );
+        }
+        let interface_name = self.interface_name(event.ifindex);
+        let record = {
+            let generations = locks::read(&self.generations);
+            events::describe(event, &generations, &self.clock, |_| interface_name.clone())
+        };
+        match record {
+            Some(record) => self.emit(&record),
+            None => tracing::warn!(
+                verdict = event.verdict,
+                "flow record with an unknown verdict code (datapath from another build?)"
+            ),
+        }
+    }
+
+    fn emit(&mut self, record: &FlowRecord) {
+        tracing::debug!("{}", alert::flow_message(record));
+        self.metrics
+            .flows
+            .get_or_create(&FlowLabels {
+                src: record.src.name.clone(),
+                dst: record.dst.name.clone(),
+                verdict: record.verdict.as_str().to_owned(),
+            })
+            .inc();
+        if self.alerts.is_some() || self.syslog.is_some() {
+            let alert = alert::flow_alert(record, self.format, &self.host);
+            self.publish("flow", &alert);
+            self.metrics
+                .alerts
+                .get_or_create(&DetectorLabel {
+                    detector: "flow".to_owned(),
+                })
+                .inc();
+        }
+        self.hub.publish(record);
+        self.summary.add(record);
+        let findings = self.detectors.observe(record);
+        self.report(findings);
+    }
+
+    fn flush(&mut self) {
+        if let Some(alerts) = &mut self.alerts {
+            alerts.flush();
+        }
+    }
+
+    /// Once a second: follow a rotated alerts file.
+    fn follow_rotation(&mut self) {
+        if let Some(alerts) = &mut self.alerts {
+            alerts.follow_rotation();
+        }
+    }
+}
+
+/// Reads the ring buffer until told to stop; heartbeats come from the controller.
+pub(super) async fn read_events(
+    ring: RingBuf<MapData>,
+    mut pipeline: Pipeline,
+    mut stop: mpsc::Receiver<()>,
+    mut heartbeats: mpsc::UnboundedReceiver<alert::Heartbeat>,
+) {
+    // SAFETY: the ring buffer owns its map fd and keeps it open and unchanged until dropped,
+    // which only happens when the AsyncFd is dropped.
+    let mut ring = match unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) } {
+        Ok(ring) => ring,
+        Err(error) => {
+            tracing::error!(
+                "cannot poll the event ring buffer: {error}; no flow events will be reported"
+            );
+            return;
+        }
+    };
+    let mut summary_tick = tokio::time::interval(FlowSummary::WINDOW);
+    let mut detector_tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = stop.recv() => break,
+            _ = summary_tick.tick() => pipeline.summary.flush(&pipeline.audit),
+            _ = detector_tick.tick() => {
+                pipeline.tick();
+                pipeline.flush();
+                pipeline.follow_rotation();
+            }
+            Some(heartbeat) = heartbeats.recv() => {
+                pipeline.heartbeat(&heartbeat);
+                pipeline.flush();
+            }
+            ready = ring.readable_mut() => {
+                let mut guard = match ready {
+                    Ok(guard) => guard,
+                    Err(error) => {
+                        tracing::error!("polling the event ring buffer failed: {error}");
+                        return;
+                    }
+                };
+                let buffer = guard.get_inner_mut();
+                while let Some(item) = buffer.next() {
+                    if let Some(event) = events::decode(&item) {
+                        pipeline.handle(&event);
+                    }
+                }
+                pipeline.flush();
+                guard.clear_ready();
+            }
+        }
+    }
+    // Drain what arrived before the stop.
+    let buffer = ring.get_mut();
+    while let Some(item) = buffer.next() {
+        if let Some(event) = events::decode(&item) {
+            pipeline.handle(&event);
+        }
+    }
+    pipeline.flush();
+    pipeline.summary.flush(&pipeline.audit);
+}
