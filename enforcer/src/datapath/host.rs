@@ -83,20 +83,37 @@ pub fn interface_name(ifindex: u32) -> Option<String> {
     Some(String::from_utf8_lossy(&buffer[..end]).into_owned())
 }
 
+/// Why a cgroup the policy names cannot give its processes an identity.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("cgroup {} is not usable: {source}", path.display())]
+    Unusable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cgroup {} is not a directory", .0.display())]
+    NotADirectory(PathBuf),
+    #[error("cannot statfs {}: {source}", path.display())]
+    Statfs { path: PathBuf, source: nix::Error },
+    #[error("{} is not on a cgroup v2 filesystem; cgroup identity needs cgroup v2", .0.display())]
+    NotCgroup2(PathBuf),
+}
+
 /// A cgroup v2 directory's id: its inode number, as `bpf_skb_cgroup_id` reports it.
-pub fn cgroup_id(path: &Path) -> Result<u64, String> {
-    let metadata = std::fs::metadata(path)
-        .map_err(|error| format!("cgroup {} is not usable: {error}", path.display()))?;
+pub fn cgroup_id(path: &Path) -> Result<u64, CgroupError> {
+    let metadata = std::fs::metadata(path).map_err(|source| CgroupError::Unusable {
+        path: path.to_owned(),
+        source,
+    })?;
     if !metadata.is_dir() {
-        return Err(format!("cgroup {} is not a directory", path.display()));
+        return Err(CgroupError::NotADirectory(path.to_owned()));
     }
-    let stat = nix::sys::statfs::statfs(path)
-        .map_err(|error| format!("cannot statfs {}: {error}", path.display()))?;
+    let stat = nix::sys::statfs::statfs(path).map_err(|source| CgroupError::Statfs {
+        path: path.to_owned(),
+        source,
+    })?;
     if stat.filesystem_type().0 as i64 != CGROUP2_SUPER_MAGIC {
-        return Err(format!(
-            "{} is not on a cgroup v2 filesystem; cgroup identity needs cgroup v2",
-            path.display()
-        ));
+        return Err(CgroupError::NotCgroup2(path.to_owned()));
     }
     Ok(metadata.ino())
 }

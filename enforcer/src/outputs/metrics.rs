@@ -303,15 +303,20 @@ impl Collector for KernelCollector {
     }
 }
 
+/// A `--metrics` value that is no address to listen on.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid --metrics address \"{0}\": expected PORT or HOST:PORT")]
+pub struct ListenAddressError(String);
+
 /// Parses `--metrics`: `PORT`, `:PORT`, `HOST:PORT` or `[V6]:PORT`; without a host it binds
 /// 127.0.0.1, so metrics are only exposed beyond the host when asked.
-pub fn parse_listen_address(text: &str) -> Result<SocketAddr, String> {
+pub fn parse_listen_address(text: &str) -> Result<SocketAddr, ListenAddressError> {
     let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
     if let Ok(port) = text.trim_start_matches(':').parse::<u16>() {
         return Ok(SocketAddr::new(localhost, port));
     }
     text.parse::<SocketAddr>()
-        .map_err(|_| format!("invalid --metrics address \"{text}\": expected PORT or HOST:PORT"))
+        .map_err(|_| ListenAddressError(text.to_owned()))
 }
 
 /// Serves `GET /metrics` until the task is dropped: OpenMetrics to scrapers that accept it

@@ -21,6 +21,51 @@ use rustls::{
 };
 use serde_json::Value;
 
+/// Why a syslog target is not usable, or a connection to it failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SyslogError {
+    #[error("invalid --syslog \"{text}\": {problem}")]
+    Target { text: String, problem: String },
+    #[error("reading {what} from {}: {source}", path.display())]
+    ReadCertificates {
+        what: &'static str,
+        path: PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{} holds no certificate", .0.display())]
+    NoCertificate(PathBuf),
+    #[error("a CA certificate in {} is not usable: {source}", path.display())]
+    UnusableCa {
+        path: PathBuf,
+        source: rustls::Error,
+    },
+    #[error("TLS settings: {0}")]
+    TlsSettings(rustls::Error),
+    #[error("reading the client key from {}: {source}", path.display())]
+    ReadKey {
+        path: PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("the client certificate and key: {0}")]
+    ClientAuth(rustls::Error),
+    #[error("resolving {host}: {source}")]
+    Resolve { host: String, source: io::Error },
+    #[error("unreachable")]
+    Unreachable,
+    #[error(transparent)]
+    Socket(#[from] io::Error),
+    #[error("not a TLS server name: {0}")]
+    ServerName(rustls::pki_types::InvalidDnsNameError),
+    #[error("TLS: {0}")]
+    Tls(rustls::Error),
+    #[error("TLS handshake: {0}")]
+    Handshake(io::Error),
+    #[error("TLS: the collector refused the connection: {0}")]
+    Refused(io::Error),
+    #[error("TLS: the collector closed the connection")]
+    Closed,
+}
+
 /// Where the syslog records go.
 #[derive(Clone, Debug)]
 pub struct SyslogTarget {
@@ -54,51 +99,61 @@ pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 impl TlsFiles {
     /// TLS settings that trust the CA certificates (PEM) in the bundle, and present the client
     /// certificate, if any, to collectors that ask for one.
-    pub fn config(&self) -> Result<Arc<ClientConfig>, String> {
+    pub fn config(&self) -> Result<Arc<ClientConfig>, SyslogError> {
         tls_config(&self.ca_bundle, self.client.as_ref())
     }
 }
 
-fn tls_config(ca_bundle: &Path, client: Option<&ClientFiles>) -> Result<Arc<ClientConfig>, String> {
+fn tls_config(
+    ca_bundle: &Path,
+    client: Option<&ClientFiles>,
+) -> Result<Arc<ClientConfig>, SyslogError> {
     let mut roots = RootCertStore::empty();
     for certificate in read_certificates(ca_bundle, "CA certificates")? {
-        roots.add(certificate).map_err(|error| {
-            format!(
-                "a CA certificate in {} is not usable: {error}",
-                ca_bundle.display()
-            )
-        })?;
+        roots
+            .add(certificate)
+            .map_err(|source| SyslogError::UnusableCa {
+                path: ca_bundle.to_owned(),
+                source,
+            })?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|error| format!("TLS settings: {error}"))?
+        .map_err(SyslogError::TlsSettings)?
         .with_root_certificates(roots);
     let config = match client {
         None => builder.with_no_client_auth(),
         Some(client) => {
             let chain = read_certificates(&client.certificate_chain, "the client certificate")?;
-            let key = PrivateKeyDer::from_pem_file(&client.key).map_err(|error| {
-                format!(
-                    "reading the client key from {}: {error}",
-                    client.key.display()
-                )
+            let key = PrivateKeyDer::from_pem_file(&client.key).map_err(|source| {
+                SyslogError::ReadKey {
+                    path: client.key.clone(),
+                    source,
+                }
             })?;
             builder
                 .with_client_auth_cert(chain, key)
-                .map_err(|error| format!("the client certificate and key: {error}"))?
+                .map_err(SyslogError::ClientAuth)?
         }
     };
     Ok(Arc::new(config))
 }
 
 /// The certificates (PEM) in `path`; at least one.
-fn read_certificates(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+fn read_certificates(
+    path: &Path,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, SyslogError> {
     let certificates = CertificateDer::pem_file_iter(path)
         .and_then(|certificates| certificates.collect::<Result<Vec<_>, _>>())
-        .map_err(|error| format!("reading {what} from {}: {error}", path.display()))?;
+        .map_err(|source| SyslogError::ReadCertificates {
+            what,
+            path: path.to_owned(),
+            source,
+        })?;
     if certificates.is_empty() {
-        return Err(format!("{} holds no certificate", path.display()));
+        return Err(SyslogError::NoCertificate(path.to_owned()));
     }
     Ok(certificates)
 }
@@ -108,25 +163,29 @@ const QUEUE: usize = 65_536;
 const FACILITY_LOCAL0: u8 = 16;
 
 /// Parses `tcp://HOST:PORT` or `tls://HOST:PORT`; the flag says whether it is TLS.
-pub fn parse_target(text: &str) -> Result<(String, u16, bool), String> {
+pub fn parse_target(text: &str) -> Result<(String, u16, bool), SyslogError> {
+    let invalid = |problem: String| SyslogError::Target {
+        text: text.to_owned(),
+        problem,
+    };
     let (rest, tls) = match (text.strip_prefix("tcp://"), text.strip_prefix("tls://")) {
         (Some(rest), _) => (rest, false),
         (_, Some(rest)) => (rest, true),
         _ => {
-            return Err(format!(
-                "invalid --syslog \"{text}\": expected tcp://HOST:PORT or tls://HOST:PORT"
+            return Err(invalid(
+                "expected tcp://HOST:PORT or tls://HOST:PORT".to_owned(),
             ));
         }
     };
     let (host, port) = rest
         .rsplit_once(':')
-        .ok_or_else(|| format!("invalid --syslog \"{text}\": no port"))?;
+        .ok_or_else(|| invalid("no port".to_owned()))?;
     let port = port
         .parse()
-        .map_err(|_| format!("invalid --syslog \"{text}\": bad port \"{port}\""))?;
+        .map_err(|_| invalid(format!("bad port \"{port}\"")))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() {
-        return Err(format!("invalid --syslog \"{text}\": no host"));
+        return Err(invalid("no host".to_owned()));
     }
     Ok((host.to_owned(), port, tls))
 }
@@ -250,40 +309,40 @@ impl Connection {
 
 /// Connects, and completes the TLS handshake when there is one, so that a collector whose
 /// certificate does not check out is refused here, with the reason.
-fn connect(target: &SyslogTarget) -> Result<Connection, String> {
+fn connect(target: &SyslogTarget) -> Result<Connection, SyslogError> {
     let addresses: Vec<SocketAddr> = (target.host.as_str(), target.port)
         .to_socket_addrs()
-        .map_err(|error| format!("resolving {}: {error}", target.host))?
+        .map_err(|source| SyslogError::Resolve {
+            host: target.host.clone(),
+            source,
+        })?
         .collect();
     let stream = addresses
         .iter()
         .find_map(|address| TcpStream::connect_timeout(address, Duration::from_secs(2)).ok())
-        .ok_or_else(|| "unreachable".to_owned())?;
+        .ok_or(SyslogError::Unreachable)?;
     let timeout = Some(Duration::from_secs(5));
     stream
         .set_write_timeout(timeout)
-        .and_then(|()| stream.set_read_timeout(timeout))
-        .map_err(|error| error.to_string())?;
+        .and_then(|()| stream.set_read_timeout(timeout))?;
     let Some(files) = &target.tls else {
         return Ok(Connection::Tcp(stream));
     };
     let config = files.config()?;
-    let name = ServerName::try_from(target.host.clone())
-        .map_err(|error| format!("not a TLS server name: {error}"))?;
-    let session = ClientConnection::new(config, name).map_err(|error| format!("TLS: {error}"))?;
+    let name = ServerName::try_from(target.host.clone()).map_err(SyslogError::ServerName)?;
+    let session = ClientConnection::new(config, name).map_err(SyslogError::Tls)?;
     let mut tls = StreamOwned::new(session, stream);
     while tls.conn.is_handshaking() {
         tls.conn
             .complete_io(&mut tls.sock)
-            .map_err(|error| format!("TLS handshake: {error}"))?;
+            .map_err(SyslogError::Handshake)?;
     }
     // In TLS 1.3 the client is done with the handshake before the collector has checked the
     // client's certificate; a collector that refuses it says so right after. Otherwise it
     // sends at most session tickets, so reading until a short wait times out tells the two
     // apart, and records are not sent into a connection that is being refused.
     tls.sock
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .map_err(|error| error.to_string())?;
+        .set_read_timeout(Some(Duration::from_millis(200)))?;
     for _ in 0..8 {
         match tls.conn.complete_io(&mut tls.sock) {
             Err(error)
@@ -295,17 +354,13 @@ fn connect(target: &SyslogTarget) -> Result<Connection, String> {
                 break;
             }
             Err(error) => {
-                return Err(format!(
-                    "TLS: the collector refused the connection: {error}"
-                ));
+                return Err(SyslogError::Refused(error));
             }
-            Ok((0, _)) => return Err("TLS: the collector closed the connection".to_owned()),
+            Ok((0, _)) => return Err(SyslogError::Closed),
             Ok(_) => {}
         }
     }
-    tls.sock
-        .set_read_timeout(timeout)
-        .map_err(|error| error.to_string())?;
+    tls.sock.set_read_timeout(timeout)?;
     Ok(Connection::Tls(Box::new(tls)))
 }
 
@@ -686,7 +741,13 @@ mod tests {
         std::fs::write(&empty, "").unwrap();
         let error = tls_config(&empty, None).unwrap_err();
         std::fs::remove_file(&empty).unwrap();
-        assert!(error.contains("holds no certificate"), "{error}");
-        assert!(tls_config(Path::new("/nonexistent/ca.pem"), None).is_err());
+        assert!(
+            matches!(&error, SyslogError::NoCertificate(path) if *path == empty),
+            "{error}"
+        );
+        assert!(matches!(
+            tls_config(Path::new("/nonexistent/ca.pem"), None),
+            Err(SyslogError::ReadCertificates { .. })
+        ));
     }
 }

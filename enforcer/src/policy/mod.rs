@@ -118,17 +118,45 @@ impl Protocol {
     }
 }
 
+/// A value in a policy, or on the command line, that does not say what it must.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    #[error("unknown protocol \"{0}\": expected tcp, udp or icmp")]
+    Protocol(String),
+    #[error("invalid port \"{text}\": {problem}")]
+    Port { text: String, problem: PortProblem },
+    #[error("invalid port range \"{text}\": {lo} is above {hi}")]
+    BackwardsRange { text: String, lo: u16, hi: u16 },
+    #[error("unknown service \"{name}\" (services: {known}; or \"world\", \"host\", a CIDR)")]
+    UnknownService { name: String, known: String },
+    #[error("invalid address or CIDR \"{0}\"")]
+    Address(String),
+    #[error("CIDR \"{text}\" has host bits set; did you mean \"{network}\"?")]
+    HostBits { text: String, network: IpNet },
+}
+
+/// What is wrong with a port entry.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PortProblem {
+    #[error("expected PORT/PROTO, LOW-HIGH/PROTO, tcp, udp or icmp")]
+    Shape,
+    #[error("{0} has no ports, write \"{0}\"")]
+    NoPorts(&'static str),
+    #[error("\"{0}\" is not a number")]
+    NotANumber(String),
+    #[error("port {0} out of range 1-65535")]
+    OutOfRange(u64),
+}
+
 impl FromStr for Protocol {
-    type Err = String;
+    type Err = ValueError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         match text.to_ascii_lowercase().as_str() {
             "tcp" => Ok(Self::Tcp),
             "udp" => Ok(Self::Udp),
             "icmp" | "icmpv6" => Ok(Self::Icmp),
-            other => Err(format!(
-                "unknown protocol \"{other}\": expected tcp, udp or icmp"
-            )),
+            other => Err(ValueError::Protocol(other.to_owned())),
         }
     }
 }
@@ -155,35 +183,29 @@ impl fmt::Display for PortMatch {
 }
 
 impl FromStr for PortMatch {
-    type Err = String;
+    type Err = ValueError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let text = text.trim();
+        let invalid = |problem| ValueError::Port {
+            text: text.to_owned(),
+            problem,
+        };
         let Some((ports, protocol)) = text.split_once('/') else {
-            let protocol: Protocol = text.parse().map_err(|_| {
-                format!(
-                    "invalid port \"{text}\": expected PORT/PROTO, LOW-HIGH/PROTO, tcp, udp or icmp"
-                )
-            })?;
+            let protocol: Protocol = text.parse().map_err(|_| invalid(PortProblem::Shape))?;
             return Ok(Self::AnyPort(protocol));
         };
         let protocol: Protocol = protocol.parse()?;
         if !protocol.has_ports() {
-            return Err(format!(
-                "invalid port \"{text}\": {} has no ports, write \"{}\"",
-                protocol.as_str(),
-                protocol.as_str()
-            ));
+            return Err(invalid(PortProblem::NoPorts(protocol.as_str())));
         }
-        let parse_port = |number: &str| -> Result<u16, String> {
+        let parse_port = |number: &str| -> Result<u16, ValueError> {
             let value: u64 = number
                 .trim()
                 .parse()
-                .map_err(|_| format!("invalid port \"{text}\": \"{number}\" is not a number"))?;
+                .map_err(|_| invalid(PortProblem::NotANumber(number.to_owned())))?;
             if value == 0 || value > 65535 {
-                return Err(format!(
-                    "invalid port \"{text}\": port {value} out of range 1-65535"
-                ));
+                return Err(invalid(PortProblem::OutOfRange(value)));
             }
             Ok(value as u16)
         };
@@ -191,7 +213,11 @@ impl FromStr for PortMatch {
             Some((lo, hi)) => {
                 let (lo, hi) = (parse_port(lo)?, parse_port(hi)?);
                 if lo > hi {
-                    return Err(format!("invalid port range \"{text}\": {lo} is above {hi}"));
+                    return Err(ValueError::BackwardsRange {
+                        text: text.to_owned(),
+                        lo,
+                        hi,
+                    });
                 }
                 if lo == hi {
                     return Ok(Self::Port(protocol, lo));
@@ -324,7 +350,7 @@ impl Policy {
     }
 
     /// Parses a peer as written in a rule or on the command line.
-    pub fn parse_peer(&self, text: &str) -> Result<Peer, String> {
+    pub fn parse_peer(&self, text: &str) -> Result<Peer, ValueError> {
         match text {
             "world" => return Ok(Peer::World),
             "host" => return Ok(Peer::Host),
@@ -345,14 +371,14 @@ impl Policy {
             .iter()
             .map(|service| service.name.as_str())
             .collect();
-        Err(format!(
-            "unknown service \"{text}\" (services: {}; or \"world\", \"host\", a CIDR)",
-            if known.is_empty() {
+        Err(ValueError::UnknownService {
+            name: text.to_owned(),
+            known: if known.is_empty() {
                 "none declared".to_owned()
             } else {
                 known.join(", ")
-            }
-        ))
+            },
+        })
     }
 }
 
@@ -364,19 +390,19 @@ fn looks_like_address(text: &str) -> bool {
 }
 
 /// Parses `a.b.c.d/n`, `x::/n` or a bare address (a /32 or /128). Host bits must be zero.
-pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
+pub fn parse_cidr(text: &str) -> Result<IpNet, ValueError> {
     let net = match text.parse::<IpNet>() {
         Ok(net) => net,
         Err(_) => match text.parse::<IpAddr>() {
             Ok(addr) => IpNet::from(addr),
-            Err(_) => return Err(format!("invalid address or CIDR \"{text}\"")),
+            Err(_) => return Err(ValueError::Address(text.to_owned())),
         },
     };
     if net.trunc() != net {
-        return Err(format!(
-            "CIDR \"{text}\" has host bits set; did you mean \"{}\"?",
-            net.trunc()
-        ));
+        return Err(ValueError::HostBits {
+            text: text.to_owned(),
+            network: net.trunc(),
+        });
     }
     Ok(net)
 }
@@ -523,10 +549,10 @@ impl At<'_> {
 struct Diagnostics(Vec<Diagnostic>);
 
 impl Diagnostics {
-    fn error(&mut self, origin: Origin, message: impl Into<String>) {
+    fn error(&mut self, origin: Origin, message: impl ToString) {
         self.0.push(Diagnostic {
             origin,
-            message: message.into(),
+            message: message.to_string(),
         });
     }
 }

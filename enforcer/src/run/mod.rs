@@ -107,19 +107,19 @@ pub struct RunOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("{0}")]
+    #[error(transparent)]
     Policy(#[from] PolicyError),
-    #[error("{0}")]
+    #[error(transparent)]
     Compile(#[from] CompileError),
     #[error("interface {0} does not exist in this network namespace")]
     NoSuchInterface(String),
-    #[error("{0}")]
+    #[error(transparent)]
     Load(#[from] LoadError),
-    #[error("{0}")]
+    #[error(transparent)]
     Maps(#[from] MapsError),
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
-    #[error("{0}")]
+    #[error(transparent)]
     Baseline(#[from] BaselineError),
 }
 
