@@ -101,32 +101,132 @@ mod user {
         }
     }
 
-    /// The name of a reason code, as used in metrics labels, events and alerts.
-    pub fn reason_name(code: u8) -> &'static str {
-        use super::reason::*;
-        match code {
-            POLICY_ALLOW => "policy_allow",
-            ESTABLISHED => "established",
-            DEFAULT_ALLOW => "default_allow",
-            RELATED => "related",
-            INFRASTRUCTURE => "infrastructure",
-            FRAGMENT_FOLLOWS => "fragment",
-            POLICY_DENY => "policy_deny",
-            DEFAULT_DENY => "default_deny",
-            SPOOFED => "spoofed",
-            IDENTITY_MISMATCH => "identity_mismatch",
-            RATE_LIMITED => "rate_limited",
-            MALFORMED => "malformed",
-            BAD_FRAGMENT => "bad_fragment",
-            NO_POLICY => "no_policy",
-            UNSUPPORTED_HEADERS => "unsupported_headers",
-            _ => "unknown",
+    /// Why the datapath decided as it did: a reason code as the controller reports it.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+    pub enum Reason {
+        PolicyAllow,
+        Established,
+        DefaultAllow,
+        Related,
+        Infrastructure,
+        FragmentFollows,
+        PolicyDeny,
+        DefaultDeny,
+        Spoofed,
+        IdentityMismatch,
+        RateLimited,
+        Malformed,
+        BadFragment,
+        NoPolicy,
+        UnsupportedHeaders,
+    }
+
+    impl Reason {
+        pub const ALL: [Self; 15] = [
+            Self::PolicyAllow,
+            Self::Established,
+            Self::DefaultAllow,
+            Self::Related,
+            Self::Infrastructure,
+            Self::FragmentFollows,
+            Self::PolicyDeny,
+            Self::DefaultDeny,
+            Self::Spoofed,
+            Self::IdentityMismatch,
+            Self::RateLimited,
+            Self::Malformed,
+            Self::BadFragment,
+            Self::NoPolicy,
+            Self::UnsupportedHeaders,
+        ];
+
+        pub const fn code(self) -> u8 {
+            use super::reason::*;
+            match self {
+                Self::PolicyAllow => POLICY_ALLOW,
+                Self::Established => ESTABLISHED,
+                Self::DefaultAllow => DEFAULT_ALLOW,
+                Self::Related => RELATED,
+                Self::Infrastructure => INFRASTRUCTURE,
+                Self::FragmentFollows => FRAGMENT_FOLLOWS,
+                Self::PolicyDeny => POLICY_DENY,
+                Self::DefaultDeny => DEFAULT_DENY,
+                Self::Spoofed => SPOOFED,
+                Self::IdentityMismatch => IDENTITY_MISMATCH,
+                Self::RateLimited => RATE_LIMITED,
+                Self::Malformed => MALFORMED,
+                Self::BadFragment => BAD_FRAGMENT,
+                Self::NoPolicy => NO_POLICY,
+                Self::UnsupportedHeaders => UNSUPPORTED_HEADERS,
+            }
+        }
+
+        pub fn from_code(code: u8) -> Option<Self> {
+            Self::ALL.into_iter().find(|reason| reason.code() == code)
+        }
+
+        /// Its name in metrics labels, events and alerts.
+        pub const fn as_str(self) -> &'static str {
+            match self {
+                Self::PolicyAllow => "policy_allow",
+                Self::Established => "established",
+                Self::DefaultAllow => "default_allow",
+                Self::Related => "related",
+                Self::Infrastructure => "infrastructure",
+                Self::FragmentFollows => "fragment",
+                Self::PolicyDeny => "policy_deny",
+                Self::DefaultDeny => "default_deny",
+                Self::Spoofed => "spoofed",
+                Self::IdentityMismatch => "identity_mismatch",
+                Self::RateLimited => "rate_limited",
+                Self::Malformed => "malformed",
+                Self::BadFragment => "bad_fragment",
+                Self::NoPolicy => "no_policy",
+                Self::UnsupportedHeaders => "unsupported_headers",
+            }
+        }
+
+        /// Whether the packet was dropped for its shape rather than by policy.
+        pub const fn is_malformed(self) -> bool {
+            matches!(
+                self,
+                Self::Malformed | Self::BadFragment | Self::UnsupportedHeaders
+            )
+        }
+
+        /// Whether the packet claimed an identity that is not its own.
+        pub const fn is_spoof(self) -> bool {
+            matches!(self, Self::Spoofed | Self::IdentityMismatch)
         }
     }
 
-    /// Every reason code the datapath reports.
-    pub fn reason_codes() -> impl Iterator<Item = u8> {
-        (1..super::reason::REASON_SLOTS as u8).filter(|code| reason_name(*code) != "unknown")
+    impl fmt::Display for Reason {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.as_str())
+        }
+    }
+
+    /// The name of a reason code, `unknown` for a code this build does not know (packet
+    /// counters of a datapath from another build).
+    pub fn reason_name(code: u8) -> &'static str {
+        Reason::from_code(code).map_or("unknown", Reason::as_str)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn every_reason_code_has_one_reason_and_fits_the_counters() {
+            for reason in Reason::ALL {
+                assert_eq!(Reason::from_code(reason.code()), Some(reason));
+                assert!(u32::from(reason.code()) < super::super::reason::REASON_SLOTS);
+            }
+            let codes: std::collections::BTreeSet<u8> =
+                Reason::ALL.iter().map(|reason| reason.code()).collect();
+            assert_eq!(codes.len(), Reason::ALL.len());
+            assert_eq!(Reason::from_code(0), None);
+        }
     }
 }
 

@@ -20,7 +20,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use enforcer_common::verdict::Verdict;
+use enforcer_common::verdict::{Reason, Verdict};
 use serde_json::{Value, json};
 
 use crate::{events::FlowRecord, policy::Detection};
@@ -238,16 +238,16 @@ impl Detectors {
         };
 
         match record.reason {
-            "spoofed" | "identity_mismatch" => findings.push(finding(
+            Reason::Spoofed | Reason::IdentityMismatch => findings.push(finding(
                 Detector::Spoof,
                 u64::from(record.count),
                 format!(
                     "{} sent as {} ({}) from where it cannot be",
                     record.src.name, record.src.ip, record.reason
                 ),
-                json!({ "reason": record.reason, "address_identity": record.address_identity }),
+                json!({ "reason": record.reason.as_str(), "address_identity": record.address_identity }),
             )),
-            "rate_limited" => findings.push(finding(
+            Reason::RateLimited => findings.push(finding(
                 Detector::RateLimit,
                 u64::from(record.count),
                 format!(
@@ -268,7 +268,8 @@ impl Detectors {
             protocol: record.protocol.clone(),
             port,
         };
-        let new_connection = record.verdict != Verdict::Deny && record.reason == "policy_allow";
+        let new_connection =
+            record.verdict != Verdict::Deny && record.reason == Reason::PolicyAllow;
         if new_connection {
             // Every edge counted in a window has a baseline, so the baselines bound both.
             let tracked = self.baselines.len();
@@ -463,7 +464,7 @@ mod tests {
         dst_ip: [u8; 4],
         port: u16,
         verdict: Verdict,
-        reason: &'static str,
+        reason: Reason,
     ) -> FlowRecord {
         FlowRecord {
             time: UNIX_EPOCH + Duration::from_secs_f64(1_000_000.0 + at_secs),
@@ -509,7 +510,7 @@ mod tests {
             [10, 0, 0, 2],
             8080,
             Verdict::Allow,
-            "policy_allow",
+            Reason::PolicyAllow,
         )
     }
 
@@ -595,7 +596,7 @@ mod tests {
             [10, 0, 0, 3],
             5432,
             Verdict::Deny,
-            "default_deny",
+            Reason::DefaultDeny,
         );
         assert!(
             detected(&detectors.observe(&denied), Detector::NewEdge).is_empty(),
@@ -645,7 +646,7 @@ mod tests {
             [10, 0, 0, 2],
             9090,
             Verdict::Allow,
-            "policy_allow",
+            Reason::PolicyAllow,
         );
         assert_eq!(
             detected(&restarted.observe(&other), Detector::NewEdge).len(),
@@ -666,7 +667,7 @@ mod tests {
                 [10, 0, 0, 2],
                 1000 + port,
                 Verdict::Deny,
-                "default_deny",
+                Reason::DefaultDeny,
             )));
         }
         let fanouts = detected(&findings, Detector::Fanout);
@@ -684,7 +685,7 @@ mod tests {
             [10, 0, 0, 2],
             2000,
             Verdict::Deny,
-            "default_deny",
+            Reason::DefaultDeny,
         ));
         assert!(detected(&later, Detector::Fanout).is_empty());
     }
@@ -699,7 +700,7 @@ mod tests {
             [10, 0, 0, 3],
             5432,
             Verdict::Deny,
-            "default_deny",
+            Reason::DefaultDeny,
         );
         denied.count = 4;
         let mut findings = Vec::new();
@@ -725,7 +726,7 @@ mod tests {
             [10, 0, 0, 2],
             53,
             Verdict::Deny,
-            "spoofed",
+            Reason::Spoofed,
         );
         assert_eq!(
             detected(&detectors.observe(&spoofed), Detector::Spoof).len(),
@@ -738,7 +739,7 @@ mod tests {
             [10, 0, 0, 2],
             8080,
             Verdict::Deny,
-            "rate_limited",
+            Reason::RateLimited,
         );
         assert_eq!(
             detected(&detectors.observe(&limited), Detector::RateLimit).len(),

@@ -13,7 +13,7 @@ use std::{
 use enforcer_common::{
     addr::{family, from_key_bytes},
     event::{FlowEvent, flags, hook},
-    verdict::{Verdict, reason_name},
+    verdict::{Reason, Verdict},
 };
 use serde::Serialize;
 
@@ -40,7 +40,8 @@ pub struct FlowRecord {
     pub time: SystemTime,
     #[serde(serialize_with = "verdict_name")]
     pub verdict: Verdict,
-    pub reason: &'static str,
+    #[serde(serialize_with = "reason_name")]
+    pub reason: Reason,
     /// Id of the deciding rule (`default-deny` and friends included).
     pub rule: String,
     pub src: FlowEnd,
@@ -60,6 +61,10 @@ pub struct FlowRecord {
     pub cgroup_id: u64,
     pub cpu: u32,
     pub sequence: u64,
+}
+
+fn reason_name<S: serde::Serializer>(reason: &Reason, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(reason.as_str())
 }
 
 fn verdict_name<S: serde::Serializer>(verdict: &Verdict, serializer: S) -> Result<S::Ok, S::Error> {
@@ -197,8 +202,8 @@ impl Generations {
     }
 }
 
-/// Gives an event its names and wall-clock time; `None` for a verdict code this build does not
-/// know (a datapath from another build).
+/// Gives an event its names and wall-clock time; `None` for a verdict or reason code this build
+/// does not know (a datapath from another build).
 pub fn describe(
     event: &FlowEvent,
     generations: &Generations,
@@ -206,6 +211,7 @@ pub fn describe(
     interface: impl Fn(u32) -> String,
 ) -> Option<FlowRecord> {
     let verdict = Verdict::from_code(event.verdict)?;
+    let reason = Reason::from_code(event.reason)?;
     // A generation this controller neither installed nor adopted with its names (see
     // `names_file`), or one older than those kept: identities keep their numbers from one
     // generation to the next, so the latest names them; rule numbers may not, so a user rule
@@ -222,7 +228,7 @@ pub fn describe(
     Some(FlowRecord {
         time: clock.wall(event.timestamp_ns),
         verdict,
-        reason: reason_name(event.reason),
+        reason,
         rule,
         src: FlowEnd {
             ip: from_key_bytes(event.src_addr),
@@ -298,6 +304,7 @@ mod tests {
                 src_identity: a,
                 dst_identity: b,
                 verdict: enforcer_common::verdict::ALLOW,
+                reason: enforcer_common::verdict::reason::POLICY_ALLOW,
                 ..Default::default()
             };
             describe(&event, &generations, &Clock::now(), |_| String::new()).unwrap()
@@ -323,6 +330,28 @@ mod tests {
             record(4, enforcer_common::policy::rule::DEFAULT_DENY).rule,
             "default-deny"
         );
+    }
+
+    #[test]
+    fn an_event_with_a_code_this_build_does_not_know_is_not_described() {
+        let generations = Generations::default();
+        let event = |verdict: u8, reason: u8| FlowEvent {
+            verdict,
+            reason,
+            ..Default::default()
+        };
+        let describe =
+            |event: FlowEvent| describe(&event, &generations, &Clock::now(), |_| String::new());
+        let known = describe(event(
+            enforcer_common::verdict::DENY,
+            enforcer_common::verdict::reason::SPOOFED,
+        ));
+        assert_eq!(
+            known.map(|record| record.reason),
+            Some(enforcer_common::verdict::Reason::Spoofed)
+        );
+        assert!(describe(event(enforcer_common::verdict::DENY, 0)).is_none());
+        assert!(describe(event(9, enforcer_common::verdict::reason::SPOOFED)).is_none());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use enforcer_common::verdict::Verdict;
+use enforcer_common::verdict::{Reason, Verdict};
 use serde_json::{Value, json};
 
 use crate::{detect::Finding, events::FlowRecord};
@@ -73,9 +73,9 @@ struct Classification {
 
 fn classify(record: &FlowRecord) -> Classification {
     let (severity_id, disposition_id, disposition) = match record.reason {
-        "spoofed" | "identity_mismatch" => (4, 6, "Dropped"),
-        "rate_limited" => (3, 6, "Dropped"),
-        "malformed" | "bad_fragment" | "unsupported_headers" => (3, 6, "Dropped"),
+        reason if reason.is_spoof() => (4, 6, "Dropped"),
+        Reason::RateLimited => (3, 6, "Dropped"),
+        reason if reason.is_malformed() => (3, 6, "Dropped"),
         _ if record.rejudged => (3, 24, "Access Revoked"),
         _ => (2, 2, "Blocked"),
     };
@@ -218,7 +218,7 @@ fn ocsf_flow(record: &FlowRecord, host: &str) -> Value {
 fn enforcer_fields(record: &FlowRecord) -> Value {
     json!({
         "verdict": record.verdict.as_str(),
-        "reason": record.reason,
+        "reason": record.reason.as_str(),
         "generation": record.generation,
         "hook": record.hook,
         "interface": record.interface,
@@ -248,7 +248,7 @@ fn ecs_flow(record: &FlowRecord, host: &str) -> Value {
             "type": types,
             "action": format!("flow-{}", record.verdict.as_str()),
             "outcome": outcome,
-            "reason": record.reason,
+            "reason": record.reason.as_str(),
             "severity": classify(record).severity_id,
             "sequence": record.sequence,
             "start": timestamp,
@@ -492,7 +492,7 @@ mod tests {
     use super::*;
     use crate::events::FlowEnd;
 
-    fn record(verdict: Verdict, reason: &'static str, rule: &str) -> FlowRecord {
+    fn record(verdict: Verdict, reason: Reason, rule: &str) -> FlowRecord {
         FlowRecord {
             time: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
             verdict,
@@ -528,7 +528,7 @@ mod tests {
     #[test]
     fn denied_flow_is_ocsf_network_activity_with_action_denied() {
         let alert = flow_alert(
-            &record(Verdict::Deny, "default_deny", "default-deny"),
+            &record(Verdict::Deny, Reason::DefaultDeny, "default-deny"),
             AlertFormat::Ocsf,
             "node-1",
         );
@@ -553,7 +553,7 @@ mod tests {
     #[test]
     fn allowed_audited_spoofed_and_revoked_flows_classify_distinctly() {
         let allowed = flow_alert(
-            &record(Verdict::Allow, "policy_allow", "fe-to-db"),
+            &record(Verdict::Allow, Reason::PolicyAllow, "fe-to-db"),
             AlertFormat::Ocsf,
             "h",
         );
@@ -566,7 +566,7 @@ mod tests {
             (Some(1), Some(1), Some(1))
         );
         let audited = flow_alert(
-            &record(Verdict::Audit, "default_deny", "default-deny"),
+            &record(Verdict::Audit, Reason::DefaultDeny, "default-deny"),
             AlertFormat::Ocsf,
             "h",
         );
@@ -578,7 +578,7 @@ mod tests {
             (Some(1), Some(15))
         );
         let spoofed = flow_alert(
-            &record(Verdict::Deny, "spoofed", "anti-spoofing"),
+            &record(Verdict::Deny, Reason::Spoofed, "anti-spoofing"),
             AlertFormat::Ocsf,
             "h",
         );
@@ -589,7 +589,7 @@ mod tests {
             ),
             (Some(4), Some(6))
         );
-        let mut revoked = record(Verdict::Deny, "default_deny", "default-deny");
+        let mut revoked = record(Verdict::Deny, Reason::DefaultDeny, "default-deny");
         revoked.rejudged = true;
         let revoked = flow_alert(&revoked, AlertFormat::Ocsf, "h");
         assert_eq!(
@@ -604,7 +604,7 @@ mod tests {
     #[test]
     fn ecs_flow_uses_ecs_field_names() {
         let alert = flow_alert(
-            &record(Verdict::Deny, "policy_deny", "no-db"),
+            &record(Verdict::Deny, Reason::PolicyDeny, "no-db"),
             AlertFormat::Ecs,
             "node-1",
         );
@@ -621,9 +621,9 @@ mod tests {
     #[test]
     fn a_record_has_the_same_severity_in_both_formats() {
         for (verdict, reason) in [
-            (Verdict::Allow, "policy_allow"),
-            (Verdict::Deny, "policy_deny"),
-            (Verdict::Deny, "spoofed"),
+            (Verdict::Allow, Reason::PolicyAllow),
+            (Verdict::Deny, Reason::PolicyDeny),
+            (Verdict::Deny, Reason::Spoofed),
         ] {
             let flow = record(verdict, reason, "r");
             let [ocsf, ecs] = [AlertFormat::Ocsf, AlertFormat::Ecs]
@@ -632,7 +632,7 @@ mod tests {
         }
         assert_eq!(
             severity_of(&flow_alert(
-                &record(Verdict::Deny, "spoofed", "r"),
+                &record(Verdict::Deny, Reason::Spoofed, "r"),
                 AlertFormat::Ecs,
                 "n"
             )),

@@ -193,7 +193,8 @@ impl Pipeline {
             Some(record) => self.emit(&record),
             None => tracing::warn!(
                 verdict = event.verdict,
-                "flow record with an unknown verdict code (datapath from another build?)"
+                reason = event.reason,
+                "flow record with an unknown verdict or reason code (datapath from another build?)"
             ),
         }
     }
