@@ -1,0 +1,543 @@
+//! Building a [`Policy`] from the documents of every file, with every problem reported.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+};
+
+use enforcer_common::policy::rule;
+use ipnet::IpNet;
+use toml::Spanned;
+
+use super::{
+    Detection, Mode, Peer, Policy, PortMatch, Rule, RuleKind, Service,
+    diagnostics::{At, Diagnostics, Origin},
+    documents::{DetectionDocument, RuleDocument, ServiceDocument},
+    identity,
+    load::FileContent,
+    parse_cidr,
+};
+
+pub(super) fn parse_mode(
+    source: At<'_>,
+    text: &Spanned<String>,
+    diagnostics: &mut Diagnostics,
+) -> Option<Mode> {
+    match text.get_ref().as_str() {
+        "enforce" => Some(Mode::Enforce),
+        "audit" => Some(Mode::Audit),
+        other => {
+            diagnostics.error(
+                source.at(text),
+                format!("unknown mode \"{other}\": expected \"enforce\" or \"audit\""),
+            );
+            None
+        }
+    }
+}
+
+pub(super) fn positive(
+    source: At<'_>,
+    value: &Spanned<i64>,
+    what: &str,
+    diagnostics: &mut Diagnostics,
+) -> Option<u64> {
+    match u64::try_from(*value.get_ref()) {
+        Ok(number) if number > 0 => Some(number),
+        _ => {
+            diagnostics.error(
+                source.at(value),
+                format!("{what} must be a positive integer, not {}", value.get_ref()),
+            );
+            None
+        }
+    }
+}
+
+pub(super) fn valid_service_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|first| first.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+pub(super) fn build(
+    hash: [u8; 32],
+    files: Vec<PathBuf>,
+    contents: &[FileContent<'_>],
+    diagnostics: &mut Diagnostics,
+) -> Policy {
+    let mut policy = Policy {
+        hash,
+        files,
+        mode: Mode::Enforce,
+        manage_host: false,
+        services: Vec::new(),
+        rules: Vec::new(),
+        detection: Detection::default(),
+    };
+    build_settings(&mut policy, contents, diagnostics);
+    // Services, then identities (which need every service to find collisions).
+    policy.services = build_services(contents, diagnostics);
+    check_identities(&policy.services, diagnostics);
+    check_addresses(&policy.services, diagnostics);
+    policy.rules = build_rules(&policy, contents, diagnostics);
+    check_cidr_peers(&policy, diagnostics);
+    policy
+}
+
+/// `[settings]` and `[detection]`, each given at most once across all files.
+fn build_settings(
+    policy: &mut Policy,
+    contents: &[FileContent<'_>],
+    diagnostics: &mut Diagnostics,
+) {
+    let mut settings_origin: Option<Origin> = None;
+    let mut detection_origin: Option<Origin> = None;
+    for content in contents {
+        if let Some((source, settings)) = content.settings {
+            once(
+                "[settings]",
+                source.at(settings),
+                &mut settings_origin,
+                diagnostics,
+            );
+            if let Some(mode) = &settings.get_ref().mode {
+                policy.mode = parse_mode(source, mode, diagnostics).unwrap_or_default();
+            }
+            policy.manage_host = settings.get_ref().manage_host.unwrap_or(false);
+        }
+        if let Some((source, detection)) = content.detection {
+            once(
+                "[detection]",
+                source.at(detection),
+                &mut detection_origin,
+                diagnostics,
+            );
+            policy.detection = build_detection(source, detection.get_ref(), diagnostics);
+        }
+    }
+}
+
+/// Reports a table given a second time.
+fn once(table: &str, origin: Origin, first: &mut Option<Origin>, diagnostics: &mut Diagnostics) {
+    if let Some(first) = first {
+        diagnostics.error(
+            origin.clone(),
+            format!("{table} is already given at {first}"),
+        );
+    }
+    *first = Some(origin);
+}
+
+fn build_detection(
+    source: At<'_>,
+    tuning: &DetectionDocument,
+    diagnostics: &mut Diagnostics,
+) -> Detection {
+    let defaults = Detection::default();
+    let count = |value: &Option<Spanned<i64>>, what, default, diagnostics: &mut Diagnostics| {
+        value
+            .as_ref()
+            .map_or(Some(default), |value| {
+                positive(source, value, what, diagnostics)
+            })
+            .unwrap_or(default)
+    };
+    // In the order of the fields, so that problems are reported in it.
+    let window_secs = count(
+        &tuning.window_secs,
+        "window_secs",
+        defaults.window_secs,
+        diagnostics,
+    );
+    let spike_z = match &tuning.spike_z {
+        Some(z) if *z.get_ref() > 0.0 && z.get_ref().is_finite() => *z.get_ref(),
+        Some(z) => {
+            diagnostics.error(
+                source.at(z),
+                format!("spike_z must be a positive number, not {}", z.get_ref()),
+            );
+            defaults.spike_z
+        }
+        None => defaults.spike_z,
+    };
+    let spike_min_calls = count(
+        &tuning.spike_min_calls,
+        "spike_min_calls",
+        defaults.spike_min_calls,
+        diagnostics,
+    );
+    let spike_warmup_windows = count(
+        &tuning.spike_warmup_windows,
+        "spike_warmup_windows",
+        defaults.spike_warmup_windows,
+        diagnostics,
+    );
+    let fanout_distinct_peers = count(
+        &tuning.fanout_distinct_peers,
+        "fanout_distinct_peers",
+        defaults.fanout_distinct_peers,
+        diagnostics,
+    );
+    let deny_burst = count(
+        &tuning.deny_burst,
+        "deny_burst",
+        defaults.deny_burst,
+        diagnostics,
+    );
+    Detection {
+        window_secs,
+        spike_z,
+        spike_min_calls,
+        spike_warmup_windows,
+        fanout_distinct_peers,
+        deny_burst,
+    }
+}
+
+/// Every file's services, sorted by name; a name declared twice is an error.
+fn build_services(contents: &[FileContent<'_>], diagnostics: &mut Diagnostics) -> Vec<Service> {
+    let mut services_by_name: BTreeMap<String, Service> = BTreeMap::new();
+    for content in contents {
+        for &(source, service) in &content.service {
+            let Some(parsed) = build_service(source, service, diagnostics) else {
+                continue;
+            };
+            if let Some(first) = services_by_name.get(&parsed.name) {
+                diagnostics.error(
+                    parsed.origin.clone(),
+                    format!(
+                        "service \"{}\" is already declared at {}",
+                        parsed.name, first.origin
+                    ),
+                );
+                continue;
+            }
+            services_by_name.insert(parsed.name.clone(), parsed);
+        }
+    }
+    services_by_name.into_values().collect()
+}
+
+/// Every file's rules in order, allows before denies within a file; an id used twice is an
+/// error.
+fn build_rules(
+    policy: &Policy,
+    contents: &[FileContent<'_>],
+    diagnostics: &mut Diagnostics,
+) -> Vec<Rule> {
+    let rule_count = contents
+        .iter()
+        .map(|content| content.allow.len() + content.deny.len())
+        .sum();
+    let mut rule_ids: HashMap<String, Origin> = HashMap::with_capacity(rule_count);
+    let mut rules = Vec::with_capacity(rule_count);
+    for content in contents {
+        for (kind, documents) in [
+            (RuleKind::Allow, &content.allow),
+            (RuleKind::Deny, &content.deny),
+        ] {
+            for &(source, rule) in documents {
+                let Some(parsed) = build_rule(policy, source, kind, rule, diagnostics) else {
+                    continue;
+                };
+                if let Some(first) = rule_ids.get(&parsed.id) {
+                    diagnostics.error(
+                        parsed.origin.clone(),
+                        format!("rule id \"{}\" is already used at {first}", parsed.id),
+                    );
+                    continue;
+                }
+                rule_ids.insert(parsed.id.clone(), parsed.origin.clone());
+                rules.push(parsed);
+            }
+        }
+    }
+    rules
+}
+
+/// A CIDR peer that is exactly a service's address is that service: say so instead of
+/// silently creating a second identity for the same address.
+fn check_cidr_peers(policy: &Policy, diagnostics: &mut Diagnostics) {
+    for rule in &policy.rules {
+        for peer in [&rule.from, &rule.to] {
+            if let Peer::Cidr(net) = peer
+                && let Some(owner) = policy
+                    .services
+                    .iter()
+                    .find(|service| service.addresses.contains(net))
+            {
+                diagnostics.error(
+                    rule.origin.clone(),
+                    format!(
+                        "{net} is the address of service \"{}\"; name the service instead",
+                        owner.name
+                    ),
+                );
+            }
+        }
+    }
+}
+
+pub(super) fn build_service(
+    source: At<'_>,
+    spanned: &Spanned<ServiceDocument>,
+    diagnostics: &mut Diagnostics,
+) -> Option<Service> {
+    let document = spanned.get_ref();
+    let name = document.name.get_ref().trim().to_owned();
+    let origin = source.at(spanned);
+    if !valid_service_name(&name) {
+        diagnostics.error(
+            source.at(&document.name),
+            format!("invalid service name \"{name}\": use letters, digits, '-', '_' and '.', starting with a letter or digit"),
+        );
+        return None;
+    }
+    if name == "world" || name == "host" {
+        diagnostics.error(
+            source.at(&document.name),
+            format!("\"{name}\" is a reserved peer name and cannot name a service"),
+        );
+        return None;
+    }
+    let (identity, identity_declared) = match &document.identity {
+        Some(value) => {
+            let number = *value.get_ref();
+            if number < i64::from(enforcer_common::identity::FIRST_SERVICE)
+                || number >= i64::from(enforcer_common::identity::SERVICE_END)
+            {
+                diagnostics.error(
+                    source.at(value),
+                    format!(
+                        "identity {number} of service \"{name}\" is out of range {}..{} (lower values are reserved)",
+                        enforcer_common::identity::FIRST_SERVICE,
+                        enforcer_common::identity::SERVICE_END - 1
+                    ),
+                );
+                return None;
+            }
+            (number as u32, true)
+        }
+        None => (identity::of_service_name(&name), false),
+    };
+    let mut addresses = Vec::new();
+    for address in &document.addresses {
+        match parse_cidr(address.get_ref()) {
+            Ok(net) => addresses.push(net),
+            Err(message) => diagnostics.error(source.at(address), message),
+        }
+    }
+    let mut cgroups = Vec::new();
+    for cgroup in &document.cgroups {
+        let path = PathBuf::from(cgroup.get_ref());
+        if !path.is_absolute() {
+            diagnostics.error(
+                source.at(cgroup),
+                format!("cgroup \"{}\" must be an absolute path", cgroup.get_ref()),
+            );
+            continue;
+        }
+        cgroups.push(path);
+    }
+    let mut interfaces = Vec::new();
+    for interface in &document.interfaces {
+        let text = interface.get_ref();
+        if text.is_empty()
+            || text.len() > 15
+            || text.contains('/')
+            || text.contains(char::is_whitespace)
+        {
+            diagnostics.error(
+                source.at(interface),
+                format!(
+                    "invalid interface name \"{text}\" (at most 15 characters, no '/' or spaces)"
+                ),
+            );
+            continue;
+        }
+        interfaces.push(text.clone());
+    }
+    if !interfaces.is_empty() && addresses.is_empty() {
+        diagnostics.error(
+            origin.clone(),
+            format!("service \"{name}\" has interfaces but no addresses: packets from its interfaces are checked against its addresses"),
+        );
+    }
+    let mode = document
+        .mode
+        .as_ref()
+        .and_then(|mode| parse_mode(source, mode, diagnostics));
+    Some(Service {
+        name,
+        identity,
+        identity_declared,
+        cgroups,
+        interfaces,
+        addresses,
+        mode,
+        origin,
+    })
+}
+
+pub(super) fn check_identities(services: &[Service], diagnostics: &mut Diagnostics) {
+    let mut owners: BTreeMap<u32, &Service> = BTreeMap::new();
+    for service in services {
+        if let Some(first) = owners.get(&service.identity) {
+            let how = |service: &Service| {
+                if service.identity_declared {
+                    "declared"
+                } else {
+                    "hashed from its name"
+                }
+            };
+            diagnostics.error(
+                service.origin.clone(),
+                format!(
+                    "duplicate identity {}: service \"{}\" ({}) and service \"{}\" at {} ({}); give one an explicit identity",
+                    service.identity,
+                    service.name,
+                    how(service),
+                    first.name,
+                    first.origin,
+                    how(first)
+                ),
+            );
+            continue;
+        }
+        owners.insert(service.identity, service);
+    }
+}
+
+pub(super) fn check_addresses(services: &[Service], diagnostics: &mut Diagnostics) {
+    let mut owners: BTreeMap<IpNet, &Service> = BTreeMap::new();
+    for service in services {
+        for net in &service.addresses {
+            if let Some(first) = owners.get(net) {
+                if first.name != service.name {
+                    diagnostics.error(
+                        service.origin.clone(),
+                        format!("address {net} of service \"{}\" is already an address of service \"{}\" at {}", service.name, first.name, first.origin),
+                    );
+                }
+                continue;
+            }
+            owners.insert(*net, service);
+        }
+    }
+}
+
+pub(super) fn build_rule(
+    policy: &Policy,
+    source: At<'_>,
+    kind: RuleKind,
+    spanned: &Spanned<RuleDocument>,
+    diagnostics: &mut Diagnostics,
+) -> Option<Rule> {
+    let document = spanned.get_ref();
+    let origin = source.at(spanned);
+    let mut peer = |text: &Spanned<String>| match policy.parse_peer(text.get_ref().trim()) {
+        Ok(peer) => Some(peer),
+        Err(message) => {
+            diagnostics.error(source.at(text), message);
+            None
+        }
+    };
+    let from = peer(&document.from);
+    let to = peer(&document.to);
+    let mut ports = Vec::new();
+    let mut ports_ok = true;
+    for port in document.ports.iter().flatten() {
+        match port.get_ref().parse::<PortMatch>() {
+            Ok(parsed) => ports.push(parsed),
+            Err(message) => {
+                diagnostics.error(source.at(port), message);
+                ports_ok = false;
+            }
+        }
+    }
+    if document.ports.as_ref().is_some_and(Vec::is_empty) {
+        diagnostics.error(
+            origin.clone(),
+            "ports = [] matches nothing; omit `ports` to match any port and protocol",
+        );
+        ports_ok = false;
+    }
+    let max_new_per_sec = match &document.max_new_per_sec {
+        Some(_) if kind == RuleKind::Deny => {
+            diagnostics.error(
+                origin.clone(),
+                "max_new_per_sec applies to allow rules only",
+            );
+            return None;
+        }
+        Some(value) => match u32::try_from(*value.get_ref()) {
+            Ok(rate) if rate > 0 && rate <= 1_000_000_000 => Some(rate),
+            _ => {
+                diagnostics.error(
+                    source.at(value),
+                    format!(
+                        "max_new_per_sec must be between 1 and 1000000000, not {}",
+                        value.get_ref()
+                    ),
+                );
+                return None;
+            }
+        },
+        None => None,
+    };
+    let (from, to) = (from?, to?);
+    if !ports_ok {
+        return None;
+    }
+    let id = match &document.id {
+        Some(id) => {
+            let text = id.get_ref().trim();
+            if text.is_empty() || text.contains(char::is_whitespace) {
+                diagnostics.error(
+                    source.at(id),
+                    format!("invalid rule id \"{text}\": use a non-empty word"),
+                );
+                return None;
+            }
+            if rule::is_reserved_name(text) {
+                let reserved: Vec<&str> =
+                    rule::RESERVED_NAMES.iter().map(|(_, name)| *name).collect();
+                diagnostics.error(
+                    source.at(id),
+                    format!(
+                        "invalid rule id \"{text}\": it is reserved for enforcer's own decisions ({})",
+                        reserved.join(", ")
+                    ),
+                );
+                return None;
+            }
+            text.to_owned()
+        }
+        None => format!(
+            "{}:{}->{}@{}:{}",
+            kind.as_str(),
+            policy.peer_name(&from),
+            policy.peer_name(&to),
+            file_name(&origin.file),
+            origin.line
+        ),
+    };
+    Some(Rule {
+        kind,
+        id,
+        from,
+        to,
+        ports,
+        max_new_per_sec,
+        origin,
+    })
+}
+
+pub(super) fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
