@@ -213,110 +213,78 @@ impl Detectors {
     pub fn observe(&mut self, record: &FlowRecord) -> Vec<Finding> {
         let mut findings = self.tick(record.time);
         let start = *self.window_start.get_or_insert(record.time);
-        let window_end = start + self.window();
-        let port = port_of(record);
-        let src = Party {
-            name: record.src.name.clone(),
-            ip: Some(record.src.ip),
-        };
-        let dst = Party {
-            name: record.dst.name.clone(),
-            ip: Some(record.dst.ip),
-        };
-        let finding = |detector: Detector, count: u64, message: String, details: Value| Finding {
-            detector,
-            src: src.clone(),
-            dst: Some(dst.clone()),
-            protocol: Some(record.protocol.clone()),
-            port: Some(port),
-            rule: Some(record.rule.clone()),
-            count,
-            start: record.time,
-            end: record.time,
-            message,
-            details,
-        };
-
-        match record.reason {
-            Reason::Spoofed | Reason::IdentityMismatch => findings.push(finding(
-                Detector::Spoof,
-                u64::from(record.count),
-                format!(
-                    "{} sent as {} ({}) from where it cannot be",
-                    record.src.name, record.src.ip, record.reason
-                ),
-                json!({ "reason": record.reason.as_str(), "address_identity": record.address_identity }),
-            )),
-            Reason::RateLimited => findings.push(finding(
-                Detector::RateLimit,
-                u64::from(record.count),
-                format!(
-                    "{} -> {} {} over the new-connection limit of {}",
-                    record.src.name,
-                    record.dst.name,
-                    service_text(&record.protocol, port),
-                    record.rule
-                ),
-                json!({}),
-            )),
-            _ => {}
+        findings.extend(record_finding(record));
+        if record.verdict != Verdict::Deny && record.reason == Reason::PolicyAllow {
+            findings.extend(self.count_new_connection(record));
         }
+        findings.extend(self.count_for_source(record, start));
+        findings
+    }
 
+    /// Counts a new connection on its edge (for spikes); the first on an edge is a finding.
+    fn count_new_connection(&mut self, record: &FlowRecord) -> Option<Finding> {
+        let port = port_of(record);
         let edge = Edge {
             src: record.src.name.clone(),
             dst: record.dst.name.clone(),
             protocol: record.protocol.clone(),
             port,
         };
-        let new_connection =
-            record.verdict != Verdict::Deny && record.reason == Reason::PolicyAllow;
-        if new_connection {
-            // Every edge counted in a window has a baseline, so the baselines bound both.
-            let tracked = self.baselines.len();
-            if self.baselines.contains_key(&edge) || self.room_for(tracked) {
-                *self.calls.entry(edge.clone()).or_default() += u64::from(record.count);
-                self.baselines.entry(edge.clone()).or_default().rule = record.rule.clone();
-            }
-            let tracked = self.seen_edges.len();
-            if !self.seen_edges.contains(&edge) && self.room_for(tracked) {
-                self.seen_edges.insert(edge.clone());
-                findings.push(finding(
-                    Detector::NewEdge,
-                    1,
-                    format!(
-                        "first {} -> {} {} since the controller started",
-                        record.src.name,
-                        record.dst.name,
-                        service_text(&record.protocol, port)
-                    ),
-                    json!({}),
-                ));
-            }
+        // Every edge counted in a window has a baseline, so the baselines bound both.
+        let tracked = self.baselines.len();
+        if self.baselines.contains_key(&edge) || self.room_for(tracked) {
+            *self.calls.entry(edge.clone()).or_default() += u64::from(record.count);
+            self.baselines.entry(edge.clone()).or_default().rule = record.rule.clone();
         }
+        let tracked = self.seen_edges.len();
+        if self.seen_edges.contains(&edge) || !self.room_for(tracked) {
+            return None;
+        }
+        self.seen_edges.insert(edge);
+        Some(flow_finding(
+            record,
+            Detector::NewEdge,
+            1,
+            format!(
+                "first {} -> {} {} since the controller started",
+                record.src.name,
+                record.dst.name,
+                service_text(&record.protocol, port)
+            ),
+            json!({}),
+        ))
+    }
 
+    /// Counts the record in its source's window: distinct destinations (fan-out) and denials
+    /// (deny bursts), each reported once per window.
+    fn count_for_source(&mut self, record: &FlowRecord, start: SystemTime) -> Vec<Finding> {
         let source = Source {
             name: record.src.name.clone(),
             ip: record.src.ip,
         };
         let tracked = self.sources.len();
         if !self.sources.contains_key(&source) && !self.room_for(tracked) {
-            return findings;
+            return Vec::new();
         }
+        let window_end = start + self.window();
         let (fanout_threshold, burst_threshold, window_secs) = (
             self.config.fanout_distinct_peers,
             self.config.deny_burst,
             self.config.window_secs,
         );
         let window = self.sources.entry(source).or_default();
-        window.peers.insert((record.dst.ip, port));
+        window.peers.insert((record.dst.ip, port_of(record)));
         if record.verdict != Verdict::Allow {
             window.denied += u64::from(record.count);
             window.rules.insert(record.rule.clone());
         }
-        let window_party =
+        let window_finding =
             |detector: Detector, count: u64, message: String, details: Value| Finding {
                 detector,
-                src: src.clone(),
+                src: Party {
+                    name: record.src.name.clone(),
+                    ip: Some(record.src.ip),
+                },
                 dst: None,
                 protocol: None,
                 port: None,
@@ -327,6 +295,7 @@ impl Detectors {
                 message,
                 details,
             };
+        let mut findings = Vec::new();
         if !window.fanout_reported && window.peers.len() as u64 >= fanout_threshold {
             window.fanout_reported = true;
             let mut peers: Vec<String> = window
@@ -341,7 +310,7 @@ impl Detectors {
                 })
                 .collect();
             peers.sort();
-            findings.push(window_party(
+            findings.push(window_finding(
                 Detector::Fanout,
                 window.peers.len() as u64,
                 format!("{} ({}) reached {} distinct destinations and ports within {window_secs} s", record.src.name, record.src.ip, window.peers.len()),
@@ -352,7 +321,7 @@ impl Detectors {
             window.burst_reported = true;
             let mut rules: Vec<&String> = window.rules.iter().collect();
             rules.sort();
-            let mut burst = window_party(
+            let mut burst = window_finding(
                 Detector::DenyBurst,
                 window.denied,
                 format!(
@@ -436,6 +405,65 @@ impl Detectors {
         self.baselines
             .retain(|edge, baseline| baseline.mean >= FORGOTTEN_MEAN || calls.contains_key(edge));
         findings
+    }
+}
+
+/// What one record shows on its own: a spoof, or a connection over its rule's limit.
+fn record_finding(record: &FlowRecord) -> Option<Finding> {
+    match record.reason {
+        Reason::Spoofed | Reason::IdentityMismatch => Some(flow_finding(
+            record,
+            Detector::Spoof,
+            u64::from(record.count),
+            format!(
+                "{} sent as {} ({}) from where it cannot be",
+                record.src.name, record.src.ip, record.reason
+            ),
+            json!({ "reason": record.reason.as_str(), "address_identity": record.address_identity }),
+        )),
+        Reason::RateLimited => Some(flow_finding(
+            record,
+            Detector::RateLimit,
+            u64::from(record.count),
+            format!(
+                "{} -> {} {} over the new-connection limit of {}",
+                record.src.name,
+                record.dst.name,
+                service_text(&record.protocol, port_of(record)),
+                record.rule
+            ),
+            json!({}),
+        )),
+        _ => None,
+    }
+}
+
+/// A finding about one flow.
+fn flow_finding(
+    record: &FlowRecord,
+    detector: Detector,
+    count: u64,
+    message: String,
+    details: Value,
+) -> Finding {
+    Finding {
+        detector,
+        src: Party {
+            name: record.src.name.clone(),
+            ip: Some(record.src.ip),
+        },
+        dst: Some(Party {
+            name: record.dst.name.clone(),
+            ip: Some(record.dst.ip),
+        }),
+        protocol: Some(record.protocol.clone()),
+        port: Some(port_of(record)),
+        rule: Some(record.rule.clone()),
+        count,
+        start: record.time,
+        end: record.time,
+        message,
+        details,
     }
 }
 
