@@ -273,103 +273,111 @@ fn ecs_flow(record: &FlowRecord, host: &str) -> Value {
 
 /// A detector's finding: OCSF Detection Finding (`class_uid` 2004), or an ECS alert.
 pub fn finding_alert(finding: &Finding, format: AlertFormat, host: &str) -> Value {
-    let endpoint = |party: &crate::detect::Party, port: Option<u16>| {
-        let mut endpoint = json!({ "svc_name": party.name });
-        if let Some(ip) = party.ip {
-            endpoint["ip"] = json!(ip.to_string());
-        }
-        if let Some(port) = port.filter(|port| *port != 0) {
-            endpoint["port"] = json!(port);
-        }
-        endpoint
-    };
-    let uid = finding_uid(finding);
     match format {
-        AlertFormat::Ocsf => {
-            let mut alert = json!({
-                "class_uid": 2004,
-                "class_name": "Detection Finding",
-                "category_uid": 2,
-                "category_name": "Findings",
-                "activity_id": 1,
-                "activity_name": "Create",
-                "type_uid": 200_401,
-                "type_name": "Detection Finding: Create",
-                "time": millis(finding.end),
-                "start_time": millis(finding.start),
-                "end_time": millis(finding.end),
-                "count": finding.count,
-                "severity_id": finding.detector.severity_id(),
-                "severity": severity_name(finding.detector.severity_id()),
-                "status_id": 1,
-                "status": "New",
-                "message": finding.message,
-                "finding_info": {
-                    "uid": uid,
-                    "title": format!("{}: {}", finding.detector.name(), finding.src.name),
-                    "desc": finding.message,
-                    "first_seen_time": millis(finding.start),
-                    "last_seen_time": millis(finding.end),
-                    "analytic": { "name": finding.detector.name(), "type_id": 1, "type": "Rule", "uid": finding.detector.name() },
-                },
-                "src_endpoint": endpoint(&finding.src, None),
-                "device": { "hostname": host, "type_id": 1, "type": "Server" },
-                "metadata": ocsf_metadata(0),
-                "unmapped": { "enforcer": { "detector": finding.detector.name(), "details": finding.details } },
-            });
-            if let Some(dst) = &finding.dst {
-                alert["dst_endpoint"] = endpoint(dst, finding.port);
-            }
-            if let Some(rule) = &finding.rule {
-                alert["policy"] = json!({ "uid": rule, "name": rule });
-            }
-            if let Some(protocol) = &finding.protocol {
-                alert["connection_info"] = json!({ "protocol_name": protocol });
-            }
-            alert
-        }
-        AlertFormat::Ecs => {
-            let mut alert = json!({
-                "@timestamp": rfc3339(finding.end),
-                "ecs": { "version": ECS_VERSION },
-                "message": finding.message,
-                "event": {
-                    "kind": "alert",
-                    "category": ["network", "intrusion_detection"],
-                    "type": ["info"],
-                    "action": finding.detector.name(),
-                    "severity": finding.detector.severity_id(),
-                    "start": rfc3339(finding.start),
-                    "end": rfc3339(finding.end),
-                    "id": uid,
-                    "module": PRODUCT,
-                    "dataset": "enforcer.finding",
-                },
-                "rule": { "name": finding.detector.name(), "ruleset": PRODUCT },
-                "service": { "origin": { "name": finding.src.name } },
-                "host": { "hostname": host },
-                "enforcer": { "detector": finding.detector.name(), "count": finding.count, "details": finding.details, "policy_rule": finding.rule },
-            });
-            if let Some(ip) = finding.src.ip {
-                alert["source"] = json!({ "ip": ip.to_string() });
-            }
-            if let Some(dst) = &finding.dst {
-                alert["service"]["target"] = json!({ "name": dst.name });
-                let mut destination = json!({});
-                if let Some(ip) = dst.ip {
-                    destination["ip"] = json!(ip.to_string());
-                }
-                if let Some(port) = finding.port.filter(|port| *port != 0) {
-                    destination["port"] = json!(port);
-                }
-                alert["destination"] = destination;
-            }
-            if let Some(protocol) = &finding.protocol {
-                alert["network"] = json!({ "transport": protocol });
-            }
-            alert
-        }
+        AlertFormat::Ocsf => ocsf_finding(finding, host),
+        AlertFormat::Ecs => ecs_finding(finding, host),
     }
+}
+
+/// An OCSF endpoint of a finding's party.
+fn finding_endpoint(party: &crate::detect::Party, port: Option<u16>) -> Value {
+    let mut endpoint = json!({ "svc_name": party.name });
+    if let Some(ip) = party.ip {
+        endpoint["ip"] = json!(ip.to_string());
+    }
+    if let Some(port) = port.filter(|port| *port != 0) {
+        endpoint["port"] = json!(port);
+    }
+    endpoint
+}
+
+fn ocsf_finding(finding: &Finding, host: &str) -> Value {
+    let endpoint = finding_endpoint;
+    let uid = finding_uid(finding);
+    let mut alert = json!({
+        "class_uid": 2004,
+        "class_name": "Detection Finding",
+        "category_uid": 2,
+        "category_name": "Findings",
+        "activity_id": 1,
+        "activity_name": "Create",
+        "type_uid": 200_401,
+        "type_name": "Detection Finding: Create",
+        "time": millis(finding.end),
+        "start_time": millis(finding.start),
+        "end_time": millis(finding.end),
+        "count": finding.count,
+        "severity_id": finding.detector.severity_id(),
+        "severity": severity_name(finding.detector.severity_id()),
+        "status_id": 1,
+        "status": "New",
+        "message": finding.message,
+        "finding_info": {
+            "uid": uid,
+            "title": format!("{}: {}", finding.detector.name(), finding.src.name),
+            "desc": finding.message,
+            "first_seen_time": millis(finding.start),
+            "last_seen_time": millis(finding.end),
+            "analytic": { "name": finding.detector.name(), "type_id": 1, "type": "Rule", "uid": finding.detector.name() },
+        },
+        "src_endpoint": endpoint(&finding.src, None),
+        "device": { "hostname": host, "type_id": 1, "type": "Server" },
+        "metadata": ocsf_metadata(0),
+        "unmapped": { "enforcer": { "detector": finding.detector.name(), "details": finding.details } },
+    });
+    if let Some(dst) = &finding.dst {
+        alert["dst_endpoint"] = endpoint(dst, finding.port);
+    }
+    if let Some(rule) = &finding.rule {
+        alert["policy"] = json!({ "uid": rule, "name": rule });
+    }
+    if let Some(protocol) = &finding.protocol {
+        alert["connection_info"] = json!({ "protocol_name": protocol });
+    }
+    alert
+}
+
+fn ecs_finding(finding: &Finding, host: &str) -> Value {
+    let uid = finding_uid(finding);
+    let mut alert = json!({
+        "@timestamp": rfc3339(finding.end),
+        "ecs": { "version": ECS_VERSION },
+        "message": finding.message,
+        "event": {
+            "kind": "alert",
+            "category": ["network", "intrusion_detection"],
+            "type": ["info"],
+            "action": finding.detector.name(),
+            "severity": finding.detector.severity_id(),
+            "start": rfc3339(finding.start),
+            "end": rfc3339(finding.end),
+            "id": uid,
+            "module": PRODUCT,
+            "dataset": "enforcer.finding",
+        },
+        "rule": { "name": finding.detector.name(), "ruleset": PRODUCT },
+        "service": { "origin": { "name": finding.src.name } },
+        "host": { "hostname": host },
+        "enforcer": { "detector": finding.detector.name(), "count": finding.count, "details": finding.details, "policy_rule": finding.rule },
+    });
+    if let Some(ip) = finding.src.ip {
+        alert["source"] = json!({ "ip": ip.to_string() });
+    }
+    if let Some(dst) = &finding.dst {
+        alert["service"]["target"] = json!({ "name": dst.name });
+        let mut destination = json!({});
+        if let Some(ip) = dst.ip {
+            destination["ip"] = json!(ip.to_string());
+        }
+        if let Some(port) = finding.port.filter(|port| *port != 0) {
+            destination["port"] = json!(port);
+        }
+        alert["destination"] = destination;
+    }
+    if let Some(protocol) = &finding.protocol {
+        alert["network"] = json!({ "transport": protocol });
+    }
+    alert
 }
 
 /// A stable id for a finding: the same finding reported twice has the same id.

@@ -202,68 +202,61 @@ const FILL_REFRESH: Duration = Duration::from_secs(5);
 impl Collector for KernelCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let maps = crate::locks::lock(&self.maps);
-        let packets = maps.packet_counts().unwrap_or_default();
-        let packet_families: [FamilyOf<enforcer_common::counters::Counter, u64>; 2] = [
-            (
-                "enforcer_packets",
-                "Packets judged by the datapath, by verdict and reason",
-                |counter| counter.packets,
-            ),
-            (
-                "enforcer_packet_bytes",
-                "Bytes of the packets judged by the datapath, by verdict and reason",
-                |counter| counter.bytes,
-            ),
-        ];
-        for (name, help, value) in packet_families {
-            let mut family = encoder.encode_descriptor(
-                name,
-                help,
-                None,
-                prometheus_client::metrics::MetricType::Counter,
-            )?;
-            for (verdict, reason, counter) in &packets {
-                let verdict = Verdict::from_code(*verdict).map_or("unknown", Verdict::as_str);
-                let labels = [
-                    ("verdict", verdict.to_owned()),
-                    ("reason", reason_name(*reason).to_owned()),
-                ];
-                ConstCounter::new(value(counter)).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        {
-            let names = crate::locks::read(&self.names);
-            let latest = names.latest();
-            let name = |identity: u32| {
-                latest.map_or_else(
-                    || identity.to_string(),
-                    |names| names.identity_name(identity),
-                )
-            };
-            let mut family = encoder.encode_descriptor(
-                "enforcer_edge_packets",
-                "Packets per source and destination identity and verdict",
-                None,
-                prometheus_client::metrics::MetricType::Counter,
-            )?;
-            let mut edges: BTreeMap<(String, String, &'static str), u64> = BTreeMap::new();
-            for (key, counter) in maps.flow_counts() {
-                let verdict = Verdict::from_code(key.verdict).map_or("unknown", Verdict::as_str);
-                *edges
-                    .entry((name(key.src_identity), name(key.dst_identity), verdict))
-                    .or_default() += counter.packets;
-            }
-            for ((src, dst, verdict), packets) in edges {
-                let labels = [("src", src), ("dst", dst), ("verdict", verdict.to_owned())];
-                ConstCounter::new(packets).encode(family.encode_family(&labels)?)?;
-            }
-        }
+        encode_packets(&maps, &mut encoder)?;
+        self.encode_edges(&maps, &mut encoder)?;
         ConstCounter::new(maps.events_lost()).encode(encoder.encode_descriptor(
             "enforcer_events_lost",
             "Flow records the kernel could not put in the ring buffer",
             None,
             prometheus_client::metrics::MetricType::Counter,
         )?)?;
+        self.encode_fill(&maps, &mut encoder)
+    }
+}
+
+impl KernelCollector {
+    /// Packets per (source, destination, verdict), the identities named by the latest
+    /// generation.
+    fn encode_edges(
+        &self,
+        maps: &KernelMaps,
+        encoder: &mut DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let names = crate::locks::read(&self.names);
+        let latest = names.latest();
+        let name = |identity: u32| {
+            latest.map_or_else(
+                || identity.to_string(),
+                |names| names.identity_name(identity),
+            )
+        };
+        let mut family = encoder.encode_descriptor(
+            "enforcer_edge_packets",
+            "Packets per source and destination identity and verdict",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        let mut edges: BTreeMap<(String, String, &'static str), u64> = BTreeMap::new();
+        for (key, counter) in maps.flow_counts() {
+            let verdict = Verdict::from_code(key.verdict).map_or("unknown", Verdict::as_str);
+            *edges
+                .entry((name(key.src_identity), name(key.dst_identity), verdict))
+                .or_default() += counter.packets;
+        }
+        for ((src, dst, verdict), packets) in edges {
+            let labels = [("src", src), ("dst", dst), ("verdict", verdict.to_owned())];
+            ConstCounter::new(packets).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+
+    /// Entries and capacity per map; counting entries walks the maps, so the figures are
+    /// cached for [`FILL_REFRESH`].
+    fn encode_fill(
+        &self,
+        maps: &KernelMaps,
+        encoder: &mut DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
         let fill = {
             let mut cached = crate::locks::lock(&self.fill);
             match &*cached {
@@ -301,6 +294,43 @@ impl Collector for KernelCollector {
         }
         Ok(())
     }
+}
+
+/// Packets and bytes per (verdict, reason).
+fn encode_packets(
+    maps: &KernelMaps,
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    let packets = maps.packet_counts().unwrap_or_default();
+    let packet_families: [FamilyOf<enforcer_common::counters::Counter, u64>; 2] = [
+        (
+            "enforcer_packets",
+            "Packets judged by the datapath, by verdict and reason",
+            |counter| counter.packets,
+        ),
+        (
+            "enforcer_packet_bytes",
+            "Bytes of the packets judged by the datapath, by verdict and reason",
+            |counter| counter.bytes,
+        ),
+    ];
+    for (name, help, value) in packet_families {
+        let mut family = encoder.encode_descriptor(
+            name,
+            help,
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (verdict, reason, counter) in &packets {
+            let verdict = Verdict::from_code(*verdict).map_or("unknown", Verdict::as_str);
+            let labels = [
+                ("verdict", verdict.to_owned()),
+                ("reason", reason_name(*reason).to_owned()),
+            ];
+            ConstCounter::new(value(counter)).encode(family.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
 }
 
 /// A `--metrics` value that is no address to listen on.
