@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use crate::{
     compile::Compiled,
-    policy::{Policy, RuleKind},
+    policy::{Policy, RuleKind, Service},
 };
 
 pub(super) fn report(policy: &Policy, compiled: &Compiled) -> String {
@@ -29,36 +29,7 @@ pub(super) fn report(policy: &Policy, compiled: &Compiled) -> String {
         "NAME", "IDENTITY", "FROM", "MODE"
     );
     for service in &policy.services {
-        let mut members: Vec<String> = service.addresses.iter().map(ToString::to_string).collect();
-        members.extend(
-            service
-                .interfaces
-                .iter()
-                .map(|name| format!("iface:{name}")),
-        );
-        members.extend(
-            service
-                .cgroups
-                .iter()
-                .map(|path| format!("cgroup:{}", path.display())),
-        );
-        let _ = writeln!(
-            out,
-            "  {:<20} {:>10}  {:<8} {:<8} {}",
-            service.name,
-            service.identity,
-            if service.identity_declared {
-                "declared"
-            } else {
-                "hashed"
-            },
-            policy.service_mode(service).as_str(),
-            if members.is_empty() {
-                "-".to_owned()
-            } else {
-                members.join(" ")
-            }
-        );
+        let _ = writeln!(out, "  {}", service_line(policy, service));
     }
     let allows = policy
         .rules
@@ -88,4 +59,37 @@ pub(super) fn report(policy: &Policy, compiled: &Compiled) -> String {
         entries.join(", ")
     );
     out
+}
+
+/// A service's row: name, identity and where it comes from, mode, members.
+fn service_line(policy: &Policy, service: &Service) -> String {
+    let mut members: Vec<String> = service.addresses.iter().map(ToString::to_string).collect();
+    members.extend(
+        service
+            .interfaces
+            .iter()
+            .map(|name| format!("iface:{name}")),
+    );
+    members.extend(
+        service
+            .cgroups
+            .iter()
+            .map(|path| format!("cgroup:{}", path.display())),
+    );
+    format!(
+        "{:<20} {:>10}  {:<8} {:<8} {}",
+        service.name,
+        service.identity,
+        if service.identity_declared {
+            "declared"
+        } else {
+            "hashed"
+        },
+        policy.service_mode(service).as_str(),
+        if members.is_empty() {
+            "-".to_owned()
+        } else {
+            members.join(" ")
+        }
+    )
 }

@@ -304,62 +304,33 @@ pub(super) fn build_service(
         return None;
     }
     let (identity, identity_declared) = match &document.identity {
-        Some(value) => {
-            let number = *value.get_ref();
-            if number < i64::from(enforcer_common::identity::FIRST_SERVICE)
-                || number >= i64::from(enforcer_common::identity::SERVICE_END)
-            {
-                diagnostics.error(
-                    source.at(value),
-                    format!(
-                        "identity {number} of service \"{name}\" is out of range {}..{} (lower values are reserved)",
-                        enforcer_common::identity::FIRST_SERVICE,
-                        enforcer_common::identity::SERVICE_END - 1
-                    ),
-                );
-                return None;
-            }
-            (number as u32, true)
-        }
+        Some(value) => (declared_identity(source, &name, value, diagnostics)?, true),
         None => (identity::of_service_name(&name), false),
     };
-    let mut addresses = Vec::new();
-    for address in &document.addresses {
-        match parse_cidr(address.get_ref()) {
-            Ok(net) => addresses.push(net),
-            Err(message) => diagnostics.error(source.at(address), message),
+    let addresses = valid_entries(source, &document.addresses, diagnostics, |text| {
+        parse_cidr(text).map_err(|error| error.to_string())
+    });
+    let cgroups = valid_entries(source, &document.cgroups, diagnostics, |text| {
+        let path = PathBuf::from(text);
+        if path.is_absolute() {
+            Ok(path)
+        } else {
+            Err(format!("cgroup \"{text}\" must be an absolute path"))
         }
-    }
-    let mut cgroups = Vec::new();
-    for cgroup in &document.cgroups {
-        let path = PathBuf::from(cgroup.get_ref());
-        if !path.is_absolute() {
-            diagnostics.error(
-                source.at(cgroup),
-                format!("cgroup \"{}\" must be an absolute path", cgroup.get_ref()),
-            );
-            continue;
-        }
-        cgroups.push(path);
-    }
-    let mut interfaces = Vec::new();
-    for interface in &document.interfaces {
-        let text = interface.get_ref();
+    });
+    let interfaces = valid_entries(source, &document.interfaces, diagnostics, |text| {
         if text.is_empty()
             || text.len() > 15
             || text.contains('/')
             || text.contains(char::is_whitespace)
         {
-            diagnostics.error(
-                source.at(interface),
-                format!(
-                    "invalid interface name \"{text}\" (at most 15 characters, no '/' or spaces)"
-                ),
-            );
-            continue;
+            Err(format!(
+                "invalid interface name \"{text}\" (at most 15 characters, no '/' or spaces)"
+            ))
+        } else {
+            Ok(text.to_owned())
         }
-        interfaces.push(text.clone());
-    }
+    });
     if !interfaces.is_empty() && addresses.is_empty() {
         diagnostics.error(
             origin.clone(),
@@ -380,6 +351,45 @@ pub(super) fn build_service(
         mode,
         origin,
     })
+}
+
+/// An identity a service declares, if it is in the services' range.
+fn declared_identity(
+    source: At<'_>,
+    name: &str,
+    value: &Spanned<i64>,
+    diagnostics: &mut Diagnostics,
+) -> Option<u32> {
+    use enforcer_common::identity::{FIRST_SERVICE, SERVICE_END};
+    let number = *value.get_ref();
+    if number < i64::from(FIRST_SERVICE) || number >= i64::from(SERVICE_END) {
+        diagnostics.error(
+            source.at(value),
+            format!(
+                "identity {number} of service \"{name}\" is out of range {FIRST_SERVICE}..{} (lower values are reserved)",
+                SERVICE_END - 1
+            ),
+        );
+        return None;
+    }
+    Some(number as u32)
+}
+
+/// The entries of a list that `parse` accepts; each one it refuses is reported where it is.
+fn valid_entries<T, E: ToString>(
+    source: At<'_>,
+    entries: &[Spanned<String>],
+    diagnostics: &mut Diagnostics,
+    parse: impl Fn(&str) -> Result<T, E>,
+) -> Vec<T> {
+    let mut valid = Vec::with_capacity(entries.len());
+    for entry in entries {
+        match parse(entry.get_ref()) {
+            Ok(value) => valid.push(value),
+            Err(message) => diagnostics.error(source.at(entry), message),
+        }
+    }
+    valid
 }
 
 pub(super) fn check_identities(services: &[Service], diagnostics: &mut Diagnostics) {
@@ -473,19 +483,7 @@ pub(super) fn build_rule(
             );
             return None;
         }
-        Some(value) => match u32::try_from(*value.get_ref()) {
-            Ok(rate) if rate > 0 && rate <= 1_000_000_000 => Some(rate),
-            _ => {
-                diagnostics.error(
-                    source.at(value),
-                    format!(
-                        "max_new_per_sec must be between 1 and 1000000000, not {}",
-                        value.get_ref()
-                    ),
-                );
-                return None;
-            }
-        },
+        Some(value) => Some(rate_limit(source, value, diagnostics)?),
         None => None,
     };
     let (from, to) = (from?, to?);
@@ -493,29 +491,7 @@ pub(super) fn build_rule(
         return None;
     }
     let id = match &document.id {
-        Some(id) => {
-            let text = id.get_ref().trim();
-            if text.is_empty() || text.contains(char::is_whitespace) {
-                diagnostics.error(
-                    source.at(id),
-                    format!("invalid rule id \"{text}\": use a non-empty word"),
-                );
-                return None;
-            }
-            if rule::is_reserved_name(text) {
-                let reserved: Vec<&str> =
-                    rule::RESERVED_NAMES.iter().map(|(_, name)| *name).collect();
-                diagnostics.error(
-                    source.at(id),
-                    format!(
-                        "invalid rule id \"{text}\": it is reserved for enforcer's own decisions ({})",
-                        reserved.join(", ")
-                    ),
-                );
-                return None;
-            }
-            text.to_owned()
-        }
+        Some(id) => declared_rule_id(source, id, diagnostics)?,
         None => format!(
             "{}:{}->{}@{}:{}",
             kind.as_str(),
@@ -534,6 +510,50 @@ pub(super) fn build_rule(
         max_new_per_sec,
         origin,
     })
+}
+
+fn rate_limit(source: At<'_>, value: &Spanned<i64>, diagnostics: &mut Diagnostics) -> Option<u32> {
+    match u32::try_from(*value.get_ref()) {
+        Ok(rate) if rate > 0 && rate <= 1_000_000_000 => Some(rate),
+        _ => {
+            diagnostics.error(
+                source.at(value),
+                format!(
+                    "max_new_per_sec must be between 1 and 1000000000, not {}",
+                    value.get_ref()
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// A rule id the policy gives: one word, not a reserved rule's name.
+fn declared_rule_id(
+    source: At<'_>,
+    id: &Spanned<String>,
+    diagnostics: &mut Diagnostics,
+) -> Option<String> {
+    let text = id.get_ref().trim();
+    if text.is_empty() || text.contains(char::is_whitespace) {
+        diagnostics.error(
+            source.at(id),
+            format!("invalid rule id \"{text}\": use a non-empty word"),
+        );
+        return None;
+    }
+    if rule::is_reserved_name(text) {
+        let reserved: Vec<&str> = rule::RESERVED_NAMES.iter().map(|(_, name)| *name).collect();
+        diagnostics.error(
+            source.at(id),
+            format!(
+                "invalid rule id \"{text}\": it is reserved for enforcer's own decisions ({})",
+                reserved.join(", ")
+            ),
+        );
+        return None;
+    }
+    Some(text.to_owned())
 }
 
 pub(super) fn file_name(path: &Path) -> String {

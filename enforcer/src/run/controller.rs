@@ -4,7 +4,7 @@
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, Mutex, RwLock},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use serde_json::json;
@@ -136,6 +136,41 @@ impl Controller {
             locks::write(&self.generations).remove(generation);
         })?;
         let seconds = started.elapsed().as_secs_f64();
+        self.report_installed(
+            &policy,
+            &compiled,
+            &installed,
+            trigger,
+            seconds,
+            compiled_after,
+        );
+        let synced = {
+            let mut maps = locks::lock(&self.maps);
+            self.installer.sync_idle(&mut maps, &compiled)
+        };
+        match synced {
+            Ok(writes) => {
+                tracing::debug!(writes, "idle policy slot brought up to the live generation")
+            }
+            // Not fatal: the next install finds the slot in an unknown state and rewrites it.
+            Err(error) => tracing::warn!("updating the idle policy slot failed: {error}"),
+        }
+        self.live = Some(compiled);
+        self.policy = Some((policy, view));
+        Ok(Some(installed))
+    }
+
+    /// Tells the names file, the metrics, the log and the audit log about a generation just
+    /// switched to.
+    fn report_installed(
+        &mut self,
+        policy: &Policy,
+        compiled: &Compiled,
+        installed: &Installed,
+        trigger: Trigger,
+        seconds: f64,
+        compiled_after: Duration,
+    ) {
         self.names_file.record(
             installed.generation,
             compiled.hash,
@@ -170,20 +205,6 @@ impl Controller {
                 "by_uid": nix::unistd::getuid().as_raw(),
             }),
         );
-        let synced = {
-            let mut maps = locks::lock(&self.maps);
-            self.installer.sync_idle(&mut maps, &compiled)
-        };
-        match synced {
-            Ok(writes) => {
-                tracing::debug!(writes, "idle policy slot brought up to the live generation")
-            }
-            // Not fatal: the next install finds the slot in an unknown state and rewrites it.
-            Err(error) => tracing::warn!("updating the idle policy slot failed: {error}"),
-        }
-        self.live = Some(compiled);
-        self.policy = Some((policy, view));
-        Ok(Some(installed))
     }
 
     /// Reloads the policy; a policy that does not load changes nothing.
