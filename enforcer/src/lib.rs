@@ -5,14 +5,14 @@
 pub mod cli;
 pub mod compile;
 pub mod datapath;
-pub mod detect;
+mod detect;
 pub mod events;
 /// Files the controller appends to (outputs and the detectors' baseline share it).
 mod locks;
 mod logfile;
-pub mod outputs;
+mod outputs;
 pub mod policy;
-pub mod run;
+mod run;
 
 /// A file path of a unit test's own under the temp directory, removed when dropped.
 #[cfg(test)]

@@ -118,17 +118,6 @@ pub fn cgroup_id(path: &Path) -> Result<u64, CgroupError> {
     Ok(metadata.ino())
 }
 
-/// Where cgroup v2 is mounted on this host (`/sys/fs/cgroup` on unified hosts,
-/// `/sys/fs/cgroup/unified` in hybrid mode).
-pub fn cgroup2_root() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    mounts.lines().find_map(|line| {
-        let mut fields = line.split_whitespace();
-        let (_, mount_point, fs_type) = (fields.next()?, fields.next()?, fields.next()?);
-        (fs_type == "cgroup2").then(|| PathBuf::from(mount_point))
-    })
-}
-
 /// The kernel driver of interface `name` (`veth`, `mlx5_core`, ...), from the ethtool ioctl,
 /// which answers for the current network namespace (unlike a `/sys` that may be another's).
 pub fn interface_driver(name: &str) -> Option<String> {

@@ -2,11 +2,11 @@
 //! and pinning the programs, the maps a compiled policy is written into, and what this host
 //! has (interfaces, addresses, cgroups) for the compiler to refer to.
 
-pub mod bpf_sys;
+mod bpf_sys;
 pub mod hook;
-pub mod host;
-pub mod kernel;
+pub(crate) mod host;
+pub(crate) mod kernel;
 pub mod loader;
 pub mod maps;
 pub mod pins;
-pub mod tc_netlink;
+mod tc_netlink;

@@ -49,6 +49,7 @@ impl AlertsFile {
     }
 
     /// Records not written so far.
+    #[cfg(test)]
     pub fn unwritten(&self) -> u64 {
         self.unwritten.get()
     }
