@@ -8,11 +8,14 @@
 #![feature(asm_experimental_arch)]
 
 mod conntrack;
+mod flow;
+mod fragments;
 mod identity;
 mod maps;
 mod packet;
 mod report;
 mod rules;
+mod subject;
 mod verdict;
 
 use aya_ebpf::{

@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 
-use crate::verdict::Subject;
+use crate::subject::Subject;
 use enforcer_common::{
     addr::IpcacheKey,
     config::PolicyConfig,
@@ -68,6 +68,6 @@ pub static PACKET_COUNTS: PerCpuArray<Counter, { PACKET_COUNTER_SLOTS as usize }
 #[btf_map]
 pub static FLOW_COUNTS: LruPerCpuHashMap<FlowCounterKey, Counter, 65536> = LruPerCpuHashMap::new();
 
-/// Working memory for the packet being judged (see `verdict::Subject`).
+/// Working memory for the packet being judged (see `subject::Subject`).
 #[btf_map]
 pub static SCRATCH: PerCpuArray<Subject, 1> = PerCpuArray::new();

@@ -1,0 +1,195 @@
+//! Conntrack bookkeeping for the verdict: where a tracked flow's packets arrive, what a
+//! packet of an admitted flow records, a new flow's entry, and whether an ICMP error is about a
+//! tracked flow. The decisions are `verdict`'s; these only read and write entries.
+
+use enforcer_common::{
+    conntrack::{CtEntry, CtKey, flags as ct_flags},
+    policy::RuleVerdict,
+    verdict::{ALLOW, AUDIT, reason},
+};
+
+use crate::{
+    conntrack,
+    packet::{self, Frame, QuotedFlow},
+    report::Hook,
+    subject::Subject,
+};
+
+/// Whether a packet of a tracked flow came in where its direction's earlier packets did: the
+/// same ingress interface (entering the host), the same sending socket's cgroup, or none (TC
+/// egress).
+#[inline(always)]
+pub fn arrives_as_before(hook: &Hook, tracked: &CtEntry, from_initiator: bool) -> bool {
+    if hook.entering() {
+        hook.ifindex
+            == if from_initiator {
+                tracked.orig_ifindex
+            } else {
+                tracked.reply_ifindex
+            }
+    } else {
+        hook.cgroup_id == 0
+            || hook.cgroup_id
+                == if from_initiator {
+                    tracked.cgroup_id
+                } else {
+                    tracked.reply_cgroup_id
+                }
+    }
+}
+
+/// Notes where this direction's packets come from, once they passed the full checks.
+#[inline(always)]
+pub fn remember_arrival(hook: &Hook, tracked: &mut CtEntry, from_initiator: bool) {
+    match (hook.entering(), from_initiator) {
+        (true, true) => tracked.orig_ifindex = hook.ifindex,
+        (true, false) => tracked.reply_ifindex = hook.ifindex,
+        (false, true) if hook.cgroup_id != 0 => tracked.cgroup_id = hook.cgroup_id,
+        (false, false) if hook.cgroup_id != 0 => tracked.reply_cgroup_id = hook.cgroup_id,
+        _ => {}
+    }
+}
+
+/// The live conntrack entry of the subject's flow, as [`conntrack::live_entry`] finds it.
+#[inline(always)]
+pub fn tracked_entry(hook: &Hook, subject: &Subject) -> Option<*mut CtEntry> {
+    let packet = &subject.packet;
+    conntrack::live_entry(
+        &subject.key,
+        packet.is_tcp() && packet.tcp_syn_only(),
+        hook.now,
+    )
+}
+
+/// Whether the packet's source is its flow's initiator.
+#[inline(always)]
+pub fn from_initiator(subject: &Subject, tracked: &CtEntry) -> bool {
+    (subject.from_lo != 0) == (tracked.flags & ct_flags::ORIG_IS_LO != 0)
+}
+
+/// Records a packet of a flow admitted under the current generation in its entry and in the
+/// outcome.
+#[inline(always)]
+pub fn pass(hook: &Hook, subject: &mut Subject, entry: *mut CtEntry, from_initiator: bool) {
+    // SAFETY: map value pointer from `live_entry`, valid for this run.
+    let tracked = unsafe { &*entry };
+    let packet = &subject.packet;
+    let outcome = &mut subject.outcome;
+    outcome.verdict = if tracked.flags & ct_flags::AUDIT != 0 {
+        AUDIT
+    } else {
+        ALLOW
+    };
+    outcome.reason = reason::ESTABLISHED;
+    outcome.rule = tracked.rule;
+    (outcome.src_identity, outcome.dst_identity) = if from_initiator {
+        (tracked.src_identity, tracked.dst_identity)
+    } else {
+        (tracked.dst_identity, tracked.src_identity)
+    };
+    conntrack::observe(
+        entry,
+        subject.from_lo != 0,
+        packet.tcp_fin(),
+        packet.tcp_rst(),
+        hook.now,
+    );
+}
+
+/// A tracked flow that the current generation allows again: the entry takes the generation,
+/// the rule and the identities, and where each direction arrives is learnt again.
+#[inline(always)]
+pub fn readmit(hook: &Hook, subject: &Subject, entry: *mut CtEntry, decision: &RuleVerdict) {
+    // SAFETY: map value pointer from `live_entry`, valid for this run.
+    let tracked = unsafe { &mut *entry };
+    let from_lo = subject.from_lo != 0;
+    tracked.generation = subject.outcome.generation;
+    tracked.rule = decision.rule;
+    tracked.src_identity = subject.src.identity;
+    tracked.dst_identity = subject.dst.identity;
+    tracked.flags &= !ct_flags::AUDIT;
+    // Where the other direction arrives is checked again under the new generation.
+    (
+        tracked.orig_ifindex,
+        tracked.reply_ifindex,
+        tracked.reply_cgroup_id,
+    ) = (0, 0, 0);
+    remember_arrival(
+        hook,
+        tracked,
+        from_lo == (tracked.flags & ct_flags::ORIG_IS_LO != 0),
+    );
+    conntrack::observe(
+        entry,
+        from_lo,
+        subject.packet.tcp_fin(),
+        subject.packet.tcp_rst(),
+        hook.now,
+    );
+}
+
+/// A tracked flow the current generation refuses but audit mode passes: kept, marked audited.
+#[inline(always)]
+pub fn keep_audited(subject: &Subject, entry: *mut CtEntry, decision: &RuleVerdict) {
+    // SAFETY: map value pointer from `live_entry`, valid for this run.
+    let tracked = unsafe { &mut *entry };
+    tracked.generation = subject.outcome.generation;
+    tracked.rule = decision.rule;
+    tracked.flags |= ct_flags::AUDIT;
+}
+
+/// A new flow's entry, from the outcome.
+#[inline(never)]
+pub fn track(hook: &Hook, subject: &Subject, extra_flags: u32) {
+    let outcome = &subject.outcome;
+    let entry = CtEntry {
+        created_ns: hook.now,
+        last_seen_ns: hook.now,
+        // The sending socket's cgroup, a service's or not: the shortcut compares against it,
+        // judging again looks it up.
+        cgroup_id: if hook.entering() { 0 } else { hook.cgroup_id },
+        reply_cgroup_id: 0,
+        generation: outcome.generation,
+        rule: outcome.rule,
+        src_identity: outcome.src_identity,
+        dst_identity: outcome.dst_identity,
+        flags: if subject.from_lo != 0 {
+            ct_flags::ORIG_IS_LO
+        } else {
+            0
+        } | extra_flags,
+        orig_ifindex: if hook.entering() { hook.ifindex } else { 0 },
+        reply_ifindex: 0,
+        _pad: 0,
+    };
+    conntrack::track(&subject.key, &entry);
+}
+
+/// Whether an ICMP error quotes a packet of a flow tracked under the current generation.
+#[inline(never)]
+pub fn is_about_tracked_flow<F: Frame>(frame: &F, hook: &Hook, subject: &Subject) -> bool {
+    let mut quoted = QuotedFlow {
+        src: [0; 16],
+        dst: [0; 16],
+        proto: 0,
+        src_port: 0,
+        dst_port: 0,
+    };
+    if !packet::quoted_flow(frame, &subject.packet, &mut quoted) {
+        return false;
+    }
+    let mut key = CtKey::default();
+    conntrack::flow_key(
+        &quoted.src,
+        quoted.src_port,
+        &quoted.dst,
+        quoted.dst_port,
+        quoted.proto,
+        &mut key,
+    );
+    match conntrack::live_entry(&key, false, hook.now) {
+        // SAFETY: map value pointer, read once.
+        Some(entry) => unsafe { (*entry).generation == subject.outcome.generation },
+        None => false,
+    }
+}

@@ -1,0 +1,24 @@
+//! The packet being judged, and what the steps of the verdict have learnt about it: the type
+//! every step shares.
+
+use enforcer_common::{conntrack::CtKey, identity::IdentityInfo};
+
+use crate::{packet::Packet, report::Outcome};
+
+/// The packet being judged and what is known about it so far. It lives in the per-CPU
+/// [`crate::maps::SCRATCH`] map, not on the stack: the verifier allows 512 bytes of stack across all nested
+/// calls, and the subject alone would take a third of that.
+#[repr(C)]
+pub struct Subject {
+    pub packet: Packet,
+    pub outcome: Outcome,
+    pub src: IdentityInfo,
+    pub dst: IdentityInfo,
+    /// Conntrack key of the packet's flow, and whether the packet's source is its `lo` end.
+    pub key: CtKey,
+    pub from_lo: u8,
+    pub slot: u8,
+    pub global_audit: u8,
+    /// Whether conntrack has an entry for the flow (looked up once, by the shortcut).
+    pub tracked: u8,
+}
