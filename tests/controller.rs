@@ -122,11 +122,8 @@ fn check_names_file_line_and_column_for_each_kind_of_error() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-#[test]
+#[root_test]
 fn explain_and_diff_agree_with_what_the_datapath_does_as_root() {
-    if !require_root("explain_and_diff_agree_with_what_the_datapath_does_as_root") {
-        return;
-    }
     let topology = Topology::build(&["frontend", "api", "db"]).unwrap();
     let services = services(&topology, &["frontend", "api", "db"]);
     let old = format!(
@@ -251,13 +248,8 @@ fn explain_and_diff_agree_with_what_the_datapath_does_as_root() {
     }
 }
 
-#[test]
+#[root_test]
 fn hundred_reloads_under_traffic_never_admit_what_both_forbid_nor_break_what_both_allow_as_root() {
-    if !require_root(
-        "hundred_reloads_under_traffic_never_admit_what_both_forbid_nor_break_what_both_allow_as_root",
-    ) {
-        return;
-    }
     let topology = Topology::build(&["frontend", "api", "db"]).unwrap();
     let services = services(&topology, &["frontend", "api", "db"]);
     // Both allow frontend -> api 8080 and forbid frontend -> db; they differ on api -> db.
@@ -355,13 +347,8 @@ fn hundred_reloads_under_traffic_never_admit_what_both_forbid_nor_break_what_bot
     );
 }
 
-#[test]
+#[root_test]
 fn broken_policy_written_over_the_live_one_is_refused_and_the_old_one_keeps_enforcing_as_root() {
-    if !require_root(
-        "broken_policy_written_over_the_live_one_is_refused_and_the_old_one_keeps_enforcing_as_root",
-    ) {
-        return;
-    }
     let topology = Topology::build(&["frontend", "api"]).unwrap();
     let policy = format!(
         "{}{}",
@@ -430,11 +417,8 @@ fn broken_policy_written_over_the_live_one_is_refused_and_the_old_one_keeps_enfo
     assert_eq!(refused["trigger"], "file-change");
 }
 
-#[test]
+#[root_test]
 fn a_policy_caught_half_written_is_never_installed_as_root() {
-    if !require_root("a_policy_caught_half_written_is_never_installed_as_root") {
-        return;
-    }
     // The deny comes last: the file cut before it lets frontend reach api's admin port.
     let (topology, enforcer) = frontend_and_api(
         &(allow("frontend", "api", &["tcp"], "") + &deny("frontend", "api", &["9090/tcp"], "")),
@@ -477,11 +461,8 @@ fn a_policy_caught_half_written_is_never_installed_as_root() {
     );
 }
 
-#[test]
+#[root_test]
 fn configmap_style_symlink_swap_reloads_the_policy_as_root() {
-    if !require_root("configmap_style_symlink_swap_reloads_the_policy_as_root") {
-        return;
-    }
     let topology = Topology::build(&["frontend", "api"]).unwrap();
     let services = services(&topology, &["frontend", "api"]);
     // The layout kubelet keeps for a ConfigMap volume: policy.toml -> ..data/policy.toml,
@@ -543,23 +524,15 @@ fn configmap_style_symlink_swap_reloads_the_policy_as_root() {
     );
 }
 
-#[test]
+#[root_test]
 fn killed_controller_leaves_enforcement_in_place_and_a_new_one_adopts_it_as_root() {
-    if !require_root(
-        "killed_controller_leaves_enforcement_in_place_and_a_new_one_adopts_it_as_root",
-    ) {
-        return;
-    }
     killed_controller_is_adopted(&[]);
 }
 
 /// The same with the TC programs attached as netlink filters on clsact, as on kernels before
 /// 6.6 (the kernel matrix runs this path on real 5.10 and 6.1 kernels).
-#[test]
+#[root_test]
 fn killed_controller_with_netlink_tc_filters_is_adopted_as_root() {
-    if !require_root("killed_controller_with_netlink_tc_filters_is_adopted_as_root") {
-        return;
-    }
     killed_controller_is_adopted(&["--tc-attach", "netlink"]);
 }
 
@@ -676,11 +649,8 @@ fn killed_controller_is_adopted(tc_attach: &[&str]) {
     drop(second);
 }
 
-#[test]
+#[root_test]
 fn metrics_are_valid_for_promtool_and_carry_the_contract_names_as_root() {
-    if !require_root("metrics_are_valid_for_promtool_and_carry_the_contract_names_as_root") {
-        return;
-    }
     let (topology, enforcer) = frontend_and_api(
         &allow("frontend", "api", &["8080/tcp"], ""),
         &["--metrics", "9464"],
@@ -741,11 +711,8 @@ fn metrics_are_valid_for_promtool_and_carry_the_contract_names_as_root() {
     );
 }
 
-#[test]
+#[root_test]
 fn observe_streams_live_flow_records_with_filters_as_root() {
-    if !require_root("observe_streams_live_flow_records_with_filters_as_root") {
-        return;
-    }
     let (topology, enforcer) = frontend_and_api(&allow("frontend", "api", &["8080/tcp"], ""), &[]);
     let socket_path = enforcer.observe_socket.clone();
     let _server = topology.netns("api").tcp_echo_server(8080).unwrap();
@@ -818,13 +785,8 @@ fn observe_streams_live_flow_records_with_filters_as_root() {
     drop(enforcer);
 }
 
-#[test]
+#[root_test]
 fn a_rotated_audit_log_goes_on_in_a_new_file_that_verifies_after_the_old_as_root() {
-    if !require_root(
-        "a_rotated_audit_log_goes_on_in_a_new_file_that_verifies_after_the_old_as_root",
-    ) {
-        return;
-    }
     let (topology, enforcer) = frontend_and_api("", &[]);
     let policy = services(&topology, &["frontend", "api"]);
     let audit_log = enforcer.audit_log.clone();
@@ -866,11 +828,8 @@ fn a_rotated_audit_log_goes_on_in_a_new_file_that_verifies_after_the_old_as_root
     );
 }
 
-#[test]
+#[root_test]
 fn audit_log_chains_policy_loads_and_verification_finds_tampering_as_root() {
-    if !require_root("audit_log_chains_policy_loads_and_verification_finds_tampering_as_root") {
-        return;
-    }
     let (topology, enforcer) = frontend_and_api("", &[]);
     let policy = services(&topology, &["frontend", "api"]);
     let audit_log = enforcer.audit_log.clone();
@@ -954,11 +913,8 @@ fn nothing_allowed(extra: &[&str]) -> (Topology, Enforcer, enforcer_testbed::Ser
     (topology, enforcer, server)
 }
 
-#[test]
+#[root_test]
 fn a_program_swapped_behind_the_controllers_back_shows_in_status_as_root() {
-    if !require_root("a_program_swapped_behind_the_controllers_back_shows_in_status_as_root") {
-        return;
-    }
     let (topology, enforcer, _server) = nothing_allowed(&["--ingress-hook", "xdp"]);
 
     let evil = enforcer_testbed::bpf::load_pass_all_xdp().unwrap();
@@ -1008,11 +964,8 @@ fn json_bytes(value: &Value) -> Vec<u8> {
         .collect()
 }
 
-#[test]
+#[root_test]
 fn the_live_policy_generation_cannot_be_rewritten_from_userspace_as_root() {
-    if !require_root("the_live_policy_generation_cannot_be_rewritten_from_userspace_as_root") {
-        return;
-    }
     let (topology, enforcer, _server) = nothing_allowed(&[]);
     let frontend = topology.netns("frontend");
 
@@ -1060,11 +1013,8 @@ fn the_live_policy_generation_cannot_be_rewritten_from_userspace_as_root() {
     );
 }
 
-#[test]
+#[root_test]
 fn a_one_rule_change_to_a_large_policy_is_a_handful_of_map_writes_as_root() {
-    if !require_root("a_one_rule_change_to_a_large_policy_is_a_handful_of_map_writes_as_root") {
-        return;
-    }
     let topology = Topology::build(&["frontend", "api"]).unwrap();
     let services = services(&topology, &["frontend", "api"]);
     let rules: String = (1..=5000)
@@ -1126,11 +1076,8 @@ fn a_one_rule_change_to_a_large_policy_is_a_handful_of_map_writes_as_root() {
     assert_eq!(writes(5), 1, "a rule removed from the middle");
 }
 
-#[test]
+#[root_test]
 fn unload_removes_every_pin_and_program_as_root() {
-    if !require_root("unload_removes_every_pin_and_program_as_root") {
-        return;
-    }
     let (topology, enforcer, _server) = nothing_allowed(&[]);
     let frontend = topology.netns("frontend");
     enforcer
@@ -1143,6 +1090,12 @@ fn unload_removes_every_pin_and_program_as_root() {
         was_dropped(&frontend.tcp_connect(v4(&topology, "api", 8080), TIMEOUT)),
         "a stopped controller leaves enforcement in place"
     );
+    let attached = topology.host.attached_programs("v-frontend").unwrap();
+    assert_eq!(
+        attached.len(),
+        2,
+        "an ingress and an egress program are attached before the unload: {attached:?}"
+    );
 
     let output = enforcer.command(&topology, &["unload"]);
     assert!(
@@ -1151,20 +1104,10 @@ fn unload_removes_every_pin_and_program_as_root() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(!enforcer.pins.exists(), "the pin directory is gone");
-    let link = Command::new("ip")
-        .args([
-            "-n",
-            &topology.host.name,
-            "-d",
-            "link",
-            "show",
-            "v-frontend",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        !String::from_utf8_lossy(&link.stdout).contains("xdp"),
-        "no XDP program left on the interface"
+    assert_eq!(
+        topology.host.attached_programs("v-frontend").unwrap(),
+        Vec::<String>::new(),
+        "no program left on the interface"
     );
     assert_eq!(
         frontend

@@ -15,18 +15,14 @@ use std::{
 use enforcer_testbed::{Cgroup, socat_exchange};
 use support::*;
 
-#[test]
+#[root_test]
 fn tcp_udp_and_icmp_are_allowed_and_denied_per_rule_over_ipv4_and_ipv6_as_root() {
-    if require_root("tcp_udp_and_icmp_are_allowed_and_denied_per_rule_over_ipv4_and_ipv6_as_root") {
-        allowed_and_denied_per_rule("auto", "tc-ingress");
-    }
+    allowed_and_denied_per_rule("auto", "tc-ingress");
 }
 
-#[test]
+#[root_test]
 fn tcp_udp_and_icmp_are_allowed_and_denied_per_rule_with_xdp_ingress_as_root() {
-    if require_root("tcp_udp_and_icmp_are_allowed_and_denied_per_rule_with_xdp_ingress_as_root") {
-        allowed_and_denied_per_rule("xdp", "xdp-ingress");
-    }
+    allowed_and_denied_per_rule("xdp", "xdp-ingress");
 }
 
 /// The rules' effect over IPv4 and IPv6, with `ingress` judging what enters the host (`hook` is
@@ -142,11 +138,8 @@ fn allowed_and_denied_per_rule(ingress: &str, hook: &str) {
     assert_eq!(denied["policy"]["uid"], "default-deny");
 }
 
-#[test]
+#[root_test]
 fn port_range_admits_its_ends_and_refuses_one_past_them_as_root() {
-    if !require_root("port_range_admits_its_ends_and_refuses_one_past_them_as_root") {
-        return;
-    }
     let (topology, _enforcer) = frontend_and_api(
         &allow("frontend", "api", &["8000-8100/tcp"], "id = \"range\""),
         &[],
@@ -175,12 +168,8 @@ fn port_range_admits_its_ends_and_refuses_one_past_them_as_root() {
     }
 }
 
-#[test]
+#[root_test]
 fn cidr_world_and_host_peers_and_the_default_rule_decide_as_documented_as_root() {
-    if !require_root("cidr_world_and_host_peers_and_the_default_rule_decide_as_documented_as_root")
-    {
-        return;
-    }
     // Only api is a declared service; office, partner and stranger are plain addresses.
     let topology = Topology::build(&["api", "office", "partner", "stranger"]).unwrap();
     let office = topology.endpoint("office").ipv4.octets();
@@ -285,11 +274,8 @@ fn cidr_world_and_host_peers_and_the_default_rule_decide_as_documented_as_root()
     );
 }
 
-#[test]
+#[root_test]
 fn explicit_deny_beats_an_overlapping_allow_as_root() {
-    if !require_root("explicit_deny_beats_an_overlapping_allow_as_root") {
-        return;
-    }
     let (topology, enforcer) = frontend_and_api(
         &(allow("frontend", "api", &["tcp"], "id = \"all-tcp\"")
             + &deny("frontend", "api", &["9090/tcp"], "id = \"no-admin\"")),
@@ -317,11 +303,8 @@ fn explicit_deny_beats_an_overlapping_allow_as_root() {
     assert_eq!(denied["unmapped"]["enforcer"]["reason"], "policy_deny");
 }
 
-#[test]
+#[root_test]
 fn icmp_errors_about_an_allowed_flow_reach_the_client_as_root() {
-    if !require_root("icmp_errors_about_an_allowed_flow_reach_the_client_as_root") {
-        return;
-    }
     let (topology, _enforcer) = frontend_and_api(&allow("frontend", "api", &["53/udp"], ""), &[]);
     // Nothing listens on api:53: api answers with port unreachable, an ICMP packet from api to
     // frontend that no rule allows by itself. It is about an allowed flow, so it passes, and the
@@ -336,11 +319,8 @@ fn icmp_errors_about_an_allowed_flow_reach_the_client_as_root() {
     }
 }
 
-#[test]
+#[root_test]
 fn process_in_a_services_cgroup_is_judged_as_that_service_as_root() {
-    if !require_root("process_in_a_services_cgroup_is_judged_as_that_service_as_root") {
-        return;
-    }
     let topology = Topology::build(&["api"]).unwrap();
     let cgroup = Cgroup::create("frontend").unwrap();
     let policy = format!(
@@ -389,13 +369,8 @@ fn process_in_a_services_cgroup_is_judged_as_that_service_as_root() {
     assert_eq!(refused["policy"]["uid"], "default-deny");
 }
 
-#[test]
+#[root_test]
 fn cgroup_and_source_address_naming_different_services_is_dropped_as_spoofed_as_root() {
-    if !require_root(
-        "cgroup_and_source_address_naming_different_services_is_dropped_as_spoofed_as_root",
-    ) {
-        return;
-    }
     let topology = Topology::build(&["api"]).unwrap();
     let cgroup = Cgroup::create("frontend").unwrap();
     // The host also holds db's address; a frontend process sending from it claims to be db.
@@ -452,20 +427,14 @@ fn cgroup_and_source_address_naming_different_services_is_dropped_as_spoofed_as_
     assert_eq!(spoofed["policy"]["uid"], "anti-spoofing");
 }
 
-#[test]
+#[root_test]
 fn spoofed_source_from_an_endpoint_never_reaches_its_target_as_root() {
-    if require_root("spoofed_source_from_an_endpoint_never_reaches_its_target_as_root") {
-        spoofed_source_is_dropped("auto");
-    }
+    spoofed_source_is_dropped("auto");
 }
 
-#[test]
+#[root_test]
 fn spoofed_source_from_an_endpoint_never_reaches_its_target_with_xdp_ingress_as_root() {
-    if require_root(
-        "spoofed_source_from_an_endpoint_never_reaches_its_target_with_xdp_ingress_as_root",
-    ) {
-        spoofed_source_is_dropped("xdp");
-    }
+    spoofed_source_is_dropped("xdp");
 }
 
 fn spoofed_source_is_dropped(ingress: &str) {
@@ -521,11 +490,8 @@ fn spoofed_source_is_dropped(ingress: &str) {
     assert_eq!(spoofed["severity_id"], 4);
 }
 
-#[test]
+#[root_test]
 fn live_connection_dies_at_its_next_packet_when_its_rule_is_removed_as_root() {
-    if !require_root("live_connection_dies_at_its_next_packet_when_its_rule_is_removed_as_root") {
-        return;
-    }
     let (topology, enforcer) = frontend_and_api(
         &allow("frontend", "api", &["8080/tcp"], "id = \"fe-api\""),
         &[],
@@ -560,11 +526,8 @@ fn live_connection_dies_at_its_next_packet_when_its_rule_is_removed_as_root() {
     assert_eq!(cut["unmapped"]["enforcer"]["generation"], 2);
 }
 
-#[test]
+#[root_test]
 fn rate_limit_admits_about_the_configured_new_connections_per_second_as_root() {
-    if !require_root("rate_limit_admits_about_the_configured_new_connections_per_second_as_root") {
-        return;
-    }
     let (topology, enforcer) = frontend_and_api(
         &allow(
             "frontend",
@@ -628,11 +591,8 @@ fn rate_limit_admits_about_the_configured_new_connections_per_second_as_root() {
     assert_eq!(limited["disposition_id"], 6);
 }
 
-#[test]
+#[root_test]
 fn audit_mode_passes_what_it_would_drop_and_reports_it_as_root() {
-    if !require_root("audit_mode_passes_what_it_would_drop_and_reports_it_as_root") {
-        return;
-    }
     // Global audit: nothing is dropped.
     let topology = Topology::build(&["frontend", "api", "client"]).unwrap();
     let services = services(&topology, &["frontend", "api"]);
@@ -690,11 +650,8 @@ fn audit_mode_passes_what_it_would_drop_and_reports_it_as_root() {
     assert_eq!(denied["unmapped"]["enforcer"]["verdict"], "deny");
 }
 
-#[test]
+#[root_test]
 fn status_shows_the_pinned_datapath_as_root() {
-    if !require_root("status_shows_the_pinned_datapath_as_root") {
-        return;
-    }
     let (topology, enforcer) = frontend_and_api("", &[]);
     let _ = topology
         .netns("frontend")
@@ -735,11 +692,8 @@ fn status_shows_the_pinned_datapath_as_root() {
 /// `status` reports what the kernel runs, not what the pins remember: an interface that is gone
 /// is not shown as enforced, and with none left it says so and exits non-zero. Both ways of
 /// attaching TC programs (TCX links, netlink filters as before 6.6).
-#[test]
+#[root_test]
 fn status_never_claims_an_interface_that_is_gone_as_root() {
-    if !require_root("status_never_claims_an_interface_that_is_gone_as_root") {
-        return;
-    }
     for tc_attach in ["tcx", "netlink"] {
         let (topology, enforcer) = frontend_and_api("", &["--tc-attach", tc_attach]);
         let delete = |interface: &str| {

@@ -32,11 +32,8 @@ fn wait_for_finding(enforcer: &Enforcer, detector: &str) -> Value {
         })
 }
 
-#[test]
+#[root_test]
 fn a_new_edge_and_a_call_rate_spike_are_found_as_root() {
-    if !require_root("a_new_edge_and_a_call_rate_spike_are_found_as_root") {
-        return;
-    }
     let (topology, enforcer) = frontend_and_api(
         &(allow("frontend", "api", &["8080/tcp"], "id = \"fe-api\"")
             + "[detection]\nwindow_secs = 1\nspike_warmup_windows = 3\nspike_min_calls = 10\nspike_z = 3.0\n"),
@@ -85,11 +82,8 @@ fn a_new_edge_and_a_call_rate_spike_are_found_as_root() {
     );
 }
 
-#[test]
+#[root_test]
 fn a_scan_and_a_burst_of_denials_are_found_as_root() {
-    if !require_root("a_scan_and_a_burst_of_denials_are_found_as_root") {
-        return;
-    }
     let topology = Topology::build(&["frontend", "api", "client"]).unwrap();
     let policy = format!(
         "{}[detection]\nwindow_secs = 5\nfanout_distinct_peers = 10\ndeny_burst = 20\n",
@@ -165,11 +159,8 @@ fn a_scan_and_a_burst_of_denials_are_found_as_root() {
 }
 
 /// Collects syslog frames (octet counting) arriving on `listener`.
-#[test]
+#[root_test]
 fn alerts_continue_in_a_new_file_after_log_rotation_moves_the_old_one_as_root() {
-    if !require_root("alerts_continue_in_a_new_file_after_log_rotation_moves_the_old_one_as_root") {
-        return;
-    }
     let (topology, enforcer) = frontend_and_api(&allow("frontend", "api", &["8080/tcp"], ""), &[]);
     let _server = topology.netns("api").tcp_echo_server(8080).unwrap();
     let frontend = topology.netns("frontend");
@@ -224,11 +215,8 @@ fn collect_syslog(listener: TcpListener) -> Arc<Mutex<Vec<String>>> {
     frames
 }
 
-#[test]
+#[root_test]
 fn syslog_gets_the_records_and_the_heartbeat_anchors_the_state_as_root() {
-    if !require_root("syslog_gets_the_records_and_the_heartbeat_anchors_the_state_as_root") {
-        return;
-    }
     let topology = Topology::build(&["frontend", "api"]).unwrap();
     let listener = topology
         .host
@@ -312,11 +300,8 @@ fn syslog_gets_the_records_and_the_heartbeat_anchors_the_state_as_root() {
     assert_eq!(record["dst_endpoint"]["svc_name"], "api");
 }
 
-#[test]
+#[root_test]
 fn an_edge_baseline_keeps_known_edges_quiet_across_a_restart_as_root() {
-    if !require_root("an_edge_baseline_keeps_known_edges_quiet_across_a_restart_as_root") {
-        return;
-    }
     let topology = Topology::build(&["frontend", "api"]).unwrap();
     let baseline = topology.dir.join("edges.jsonl");
     let policy = format!(

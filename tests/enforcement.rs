@@ -3,58 +3,23 @@
 
 mod support;
 
-use std::process::Command;
-
 use support::*;
 
 /// frontend may call api on 8080/tcp and 53/udp; nothing else is allowed.
-fn shop_policy(topology: &Topology) -> String {
-    let frontend = topology.endpoint("frontend");
-    let api = topology.endpoint("api");
-    format!(
-        r#"
-[[service]]
-name = "frontend"
-interfaces = ["{}"]
-addresses = ["{}/32", "{}/128"]
-
-[[service]]
-name = "api"
-interfaces = ["{}"]
-addresses = ["{}/32", "{}/128"]
-
-[[allow]]
-from = "frontend"
-to = "api"
-ports = ["8080/tcp", "53/udp"]
-id = "frontend-to-api"
-"#,
-        frontend.host_interface,
-        frontend.ipv4,
-        frontend.ipv6,
-        api.host_interface,
-        api.ipv4,
-        api.ipv6
+fn shop() -> (Topology, Enforcer) {
+    frontend_and_api(
+        &allow(
+            "frontend",
+            "api",
+            &["8080/tcp", "53/udp"],
+            "id = \"frontend-to-api\"",
+        ),
+        &[],
     )
 }
 
-fn shop() -> (Topology, Enforcer) {
-    let topology = Topology::build(&["frontend", "api"]).expect("topology");
-    let policy = shop_policy(&topology);
-    let attach = [
-        topology.endpoint("frontend").host_interface.clone(),
-        topology.endpoint("api").host_interface.clone(),
-    ];
-    let enforcer = Enforcer::start(&topology, &policy, &[&attach[0], &attach[1]], &[])
-        .expect("enforcer starts");
-    (topology, enforcer)
-}
-
-#[test]
+#[root_test]
 fn allowed_tcp_connection_carries_data_both_ways_as_root() {
-    if !require_root("allowed_tcp_connection_carries_data_both_ways_as_root") {
-        return;
-    }
     let (topology, enforcer) = shop();
     let api = topology.endpoint("api");
     let _server = api.netns.tcp_echo_server(8080).unwrap();
@@ -76,11 +41,8 @@ fn allowed_tcp_connection_carries_data_both_ways_as_root() {
     assert_eq!(opened["policy"]["uid"], "frontend-to-api");
 }
 
-#[test]
+#[root_test]
 fn connection_not_in_policy_is_refused_as_root() {
-    if !require_root("connection_not_in_policy_is_refused_as_root") {
-        return;
-    }
     let (topology, enforcer) = shop();
     let frontend = topology.endpoint("frontend");
     let api = topology.endpoint("api");
@@ -104,11 +66,8 @@ fn connection_not_in_policy_is_refused_as_root() {
     assert_eq!(denied["class_uid"], 4001);
 }
 
-#[test]
+#[root_test]
 fn allowed_udp_exchange_gets_its_reply_as_root() {
-    if !require_root("allowed_udp_exchange_gets_its_reply_as_root") {
-        return;
-    }
     let (topology, _enforcer) = shop();
     let api = topology.endpoint("api");
     let frontend = topology.endpoint("frontend");
@@ -128,11 +87,8 @@ fn allowed_udp_exchange_gets_its_reply_as_root() {
     );
 }
 
-#[test]
+#[root_test]
 fn policy_that_does_not_parse_is_refused_and_nothing_is_attached_as_root() {
-    if !require_root("policy_that_does_not_parse_is_refused_and_nothing_is_attached_as_root") {
-        return;
-    }
     let topology = Topology::build(&["frontend", "api"]).expect("topology");
     let api = topology.endpoint("api");
     let policy = topology
@@ -165,20 +121,13 @@ fn policy_that_does_not_parse_is_refused_and_nothing_is_attached_as_root() {
         "stderr: {stderr}"
     );
     assert!(!topology.pin_path().exists(), "nothing was pinned");
-    let link = Command::new("ip")
-        .args([
-            "-n",
-            &topology.host.name,
-            "-d",
-            "link",
-            "show",
-            &api.host_interface,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        !String::from_utf8_lossy(&link.stdout).contains("xdp"),
-        "no XDP program on the interface"
+    assert_eq!(
+        topology
+            .host
+            .attached_programs(&api.host_interface)
+            .unwrap(),
+        Vec::<String>::new(),
+        "no program on the interface"
     );
     let _server = api.netns.tcp_echo_server(8080).unwrap();
     let reply =

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-pub use enforcer_testbed::{Daemon, Topology, require_root};
+pub use enforcer_testbed::{Daemon, Topology, root_test};
 use serde_json::Value;
 
 pub const ENFORCER: &str = env!("CARGO_BIN_EXE_enforcer");

@@ -29,7 +29,7 @@ use enforcer_common::{
     verdict::{DENY, reason},
 };
 use enforcer_testbed::frames::{self, Ipv4};
-use support::require_root;
+use support::root_test;
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -216,11 +216,8 @@ fn tcp6(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16) -> Vec<u8> {
     frames::ipv6_frame(src, dst, frames::TCP, 64, &[], &syn)
 }
 
-#[test]
+#[root_test]
 fn well_formed_packets_follow_the_policy_at_both_hooks_as_root() {
-    if !require_root("well_formed_packets_follow_the_policy_at_both_hooks_as_root") {
-        return;
-    }
     let mut kernel = Kernel::load(LoadOptions::default());
     kernel.assert_passes("a -> b 80/tcp", |port| tcp4(A4, B4, port, 80));
     kernel.assert_dropped("a -> b 81/tcp", |port| tcp4(A4, B4, port, 81));
@@ -251,11 +248,8 @@ fn well_formed_packets_follow_the_policy_at_both_hooks_as_root() {
     });
 }
 
-#[test]
+#[root_test]
 fn the_kernel_decides_new_flows_as_explain_does_on_random_policies_as_root() {
-    if !require_root("the_kernel_decides_new_flows_as_explain_does_on_random_policies_as_root") {
-        return;
-    }
     use enforcer_testbed::policies::{RANDOM_PORTS, RANDOM_SERVICES, random};
     let mut kernel = Kernel::load(LoadOptions::default());
     let mut probes = 0;
@@ -303,11 +297,8 @@ fn the_kernel_decides_new_flows_as_explain_does_on_random_policies_as_root() {
     assert_eq!(probes, 40 * 9 * (2 * RANDOM_PORTS.len() + 1));
 }
 
-#[test]
+#[root_test]
 fn malformed_and_truncated_headers_are_dropped_as_root() {
-    if !require_root("malformed_and_truncated_headers_are_dropped_as_root") {
-        return;
-    }
     let mut kernel = Kernel::load(LoadOptions::default());
     let syn = |port| frames::tcp(port, 80, frames::TCP_SYN);
     kernel.assert_dropped("IPv4 header length 16 bytes", |port| {
@@ -354,11 +345,8 @@ fn malformed_and_truncated_headers_are_dropped_as_root() {
     );
 }
 
-#[test]
+#[root_test]
 fn tracked_flows_expire_when_idle_and_soon_after_they_close_as_root() {
-    if !require_root("tracked_flows_expire_when_idle_and_soon_after_they_close_as_root") {
-        return;
-    }
     let mut kernel = Kernel::load(LoadOptions::default());
     let second = Duration::from_secs(1);
     let nanos = Duration::from_nanos;
@@ -441,11 +429,8 @@ fn tracked_flows_expire_when_idle_and_soon_after_they_close_as_root() {
     }
 }
 
-#[test]
+#[root_test]
 fn ip_options_do_not_hide_the_ports_as_root() {
-    if !require_root("ip_options_do_not_hide_the_ports_as_root") {
-        return;
-    }
     let mut kernel = Kernel::load(LoadOptions::default());
     for ihl in [6, 15] {
         kernel.assert_passes("allowed port behind IPv4 options", |port| {
@@ -465,11 +450,8 @@ fn ip_options_do_not_hide_the_ports_as_root() {
     }
 }
 
-#[test]
+#[root_test]
 fn fragments_follow_their_first_fragment_or_are_dropped_as_root() {
-    if !require_root("fragments_follow_their_first_fragment_or_are_dropped_as_root") {
-        return;
-    }
     let mut kernel = Kernel::load(LoadOptions::default());
     let fragment = |id: u16, offset: u16, more: bool, payload: &[u8]| {
         Ipv4 {
@@ -585,11 +567,8 @@ fn fragments_follow_their_first_fragment_or_are_dropped_as_root() {
     );
 }
 
-#[test]
+#[root_test]
 fn vlan_tags_and_extension_headers_do_not_bypass_the_policy_as_root() {
-    if !require_root("vlan_tags_and_extension_headers_do_not_bypass_the_policy_as_root") {
-        return;
-    }
     let mut kernel = Kernel::load(LoadOptions::default());
     let tagged = |tags: &'static [(u16, u16)], dport: u16| {
         move |port| {
@@ -632,11 +611,8 @@ fn vlan_tags_and_extension_headers_do_not_bypass_the_policy_as_root() {
     assert!(kernel.packets_with_reason(reason::UNSUPPORTED_HEADERS) >= 4);
 }
 
-#[test]
+#[root_test]
 fn neighbour_discovery_passes_only_when_it_never_left_the_link_as_root() {
-    if !require_root("neighbour_discovery_passes_only_when_it_never_left_the_link_as_root") {
-        return;
-    }
     let mut kernel = Kernel::load(LoadOptions::default());
     // b may send nothing to a, yet the link needs its neighbour solicitations.
     let solicitation = |hop_limit: u8| {
@@ -668,11 +644,8 @@ fn neighbour_discovery_passes_only_when_it_never_left_the_link_as_root() {
     });
 }
 
-#[test]
+#[root_test]
 fn denials_are_deduplicated_in_the_kernel_and_losses_show_as_gaps_as_root() {
-    if !require_root("denials_are_deduplicated_in_the_kernel_and_losses_show_as_gaps_as_root") {
-        return;
-    }
     // One page of ring buffer: a few dozen records.
     let mut kernel = Kernel::load(LoadOptions {
         event_buffer_bytes: Some(4096),
@@ -728,11 +701,8 @@ fn denials_are_deduplicated_in_the_kernel_and_losses_show_as_gaps_as_root() {
     );
 }
 
-#[test]
+#[root_test]
 fn programs_pass_the_verifier_and_show_readable_names_as_root() {
-    if !require_root("programs_pass_the_verifier_and_show_readable_names_as_root") {
-        return;
-    }
     let kernel = Kernel::load(LoadOptions::default());
     let listing = Command::new("bpftool")
         .args(["prog", "show"])

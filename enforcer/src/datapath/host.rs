@@ -176,3 +176,42 @@ pub fn interface_driver(name: &str) -> Option<String> {
         .unwrap_or(info.driver.len());
     Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_is_found_by_name_index_and_address() {
+        let index = interface_index("lo").expect("every namespace has lo");
+        assert_eq!(interface_name(index).as_deref(), Some("lo"));
+        assert_eq!(interface_index("no-such-if0"), None);
+        let addresses = local_addresses();
+        assert!(
+            addresses.contains(&IpAddr::from([127, 0, 0, 1])),
+            "{addresses:?}"
+        );
+        assert!(
+            addresses.windows(2).all(|pair| pair[0] < pair[1]),
+            "sorted, no duplicates"
+        );
+    }
+
+    #[test]
+    fn a_cgroup_that_cannot_give_an_identity_says_why() {
+        let scratch = crate::ScratchFile::new("not-a-cgroup");
+        std::fs::write(&scratch.0, "").unwrap();
+        assert!(matches!(
+            cgroup_id(&scratch.0),
+            Err(CgroupError::NotADirectory(path)) if path == scratch.0
+        ));
+        assert!(matches!(
+            cgroup_id(Path::new("/nonexistent/cgroup")),
+            Err(CgroupError::Unusable { .. })
+        ));
+        assert!(matches!(
+            cgroup_id(Path::new("/proc")),
+            Err(CgroupError::NotCgroup2(_))
+        ));
+    }
+}

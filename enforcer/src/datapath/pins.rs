@@ -65,7 +65,7 @@ impl PinLayout {
         self.maps().join("POLICY_ACTIVE").exists()
     }
 
-    /// Interfaces with a pinned link or a recorded TC filter, per hook.
+    /// Interfaces with a pinned link or a recorded TC filter, with their hooks in order.
     pub fn attached_interfaces(&self) -> BTreeMap<String, Vec<Hook>> {
         let mut interfaces: BTreeMap<String, Vec<Hook>> = BTreeMap::new();
         let links = fs::read_dir(self.links()).into_iter().flatten().flatten();
@@ -84,6 +84,68 @@ impl PinLayout {
                 }
             }
         }
+        // Directory order is the file system's: the hooks are listed in their own order.
+        for hooks in interfaces.values_mut() {
+            hooks.sort();
+        }
         interfaces
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_beside_the_pins_are_named_after_the_pin_directory() {
+        let pins = PinLayout::new("/sys/fs/bpf/enforcer-a");
+        assert_eq!(pins.maps(), PathBuf::from("/sys/fs/bpf/enforcer-a/maps"));
+        assert_eq!(pins.links(), PathBuf::from("/sys/fs/bpf/enforcer-a/links"));
+        assert_eq!(
+            pins.tc_filters(),
+            PathBuf::from("/sys/fs/bpf/enforcer-a/tc-filters")
+        );
+        assert_eq!(
+            pins.observe_socket(),
+            PathBuf::from("/run/enforcer/enforcer-a.sock")
+        );
+        assert_eq!(
+            pins.names_file(),
+            PathBuf::from("/run/enforcer/enforcer-a.names.json")
+        );
+        assert_eq!(
+            pins.link(Hook::TcIngress, "veth0"),
+            PathBuf::from("/sys/fs/bpf/enforcer-a/links/tci-veth0")
+        );
+    }
+
+    #[test]
+    fn attached_interfaces_are_read_from_links_and_filter_records() {
+        let root = std::env::temp_dir().join(format!("enforcer-pins-{}", std::process::id()));
+        let pins = PinLayout::new(&root);
+        fs::create_dir_all(pins.links()).unwrap();
+        fs::create_dir_all(pins.tc_filters()).unwrap();
+        for (directory, hook, interface) in [
+            (pins.links(), Hook::Xdp, "eth1"),
+            (pins.links(), Hook::TcEgress, "eth1"),
+            (pins.tc_filters(), Hook::TcIngress, "veth-api-1"),
+            (pins.tc_filters(), Hook::TcEgress, "veth-api-1"),
+        ] {
+            fs::write(directory.join(hook.pin_name(interface)), "").unwrap();
+        }
+        fs::write(pins.links().join("not-a-hook"), "").unwrap();
+        let attached = pins.attached_interfaces();
+        fs::remove_dir_all(&root).unwrap();
+        assert_eq!(
+            attached,
+            BTreeMap::from([
+                ("eth1".to_owned(), vec![Hook::Xdp, Hook::TcEgress]),
+                (
+                    "veth-api-1".to_owned(),
+                    vec![Hook::TcIngress, Hook::TcEgress]
+                ),
+            ])
+        );
+        assert!(!pins.exists(), "no maps are pinned");
     }
 }

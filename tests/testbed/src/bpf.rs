@@ -13,9 +13,12 @@ use std::{
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_XDP: u32 = 37;
+const BPF_TCX_INGRESS: u32 = 46;
+const BPF_TCX_EGRESS: u32 = 47;
 
 fn sys(command: libc::c_long, attr: &mut [u8]) -> io::Result<i64> {
     // SAFETY: `attr` is a zero-padded `union bpf_attr` prefix laid out for `command`, and
@@ -70,4 +73,22 @@ pub fn test_run(program: &OwnedFd, frame: &[u8], repeat: u32) -> io::Result<(u32
     let retval = u32::from_ne_bytes(attr[4..8].try_into().expect("4 bytes"));
     let duration = u32::from_ne_bytes(attr[36..40].try_into().expect("4 bytes"));
     Ok((retval, Duration::from_nanos(u64::from(duration))))
+}
+
+/// How many programs are attached to interface `ifindex` of the calling thread's network
+/// namespace through TCX, ingress and egress; zero on kernels without TCX (before 6.6).
+pub fn tcx_program_counts(ifindex: u32) -> io::Result<(u32, u32)> {
+    let count = |attach_type: u32| -> io::Result<u32> {
+        let mut attr = [0u8; 64];
+        attr[0..4].copy_from_slice(&ifindex.to_ne_bytes());
+        attr[4..8].copy_from_slice(&attach_type.to_ne_bytes());
+        match sys(BPF_PROG_QUERY, &mut attr) {
+            Ok(_) => Ok(u32::from_ne_bytes(
+                attr[24..28].try_into().expect("4 bytes"),
+            )),
+            Err(error) if error.raw_os_error() == Some(libc::EINVAL) => Ok(0),
+            Err(error) => Err(error),
+        }
+    };
+    Ok((count(BPF_TCX_INGRESS)?, count(BPF_TCX_EGRESS)?))
 }

@@ -1,0 +1,154 @@
+//! A simulated host and its endpoints, each in a namespace behind a veth.
+
+use std::{
+    fs::{self},
+    io,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+};
+
+use crate::{BPFFS, Netns, sweep_stale, unique_id};
+
+/// An endpoint namespace behind a veth whose other end is on the simulated host.
+pub struct Endpoint {
+    pub name: String,
+    pub netns: Netns,
+    /// Name of the veth end on the host (the interface to attach enforcer to).
+    pub host_interface: String,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    /// The host's address on this endpoint's link (the endpoint's gateway).
+    pub gateway_v4: Ipv4Addr,
+    pub gateway_v6: Ipv6Addr,
+}
+
+/// A simulated host with endpoint namespaces routed through it.
+pub struct Topology {
+    pub id: String,
+    // Endpoints are declared before `host`: they are dropped first.
+    pub endpoints: Vec<Endpoint>,
+    pub host: Netns,
+    pub dir: PathBuf,
+}
+
+impl Topology {
+    /// Builds a host and one endpoint per name. Endpoint `i` (from 1) gets 10.200.i.2/24 and
+    /// fd00:200:i::2/64, its host-side interface `v-<name>` gets .1 / ::1.
+    pub fn build(endpoints: &[&str]) -> io::Result<Self> {
+        sweep_stale();
+        let id = unique_id();
+        let dir = std::env::temp_dir().join(&id);
+        fs::create_dir_all(&dir)?;
+        let host = Netns::create(&format!("{id}-host"))?;
+        host.sysctl("net.ipv4.ip_forward", "1")?;
+        host.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        let mut topology = Self {
+            id: id.clone(),
+            endpoints: Vec::new(),
+            host,
+            dir,
+        };
+        for (index, name) in endpoints.iter().enumerate() {
+            topology.add_endpoint(name, index as u8 + 1)?;
+        }
+        Ok(topology)
+    }
+
+    fn add_endpoint(&mut self, name: &str, subnet: u8) -> io::Result<()> {
+        let netns = Netns::create(&format!("{}-{name}", self.id))?;
+        let host_interface: String = format!("v-{name}").chars().take(15).collect();
+        // Created inside the host namespace with its peer straight into the endpoint's, so the
+        // name never exists in the machine's own namespace.
+        self.host.ip(&[
+            "link",
+            "add",
+            &host_interface,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &netns.name,
+        ])?;
+        let ipv4 = Ipv4Addr::new(10, 200, subnet, 2);
+        let gateway_v4 = Ipv4Addr::new(10, 200, subnet, 1);
+        let ipv6: Ipv6Addr = format!("fd00:200:{subnet}::2").parse().expect("valid");
+        let gateway_v6: Ipv6Addr = format!("fd00:200:{subnet}::1").parse().expect("valid");
+        self.host.ip(&[
+            "addr",
+            "add",
+            &format!("{gateway_v4}/24"),
+            "dev",
+            &host_interface,
+        ])?;
+        self.host.ip(&[
+            "addr",
+            "add",
+            &format!("{gateway_v6}/64"),
+            "dev",
+            &host_interface,
+            "nodad",
+        ])?;
+        self.host.ip(&["link", "set", &host_interface, "up"])?;
+        netns.ip(&["addr", "add", &format!("{ipv4}/24"), "dev", "eth0"])?;
+        netns.ip(&["addr", "add", &format!("{ipv6}/64"), "dev", "eth0", "nodad"])?;
+        netns.ip(&["link", "set", "eth0", "up"])?;
+        netns.ip(&["route", "add", "default", "via", &gateway_v4.to_string()])?;
+        netns.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &gateway_v6.to_string(),
+        ])?;
+        self.endpoints.push(Endpoint {
+            name: name.to_owned(),
+            netns,
+            host_interface,
+            ipv4,
+            ipv6,
+            gateway_v4,
+            gateway_v6,
+        });
+        Ok(())
+    }
+
+    pub fn endpoint(&self, name: &str) -> &Endpoint {
+        self.endpoints
+            .iter()
+            .find(|endpoint| endpoint.name == name)
+            .unwrap_or_else(|| panic!("no endpoint {name}"))
+    }
+
+    /// The named endpoint's namespace, where its servers listen and its clients run.
+    pub fn netns(&self, name: &str) -> &Netns {
+        &self.endpoint(name).netns
+    }
+
+    /// A pin directory for this topology's enforcer (removed on drop).
+    pub fn pin_path(&self) -> PathBuf {
+        Path::new(BPFFS).join(&self.id)
+    }
+
+    /// Writes a file into the topology's temp directory.
+    pub fn write_file(&self, name: &str, contents: &str) -> io::Result<PathBuf> {
+        let path = self.dir.join(name);
+        fs::write(&path, contents)?;
+        Ok(path)
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        self.endpoints.clear();
+        let pins = self.pin_path();
+        if pins.exists()
+            && let Err(error) = fs::remove_dir_all(&pins)
+        {
+            eprintln!("testbed: could not remove {}: {error}", pins.display());
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
