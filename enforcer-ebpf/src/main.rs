@@ -7,6 +7,7 @@
 // `asm!` keeps bounds in a form every verifier follows (see `packet::opaque`).
 #![feature(asm_experimental_arch)]
 
+mod conclude;
 mod conntrack;
 mod flow;
 mod fragments;

@@ -11,7 +11,8 @@
 //!
 //! The steps are separate BPF functions (`#[inline(never)]`) taking the [`Subject`] by
 //! reference: each gets its own stack frame, which keeps the whole under the 512-byte BPF stack.
-//! Conntrack bookkeeping is in `flow`, fragments in `fragments`: this module is the decisions.
+//! Conntrack bookkeeping is in `flow`, fragments in `fragments`, how a verdict is counted and
+//! reported in `conclude`: this module is the decisions.
 
 use enforcer_common::{
     config::flags as config_flags,
@@ -23,6 +24,7 @@ use enforcer_common::{
 };
 
 use crate::{
+    conclude::{Report, conclude, deny_reason, refuse, refuse_shape},
     conntrack,
     flow::{self, from_initiator},
     fragments, identity,
@@ -274,72 +276,4 @@ fn judge_new_flow(hook: &Hook, subject: &mut Subject) -> u8 {
     subject.outcome.reason = reason::POLICY_ALLOW;
     flow::track(hook, subject, 0);
     conclude(hook, subject, Report::Flow)
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Report {
-    Nothing,
-    /// A new flow: one event each.
-    Flow,
-    /// A denial-like outcome: de-duplicated in the kernel.
-    Deduplicated,
-}
-
-/// Counts, remembers a first fragment's verdict for the rest of its datagram, reports.
-#[inline(never)]
-fn conclude(hook: &Hook, subject: &Subject, report_kind: Report) -> u8 {
-    let outcome = &subject.outcome;
-    report::count(
-        hook,
-        outcome.verdict,
-        outcome.reason,
-        outcome.src_identity,
-        outcome.dst_identity,
-    );
-    if subject.packet.fragment == fragment::FIRST {
-        fragments::remember(hook, subject);
-    }
-    match report_kind {
-        Report::Nothing => {}
-        Report::Flow => report::report(hook, &subject.packet, outcome, 1),
-        Report::Deduplicated => report::report_deduplicated(hook, &subject.packet, outcome),
-    }
-    outcome.verdict
-}
-
-/// A would-be drop: dropped, or in audit mode passed and reported as such.
-#[inline(never)]
-fn refuse(hook: &Hook, subject: &mut Subject) -> u8 {
-    subject.outcome.verdict = if audit_applies(subject) { AUDIT } else { DENY };
-    conclude(hook, subject, Report::Deduplicated)
-}
-
-/// Audit mode covers a drop when it is on globally, or when every declared service on the
-/// packet's path is in audit mode (so one service can be rolled out at a time).
-#[inline(always)]
-fn audit_applies(subject: &Subject) -> bool {
-    if subject.global_audit != 0 {
-        return true;
-    }
-    let (src, dst) = (&subject.src, &subject.dst);
-    (src.is_service() || dst.is_service())
-        && (!src.is_service() || src.is_audit())
-        && (!dst.is_service() || dst.is_audit())
-}
-
-#[inline(always)]
-fn deny_reason(decided_by: u32) -> u8 {
-    if decided_by == rule::DEFAULT_DENY {
-        reason::DEFAULT_DENY
-    } else {
-        reason::POLICY_DENY
-    }
-}
-
-#[inline(never)]
-fn refuse_shape(hook: &Hook, why: u8) -> u8 {
-    let audit = matches!(identity::active_config(), Some(config) if config.flags & config_flags::AUDIT != 0);
-    let verdict = if audit { AUDIT } else { DENY };
-    report::count(hook, verdict, why, 0, 0);
-    verdict
 }
