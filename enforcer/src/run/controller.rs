@@ -73,7 +73,7 @@ fn file_provenance(files: &[PathBuf]) -> serde_json::Value {
 pub(super) type SharedAudit = Arc<Mutex<Option<AuditLog>>>;
 
 pub(super) fn audit(log: &SharedAudit, kind: &str, fields: serde_json::Value) {
-    if let Some(log) = locks::lock(&log).as_mut()
+    if let Some(log) = locks::lock(log).as_mut()
         && let Err(error) = log.append(kind, fields)
     {
         tracing::error!(
