@@ -629,7 +629,7 @@ fn killed_controller_is_adopted(tc_attach: &[&str]) {
                     && alert["unmapped"]["enforcer"]["generation"] == 1
             })
             .expect("the record queued while no controller ran is reported");
-        assert_eq!(queued["policy"]["uid"], "fe-api");
+        assert_eq!(queued["firewall_rule"]["uid"], "fe-api");
         std::thread::sleep(Duration::from_millis(300));
         second
     });

@@ -114,7 +114,7 @@ fn allowed_and_denied_per_rule(ingress: &str, hook: &str) {
         })
         .expect("IPv6 flow reported");
     let fields = &opened["unmapped"]["enforcer"];
-    assert_eq!(opened["policy"]["uid"], "fe-api");
+    assert_eq!(opened["firewall_rule"]["uid"], "fe-api");
     assert_eq!(
         opened["dst_endpoint"]["ip"],
         topology.endpoint("api").ipv6.to_string()
@@ -135,7 +135,7 @@ fn allowed_and_denied_per_rule(ingress: &str, hook: &str) {
     let denied = enforcer
         .wait_for_alert(|alert| is_flow(alert, "api", "frontend", 53) && alert["action_id"] == 2)
         .expect("denied UDP reported");
-    assert_eq!(denied["policy"]["uid"], "default-deny");
+    assert_eq!(denied["firewall_rule"]["uid"], "default-deny");
 }
 
 #[root_test]
@@ -299,7 +299,7 @@ fn explicit_deny_beats_an_overlapping_allow_as_root() {
     let denied = enforcer
         .wait_for_alert(|alert| is_flow(alert, "frontend", "api", 9090))
         .expect("denial reported");
-    assert_eq!(denied["policy"]["uid"], "no-admin");
+    assert_eq!(denied["firewall_rule"]["uid"], "no-admin");
     assert_eq!(denied["unmapped"]["enforcer"]["reason"], "policy_deny");
 }
 
@@ -366,7 +366,7 @@ fn process_in_a_services_cgroup_is_judged_as_that_service_as_root() {
     let refused = enforcer
         .wait_for_alert(|alert| is_flow(alert, "host", "api", 8080))
         .expect("refusal reported");
-    assert_eq!(refused["policy"]["uid"], "default-deny");
+    assert_eq!(refused["firewall_rule"]["uid"], "default-deny");
 }
 
 #[root_test]
@@ -424,7 +424,7 @@ fn cgroup_and_source_address_naming_different_services_is_dropped_as_spoofed_as_
         enforcer::policy::identity::of_service_name("db"),
         "and the address's"
     );
-    assert_eq!(spoofed["policy"]["uid"], "anti-spoofing");
+    assert_eq!(spoofed["firewall_rule"]["uid"], "anti-spoofing");
 }
 
 #[root_test]
@@ -587,7 +587,7 @@ fn rate_limit_admits_about_the_configured_new_connections_per_second_as_root() {
     let limited = enforcer
         .wait_for_alert(|alert| alert["unmapped"]["enforcer"]["reason"] == "rate_limited")
         .expect("rate limit reported");
-    assert_eq!(limited["policy"]["uid"], "limited");
+    assert_eq!(limited["firewall_rule"]["uid"], "limited");
     assert_eq!(limited["disposition_id"], 6);
 }
 
@@ -616,7 +616,7 @@ fn audit_mode_passes_what_it_would_drop_and_reports_it_as_root() {
     assert_eq!(audited["action_id"], 1);
     assert_eq!(audited["disposition_id"], 15);
     assert_eq!(
-        audited["policy"]["uid"], "default-deny",
+        audited["firewall_rule"]["uid"], "default-deny",
         "with the rule that would have dropped it"
     );
     drop(enforcer);

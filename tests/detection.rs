@@ -52,12 +52,12 @@ fn a_new_edge_and_a_call_rate_spike_are_found_as_root() {
     let new_edge = wait_for_finding(&enforcer, "new_edge");
     assert_eq!(
         (
-            new_edge["src_endpoint"]["svc_name"].as_str(),
-            new_edge["dst_endpoint"]["svc_name"].as_str()
+            new_edge["evidences"][0]["src_endpoint"]["svc_name"].as_str(),
+            new_edge["evidences"][0]["dst_endpoint"]["svc_name"].as_str()
         ),
         (Some("frontend"), Some("api"))
     );
-    assert_eq!(new_edge["policy"]["uid"], "fe-api");
+    assert_eq!(new_edge["firewall_rule"]["uid"], "fe-api");
     assert!(
         finding(&enforcer.alerts(), "spike").is_none(),
         "a steady edge does not spike"
@@ -67,7 +67,7 @@ fn a_new_edge_and_a_call_rate_spike_are_found_as_root() {
         frontend.tcp_exchange(target, b"burst", TIMEOUT).unwrap();
     }
     let spike = wait_for_finding(&enforcer, "spike");
-    assert_eq!(spike["dst_endpoint"]["port"], 8080);
+    assert_eq!(spike["evidences"][0]["dst_endpoint"]["port"], 8080);
     assert!(spike["count"].as_u64().unwrap() >= 10, "{spike}");
     assert!(
         spike["end_time"].as_u64().unwrap() - spike["start_time"].as_u64().unwrap() == 1000,
@@ -109,12 +109,18 @@ fn a_scan_and_a_burst_of_denials_are_found_as_root() {
         }
     });
     let fanout = wait_for_finding(&enforcer, "fanout");
-    assert_eq!(fanout["src_endpoint"]["svc_name"], "frontend");
     assert_eq!(
-        fanout["src_endpoint"]["ip"],
+        fanout["evidences"][0]["src_endpoint"]["svc_name"],
+        "frontend"
+    );
+    assert_eq!(
+        fanout["evidences"][0]["src_endpoint"]["ip"],
         topology.endpoint("frontend").ipv4.to_string()
     );
-    assert!(fanout["dst_endpoint"].is_null(), "about many destinations");
+    assert!(
+        fanout["evidences"][0]["dst_endpoint"].is_null(),
+        "about many destinations"
+    );
     assert_eq!(fanout["count"], 10);
     assert_eq!(fanout["severity_id"], 4);
 
@@ -127,12 +133,12 @@ fn a_scan_and_a_burst_of_denials_are_found_as_root() {
         std::thread::sleep(Duration::from_millis(40));
     }
     let burst = wait_for_finding(&enforcer, "deny_burst");
-    assert_eq!(burst["src_endpoint"]["svc_name"], "world");
-    assert_eq!(burst["policy"]["uid"], "default-deny");
+    assert_eq!(burst["evidences"][0]["src_endpoint"]["svc_name"], "world");
+    assert_eq!(burst["firewall_rule"]["uid"], "default-deny");
     assert!(burst["count"].as_u64().unwrap() >= 20, "{burst}");
     assert!(
         finding(&enforcer.alerts(), "deny_burst")
-            .is_some_and(|first| first["src_endpoint"]["svc_name"] == "world"),
+            .is_some_and(|first| first["evidences"][0]["src_endpoint"]["svc_name"] == "world"),
         "the scan alone was no burst"
     );
 
@@ -158,7 +164,6 @@ fn a_scan_and_a_burst_of_denials_are_found_as_root() {
     );
 }
 
-/// Collects syslog frames (octet counting) arriving on `listener`.
 #[root_test]
 fn alerts_continue_in_a_new_file_after_log_rotation_moves_the_old_one_as_root() {
     let (topology, enforcer) = frontend_and_api(&allow("frontend", "api", &["8080/tcp"], ""), &[]);
@@ -178,14 +183,16 @@ fn alerts_continue_in_a_new_file_after_log_rotation_moves_the_old_one_as_root() 
     let denied = enforcer
         .wait_for_alert(|alert| is_flow(alert, "frontend", "api", 9090))
         .expect("a record written after the rotation lands in a new file at the same path");
-    assert_eq!(denied["policy"]["uid"], "default-deny");
+    assert_eq!(denied["firewall_rule"]["uid"], "default-deny");
     let moved = std::fs::read_to_string(&rotated).unwrap();
     assert!(
         moved.contains("\"port\":8080"),
         "the records before the rotation stay in the moved file"
     );
+    assert_conform(&rotated);
 }
 
+/// Collects syslog frames (octet counting) arriving on `listener`.
 fn collect_syslog(listener: TcpListener) -> Arc<Mutex<Vec<String>>> {
     let frames = Arc::new(Mutex::new(Vec::new()));
     let received = frames.clone();
@@ -314,7 +321,9 @@ fn an_edge_baseline_keeps_known_edges_quiet_across_a_restart_as_root() {
     let frontend = topology.netns("frontend");
     let api = topology.endpoint("api").ipv4;
     let is_new_edge = |port: u16| {
-        move |alert: &Value| is_finding(alert, "new_edge") && alert["dst_endpoint"]["port"] == port
+        move |alert: &Value| {
+            is_finding(alert, "new_edge") && alert["evidences"][0]["dst_endpoint"]["port"] == port
+        }
     };
     // Two controllers, one after the other, keeping the same baseline.
     let start = || {

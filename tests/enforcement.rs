@@ -38,7 +38,7 @@ fn allowed_tcp_connection_carries_data_both_ways_as_root() {
             enforcer.alerts()
         )
     });
-    assert_eq!(opened["policy"]["uid"], "frontend-to-api");
+    assert_eq!(opened["firewall_rule"]["uid"], "frontend-to-api");
 }
 
 #[root_test]
@@ -62,7 +62,7 @@ fn connection_not_in_policy_is_refused_as_root() {
     let denied = enforcer
         .wait_for_alert(|alert| is_flow(alert, "frontend", "api", 9090) && alert["action_id"] == 2)
         .expect("denial reported");
-    assert_eq!(denied["policy"]["uid"], "default-deny");
+    assert_eq!(denied["firewall_rule"]["uid"], "default-deny");
     assert_eq!(denied["class_uid"], 4001);
 }
 

@@ -113,6 +113,40 @@ impl Enforcer {
     }
 }
 
+/// Every record a test's controller wrote must conform to the schema of its format: checked
+/// when the test is done with it (not while a failed test unwinds, which would abort).
+impl Drop for Enforcer {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            // Stopped first, so that the controller has written and closed the file.
+            let _ = self.daemon.signal(nix::sys::signal::Signal::SIGTERM);
+            let _ = self.daemon.wait(SETTLE);
+            assert_conform(&self.alerts);
+        }
+    }
+}
+
+/// Runs the project's OCSF 1.3.0 / ECS 8.11 validator (`tests/siem/validate.py`) on an alerts
+/// file; fails with its report on any error or warning. A missing or empty file passes.
+pub fn assert_conform(alerts: &Path) {
+    if std::fs::metadata(alerts).map_or(true, |metadata| metadata.len() == 0) {
+        return;
+    }
+    let validator = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/siem/validate.py");
+    let output = std::process::Command::new("python3")
+        .args([validator, "--strict", "--per-record"])
+        .arg(alerts)
+        .output()
+        .expect("python3 runs the validator");
+    assert!(
+        output.status.success(),
+        "{} does not conform:\n{}{}",
+        alerts.display(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 /// Raises its flag when dropped, also while a failed assertion unwinds: loops on other threads
 /// of a `std::thread::scope` that run until the flag is up then end, and the test fails rather
 /// than waiting for them forever.

@@ -262,7 +262,10 @@ fn show(enforcer: &Path, policy: &Path) -> Result<()> {
         };
         let (rule, why) = match record {
             Some(record) => (
-                record["policy"]["uid"].as_str().unwrap_or("?").to_owned(),
+                record["firewall_rule"]["uid"]
+                    .as_str()
+                    .unwrap_or("?")
+                    .to_owned(),
                 explain(record),
             ),
             None => ("-".to_owned(), "no flow event seen".to_owned()),
@@ -306,7 +309,7 @@ fn matches(record: &Value, attempt: &Attempt) -> bool {
 }
 
 fn explain(record: &Value) -> String {
-    let rule = record["policy"]["uid"].as_str().unwrap_or("?");
+    let rule = record["firewall_rule"]["uid"].as_str().unwrap_or("?");
     match record["unmapped"]["enforcer"]["reason"]
         .as_str()
         .unwrap_or("")

@@ -31,7 +31,19 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "the throughput benchmark"),
     (
         "openssl",
-        "the TLS syslog test makes its certificates and collector with it",
+        "the TLS syslog tests make their certificates (and a collector) with it",
+    ),
+    (
+        "rsyslog",
+        "the syslog tests deliver to a real rsyslog (started with their own configuration)",
+    ),
+    (
+        "rsyslog-gnutls",
+        "rsyslog's TLS (RFC 5425) for the syslog tests",
+    ),
+    (
+        "python3",
+        "the tests check every alert record with tests/siem/validate.py",
     ),
     (
         "qemu-system-x86",

@@ -6,7 +6,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use enforcer_common::verdict::{Reason, Verdict};
 use serde_json::{Value, json};
 
-use crate::{detect::Finding, events::FlowRecord};
+use crate::{
+    detect::{Detector, Finding},
+    events::FlowRecord,
+};
 
 pub const OCSF_VERSION: &str = "1.3.0";
 pub const ECS_VERSION: &str = "8.11.0";
@@ -170,16 +173,47 @@ pub fn flow_alert(record: &FlowRecord, format: AlertFormat, host: &str) -> Value
     }
 }
 
-fn ocsf_metadata(sequence: u64) -> Value {
+/// OCSF `metadata`. `profiles` names the profiles whose attributes the record uses: `host` for
+/// `device`, `security_control` for `action`, `disposition` and `firewall_rule`; a validator
+/// ignores (or refuses) those attributes otherwise.
+fn ocsf_metadata(sequence: u64, profiles: &[&str]) -> Value {
     json!({
         "version": OCSF_VERSION,
         "product": { "name": PRODUCT, "vendor_name": PRODUCT, "version": env!("CARGO_PKG_VERSION") },
+        "profiles": profiles,
         "sequence": sequence,
     })
 }
 
+/// The IANA keyword of a protocol number, as OCSF `protocol_name` and ECS `network.transport`
+/// take it (ICMPv6 is `ipv6-icmp`, not the policy language's `icmp`).
+fn iana_protocol_name(number: u8) -> String {
+    match number {
+        1 => "icmp".to_owned(),
+        6 => "tcp".to_owned(),
+        17 => "udp".to_owned(),
+        58 => "ipv6-icmp".to_owned(),
+        other => other.to_string(),
+    }
+}
+
+/// OCSF `direction_id` of a flow: between services or this host, Lateral; from outside to
+/// them, Inbound; from them to outside, Outbound (CIDR peers and world are outside).
+fn direction_of(record: &FlowRecord) -> (u8, &'static str) {
+    use enforcer_common::identity::{FIRST_SERVICE, HOST, SERVICE_END};
+    let inside =
+        |identity: u32| identity == HOST || (FIRST_SERVICE..SERVICE_END).contains(&identity);
+    match (inside(record.src.identity), inside(record.dst.identity)) {
+        (true, true) => (3, "Lateral"),
+        (false, true) => (1, "Inbound"),
+        (true, false) => (2, "Outbound"),
+        (false, false) => (0, "Unknown"),
+    }
+}
+
 fn ocsf_flow(record: &FlowRecord, host: &str) -> Value {
     let class = classify(record);
+    let direction = direction_of(record);
     let time = millis(record.time);
     json!({
         "class_uid": 4001,
@@ -205,12 +239,14 @@ fn ocsf_flow(record: &FlowRecord, host: &str) -> Value {
         "dst_endpoint": { "ip": record.dst.ip.to_string(), "port": record.dst.port, "svc_name": record.dst.name },
         "connection_info": {
             "protocol_num": record.protocol_number,
-            "protocol_name": record.protocol,
+            "protocol_name": iana_protocol_name(record.protocol_number),
             "protocol_ver_id": record.ip_version,
+            "direction_id": direction.0,
+            "direction": direction.1,
         },
-        "policy": { "uid": record.rule, "name": record.rule },
+        "firewall_rule": { "uid": record.rule, "name": record.rule },
         "device": { "hostname": host, "type_id": 1, "type": "Server" },
-        "metadata": ocsf_metadata(record.sequence),
+        "metadata": ocsf_metadata(record.sequence, &["host", "security_control"]),
         "unmapped": { "enforcer": enforcer_fields(record) },
     })
 }
@@ -260,7 +296,7 @@ fn ecs_flow(record: &FlowRecord, host: &str) -> Value {
         "destination": { "ip": record.dst.ip.to_string(), "port": record.dst.port },
         "service": { "origin": { "name": record.src.name }, "target": { "name": record.dst.name } },
         "network": {
-            "transport": record.protocol,
+            "transport": iana_protocol_name(record.protocol_number),
             "iana_number": record.protocol_number.to_string(),
             "type": if record.ip_version == 6 { "ipv6" } else { "ipv4" },
         },
@@ -291,9 +327,37 @@ fn finding_endpoint(party: &crate::detect::Party, port: Option<u16>) -> Value {
     endpoint
 }
 
+/// The flows a finding is about, as Detection Finding `evidences`: their source, and their
+/// destination and protocol when there is one.
+fn finding_evidence(finding: &Finding) -> Value {
+    let mut evidence = json!({ "src_endpoint": finding_endpoint(&finding.src, None) });
+    if let Some(dst) = &finding.dst {
+        evidence["dst_endpoint"] = finding_endpoint(dst, finding.port);
+    }
+    if let Some(protocol) = &finding.protocol {
+        // A finding names services, not identities: where the flows ran is not known here.
+        evidence["connection_info"] =
+            json!({ "protocol_name": protocol, "direction_id": 0, "direction": "Unknown" });
+    }
+    evidence
+}
+
+/// What the datapath did with the flows a detector reports: (action_id, action,
+/// disposition_id, disposition) of the security_control profile.
+fn finding_action(detector: Detector) -> (u8, &'static str, u8, &'static str) {
+    match detector {
+        // Allowed flows, reported because they are unusual.
+        Detector::Spike | Detector::NewEdge => (1, "Allowed", 15, "Detected"),
+        // Destinations reached and refused alike.
+        Detector::Fanout => (0, "Unknown", 15, "Detected"),
+        Detector::DenyBurst | Detector::RateLimit => (2, "Denied", 2, "Blocked"),
+        Detector::Spoof => (2, "Denied", 6, "Dropped"),
+    }
+}
+
 fn ocsf_finding(finding: &Finding, host: &str) -> Value {
-    let endpoint = finding_endpoint;
     let uid = finding_uid(finding);
+    let (action_id, action, disposition_id, disposition) = finding_action(finding.detector);
     let mut alert = json!({
         "class_uid": 2004,
         "class_name": "Detection Finding",
@@ -320,19 +384,17 @@ fn ocsf_finding(finding: &Finding, host: &str) -> Value {
             "last_seen_time": millis(finding.end),
             "analytic": { "name": finding.detector.name(), "type_id": 1, "type": "Rule", "uid": finding.detector.name() },
         },
-        "src_endpoint": endpoint(&finding.src, None),
+        "evidences": [finding_evidence(finding)],
+        "action_id": action_id,
+        "action": action,
+        "disposition_id": disposition_id,
+        "disposition": disposition,
         "device": { "hostname": host, "type_id": 1, "type": "Server" },
-        "metadata": ocsf_metadata(0),
+        "metadata": ocsf_metadata(0, &["host", "security_control"]),
         "unmapped": { "enforcer": { "detector": finding.detector.name(), "details": finding.details } },
     });
-    if let Some(dst) = &finding.dst {
-        alert["dst_endpoint"] = endpoint(dst, finding.port);
-    }
     if let Some(rule) = &finding.rule {
-        alert["policy"] = json!({ "uid": rule, "name": rule });
-    }
-    if let Some(protocol) = &finding.protocol {
-        alert["connection_info"] = json!({ "protocol_name": protocol });
+        alert["firewall_rule"] = json!({ "uid": rule, "name": rule });
     }
     alert
 }
@@ -444,7 +506,7 @@ pub fn heartbeat_alert(
             "message": format!("enforcing generation {} of policy {}", heartbeat.generation, heartbeat.policy_sha256),
             "app": { "name": PRODUCT, "vendor_name": PRODUCT, "version": env!("CARGO_PKG_VERSION") },
             "device": { "hostname": host, "type_id": 1, "type": "Server" },
-            "metadata": ocsf_metadata(0),
+            "metadata": ocsf_metadata(0, &["host"]),
             "unmapped": { "enforcer": state },
         }),
         AlertFormat::Ecs => json!({
@@ -464,22 +526,28 @@ pub fn lost_events_alert(count: u64, at: SystemTime, format: AlertFormat, host: 
         "{count} flow records were lost between the kernel and the controller (ring buffer full)"
     );
     match format {
+        // Event Log Activity: the records about the event logging itself.
         AlertFormat::Ocsf => json!({
-            "class_uid": 4001,
-            "class_name": "Network Activity",
-            "category_uid": 4,
-            "category_name": "Network Activity",
+            "class_uid": 1008,
+            "class_name": "Event Log Activity",
+            "category_uid": 1,
+            "category_name": "System Activity",
             "activity_id": 99,
             "activity_name": "Events Lost",
-            "type_uid": 400_199,
-            "type_name": "Network Activity: Other",
+            "type_uid": 100_899,
+            "type_name": "Event Log Activity: Other",
             "time": millis(at),
             "count": count,
             "severity_id": 3,
             "severity": "Medium",
+            "status_id": 2,
+            "status": "Failure",
+            "status_detail": "ring buffer full",
             "message": message,
+            "log_name": "flow records",
+            "log_provider": PRODUCT,
             "device": { "hostname": host, "type_id": 1, "type": "Server" },
-            "metadata": ocsf_metadata(0),
+            "metadata": ocsf_metadata(0, &["host"]),
             "unmapped": { "enforcer": { "events_lost": count } },
         }),
         AlertFormat::Ecs => json!({
@@ -548,7 +616,7 @@ mod tests {
         assert_eq!(alert["src_endpoint"]["svc_name"], "frontend");
         assert_eq!(alert["dst_endpoint"]["svc_name"], "db");
         assert_eq!(alert["dst_endpoint"]["port"], 5432);
-        assert_eq!(alert["policy"]["uid"], "default-deny");
+        assert_eq!(alert["firewall_rule"]["uid"], "default-deny");
         assert_eq!(alert["count"], 4);
         assert_eq!(alert["time"], 1_700_000_000_123u64);
         assert_eq!(alert["start_time"], alert["end_time"]);
@@ -678,10 +746,11 @@ mod tests {
         let alert = finding_alert(&spike(), AlertFormat::Ocsf, "node-1");
         assert_eq!(alert["class_uid"], 2004);
         assert_eq!(alert["finding_info"]["analytic"]["name"], "spike");
-        assert_eq!(alert["src_endpoint"]["svc_name"], "frontend");
-        assert_eq!(alert["dst_endpoint"]["svc_name"], "api");
-        assert_eq!(alert["dst_endpoint"]["port"], 8080);
-        assert_eq!(alert["policy"]["uid"], "fe-api");
+        let evidence = &alert["evidences"][0];
+        assert_eq!(evidence["src_endpoint"]["svc_name"], "frontend");
+        assert_eq!(evidence["dst_endpoint"]["svc_name"], "api");
+        assert_eq!(evidence["dst_endpoint"]["port"], 8080);
+        assert_eq!(alert["firewall_rule"]["uid"], "fe-api");
         assert_eq!(
             (
                 alert["count"].as_u64(),
@@ -734,6 +803,157 @@ mod tests {
         let alert = lost_events_alert(12, UNIX_EPOCH, AlertFormat::Ocsf, "h");
         assert_eq!(alert["count"], 12);
         assert_eq!(alert["activity_name"], "Events Lost");
+    }
+
+    /// Runs the project's OCSF 1.3.0 / ECS 8.11 validator (`tests/siem`) on `records`, in both
+    /// formats each; fails with its report on any error or warning.
+    fn assert_conform(kind: &str, records: impl Fn(AlertFormat) -> Vec<Value>) {
+        let validator = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/siem/validate.py");
+        for format in [AlertFormat::Ocsf, AlertFormat::Ecs] {
+            let file = crate::ScratchFile::new(&format!("{kind}-{format:?}.jsonl"));
+            let lines: Vec<String> = records(format).iter().map(Value::to_string).collect();
+            std::fs::write(&file.0, lines.join("\n") + "\n").unwrap();
+            let output = std::process::Command::new("python3")
+                .args([validator, "--strict", "--per-record"])
+                .arg(&file.0)
+                .output()
+                .expect("python3 runs the validator");
+            assert!(
+                output.status.success(),
+                "{kind} records ({format:?}) do not conform:\n{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    }
+
+    /// A flow of every verdict and reason, re-judged ones, every direction, every protocol.
+    fn every_flow() -> Vec<FlowRecord> {
+        let mut flows = Vec::new();
+        for reason in Reason::ALL {
+            for verdict in [Verdict::Allow, Verdict::Deny, Verdict::Audit] {
+                let mut flow = record(verdict, reason, "r");
+                flows.push(flow.clone());
+                flow.rejudged = true;
+                flows.push(flow);
+            }
+        }
+        let mut icmpv6 = record(Verdict::Deny, Reason::DefaultDeny, "default-deny");
+        (icmpv6.protocol, icmpv6.protocol_number, icmpv6.ip_version) = ("icmp".to_owned(), 58, 6);
+        icmpv6.src.ip = "fd00::2".parse().unwrap();
+        icmpv6.dst.ip = "fd00::3".parse().unwrap();
+        let mut inbound = record(Verdict::Allow, Reason::PolicyAllow, "world-to-web");
+        (inbound.src.identity, inbound.src.name) =
+            (enforcer_common::identity::WORLD, "world".to_owned());
+        let mut outbound = record(Verdict::Deny, Reason::PolicyDeny, "no-office");
+        (outbound.dst.identity, outbound.dst.name) = (1 << 24, "192.0.2.0/24".to_owned());
+        let mut icmp = record(Verdict::Allow, Reason::Related, "r");
+        (
+            icmp.protocol,
+            icmp.protocol_number,
+            icmp.src.port,
+            icmp.dst.port,
+        ) = ("icmp".to_owned(), 1, 0, 0);
+        flows.extend([icmpv6, inbound, outbound, icmp]);
+        flows
+    }
+
+    #[test]
+    fn flows_of_every_verdict_and_reason_conform_to_ocsf_and_ecs() {
+        assert_conform("flows", |format| {
+            every_flow()
+                .iter()
+                .map(|flow| flow_alert(flow, format, "node-1"))
+                .collect()
+        });
+        let flows = every_flow();
+        let icmpv6 = flow_alert(&flows[flows.len() - 4], AlertFormat::Ocsf, "h");
+        assert_eq!(icmpv6["connection_info"]["protocol_name"], "ipv6-icmp");
+        let directions: Vec<Value> = flows[flows.len() - 3..flows.len() - 1]
+            .iter()
+            .map(|flow| {
+                flow_alert(flow, AlertFormat::Ocsf, "h")["connection_info"]["direction_id"].clone()
+            })
+            .collect();
+        assert_eq!(directions, [1, 2], "inbound from world, outbound to a CIDR");
+        let lateral = flow_alert(
+            &record(Verdict::Allow, Reason::PolicyAllow, "r"),
+            AlertFormat::Ocsf,
+            "h",
+        );
+        assert_eq!(lateral["connection_info"]["direction_id"], 3);
+        assert_eq!(lateral["firewall_rule"]["uid"], "r");
+        let ecs = flow_alert(&flows[flows.len() - 4], AlertFormat::Ecs, "h");
+        assert_eq!(ecs["network"]["transport"], "ipv6-icmp");
+    }
+
+    #[test]
+    fn findings_of_every_detector_conform_to_ocsf_and_ecs() {
+        let findings: Vec<Finding> = [
+            Detector::Spike,
+            Detector::NewEdge,
+            Detector::Fanout,
+            Detector::DenyBurst,
+            Detector::Spoof,
+            Detector::RateLimit,
+        ]
+        .into_iter()
+        .map(|detector| {
+            let mut finding = spike();
+            finding.detector = detector;
+            if matches!(detector, Detector::Fanout | Detector::DenyBurst) {
+                (finding.dst, finding.protocol, finding.port) = (None, None, None);
+                finding.src.ip = Some("10.10.0.2".parse().unwrap());
+            }
+            if detector == Detector::Fanout {
+                finding.rule = None;
+            }
+            finding
+        })
+        .collect();
+        assert_conform("findings", |format| {
+            findings
+                .iter()
+                .map(|finding| finding_alert(finding, format, "node-1"))
+                .collect()
+        });
+    }
+
+    #[test]
+    fn heartbeats_conform_to_ocsf_and_ecs() {
+        let heartbeat = Heartbeat {
+            policy_sha256: "ab".repeat(32),
+            generation: 7,
+            programs: [("xdp-eth1".to_owned(), "1234".to_owned())].into(),
+            expected_programs: [("enf_xdp_ingress".to_owned(), "1234".to_owned())].into(),
+            audit_chain_head: None,
+            interval_secs: 10,
+        };
+        assert_conform("heartbeats", |format| {
+            vec![heartbeat_alert(
+                &heartbeat,
+                UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+                format,
+                "node-1",
+            )]
+        });
+    }
+
+    #[test]
+    fn loss_reports_conform_to_ocsf_and_ecs() {
+        assert_conform("losses", |format| {
+            vec![lost_events_alert(
+                12,
+                UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+                format,
+                "node-1",
+            )]
+        });
+        let ocsf = lost_events_alert(12, UNIX_EPOCH, AlertFormat::Ocsf, "h");
+        assert_eq!(
+            (ocsf["class_uid"].as_u64(), ocsf["count"].as_u64()),
+            (Some(1008), Some(12))
+        );
     }
 
     #[test]

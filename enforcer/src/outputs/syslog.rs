@@ -295,8 +295,16 @@ enum Connection {
 }
 
 impl Connection {
-    /// Sends one framed message, all of it, or fails.
+    /// Sends one framed message, all of it, or fails. A collector that closed its end (it was
+    /// restarted) fails the send before anything is written: a write into a socket whose peer
+    /// is gone succeeds locally and the message vanishes, so it goes on a new connection.
     fn send(&mut self, message: &[u8]) -> io::Result<()> {
+        if self.peer_closed() {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                "the collector closed the connection",
+            ));
+        }
         match self {
             Self::Tcp(stream) => stream.write_all(message),
             Self::Tls(stream) => {
@@ -305,6 +313,56 @@ impl Connection {
             }
         }
     }
+}
+
+impl Connection {
+    /// Whether the collector has closed its end: its FIN (end of stream) or, over TLS, its
+    /// close_notify is waiting to be read. Looked at without blocking.
+    fn peer_closed(&mut self) -> bool {
+        let socket = match self {
+            Self::Tcp(stream) => &*stream,
+            Self::Tls(stream) => &stream.sock,
+        };
+        if socket.set_nonblocking(true).is_err() {
+            return true;
+        }
+        let mut byte = [0u8; 1];
+        let closed = match socket.peek(&mut byte) {
+            Ok(0) => true,
+            Err(error) => error.kind() != io::ErrorKind::WouldBlock,
+            // A collector does not talk over syslog: over TLS this is a session ticket or
+            // its close_notify; over TCP, nothing that matters.
+            Ok(_) => match self {
+                Self::Tcp(_) => false,
+                Self::Tls(stream) => tls_peer_closed(stream),
+            },
+        };
+        let socket = match self {
+            Self::Tcp(stream) => &*stream,
+            Self::Tls(stream) => &stream.sock,
+        };
+        closed || socket.set_nonblocking(false).is_err()
+    }
+}
+
+/// Reads what the collector sent over TLS (the socket is non-blocking): whether it was its
+/// close_notify, or anything rustls refuses.
+fn tls_peer_closed(stream: &mut StreamOwned<ClientConnection, TcpStream>) -> bool {
+    use std::io::Read as _;
+    loop {
+        match stream.conn.read_tls(&mut stream.sock) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+            Err(_) => return true,
+        }
+    }
+    if stream.conn.process_new_packets().is_err() {
+        return true;
+    }
+    let mut plaintext = [0u8; 256];
+    // Ok(0): close_notify; WouldBlock: nothing more to read, the connection is open.
+    !matches!(stream.conn.reader().read(&mut plaintext), Err(error) if error.kind() == io::ErrorKind::WouldBlock)
 }
 
 /// Connects, and completes the TLS handshake when there is one, so that a collector whose
@@ -471,7 +529,8 @@ mod tests {
     /// and an `openssl s_server` collector on 127.0.0.1 that prints what it receives; with
     /// `require_client`, it accepts only clients with a certificate of that CA.
     struct TlsCollector {
-        dir: std::path::PathBuf,
+        /// The CA's files (removed with it), where the collector runs.
+        ca: enforcer_testbed::TestCa,
         server: std::process::Child,
         port: u16,
         received: Arc<std::sync::Mutex<String>>,
@@ -479,68 +538,12 @@ mod tests {
 
     impl TlsCollector {
         fn start(name: &str, require_client: bool) -> Self {
-            let dir =
-                std::env::temp_dir().join(format!("enforcer-tls-{}-{name}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            let openssl = |args: &[&str]| {
-                let output = std::process::Command::new("openssl")
-                    .args(args)
-                    .current_dir(&dir)
-                    .output()
-                    .expect("openssl (cargo xtask setup installs it)");
-                assert!(
-                    output.status.success(),
-                    "openssl {args:?}: {}",
-                    String::from_utf8_lossy(&output.stderr)
-                );
-            };
-            let new_key = |name: &str, subject: &str| {
-                let (key, csr) = (format!("{name}.key"), format!("{name}.csr"));
-                let mut args = vec![
-                    "req",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:P-256",
-                ];
-                args.extend(["-nodes", "-keyout", &key, "-subj", subject]);
-                match name {
-                    "ca" => args.extend(["-x509", "-days", "1", "-out", "ca.pem"]),
-                    _ => args.extend(["-out", &csr]),
-                }
-                openssl(&args);
-            };
-            let sign = |name: &str, extensions: &str| {
-                let (csr, pem, ext) = (
-                    format!("{name}.csr"),
-                    format!("{name}.pem"),
-                    format!("{name}.ext"),
-                );
-                std::fs::write(dir.join(&ext), extensions).unwrap();
-                openssl(&[
-                    "x509",
-                    "-req",
-                    "-in",
-                    &csr,
-                    "-CA",
-                    "ca.pem",
-                    "-CAkey",
-                    "ca.key",
-                    "-CAcreateserial",
-                    "-days",
-                    "1",
-                    "-out",
-                    &pem,
-                    "-extfile",
-                    &ext,
-                ]);
-            };
-            new_key("ca", "/CN=enforcer test CA");
-            new_key("server", "/CN=localhost");
-            sign("server", "subjectAltName=DNS:localhost\n");
-            new_key("client", "/CN=node-1");
-            sign("client", "extendedKeyUsage=clientAuth\n");
-
+            let ca = enforcer_testbed::TestCa::create(
+                &std::env::temp_dir(),
+                &format!("enforcer-tls-{}-{name}", std::process::id()),
+            )
+            .expect("openssl (cargo xtask setup installs it) makes the test CA");
+            let dir = ca.dir.clone();
             let port = std::net::TcpListener::bind("127.0.0.1:0")
                 .unwrap()
                 .local_addr()
@@ -585,7 +588,7 @@ mod tests {
             });
             assert!(listening, "s_server listens");
             Self {
-                dir,
+                ca,
                 server,
                 port,
                 received,
@@ -596,8 +599,8 @@ mod tests {
         /// another's), presenting this collector's client certificate when `with_certificate`.
         fn sink(&self, trusted_dir: &Path, with_certificate: bool) -> SyslogSink {
             let client = with_certificate.then_some(ClientFiles {
-                certificate_chain: self.dir.join("client.pem"),
-                key: self.dir.join("client.key"),
+                certificate_chain: self.ca.dir.join("client.pem"),
+                key: self.ca.dir.join("client.key"),
             });
             self.sink_with(TlsFiles {
                 ca_bundle: trusted_dir.join("ca.pem"),
@@ -633,7 +636,6 @@ mod tests {
         fn drop(&mut self) {
             let _ = self.server.kill();
             let _ = self.server.wait();
-            let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
 
@@ -641,7 +643,7 @@ mod tests {
     fn records_reach_a_tls_collector_whose_certificate_checks_out_and_no_other() {
         let collector = TlsCollector::start("trusted", false);
         let (delivered, received) = collector.delivers(
-            &collector.sink(&collector.dir, false),
+            &collector.sink(&collector.ca.dir, false),
             Duration::from_secs(10),
         );
         assert!(delivered, "nothing arrived over TLS: {received:?}");
@@ -659,7 +661,7 @@ mod tests {
         // A collector whose certificate another CA signed gets nothing.
         let impostor = TlsCollector::start("impostor", false);
         let (delivered, received) = impostor.delivers(
-            &impostor.sink(&collector.dir, false),
+            &impostor.sink(&collector.ca.dir, false),
             Duration::from_secs(2),
         );
         assert!(
@@ -672,7 +674,7 @@ mod tests {
     fn a_collector_that_requires_a_client_certificate_gets_records_only_with_one() {
         let collector = TlsCollector::start("mutual", true);
         let (delivered, received) = collector.delivers(
-            &collector.sink(&collector.dir, false),
+            &collector.sink(&collector.ca.dir, false),
             Duration::from_secs(2),
         );
         assert!(
@@ -686,13 +688,13 @@ mod tests {
         // in place (renewed files are read at every reconnect).
         let other = TlsCollector::start("other-client-ca", false);
         let (chain, key) = (
-            collector.dir.join("mine.pem"),
-            collector.dir.join("mine.key"),
+            collector.ca.dir.join("mine.pem"),
+            collector.ca.dir.join("mine.key"),
         );
-        std::fs::copy(other.dir.join("client.pem"), &chain).unwrap();
-        std::fs::copy(other.dir.join("client.key"), &key).unwrap();
+        std::fs::copy(other.ca.dir.join("client.pem"), &chain).unwrap();
+        std::fs::copy(other.ca.dir.join("client.key"), &key).unwrap();
         let sink = collector.sink_with(TlsFiles {
-            ca_bundle: collector.dir.join("ca.pem"),
+            ca_bundle: collector.ca.dir.join("ca.pem"),
             client: Some(ClientFiles {
                 certificate_chain: chain.clone(),
                 key: key.clone(),
@@ -703,8 +705,8 @@ mod tests {
             !delivered,
             "accepted with another CA's certificate: {received:?}"
         );
-        std::fs::copy(collector.dir.join("client.pem"), &chain).unwrap();
-        std::fs::copy(collector.dir.join("client.key"), &key).unwrap();
+        std::fs::copy(collector.ca.dir.join("client.pem"), &chain).unwrap();
+        std::fs::copy(collector.ca.dir.join("client.key"), &key).unwrap();
         assert!(
             collector.arrives(Duration::from_secs(10)),
             "the held record arrived with the right certificate"
@@ -715,8 +717,8 @@ mod tests {
     fn a_renewed_ca_bundle_is_read_at_the_next_reconnect_without_a_restart() {
         let collector = TlsCollector::start("renewed", false);
         let other = TlsCollector::start("other-ca", false);
-        let bundle = collector.dir.join("bundle.pem");
-        std::fs::copy(other.dir.join("ca.pem"), &bundle).unwrap();
+        let bundle = collector.ca.dir.join("bundle.pem");
+        std::fs::copy(other.ca.dir.join("ca.pem"), &bundle).unwrap();
         let sink = collector.sink_with(TlsFiles {
             ca_bundle: bundle.clone(),
             client: None,
@@ -728,7 +730,7 @@ mod tests {
         );
         // The operator (or cert-manager) puts the right CA in place; the sender, retrying the
         // record it holds, reads the bundle again.
-        std::fs::copy(collector.dir.join("ca.pem"), &bundle).unwrap();
+        std::fs::copy(collector.ca.dir.join("ca.pem"), &bundle).unwrap();
         assert!(
             collector.arrives(Duration::from_secs(10)),
             "the record held back arrived after the renewal"

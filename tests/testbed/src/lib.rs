@@ -27,7 +27,9 @@ mod cgroups;
 mod daemon;
 pub mod frames;
 mod netns;
+mod pki;
 pub mod policies;
+mod rsyslog;
 mod servers;
 mod topology;
 
@@ -37,6 +39,8 @@ pub use self::{
     cgroups::{Cgroup, cgroup2_root},
     daemon::Daemon,
     netns::Netns,
+    pki::TestCa,
+    rsyslog::Rsyslog,
     servers::{Server, exchange, finish, socat_exchange},
     topology::{Endpoint, Topology},
 };
