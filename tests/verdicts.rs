@@ -611,6 +611,76 @@ fn vlan_tags_and_extension_headers_do_not_bypass_the_policy_as_root() {
     assert!(kernel.packets_with_reason(reason::UNSUPPORTED_HEADERS) >= 4);
 }
 
+/// An IPv6 TCP segment whose header starts 246 bytes into the frame (after 192 bytes of
+/// hop-by-hop options): whole, but its flags byte lies past the parser's old reach.
+fn deep_tcp6(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut options = vec![23, 1, 188];
+    options.resize(191, 0);
+    let frame = frames::ipv6_frame(
+        A6,
+        B6,
+        frames::TCP,
+        64,
+        &[(frames::IPV6_HOPOPTS, options)],
+        &frames::tcp(sport, dport, flags),
+    );
+    assert_eq!(frame.len(), 246 + 20);
+    frame
+}
+
+#[root_test]
+fn only_a_syn_opens_a_tcp_connection_so_the_rate_limit_holds_as_root() {
+    let mut kernel = Kernel::load(LoadOptions::default());
+    let syn = frames::TCP_SYN;
+    let ack = frames::TCP_ACK;
+    let tcp = |sport, dport, flags| {
+        Ipv4::new(A4, B4, frames::TCP).frame(&frames::tcp(sport, dport, flags))
+    };
+    for hook in Hook::ALL {
+        // A fresh rate-limit bucket for each hook: one new connection a second to 443.
+        kernel.install(&format!(
+            "{POLICY}[[allow]]\nfrom = \"a\"\nto = \"b\"\nports = [\"443/tcp\"]\nmax_new_per_sec = 1\nid = \"limited-{hook:?}\"\n"
+        ));
+        let mut port = || {
+            kernel.next_port += 1;
+            kernel.next_port
+        };
+        let (first, second, probe, deep, stray) = (port(), port(), port(), port(), port());
+        assert!(
+            kernel.passes(hook, &tcp(first, 443, syn)),
+            "{hook:?}: the first SYN of the second"
+        );
+        assert!(
+            !kernel.passes(hook, &tcp(second, 443, syn)),
+            "{hook:?}: the limit holds for SYNs"
+        );
+        // The bypass: a segment that is no SYN used to open a flow without meeting the limit,
+        // and a SYN on its ports then passed as part of it.
+        assert!(
+            !kernel.passes(hook, &tcp(probe, 443, ack)),
+            "{hook:?}: an ACK of no connection opens none"
+        );
+        assert!(
+            !kernel.passes(hook, &tcp(probe, 443, syn)),
+            "{hook:?}: a SYN after it meets the limit"
+        );
+        // Flags past the parser's old reach used to read as none: a SYN went unlimited.
+        assert!(
+            !kernel.passes(hook, &deep_tcp6(deep, 443, syn)),
+            "{hook:?}: a SYN whose flags sit deep in the frame meets the limit"
+        );
+        assert!(
+            !kernel.passes(hook, &tcp(stray, 80, ack)),
+            "{hook:?}: an ACK of no connection, even where no limit applies"
+        );
+    }
+    assert!(
+        kernel.packets_with_reason(reason::NO_CONNECTION) >= 6,
+        "segments of no connection are counted as such"
+    );
+    assert!(kernel.packets_with_reason(reason::RATE_LIMITED) >= 9);
+}
+
 #[root_test]
 fn neighbour_discovery_passes_only_when_it_never_left_the_link_as_root() {
     let mut kernel = Kernel::load(LoadOptions::default());
@@ -632,6 +702,13 @@ fn neighbour_discovery_passes_only_when_it_never_left_the_link_as_root() {
         "neighbour solicitation that crossed a router",
         solicitation(64),
     );
+    // The exemption used to look at the protocol number alone: an IPv4 packet of protocol 58
+    // shaped like a solicitation passed, past the policy.
+    kernel.assert_dropped("IPv4 protocol 58 shaped like a solicitation", |_| {
+        let mut ipv4 = Ipv4::new(B4, A4, frames::ICMPV6);
+        ipv4.ttl = 255;
+        ipv4.frame(&frames::icmp(135, 0, [0; 4], &A6.octets()))
+    });
     kernel.assert_dropped("echo request b -> a", |port| {
         frames::ipv6_frame(
             B6,

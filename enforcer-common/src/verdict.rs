@@ -41,8 +41,10 @@ pub mod reason {
     pub const NO_POLICY: u8 = 17;
     /// More VLAN tags or IPv6 extension headers than the parser follows.
     pub const UNSUPPORTED_HEADERS: u8 = 18;
+    /// A TCP segment other than a SYN, of no tracked connection: only a SYN opens one.
+    pub const NO_CONNECTION: u8 = 19;
     /// Number of reason codes including the unused 0, for counter indexing.
-    pub const REASON_SLOTS: u32 = 19;
+    pub const REASON_SLOTS: u32 = 20;
 }
 
 /// Index of `(verdict, reason)` in the per-CPU packet counter array.
@@ -119,10 +121,11 @@ mod user {
         BadFragment,
         NoPolicy,
         UnsupportedHeaders,
+        NoConnection,
     }
 
     impl Reason {
-        pub const ALL: [Self; 15] = [
+        pub const ALL: [Self; 16] = [
             Self::PolicyAllow,
             Self::Established,
             Self::DefaultAllow,
@@ -138,6 +141,7 @@ mod user {
             Self::BadFragment,
             Self::NoPolicy,
             Self::UnsupportedHeaders,
+            Self::NoConnection,
         ];
 
         pub const fn code(self) -> u8 {
@@ -158,6 +162,7 @@ mod user {
                 Self::BadFragment => BAD_FRAGMENT,
                 Self::NoPolicy => NO_POLICY,
                 Self::UnsupportedHeaders => UNSUPPORTED_HEADERS,
+                Self::NoConnection => NO_CONNECTION,
             }
         }
 
@@ -183,6 +188,7 @@ mod user {
                 Self::BadFragment => "bad_fragment",
                 Self::NoPolicy => "no_policy",
                 Self::UnsupportedHeaders => "unsupported_headers",
+                Self::NoConnection => "no_connection",
             }
         }
 

@@ -146,9 +146,13 @@ impl Packet {
 
     /// ICMPv6 neighbour discovery and multicast listener messages that never left the link
     /// (hop limit 255 for ND per RFC 4861, 1 for MLD): the link does not work without them.
+    /// IPv6 only: an IPv4 packet of protocol 58 is nobody's neighbour discovery.
     #[inline(always)]
     pub fn is_link_infrastructure(&self) -> bool {
-        if self.proto != proto::ICMPV6 || self.fragment != fragment::NONE {
+        if self.family != enforcer_common::addr::family::INET6
+            || self.proto != proto::ICMPV6
+            || self.fragment != fragment::NONE
+        {
             return false;
         }
         match self.icmp_type {
@@ -367,8 +371,11 @@ fn parse_transport<F: Frame>(frame: &F, packet: &mut Packet, fragment_offset: us
             };
             packet.src_port = be16(tcp.source);
             packet.dst_port = be16(tcp.dest);
-            // Byte 13 of the TCP header holds the flags, CWR..FIN.
-            packet.tcp_flags = frame.read::<u8>(offset + 13).unwrap_or(0);
+            // Byte 13 of the TCP header holds the flags, CWR..FIN: taken from the header just
+            // read, which is whole, not read again (a second read could fail and leave them 0).
+            // SAFETY: `TcpHdr` is 20 plain bytes.
+            let header: [u8; TcpHdr::LEN] = unsafe { core::mem::transmute(tcp) };
+            packet.tcp_flags = header[13];
         }
         proto::UDP => {
             let Some(udp) = frame.read::<UdpHdr>(offset) else {

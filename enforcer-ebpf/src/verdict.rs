@@ -263,8 +263,14 @@ fn judge_new_flow(hook: &Hook, subject: &mut Subject) -> u8 {
         subject.outcome.reason = reason::DEFAULT_ALLOW;
         return conclude(hook, subject, Report::Nothing);
     }
-    let opens_connection = !subject.packet.is_tcp() || subject.packet.tcp_syn_only();
-    if opens_connection && rules::over_limit(decision.bucket, decision.max_new_per_sec, hook.now) {
+    // Only a SYN opens a TCP connection. Any other segment of no tracked connection would make
+    // an entry that later packets pass through: a SYN over the rate limit, for one.
+    if subject.packet.is_tcp() && !subject.packet.tcp_syn_only() {
+        subject.outcome.reason = reason::NO_CONNECTION;
+        subject.outcome.rule = rule::PACKET_SANITY;
+        return refuse(hook, subject);
+    }
+    if rules::over_limit(decision.bucket, decision.max_new_per_sec, hook.now) {
         subject.outcome.reason = reason::RATE_LIMITED;
         let verdict = refuse(hook, subject);
         if verdict == AUDIT {
