@@ -611,6 +611,87 @@ fn vlan_tags_and_extension_headers_do_not_bypass_the_policy_as_root() {
     assert!(kernel.packets_with_reason(reason::UNSUPPORTED_HEADERS) >= 4);
 }
 
+/// Sets the IPv6 payload length of an untagged Ethernet frame.
+fn with_ipv6_payload_length(mut frame: Vec<u8>, length: u16) -> Vec<u8> {
+    frame[18..20].copy_from_slice(&length.to_be_bytes());
+    frame
+}
+
+#[root_test]
+fn headers_past_the_ip_length_are_not_judged_as_root() {
+    let mut kernel = Kernel::load(LoadOptions::default());
+    for (hook, id) in [
+        (Hook::Xdp, 7001u32),
+        (Hook::TcIngress, 7002),
+        (Hook::TcEgress, 7003),
+    ] {
+        // The attack: an IPv6 first fragment whose payload is its fragment header alone, with a
+        // SYN to an allowed port after the payload's end (bytes the receiving stack ignores).
+        // It used to be judged by that SYN, allowed and recorded; then a later fragment of the
+        // datagram passed as following it, whatever it carried (here, bytes for UDP 161).
+        let first = with_ipv6_payload_length(
+            frames::ipv6_frame(
+                A6,
+                B6,
+                frames::TCP,
+                64,
+                &[frames::fragment_header(0, true, id)],
+                &frames::tcp(6000, 80, frames::TCP_SYN),
+            ),
+            8,
+        );
+        assert!(
+            !kernel.passes(hook, &first),
+            "{hook:?}: a first fragment judged on bytes after its payload"
+        );
+        let later = frames::ipv6_frame(
+            A6,
+            B6,
+            frames::TCP,
+            64,
+            &[frames::fragment_header(1, false, id)],
+            &frames::udp(6000, 161, b"get"),
+        );
+        assert!(!kernel.passes(hook, &later), "{hook:?}: its later fragment");
+        // An extension header chain that runs past the payload.
+        let chain = with_ipv6_payload_length(
+            frames::ipv6_frame(
+                A6,
+                B6,
+                frames::TCP,
+                64,
+                &[frames::hop_by_hop()],
+                &frames::tcp(6001, 80, frames::TCP_SYN),
+            ),
+            4,
+        );
+        assert!(
+            !kernel.passes(hook, &chain),
+            "{hook:?}: a header chain past the payload"
+        );
+        // IPv4: a SYN after the total length.
+        let short = Ipv4 {
+            total_len: Some(20),
+            ..Ipv4::new(A4, B4, frames::TCP)
+        };
+        assert!(
+            !kernel.passes(hook, &short.frame(&frames::tcp(6002, 80, frames::TCP_SYN))),
+            "{hook:?}: a TCP header after the IPv4 total length"
+        );
+        // The same packets with honest lengths are judged as usual.
+        let honest = frames::ipv6_frame(
+            A6,
+            B6,
+            frames::TCP,
+            64,
+            &[frames::hop_by_hop()],
+            &frames::tcp(6003, 80, frames::TCP_SYN),
+        );
+        assert!(kernel.passes(hook, &honest), "{hook:?}: an honest IPv6 SYN");
+    }
+    assert!(kernel.packets_with_reason(reason::MALFORMED) >= 9);
+}
+
 /// An IPv6 TCP segment whose header starts 246 bytes into the frame (after 192 bytes of
 /// hop-by-hop options): whole, but its flags byte lies past the parser's old reach.
 fn deep_tcp6(sport: u16, dport: u16, flags: u8) -> Vec<u8> {

@@ -2,25 +2,19 @@
 //! later fragments carry no ports and follow it.
 
 use enforcer_common::{
+    addr::family,
     conntrack::{FRAG_TIMEOUT_NS, FragEntry, FragKey},
     policy::rule,
     verdict::{ALLOW, reason},
 };
 
-use crate::{maps::FRAGMENTS, report::Hook, subject::Subject};
+use crate::{maps::FRAGMENTS, packet::Packet, report::Hook, subject::Subject};
 
 /// Gives a later fragment the outcome of its first fragment; false (the outcome then says
 /// why) when the first was not seen: out of order, lost, or a crafted fragment.
 #[inline(never)]
 pub fn follow_first(hook: &Hook, subject: &mut Subject) -> bool {
-    let packet = &subject.packet;
-    let key = FragKey {
-        src: packet.src,
-        dst: packet.dst,
-        id: packet.fragment_id,
-        proto: packet.proto,
-        _pad: [0; 3],
-    };
+    let key = key_of(&subject.packet);
     // SAFETY: the value is copied out at once.
     match unsafe { FRAGMENTS.get(&key) }.copied() {
         Some(first) if hook.now.saturating_sub(first.created_ns) <= FRAG_TIMEOUT_NS => {
@@ -48,13 +42,7 @@ pub fn follow_first(hook: &Hook, subject: &mut Subject) -> bool {
 #[inline(never)]
 pub fn remember(hook: &Hook, subject: &Subject) {
     let (packet, outcome) = (&subject.packet, &subject.outcome);
-    let key = FragKey {
-        src: packet.src,
-        dst: packet.dst,
-        id: packet.fragment_id,
-        proto: packet.proto,
-        _pad: [0; 3],
-    };
+    let key = key_of(packet);
     let first = FragEntry {
         created_ns: hook.now,
         src_identity: outcome.src_identity,
@@ -67,4 +55,22 @@ pub fn remember(hook: &Hook, subject: &Subject) {
         _pad: [0; 6],
     };
     let _ = FRAGMENTS.insert(&key, &first, 0);
+}
+
+/// The datagram a fragment belongs to, as the receiving stack reassembles it: IPv4 by source,
+/// destination, protocol and id (RFC 791); IPv6 by source, destination and id (RFC 8200), the
+/// protocol being the first fragment's, whatever a later fragment's header says.
+#[inline(always)]
+fn key_of(packet: &Packet) -> FragKey {
+    FragKey {
+        src: packet.src,
+        dst: packet.dst,
+        id: packet.fragment_id,
+        proto: if packet.family == family::INET6 {
+            0
+        } else {
+            packet.proto
+        },
+        _pad: [0; 3],
+    }
 }

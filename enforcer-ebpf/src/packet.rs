@@ -10,6 +10,9 @@
 //!   length shorter than the header, or a truncated transport header is malformed;
 //! * IPv6 extension headers (hop-by-hop, routing, destination options, fragment) are followed up
 //!   to [`MAX_IPV6_EXT_HEADERS`]; more, or AH/ESP-less unknown chains, are refused;
+//! * headers are read only within the IP packet's own length (IPv4 total length, IPv6 payload
+//!   length), never from bytes after it, which the receiving stack ignores: a header chain or a
+//!   transport header that does not end inside the packet is malformed;
 //! * a first fragment must carry the whole transport header (ports); a later fragment carries no
 //!   ports and follows the verdict its first fragment got (see `verdict`), and a later fragment
 //!   that overlaps the transport header (RFC 1858) is refused.
@@ -273,7 +276,7 @@ fn parse_ipv4<F: Frame>(frame: &F, offset: usize, packet: &mut Packet) -> Parsed
         fragment_id: be16(ip.id) as u32,
         l4_offset: (offset + header_len) as u32,
     };
-    parse_transport(frame, packet, fragment_offset)
+    parse_transport(frame, packet, fragment_offset, offset + total_len)
 }
 
 #[inline(always)]
@@ -284,6 +287,9 @@ fn parse_ipv6<F: Frame>(frame: &F, offset: usize, packet: &mut Packet) -> Parsed
     if ip.vcf[0] >> 4 != 6 {
         return reason::MALFORMED;
     }
+    // A payload length of 0 (a jumbogram, or BIG TCP at egress) bounds nothing: refused, as
+    // headers could then lie anywhere in what follows.
+    let ip_end = offset + Ipv6Hdr::LEN + be16(ip.payload_len) as usize;
     let mut next = ip.next_hdr;
     let mut l4_offset = offset + Ipv6Hdr::LEN;
     let mut fragment = fragment::NONE;
@@ -301,6 +307,14 @@ fn parse_ipv6<F: Frame>(frame: &F, offset: usize, packet: &mut Packet) -> Parsed
         let Some(ext) = frame.read::<Ipv6ExtHeader>(l4_offset) else {
             return reason::MALFORMED;
         };
+        let ext_len = if next == IPV6_FRAGMENT {
+            8
+        } else {
+            (ext.len_8_octets as usize + 1) * 8
+        };
+        if l4_offset + ext_len > ip_end {
+            return reason::MALFORMED;
+        }
         if next == IPV6_FRAGMENT {
             let offset_flags = be16(ext.fragment_offset_flags);
             fragment_offset = (offset_flags & 0xfff8) as usize;
@@ -313,10 +327,8 @@ fn parse_ipv6<F: Frame>(frame: &F, offset: usize, packet: &mut Packet) -> Parsed
                 fragment::NONE
             };
             fragment_id = u32::from_be_bytes(ext.fragment_id);
-            l4_offset += 8;
-        } else {
-            l4_offset += (ext.len_8_octets as usize + 1) * 8;
         }
+        l4_offset += ext_len;
         next = ext.next_header;
         ext_headers += 1;
     }
@@ -343,27 +355,36 @@ fn parse_ipv6<F: Frame>(frame: &F, offset: usize, packet: &mut Packet) -> Parsed
     if next == IPV6_NONXT {
         return PARSED_IP;
     }
-    parse_transport(frame, packet, fragment_offset)
+    parse_transport(frame, packet, fragment_offset, ip_end)
 }
 
-/// Reads ports, TCP flags or ICMP type. `fragment_offset` is in bytes.
+/// Reads ports, TCP flags or ICMP type. `fragment_offset` is in bytes; `ip_end`, where the IP
+/// packet ends by its own length field.
 #[inline(always)]
-fn parse_transport<F: Frame>(frame: &F, packet: &mut Packet, fragment_offset: usize) -> Parsed {
+fn parse_transport<F: Frame>(
+    frame: &F,
+    packet: &mut Packet,
+    fragment_offset: usize,
+    ip_end: usize,
+) -> Parsed {
+    let header_len = match packet.proto {
+        proto::TCP => TcpHdr::LEN,
+        proto::UDP => UdpHdr::LEN,
+        proto::ICMP | proto::ICMPV6 => size_of::<IcmpHeader>(),
+        _ => 0,
+    };
     if packet.fragment == fragment::LATER {
         // RFC 1858: a later fragment must not reach back into the transport header, or it could
         // rewrite the ports the first fragment was judged on.
-        let header_len = match packet.proto {
-            proto::TCP => TcpHdr::LEN,
-            proto::UDP => UdpHdr::LEN,
-            proto::ICMP | proto::ICMPV6 => size_of::<IcmpHeader>(),
-            _ => 0,
-        };
         if fragment_offset < header_len {
             return reason::BAD_FRAGMENT;
         }
         return PARSED_IP;
     }
     let offset = packet.l4_offset as usize;
+    if offset + header_len > ip_end {
+        return reason::MALFORMED;
+    }
     match packet.proto {
         proto::TCP => {
             let Some(tcp) = frame.read::<TcpHdr>(offset) else {
