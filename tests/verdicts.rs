@@ -611,6 +611,71 @@ fn vlan_tags_and_extension_headers_do_not_bypass_the_policy_as_root() {
     assert!(kernel.packets_with_reason(reason::UNSUPPORTED_HEADERS) >= 4);
 }
 
+#[root_test]
+fn icmp_errors_pass_only_to_the_sender_of_the_packet_they_quote_as_root() {
+    let mut kernel = Kernel::load(LoadOptions::default());
+    const C4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 9);
+    const C6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 9);
+    for hook in Hook::ALL {
+        kernel.next_port += 1;
+        let port = kernel.next_port;
+        // a -> b 53/udp is allowed and now tracked, over IPv4 and IPv6.
+        let query4 = Ipv4::new(A4, B4, frames::UDP).packet(&frames::udp(port, 53, b"q"));
+        let query6 = frames::ipv6(A6, B6, frames::UDP, 64, &[], &frames::udp(port, 53, b"q"));
+        assert!(kernel.passes(hook, &frames::ethernet(&[], frames::ETH_P_IP, &query4)));
+        assert!(kernel.passes(hook, &frames::ethernet(&[], frames::ETH_P_IPV6, &query6)));
+        // Port unreachable from b, quoting the query, `padding` bytes of payload after it.
+        let error4 = |to: Ipv4Addr, padding: usize| {
+            let mut quoted = query4.clone();
+            quoted.resize(quoted.len() + padding, 0);
+            Ipv4::new(B4, to, frames::ICMP).frame(&frames::icmp(3, 3, [0; 4], &quoted))
+        };
+        let error6 = |to: Ipv6Addr, padding: usize| {
+            let mut quoted = query6.clone();
+            quoted.resize(quoted.len() + padding, 0);
+            frames::ipv6_frame(
+                B6,
+                to,
+                frames::ICMPV6,
+                64,
+                &[],
+                &frames::icmp(1, 4, [0; 4], &quoted),
+            )
+        };
+        assert!(
+            kernel.passes(hook, &error4(A4, 0)),
+            "{hook:?}: the error to the querier"
+        );
+        assert!(
+            kernel.passes(hook, &error6(A6, 0)),
+            "{hook:?}: the ICMPv6 error to the querier"
+        );
+        // b may send nothing to anyone, yet used to reach anyone with an "error" about its flow.
+        assert!(
+            !kernel.passes(hook, &error4(C4, 0)),
+            "{hook:?}: an error to a third party"
+        );
+        assert!(
+            !kernel.passes(hook, &error6(C6, 0)),
+            "{hook:?}: an ICMPv6 error to a third party"
+        );
+        // ... or carry anything, as long as it quoted a tracked flow first.
+        assert!(
+            !kernel.passes(hook, &error4(A4, 1400)),
+            "{hook:?}: an error of 1448 bytes"
+        );
+        assert!(
+            !kernel.passes(hook, &error6(A6, 1400)),
+            "{hook:?}: an ICMPv6 error of 1496 bytes"
+        );
+    }
+    assert_eq!(
+        kernel.packets_with_reason(reason::FORGED_ICMP_ERROR),
+        12,
+        "counted as forged"
+    );
+}
+
 /// Sets the IPv6 payload length of an untagged Ethernet frame.
 fn with_ipv6_payload_length(mut frame: Vec<u8>, length: u16) -> Vec<u8> {
     frame[18..20].copy_from_slice(&length.to_be_bytes());

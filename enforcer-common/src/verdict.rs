@@ -43,8 +43,11 @@ pub mod reason {
     pub const UNSUPPORTED_HEADERS: u8 = 18;
     /// A TCP segment other than a SYN, of no tracked connection: only a SYN opens one.
     pub const NO_CONNECTION: u8 = 19;
+    /// An ICMP error quoting a tracked flow that is not addressed to the quoted packet's sender,
+    /// or is larger than an error is (576 bytes over IPv4, 1280 over IPv6).
+    pub const FORGED_ICMP_ERROR: u8 = 20;
     /// Number of reason codes including the unused 0, for counter indexing.
-    pub const REASON_SLOTS: u32 = 20;
+    pub const REASON_SLOTS: u32 = 21;
 }
 
 /// Index of `(verdict, reason)` in the per-CPU packet counter array.
@@ -122,10 +125,11 @@ mod user {
         NoPolicy,
         UnsupportedHeaders,
         NoConnection,
+        ForgedIcmpError,
     }
 
     impl Reason {
-        pub const ALL: [Self; 16] = [
+        pub const ALL: [Self; 17] = [
             Self::PolicyAllow,
             Self::Established,
             Self::DefaultAllow,
@@ -142,6 +146,7 @@ mod user {
             Self::NoPolicy,
             Self::UnsupportedHeaders,
             Self::NoConnection,
+            Self::ForgedIcmpError,
         ];
 
         pub const fn code(self) -> u8 {
@@ -163,6 +168,7 @@ mod user {
                 Self::NoPolicy => NO_POLICY,
                 Self::UnsupportedHeaders => UNSUPPORTED_HEADERS,
                 Self::NoConnection => NO_CONNECTION,
+                Self::ForgedIcmpError => FORGED_ICMP_ERROR,
             }
         }
 
@@ -189,6 +195,7 @@ mod user {
                 Self::NoPolicy => "no_policy",
                 Self::UnsupportedHeaders => "unsupported_headers",
                 Self::NoConnection => "no_connection",
+                Self::ForgedIcmpError => "forged_icmp_error",
             }
         }
 

@@ -165,9 +165,19 @@ pub fn track(hook: &Hook, subject: &Subject, extra_flags: u32) {
     conntrack::track(&subject.key, &entry);
 }
 
-/// Whether an ICMP error quotes a packet of a flow tracked under the current generation.
+/// What an ICMP error is to the tracked flows (see [`icmp_error_relation`]).
+pub const UNRELATED: u8 = 0;
+/// An error about a flow tracked under the current generation, sent to the quoted packet's
+/// sender and no larger than an error is.
+pub const RELATED: u8 = 1;
+/// It quotes a tracked flow, but goes to someone else or is too large to be an error: a
+/// workload with any tracked flow could otherwise send anything to anyone as an "error".
+pub const FORGED: u8 = 2;
+
+/// Whether an ICMP error quotes a packet of a flow tracked under the current generation, and if
+/// so whether it is a true error about it: [`UNRELATED`], [`RELATED`] or [`FORGED`].
 #[inline(never)]
-pub fn is_about_tracked_flow<F: Frame>(frame: &F, hook: &Hook, subject: &Subject) -> bool {
+pub fn icmp_error_relation<F: Frame>(frame: &F, hook: &Hook, subject: &Subject) -> u8 {
     let mut quoted = QuotedFlow {
         src: [0; 16],
         dst: [0; 16],
@@ -176,7 +186,7 @@ pub fn is_about_tracked_flow<F: Frame>(frame: &F, hook: &Hook, subject: &Subject
         dst_port: 0,
     };
     if !packet::quoted_flow(frame, &subject.packet, &mut quoted) {
-        return false;
+        return UNRELATED;
     }
     let mut key = CtKey::default();
     conntrack::flow_key(
@@ -187,9 +197,17 @@ pub fn is_about_tracked_flow<F: Frame>(frame: &F, hook: &Hook, subject: &Subject
         quoted.proto,
         &mut key,
     );
-    match conntrack::live_entry(&key, false, hook.now) {
+    let tracked = match conntrack::live_entry(&key, false, hook.now) {
         // SAFETY: map value pointer, read once.
         Some(entry) => unsafe { (*entry).generation == subject.outcome.generation },
         None => false,
+    };
+    if !tracked {
+        return UNRELATED;
     }
+    // The quoted packet travelled from the error's receiver: an error goes back to its sender.
+    if subject.packet.dst != quoted.src || !subject.packet.is_error_sized() {
+        return FORGED;
+    }
+    RELATED
 }

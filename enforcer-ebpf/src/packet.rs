@@ -124,6 +124,8 @@ pub struct Packet {
     pub fragment_id: u32,
     /// Offset of the transport header (ICMP errors quote the packet they are about after it).
     pub l4_offset: u32,
+    /// Length of the IP packet by its own header (IPv4 total length, IPv6 header and payload).
+    pub ip_len: u32,
 }
 
 impl Packet {
@@ -163,6 +165,18 @@ impl Packet {
             130..=132 | 143 => self.hop_limit == 1,
             _ => false,
         }
+    }
+
+    /// Whether an ICMP error is no larger than errors are: RFC 1812 (576 bytes, IPv4) and RFC
+    /// 4443 (the IPv6 minimum MTU, 1280).
+    #[inline(always)]
+    pub fn is_error_sized(&self) -> bool {
+        let most = if self.family == enforcer_common::addr::family::INET6 {
+            1280
+        } else {
+            576
+        };
+        self.ip_len <= most
     }
 
     /// An ICMP message reporting an error about another packet (which it quotes).
@@ -275,6 +289,7 @@ fn parse_ipv4<F: Frame>(frame: &F, offset: usize, packet: &mut Packet) -> Parsed
         fragment,
         fragment_id: be16(ip.id) as u32,
         l4_offset: (offset + header_len) as u32,
+        ip_len: total_len as u32,
     };
     parse_transport(frame, packet, fragment_offset, offset + total_len)
 }
@@ -351,6 +366,7 @@ fn parse_ipv6<F: Frame>(frame: &F, offset: usize, packet: &mut Packet) -> Parsed
         fragment,
         fragment_id,
         l4_offset: l4_offset as u32,
+        ip_len: (ip_end - offset) as u32,
     };
     if next == IPV6_NONXT {
         return PARSED_IP;

@@ -99,10 +99,20 @@ pub fn judge<F: Frame>(frame: &F, hook: &Hook) -> u8 {
             return verdict;
         }
     }
-    if subject.packet.is_icmp_error() && flow::is_about_tracked_flow(frame, hook, subject) {
-        subject.outcome.verdict = ALLOW;
-        subject.outcome.reason = reason::RELATED;
-        return conclude(hook, subject, Report::Nothing);
+    if subject.packet.is_icmp_error() {
+        match flow::icmp_error_relation(frame, hook, subject) {
+            flow::RELATED => {
+                subject.outcome.verdict = ALLOW;
+                subject.outcome.reason = reason::RELATED;
+                return conclude(hook, subject, Report::Nothing);
+            }
+            flow::FORGED => {
+                subject.outcome.reason = reason::FORGED_ICMP_ERROR;
+                subject.outcome.rule = rule::PACKET_SANITY;
+                return refuse(hook, subject);
+            }
+            _ => {}
+        }
     }
     judge_new_flow(hook, subject)
 }

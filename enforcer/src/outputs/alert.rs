@@ -79,6 +79,7 @@ fn classify(record: &FlowRecord) -> Classification {
         reason if reason.is_spoof() => (4, 6, "Dropped"),
         Reason::RateLimited => (3, 6, "Dropped"),
         Reason::NoConnection => (2, 6, "Dropped"),
+        Reason::ForgedIcmpError => (4, 6, "Dropped"),
         reason if reason.is_malformed() => (3, 6, "Dropped"),
         _ if record.rejudged => (3, 24, "Access Revoked"),
         _ => (2, 2, "Blocked"),
