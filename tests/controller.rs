@@ -1117,3 +1117,47 @@ fn unload_removes_every_pin_and_program_as_root() {
         "traffic flows unjudged again"
     );
 }
+
+#[root_test]
+fn a_policy_other_users_can_change_is_refused_at_start_and_at_reload_as_root() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let topology = Topology::build(&["frontend", "api"]).unwrap();
+    let text = services(&topology, &["frontend", "api"]);
+    let open = topology.write_file("open.toml", &text).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let output = topology
+        .host
+        .command(ENFORCER)
+        .unwrap()
+        .args(["run", "--policy"])
+        .arg(&open)
+        .arg("--pin-path")
+        .arg(topology.pin_path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "bad input exits 1: {stderr}");
+    assert!(
+        stderr.contains("can be changed by every user (owner uid 0, mode 0666)"),
+        "{stderr}"
+    );
+    assert!(!topology.pin_path().exists(), "nothing was pinned");
+
+    // Made writable while enforcing: the reload is refused and the policy in force stays.
+    let enforcer = enforce(&topology, &text);
+    std::fs::set_permissions(&enforcer.policy, std::fs::Permissions::from_mode(0o664)).unwrap();
+    enforcer
+        .daemon
+        .signal(nix::sys::signal::Signal::SIGHUP)
+        .unwrap();
+    enforcer
+        .daemon
+        .wait_for_log("can be changed by its group", SETTLE)
+        .expect("the reload is refused, saying why");
+    assert!(
+        enforcer
+            .daemon
+            .log_text()
+            .contains("the previous policy stays in force")
+    );
+}

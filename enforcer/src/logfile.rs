@@ -10,20 +10,39 @@
 use std::{
     fs::File,
     io,
-    os::unix::fs::{MetadataExt as _, OpenOptionsExt as _},
+    os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
 };
 
 /// Permissions of the files the controller creates (alerts, audit log, edge baseline).
 pub const CREATE_MODE: u32 = 0o640;
 
-/// Opens `path` for appending, creating it with [`CREATE_MODE`] if needed.
+/// Opens `path` for appending, creating it with [`CREATE_MODE`] if needed. A symlink at `path`
+/// is refused (someone who can write the directory could point it at a file of the system's),
+/// and a regular file that exists gets [`CREATE_MODE`], whatever mode it had.
 pub fn open_append(path: &Path) -> io::Result<File> {
-    File::options()
+    let file = File::options()
         .create(true)
         .append(true)
         .mode(CREATE_MODE)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
+        .map_err(|error| {
+            if error.raw_os_error() == Some(libc::ELOOP) {
+                io::Error::other(format!(
+                    "{} is a symbolic link; enforcer writes only to files it can open directly",
+                    path.display()
+                ))
+            } else {
+                error
+            }
+        })?;
+    // Only a regular file: a device (`/dev/null`) or a FIFO is the system's, not ours.
+    let metadata = file.metadata()?;
+    if metadata.is_file() && metadata.mode() & 0o7777 != CREATE_MODE {
+        file.set_permissions(std::fs::Permissions::from_mode(CREATE_MODE))?;
+    }
+    Ok(file)
 }
 
 /// Where an open log file lives, and which file it was when opened.
@@ -66,5 +85,35 @@ impl LogPath {
         let (file, reopened) = Self::open(&self.path)?;
         *self = reopened;
         Ok(file)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ScratchFile;
+
+    #[test]
+    fn a_symlink_in_place_of_the_file_is_refused() {
+        let target = ScratchFile::new("symlink-target");
+        std::fs::write(&target.0, "not enforcer's\n").unwrap();
+        let link = ScratchFile::new("symlink");
+        std::os::unix::fs::symlink(&target.0, &link.0).unwrap();
+        let error = open_append(&link.0).unwrap_err();
+        assert!(error.to_string().contains("is a symbolic link"), "{error}");
+        assert_eq!(
+            std::fs::read_to_string(&target.0).unwrap(),
+            "not enforcer's\n"
+        );
+    }
+
+    #[test]
+    fn a_file_that_exists_gets_the_documented_mode() {
+        let file = ScratchFile::new("loose-mode");
+        std::fs::write(&file.0, "").unwrap();
+        std::fs::set_permissions(&file.0, std::fs::Permissions::from_mode(0o666)).unwrap();
+        open_append(&file.0).unwrap();
+        let mode = std::fs::metadata(&file.0).unwrap().mode() & 0o7777;
+        assert_eq!(mode, CREATE_MODE, "mode {mode:o}");
     }
 }

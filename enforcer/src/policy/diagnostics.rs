@@ -41,6 +41,16 @@ pub enum PolicyError {
     },
     #[error("no policy files (*.toml) in directory {}", .0.display())]
     EmptyDirectory(PathBuf),
+    #[error(
+        "{} can be changed by {who} (owner uid {owner}, mode {mode:04o}): whoever can write the policy decides what is allowed; make it owned by root and not group- or world-writable (chmod go-w)",
+        path.display()
+    )]
+    Writable {
+        path: PathBuf,
+        who: &'static str,
+        owner: u32,
+        mode: u32,
+    },
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<Diagnostic>),
 }

@@ -79,6 +79,66 @@ pub fn policy_files(path: &Path) -> Result<Vec<PathBuf>, PolicyError> {
     Ok(files)
 }
 
+/// Refuses a policy that someone other than root (or the user running enforcer) can change, as
+/// sshd's StrictModes does for its files: the policy files themselves, and the directory that
+/// holds them (a directory policy's own; a single file's parent, which may be world-writable
+/// only with the sticky bit, like `/tmp`, as others cannot then replace the file). `run` checks
+/// this at every load; `check`, `explain` and `diff` read drafts and do not. What lies on a
+/// read-only mount passes.
+pub fn check_writers(path: &Path) -> Result<(), PolicyError> {
+    let files = policy_files(path)?;
+    let is_directory = std::fs::metadata(path).is_ok_and(|metadata| metadata.is_dir());
+    let directory = if is_directory {
+        path.to_owned()
+    } else {
+        path.parent()
+            .filter(|parent| !parent.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_owned()
+    };
+    writers_ok(&directory, !is_directory)?;
+    for file in &files {
+        writers_ok(file, false)?;
+    }
+    Ok(())
+}
+
+/// Whether only root or this user can change `path` (following symlinks, as reading does).
+fn writers_ok(path: &Path, sticky_directory_will_do: bool) -> Result<(), PolicyError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let metadata = std::fs::metadata(path).map_err(|source| PolicyError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    // A read-only mount (a Kubernetes ConfigMap volume) cannot be written whatever its modes say.
+    let read_only = nix::sys::statvfs::statvfs(path)
+        .is_ok_and(|stat| stat.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY));
+    if read_only {
+        return Ok(());
+    }
+    let (owner, mode) = (metadata.uid(), metadata.mode() & 0o7777);
+    let me = nix::unistd::geteuid().as_raw();
+    let sticky = mode & 0o1000 != 0;
+    let who = if owner != 0 && owner != me {
+        Some("its owner, another user")
+    } else if mode & 0o002 != 0 && !(sticky_directory_will_do && sticky) {
+        Some("every user")
+    } else if mode & 0o020 != 0 && !(sticky_directory_will_do && sticky) {
+        Some("its group")
+    } else {
+        None
+    };
+    match who {
+        Some(who) => Err(PolicyError::Writable {
+            path: path.to_owned(),
+            who,
+            owner,
+            mode,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Parses policy sources given as `(path, text)`, in the order given.
 pub fn parse_sources(files: Vec<(PathBuf, String)>) -> Result<Policy, PolicyError> {
     parse_sources_cached(files, &mut ParseCache::default())

@@ -15,7 +15,10 @@ use ipnet::IpNet;
 
 pub use self::{
     diagnostics::{Diagnostic, Origin, PolicyError},
-    load::{ParseCache, load, load_cached, parse_sources, parse_sources_cached, policy_files},
+    load::{
+        ParseCache, check_writers, load, load_cached, parse_sources, parse_sources_cached,
+        policy_files,
+    },
 };
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -588,6 +591,59 @@ id = "fe-to-api"
                 )
             );
         }
+    }
+
+    /// A policy file (mode `file_mode`) in a directory of its own (mode `dir_mode`); removed on
+    /// drop.
+    struct PolicyOnDisk(PathBuf);
+
+    impl PolicyOnDisk {
+        fn new(name: &str, dir_mode: u32, file_mode: u32) -> Self {
+            use std::os::unix::fs::PermissionsExt as _;
+            let dir = std::env::temp_dir()
+                .join(format!("enforcer-writers-{}-{name}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let file = dir.join("policy.toml");
+            std::fs::write(&file, "[[service]]\nname = \"a\"\n").unwrap();
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(file_mode)).unwrap();
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(dir_mode)).unwrap();
+            Self(dir)
+        }
+
+        fn file(&self) -> PathBuf {
+            self.0.join("policy.toml")
+        }
+    }
+
+    impl Drop for PolicyOnDisk {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn a_policy_others_can_change_is_refused_as_sshd_refuses_its_files() {
+        let safe = PolicyOnDisk::new("safe", 0o755, 0o644);
+        check_writers(&safe.file()).expect("root's, 0644 in a 0755 directory");
+        check_writers(&safe.0).expect("the directory itself");
+        for (name, dir_mode, file_mode, refused, who) in [
+            ("group-file", 0o755, 0o664, "policy.toml", "its group"),
+            ("world-file", 0o755, 0o646, "policy.toml", "every user"),
+            ("world-dir", 0o777, 0o644, "world-dir", "every user"),
+        ] {
+            let policy = PolicyOnDisk::new(name, dir_mode, file_mode);
+            let error = check_writers(&policy.file()).unwrap_err().to_string();
+            assert!(
+                error.contains(&format!("{refused} can be changed by {who}")),
+                "{name}: {error}"
+            );
+        }
+        // A sticky directory (like /tmp) lets no one replace a file they do not own: a single
+        // file there passes; as a directory of policy files, anyone could add one.
+        let sticky = PolicyOnDisk::new("sticky", 0o1777, 0o644);
+        check_writers(&sticky.file()).expect("a file in a sticky directory");
+        let error = check_writers(&sticky.0).unwrap_err().to_string();
+        assert!(error.contains("can be changed by every user"), "{error}");
     }
 
     #[test]

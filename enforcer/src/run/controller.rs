@@ -29,6 +29,7 @@ pub(super) fn load_for_host(
     cache: &mut ParseCache,
     live: Option<&Compiled>,
 ) -> Result<(Policy, HostView, Compiled), RunError> {
+    policy::check_writers(path)?;
     let policy = policy::load_cached(path, cache)?;
     let view = host::observe(&policy);
     let compiled = compile::compile(&policy, &view, live)?;
