@@ -131,6 +131,20 @@ struct Baseline {
     rule: String,
 }
 
+/// Windows over which a scan spread thinner than one window's threshold is looked for.
+const SCAN_HORIZON_WINDOWS: u64 = 30;
+
+/// What one source was denied since its horizon began, at most [`SCAN_HORIZON_WINDOWS`] ago:
+/// one new port a window stays under `fanout_distinct_peers` in every window and adds up here.
+/// Only denials count (reaching more allowed peers over time is what services do), and no more
+/// peers than the threshold are kept, so memory stays bounded.
+struct Horizon {
+    peers: HashSet<(IpAddr, u16)>,
+    first_window: u64,
+    first_seen: SystemTime,
+    reported: bool,
+}
+
 #[derive(Default)]
 struct SourceWindow {
     peers: HashSet<(IpAddr, u16)>,
@@ -149,6 +163,7 @@ pub struct Detectors {
     baselines: HashMap<Edge, Baseline>,
     seen_edges: HashSet<Edge>,
     sources: HashMap<Source, SourceWindow>,
+    horizons: HashMap<Source, Horizon>,
     saturated: bool,
 }
 
@@ -178,6 +193,7 @@ impl Detectors {
             baselines: HashMap::new(),
             seen_edges: HashSet::new(),
             sources: HashMap::new(),
+            horizons: HashMap::new(),
             saturated: false,
         }
     }
@@ -218,7 +234,82 @@ impl Detectors {
             findings.extend(self.count_new_connection(record));
         }
         findings.extend(self.count_for_source(record, start));
+        findings.extend(self.count_over_horizon(record));
         findings
+    }
+
+    /// Counts a denial in its source's long horizon; the distinct peers denied there reaching
+    /// `fanout_distinct_peers` is a fan-out too (a slow scan), reported once per horizon and
+    /// not when the source's window already reported one.
+    fn count_over_horizon(&mut self, record: &FlowRecord) -> Option<Finding> {
+        if record.verdict == Verdict::Allow {
+            return None;
+        }
+        let source = Source {
+            name: record.src.name.clone(),
+            ip: record.src.ip,
+        };
+        let tracked = self.horizons.len();
+        if !self.horizons.contains_key(&source) && !self.room_for(tracked) {
+            return None;
+        }
+        let threshold = self.config.fanout_distinct_peers;
+        let window_reported = self
+            .sources
+            .get(&source)
+            .is_some_and(|window| window.fanout_reported);
+        let first_window = self.window_index;
+        let horizon = self.horizons.entry(source).or_insert_with(|| Horizon {
+            peers: HashSet::new(),
+            first_window,
+            first_seen: record.time,
+            reported: false,
+        });
+        horizon.reported |= window_reported;
+        if horizon.reported {
+            return None;
+        }
+        if (horizon.peers.len() as u64) < threshold {
+            horizon.peers.insert((record.dst.ip, port_of(record)));
+        }
+        if (horizon.peers.len() as u64) < threshold {
+            return None;
+        }
+        horizon.reported = true;
+        let mut peers: Vec<String> = horizon
+            .peers
+            .iter()
+            .map(|(ip, port)| {
+                if *port == 0 {
+                    ip.to_string()
+                } else {
+                    format!("{ip}:{port}")
+                }
+            })
+            .collect();
+        peers.sort();
+        let windows = self.window_index - horizon.first_window + 1;
+        Some(Finding {
+            detector: Detector::Fanout,
+            src: Party {
+                name: record.src.name.clone(),
+                ip: Some(record.src.ip),
+            },
+            dst: None,
+            protocol: None,
+            port: None,
+            rule: None,
+            count: peers.len() as u64,
+            start: horizon.first_seen,
+            end: record.time,
+            message: format!(
+                "{} ({}) was denied at {} distinct destinations and ports over {windows} windows: a scan spread thin",
+                record.src.name,
+                record.src.ip,
+                peers.len()
+            ),
+            details: json!({ "distinct_peers": peers.len(), "threshold": threshold, "horizon_windows": SCAN_HORIZON_WINDOWS, "windows": windows, "peers": peers }),
+        })
     }
 
     /// Counts a new connection on its edge (for spikes); the first on an edge is a finding.
@@ -359,6 +450,8 @@ impl Detectors {
         self.saturated = false;
         let index = self.window_index;
         self.window_index += 1;
+        self.horizons
+            .retain(|_, horizon| index + 1 - horizon.first_window < SCAN_HORIZON_WINDOWS);
         let config = &self.config;
         for (edge, baseline) in &mut self.baselines {
             let count = calls.get(edge).copied().unwrap_or(0);
@@ -773,5 +866,85 @@ mod tests {
             detected(&detectors.observe(&limited), Detector::RateLimit).len(),
             1
         );
+    }
+
+    /// Feeds `records` (in time order) and then closes every window; every finding.
+    fn run(detectors: &mut Detectors, records: &[FlowRecord]) -> Vec<Finding> {
+        let mut findings = Vec::new();
+        for record in records {
+            findings.extend(detectors.observe(record));
+        }
+        let last = records.last().map_or(UNIX_EPOCH, |record| record.time);
+        findings.extend(detectors.tick(last + Duration::from_secs(3600)));
+        findings
+    }
+
+    #[test]
+    fn a_scan_of_one_port_a_window_is_found_over_the_horizon() {
+        let mut records = Vec::new();
+        for window in 0..12u16 {
+            let at = f64::from(window) * 10.0;
+            // Steady allowed traffic all along...
+            for call in 0..5 {
+                records.push(allowed(at + f64::from(call) * 2.0));
+            }
+            // ...and one new port of db probed a window: never 5 peers, nor 10 denials, in one.
+            records.push(record(
+                at + 1.0,
+                "frontend",
+                "db",
+                [10, 0, 0, 3],
+                5000 + window,
+                Verdict::Deny,
+                Reason::DefaultDeny,
+            ));
+            records.sort_by_key(|record| record.time);
+        }
+        let findings = run(&mut Detectors::new(config()), &records);
+        let fanouts = detected(&findings, Detector::Fanout);
+        assert_eq!(fanouts.len(), 1, "once per horizon: {fanouts:#?}");
+        let slow = fanouts[0];
+        assert_eq!(slow.src.name, "frontend");
+        assert_eq!(slow.details["distinct_peers"], 5);
+        assert_eq!(
+            slow.details["windows"], 5,
+            "found at the fifth port, in the fifth window"
+        );
+        assert_eq!(slow.details["horizon_windows"], SCAN_HORIZON_WINDOWS);
+        assert!(detected(&findings, Detector::DenyBurst).is_empty());
+    }
+
+    #[test]
+    fn benign_traffic_that_ramps_up_with_one_denied_retry_finds_nothing_new() {
+        let mut records = Vec::new();
+        for window in 0..40u32 {
+            let at = f64::from(window) * 10.0;
+            // More calls every window, to the same three allowed peers...
+            for call in 0..(window / 4 + 1) {
+                for (peer, ip) in [("api", 2u8), ("cache", 4), ("auth", 5)] {
+                    let mut call_record = allowed(at + f64::from(call) * 0.2);
+                    call_record.dst.name = peer.to_owned();
+                    call_record.dst.ip = IpAddr::from([10, 0, 0, ip]);
+                    records.push(call_record);
+                }
+            }
+            // ...and a misconfigured health check denied on the same port every window.
+            records.push(record(
+                at + 5.0,
+                "frontend",
+                "db",
+                [10, 0, 0, 3],
+                9999,
+                Verdict::Deny,
+                Reason::DefaultDeny,
+            ));
+        }
+        records.sort_by_key(|record| record.time);
+        let findings = run(&mut Detectors::new(config()), &records);
+        let unexpected: Vec<&Finding> = findings
+            .iter()
+            .filter(|finding| finding.detector != Detector::NewEdge)
+            .collect();
+        assert!(unexpected.is_empty(), "{unexpected:#?}");
     }
 }
