@@ -437,6 +437,82 @@ fn spoofed_source_from_an_endpoint_never_reaches_its_target_with_xdp_ingress_as_
     spoofed_source_is_dropped("xdp");
 }
 
+/// A workload behind another interface forges frontend's address: before, only frontend's own
+/// interface checked it, so the datagram passed wherever else it came in.
+#[root_test]
+fn a_local_endpoints_address_from_any_other_interface_is_dropped_as_root() {
+    let topology = Topology::build(&["frontend", "api", "mallory"]).unwrap();
+    let policy = format!(
+        "{}{}",
+        services(&topology, &["frontend", "api"]),
+        allow("frontend", "api", &["53/udp"], "")
+    );
+    let server = topology.netns("api").udp_echo_server(53).unwrap();
+    let mallory = topology.netns("mallory");
+    let frontend_address = topology.endpoint("frontend").ipv4;
+    mallory
+        .ip(&[
+            "addr",
+            "add",
+            &format!("{frontend_address}/32"),
+            "dev",
+            "eth0",
+        ])
+        .unwrap();
+    let target = v4(&topology, "api", 53);
+    // (The answer goes to the real frontend: only what reaches api counts.)
+    let forge = || {
+        mallory.udp_exchange_from(
+            Some(IpAddr::V4(frontend_address)),
+            target,
+            b"forged",
+            TIMEOUT,
+        )
+    };
+    let _ = forge();
+    assert!(
+        enforcer_testbed::eventually(Duration::from_secs(2), || server.hit_count() == 1),
+        "without enforcer the forged datagram reaches api"
+    );
+    let interface = |name: &str| topology.endpoint(name).host_interface.clone();
+    for (attached, how) in [
+        (
+            vec![
+                interface("frontend"),
+                interface("api"),
+                interface("mallory"),
+            ],
+            "mallory's interface attached, no service's",
+        ),
+        (
+            vec![interface("frontend"), interface("api")],
+            "mallory's interface not attached",
+        ),
+    ] {
+        let attach: Vec<&str> = attached.iter().map(String::as_str).collect();
+        let enforcer = Enforcer::start(&topology, &policy, &attach, &[]).unwrap();
+        let before = server.hit_count();
+        assert!(was_dropped(&forge()), "{how}");
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            server.hit_count(),
+            before,
+            "{how}: nothing forged reached api"
+        );
+        assert_eq!(
+            topology
+                .netns("frontend")
+                .udp_exchange(target, b"honest", TIMEOUT)
+                .expect("frontend itself"),
+            b"honest"
+        );
+        let spoofed = enforcer
+            .wait_for_alert(|alert| alert["unmapped"]["enforcer"]["reason"] == "spoofed")
+            .unwrap_or_else(|| panic!("{how}: the spoof is reported"));
+        assert_eq!(spoofed["src_endpoint"]["ip"], frontend_address.to_string());
+    }
+}
+
 fn spoofed_source_is_dropped(ingress: &str) {
     let db_address = Ipv4Addr::new(10, 99, 0, 3);
     let db = format!("[[service]]\nname = \"db\"\naddresses = [\"{db_address}/32\"]\n");

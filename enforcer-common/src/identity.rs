@@ -20,6 +20,9 @@ pub mod flags {
     pub const SERVICE: u32 = 1 << 0;
     /// The service runs in audit mode: what would be dropped is passed and reported.
     pub const AUDIT: u32 = 1 << 1;
+    /// (ipcache only) The address of a service with an endpoint interface on this host: a
+    /// packet from it must have come in through that service's endpoint interface.
+    pub const LOCAL_ENDPOINT: u32 = 1 << 2;
 }
 
 /// What an address, endpoint interface or cgroup resolves to.

@@ -88,6 +88,7 @@ pub fn enf_xdp_ingress(ctx: XdpContext) -> u32 {
     let hook = Hook {
         kind: hook::XDP_INGRESS,
         ifindex: ctx.ingress_ifindex() as u32,
+        arrived_on: ctx.ingress_ifindex() as u32,
         cgroup_id: 0,
         len: (ctx.end() - ctx.start()) as u32,
         now: now(),
@@ -122,6 +123,13 @@ fn judge_skb(ctx: &TcContext, kind: u8) -> i32 {
         kind,
         // SAFETY: `skb` is the context pointer the kernel passed in.
         ifindex: unsafe { (*skb).ifindex },
+        arrived_on: if kind == hook::TC_EGRESS {
+            // SAFETY: as above.
+            unsafe { (*skb).ingress_ifindex }
+        } else {
+            // SAFETY: as above.
+            unsafe { (*skb).ifindex }
+        },
         // Only a locally sent packet has a socket (and so a cgroup); it leaves through egress.
         cgroup_id: if kind == hook::TC_EGRESS {
             unsafe { bpf_skb_cgroup_id(skb) }

@@ -42,6 +42,9 @@ pub struct Hook {
     /// An `enforcer_common::event::hook` code.
     pub kind: u8,
     pub ifindex: u32,
+    /// The interface the packet came in through: `ifindex` when entering, the forwarded
+    /// packet's ingress interface at TC egress, 0 for a packet this host sent.
+    pub arrived_on: u32,
     pub cgroup_id: u64,
     pub len: u32,
     pub now: u64,

@@ -18,7 +18,7 @@ use enforcer_common::{
     config::flags as config_flags,
     conntrack::{CtEntry, flags as ct_flags},
     event::flags as event_flags,
-    identity::{FIRST_SERVICE, IdentityInfo, SERVICE_END},
+    identity::{FIRST_SERVICE, IdentityInfo, SERVICE_END, flags as identity_flags},
     policy::{action, rule},
     verdict::{ALLOW, AUDIT, DENY, reason},
 };
@@ -136,7 +136,20 @@ fn resolve_identities(hook: &Hook, subject: &mut Subject) -> bool {
                 subject.outcome.rule = rule::ANTI_SPOOFING;
                 return false;
             }
+        } else if by_address.flags & identity_flags::LOCAL_ENDPOINT != 0 {
+            // A local endpoint's address, from an interface that is none of its service's.
+            subject.outcome.reason = reason::SPOOFED;
+            subject.outcome.rule = rule::ANTI_SPOOFING;
+            return false;
         }
+    } else if by_address.flags & identity_flags::LOCAL_ENDPOINT != 0
+        && hook.arrived_on != 0
+        && !came_through_its_endpoint(hook, subject, &by_address)
+    {
+        // Forwarded here from an interface this datapath may not be attached to.
+        subject.outcome.reason = reason::SPOOFED;
+        subject.outcome.rule = rule::ANTI_SPOOFING;
+        return false;
     } else if let Some(owner) = identity::of_cgroup(subject.slot, hook.cgroup_id) {
         subject.src = owner;
         subject.outcome.src_identity = owner.identity;
@@ -149,6 +162,16 @@ fn resolve_identities(hook: &Hook, subject: &mut Subject) -> bool {
         }
     }
     true
+}
+
+/// Whether a forwarded packet came in through an endpoint interface of its source address's
+/// service.
+#[inline(always)]
+fn came_through_its_endpoint(hook: &Hook, subject: &Subject, by_address: &IdentityInfo) -> bool {
+    matches!(
+        identity::of_endpoint(subject.slot, hook.arrived_on),
+        Some(endpoint) if endpoint.identity == by_address.identity
+    )
 }
 
 /// What [`judge_tracked`] and [`pass_established`] return when they do not decide.

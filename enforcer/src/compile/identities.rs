@@ -100,8 +100,17 @@ impl Identities {
         warnings: &mut Vec<String>,
     ) {
         for (service, info) in policy.services.iter().zip(&self.services) {
+            // A service with an endpoint interface here: its addresses must come in through one.
+            let local = service
+                .interfaces
+                .iter()
+                .any(|name| host.interfaces.contains_key(name));
+            let address_info = IdentityInfo {
+                flags: info.flags | if local { flags::LOCAL_ENDPOINT } else { 0 },
+                ..*info
+            };
             for net in &service.addresses {
-                tables.ipcache.insert(Prefix::of(net), *info);
+                tables.ipcache.insert(Prefix::of(net), address_info);
             }
             place_interfaces(service, *info, host, tables, warnings);
             place_cgroups(service, *info, host, tables, warnings);
