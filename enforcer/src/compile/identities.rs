@@ -100,16 +100,12 @@ impl Identities {
         warnings: &mut Vec<String>,
     ) {
         for (service, info) in policy.services.iter().zip(&self.services) {
-            // A service with an endpoint interface here: its addresses must come in through one.
-            let local = service
-                .interfaces
-                .iter()
-                .any(|name| host.interfaces.contains_key(name));
-            let address_info = IdentityInfo {
-                flags: info.flags | if local { flags::LOCAL_ENDPOINT } else { 0 },
-                ..*info
-            };
             for net in &service.addresses {
+                let local = is_local_endpoint_address(service, net, host);
+                let address_info = IdentityInfo {
+                    flags: info.flags | if local { flags::LOCAL_ENDPOINT } else { 0 },
+                    ..*info
+                };
                 tables.ipcache.insert(Prefix::of(net), address_info);
             }
             place_interfaces(service, *info, host, tables, warnings);
@@ -137,6 +133,15 @@ impl Identities {
             }
         }
     }
+}
+
+/// Whether `net` is one address that this host routes through an endpoint interface of
+/// `service`: an endpoint here, whose packets must come in through that service's interfaces.
+fn is_local_endpoint_address(service: &Service, net: &IpNet, host: &HostView) -> bool {
+    net.prefix_len() == net.max_prefix_len()
+        && host.routes.get(&net.addr()).is_some_and(|interface| {
+            service.interfaces.contains(interface) && host.interfaces.contains_key(interface)
+        })
 }
 
 fn service_info(policy: &Policy, service: &Service) -> IdentityInfo {

@@ -701,4 +701,35 @@ id = \"everyone\"
             "{error}"
         );
     }
+
+    #[test]
+    fn only_addresses_routed_through_their_services_interface_must_come_in_there() {
+        let policy = parse_sources(vec![(
+            PathBuf::from("p.toml"),
+            "[[service]]\nname = \"api\"\ninterfaces = [\"v-api\"]\n\
+             addresses = [\"10.0.0.5/32\", \"10.9.0.5/32\", \"10.0.1.0/24\"]\n"
+                .to_owned(),
+        )])
+        .unwrap();
+        let host = HostView {
+            interfaces: [("v-api".to_owned(), 7)].into(),
+            routes: [
+                ("10.0.0.5".parse().unwrap(), "v-api".to_owned()),
+                // A replica on another host: routed through the uplink.
+                ("10.9.0.5".parse().unwrap(), "eth0".to_owned()),
+            ]
+            .into(),
+            ..HostView::default()
+        };
+        let compiled = compile(&policy, &host, None).unwrap();
+        let local = |net: &str| {
+            let prefix = Prefix::of(&net.parse().unwrap());
+            compiled.tables.ipcache[&prefix].flags
+                & enforcer_common::identity::flags::LOCAL_ENDPOINT
+                != 0
+        };
+        assert!(local("10.0.0.5/32"));
+        assert!(!local("10.9.0.5/32"), "a remote replica's address");
+        assert!(!local("10.0.1.0/24"), "a prefix is not one endpoint");
+    }
 }

@@ -19,6 +19,10 @@ pub struct HostView {
     pub addresses: Vec<IpAddr>,
     pub interfaces: BTreeMap<String, u32>,
     pub cgroups: BTreeMap<PathBuf, u64>,
+    /// The interface this host routes each single-address service address through: where an
+    /// address routed through its service's endpoint interface lives, so packets from it must
+    /// come in there (a replica's address on another host is routed elsewhere).
+    pub routes: BTreeMap<IpAddr, String>,
 }
 
 /// LPM entry of the ipcache, without the slot (the map layer adds it).

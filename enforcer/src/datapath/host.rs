@@ -32,10 +32,82 @@ pub fn observe(policy: &Policy) -> HostView {
             }
         }
     }
+    let routes = Routes::read();
+    let routes = policy
+        .services
+        .iter()
+        .flat_map(|service| &service.addresses)
+        .filter(|net| net.prefix_len() == net.max_prefix_len())
+        .filter_map(|net| Some((net.addr(), routes.interface_of(net.addr())?.to_owned())))
+        .collect();
     HostView {
         addresses: local_addresses(),
         interfaces,
         cgroups,
+        routes,
+    }
+}
+
+/// The main routing table's routes of this network namespace, from `/proc/net/route` and
+/// `/proc/net/ipv6_route` (which the namespace's `/proc/self/net` shows).
+#[derive(Debug, Default)]
+pub struct Routes(Vec<(ipnet::IpNet, String)>);
+
+impl Routes {
+    pub fn read() -> Self {
+        let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+        Self::parse(&read("/proc/net/route"), &read("/proc/net/ipv6_route"))
+    }
+
+    /// Parses the two files' text. Lines that do not parse are skipped.
+    pub fn parse(ipv4: &str, ipv6: &str) -> Self {
+        let mut routes = Vec::new();
+        // Iface Destination Gateway Flags RefCnt Use Metric Mask ...; addresses in hex, in
+        // the byte order the kernel keeps them (network order read as a native integer).
+        for line in ipv4.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(interface), Some(destination), Some(mask)) =
+                (fields.first(), fields.get(1), fields.get(7))
+            else {
+                continue;
+            };
+            let word = |hex: &str| u32::from_str_radix(hex, 16).ok().map(u32::to_le_bytes);
+            let (Some(destination), Some(mask)) = (word(destination), word(mask)) else {
+                continue;
+            };
+            let prefix = u32::from_be_bytes(mask).count_ones() as u8;
+            if let Ok(net) = ipnet::Ipv4Net::new(destination.into(), prefix) {
+                routes.push((net.into(), (*interface).to_owned()));
+            }
+        }
+        // destination prefix_len source source_len next_hop metric refcnt use flags iface.
+        for line in ipv6.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(destination), Some(prefix), Some(interface)) =
+                (fields.first(), fields.get(1), fields.get(9))
+            else {
+                continue;
+            };
+            let (Ok(destination), Ok(prefix)) = (
+                u128::from_str_radix(destination, 16),
+                u8::from_str_radix(prefix, 16),
+            ) else {
+                continue;
+            };
+            if let Ok(net) = ipnet::Ipv6Net::new(destination.into(), prefix) {
+                routes.push((net.into(), (*interface).to_owned()));
+            }
+        }
+        Self(routes)
+    }
+
+    /// The interface of the most specific route to `address`.
+    pub fn interface_of(&self, address: IpAddr) -> Option<&str> {
+        self.0
+            .iter()
+            .filter(|(net, _)| net.contains(&address))
+            .max_by_key(|(net, _)| net.prefix_len())
+            .map(|(_, interface)| interface.as_str())
     }
 }
 
@@ -195,6 +267,29 @@ mod tests {
             addresses.windows(2).all(|pair| pair[0] < pair[1]),
             "sorted, no duplicates"
         );
+    }
+
+    #[test]
+    fn routes_are_read_from_the_kernels_tables_and_the_most_specific_wins() {
+        let ipv4 = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                    eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+                    eth0\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+                    v-api\t050200C0\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n\
+                    garbage line\n";
+        let ipv6 = "fd000000000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001     eth0\n\
+                    fd000000000000000000000000000005 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001    v-api\n";
+        let routes = Routes::parse(ipv4, ipv6);
+        let interface = |address: &str| routes.interface_of(address.parse().unwrap());
+        assert_eq!(
+            interface("192.0.2.5"),
+            Some("v-api"),
+            "the /32 beats the /24"
+        );
+        assert_eq!(interface("192.0.2.6"), Some("eth0"));
+        assert_eq!(interface("198.51.100.1"), Some("eth0"), "the default route");
+        assert_eq!(interface("fd00::5"), Some("v-api"));
+        assert_eq!(interface("fd00::6"), Some("eth0"));
+        assert_eq!(interface("2001:db8::1"), None, "no IPv6 default route");
     }
 
     #[test]
