@@ -317,37 +317,47 @@ impl Connection {
 
 impl Connection {
     /// Whether the collector has closed its end: its FIN (end of stream) or, over TLS, its
-    /// close_notify is waiting to be read. Looked at without blocking.
+    /// close_notify is waiting to be read. Looked at without blocking, in one peek.
     fn peer_closed(&mut self) -> bool {
         let socket = match self {
             Self::Tcp(stream) => &*stream,
             Self::Tls(stream) => &stream.sock,
         };
-        if socket.set_nonblocking(true).is_err() {
-            return true;
-        }
-        let mut byte = [0u8; 1];
-        let closed = match socket.peek(&mut byte) {
-            Ok(0) => true,
-            Err(error) => error.kind() != io::ErrorKind::WouldBlock,
+        let mut byte = 0u8;
+        // SAFETY: a one-byte peek into `byte`, which outlives the call, on a socket we own.
+        let peeked = unsafe {
+            libc::recv(
+                std::os::fd::AsRawFd::as_raw_fd(socket),
+                (&raw mut byte).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        match peeked {
+            0 => true,
+            -1 => io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock,
             // A collector does not talk over syslog: over TLS this is a session ticket or
             // its close_notify; over TCP, nothing that matters.
-            Ok(_) => match self {
+            _ => match self {
                 Self::Tcp(_) => false,
                 Self::Tls(stream) => tls_peer_closed(stream),
             },
-        };
-        let socket = match self {
-            Self::Tcp(stream) => &*stream,
-            Self::Tls(stream) => &stream.sock,
-        };
-        closed || socket.set_nonblocking(false).is_err()
+        }
     }
 }
 
-/// Reads what the collector sent over TLS (the socket is non-blocking): whether it was its
-/// close_notify, or anything rustls refuses.
+/// Reads what the collector sent over TLS: whether it was its close_notify, or anything rustls
+/// refuses.
 fn tls_peer_closed(stream: &mut StreamOwned<ClientConnection, TcpStream>) -> bool {
+    if stream.sock.set_nonblocking(true).is_err() {
+        return true;
+    }
+    let closed = tls_records_say_closed(stream);
+    closed || stream.sock.set_nonblocking(false).is_err()
+}
+
+/// [`tls_peer_closed`] on a non-blocking socket.
+fn tls_records_say_closed(stream: &mut StreamOwned<ClientConnection, TcpStream>) -> bool {
     use std::io::Read as _;
     loop {
         match stream.conn.read_tls(&mut stream.sock) {
