@@ -319,6 +319,59 @@ fn icmp_errors_about_an_allowed_flow_reach_the_client_as_root() {
     }
 }
 
+/// Sends one UDP datagram from source port `port` (reusing it) to `to`, with `command` (a
+/// python3 in or out of a cgroup).
+fn udp_from_port(mut command: std::process::Command, port: u16, to: SocketAddr) {
+    let script = format!(
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('0.0.0.0', {port}))\ns.sendto(b'x', ('{}', {}))\n",
+        to.ip(),
+        to.port()
+    );
+    let status = command.args(["-c", &script]).status().unwrap();
+    assert!(status.success(), "python3 sends");
+}
+
+/// A process outside frontend's cgroup reuses the ports of frontend's tracked flow: it used to
+/// pass as that flow, without its identity.
+#[root_test]
+fn a_tracked_flow_is_no_pass_for_another_cgroup_on_its_ports_as_root() {
+    let topology = Topology::build(&["api"]).unwrap();
+    let cgroup = Cgroup::create("frontend").unwrap();
+    let policy = format!(
+        "[[service]]\nname = \"frontend\"\ncgroups = [\"{}\"]\n{}{}",
+        cgroup.path.display(),
+        service(&topology, "api", ""),
+        allow("frontend", "api", &["53/udp"], "")
+    );
+    let _enforcer = enforce(&topology, &policy);
+    let server = topology.netns("api").udp_echo_server(53).unwrap();
+    let target = v4(&topology, "api", 53);
+    let in_cgroup = || topology.host.command_in_cgroup("python3", &cgroup).unwrap();
+    let outside = || topology.host.command("python3").unwrap();
+    let arrived = |count: usize| {
+        enforcer_testbed::eventually(Duration::from_secs(2), || server.hit_count() >= count)
+    };
+    // The host may not reach api...
+    udp_from_port(outside(), 40001, target);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(server.hit_count(), 0, "the host alone is refused");
+    // ...frontend may, and its flow is tracked...
+    udp_from_port(in_cgroup(), 40002, target);
+    assert!(arrived(1), "frontend reaches api");
+    // ...and the host sending on frontend's ports is still the host.
+    udp_from_port(outside(), 40002, target);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        server.hit_count(),
+        1,
+        "the host on frontend's ports is refused"
+    );
+    udp_from_port(in_cgroup(), 40002, target);
+    assert!(arrived(2), "frontend's flow goes on");
+}
+
 #[root_test]
 fn process_in_a_services_cgroup_is_judged_as_that_service_as_root() {
     let topology = Topology::build(&["api"]).unwrap();

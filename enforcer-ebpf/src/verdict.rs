@@ -220,6 +220,16 @@ fn judge_tracked(hook: &Hook, subject: &mut Subject) -> u8 {
         return judge_again(hook, subject, entry);
     }
     let from_initiator = from_initiator(subject, tracked);
+    // A tracked tuple is no pass for whoever sends on it: a packet whose source identity is not
+    // the one its direction was admitted with (another cgroup reusing the ports) is a new flow.
+    let admitted = if from_initiator {
+        tracked.src_identity
+    } else {
+        tracked.dst_identity
+    };
+    if subject.src.identity != admitted {
+        return NOT_TRACKED;
+    }
     // This packet passed the identity checks just now: later ones of its direction arriving
     // the same way can take the shortcut.
     // SAFETY: as above; no reference to the entry is held across this write.
