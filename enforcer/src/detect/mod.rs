@@ -276,18 +276,7 @@ impl Detectors {
             return None;
         }
         horizon.reported = true;
-        let mut peers: Vec<String> = horizon
-            .peers
-            .iter()
-            .map(|(ip, port)| {
-                if *port == 0 {
-                    ip.to_string()
-                } else {
-                    format!("{ip}:{port}")
-                }
-            })
-            .collect();
-        peers.sort();
+        let peers = peer_list(&horizon.peers);
         let windows = self.window_index - horizon.first_window + 1;
         Some(Finding {
             detector: Detector::Fanout,
@@ -389,18 +378,7 @@ impl Detectors {
         let mut findings = Vec::new();
         if !window.fanout_reported && window.peers.len() as u64 >= fanout_threshold {
             window.fanout_reported = true;
-            let mut peers: Vec<String> = window
-                .peers
-                .iter()
-                .map(|(ip, port)| {
-                    if *port == 0 {
-                        ip.to_string()
-                    } else {
-                        format!("{ip}:{port}")
-                    }
-                })
-                .collect();
-            peers.sort();
+            let peers = peer_list(&window.peers);
             findings.push(window_finding(
                 Detector::Fanout,
                 window.peers.len() as u64,
@@ -499,6 +477,23 @@ impl Detectors {
             .retain(|edge, baseline| baseline.mean >= FORGOTTEN_MEAN || calls.contains_key(edge));
         findings
     }
+}
+
+/// The (destination, port) pairs a source reached, as findings list them: sorted, `ip:port`,
+/// or the bare address for protocols without ports.
+fn peer_list(peers: &HashSet<(IpAddr, u16)>) -> Vec<String> {
+    let mut listed: Vec<String> = peers
+        .iter()
+        .map(|(ip, port)| {
+            if *port == 0 {
+                ip.to_string()
+            } else {
+                format!("{ip}:{port}")
+            }
+        })
+        .collect();
+    listed.sort();
+    listed
 }
 
 /// What one record shows on its own: a spoof, or a connection over its rule's limit.
