@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-pub use enforcer_testbed::{Daemon, Topology, root_test};
+pub use enforcer_testbed::{Daemon, Topology, assert_conform, root_test};
 use serde_json::Value;
 
 pub const ENFORCER: &str = env!("CARGO_BIN_EXE_enforcer");
@@ -124,27 +124,6 @@ impl Drop for Enforcer {
             assert_conform(&self.alerts);
         }
     }
-}
-
-/// Runs the project's OCSF 1.3.0 / ECS 8.11 validator (`tests/siem/validate.py`) on an alerts
-/// file; fails with its report on any error or warning. A missing or empty file passes.
-pub fn assert_conform(alerts: &Path) {
-    if std::fs::metadata(alerts).map_or(true, |metadata| metadata.len() == 0) {
-        return;
-    }
-    let validator = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/siem/validate.py");
-    let output = std::process::Command::new("python3")
-        .args([validator, "--strict", "--per-record"])
-        .arg(alerts)
-        .output()
-        .expect("python3 runs the validator");
-    assert!(
-        output.status.success(),
-        "{} does not conform:\n{}{}",
-        alerts.display(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
 }
 
 /// Raises its flag when dropped, also while a failed assertion unwinds: loops on other threads

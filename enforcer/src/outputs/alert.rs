@@ -810,22 +810,11 @@ mod tests {
     /// Runs the project's OCSF 1.3.0 / ECS 8.11 validator (`tests/siem`) on `records`, in both
     /// formats each; fails with its report on any error or warning.
     fn assert_conform(kind: &str, records: impl Fn(AlertFormat) -> Vec<Value>) {
-        let validator = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/siem/validate.py");
         for format in [AlertFormat::Ocsf, AlertFormat::Ecs] {
             let file = crate::ScratchFile::new(&format!("{kind}-{format:?}.jsonl"));
             let lines: Vec<String> = records(format).iter().map(Value::to_string).collect();
             std::fs::write(&file.0, lines.join("\n") + "\n").unwrap();
-            let output = std::process::Command::new("python3")
-                .args([validator, "--strict", "--per-record"])
-                .arg(&file.0)
-                .output()
-                .expect("python3 runs the validator");
-            assert!(
-                output.status.success(),
-                "{kind} records ({format:?}) do not conform:\n{}{}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            );
+            enforcer_testbed::assert_conform(&file.0);
         }
     }
 

@@ -31,6 +31,7 @@ mod pki;
 pub mod policies;
 mod rsyslog;
 mod servers;
+mod siem;
 mod topology;
 
 pub use enforcer_testbed_macros::root_test;
@@ -42,6 +43,7 @@ pub use self::{
     pki::TestCa,
     rsyslog::Rsyslog,
     servers::{Server, exchange, finish, socat_exchange},
+    siem::assert_conform,
     topology::{Endpoint, Topology},
 };
 
