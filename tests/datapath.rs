@@ -7,7 +7,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -422,6 +422,48 @@ fn process_in_a_services_cgroup_is_judged_as_that_service_as_root() {
     assert_eq!(refused["firewall_rule"]["uid"], "default-deny");
 }
 
+/// A service's cgroup covers its subtree: a child made before `run` and a grandchild made
+/// after it are the service (they used to be the host, default-denied); a sibling is not.
+#[root_test]
+fn processes_in_cgroups_below_a_services_cgroup_are_that_service_as_root() {
+    let topology = Topology::build(&["api"]).unwrap();
+    let cgroup = Cgroup::create("frontend").unwrap();
+    let sibling = Cgroup::create("frontend-sibling").unwrap();
+    let child = cgroup.child("worker").unwrap();
+    let policy = format!(
+        "[[service]]\nname = \"frontend\"\ncgroups = [\"{}\"]\n{}[[allow]]\nfrom = \"frontend\"\nto = \"api\"\nports = [\"8080/tcp\"]\n",
+        cgroup.path.display(),
+        service(&topology, "api", "")
+    );
+    let _enforcer = enforce(&topology, &policy);
+    let grandchild = child.child("task-1").unwrap();
+    let _server = topology.netns("api").tcp_echo_server(8080).unwrap();
+    let target = v4(&topology, "api", 8080);
+    let exchange_from = |cgroup: &Cgroup| {
+        socat_exchange(
+            topology.host.command_in_cgroup("socat", cgroup).unwrap(),
+            None,
+            target,
+            b"hello",
+            TIMEOUT,
+        )
+    };
+
+    assert_eq!(
+        exchange_from(&child).expect("a child cgroup made before run is frontend"),
+        b"hello"
+    );
+    assert_eq!(
+        exchange_from(&grandchild).expect("a grandchild made after run is frontend"),
+        b"hello"
+    );
+    let from_sibling = exchange_from(&sibling);
+    assert!(
+        from_sibling.is_err(),
+        "a cgroup beside frontend's is the host, which may not reach api: {from_sibling:?}"
+    );
+}
+
 #[root_test]
 fn cgroup_and_source_address_naming_different_services_is_dropped_as_spoofed_as_root() {
     let topology = Topology::build(&["api"]).unwrap();
@@ -818,6 +860,102 @@ fn status_shows_the_pinned_datapath_as_root() {
     );
 }
 
+/// A container restart deletes its veth pair and creates it again under the same names (it
+/// used to stay without programs, and a workload behind it could forge any address the host
+/// does not route to it). Now the controller attaches to the new interface within 100 ms of
+/// its creation; a workload forging a remote replica's address from it all through the
+/// recreation gets nothing through; `status` says at each step what the kernel runs.
+#[root_test]
+fn a_recreated_endpoint_interface_is_enforced_again_at_once_as_root() {
+    let topology = Topology::build(&["frontend", "api"]).unwrap();
+    let replica = Ipv4Addr::new(10, 99, 0, 3);
+    let policy = format!(
+        "{}[[service]]\nname = \"db\"\naddresses = [\"{replica}/32\"]\n{}",
+        services(&topology, &["frontend", "api"]),
+        allow("db", "frontend", &["53/udp"], "")
+    );
+    let server = topology.netns("frontend").udp_echo_server(53).unwrap();
+    let api = topology.netns("api");
+    let target = v4(&topology, "frontend", 53);
+    let claim_replica_address = || {
+        api.ip(&["addr", "add", &format!("{replica}/32"), "dev", "eth0"])
+            .unwrap()
+    };
+    let forge = || {
+        api.udp_exchange_from(
+            Some(IpAddr::V4(replica)),
+            target,
+            b"forged",
+            Duration::from_millis(20),
+        )
+    };
+    claim_replica_address();
+    let _ = forge();
+    assert!(
+        enforcer_testbed::eventually(Duration::from_secs(2), || server.hit_count() == 1),
+        "without enforcer the forged datagram reaches frontend"
+    );
+    let enforcer = enforce(&topology, &policy);
+    assert!(was_dropped(&forge()), "enforced: the forgery is dropped");
+    let state = || enforcer.interface_state(&topology, "v-api");
+    assert_eq!(state().as_deref(), Some("enforced"));
+
+    topology.disconnect("api").unwrap();
+    assert_ne!(state().as_deref(), Some("enforced"), "gone: never enforced");
+    assert!(
+        enforcer_testbed::eventually(SETTLE, || state().as_deref() == Some("missing")),
+        "the controller forgets a link whose interface went: {:?}",
+        state()
+    );
+
+    let stop = AtomicBool::new(false);
+    let latency = std::thread::scope(|scope| {
+        let _stop = RaiseOnDrop(&stop);
+        // Forges from the moment the address exists again (until then the bind fails).
+        scope.spawn(|| {
+            while !stop.load(Ordering::SeqCst) {
+                let _ = forge();
+            }
+        });
+        let attached = scope.spawn(|| {
+            let deadline = Instant::now() + SETTLE;
+            while Instant::now() < deadline {
+                let counts = topology.host.run(|| {
+                    let ifindex = nix::net::if_::if_nametoindex("v-api").ok()?;
+                    enforcer_testbed::bpf::tcx_program_counts(ifindex).ok()
+                });
+                if let Ok(Some((1, 1))) = counts {
+                    return Some(Instant::now());
+                }
+            }
+            None
+        });
+        let created = Instant::now();
+        topology.reconnect("api").unwrap();
+        claim_replica_address();
+        let attached = attached.join().unwrap().expect("the new v-api is attached");
+        std::thread::sleep(Duration::from_millis(300));
+        attached.saturating_duration_since(created)
+    });
+    eprintln!("v-api attached {latency:?} after its recreation began");
+    assert!(
+        latency < Duration::from_millis(100),
+        "attached within 100 ms: {latency:?}"
+    );
+    assert_eq!(
+        server.hit_count(),
+        1,
+        "no datagram forged from the recreated interface reached frontend"
+    );
+    assert_eq!(state().as_deref(), Some("enforced"));
+    enforcer
+        .wait_for_alert(|alert| {
+            alert["unmapped"]["enforcer"]["reason"] == "spoofed"
+                && alert["src_endpoint"]["ip"] == replica.to_string()
+        })
+        .expect("the forgeries are reported");
+}
+
 /// `status` reports what the kernel runs, not what the pins remember: an interface that is gone
 /// is not shown as enforced, and with none left it says so and exits non-zero. Both ways of
 /// attaching TC programs (TCX links, netlink filters as before 6.6).
@@ -842,15 +980,26 @@ fn status_never_claims_an_interface_that_is_gone_as_root() {
             output.status.success(),
             "v-frontend is still enforced ({tc_attach}): {status}"
         );
-        let api_lines: Vec<&str> = status
-            .lines()
-            .filter(|line| line.contains("v-api"))
-            .collect();
-        assert_eq!(api_lines.len(), 2, "{status}");
+        // Until the controller has forgotten its links, they are listed, as not enforced.
         assert!(
-            api_lines.iter().all(|line| line.contains("NOT ENFORCED")),
+            status
+                .lines()
+                .filter(|line| line.contains("v-api"))
+                .all(|line| !line.contains("matches this build") && !line.contains("enforced ")),
             "a deleted interface is not enforced ({tc_attach}):\n{status}"
         );
+        assert_ne!(
+            enforcer.interface_state(&topology, "v-api").as_deref(),
+            Some("enforced")
+        );
+        assert!(
+            enforcer_testbed::eventually(SETTLE, || {
+                enforcer.interface_state(&topology, "v-api").as_deref() == Some("missing")
+            }),
+            "then the policy's interface is missing ({tc_attach})"
+        );
+        let output = enforcer.command(&topology, &["status"]);
+        let status = String::from_utf8_lossy(&output.stdout);
         assert_eq!(status.matches("matches this build").count(), 2, "{status}");
 
         delete("v-frontend");

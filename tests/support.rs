@@ -111,6 +111,21 @@ impl Enforcer {
         command.args(args).arg("--pin-path").arg(&self.pins);
         command.output().expect("enforcer runs")
     }
+
+    /// What `status` says of `interface` in its `interfaces:` list (`enforced`, `missing`,
+    /// `defunct`), or `None` if it does not list it.
+    pub fn interface_state(&self, topology: &Topology, interface: &str) -> Option<String> {
+        let output = self.command(topology, &["status"]);
+        let report = String::from_utf8_lossy(&output.stdout).into_owned();
+        let listed = report.split("\ninterfaces:\n").nth(1)?;
+        listed
+            .lines()
+            .take_while(|line| line.starts_with("  "))
+            .find_map(|line| {
+                let mut fields = line.split_whitespace();
+                (fields.next() == Some(interface)).then(|| fields.next().unwrap_or("").to_owned())
+            })
+    }
 }
 
 /// Every record a test's controller wrote must conform to the schema of its format: checked

@@ -19,7 +19,10 @@ pub struct PolicyConfig {
     /// Which half (0 or 1) of the slot-keyed tables this generation's entries are in.
     pub slot: u32,
     pub flags: u32,
-    pub _pad: u32,
+    /// Bit `L` set: a service's cgroup sits at level `L` of the cgroup v2 hierarchy (the root
+    /// is level 0). A packet's socket belongs to a service when its cgroup or an ancestor at
+    /// one of these levels is the service's: a cgroup covers its whole subtree.
+    pub cgroup_levels: u32,
     /// Wall-clock time (ns since the epoch) the controller installed this generation.
     pub installed_at_ns: u64,
     /// SHA-256 of the policy source this generation was compiled from.
@@ -27,3 +30,8 @@ pub struct PolicyConfig {
 }
 
 kernel_abi!(PolicyConfig = 56);
+
+/// The deepest cgroup level the datapath looks at for a service's cgroup: bits 0 to this of
+/// [`PolicyConfig::cgroup_levels`]. Deeper service cgroups match only themselves, not their
+/// subtree (the controller warns).
+pub const MAX_CGROUP_LEVEL: u32 = 15;

@@ -4,11 +4,14 @@
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use enforcer_common::{
     addr::IpcacheKey,
-    config::PolicyConfig,
+    config::{MAX_CGROUP_LEVEL, PolicyConfig},
     identity::{CgroupKey, EndpointKey, IdentityInfo},
 };
 
-use crate::maps::{CGROUPS, ENDPOINTS, IPCACHE, POLICY_ACTIVE};
+use crate::{
+    maps::{CGROUPS, ENDPOINTS, IPCACHE, POLICY_ACTIVE},
+    packet::Frame,
+};
 
 /// The installed generation's config, or `None` before the controller installed one. The
 /// reference stays valid for the whole program run even if the controller swaps generations
@@ -47,6 +50,24 @@ pub fn of_endpoint(slot: u8, ifindex: u32) -> Option<IdentityInfo> {
     };
     // SAFETY: the value is copied out at once; no reference outlives the lookup.
     unsafe { ENDPOINTS.get(&key) }.copied()
+}
+
+/// The cgroup that gives a socket in cgroup `leaf` its identity: its deepest ancestor (or
+/// itself) at one of the `levels` the services' cgroups sit at that is a service's, else
+/// `leaf` (whose lookup then finds no service).
+#[inline(always)]
+pub fn service_cgroup<F: Frame>(frame: &F, slot: u8, levels: u32, leaf: u64) -> u64 {
+    let mut level = MAX_CGROUP_LEVEL as i32;
+    while level >= 0 {
+        if levels & (1 << level) != 0 {
+            let ancestor = frame.socket_cgroup_ancestor(level);
+            if of_cgroup(slot, ancestor).is_some() {
+                return ancestor;
+            }
+        }
+        level -= 1;
+    }
+    leaf
 }
 
 /// The service a cgroup v2 id belongs to, if any.

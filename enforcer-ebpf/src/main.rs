@@ -21,7 +21,9 @@ mod verdict;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
-    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_skb_cgroup_id},
+    helpers::{
+        bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+    },
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -62,6 +64,12 @@ impl Frame for TcContext {
         // SAFETY: as above.
         unsafe { core::ptr::read_volatile(&(*self.skb.skb).data_end) as usize }
     }
+
+    #[inline(always)]
+    fn socket_cgroup_ancestor(&self, level: i32) -> u64 {
+        // SAFETY: as above; the helper answers 0 for an skb without a socket.
+        unsafe { bpf_skb_ancestor_cgroup_id(self.skb.skb, level) }
+    }
 }
 
 /// 1 where the kernel has `bpf_ktime_get_coarse_ns` (5.11 and later), the cheaper clock; the
@@ -85,7 +93,7 @@ fn now() -> u64 {
 
 #[xdp]
 pub fn enf_xdp_ingress(ctx: XdpContext) -> u32 {
-    let hook = Hook {
+    let mut hook = Hook {
         kind: hook::XDP_INGRESS,
         ifindex: ctx.ingress_ifindex() as u32,
         arrived_on: ctx.ingress_ifindex() as u32,
@@ -93,7 +101,7 @@ pub fn enf_xdp_ingress(ctx: XdpContext) -> u32 {
         len: (ctx.end() - ctx.start()) as u32,
         now: now(),
     };
-    match verdict::judge(&ctx, &hook) {
+    match verdict::judge(&ctx, &mut hook) {
         DENY => xdp_action::XDP_DROP,
         _ => xdp_action::XDP_PASS,
     }
@@ -119,7 +127,7 @@ fn judge_skb(ctx: &TcContext, kind: u8) -> i32 {
         let _ = ctx.pull_data(wanted);
     }
     let skb = ctx.skb.skb;
-    let hook = Hook {
+    let mut hook = Hook {
         kind,
         // SAFETY: `skb` is the context pointer the kernel passed in.
         ifindex: unsafe { (*skb).ifindex },
@@ -139,7 +147,7 @@ fn judge_skb(ctx: &TcContext, kind: u8) -> i32 {
         len: ctx.len(),
         now: now(),
     };
-    match verdict::judge(ctx, &hook) {
+    match verdict::judge(ctx, &mut hook) {
         DENY => TC_ACT_SHOT as i32,
         // Let any later TCX program have its say (TCX_NEXT).
         _ => TC_ACT_UNSPEC,

@@ -55,6 +55,14 @@ pub trait Frame {
     fn start(&self) -> usize;
     fn end(&self) -> usize;
 
+    /// The id of the sending socket's cgroup's ancestor at `level` of the cgroup v2 hierarchy
+    /// (the cgroup itself at its own level); 0 when there is none: no socket (an XDP frame, a
+    /// forwarded packet), or a cgroup shallower than `level`.
+    #[inline(always)]
+    fn socket_cgroup_ancestor(&self, _level: i32) -> u64 {
+        0
+    }
+
     /// The `T` at `offset`, or `None` if the frame is shorter.
     #[inline(always)]
     fn read<T: Copy>(&self, offset: usize) -> Option<T> {

@@ -37,7 +37,7 @@ use crate::{
 
 /// Judges the frame and returns [`ALLOW`], [`DENY`] or [`AUDIT`] (which passes).
 #[inline(always)]
-pub fn judge<F: Frame>(frame: &F, hook: &Hook) -> u8 {
+pub fn judge<F: Frame>(frame: &F, hook: &mut Hook) -> u8 {
     let Some(subject) = SCRATCH.get_ptr_mut(0) else {
         // A one-entry per-CPU array always has its entry; fail closed if not.
         return DENY;
@@ -65,6 +65,13 @@ pub fn judge<F: Frame>(frame: &F, hook: &Hook) -> u8 {
     subject.slot = config.slot as u8;
     subject.global_audit = (config.flags & config_flags::AUDIT != 0) as u8;
     subject.outcome.generation = config.generation;
+    if config.cgroup_levels != 0 && hook.cgroup_id != 0 {
+        // A service's cgroup covers its subtree: from here on the packet's cgroup is the
+        // service's (flows are bound to it, and re-judged by it).
+        hook.cgroup_id =
+            identity::service_cgroup(frame, subject.slot, config.cgroup_levels, hook.cgroup_id);
+    }
+    let hook = &*hook;
 
     // Later fragments have no ports, so no flow key.
     if subject.packet.fragment != fragment::LATER {

@@ -15,6 +15,7 @@ use enforcer_common::{
 };
 
 use super::{Failure, with_causes};
+use crate::datapath::enforcement::{self, InterfaceState};
 use crate::datapath::{
     hook::Hook,
     host, loader,
@@ -27,6 +28,8 @@ pub(super) struct Status {
     pub pin_path: PathBuf,
     pub installed: Option<PolicyConfig>,
     pub attachments: Vec<Attachment>,
+    /// Every interface named (by `--attach`, the policy, or a pin), and its state.
+    pub interfaces: Vec<(String, InterfaceState)>,
     /// (verdict code, reason code, counter)
     pub packets: Vec<(u8, u8, Counter)>,
     pub fill: BTreeMap<&'static str, Fill>,
@@ -72,9 +75,11 @@ impl Status {
                 });
             }
         }
+        let selectors = enforcement::read_selectors(&pins.interfaces_file());
         Ok(Self {
             pin_path: pins.root.clone(),
             installed: maps.installed().map_err(|error| runtime(&error))?,
+            interfaces: enforcement::interface_states(pins, &selectors),
             attachments,
             packets: maps.packet_counts().map_err(|error| runtime(&error))?,
             fill: maps.fill(),
@@ -116,6 +121,13 @@ impl Status {
                     "no policy generation installed: attached interfaces drop all IP traffic"
                 );
             }
+        }
+        let _ = writeln!(out, "\ninterfaces:");
+        if self.interfaces.is_empty() {
+            let _ = writeln!(out, "  (none named)");
+        }
+        for (name, state) in &self.interfaces {
+            let _ = writeln!(out, "  {name:<16} {}", state.as_str());
         }
         let _ = writeln!(out, "\nattached:");
         if self.attachments.is_empty() {
@@ -196,6 +208,7 @@ mod tests {
         Status {
             pin_path: PathBuf::from("/sys/fs/bpf/test"),
             installed: None,
+            interfaces: Vec::new(),
             attachments,
             packets: vec![(
                 0,
@@ -233,6 +246,19 @@ mod tests {
         assert!(
             text.contains("tag - NOT ENFORCED: no program attached (the interface is gone or was recreated, or the link or filter was removed) (interface not in this namespace)\n"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn interface_states_are_listed() {
+        let mut report = status(Vec::new());
+        report.interfaces = vec![("veth-api-1".to_owned(), InterfaceState::Defunct)];
+        assert!(
+            report
+                .render()
+                .contains("interfaces:\n  veth-api-1       defunct\n"),
+            "{}",
+            report.render()
         );
     }
 

@@ -3,8 +3,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use enforcer_common::identity::{
-    CgroupKey, EndpointKey, HOST, IdentityInfo, SERVICE_END, WORLD, flags,
+use enforcer_common::{
+    config::MAX_CGROUP_LEVEL,
+    identity::{CgroupKey, EndpointKey, HOST, IdentityInfo, SERVICE_END, WORLD, flags},
 };
 use ipnet::IpNet;
 
@@ -12,7 +13,7 @@ use super::{
     CompileError,
     tables::{HostView, Prefix, Tables},
 };
-use crate::policy::{Mode, Peer, Policy, Service, identity};
+use crate::policy::{InterfaceSelector, Mode, Peer, Policy, Service, identity};
 
 /// The identities of one policy.
 pub(super) struct Identities {
@@ -140,7 +141,7 @@ impl Identities {
 fn is_local_endpoint_address(service: &Service, net: &IpNet, host: &HostView) -> bool {
     net.prefix_len() == net.max_prefix_len()
         && host.routes.get(&net.addr()).is_some_and(|interface| {
-            service.interfaces.contains(interface) && host.interfaces.contains_key(interface)
+            service.selects_interface(interface) && host.interfaces.contains_key(interface)
         })
 }
 
@@ -191,21 +192,33 @@ fn place_interfaces(
     tables: &mut Tables,
     warnings: &mut Vec<String>,
 ) {
-    for name in &service.interfaces {
-        match host.interfaces.get(name) {
-            Some(ifindex) => {
-                tables.endpoints.insert(
-                    EndpointKey {
-                        ifindex: *ifindex,
-                        slot: 0,
-                    },
-                    info,
-                );
-            }
-            None => warnings.push(format!(
-                "interface \"{name}\" of service \"{}\" does not exist on this host; skipped",
+    for (name, ifindex) in &host.interfaces {
+        if !service.selects_interface(name) {
+            continue;
+        }
+        let key = EndpointKey {
+            ifindex: *ifindex,
+            slot: 0,
+        };
+        // Two services' patterns may match one interface: the first in the policy has it.
+        match tables.endpoints.get(&key) {
+            Some(first) if first.identity != info.identity => warnings.push(format!(
+                "interface \"{name}\" is selected by service \"{}\" too; it stays the endpoint of the service before it in the policy",
                 service.name
             )),
+            _ => {
+                tables.endpoints.insert(key, info);
+            }
+        }
+    }
+    for name in &service.interfaces {
+        if matches!(InterfaceSelector::new(name), Ok(InterfaceSelector::Name(_)))
+            && !host.interfaces.contains_key(name)
+        {
+            warnings.push(format!(
+                "interface \"{name}\" of service \"{}\" does not exist on this host; it is enforced once it appears",
+                service.name
+            ));
         }
     }
 }
@@ -218,22 +231,31 @@ fn place_cgroups(
     warnings: &mut Vec<String>,
 ) {
     for path in &service.cgroups {
-        match host.cgroups.get(path) {
-            Some(cgroup_id) => {
-                tables.cgroups.insert(
-                    CgroupKey {
-                        cgroup_id: *cgroup_id,
-                        slot: 0,
-                        _pad: 0,
-                    },
-                    info,
-                );
-            }
-            None => warnings.push(format!(
+        let Some(cgroup) = host.cgroups.get(path) else {
+            warnings.push(format!(
                 "cgroup {} of service \"{}\" does not exist on this host; skipped",
                 path.display(),
                 service.name
-            )),
+            ));
+            continue;
+        };
+        tables.cgroups.insert(
+            CgroupKey {
+                cgroup_id: cgroup.id,
+                slot: 0,
+                _pad: 0,
+            },
+            info,
+        );
+        if cgroup.level <= MAX_CGROUP_LEVEL {
+            tables.cgroup_levels |= 1 << cgroup.level;
+        } else {
+            warnings.push(format!(
+                "cgroup {} of service \"{}\" is {} levels deep; only its own processes have the service's identity, not those of cgroups below it (the datapath looks {MAX_CGROUP_LEVEL} levels deep)",
+                path.display(),
+                service.name,
+                cgroup.level
+            ));
         }
     }
 }

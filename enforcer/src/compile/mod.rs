@@ -23,7 +23,7 @@ use enforcer_common::{
 };
 use ipnet::IpNet;
 
-pub use self::tables::{HostView, Prefix, Tables};
+pub use self::tables::{Cgroup, HostView, Prefix, Tables};
 use self::{identities::Identities, numbering::number_rules};
 use crate::policy::{Mode, Policy, Protocol, Rule, RuleKind};
 

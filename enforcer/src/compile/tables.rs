@@ -18,11 +18,19 @@ use ipnet::IpNet;
 pub struct HostView {
     pub addresses: Vec<IpAddr>,
     pub interfaces: BTreeMap<String, u32>,
-    pub cgroups: BTreeMap<PathBuf, u64>,
+    pub cgroups: BTreeMap<PathBuf, Cgroup>,
     /// The interface this host routes each single-address service address through: where an
     /// address routed through its service's endpoint interface lives, so packets from it must
     /// come in there (a replica's address on another host is routed elsewhere).
     pub routes: BTreeMap<IpAddr, String>,
+}
+
+/// A cgroup v2 directory as the kernel knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cgroup {
+    pub id: u64,
+    /// Its depth in the hierarchy: 0 for the root.
+    pub level: u32,
 }
 
 /// LPM entry of the ipcache, without the slot (the map layer adds it).
@@ -89,6 +97,9 @@ pub struct Tables {
     pub ranges: BTreeMap<RangeKey, PortRanges>,
     /// Which of `rules` and `ranges` each pair has, derived from them.
     pub pairs: BTreeMap<PairKey, PairLayers>,
+    /// The levels of the hierarchy the services' cgroups sit at (see
+    /// `enforcer_common::config::PolicyConfig::cgroup_levels`).
+    pub cgroup_levels: u32,
 }
 
 impl Tables {

@@ -7,24 +7,31 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::{compile::HostView, policy::Policy};
+use crate::{
+    compile::{Cgroup, HostView},
+    policy::Policy,
+};
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
 /// The host as the policy sees it, in the current network namespace.
 pub fn observe(policy: &Policy) -> HostView {
-    let mut interfaces = BTreeMap::new();
+    let present = interfaces();
+    let interfaces = present
+        .into_iter()
+        .filter(|(name, _)| {
+            policy
+                .services
+                .iter()
+                .any(|service| service.selects_interface(name))
+        })
+        .collect();
     let mut cgroups = BTreeMap::new();
     for service in &policy.services {
-        for name in &service.interfaces {
-            if let Some(ifindex) = interface_index(name) {
-                interfaces.insert(name.clone(), ifindex);
-            }
-        }
         for path in &service.cgroups {
-            match cgroup_id(path) {
-                Ok(id) => {
-                    cgroups.insert(path.clone(), id);
+            match cgroup(path) {
+                Ok(found) => {
+                    cgroups.insert(path.clone(), found);
                 }
                 Err(reason) => {
                     tracing::warn!(cgroup = %path.display(), service = %service.name, "{reason}")
@@ -136,6 +143,25 @@ pub fn local_addresses() -> Vec<IpAddr> {
     addresses
 }
 
+/// Every interface of this network namespace, by name.
+pub fn interfaces() -> BTreeMap<String, u32> {
+    match nix::net::if_::if_nameindex() {
+        Ok(list) => list
+            .iter()
+            .map(|interface| {
+                (
+                    interface.name().to_string_lossy().into_owned(),
+                    interface.index(),
+                )
+            })
+            .collect(),
+        Err(error) => {
+            tracing::warn!("cannot list this host's interfaces: {error}");
+            BTreeMap::new()
+        }
+    }
+}
+
 pub fn interface_index(name: &str) -> Option<u32> {
     nix::net::if_::if_nametoindex(name).ok()
 }
@@ -169,6 +195,34 @@ pub enum CgroupError {
     Statfs { path: PathBuf, source: nix::Error },
     #[error("{} is not on a cgroup v2 filesystem; cgroup identity needs cgroup v2", .0.display())]
     NotCgroup2(PathBuf),
+}
+
+/// A cgroup v2 directory's id and level.
+pub fn cgroup(path: &Path) -> Result<Cgroup, CgroupError> {
+    Ok(Cgroup {
+        id: cgroup_id(path)?,
+        level: cgroup_level(path)?,
+    })
+}
+
+/// A cgroup's depth below the root of the cgroup v2 mount it is on: the kernel's level when
+/// that mount shows the whole hierarchy, as it does outside a cgroup namespace (the controller
+/// runs in the host's, as a privileged DaemonSet or a systemd service does).
+fn cgroup_level(path: &Path) -> Result<u32, CgroupError> {
+    let unusable = |source| CgroupError::Unusable {
+        path: path.to_owned(),
+        source,
+    };
+    let path = path.canonicalize().map_err(unusable)?;
+    let device = std::fs::metadata(&path).map_err(unusable)?.dev();
+    let level = path
+        .ancestors()
+        .skip(1)
+        .take_while(|ancestor| {
+            std::fs::metadata(ancestor).is_ok_and(|metadata| metadata.dev() == device)
+        })
+        .count();
+    Ok(level as u32)
 }
 
 /// A cgroup v2 directory's id: its inode number, as `bpf_skb_cgroup_id` reports it.

@@ -379,19 +379,23 @@ impl Datapath {
 
     /// Detaches interfaces attached (by this or an earlier controller) that are not in `keep`.
     pub fn detach_others(&self, keep: &BTreeSet<String>) {
-        for (interface, hooks) in self.pins.attached_interfaces() {
-            if keep.contains(&interface) {
-                continue;
-            }
-            for hook in hooks {
+        for interface in self.pins.attached_interfaces().into_keys() {
+            if !keep.contains(&interface) {
                 tracing::info!(
                     interface,
-                    hook = hook.as_str(),
-                    "detaching: not in --attach"
+                    "detaching: neither --attach nor the policy names it"
                 );
-                let _ = fs::remove_file(self.pins.link(hook, &interface));
-                remove_tc_filter(&self.pins, hook, &interface);
+                self.detach(&interface);
             }
+        }
+    }
+
+    /// Removes `interface`'s links and filters (and their pins and records): detached if it is
+    /// still there, forgotten if it went.
+    pub fn detach(&self, interface: &str) {
+        for hook in Hook::ALL {
+            let _ = fs::remove_file(self.pins.link(hook, interface));
+            remove_tc_filter(&self.pins, hook, interface);
         }
     }
 
@@ -669,9 +673,10 @@ pub fn unload(pins: &PinLayout) -> io::Result<Vec<PathBuf>> {
         fs::remove_dir(&dir)?;
     }
     fs::remove_dir(&pins.root)?;
-    let names = pins.names_file();
-    if fs::remove_file(&names).is_ok() {
-        removed.push(names);
+    for file in [pins.names_file(), pins.interfaces_file()] {
+        if fs::remove_file(&file).is_ok() {
+            removed.push(file);
+        }
     }
     Ok(removed)
 }

@@ -567,7 +567,7 @@ impl Installer {
             } else {
                 0
             },
-            _pad: 0,
+            cgroup_levels: compiled.tables.cgroup_levels,
             installed_at_ns: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |now| now.as_nanos() as u64),

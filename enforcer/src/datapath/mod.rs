@@ -3,8 +3,10 @@
 //! has (interfaces, addresses, cgroups) for the compiler to refer to.
 
 mod bpf_sys;
+pub(crate) mod enforcement;
 pub mod hook;
 pub(crate) mod host;
+pub(crate) mod host_events;
 pub(crate) mod kernel;
 pub mod loader;
 pub mod maps;

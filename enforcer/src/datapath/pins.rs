@@ -55,6 +55,12 @@ impl PinLayout {
         self.state_file("sock")
     }
 
+    /// Where the controller keeps the interfaces it enforces (see
+    /// [`super::enforcement::write_selectors`]).
+    pub fn interfaces_file(&self) -> PathBuf {
+        self.state_file("interfaces.json")
+    }
+
     /// Where the live generation's rule names are kept (see [`crate::events::names_file`]).
     pub fn names_file(&self) -> PathBuf {
         self.state_file("names.json")

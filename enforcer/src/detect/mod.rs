@@ -42,6 +42,9 @@ pub enum Detector {
     DenyBurst,
     Spoof,
     RateLimit,
+    /// Not a detector of the flow stream: the controller, about an interface the policy names
+    /// that runs no program of ours.
+    EnforcementGap,
 }
 
 impl Detector {
@@ -54,6 +57,7 @@ impl Detector {
             Self::DenyBurst => "deny_burst",
             Self::Spoof => "spoof",
             Self::RateLimit => "rate_limit",
+            Self::EnforcementGap => "enforcement_gap",
         }
     }
 
@@ -62,7 +66,7 @@ impl Detector {
         match self {
             Self::NewEdge => 2,
             Self::Spike | Self::DenyBurst | Self::RateLimit => 3,
-            Self::Fanout | Self::Spoof => 4,
+            Self::Fanout | Self::Spoof | Self::EnforcementGap => 4,
         }
     }
 }

@@ -354,6 +354,8 @@ fn finding_action(detector: Detector) -> (u8, &'static str, u8, &'static str) {
         Detector::Fanout => (0, "Unknown", 15, "Detected"),
         Detector::DenyBurst | Detector::RateLimit => (2, "Denied", 2, "Blocked"),
         Detector::Spoof => (2, "Denied", 6, "Dropped"),
+        // Traffic through the interface passes unjudged.
+        Detector::EnforcementGap => (1, "Allowed", 0, "Unknown"),
     }
 }
 
@@ -475,6 +477,8 @@ pub struct Heartbeat {
     pub expected_programs: std::collections::BTreeMap<String, String>,
     pub audit_chain_head: Option<String>,
     pub interval_secs: u64,
+    /// Each interface named, and whether it is `enforced`, `missing` or `defunct`.
+    pub interfaces: std::collections::BTreeMap<String, String>,
 }
 
 /// The heartbeat record: OCSF Application Lifecycle (`class_uid` 6002), or ECS state.
@@ -489,6 +493,7 @@ pub fn heartbeat_alert(
         "generation": heartbeat.generation,
         "programs": heartbeat.programs,
         "expected_programs": heartbeat.expected_programs,
+        "interfaces": heartbeat.interfaces,
         "audit_chain_head": heartbeat.audit_chain_head,
         "interval_secs": heartbeat.interval_secs,
     });
@@ -786,10 +791,15 @@ mod tests {
             expected_programs: [("enf_xdp_ingress".to_owned(), "1234".to_owned())].into(),
             audit_chain_head: Some("cd".repeat(32)),
             interval_secs: 10,
+            interfaces: [("eth1".to_owned(), "defunct".to_owned())].into(),
         };
         let alert = heartbeat_alert(&heartbeat, UNIX_EPOCH, AlertFormat::Ocsf, "h");
         assert_eq!(alert["activity_name"], "Heartbeat");
         assert_eq!(alert["unmapped"]["enforcer"]["generation"], 7);
+        assert_eq!(
+            alert["unmapped"]["enforcer"]["interfaces"]["eth1"],
+            "defunct"
+        );
         assert_eq!(
             alert["unmapped"]["enforcer"]["programs"]["xdp-eth1"],
             "1234"
@@ -887,16 +897,20 @@ mod tests {
             Detector::DenyBurst,
             Detector::Spoof,
             Detector::RateLimit,
+            Detector::EnforcementGap,
         ]
         .into_iter()
         .map(|detector| {
             let mut finding = spike();
             finding.detector = detector;
-            if matches!(detector, Detector::Fanout | Detector::DenyBurst) {
+            if matches!(
+                detector,
+                Detector::Fanout | Detector::DenyBurst | Detector::EnforcementGap
+            ) {
                 (finding.dst, finding.protocol, finding.port) = (None, None, None);
                 finding.src.ip = Some("10.10.0.2".parse().unwrap());
             }
-            if detector == Detector::Fanout {
+            if matches!(detector, Detector::Fanout | Detector::EnforcementGap) {
                 finding.rule = None;
             }
             finding
@@ -919,6 +933,7 @@ mod tests {
             expected_programs: [("enf_xdp_ingress".to_owned(), "1234".to_owned())].into(),
             audit_chain_head: None,
             interval_secs: 10,
+            interfaces: [("eth1".to_owned(), "enforced".to_owned())].into(),
         };
         assert_conform("heartbeats", |format| {
             vec![heartbeat_alert(

@@ -57,6 +57,8 @@ pub struct Metrics {
     pub syslog_dropped: Counter,
     /// Records the alerts file did not take.
     pub alerts_unwritten: Counter,
+    /// Interfaces `--attach` or the policy names that exist and run no program of ours.
+    pub interfaces_unenforced: Gauge,
 }
 
 impl Metrics {
@@ -104,6 +106,12 @@ impl Metrics {
             "Alert records that could not be written to the alerts file (a full disk, a failing file system)",
             alerts_unwritten.clone(),
         );
+        let interfaces_unenforced = Gauge::default();
+        registry.register(
+            "enforcer_interfaces_unenforced",
+            "Interfaces that --attach or the policy names, that exist, and that the controller could not attach its programs to",
+            interfaces_unenforced.clone(),
+        );
         registry.register_collector(Box::new(KernelCollector {
             maps,
             names,
@@ -118,6 +126,7 @@ impl Metrics {
             alerts,
             syslog_dropped,
             alerts_unwritten,
+            interfaces_unenforced,
         }
     }
 

@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use toml::Spanned;
 
 use super::{
-    Detection, Mode, Peer, Policy, PortMatch, Rule, RuleKind, Service,
+    Detection, InterfaceSelector, Mode, Peer, Policy, PortMatch, Rule, RuleKind, Service,
     diagnostics::{At, Diagnostics, Origin},
     documents::{DetectionDocument, RuleDocument, ServiceDocument},
     identity,
@@ -327,6 +327,8 @@ pub(super) fn build_service(
             Err(format!(
                 "invalid interface name \"{text}\" (at most 15 characters, no '/' or spaces)"
             ))
+        } else if let Err(error) = InterfaceSelector::new(text) {
+            Err(format!("invalid interface pattern \"{text}\": {error}"))
         } else {
             Ok(text.to_owned())
         }

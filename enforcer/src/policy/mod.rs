@@ -220,6 +220,41 @@ pub struct Service {
     pub origin: Origin,
 }
 
+impl Service {
+    /// Whether the interface called `name` is one of this service's endpoint interfaces: named
+    /// by an entry, or matched by an entry that is a pattern.
+    pub fn selects_interface(&self, name: &str) -> bool {
+        self.interfaces
+            .iter()
+            .any(|entry| InterfaceSelector::new(entry).is_ok_and(|selector| selector.selects(name)))
+    }
+}
+
+/// An `interfaces` entry: an interface's name, or a shell-style pattern (`*`, `?`, `[...]`)
+/// that names every interface it matches, now or later (`"veth-api-*"`).
+#[derive(Clone, Debug)]
+pub enum InterfaceSelector {
+    Name(String),
+    Pattern(glob::Pattern),
+}
+
+impl InterfaceSelector {
+    pub fn new(entry: &str) -> Result<Self, glob::PatternError> {
+        if entry.contains(['*', '?', '[']) {
+            glob::Pattern::new(entry).map(Self::Pattern)
+        } else {
+            Ok(Self::Name(entry.to_owned()))
+        }
+    }
+
+    pub fn selects(&self, name: &str) -> bool {
+        match self {
+            Self::Name(own) => own == name,
+            Self::Pattern(pattern) => pattern.matches(name),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Rule {
     pub kind: RuleKind,

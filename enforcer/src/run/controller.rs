@@ -13,7 +13,7 @@ use super::{RunError, RunOptions};
 use crate::{
     compile::{self, Compiled, HostView},
     datapath::{
-        host, loader,
+        enforcement, host, loader,
         maps::{Installed, Installer, KernelMaps},
         pins::PinLayout,
     },
@@ -259,6 +259,13 @@ impl Controller {
                 .collect(),
             audit_chain_head,
             interval_secs: self.options.heartbeat_interval.as_secs(),
+            interfaces: enforcement::interface_states(
+                pins,
+                &enforcement::read_selectors(&pins.interfaces_file()),
+            )
+            .into_iter()
+            .map(|(name, state)| (name, state.as_str().to_owned()))
+            .collect(),
         })
     }
 

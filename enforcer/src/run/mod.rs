@@ -3,10 +3,11 @@
 pub mod watch;
 
 mod controller;
+pub(crate) mod interfaces;
 mod pipeline;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, HashMap},
     io,
     net::SocketAddr,
     path::PathBuf,
@@ -24,13 +25,15 @@ use tokio::{
 
 use self::{
     controller::{Controller, Trigger, load_for_host},
-    pipeline::{FlowSummary, Pipeline, read_events},
+    interfaces::Interfaces,
+    pipeline::{ControllerReport, FlowSummary, Pipeline, read_events},
 };
 use crate::{
     compile::{CompileError, Compiled, HostView},
     datapath::{
         hook::{IngressHook, TcAttach},
         host,
+        host_events::HostEvents,
         kernel::Features,
         loader::{self, Datapath, LoadError, LoadOptions},
         maps::{Installer, MapsError},
@@ -157,8 +160,13 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         return Err(RunError::NoSuchInterface(missing.clone()));
     }
     let outputs = Outputs::open(&options).await?;
+    // Subscribed before the first attach, so that no interface recreated meanwhile is missed.
+    let host_events = HostEvents::subscribe().map_err(|source| RunError::Io {
+        what: "subscribing to this host's link, address and route changes".to_owned(),
+        source,
+    })?;
     let pins = PinLayout::new(&options.pin_path);
-    let (mut controller, datapath, ring) = adopt_datapath(
+    let (mut controller, mut datapath, mut interfaces, ring) = adopt_datapath(
         &options,
         &pins,
         parse_cache,
@@ -167,7 +175,12 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         started,
     )?;
     let tasks = spawn_pipeline(&options, &controller, ring, outputs.rest);
-    event_loop(&options, &mut controller, &pins, &datapath, &tasks).await?;
+    let mut host = Host {
+        datapath: &mut datapath,
+        interfaces: &mut interfaces,
+        events: &host_events,
+    };
+    event_loop(&options, &mut controller, &pins, &mut host, &tasks).await?;
     shutdown(&options, controller, datapath, tasks, &pins).await
 }
 
@@ -254,7 +267,7 @@ fn adopt_datapath(
     audit_log: Option<AuditLog>,
     (policy, view, compiled): (Policy, HostView, Compiled),
     started: Instant,
-) -> Result<(Controller, Datapath, RingBuf<MapData>), RunError> {
+) -> Result<(Controller, Datapath, Interfaces, RingBuf<MapData>), RunError> {
     // A start that fails before enforcing leaves nothing pinned, unless it was adopting what an
     // earlier controller pinned: that keeps enforcing (fail closed).
     let mut unpin_on_failure = UnpinOnFailure {
@@ -288,19 +301,12 @@ fn adopt_datapath(
         parse_cache,
         names_file: NamesWriter::start(pins.names_file()),
     };
+    let mut interfaces = Interfaces::new(options.ingress_hook, pins.interfaces_file());
+    interfaces.select(&options.attach, &policy);
     controller.install(policy, view, compiled, Trigger::Start, started)?;
-    for interface in &options.attach {
-        let ingress = datapath.attach(interface, options.ingress_hook)?;
-        tracing::info!(
-            interface,
-            ingress = ingress.program(),
-            egress = loader::TC_EGRESS_PROGRAM,
-            "attached"
-        );
-    }
-    datapath.detach_others(&options.attach.iter().cloned().collect::<BTreeSet<_>>());
+    interfaces.attach_at_start(&mut datapath)?;
     unpin_on_failure.pins = None;
-    Ok((controller, datapath, ring))
+    Ok((controller, datapath, interfaces, ring))
 }
 
 /// The rule names of an adopted generation: records still queued from it, and those judged
@@ -326,7 +332,7 @@ fn adopted_generations(installer: &Installer, pins: &PinLayout) -> Generations {
 struct Tasks {
     events: JoinHandle<()>,
     stop_events: mpsc::Sender<()>,
-    heartbeats: mpsc::UnboundedSender<alert::Heartbeat>,
+    to_pipeline: mpsc::UnboundedSender<ControllerReport>,
     /// Whether anything receives heartbeats (an alerts file or syslog).
     reporting: bool,
     metrics: Option<JoinHandle<()>>,
@@ -343,7 +349,7 @@ fn spawn_pipeline(
     let metrics = &controller.metrics;
     let hub = Arc::new(observe::Hub::default());
     let (stop_events, stop_rx) = mpsc::channel(1);
-    let (heartbeats, heartbeat_rx) = mpsc::unbounded_channel();
+    let (to_pipeline, from_controller) = mpsc::unbounded_channel();
     let host_name = alert::hostname();
     let syslog = options
         .syslog
@@ -376,7 +382,7 @@ fn spawn_pipeline(
         edge_baseline: outputs.edge_baseline,
         detection_generation: 0,
     };
-    let events = tokio::spawn(read_events(ring, pipeline, stop_rx, heartbeat_rx));
+    let events = tokio::spawn(read_events(ring, pipeline, stop_rx, from_controller));
     let metrics_task = outputs.metrics_listener.map(|listener| {
         tracing::info!(
             "metrics on http://{}/metrics",
@@ -398,12 +404,55 @@ fn spawn_pipeline(
     Tasks {
         events,
         stop_events,
-        heartbeats,
+        to_pipeline,
         reporting,
         metrics: metrics_task,
         observe,
     }
 }
+
+/// What the event loop keeps in step with this host: where the programs are attached.
+struct Host<'a> {
+    datapath: &'a mut Datapath,
+    interfaces: &'a mut Interfaces,
+    events: &'a HostEvents,
+}
+
+impl Host<'_> {
+    /// Attaches to the interfaces the live policy and `--attach` name, as they are now.
+    fn follow(&mut self, options: &RunOptions, controller: &Controller) {
+        if let Some((policy, _)) = &controller.policy {
+            self.interfaces.select(&options.attach, policy);
+        }
+        self.interfaces.reconcile(self.datapath);
+        controller
+            .metrics
+            .interfaces_unenforced
+            .set(self.interfaces.unenforced() as i64);
+    }
+
+    /// Retries the interfaces that could not be attached; reports those unenforced for
+    /// longer than the grace period as `enforcement_gap` findings, once each.
+    fn close_gaps(&mut self, options: &RunOptions, controller: &Controller, tasks: &Tasks) {
+        if !self.interfaces.has_gaps() {
+            return;
+        }
+        self.follow(options, controller);
+        let host = alert::hostname();
+        for gap in self.interfaces.overdue_gaps(Instant::now()) {
+            let finding = interfaces::gap_finding(gap, &host);
+            controller::audit(
+                &controller.audit,
+                "enforcement_gap",
+                serde_json::json!({ "interface": gap.interface, "error": gap.error }),
+            );
+            let _ = tasks.to_pipeline.send(ControllerReport::Finding(finding));
+        }
+    }
+}
+
+/// How often interfaces that could not be attached are tried again.
+const GAP_RETRY: Duration = Duration::from_millis(250);
 
 /// Reloads on SIGHUP and file changes, follows the host, sends heartbeats; returns on SIGINT
 /// or SIGTERM.
@@ -411,10 +460,10 @@ async fn event_loop(
     options: &RunOptions,
     controller: &mut Controller,
     pins: &PinLayout,
-    datapath: &Datapath,
+    host: &mut Host<'_>,
     tasks: &Tasks,
 ) -> Result<(), RunError> {
-    let expected_programs: BTreeMap<&'static str, String> = datapath.program_tags();
+    let expected_programs: BTreeMap<&'static str, String> = host.datapath.program_tags();
     let mut heartbeat_tick = tokio::time::interval(options.heartbeat_interval);
     let (changes_tx, mut changes) = mpsc::unbounded_channel();
     let _watch = match watch::watch(&options.policy, changes_tx) {
@@ -436,19 +485,38 @@ async fn event_loop(
     let mut terminate = signal(SignalKind::terminate()).map_err(signal_error)?;
     let mut host_resync = tokio::time::interval(HOST_RESYNC);
     host_resync.reset();
+    let mut gap_retry = tokio::time::interval(GAP_RETRY);
+    let mut following = true;
     tracing::info!(pins = %pins.root.display(), observe = %options.observe_socket.display(), "enforcing");
     loop {
         tokio::select! {
-            _ = hangup.recv() => controller.reload(Trigger::Signal, Instant::now()),
+            _ = hangup.recv() => {
+                controller.reload(Trigger::Signal, Instant::now());
+                host.follow(options, controller);
+            }
             Some(first) = changes.recv() => {
                 let deadline = tokio::time::Instant::from_std(first + MAX_CHANGE_SETTLE);
                 while let Ok(Some(_)) = tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + QUIET_AFTER_CHANGE), changes.recv()).await {}
                 controller.reload(Trigger::FileChange, first);
+                host.follow(options, controller);
             }
-            _ = host_resync.tick() => controller.resync_host(),
+            changed = host.events.changed(), if following => {
+                if let Err(error) = changed {
+                    tracing::error!("reading link events failed ({error}); interfaces are followed every {} s", HOST_RESYNC.as_secs());
+                    following = false;
+                }
+                // The identities first (a recreated endpoint's new index), then the programs.
+                controller.resync_host();
+                host.follow(options, controller);
+            }
+            _ = host_resync.tick() => {
+                controller.resync_host();
+                host.follow(options, controller);
+            }
+            _ = gap_retry.tick() => host.close_gaps(options, controller, tasks),
             _ = heartbeat_tick.tick(), if tasks.reporting => {
                 if let Some(heartbeat) = controller.heartbeat(pins, &expected_programs) {
-                    let _ = tasks.heartbeats.send(heartbeat);
+                    let _ = tasks.to_pipeline.send(ControllerReport::Heartbeat(heartbeat));
                 }
             }
             _ = interrupt.recv() => return Ok(()),

@@ -239,12 +239,19 @@ impl Pipeline {
     }
 }
 
-/// Reads the ring buffer until told to stop; heartbeats come from the controller.
+/// What the controller itself reports through the pipeline's outputs.
+pub(super) enum ControllerReport {
+    Heartbeat(alert::Heartbeat),
+    Finding(Finding),
+}
+
+/// Reads the ring buffer until told to stop; heartbeats and the controller's own findings come
+/// from the controller.
 pub(super) async fn read_events(
     ring: RingBuf<MapData>,
     mut pipeline: Pipeline,
     mut stop: mpsc::Receiver<()>,
-    mut heartbeats: mpsc::UnboundedReceiver<alert::Heartbeat>,
+    mut from_controller: mpsc::UnboundedReceiver<ControllerReport>,
 ) {
     // SAFETY: the ring buffer owns its map fd and keeps it open and unchanged until dropped,
     // which only happens when the AsyncFd is dropped.
@@ -268,8 +275,11 @@ pub(super) async fn read_events(
                 pipeline.flush();
                 pipeline.follow_rotation();
             }
-            Some(heartbeat) = heartbeats.recv() => {
-                pipeline.heartbeat(&heartbeat);
+            Some(report) = from_controller.recv() => {
+                match report {
+                    ControllerReport::Heartbeat(heartbeat) => pipeline.heartbeat(&heartbeat),
+                    ControllerReport::Finding(finding) => pipeline.report(vec![finding]),
+                }
                 pipeline.flush();
             }
             ready = ring.readable_mut() => {

@@ -27,6 +27,13 @@ impl Cgroup {
         Ok(Self { path })
     }
 
+    /// Creates a cgroup below this one (dropped before it, when declared after it).
+    pub fn child(&self, name: &str) -> io::Result<Self> {
+        let path = self.path.join(name);
+        fs::create_dir(&path)?;
+        Ok(Self { path })
+    }
+
     /// The cgroup's id, as `bpf_skb_cgroup_id` reports it: its directory's inode number.
     pub fn id(&self) -> io::Result<u64> {
         use std::os::unix::fs::MetadataExt as _;

@@ -54,45 +54,75 @@ impl Topology {
         Ok(topology)
     }
 
-    fn add_endpoint(&mut self, name: &str, subnet: u8) -> io::Result<()> {
+    /// Adds an endpoint `name` on subnet 10.200.`subnet`.0/24 (see [`Self::build`]).
+    pub fn add_endpoint(&mut self, name: &str, subnet: u8) -> io::Result<()> {
         let netns = Netns::create(&format!("{}-{name}", self.id))?;
         let host_interface: String = format!("v-{name}").chars().take(15).collect();
+        let endpoint = Endpoint {
+            name: name.to_owned(),
+            netns,
+            host_interface,
+            ipv4: Ipv4Addr::new(10, 200, subnet, 2),
+            ipv6: format!("fd00:200:{subnet}::2").parse().expect("valid"),
+            gateway_v4: Ipv4Addr::new(10, 200, subnet, 1),
+            gateway_v6: format!("fd00:200:{subnet}::1").parse().expect("valid"),
+        };
+        self.connect(&endpoint)?;
+        self.endpoints.push(endpoint);
+        Ok(())
+    }
+
+    /// Creates the endpoint's veth pair and configures both ends, as a container runtime does:
+    /// addresses, up, default routes.
+    fn connect(&self, endpoint: &Endpoint) -> io::Result<()> {
+        let host_interface = endpoint.host_interface.as_str();
         // Created inside the host namespace with its peer straight into the endpoint's, so the
         // name never exists in the machine's own namespace.
         self.host.ip(&[
             "link",
             "add",
-            &host_interface,
+            host_interface,
             "type",
             "veth",
             "peer",
             "name",
             "eth0",
             "netns",
-            &netns.name,
+            &endpoint.netns.name,
         ])?;
-        let ipv4 = Ipv4Addr::new(10, 200, subnet, 2);
-        let gateway_v4 = Ipv4Addr::new(10, 200, subnet, 1);
-        let ipv6: Ipv6Addr = format!("fd00:200:{subnet}::2").parse().expect("valid");
-        let gateway_v6: Ipv6Addr = format!("fd00:200:{subnet}::1").parse().expect("valid");
+        let (gateway_v4, gateway_v6) = (endpoint.gateway_v4, endpoint.gateway_v6);
         self.host.ip(&[
             "addr",
             "add",
             &format!("{gateway_v4}/24"),
             "dev",
-            &host_interface,
+            host_interface,
         ])?;
         self.host.ip(&[
             "addr",
             "add",
             &format!("{gateway_v6}/64"),
             "dev",
-            &host_interface,
+            host_interface,
             "nodad",
         ])?;
-        self.host.ip(&["link", "set", &host_interface, "up"])?;
-        netns.ip(&["addr", "add", &format!("{ipv4}/24"), "dev", "eth0"])?;
-        netns.ip(&["addr", "add", &format!("{ipv6}/64"), "dev", "eth0", "nodad"])?;
+        self.host.ip(&["link", "set", host_interface, "up"])?;
+        let netns = &endpoint.netns;
+        netns.ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", endpoint.ipv4),
+            "dev",
+            "eth0",
+        ])?;
+        netns.ip(&[
+            "addr",
+            "add",
+            &format!("{}/64", endpoint.ipv6),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         netns.ip(&["link", "set", "eth0", "up"])?;
         netns.ip(&["route", "add", "default", "via", &gateway_v4.to_string()])?;
         netns.ip(&[
@@ -102,17 +132,20 @@ impl Topology {
             "default",
             "via",
             &gateway_v6.to_string(),
-        ])?;
-        self.endpoints.push(Endpoint {
-            name: name.to_owned(),
-            netns,
-            host_interface,
-            ipv4,
-            ipv6,
-            gateway_v4,
-            gateway_v6,
-        });
-        Ok(())
+        ])
+    }
+
+    /// Deletes the endpoint's veth pair (both ends go), as a container runtime does when a
+    /// container stops.
+    pub fn disconnect(&self, name: &str) -> io::Result<()> {
+        self.host
+            .ip(&["link", "del", &self.endpoint(name).host_interface])
+    }
+
+    /// Creates the endpoint's veth pair again, under the same names and addresses, as a
+    /// container runtime does when a container restarts.
+    pub fn reconnect(&self, name: &str) -> io::Result<()> {
+        self.connect(self.endpoint(name))
     }
 
     pub fn endpoint(&self, name: &str) -> &Endpoint {
