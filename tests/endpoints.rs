@@ -124,3 +124,314 @@ fn an_interface_that_cannot_be_enforced_is_a_finding_as_root() {
         enforcer.interface_state(&topology, "v-api-9")
     );
 }
+
+/// `api` declares no members: its endpoint comes from `enforcer endpoint add`. Registered, it
+/// is enforced before the command returns, exactly like a declared one (its traffic is api's,
+/// a forged source from it is dropped); a registration that contradicts the policy is refused
+/// and changes nothing; a restarted controller adopts it; removed, its traffic is refused
+/// again. Each change is in the audit log.
+#[root_test]
+fn a_registered_endpoint_is_enforced_like_a_declared_one_as_root() {
+    let mut topology = Topology::build(&["frontend"]).unwrap();
+    topology.add_endpoint("api-1", 2).unwrap();
+    let policy = format!(
+        "{}[[service]]\nname = \"api\"\n{}",
+        services(&topology, &["frontend"]),
+        allow("api", "frontend", &["8080/tcp"], "")
+    );
+    let enforcer = enforce_with(&topology, &policy, &[]);
+    let _server = topology.netns("frontend").tcp_echo_server(8080).unwrap();
+    let api = topology.netns("api-1");
+    let target = v4(&topology, "frontend", 8080);
+    let reaches = || api.tcp_exchange(target, b"hi", TIMEOUT).is_ok();
+    assert!(!reaches(), "unregistered, api-1 is world: refused");
+
+    let endpoint = |args: &[&str]| enforcer.endpoint_command(&topology, args);
+    let (ipv4, ipv6) = (
+        topology.endpoint("api-1").ipv4.to_string(),
+        topology.endpoint("api-1").ipv6.to_string(),
+    );
+    let add = |service: &str, address: &str| {
+        endpoint(&[
+            "add",
+            "--service",
+            service,
+            "--interface",
+            "v-api-1",
+            "--address",
+            address,
+        ])
+    };
+    for (service, address, reason) in [
+        (
+            "nosuch",
+            ipv4.as_str(),
+            "the policy has no service \"nosuch\"",
+        ),
+        ("api", "10.200.1.2", "belongs to service \"frontend\""),
+    ] {
+        let refused = add(service, address);
+        assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(stderr.contains(reason), "{stderr}");
+    }
+    let listed = endpoint(&["list"]);
+    assert_eq!(
+        String::from_utf8_lossy(&listed.stdout),
+        "no endpoints registered\n",
+        "a refusal changes nothing"
+    );
+
+    let added = endpoint(&[
+        "add",
+        "--service",
+        "api",
+        "--interface",
+        "v-api-1",
+        "--address",
+        &ipv4,
+        "--address",
+        &ipv6,
+    ]);
+    assert!(added.status.success(), "{added:?}");
+    assert!(reaches(), "registered, api-1 is api at once");
+    let forged = Ipv4Addr::new(10, 99, 0, 9);
+    api.ip(&["addr", "add", &format!("{forged}/32"), "dev", "eth0"])
+        .unwrap();
+    assert!(
+        api.tcp_connect_from(IpAddr::V4(forged), target, TIMEOUT)
+            .is_err(),
+        "a source that is not api-1's is dropped"
+    );
+    assert_eq!(
+        enforcer.interface_state(&topology, "v-api-1").as_deref(),
+        Some("enforced")
+    );
+    let listed = String::from_utf8_lossy(&endpoint(&["list"]).stdout).into_owned();
+    assert!(listed.starts_with("v-api-1 "), "{listed}");
+    assert!(listed.contains(&ipv6), "{listed}");
+
+    enforcer
+        .daemon
+        .signal(nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    let restarted =
+        Enforcer::start_with_policy_path(&topology, &enforcer.policy, &["v-frontend"], &[])
+            .unwrap();
+    assert!(
+        reaches(),
+        "the restarted controller adopted the registration"
+    );
+    assert_eq!(
+        restarted.interface_state(&topology, "v-api-1").as_deref(),
+        Some("enforced")
+    );
+
+    let removed = restarted.endpoint_command(&topology, &["del", "--interface", "v-api-1"]);
+    assert!(removed.status.success(), "{removed:?}");
+    assert!(!reaches(), "unregistered again: refused");
+    assert_eq!(
+        restarted.interface_state(&topology, "v-api-1"),
+        None,
+        "and no longer enforced or named"
+    );
+    let audit = std::fs::read_to_string(&restarted.audit_log).unwrap();
+    assert!(audit.contains("\"endpoint_del\""), "{audit}");
+    let first_audit = std::fs::read_to_string(&enforcer.audit_log).unwrap();
+    assert!(first_audit.contains("\"endpoint_add\""), "{first_audit}");
+}
+
+/// A container made the way a runtime makes it: Debian's reference `bridge` plugin (with
+/// `host-local` addresses) creates its interface, then `enforcer-cni` — the enforcer binary
+/// under that name, chained after them — registers it. Each plugin is invoked as a runtime
+/// invokes it: the CNI environment, the configuration on stdin with the previous plugin's
+/// result as `prevResult`, a real network namespace.
+struct Runtime<'a> {
+    topology: &'a Topology,
+    bin: std::path::PathBuf,
+    container: enforcer_testbed::Netns,
+    ipam_dir: std::path::PathBuf,
+}
+
+impl<'a> Runtime<'a> {
+    fn new(topology: &'a Topology) -> Self {
+        let bin = topology.dir.join("cni-bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::os::unix::fs::symlink(ENFORCER, bin.join("enforcer-cni")).unwrap();
+        let container =
+            enforcer_testbed::Netns::create(&format!("{}-container", topology.id)).unwrap();
+        Self {
+            topology,
+            bin,
+            container,
+            ipam_dir: topology.dir.join("ipam"),
+        }
+    }
+
+    fn bridge_config(&self) -> serde_json::Value {
+        serde_json::json!({
+            "cniVersion": "1.0.0", "name": "shop", "type": "bridge", "bridge": "cni-shop",
+            "isGateway": true, "ipMasq": false,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{ "subnet": "10.201.0.0/24" }]],
+                "routes": [{ "dst": "0.0.0.0/0" }],
+                "dataDir": self.ipam_dir,
+            }
+        })
+    }
+
+    fn enforcer_config(
+        &self,
+        service: &str,
+        socket: &std::path::Path,
+        prev_result: Option<&serde_json::Value>,
+    ) -> serde_json::Value {
+        let mut config = serde_json::json!({
+            "cniVersion": "1.0.0", "name": "shop", "type": "enforcer-cni",
+            "service": service, "socket": socket,
+        });
+        if let Some(prev_result) = prev_result {
+            config["prevResult"] = prev_result.clone();
+        }
+        config
+    }
+
+    /// Runs plugin `plugin` for `command`; returns whether it succeeded and what it printed.
+    fn invoke(
+        &self,
+        plugin: &str,
+        command: &str,
+        config: &serde_json::Value,
+    ) -> (bool, serde_json::Value) {
+        use std::io::Write as _;
+        let path = if plugin == "enforcer-cni" {
+            self.bin.join(plugin)
+        } else {
+            std::path::Path::new("/usr/lib/cni").join(plugin)
+        };
+        let mut child = self
+            .topology
+            .host
+            .command(&path)
+            .unwrap()
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", "c0ffee")
+            .env("CNI_NETNS", format!("/run/netns/{}", self.container.name))
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", format!("/usr/lib/cni:{}", self.bin.display()))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(config.to_string().as_bytes())
+            .unwrap();
+        let output = child.wait_with_output().unwrap();
+        let printed = serde_json::from_slice(&output.stdout).unwrap_or(serde_json::Value::Null);
+        (output.status.success(), printed)
+    }
+}
+
+#[root_test]
+fn a_container_added_through_the_cni_chain_is_enforced_and_deleted_forgotten_as_root() {
+    let topology = Topology::build(&["frontend"]).unwrap();
+    let policy = format!(
+        "{}[[service]]\nname = \"api\"\n{}",
+        services(&topology, &["frontend"]),
+        allow("api", "frontend", &["8080/tcp"], "")
+    );
+    let enforcer = enforce(&topology, &policy);
+    let _server = topology.netns("frontend").tcp_echo_server(8080).unwrap();
+    let target = v4(&topology, "frontend", 8080);
+    let runtime = Runtime::new(&topology);
+    let socket = enforcer.observe_socket.clone();
+    let (ok, version) = runtime.invoke("enforcer-cni", "VERSION", &serde_json::json!({}));
+    assert!(ok, "{version}");
+    assert!(
+        version["supportedVersions"]
+            .as_array()
+            .unwrap()
+            .contains(&"1.0.0".into()),
+        "{version}"
+    );
+
+    let (ok, bridged) = runtime.invoke("bridge", "ADD", &runtime.bridge_config());
+    assert!(ok, "bridge ADD: {bridged}");
+    let reaches = || {
+        runtime
+            .container
+            .tcp_exchange(target, b"from the container", TIMEOUT)
+            .is_ok()
+    };
+    assert!(
+        !reaches(),
+        "bridged but not registered, the container is world: refused"
+    );
+
+    // Errors are CNI error objects and register nothing.
+    for (config, code, what) in [
+        (
+            runtime.enforcer_config("nosuch", &socket, Some(&bridged)),
+            100,
+            "a service the policy lacks",
+        ),
+        (
+            runtime.enforcer_config("api", &socket, None),
+            7,
+            "no prevResult",
+        ),
+    ] {
+        let (ok, error) = runtime.invoke("enforcer-cni", "ADD", &config);
+        assert!(!ok, "{what}: non-zero exit");
+        assert_eq!(error["code"], code, "{what}: {error}");
+        assert_eq!(error["cniVersion"], "1.0.0");
+        assert!(error["msg"].as_str().is_some_and(|msg| !msg.is_empty()));
+    }
+    let listed = enforcer.endpoint_command(&topology, &["list"]);
+    assert_eq!(
+        String::from_utf8_lossy(&listed.stdout),
+        "no endpoints registered\n",
+        "a failed ADD registers nothing"
+    );
+
+    let config = runtime.enforcer_config("api", &socket, Some(&bridged));
+    let (ok, result) = runtime.invoke("enforcer-cni", "ADD", &config);
+    assert!(ok, "enforcer-cni ADD: {result}");
+    assert_eq!(result, bridged, "prevResult is passed on unchanged");
+    assert!(reaches(), "registered, the container is api at once");
+    let host_interface = bridged["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|interface| interface["name"].as_str())
+        .find(|name| name.starts_with("veth"))
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        enforcer
+            .interface_state(&topology, &host_interface)
+            .as_deref(),
+        Some("enforced")
+    );
+    let (ok, checked) = runtime.invoke("enforcer-cni", "CHECK", &config);
+    assert!(ok, "CHECK: {checked}");
+
+    // DEL runs the chain backwards, each plugin given the ADD's result.
+    let (ok, deleted) = runtime.invoke("enforcer-cni", "DEL", &config);
+    assert!(ok, "enforcer-cni DEL: {deleted}");
+    assert!(!reaches(), "unregistered: refused again");
+    let (ok, deleted) = runtime.invoke("bridge", "DEL", &runtime.bridge_config());
+    assert!(ok, "bridge DEL: {deleted}");
+    let listed = enforcer.endpoint_command(&topology, &["list"]);
+    assert_eq!(
+        String::from_utf8_lossy(&listed.stdout),
+        "no endpoints registered\n"
+    );
+    assert_eq!(enforcer.interface_state(&topology, &host_interface), None);
+    let (ok, _) = runtime.invoke("enforcer-cni", "DEL", &config);
+    assert!(ok, "a second DEL finds nothing to remove, and succeeds");
+}

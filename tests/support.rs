@@ -112,6 +112,17 @@ impl Enforcer {
         command.output().expect("enforcer runs")
     }
 
+    /// `enforcer endpoint ARGS...`, talking to this controller.
+    pub fn endpoint_command(&self, topology: &Topology, args: &[&str]) -> Output {
+        let mut command = topology.host.command(ENFORCER).expect("host namespace");
+        command
+            .arg("endpoint")
+            .args(args)
+            .arg("--socket")
+            .arg(&self.observe_socket);
+        command.output().expect("enforcer runs")
+    }
+
     /// What `status` says of `interface` in its `interfaces:` list (`enforced`, `missing`,
     /// `defunct`), or `None` if it does not list it.
     pub fn interface_state(&self, topology: &Topology, interface: &str) -> Option<String> {

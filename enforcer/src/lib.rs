@@ -3,9 +3,11 @@
 //! this library; integration tests use it directly too.
 
 pub mod cli;
+pub mod cni;
 pub mod compile;
 pub mod datapath;
 mod detect;
+pub mod endpoints;
 pub mod events;
 /// Files the controller appends to (outputs and the detectors' baseline share it).
 mod locks;

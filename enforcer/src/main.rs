@@ -10,6 +10,10 @@ use enforcer::cli::{Cli, Failure};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // A runtime runs the same binary as the CNI plugin (DESIGN §13).
+    if enforcer::cni::invoked_as_plugin() {
+        return enforcer::cni::main();
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

@@ -46,6 +46,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "the tests check every alert record with tests/siem/validate.py",
     ),
     (
+        "containernetworking-plugins",
+        "the CNI tests chain enforcer-cni after the reference bridge and host-local plugins",
+    ),
+    (
         "qemu-system-x86",
         "the kernel matrix boots Debian's kernels under QEMU",
     ),

@@ -1,6 +1,7 @@
 //! The command line (DESIGN §6) and the operator commands' output.
 
 mod check;
+mod endpoint;
 mod explain;
 mod run;
 mod status;
@@ -112,6 +113,11 @@ pub enum Command {
     /// What this kernel gives the datapath (BPF features probed), and how enforcer uses it;
     /// exits 2 on a kernel enforcer cannot run on.
     Features,
+    /// Endpoints registered with the running controller, beside those the policy declares.
+    Endpoint {
+        #[command(subcommand)]
+        command: endpoint::EndpointCommand,
+    },
 }
 
 /// How a command failed: the operator's input (exit 1) or the system (exit 2).
@@ -190,6 +196,7 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
         Command::Status { pin_path } => status(&PinLayout::new(pin_path)),
         Command::Features => features(),
         Command::Unload { pin_path } => unload(&PinLayout::new(pin_path)),
+        Command::Endpoint { command } => endpoint::execute(command),
     }
 }
 

@@ -13,7 +13,10 @@ use super::{
     CompileError,
     tables::{HostView, Prefix, Tables},
 };
-use crate::policy::{InterfaceSelector, Mode, Peer, Policy, Service, identity};
+use crate::{
+    endpoints::Registration,
+    policy::{InterfaceSelector, Mode, Peer, Policy, Service, identity},
+};
 
 /// The identities of one policy.
 pub(super) struct Identities {
@@ -112,6 +115,15 @@ impl Identities {
             place_interfaces(service, *info, host, tables, warnings);
             place_cgroups(service, *info, host, tables, warnings);
         }
+        for registration in &host.registered {
+            if let Some(index) = policy
+                .services
+                .iter()
+                .position(|service| service.name == registration.service)
+            {
+                place_registration(registration, self.services[index], host, tables);
+            }
+        }
         for (net, id) in &self.cidrs {
             tables
                 .ipcache
@@ -143,6 +155,36 @@ fn is_local_endpoint_address(service: &Service, net: &IpNet, host: &HostView) ->
         && host.routes.get(&net.addr()).is_some_and(|interface| {
             service.selects_interface(interface) && host.interfaces.contains_key(interface)
         })
+}
+
+/// A registered endpoint, as a declared one would be placed: its addresses (local when this
+/// host routes them through its interface) and its interface.
+fn place_registration(
+    registration: &Registration,
+    info: IdentityInfo,
+    host: &HostView,
+    tables: &mut Tables,
+) {
+    let ifindex = host.interfaces.get(&registration.interface);
+    for address in &registration.addresses {
+        let local = ifindex.is_some() && host.routes.get(address) == Some(&registration.interface);
+        tables.ipcache.insert(
+            Prefix::of(&IpNet::from(*address)),
+            IdentityInfo {
+                flags: info.flags | if local { flags::LOCAL_ENDPOINT } else { 0 },
+                ..info
+            },
+        );
+    }
+    if let Some(ifindex) = ifindex {
+        tables.endpoints.insert(
+            EndpointKey {
+                ifindex: *ifindex,
+                slot: 0,
+            },
+            info,
+        );
+    }
 }
 
 fn service_info(policy: &Policy, service: &Service) -> IdentityInfo {

@@ -23,6 +23,8 @@ pub struct HostView {
     /// address routed through its service's endpoint interface lives, so packets from it must
     /// come in there (a replica's address on another host is routed elsewhere).
     pub routes: BTreeMap<IpAddr, String>,
+    /// Endpoints registered with the controller (DESIGN §13) that the policy accepts.
+    pub registered: Vec<crate::endpoints::Registration>,
 }
 
 /// A cgroup v2 directory as the kernel knows it.

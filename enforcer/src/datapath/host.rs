@@ -9,13 +9,20 @@ use std::{
 
 use crate::{
     compile::{Cgroup, HostView},
+    endpoints::{Registration, Registry},
     policy::Policy,
 };
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
-/// The host as the policy sees it, in the current network namespace.
-pub fn observe(policy: &Policy) -> HostView {
+/// The host as the policy sees it, in the current network namespace, with the endpoints
+/// registered on it (those the policy accepts; the others are logged).
+pub fn observe(policy: &Policy, registry: &Registry) -> HostView {
+    let (registered, skipped) = registry.valid_under(policy);
+    for reason in skipped {
+        tracing::warn!("{reason}");
+    }
+    let registered: Vec<Registration> = registered.into_iter().cloned().collect();
     let present = interfaces();
     let interfaces = present
         .into_iter()
@@ -24,6 +31,9 @@ pub fn observe(policy: &Policy) -> HostView {
                 .services
                 .iter()
                 .any(|service| service.selects_interface(name))
+                || registered
+                    .iter()
+                    .any(|registration| registration.interface == *name)
         })
         .collect();
     let mut cgroups = BTreeMap::new();
@@ -40,18 +50,25 @@ pub fn observe(policy: &Policy) -> HostView {
         }
     }
     let routes = Routes::read();
-    let routes = policy
+    let declared = policy
         .services
         .iter()
         .flat_map(|service| &service.addresses)
         .filter(|net| net.prefix_len() == net.max_prefix_len())
-        .filter_map(|net| Some((net.addr(), routes.interface_of(net.addr())?.to_owned())))
+        .map(|net| net.addr());
+    let registered_addresses = registered
+        .iter()
+        .flat_map(|registration| registration.addresses.iter().copied());
+    let routes = declared
+        .chain(registered_addresses)
+        .filter_map(|address| Some((address, routes.interface_of(address)?.to_owned())))
         .collect();
     HostView {
         addresses: local_addresses(),
         interfaces,
         cgroups,
         routes,
+        registered,
     }
 }
 

@@ -673,7 +673,11 @@ pub fn unload(pins: &PinLayout) -> io::Result<Vec<PathBuf>> {
         fs::remove_dir(&dir)?;
     }
     fs::remove_dir(&pins.root)?;
-    for file in [pins.names_file(), pins.interfaces_file()] {
+    for file in [
+        pins.names_file(),
+        pins.interfaces_file(),
+        pins.endpoints_file(),
+    ] {
         if fs::remove_file(&file).is_ok() {
             removed.push(file);
         }

@@ -61,6 +61,12 @@ impl PinLayout {
         self.state_file("interfaces.json")
     }
 
+    /// Where the endpoints registered with the controller are kept (see
+    /// [`crate::endpoints::Registry::save`]).
+    pub fn endpoints_file(&self) -> PathBuf {
+        self.state_file("endpoints.json")
+    }
+
     /// Where the live generation's rule names are kept (see [`crate::events::names_file`]).
     pub fn names_file(&self) -> PathBuf {
         self.state_file("names.json")

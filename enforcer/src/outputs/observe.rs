@@ -14,10 +14,13 @@ use serde_json::Value;
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _},
     net::UnixListener,
-    sync::broadcast,
+    sync::{broadcast, mpsc, oneshot},
 };
 
-use crate::events::FlowRecord;
+use crate::{
+    endpoints::protocol::{Request, Response},
+    events::FlowRecord,
+};
 
 /// Records a client gets when it connects.
 const BACKLOG: usize = 1024;
@@ -53,8 +56,16 @@ impl Hub {
     }
 }
 
-/// Serves observers on `path` (mode 0600 in a 0700 directory) until the task is dropped.
-pub async fn serve(path: PathBuf, hub: Arc<Hub>) -> io::Result<()> {
+/// A registry request from a client, and where its answer goes.
+pub type RegistryRequest = (Request, oneshot::Sender<Response>);
+
+/// Serves the controller's socket on `path` (mode 0600 in a 0700 directory) until the task is
+/// dropped: observers, and registry requests, which go to `registry`.
+pub async fn serve(
+    path: PathBuf,
+    hub: Arc<Hub>,
+    registry: mpsc::UnboundedSender<RegistryRequest>,
+) -> io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
@@ -66,20 +77,31 @@ pub async fn serve(path: PathBuf, hub: Arc<Hub>) -> io::Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
         let hub = hub.clone();
+        let registry = registry.clone();
         tokio::spawn(async move {
-            if let Err(error) = serve_client(stream, &hub).await {
-                tracing::debug!("observer went away: {error}");
+            if let Err(error) = serve_client(stream, &hub, &registry).await {
+                tracing::debug!("client went away: {error}");
             }
         });
     }
 }
 
-async fn serve_client(stream: tokio::net::UnixStream, hub: &Hub) -> io::Result<()> {
+async fn serve_client(
+    stream: tokio::net::UnixStream,
+    hub: &Hub,
+    registry: &mpsc::UnboundedSender<RegistryRequest>,
+) -> io::Result<()> {
     let (reader, mut writer) = stream.into_split();
     let mut request = String::new();
     tokio::io::BufReader::new(reader)
         .read_line(&mut request)
         .await?;
+    if request.starts_with('{') {
+        let response = answer_registry_request(&request, registry).await;
+        let line = serde_json::to_string(&response).expect("plain data serialises");
+        writer.write_all(format!("{line}\n").as_bytes()).await?;
+        return writer.shutdown().await;
+    }
     let follow = request.trim() == "follow";
     // Subscribe before copying the backlog so nothing falls between the two.
     let mut live = hub.live.subscribe();
@@ -102,6 +124,24 @@ async fn serve_client(stream: tokio::net::UnixStream, hub: &Hub) -> io::Result<(
             Err(broadcast::error::RecvError::Closed) => return Ok(()),
         }
     }
+}
+
+/// Hands a registry request to the controller and waits for its answer.
+async fn answer_registry_request(
+    line: &str,
+    registry: &mpsc::UnboundedSender<RegistryRequest>,
+) -> Response {
+    let request: Request = match serde_json::from_str(line) {
+        Ok(request) => request,
+        Err(error) => return Response::refused(format!("malformed request: {error}")),
+    };
+    let (reply, answer) = oneshot::channel();
+    if registry.send((request, reply)).is_err() {
+        return Response::failed("the controller is stopping");
+    }
+    answer
+        .await
+        .unwrap_or_else(|_| Response::failed("the controller is stopping"))
 }
 
 /// Which records an observer wants.

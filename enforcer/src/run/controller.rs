@@ -17,21 +17,24 @@ use crate::{
         maps::{Installed, Installer, KernelMaps},
         pins::PinLayout,
     },
+    endpoints::Registry,
     events::{Generations, names_file::NamesWriter},
     locks,
     outputs::{alert, audit::AuditLog, metrics::Metrics},
     policy::{self, ParseCache, Policy},
 };
 
-/// Loads, validates and compiles the policy at `path` for this host.
+/// Loads, validates and compiles the policy at `path` for this host and its registered
+/// endpoints.
 pub(super) fn load_for_host(
     path: &Path,
     cache: &mut ParseCache,
     live: Option<&Compiled>,
+    registry: &Registry,
 ) -> Result<(Policy, HostView, Compiled), RunError> {
     policy::check_writers(path)?;
     let policy = policy::load_cached(path, cache)?;
-    let view = host::observe(&policy);
+    let view = host::observe(&policy, registry);
     let compiled = compile::compile(&policy, &view, live)?;
     Ok((policy, view, compiled))
 }
@@ -43,6 +46,7 @@ pub(super) enum Trigger {
     Signal,
     FileChange,
     HostChange,
+    Registration,
 }
 
 impl Trigger {
@@ -52,6 +56,7 @@ impl Trigger {
             Self::Signal => "sighup",
             Self::FileChange => "file-change",
             Self::HostChange => "host-change",
+            Self::Registration => "registration",
         }
     }
 }
@@ -100,6 +105,9 @@ pub(super) struct Controller {
     pub(super) parse_cache: ParseCache,
     /// Keeps the live generation's rule names for a controller that may adopt it.
     pub(super) names_file: NamesWriter,
+    /// Endpoints registered from outside the policy, and where they are kept.
+    pub(super) registry: Registry,
+    pub(super) registry_file: PathBuf,
 }
 
 impl Controller {
@@ -214,6 +222,7 @@ impl Controller {
             &self.options.policy,
             &mut self.parse_cache,
             self.live.as_deref(),
+            &self.registry,
         )
         .and_then(|(policy, view, compiled)| {
             self.install(policy, view, compiled, trigger, started)
@@ -271,29 +280,26 @@ impl Controller {
 
     /// Recompiles when the host's interfaces or cgroups the policy names have changed.
     pub(super) fn resync_host(&mut self) {
-        let Some((policy, view)) = &self.policy else {
-            return;
-        };
-        let current = host::observe(policy);
-        if current == *view {
-            return;
-        }
-        let policy = policy.clone();
-        let result = compile::compile(&policy, &current, self.live.as_deref())
-            .map_err(RunError::from)
-            .and_then(|compiled| {
-                self.install(
-                    policy,
-                    current,
-                    compiled,
-                    Trigger::HostChange,
-                    Instant::now(),
-                )
-            });
-        if let Err(error) = result {
+        if let Err(error) = self.recompile_for_host(Trigger::HostChange) {
             tracing::error!(
                 "recompiling for this host's changed interfaces or cgroups failed: {error}"
             );
         }
+    }
+
+    /// Compiles the live policy again for this host as it is now and its registered endpoints;
+    /// installs the result if it differs.
+    pub(super) fn recompile_for_host(&mut self, trigger: Trigger) -> Result<(), RunError> {
+        let Some((policy, view)) = &self.policy else {
+            return Ok(());
+        };
+        let current = host::observe(policy, &self.registry);
+        if current == *view {
+            return Ok(());
+        }
+        let policy = policy.clone();
+        let compiled = compile::compile(&policy, &current, self.live.as_deref())?;
+        self.install(policy, current, compiled, trigger, Instant::now())?;
+        Ok(())
     }
 }

@@ -17,6 +17,7 @@ use crate::{
         loader::{Datapath, LoadError},
     },
     detect::{Detector, Finding, Party},
+    endpoints::Registry,
     policy::{InterfaceSelector, Policy},
 };
 
@@ -56,12 +57,18 @@ impl Interfaces {
         }
     }
 
-    /// The selectors for `policy` and the `--attach` names; kept for `status`.
-    pub fn select(&mut self, attach: &[String], policy: &Policy) {
+    /// The selectors for `policy`, the registered endpoints and the `--attach` names; kept for
+    /// `status`.
+    pub fn select(&mut self, attach: &[String], policy: &Policy, registry: &Registry) {
         let mut selectors: Vec<String> = attach.to_vec();
         for service in &policy.services {
             selectors.extend(service.interfaces.iter().cloned());
         }
+        selectors.extend(
+            registry
+                .iter()
+                .map(|registration| registration.interface.clone()),
+        );
         selectors.sort();
         selectors.dedup();
         if selectors != self.selectors {
@@ -153,6 +160,18 @@ impl Interfaces {
         let keep: BTreeSet<String> = self.attached.keys().cloned().collect();
         datapath.detach_others(&keep);
         Ok(())
+    }
+
+    /// Whether `interface` runs the programs (as far as this controller attached them).
+    pub fn is_enforced(&self, interface: &str) -> bool {
+        self.attached
+            .get(interface)
+            .is_some_and(|ifindex| host::interface_index(interface) == Some(*ifindex))
+    }
+
+    /// Why `interface` could not be attached, if it could not.
+    pub fn gap(&self, interface: &str) -> Option<&Gap> {
+        self.gaps.get(interface)
     }
 
     /// Whether some wanted interface is not enforced yet (the controller retries it).

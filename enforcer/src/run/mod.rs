@@ -5,6 +5,7 @@ pub mod watch;
 mod controller;
 pub(crate) mod interfaces;
 mod pipeline;
+mod registrations;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -27,6 +28,7 @@ use self::{
     controller::{Controller, Trigger, load_for_host},
     interfaces::Interfaces,
     pipeline::{ControllerReport, FlowSummary, Pipeline, read_events},
+    registrations::RegistryRequest,
 };
 use crate::{
     compile::{CompileError, Compiled, HostView},
@@ -43,6 +45,7 @@ use crate::{
         Detectors, Edge,
         baseline::{BaselineError, EdgeBaseline},
     },
+    endpoints::{PersistError, Registry},
     events::{
         Clock, Generations, SequenceTracker,
         names_file::{self, NamesWriter},
@@ -124,6 +127,8 @@ pub enum RunError {
     Io { what: String, source: io::Error },
     #[error(transparent)]
     Baseline(#[from] BaselineError),
+    #[error(transparent)]
+    Registry(#[from] PersistError),
 }
 
 impl RunError {
@@ -151,7 +156,9 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     let started = Instant::now();
     // Everything that can be wrong with the input is found before the kernel is touched.
     let mut parse_cache = ParseCache::default();
-    let first = load_for_host(&options.policy, &mut parse_cache, None)?;
+    let pins = PinLayout::new(&options.pin_path);
+    let registry = Registry::load(&pins.endpoints_file())?;
+    let first = load_for_host(&options.policy, &mut parse_cache, None, &registry)?;
     if let Some(missing) = options
         .attach
         .iter()
@@ -165,22 +172,29 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         what: "subscribing to this host's link, address and route changes".to_owned(),
         source,
     })?;
-    let pins = PinLayout::new(&options.pin_path);
     let (mut controller, mut datapath, mut interfaces, ring) = adopt_datapath(
         &options,
         &pins,
-        parse_cache,
+        (parse_cache, registry),
         outputs.audit_log,
         first,
         started,
     )?;
-    let tasks = spawn_pipeline(&options, &controller, ring, outputs.rest);
+    let (registry_requests, mut requests) = mpsc::unbounded_channel();
+    let tasks = spawn_pipeline(&options, &controller, ring, outputs.rest, registry_requests);
     let mut host = Host {
         datapath: &mut datapath,
         interfaces: &mut interfaces,
         events: &host_events,
     };
-    event_loop(&options, &mut controller, &pins, &mut host, &tasks).await?;
+    event_loop(
+        &options,
+        &mut controller,
+        &pins,
+        &mut host,
+        (&tasks, &mut requests),
+    )
+    .await?;
     shutdown(&options, controller, datapath, tasks, &pins).await
 }
 
@@ -263,7 +277,7 @@ impl Outputs {
 fn adopt_datapath(
     options: &RunOptions,
     pins: &PinLayout,
-    parse_cache: ParseCache,
+    (parse_cache, registry): (ParseCache, Registry),
     audit_log: Option<AuditLog>,
     (policy, view, compiled): (Policy, HostView, Compiled),
     started: Instant,
@@ -300,9 +314,11 @@ fn adopt_datapath(
         policy: None,
         parse_cache,
         names_file: NamesWriter::start(pins.names_file()),
+        registry,
+        registry_file: pins.endpoints_file(),
     };
     let mut interfaces = Interfaces::new(options.ingress_hook, pins.interfaces_file());
-    interfaces.select(&options.attach, &policy);
+    interfaces.select(&options.attach, &policy, &controller.registry);
     controller.install(policy, view, compiled, Trigger::Start, started)?;
     interfaces.attach_at_start(&mut datapath)?;
     unpin_on_failure.pins = None;
@@ -345,6 +361,7 @@ fn spawn_pipeline(
     controller: &Controller,
     ring: RingBuf<MapData>,
     outputs: PipelineOutputs,
+    registry_requests: mpsc::UnboundedSender<RegistryRequest>,
 ) -> Tasks {
     let metrics = &controller.metrics;
     let hub = Arc::new(observe::Hub::default());
@@ -394,9 +411,9 @@ fn spawn_pipeline(
     });
     let observe_path = options.observe_socket.clone();
     let observe = tokio::spawn(async move {
-        if let Err(error) = observe::serve(observe_path.clone(), hub).await {
+        if let Err(error) = observe::serve(observe_path.clone(), hub, registry_requests).await {
             tracing::error!(
-                "observe socket {}: {error}; `enforcer observe` will not work",
+                "controller socket {}: {error}; `enforcer observe` and `enforcer endpoint` will not work",
                 observe_path.display()
             );
         }
@@ -422,7 +439,8 @@ impl Host<'_> {
     /// Attaches to the interfaces the live policy and `--attach` name, as they are now.
     fn follow(&mut self, options: &RunOptions, controller: &Controller) {
         if let Some((policy, _)) = &controller.policy {
-            self.interfaces.select(&options.attach, policy);
+            self.interfaces
+                .select(&options.attach, policy, &controller.registry);
         }
         self.interfaces.reconcile(self.datapath);
         controller
@@ -461,7 +479,7 @@ async fn event_loop(
     controller: &mut Controller,
     pins: &PinLayout,
     host: &mut Host<'_>,
-    tasks: &Tasks,
+    (tasks, requests): (&Tasks, &mut mpsc::UnboundedReceiver<RegistryRequest>),
 ) -> Result<(), RunError> {
     let expected_programs: BTreeMap<&'static str, String> = host.datapath.program_tags();
     let mut heartbeat_tick = tokio::time::interval(options.heartbeat_interval);
@@ -514,6 +532,9 @@ async fn event_loop(
                 host.follow(options, controller);
             }
             _ = gap_retry.tick() => host.close_gaps(options, controller, tasks),
+            Some((request, reply)) = requests.recv() => {
+                let _ = reply.send(registrations::answer(request, options, controller, host));
+            }
             _ = heartbeat_tick.tick(), if tasks.reporting => {
                 if let Some(heartbeat) = controller.heartbeat(pins, &expected_programs) {
                     let _ = tasks.to_pipeline.send(ControllerReport::Heartbeat(heartbeat));
