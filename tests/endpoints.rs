@@ -241,101 +241,6 @@ fn a_registered_endpoint_is_enforced_like_a_declared_one_as_root() {
     assert!(first_audit.contains("\"endpoint_add\""), "{first_audit}");
 }
 
-/// A container made the way a runtime makes it: Debian's reference `bridge` plugin (with
-/// `host-local` addresses) creates its interface, then `enforcer-cni` — the enforcer binary
-/// under that name, chained after them — registers it. Each plugin is invoked as a runtime
-/// invokes it: the CNI environment, the configuration on stdin with the previous plugin's
-/// result as `prevResult`, a real network namespace.
-struct Runtime<'a> {
-    topology: &'a Topology,
-    bin: std::path::PathBuf,
-    container: enforcer_testbed::Netns,
-    ipam_dir: std::path::PathBuf,
-}
-
-impl<'a> Runtime<'a> {
-    fn new(topology: &'a Topology) -> Self {
-        let bin = topology.dir.join("cni-bin");
-        std::fs::create_dir_all(&bin).unwrap();
-        std::os::unix::fs::symlink(ENFORCER, bin.join("enforcer-cni")).unwrap();
-        let container =
-            enforcer_testbed::Netns::create(&format!("{}-container", topology.id)).unwrap();
-        Self {
-            topology,
-            bin,
-            container,
-            ipam_dir: topology.dir.join("ipam"),
-        }
-    }
-
-    fn bridge_config(&self) -> serde_json::Value {
-        serde_json::json!({
-            "cniVersion": "1.0.0", "name": "shop", "type": "bridge", "bridge": "cni-shop",
-            "isGateway": true, "ipMasq": false,
-            "ipam": {
-                "type": "host-local",
-                "ranges": [[{ "subnet": "10.201.0.0/24" }]],
-                "routes": [{ "dst": "0.0.0.0/0" }],
-                "dataDir": self.ipam_dir,
-            }
-        })
-    }
-
-    fn enforcer_config(
-        &self,
-        service: &str,
-        socket: &std::path::Path,
-        prev_result: Option<&serde_json::Value>,
-    ) -> serde_json::Value {
-        let mut config = serde_json::json!({
-            "cniVersion": "1.0.0", "name": "shop", "type": "enforcer-cni",
-            "service": service, "socket": socket,
-        });
-        if let Some(prev_result) = prev_result {
-            config["prevResult"] = prev_result.clone();
-        }
-        config
-    }
-
-    /// Runs plugin `plugin` for `command`; returns whether it succeeded and what it printed.
-    fn invoke(
-        &self,
-        plugin: &str,
-        command: &str,
-        config: &serde_json::Value,
-    ) -> (bool, serde_json::Value) {
-        use std::io::Write as _;
-        let path = if plugin == "enforcer-cni" {
-            self.bin.join(plugin)
-        } else {
-            std::path::Path::new("/usr/lib/cni").join(plugin)
-        };
-        let mut child = self
-            .topology
-            .host
-            .command(&path)
-            .unwrap()
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", "c0ffee")
-            .env("CNI_NETNS", format!("/run/netns/{}", self.container.name))
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", format!("/usr/lib/cni:{}", self.bin.display()))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(config.to_string().as_bytes())
-            .unwrap();
-        let output = child.wait_with_output().unwrap();
-        let printed = serde_json::from_slice(&output.stdout).unwrap_or(serde_json::Value::Null);
-        (output.status.success(), printed)
-    }
-}
-
 #[root_test]
 fn a_container_added_through_the_cni_chain_is_enforced_and_deleted_forgotten_as_root() {
     let topology = Topology::build(&["frontend"]).unwrap();
@@ -347,7 +252,7 @@ fn a_container_added_through_the_cni_chain_is_enforced_and_deleted_forgotten_as_
     let enforcer = enforce(&topology, &policy);
     let _server = topology.netns("frontend").tcp_echo_server(8080).unwrap();
     let target = v4(&topology, "frontend", 8080);
-    let runtime = Runtime::new(&topology);
+    let runtime = Runtime::new(&topology, "10.201.0.0/24");
     let socket = enforcer.observe_socket.clone();
     let (ok, version) = runtime.invoke("enforcer-cni", "VERSION", &serde_json::json!({}));
     assert!(ok, "{version}");

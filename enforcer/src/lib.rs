@@ -9,6 +9,7 @@ pub mod datapath;
 mod detect;
 pub mod endpoints;
 pub mod events;
+pub mod fleet;
 /// Files the controller appends to (outputs and the detectors' baseline share it).
 mod locks;
 mod logfile;

@@ -3,6 +3,7 @@
 mod check;
 mod endpoint;
 mod explain;
+mod fleet;
 mod run;
 mod status;
 
@@ -37,7 +38,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Load the policy, attach to interfaces and enforce until stopped; reload on SIGHUP.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Validate a policy; print its services, identities and rule counts.
     Check {
         /// A policy file or a directory of *.toml files.
@@ -118,6 +119,11 @@ pub enum Command {
         #[command(subcommand)]
         command: endpoint::EndpointCommand,
     },
+    /// The fleet's etcd: push the policy every host follows, see what each enforces.
+    Fleet {
+        #[command(subcommand)]
+        command: fleet::FleetCommand,
+    },
 }
 
 /// How a command failed: the operator's input (exit 1) or the system (exit 2).
@@ -155,7 +161,7 @@ pub fn with_causes(error: &dyn std::error::Error) -> String {
 /// Runs one command.
 pub fn execute(cli: Cli) -> Result<(), Failure> {
     match cli.command {
-        Command::Run(args) => run::execute(args),
+        Command::Run(args) => run::execute(*args),
         Command::Check { path } => check(&path),
         Command::Explain {
             path,
@@ -197,6 +203,7 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
         Command::Features => features(),
         Command::Unload { pin_path } => unload(&PinLayout::new(pin_path)),
         Command::Endpoint { command } => endpoint::execute(command),
+        Command::Fleet { command } => fleet::execute(command),
     }
 }
 

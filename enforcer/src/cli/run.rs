@@ -11,17 +11,48 @@ use crate::{
         loader::DEFAULT_PIN_PATH,
         pins::PinLayout,
     },
+    fleet::{self, KvstoreOptions},
     outputs::{
         alert::AlertFormat,
         metrics::parse_listen_address,
         syslog::{self, ClientFiles, SyslogTarget, TlsFiles},
     },
-    run::{self, RunOptions},
+    run::{self, PolicySource, RunOptions},
 };
+
+/// Where etcd is (`run` and `fleet`; DESIGN §12).
+#[derive(Debug, Args, Clone)]
+pub struct KvstoreArgs {
+    /// etcd endpoints, comma-separated (http://HOST:PORT or https://HOST:PORT).
+    #[arg(long, value_delimiter = ',', value_name = "URL[,URL...]")]
+    pub kvstore: Vec<String>,
+    /// CA certificate (PEM) etcd's certificates must chain to; turns TLS on.
+    #[arg(long, value_name = "PATH")]
+    pub kvstore_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd; needs --kvstore-key.
+    #[arg(long, value_name = "PATH", requires = "kvstore_key")]
+    pub kvstore_cert: Option<PathBuf>,
+    /// The private key (PEM) of --kvstore-cert.
+    #[arg(long, value_name = "PATH", requires = "kvstore_cert")]
+    pub kvstore_key: Option<PathBuf>,
+}
+
+impl KvstoreArgs {
+    /// The options, or `None` without `--kvstore`.
+    pub fn options(&self) -> Option<KvstoreOptions> {
+        (!self.kvstore.is_empty()).then(|| KvstoreOptions {
+            endpoints: self.kvstore.clone(),
+            ca: self.kvstore_ca.clone(),
+            cert: self.kvstore_cert.clone(),
+            key: self.kvstore_key.clone(),
+        })
+    }
+}
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// A policy file or a directory of *.toml files.
+    /// A policy file, a directory of *.toml files, or etcd:KEY (the policy in etcd, followed
+    /// with a watch; needs --kvstore).
     #[arg(long)]
     pub policy: PathBuf,
     /// Interface to enforce on (repeatable): judged entering and leaving the host.
@@ -74,6 +105,11 @@ pub struct RunArgs {
     /// Keep the edges `new_edge` has reported in this file, so a restart does not report them again.
     #[arg(long, value_name = "PATH")]
     pub edge_baseline: Option<PathBuf>,
+    #[command(flatten)]
+    pub kvstore: KvstoreArgs,
+    /// This host's name in the fleet (default: the hostname).
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
 }
 
 impl RunArgs {
@@ -92,6 +128,12 @@ impl RunArgs {
             .clone()
             .unwrap_or_else(|| PinLayout::new(&self.pin_path).observe_socket());
         let syslog = self.syslog_target()?;
+        let kvstore = self.kvstore.options();
+        if kvstore.is_none() && PolicySource::of(&self.policy).is_kvstore() {
+            return Err(Failure::BadInput(
+                "--policy etcd:KEY needs --kvstore".to_owned(),
+            ));
+        }
         Ok(RunOptions {
             policy: self.policy,
             attach: self.attach,
@@ -107,6 +149,8 @@ impl RunArgs {
             syslog,
             heartbeat_interval: Duration::from_secs(self.heartbeat_interval),
             edge_baseline: self.edge_baseline,
+            kvstore,
+            node: self.node.unwrap_or_else(fleet::default_node_name),
         })
     }
 

@@ -15,6 +15,7 @@ use super::{
 };
 use crate::{
     endpoints::Registration,
+    fleet::RemoteEndpoint,
     policy::{InterfaceSelector, Mode, Peer, Policy, Service, identity},
 };
 
@@ -124,6 +125,9 @@ impl Identities {
                 place_registration(registration, self.services[index], host, tables);
             }
         }
+        for remote in &host.fleet {
+            self.place_remote(policy, remote, host, tables, warnings);
+        }
         for (net, id) in &self.cidrs {
             tables
                 .ipcache
@@ -155,6 +159,60 @@ fn is_local_endpoint_address(service: &Service, net: &IpNet, host: &HostView) ->
         && host.routes.get(&net.addr()).is_some_and(|interface| {
             service.selects_interface(interface) && host.interfaces.contains_key(interface)
         })
+}
+
+impl Identities {
+    /// Another host's endpoint: its address is its service's, unless this host's policy or
+    /// registrations say it is someone else's.
+    fn place_remote(
+        &self,
+        policy: &Policy,
+        remote: &RemoteEndpoint,
+        host: &HostView,
+        tables: &mut Tables,
+        warnings: &mut Vec<String>,
+    ) {
+        let Some(index) = policy
+            .services
+            .iter()
+            .position(|service| service.name == remote.service)
+        else {
+            warnings.push(format!(
+                "node {} publishes {} as service \"{}\", which this policy does not have; skipped",
+                remote.node, remote.address, remote.service
+            ));
+            return;
+        };
+        let claimed_here = policy.services.iter().find(|service| {
+            service.name != remote.service
+                && service
+                    .addresses
+                    .iter()
+                    .any(|net| net.contains(&remote.address))
+        });
+        let registered_here = host
+            .registered
+            .iter()
+            .any(|registration| registration.addresses.contains(&remote.address));
+        if let Some(owner) = claimed_here {
+            warnings.push(format!(
+                "node {} publishes {} as service \"{}\", but the policy gives it to \"{}\"; refused",
+                remote.node, remote.address, remote.service, owner.name
+            ));
+            return;
+        }
+        if registered_here {
+            warnings.push(format!(
+                "node {} publishes {}, which is registered on this host; refused",
+                remote.node, remote.address
+            ));
+            return;
+        }
+        tables
+            .ipcache
+            .entry(Prefix::of(&IpNet::from(remote.address)))
+            .or_insert(self.services[index]);
+    }
 }
 
 /// A registered endpoint, as a declared one would be placed: its addresses (local when this

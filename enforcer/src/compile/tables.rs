@@ -25,6 +25,8 @@ pub struct HostView {
     pub routes: BTreeMap<IpAddr, String>,
     /// Endpoints registered with the controller (DESIGN §13) that the policy accepts.
     pub registered: Vec<crate::endpoints::Registration>,
+    /// The other hosts' endpoints, from the fleet's etcd (DESIGN §12).
+    pub fleet: Vec<crate::fleet::RemoteEndpoint>,
 }
 
 /// A cgroup v2 directory as the kernel knows it.

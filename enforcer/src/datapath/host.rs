@@ -69,6 +69,7 @@ pub fn observe(policy: &Policy, registry: &Registry) -> HostView {
         cgroups,
         routes,
         registered,
+        fleet: Vec::new(),
     }
 }
 

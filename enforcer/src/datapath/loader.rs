@@ -677,6 +677,8 @@ pub fn unload(pins: &PinLayout) -> io::Result<Vec<PathBuf>> {
         pins.names_file(),
         pins.interfaces_file(),
         pins.endpoints_file(),
+        pins.fleet_file(),
+        pins.kvstore_policy_file(),
     ] {
         if fs::remove_file(&file).is_ok() {
             removed.push(file);

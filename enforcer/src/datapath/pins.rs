@@ -67,6 +67,16 @@ impl PinLayout {
         self.state_file("endpoints.json")
     }
 
+    /// Where the controller keeps the fleet's endpoints it last knew (DESIGN §12).
+    pub fn fleet_file(&self) -> PathBuf {
+        self.state_file("fleet.json")
+    }
+
+    /// Where the controller keeps the last policy it installed from etcd.
+    pub fn kvstore_policy_file(&self) -> PathBuf {
+        self.state_file("policy.toml")
+    }
+
     /// Where the live generation's rule names are kept (see [`crate::events::names_file`]).
     pub fn names_file(&self) -> PathBuf {
         self.state_file("names.json")

@@ -479,6 +479,8 @@ pub struct Heartbeat {
     pub interval_secs: u64,
     /// Each interface named, and whether it is `enforced`, `missing` or `defunct`.
     pub interfaces: std::collections::BTreeMap<String, String>,
+    /// Whether the fleet's etcd answers; `None` without `--kvstore`.
+    pub kvstore_connected: Option<bool>,
 }
 
 /// The heartbeat record: OCSF Application Lifecycle (`class_uid` 6002), or ECS state.
@@ -494,6 +496,7 @@ pub fn heartbeat_alert(
         "programs": heartbeat.programs,
         "expected_programs": heartbeat.expected_programs,
         "interfaces": heartbeat.interfaces,
+        "kvstore_connected": heartbeat.kvstore_connected,
         "audit_chain_head": heartbeat.audit_chain_head,
         "interval_secs": heartbeat.interval_secs,
     });
@@ -792,6 +795,7 @@ mod tests {
             audit_chain_head: Some("cd".repeat(32)),
             interval_secs: 10,
             interfaces: [("eth1".to_owned(), "defunct".to_owned())].into(),
+            kvstore_connected: None,
         };
         let alert = heartbeat_alert(&heartbeat, UNIX_EPOCH, AlertFormat::Ocsf, "h");
         assert_eq!(alert["activity_name"], "Heartbeat");
@@ -934,6 +938,7 @@ mod tests {
             audit_chain_head: None,
             interval_secs: 10,
             interfaces: [("eth1".to_owned(), "enforced".to_owned())].into(),
+            kvstore_connected: Some(false),
         };
         assert_conform("heartbeats", |format| {
             vec![heartbeat_alert(

@@ -59,6 +59,8 @@ pub struct Metrics {
     pub alerts_unwritten: Counter,
     /// Interfaces `--attach` or the policy names that exist and run no program of ours.
     pub interfaces_unenforced: Gauge,
+    /// 1 while the fleet's etcd answers (0 also without `--kvstore`).
+    pub kvstore_connected: Gauge,
 }
 
 impl Metrics {
@@ -112,6 +114,12 @@ impl Metrics {
             "Interfaces that --attach or the policy names, that exist, and that the controller could not attach its programs to",
             interfaces_unenforced.clone(),
         );
+        let kvstore_connected = Gauge::default();
+        registry.register(
+            "enforcer_kvstore_connected",
+            "1 while the fleet's etcd answers; 0 when it does not (the controller then enforces what it last knew) or without --kvstore",
+            kvstore_connected.clone(),
+        );
         registry.register_collector(Box::new(KernelCollector {
             maps,
             names,
@@ -127,6 +135,7 @@ impl Metrics {
             syslog_dropped,
             alerts_unwritten,
             interfaces_unenforced,
+            kvstore_connected,
         }
     }
 

@@ -2,14 +2,14 @@
 //! change of this host's interfaces and cgroups becomes a new one.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
 };
 
 use serde_json::json;
 
-use super::{RunError, RunOptions};
+use super::{PolicySource, RunError, RunOptions};
 use crate::{
     compile::{self, Compiled, HostView},
     datapath::{
@@ -19,22 +19,54 @@ use crate::{
     },
     endpoints::Registry,
     events::{Generations, names_file::NamesWriter},
+    fleet::RemoteEndpoint,
     locks,
     outputs::{alert, audit::AuditLog, metrics::Metrics},
     policy::{self, ParseCache, Policy},
 };
 
-/// Loads, validates and compiles the policy at `path` for this host and its registered
-/// endpoints.
+/// What a compile takes from outside the policy and this host's kernel: the endpoints
+/// registered here, the fleet's, and the policy text etcd holds (with `--policy etcd:KEY`).
+#[derive(Clone, Copy)]
+pub(super) struct Inputs<'a> {
+    pub registry: &'a Registry,
+    pub fleet: &'a [RemoteEndpoint],
+    pub kvstore_policy: Option<&'a str>,
+}
+
+/// Reads and validates the policy from where it lives.
+fn load_policy(
+    source: &PolicySource,
+    cache: &mut ParseCache,
+    kvstore_policy: Option<&str>,
+) -> Result<Policy, RunError> {
+    match source {
+        PolicySource::File(path) => {
+            policy::check_writers(path)?;
+            Ok(policy::load_cached(path, cache)?)
+        }
+        PolicySource::Kvstore(key) => {
+            let text = kvstore_policy.ok_or_else(|| RunError::NoKvstorePolicy(key.clone()))?;
+            let name = PathBuf::from(format!("etcd:{key}"));
+            Ok(policy::parse_sources_cached(
+                vec![(name, text.to_owned())],
+                cache,
+            )?)
+        }
+    }
+}
+
+/// Loads, validates and compiles the policy for this host, its registered endpoints and the
+/// fleet's.
 pub(super) fn load_for_host(
-    path: &Path,
+    source: &PolicySource,
     cache: &mut ParseCache,
     live: Option<&Compiled>,
-    registry: &Registry,
+    inputs: Inputs<'_>,
 ) -> Result<(Policy, HostView, Compiled), RunError> {
-    policy::check_writers(path)?;
-    let policy = policy::load_cached(path, cache)?;
-    let view = host::observe(&policy, registry);
+    let policy = load_policy(source, cache, inputs.kvstore_policy)?;
+    let mut view = host::observe(&policy, inputs.registry);
+    view.fleet = inputs.fleet.to_vec();
     let compiled = compile::compile(&policy, &view, live)?;
     Ok((policy, view, compiled))
 }
@@ -47,6 +79,7 @@ pub(super) enum Trigger {
     FileChange,
     HostChange,
     Registration,
+    Fleet,
 }
 
 impl Trigger {
@@ -57,6 +90,7 @@ impl Trigger {
             Self::FileChange => "file-change",
             Self::HostChange => "host-change",
             Self::Registration => "registration",
+            Self::Fleet => "fleet",
         }
     }
 }
@@ -108,6 +142,32 @@ pub(super) struct Controller {
     /// Endpoints registered from outside the policy, and where they are kept.
     pub(super) registry: Registry,
     pub(super) registry_file: PathBuf,
+    /// The fleet (with `--kvstore`): the other hosts' endpoints, the policy text etcd holds,
+    /// and where this controller's own keys are asked for.
+    pub(super) fleet: FleetState,
+}
+
+/// What the controller knows of the fleet.
+pub(super) struct FleetState {
+    pub remote: Vec<RemoteEndpoint>,
+    pub kvstore_policy: Option<String>,
+    /// `None` without `--kvstore`.
+    pub connected: Option<bool>,
+    pub desired: Option<tokio::sync::watch::Sender<crate::fleet::session::Desired>>,
+    /// The time this node's published status says (refreshed each heartbeat interval).
+    pub status_time: std::time::SystemTime,
+}
+
+impl Default for FleetState {
+    fn default() -> Self {
+        Self {
+            remote: Vec::new(),
+            kvstore_policy: None,
+            connected: None,
+            desired: None,
+            status_time: std::time::SystemTime::now(),
+        }
+    }
 }
 
 impl Controller {
@@ -218,11 +278,16 @@ impl Controller {
 
     /// Reloads the policy; a policy that does not load changes nothing.
     pub(super) fn reload(&mut self, trigger: Trigger, started: Instant) {
+        let inputs = Inputs {
+            registry: &self.registry,
+            fleet: &self.fleet.remote,
+            kvstore_policy: self.fleet.kvstore_policy.as_deref(),
+        };
         let result = load_for_host(
-            &self.options.policy,
+            &PolicySource::of(&self.options.policy),
             &mut self.parse_cache,
             self.live.as_deref(),
-            &self.registry,
+            inputs,
         )
         .and_then(|(policy, view, compiled)| {
             self.install(policy, view, compiled, trigger, started)
@@ -268,6 +333,7 @@ impl Controller {
                 .collect(),
             audit_chain_head,
             interval_secs: self.options.heartbeat_interval.as_secs(),
+            kvstore_connected: self.fleet.connected,
             interfaces: enforcement::interface_states(
                 pins,
                 &enforcement::read_selectors(&pins.interfaces_file()),
@@ -293,7 +359,8 @@ impl Controller {
         let Some((policy, view)) = &self.policy else {
             return Ok(());
         };
-        let current = host::observe(policy, &self.registry);
+        let mut current = host::observe(policy, &self.registry);
+        current.fleet = self.fleet.remote.clone();
         if current == *view {
             return Ok(());
         }

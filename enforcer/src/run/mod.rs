@@ -3,6 +3,7 @@
 pub mod watch;
 
 mod controller;
+mod fleet;
 pub(crate) mod interfaces;
 mod pipeline;
 mod registrations;
@@ -13,7 +14,7 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex, RwLock},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use aya::maps::{MapData, RingBuf};
@@ -25,7 +26,7 @@ use tokio::{
 };
 
 use self::{
-    controller::{Controller, Trigger, load_for_host},
+    controller::{Controller, FleetState, Inputs, Trigger, load_for_host},
     interfaces::Interfaces,
     pipeline::{ControllerReport, FlowSummary, Pipeline, read_events},
     registrations::RegistryRequest,
@@ -50,6 +51,7 @@ use crate::{
         Clock, Generations, SequenceTracker,
         names_file::{self, NamesWriter},
     },
+    fleet::{KvstoreOptions, session::FleetUpdate},
     outputs::{
         alert::{self, AlertFormat},
         alerts_file::AlertsFile,
@@ -109,6 +111,31 @@ pub struct RunOptions {
     pub heartbeat_interval: Duration,
     /// Where the edges `new_edge` has reported are kept across restarts.
     pub edge_baseline: Option<PathBuf>,
+    /// The fleet's etcd, if this host is in one.
+    pub kvstore: Option<KvstoreOptions>,
+    /// This host's name in the fleet.
+    pub node: String,
+}
+
+/// Where the policy comes from: `--policy PATH` or `--policy etcd:KEY`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PolicySource {
+    File(PathBuf),
+    Kvstore(String),
+}
+
+impl PolicySource {
+    pub fn of(policy: &std::path::Path) -> Self {
+        match policy.to_str().and_then(|text| text.strip_prefix("etcd:")) {
+            Some("") => Self::Kvstore(crate::fleet::POLICY_KEY.to_owned()),
+            Some(key) => Self::Kvstore(key.to_owned()),
+            None => Self::File(policy.to_owned()),
+        }
+    }
+
+    pub fn is_kvstore(&self) -> bool {
+        matches!(self, Self::Kvstore(_))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +156,8 @@ pub enum RunError {
     Baseline(#[from] BaselineError),
     #[error(transparent)]
     Registry(#[from] PersistError),
+    #[error("etcd has no policy at {0} (write one with `enforcer fleet push`)")]
+    NoKvstorePolicy(String),
 }
 
 impl RunError {
@@ -158,7 +187,18 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     let mut parse_cache = ParseCache::default();
     let pins = PinLayout::new(&options.pin_path);
     let registry = Registry::load(&pins.endpoints_file())?;
-    let first = load_for_host(&options.policy, &mut parse_cache, None, &registry)?;
+    let (fleet_updates, fleet) = fleet::start(&options, &pins).await?;
+    let inputs = Inputs {
+        registry: &registry,
+        fleet: &fleet.remote,
+        kvstore_policy: fleet.kvstore_policy.as_deref(),
+    };
+    let first = load_for_host(
+        &PolicySource::of(&options.policy),
+        &mut parse_cache,
+        None,
+        inputs,
+    )?;
     if let Some(missing) = options
         .attach
         .iter()
@@ -175,24 +215,29 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     let (mut controller, mut datapath, mut interfaces, ring) = adopt_datapath(
         &options,
         &pins,
-        (parse_cache, registry),
+        (parse_cache, registry, fleet),
         outputs.audit_log,
         first,
         started,
     )?;
-    let (registry_requests, mut requests) = mpsc::unbounded_channel();
+    let (registry_requests, requests) = mpsc::unbounded_channel();
     let tasks = spawn_pipeline(&options, &controller, ring, outputs.rest, registry_requests);
     let mut host = Host {
         datapath: &mut datapath,
         interfaces: &mut interfaces,
         events: &host_events,
     };
+    let mut inbox = Inbox {
+        requests,
+        fleet: fleet_updates,
+    };
     event_loop(
         &options,
         &mut controller,
         &pins,
         &mut host,
-        (&tasks, &mut requests),
+        &tasks,
+        &mut inbox,
     )
     .await?;
     shutdown(&options, controller, datapath, tasks, &pins).await
@@ -277,7 +322,7 @@ impl Outputs {
 fn adopt_datapath(
     options: &RunOptions,
     pins: &PinLayout,
-    (parse_cache, registry): (ParseCache, Registry),
+    (parse_cache, registry, fleet): (ParseCache, Registry, FleetState),
     audit_log: Option<AuditLog>,
     (policy, view, compiled): (Policy, HostView, Compiled),
     started: Instant,
@@ -316,6 +361,7 @@ fn adopt_datapath(
         names_file: NamesWriter::start(pins.names_file()),
         registry,
         registry_file: pins.endpoints_file(),
+        fleet,
     };
     let mut interfaces = Interfaces::new(options.ingress_hook, pins.interfaces_file());
     interfaces.select(&options.attach, &policy, &controller.registry);
@@ -469,6 +515,23 @@ impl Host<'_> {
     }
 }
 
+/// What reaches the event loop from other tasks: registry requests from the socket, updates
+/// from the etcd session.
+struct Inbox {
+    requests: mpsc::UnboundedReceiver<RegistryRequest>,
+    fleet: Option<mpsc::UnboundedReceiver<FleetUpdate>>,
+}
+
+/// The next update from the etcd session, or never without one.
+async fn next_fleet_update(
+    fleet: &mut Option<mpsc::UnboundedReceiver<FleetUpdate>>,
+) -> Option<FleetUpdate> {
+    match fleet {
+        Some(updates) => updates.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// How often interfaces that could not be attached are tried again.
 const GAP_RETRY: Duration = Duration::from_millis(250);
 
@@ -479,12 +542,14 @@ async fn event_loop(
     controller: &mut Controller,
     pins: &PinLayout,
     host: &mut Host<'_>,
-    (tasks, requests): (&Tasks, &mut mpsc::UnboundedReceiver<RegistryRequest>),
+    tasks: &Tasks,
+    inbox: &mut Inbox,
 ) -> Result<(), RunError> {
     let expected_programs: BTreeMap<&'static str, String> = host.datapath.program_tags();
     let mut heartbeat_tick = tokio::time::interval(options.heartbeat_interval);
     let (changes_tx, mut changes) = mpsc::unbounded_channel();
     let _watch = match watch::watch(&options.policy, changes_tx) {
+        _ if PolicySource::of(&options.policy).is_kvstore() => None,
         Ok(watch) => Some(watch),
         Err(error) => {
             tracing::warn!(
@@ -532,17 +597,25 @@ async fn event_loop(
                 host.follow(options, controller);
             }
             _ = gap_retry.tick() => host.close_gaps(options, controller, tasks),
-            Some((request, reply)) = requests.recv() => {
+            Some((request, reply)) = inbox.requests.recv() => {
                 let _ = reply.send(registrations::answer(request, options, controller, host));
             }
-            _ = heartbeat_tick.tick(), if tasks.reporting => {
-                if let Some(heartbeat) = controller.heartbeat(pins, &expected_programs) {
+            Some(update) = next_fleet_update(&mut inbox.fleet) => {
+                controller.on_fleet_update(update, pins);
+                host.follow(options, controller);
+            }
+            _ = heartbeat_tick.tick() => {
+                controller.fleet.status_time = SystemTime::now();
+                if tasks.reporting
+                    && let Some(heartbeat) = controller.heartbeat(pins, &expected_programs)
+                {
                     let _ = tasks.to_pipeline.send(ControllerReport::Heartbeat(heartbeat));
                 }
             }
             _ = interrupt.recv() => return Ok(()),
             _ = terminate.recv() => return Ok(()),
         }
+        controller.publish_to_fleet(&expected_programs);
     }
 }
 

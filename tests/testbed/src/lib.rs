@@ -25,6 +25,7 @@ use std::{
 pub mod bpf;
 mod cgroups;
 mod daemon;
+pub mod fleet;
 pub mod frames;
 mod netns;
 mod pki;

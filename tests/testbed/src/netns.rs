@@ -94,16 +94,19 @@ impl Netns {
     /// A command that runs inside the namespace (entered after fork, so `/sys` stays the host's
     /// and bpffs pins are shared, unlike `ip netns exec`).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> io::Result<Command> {
-        let handle = self.handle()?;
-        let mut command = Command::new(program);
-        // SAFETY: setns is async-signal-safe; the handle stays open in the parent until spawn.
-        unsafe {
-            command.pre_exec(move || {
-                setns(&handle, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
-            });
-        }
-        Ok(command)
+        command_in(&self.name, program)
     }
+}
+
+/// [`Netns::command`] for the namespace called `name`.
+pub(crate) fn command_in(name: &str, program: impl AsRef<std::ffi::OsStr>) -> io::Result<Command> {
+    let handle = File::open(Path::new(NETNS_DIR).join(name))?;
+    let mut command = Command::new(program);
+    // SAFETY: setns is async-signal-safe; the handle stays open in the parent until spawn.
+    unsafe {
+        command.pre_exec(move || setns(&handle, CloneFlags::CLONE_NEWNET).map_err(io::Error::from));
+    }
+    Ok(command)
 }
 
 impl Drop for Netns {
