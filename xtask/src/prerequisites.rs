@@ -46,6 +46,15 @@ const PACKAGES: &[(&str, &str)] = &[
         "the tests check every alert record with tests/siem/validate.py",
     ),
     (
+        "protobuf-compiler",
+        "the etcd client's gRPC code is generated with protoc when enforcer is built",
+    ),
+    (
+        "etcd-server",
+        "the fleet tests run a three-member etcd cluster",
+    ),
+    ("etcd-client", "etcdctl: the fleet tests write into etcd directly"),
+    (
         "containernetworking-plugins",
         "the CNI tests chain enforcer-cni after the reference bridge and host-local plugins",
     ),
