@@ -8,6 +8,7 @@ mod support;
 use std::{
     net::SocketAddr,
     path::Path,
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -188,6 +189,40 @@ fn three_hosts_share_endpoints_and_policy_through_etcd_and_survive_its_failures_
         all_on_it().1
     );
 
+    // A controller restart opens no denial between hosts: C's new controller starts from its
+    // pinned datapath, its registrations and the fleet view it kept, before etcd answers.
+    on_c.daemon
+        .signal(nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    let killed_c = on_c;
+    let stop = AtomicBool::new(false);
+    // (It used to: the new controller's session withdrew the host's endpoints from etcd
+    // before the controller had said what they were, and the other hosts denied for a second.)
+    let (on_c, probes, refused) = std::thread::scope(|scope| {
+        let _stop = RaiseOnDrop(&stop);
+        let probe = scope.spawn(|| {
+            let (mut probes, mut refused) = (0, 0);
+            while !stop.load(Ordering::SeqCst) {
+                probes += 1;
+                if !reaches(5432) {
+                    refused += 1;
+                }
+            }
+            (probes, refused)
+        });
+        let restarted = start(&c, "host-c", &["v-db"]);
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, Ordering::SeqCst);
+        let (probes, refused) = probe.join().unwrap();
+        (restarted, probes, refused)
+    });
+    assert!(probes >= 3, "the probe ran through the restart ({probes})");
+    assert_eq!(
+        refused, 0,
+        "no allowed connection refused while C's controller restarted"
+    );
+    assert!(on_c.daemon.log_text().contains("adopting the datapath"));
+
     // A bad policy: refused by `fleet push`, and by every host when written straight in.
     let bad_file = a
         .write_file("bad.toml", "[[allow]]\nfrom = \"nosuch\"\nto = \"db\"\n")
@@ -221,4 +256,6 @@ fn three_hosts_share_endpoints_and_policy_through_etcd_and_survive_its_failures_
         3,
         "every host still enforces the last good policy, the same one:\n{text}"
     );
+    drop(on_c);
+    drop(killed_c);
 }

@@ -53,7 +53,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "etcd-server",
         "the fleet tests run a three-member etcd cluster",
     ),
-    ("etcd-client", "etcdctl: the fleet tests write into etcd directly"),
+    (
+        "etcd-client",
+        "etcdctl: the fleet tests write into etcd directly",
+    ),
     (
         "containernetworking-plugins",
         "the CNI tests chain enforcer-cni after the reference bridge and host-local plugins",

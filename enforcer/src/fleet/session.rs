@@ -42,13 +42,16 @@ pub enum FleetUpdate {
 /// The controller's side of a running session.
 pub struct FleetLink {
     pub updates: mpsc::UnboundedReceiver<FleetUpdate>,
-    pub desired: watch::Sender<Desired>,
+    /// What to publish; `None` until the controller has said. Until then nothing is written
+    /// or deleted: a restarted controller must not withdraw its host's endpoints from the
+    /// fleet before it knows them.
+    pub desired: watch::Sender<Option<Desired>>,
 }
 
 /// Starts the session task for node `node`; with `policy_key`, the policy is followed too.
 pub fn start(options: KvstoreOptions, node: String, policy_key: Option<String>) -> FleetLink {
     let (updates_tx, updates) = mpsc::unbounded_channel();
-    let (desired, desired_rx) = watch::channel(Desired::default());
+    let (desired, desired_rx) = watch::channel(None);
     tokio::spawn(run(
         options,
         Session {
@@ -83,7 +86,11 @@ struct Session {
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(3);
 
-async fn run(options: KvstoreOptions, mut session: Session, mut desired: watch::Receiver<Desired>) {
+async fn run(
+    options: KvstoreOptions,
+    mut session: Session,
+    mut desired: watch::Receiver<Option<Desired>>,
+) {
     let mut retry = RETRY_FIRST;
     loop {
         let error = session.connected(&options, &mut desired).await;
@@ -107,7 +114,7 @@ impl Session {
     async fn connected(
         &mut self,
         options: &KvstoreOptions,
-        desired: &mut watch::Receiver<Desired>,
+        desired: &mut watch::Receiver<Option<Desired>>,
     ) -> FleetError {
         match self.serve(options, desired).await {
             Ok(never) => match never {},
@@ -118,7 +125,7 @@ impl Session {
     async fn serve(
         &mut self,
         options: &KvstoreOptions,
-        desired: &mut watch::Receiver<Desired>,
+        desired: &mut watch::Receiver<Option<Desired>>,
     ) -> Result<std::convert::Infallible, FleetError> {
         let mut client = connect(options).await?;
         let lease = client.lease_grant(LEASE_TTL_SECS, None).await?.id();
@@ -132,8 +139,10 @@ impl Session {
         );
         let mut published = BTreeMap::new();
         let wanted = desired.borrow_and_update().clone();
-        self.publish(&mut client, lease, &wanted, &mut published)
-            .await?;
+        if let Some(wanted) = wanted {
+            self.publish(&mut client, lease, &wanted, &mut published)
+                .await?;
+        }
         let mut renew = tokio::time::interval(Duration::from_secs(LEASE_TTL_SECS as u64 / 3));
         loop {
             tokio::select! {
@@ -190,7 +199,9 @@ impl Session {
                         return Err(FleetError::Session("the controller stopped".to_owned()));
                     }
                     let wanted = desired.borrow_and_update().clone();
-                    self.publish(&mut client, lease, &wanted, &mut published).await?;
+                    if let Some(wanted) = wanted {
+                        self.publish(&mut client, lease, &wanted, &mut published).await?;
+                    }
                 }
             }
         }

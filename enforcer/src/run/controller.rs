@@ -153,7 +153,7 @@ pub(super) struct FleetState {
     pub kvstore_policy: Option<String>,
     /// `None` without `--kvstore`.
     pub connected: Option<bool>,
-    pub desired: Option<tokio::sync::watch::Sender<crate::fleet::session::Desired>>,
+    pub desired: Option<tokio::sync::watch::Sender<Option<crate::fleet::session::Desired>>>,
     /// The time this node's published status says (refreshed each heartbeat interval).
     pub status_time: std::time::SystemTime,
 }

@@ -157,8 +157,8 @@ impl Controller {
             }),
         };
         desired.send_if_modified(|current| {
-            let changed = *current != wanted;
-            *current = wanted;
+            let changed = current.as_ref() != Some(&wanted);
+            *current = Some(wanted);
             changed
         });
     }
