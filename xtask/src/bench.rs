@@ -6,7 +6,7 @@ use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, Result, bail};
 
-const BENCHES: [&str; 3] = ["datapath", "apply", "throughput"];
+const BENCHES: [&str; 4] = ["datapath", "apply", "throughput", "fleet"];
 
 pub fn run(workspace: &Path) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {

@@ -13,7 +13,7 @@ use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions, Watch
 use tokio::sync::{mpsc, watch};
 
 use super::{
-    KvstoreOptions, LEASE_TTL_SECS, NodeStatus, PREFIX, PublishedEndpoint, RemoteEndpoint,
+    KvstoreOptions, LEASE_TTL_SECS, NodeStatus, PublishedEndpoint, RemoteEndpoint,
     client::{FleetError, connect},
     endpoint_key, endpoints_prefix, node_key,
     view::FleetView,
@@ -214,7 +214,7 @@ impl Session {
         if self.revision > 0 {
             let (_, stream) = client
                 .watch(
-                    PREFIX,
+                    endpoints_prefix(),
                     Some(
                         WatchOptions::new()
                             .with_prefix()
@@ -238,7 +238,7 @@ impl Session {
         self.report();
         let (_, stream) = client
             .watch(
-                PREFIX,
+                endpoints_prefix(),
                 Some(
                     WatchOptions::new()
                         .with_prefix()

@@ -104,26 +104,32 @@ enum Follow {
 }
 
 impl Controller {
-    /// Acts on an update from the session.
-    pub(super) fn on_fleet_update(&mut self, update: FleetUpdate, pins: &PinLayout) {
-        match self.fleet.take(update) {
-            Follow::Nothing => {}
-            Follow::Recompile => {
-                write_json(&pins.fleet_file(), &self.fleet.remote);
-                if let Err(error) = self.recompile_for_host(Trigger::Fleet) {
-                    tracing::error!("recompiling for the fleet's endpoints failed: {error}");
-                }
+    /// Acts on updates from the session: at most one recompile and one reload for them all.
+    pub(super) fn on_fleet_updates(&mut self, updates: Vec<FleetUpdate>, pins: &PinLayout) {
+        let (mut recompile, mut reload) = (false, false);
+        for update in updates {
+            match self.fleet.take(update) {
+                Follow::Nothing => {}
+                Follow::Recompile => recompile = true,
+                Follow::Reload => reload = true,
             }
-            Follow::Reload => {
-                let before = self.live.as_ref().map(|live| live.hash);
-                self.reload(Trigger::Fleet, std::time::Instant::now());
-                let installed = self.live.as_ref().map(|live| live.hash);
-                if installed != before
-                    && let Some(text) = &self.fleet.kvstore_policy
-                    && let Err(error) = std::fs::write(pins.kvstore_policy_file(), text)
-                {
-                    tracing::warn!("keeping a copy of etcd's policy failed: {error}");
-                }
+        }
+        if reload {
+            let before = self.live.as_ref().map(|live| live.hash);
+            self.reload(Trigger::Fleet, std::time::Instant::now());
+            let installed = self.live.as_ref().map(|live| live.hash);
+            if installed != before
+                && let Some(text) = &self.fleet.kvstore_policy
+                && let Err(error) = std::fs::write(pins.kvstore_policy_file(), text)
+            {
+                tracing::warn!("keeping a copy of etcd's policy failed: {error}");
+            }
+        }
+        if recompile {
+            write_json(&pins.fleet_file(), &self.fleet.remote);
+            // A reload compiled the fleet's endpoints in already; this is then a no-op.
+            if let Err(error) = self.recompile_for_host(Trigger::Fleet) {
+                tracing::error!("recompiling for the fleet's endpoints failed: {error}");
             }
         }
         if let Some(connected) = self.fleet.connected {

@@ -601,7 +601,14 @@ async fn event_loop(
                 let _ = reply.send(registrations::answer(request, options, controller, host));
             }
             Some(update) = next_fleet_update(&mut inbox.fleet) => {
-                controller.on_fleet_update(update, pins);
+                // What queued meanwhile is taken in too: one compile for a burst of changes.
+                let mut updates = vec![update];
+                if let Some(fleet) = &mut inbox.fleet {
+                    while let Ok(more) = fleet.try_recv() {
+                        updates.push(more);
+                    }
+                }
+                controller.on_fleet_updates(updates, pins);
                 host.follow(options, controller);
             }
             _ = heartbeat_tick.tick() => {
