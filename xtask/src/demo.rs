@@ -39,7 +39,7 @@ fn catch_interrupts() {
     }
 }
 
-fn check_interrupt() -> Result<()> {
+pub(crate) fn check_interrupt() -> Result<()> {
     if INTERRUPTED.load(Ordering::SeqCst) {
         bail!("interrupted; cleaning up");
     }
@@ -148,9 +148,14 @@ pub fn run(enforcer: &Path, workspace: &Path) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("the demo creates network namespaces and loads eBPF programs: run it as root");
     }
+    footprint_unchanged(|| show(enforcer, &workspace.join("policies/demo.toml")))
+}
+
+/// Runs `demo` with Ctrl-C caught, then says whether the machine is as it was before.
+pub(crate) fn footprint_unchanged(demo: impl FnOnce() -> Result<()>) -> Result<()> {
     catch_interrupts();
     let before = footprint();
-    let outcome = show(enforcer, &workspace.join("policies/demo.toml"));
+    let outcome = demo();
     let after = footprint();
     println!();
     if before == after {

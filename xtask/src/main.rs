@@ -3,6 +3,7 @@
 
 mod bench;
 mod demo;
+mod demo_fleet;
 mod kernels;
 mod prerequisites;
 
@@ -34,7 +35,11 @@ enum Task {
     },
     /// Enforce a demo policy on a topology of network namespaces, show what was allowed and
     /// refused and why, then remove everything.
-    Demo,
+    Demo {
+        /// Three simulated hosts sharing an etcd cluster instead (DESIGN §12).
+        #[arg(long)]
+        fleet: bool,
+    },
     /// Run every test: the kernel matrix (the release binary on Debian's 5.10, 6.1 and 6.12
     /// kernels under QEMU), then unit tests and integration tests against this host's kernel
     /// (needs root).
@@ -91,10 +96,14 @@ fn run(task: Task) -> Result<()> {
             }
             Ok(())
         }
-        Task::Demo => {
+        Task::Demo { fleet } => {
             prerequisites::setup_if_missing()?;
             let binary = build_release()?;
-            demo::run(&binary, &workspace_root())
+            if fleet {
+                demo_fleet::run(&binary)
+            } else {
+                demo::run(&binary, &workspace_root())
+            }
         }
         Task::Test {
             no_kernel_matrix,
