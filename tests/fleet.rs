@@ -237,7 +237,7 @@ fn three_hosts_share_endpoints_and_policy_through_etcd_and_survive_its_failures_
         ])
         .unwrap();
     assert!(written.status.success(), "{written:?}");
-    for enforcer in [&on_a, &on_c] {
+    for enforcer in [&on_a, &_on_b, &on_c] {
         enforcer
             .daemon
             .wait_for_log("policy reload refused", PROPAGATION)
@@ -256,6 +256,125 @@ fn three_hosts_share_endpoints_and_policy_through_etcd_and_survive_its_failures_
         3,
         "every host still enforces the last good policy, the same one:\n{text}"
     );
+
+    // A partition longer than etcd keeps history: host A is cut off while C removes db and
+    // etcd compacts its history; back, A cannot resume from its revision, lists everything
+    // again, and learns that db is gone.
+    a.host.ip(&["link", "set", "uplink", "down"]).unwrap();
+    assert!(
+        enforcer_testbed::eventually(Duration::from_secs(30), || metric(
+            &a,
+            "enforcer_kvstore_connected"
+        )
+        .as_deref()
+            == Some("0")),
+        "host A notices the partition"
+    );
+    let removed = on_c.endpoint_command(&c, &["del", "--interface", "v-db"]);
+    assert!(removed.status.success(), "{removed:?}");
+    let revision = etcd.etcdctl(&["get", "/", "-w", "json"]).unwrap();
+    let revision: serde_json::Value = serde_json::from_slice(&revision.stdout).unwrap();
+    let revision = revision["header"]["revision"].as_i64().unwrap().to_string();
+    let compacted = etcd.etcdctl(&["compact", &revision]).unwrap();
+    assert!(compacted.status.success(), "{compacted:?}");
+    a.host.ip(&["link", "set", "uplink", "up"]).unwrap();
+    // (Taking the link down took its routes with it.)
+    for (subnet, via) in [
+        ("10.200.32.0/20", uplinks[1]),
+        ("10.200.48.0/20", uplinks[2]),
+    ] {
+        a.host
+            .ip(&["route", "add", subnet, "via", &via.to_string()])
+            .unwrap();
+    }
+    assert!(
+        enforcer_testbed::eventually(Duration::from_secs(30), || metric(
+            &a,
+            "enforcer_kvstore_connected"
+        )
+        .as_deref()
+            == Some("1")),
+        "host A reconnects"
+    );
+    assert!(
+        enforcer_testbed::eventually(Duration::from_secs(30), || !reaches(5432)),
+        "host A learns that db is gone (C no longer enforces db's interface: A must refuse)"
+    );
+    assert!(
+        on_a.daemon.log_text().contains("is compacted"),
+        "A listed again because its revision was compacted"
+    );
     drop(on_c);
     drop(killed_c);
+}
+
+/// etcd over TLS (`--kvstore-ca`, `--kvstore-cert`, `--kvstore-key`): with the CA and a client
+/// certificate it signed, the controller connects and publishes its endpoint; a client that
+/// trusts another CA, or brings no certificate, gets nothing.
+#[root_test]
+fn the_fleet_talks_to_etcd_over_mutual_tls_as_root() {
+    let topology = Topology::build(&["db"]).unwrap();
+    let ca = enforcer_testbed::TestCa::create(&topology.dir, "etcd-ca").unwrap();
+    let other = enforcer_testbed::TestCa::create(&topology.dir, "other-ca").unwrap();
+    let _etcd =
+        enforcer_testbed::fleet::start_tls_member(&topology.host, &topology.dir.join("etcd"), &ca)
+            .unwrap();
+    let (cert, key) = ca.client();
+    let tls_args = |ca_file: &Path| {
+        vec![
+            "--kvstore".to_owned(),
+            "https://127.0.0.1:2379".to_owned(),
+            "--kvstore-ca".to_owned(),
+            ca_file.display().to_string(),
+            "--kvstore-cert".to_owned(),
+            cert.display().to_string(),
+            "--kvstore-key".to_owned(),
+            key.display().to_string(),
+        ]
+    };
+    let mut extra = tls_args(&ca.ca());
+    extra.extend(["--node", "tls-host", "--metrics", "9464"].map(str::to_owned));
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let _enforcer = enforce_with(&topology, &services(&topology, &["db"]), &extra);
+    assert!(
+        enforcer_testbed::eventually(PROPAGATION, || metric(
+            &topology,
+            "enforcer_kvstore_connected"
+        )
+        .as_deref()
+            == Some("1")),
+        "connected over TLS"
+    );
+    let status = |ca_file: &Path, with_certificate: bool| {
+        let mut args = vec!["fleet".to_owned(), "status".to_owned()];
+        let mut tls = tls_args(ca_file);
+        if !with_certificate {
+            tls.truncate(4);
+        }
+        args.extend(tls);
+        topology
+            .host
+            .command(ENFORCER)
+            .unwrap()
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    let trusted = status(&ca.ca(), true);
+    let text = String::from_utf8_lossy(&trusted.stdout);
+    assert!(
+        text.contains("tls-host"),
+        "the node's status is in etcd: {text} {trusted:?}"
+    );
+    for (ca_file, with_certificate, what) in [
+        (other.ca(), true, "a client trusting another CA"),
+        (ca.ca(), false, "a client without a certificate"),
+    ] {
+        let refused = status(&ca_file, with_certificate);
+        assert_eq!(refused.status.code(), Some(2), "{what}: {refused:?}");
+        assert!(
+            !String::from_utf8_lossy(&refused.stdout).contains("tls-host"),
+            "{what}"
+        );
+    }
 }

@@ -158,6 +158,11 @@ impl Session {
                     if response.canceled() {
                         if response.compact_revision() > 0 {
                             // Resuming from our revision is impossible: list again.
+                            tracing::warn!(
+                                "etcd: revision {} is compacted (now from {}); listing every endpoint again",
+                                self.revision + 1,
+                                response.compact_revision()
+                            );
                             self.revision = 0;
                         }
                         return Err(FleetError::Session(format!("the watch was cancelled: {}", response.cancel_reason())));

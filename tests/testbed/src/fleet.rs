@@ -187,3 +187,33 @@ impl EtcdCluster {
         command.output()
     }
 }
+
+/// A one-member etcd in `netns` serving TLS on https://127.0.0.1:2379 with `ca`'s server
+/// certificate, and requiring client certificates `ca` signed.
+pub fn start_tls_member(netns: &Netns, dir: &Path, ca: &crate::TestCa) -> io::Result<Daemon> {
+    std::fs::create_dir_all(dir)?;
+    let (certificate, key) = ca.server();
+    let mut command = netns.command("etcd")?;
+    command
+        .args(["--name", "tls"])
+        .arg("--data-dir")
+        .arg(dir.join("tls"))
+        .args(["--listen-client-urls", "https://127.0.0.1:2379"])
+        .args(["--advertise-client-urls", "https://127.0.0.1:2379"])
+        .args(["--listen-peer-urls", "http://127.0.0.1:2380"])
+        .args(["--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
+        .args(["--initial-cluster", "tls=http://127.0.0.1:2380"])
+        .arg("--cert-file")
+        .arg(certificate)
+        .arg("--key-file")
+        .arg(key)
+        .arg("--trusted-ca-file")
+        .arg(ca.ca())
+        .arg("--client-cert-auth");
+    Daemon::spawn(
+        command,
+        dir.join("tls.log"),
+        "ready to serve client requests",
+        Duration::from_secs(30),
+    )
+}
