@@ -155,49 +155,11 @@ impl Session {
                 }
                 message = stream.message() => {
                     let response = message?.ok_or_else(|| FleetError::Session("the watch ended".to_owned()))?;
-                    if response.canceled() {
-                        if response.compact_revision() > 0 {
-                            // Resuming from our revision is impossible: list again.
-                            tracing::warn!(
-                                "etcd: revision {} is compacted (now from {}); listing every endpoint again",
-                                self.revision + 1,
-                                response.compact_revision()
-                            );
-                            self.revision = 0;
-                        }
-                        return Err(FleetError::Session(format!("the watch was cancelled: {}", response.cancel_reason())));
-                    }
-                    for event in response.events() {
-                        let Some(kv) = event.kv() else { continue };
-                        let key = kv.key_str().unwrap_or_default();
-                        if event.event_type() == EventType::Delete {
-                            self.view.delete(key);
-                        } else if key.starts_with(&endpoints_prefix())
-                            && let Err(error) = self.view.put(key, kv.value(), kv.create_revision())
-                        {
-                            tracing::warn!("etcd: {error}");
-                        }
-                        self.revision = self.revision.max(kv.mod_revision());
-                    }
-                    if let Some(header) = response.header() {
-                        self.revision = self.revision.max(header.revision());
-                    }
-                    self.report();
+                    self.apply_watch(&response)?;
                 }
                 message = next_policy(&mut policy_stream) => {
                     let response = message?.ok_or_else(|| FleetError::Session("the policy watch ended".to_owned()))?;
-                    if response.canceled() {
-                        return Err(FleetError::Session("the policy watch was cancelled".to_owned()));
-                    }
-                    if let Some(event) = response.events().last() {
-                        let text = (event.event_type() == EventType::Put)
-                            .then(|| event.kv().and_then(|kv| kv.value_str().ok()).map(str::to_owned))
-                            .flatten();
-                        if let Some(kv) = event.kv() {
-                            self.policy_revision = kv.mod_revision();
-                        }
-                        let _ = self.updates.send(FleetUpdate::Policy(text));
-                    }
+                    self.apply_policy(&response)?;
                 }
                 changed = desired.changed() => {
                     if changed.is_err() {
@@ -210,6 +172,65 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Takes in a response of the endpoints watch; a cancelled watch ends the session (after a
+    /// compaction, with the view to be listed again).
+    fn apply_watch(&mut self, response: &etcd_client::WatchResponse) -> Result<(), FleetError> {
+        if response.canceled() {
+            if response.compact_revision() > 0 {
+                // Resuming from our revision is impossible: list again.
+                tracing::warn!(
+                    "etcd: revision {} is compacted (now from {}); listing every endpoint again",
+                    self.revision + 1,
+                    response.compact_revision()
+                );
+                self.revision = 0;
+            }
+            return Err(FleetError::Session(format!(
+                "the watch was cancelled: {}",
+                response.cancel_reason()
+            )));
+        }
+        for event in response.events() {
+            let Some(kv) = event.kv() else { continue };
+            let key = kv.key_str().unwrap_or_default();
+            if event.event_type() == EventType::Delete {
+                self.view.delete(key);
+            } else if let Err(error) = self.view.put(key, kv.value(), kv.create_revision()) {
+                tracing::warn!("etcd: {error}");
+            }
+            self.revision = self.revision.max(kv.mod_revision());
+        }
+        if let Some(header) = response.header() {
+            self.revision = self.revision.max(header.revision());
+        }
+        self.report();
+        Ok(())
+    }
+
+    /// Takes in a response of the policy key's watch.
+    fn apply_policy(&mut self, response: &etcd_client::WatchResponse) -> Result<(), FleetError> {
+        if response.canceled() {
+            return Err(FleetError::Session(
+                "the policy watch was cancelled".to_owned(),
+            ));
+        }
+        if let Some(event) = response.events().last() {
+            let text = (event.event_type() == EventType::Put)
+                .then(|| {
+                    event
+                        .kv()
+                        .and_then(|kv| kv.value_str().ok())
+                        .map(str::to_owned)
+                })
+                .flatten();
+            if let Some(kv) = event.kv() {
+                self.policy_revision = kv.mod_revision();
+            }
+            let _ = self.updates.send(FleetUpdate::Policy(text));
+        }
+        Ok(())
     }
 
     /// Brings the view up to date and returns a watch from there: from the revision it had

@@ -522,6 +522,40 @@ struct Inbox {
     fleet: Option<mpsc::UnboundedReceiver<FleetUpdate>>,
 }
 
+impl Inbox {
+    /// `first` and the fleet updates queued behind it: one compile for a burst of changes.
+    fn with_queued(&mut self, first: FleetUpdate) -> Vec<FleetUpdate> {
+        let mut updates = vec![first];
+        if let Some(fleet) = &mut self.fleet {
+            while let Ok(more) = fleet.try_recv() {
+                updates.push(more);
+            }
+        }
+        updates
+    }
+}
+
+/// The signals `run` acts on.
+struct Signals {
+    hangup: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self, RunError> {
+        let signal_error = |source| RunError::Io {
+            what: "installing signal handlers".to_owned(),
+            source,
+        };
+        Ok(Self {
+            hangup: signal(SignalKind::hangup()).map_err(signal_error)?,
+            interrupt: signal(SignalKind::interrupt()).map_err(signal_error)?,
+            terminate: signal(SignalKind::terminate()).map_err(signal_error)?,
+        })
+    }
+}
+
 /// The next update from the etcd session, or never without one.
 async fn next_fleet_update(
     fleet: &mut Option<mpsc::UnboundedReceiver<FleetUpdate>>,
@@ -559,13 +593,7 @@ async fn event_loop(
             None
         }
     };
-    let signal_error = |source| RunError::Io {
-        what: "installing signal handlers".to_owned(),
-        source,
-    };
-    let mut hangup = signal(SignalKind::hangup()).map_err(signal_error)?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(signal_error)?;
-    let mut terminate = signal(SignalKind::terminate()).map_err(signal_error)?;
+    let mut signals = Signals::install()?;
     let mut host_resync = tokio::time::interval(HOST_RESYNC);
     host_resync.reset();
     let mut gap_retry = tokio::time::interval(GAP_RETRY);
@@ -573,7 +601,7 @@ async fn event_loop(
     tracing::info!(pins = %pins.root.display(), observe = %options.observe_socket.display(), "enforcing");
     loop {
         tokio::select! {
-            _ = hangup.recv() => {
+            _ = signals.hangup.recv() => {
                 controller.reload(Trigger::Signal, Instant::now());
                 host.follow(options, controller);
             }
@@ -601,14 +629,7 @@ async fn event_loop(
                 let _ = reply.send(registrations::answer(request, options, controller, host));
             }
             Some(update) = next_fleet_update(&mut inbox.fleet) => {
-                // What queued meanwhile is taken in too: one compile for a burst of changes.
-                let mut updates = vec![update];
-                if let Some(fleet) = &mut inbox.fleet {
-                    while let Ok(more) = fleet.try_recv() {
-                        updates.push(more);
-                    }
-                }
-                controller.on_fleet_updates(updates, pins);
+                controller.on_fleet_updates(inbox.with_queued(update), pins);
                 host.follow(options, controller);
             }
             _ = heartbeat_tick.tick() => {
@@ -619,8 +640,8 @@ async fn event_loop(
                     let _ = tasks.to_pipeline.send(ControllerReport::Heartbeat(heartbeat));
                 }
             }
-            _ = interrupt.recv() => return Ok(()),
-            _ = terminate.recv() => return Ok(()),
+            _ = signals.interrupt.recv() => return Ok(()),
+            _ = signals.terminate.recv() => return Ok(()),
         }
         controller.publish_to_fleet(&expected_programs);
     }
