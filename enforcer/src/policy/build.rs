@@ -343,12 +343,17 @@ pub(super) fn build_service(
         .mode
         .as_ref()
         .and_then(|mode| parse_mode(source, mode, diagnostics));
+    let interface_selectors = interfaces
+        .iter()
+        .filter_map(|entry| InterfaceSelector::new(entry).ok())
+        .collect();
     Some(Service {
         name,
         identity,
         identity_declared,
         cgroups,
         interfaces,
+        interface_selectors,
         addresses,
         mode,
         origin,

@@ -214,6 +214,8 @@ pub struct Service {
     pub identity_declared: bool,
     pub cgroups: Vec<PathBuf>,
     pub interfaces: Vec<String>,
+    /// `interfaces`, each as a selector (built once: hosts ask for every interface they have).
+    pub interface_selectors: Vec<InterfaceSelector>,
     pub addresses: Vec<IpNet>,
     /// Per-service override of the global mode.
     pub mode: Option<Mode>,
@@ -232,7 +234,7 @@ impl Service {
 
 /// An `interfaces` entry: an interface's name, or a shell-style pattern (`*`, `?`, `[...]`)
 /// that names every interface it matches, now or later (`"veth-api-*"`).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum InterfaceSelector {
     Name(String),
     Pattern(glob::Pattern),
