@@ -532,6 +532,118 @@ fn spoofed_source_from_an_endpoint_never_reaches_its_target_with_xdp_ingress_as_
     spoofed_source_is_dropped("xdp");
 }
 
+/// A workload claims another service's IPv6 address to the host by neighbour discovery: a
+/// solicitation from that address (the host learns the address is behind the workload's
+/// interface) and an unsolicited advertisement of it. Without enforcer the host's neighbour
+/// table takes both; with it neither arrives (they are spoofed), while the workload's honest
+/// neighbour discovery still does.
+#[root_test]
+fn neighbour_discovery_from_an_endpoint_speaks_only_for_its_own_addresses_as_root() {
+    let topology = Topology::build(&["frontend", "api"]).unwrap();
+    let policy = services(&topology, &["frontend", "api"]);
+    for scope in ["all", "v-api"] {
+        topology
+            .host
+            .sysctl(&format!("net.ipv6.conf.{scope}.accept_untracked_na"), "1")
+            .unwrap();
+    }
+    let api = topology.netns("api");
+    let (frontend_address, api_address, gateway) = (
+        topology.endpoint("frontend").ipv6,
+        topology.endpoint("api").ipv6,
+        topology.endpoint("api").gateway_v6,
+    );
+    api.ip(&[
+        "addr",
+        "add",
+        &format!("{frontend_address}/128"),
+        "dev",
+        "eth0",
+        "nodad",
+    ])
+    .unwrap();
+    const MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x66];
+    let send = |from: std::net::Ipv6Addr, to: std::net::Ipv6Addr, message: Vec<u8>| {
+        api.send_icmpv6(from, to, "eth0", &message).unwrap();
+    };
+    let solicitation = |target: std::net::Ipv6Addr| {
+        let mut message = vec![135, 0, 0, 0, 0, 0, 0, 0];
+        message.extend(target.octets());
+        message.extend([1, 1]);
+        message.extend(MAC);
+        message
+    };
+    let advertisement = |target: std::net::Ipv6Addr| {
+        let mut message = vec![136, 0, 0, 0, 0x20, 0, 0, 0];
+        message.extend(target.octets());
+        message.extend([2, 1]);
+        message.extend(MAC);
+        message
+    };
+    let all_nodes: std::net::Ipv6Addr = "ff02::1".parse().unwrap();
+    let host_believes = |address: std::net::Ipv6Addr| {
+        let output = topology
+            .host
+            .command("ip")
+            .unwrap()
+            .args(["-6", "neigh", "show", "dev", "v-api"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).lines().any(|line| {
+            line.starts_with(&format!("{address} ")) && line.contains("02:00:00:00:00:66")
+        })
+    };
+    let flush = || {
+        topology
+            .host
+            .ip(&["-6", "neigh", "flush", "dev", "v-api"])
+            .unwrap()
+    };
+    let attacks: [(&str, Box<dyn Fn()>); 2] = [
+        (
+            "a solicitation from frontend's address",
+            Box::new(|| send(frontend_address, gateway, solicitation(gateway))),
+        ),
+        (
+            "an advertisement of frontend's address",
+            Box::new(|| send(api_address, all_nodes, advertisement(frontend_address))),
+        ),
+    ];
+    for (what, attack) in &attacks {
+        flush();
+        attack();
+        assert!(
+            enforcer_testbed::eventually(Duration::from_secs(2), || host_believes(
+                frontend_address
+            )),
+            "without enforcer the host believes {what}"
+        );
+    }
+    let enforcer = enforce(&topology, &policy);
+    for (what, attack) in &attacks {
+        flush();
+        attack();
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            !host_believes(frontend_address),
+            "enforced: {what} is dropped"
+        );
+    }
+    flush();
+    send(api_address, gateway, solicitation(gateway));
+    assert!(
+        enforcer_testbed::eventually(Duration::from_secs(2), || host_believes(api_address)),
+        "api's neighbour discovery for its own address still works"
+    );
+    let spoofed = enforcer
+        .wait_for_alert(|alert| {
+            alert["unmapped"]["enforcer"]["reason"] == "spoofed"
+                && alert["src_endpoint"]["ip"] == frontend_address.to_string()
+        })
+        .expect("the forged solicitation is reported");
+    assert_eq!(spoofed["src_endpoint"]["svc_name"], "api");
+}
+
 /// A workload behind another interface forges frontend's address: before, only frontend's own
 /// interface checked it, so the datagram passed wherever else it came in.
 #[root_test]

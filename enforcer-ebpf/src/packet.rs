@@ -134,6 +134,9 @@ pub struct Packet {
     pub l4_offset: u32,
     /// Length of the IP packet by its own header (IPv4 total length, IPv6 header and payload).
     pub ip_len: u32,
+    /// The target address of a neighbour solicitation or advertisement, or of a redirect;
+    /// zero for other packets.
+    pub nd_target: [u8; 16],
 }
 
 impl Packet {
@@ -293,6 +296,7 @@ fn parse_ipv4<F: Frame>(frame: &F, offset: usize, packet: &mut Packet) -> Parsed
         dst_port: 0,
         tcp_flags: 0,
         icmp_type: 0,
+        nd_target: [0; 16],
         hop_limit: ip.ttl,
         fragment,
         fragment_id: be16(ip.id) as u32,
@@ -370,6 +374,7 @@ fn parse_ipv6<F: Frame>(frame: &F, offset: usize, packet: &mut Packet) -> Parsed
         dst_port: 0,
         tcp_flags: 0,
         icmp_type: 0,
+        nd_target: [0; 16],
         hop_limit: ip.hop_limit,
         fragment,
         fragment_id,
@@ -434,6 +439,14 @@ fn parse_transport<F: Frame>(
                 return reason::MALFORMED;
             };
             packet.icmp_type = icmp.icmp_type;
+            if packet.proto == proto::ICMPV6 && matches!(icmp.icmp_type, 135..=137) {
+                // The target follows the 4-byte header and 4 reserved bytes; a message too
+                // short to name one is nobody's neighbour discovery.
+                let Some(target) = frame.read::<[u8; 16]>(offset + 8) else {
+                    return reason::MALFORMED;
+                };
+                packet.nd_target = target;
+            }
             if is_echo(packet.proto, icmp.icmp_type) {
                 let id = be16(icmp.id);
                 packet.src_port = id;

@@ -358,3 +358,30 @@ pub fn socat_exchange(
     }
     Ok(output.stdout)
 }
+
+impl Netns {
+    /// Sends `message` as one ICMPv6 packet from `from` (an address of this namespace) to `to`
+    /// through `interface`, with hop limit 255 (as neighbour discovery must be); the kernel
+    /// fills in the checksum.
+    pub fn send_icmpv6(
+        &self,
+        from: Ipv6Addr,
+        to: Ipv6Addr,
+        interface: &str,
+        message: &[u8],
+    ) -> io::Result<()> {
+        use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+        let interface = interface.to_owned();
+        let message = message.to_vec();
+        self.run(move || {
+            let socket = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))?;
+            socket.set_unicast_hops_v6(255)?;
+            socket.set_multicast_hops_v6(255)?;
+            socket.bind(&SockAddr::from(SocketAddr::new(IpAddr::V6(from), 0)))?;
+            let scope =
+                nix::net::if_::if_nametoindex(interface.as_str()).map_err(io::Error::from)?;
+            let to = std::net::SocketAddrV6::new(to, 0, 0, scope);
+            socket.send_to(&message, &SockAddr::from(to)).map(drop)
+        })?
+    }
+}
