@@ -566,20 +566,17 @@ fn neighbour_discovery_from_an_endpoint_speaks_only_for_its_own_addresses_as_roo
     let send = |from: std::net::Ipv6Addr, to: std::net::Ipv6Addr, message: Vec<u8>| {
         api.send_icmpv6(from, to, "eth0", &message).unwrap();
     };
-    let solicitation = |target: std::net::Ipv6Addr| {
-        let mut message = vec![135, 0, 0, 0, 0, 0, 0, 0];
+    // Type, flags (override, for an advertisement), target, and the link-layer address
+    // option (1: the sender's, 2: the target's) with the workload's made-up MAC.
+    let message = |kind: u8, flags: u8, target: std::net::Ipv6Addr| {
+        let mut message = vec![kind, 0, 0, 0, flags, 0, 0, 0];
         message.extend(target.octets());
-        message.extend([1, 1]);
+        message.extend([if kind == 135 { 1 } else { 2 }, 1]);
         message.extend(MAC);
         message
     };
-    let advertisement = |target: std::net::Ipv6Addr| {
-        let mut message = vec![136, 0, 0, 0, 0x20, 0, 0, 0];
-        message.extend(target.octets());
-        message.extend([2, 1]);
-        message.extend(MAC);
-        message
-    };
+    let solicitation = |target| message(135, 0, target);
+    let advertisement = |target| message(136, 0x20, target);
     let all_nodes: std::net::Ipv6Addr = "ff02::1".parse().unwrap();
     let host_believes = |address: std::net::Ipv6Addr| {
         let output = topology
@@ -599,19 +596,23 @@ fn neighbour_discovery_from_an_endpoint_speaks_only_for_its_own_addresses_as_roo
             .ip(&["-6", "neigh", "flush", "dev", "v-api"])
             .unwrap()
     };
-    let attacks: [(&str, Box<dyn Fn()>); 2] = [
+    let attacks = [
         (
             "a solicitation from frontend's address",
-            Box::new(|| send(frontend_address, gateway, solicitation(gateway))),
+            frontend_address,
+            gateway,
+            solicitation(gateway),
         ),
         (
             "an advertisement of frontend's address",
-            Box::new(|| send(api_address, all_nodes, advertisement(frontend_address))),
+            api_address,
+            all_nodes,
+            advertisement(frontend_address),
         ),
     ];
-    for (what, attack) in &attacks {
+    for (what, from, to, forged) in &attacks {
         flush();
-        attack();
+        send(*from, *to, forged.clone());
         assert!(
             enforcer_testbed::eventually(Duration::from_secs(2), || host_believes(
                 frontend_address
@@ -620,9 +621,9 @@ fn neighbour_discovery_from_an_endpoint_speaks_only_for_its_own_addresses_as_roo
         );
     }
     let enforcer = enforce(&topology, &policy);
-    for (what, attack) in &attacks {
+    for (what, from, to, forged) in &attacks {
         flush();
-        attack();
+        send(*from, *to, forged.clone());
         std::thread::sleep(Duration::from_millis(200));
         assert!(
             !host_believes(frontend_address),
