@@ -532,6 +532,34 @@ fn spoofed_source_from_an_endpoint_never_reaches_its_target_with_xdp_ingress_as_
     spoofed_source_is_dropped("xdp");
 }
 
+/// The workload's made-up hardware address in the neighbour-claim attacks.
+const FORGED_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x66];
+
+/// Whether the host's neighbour table says `address` is at [`FORGED_MAC`] behind `interface`.
+fn host_believes(topology: &Topology, interface: &str, address: IpAddr) -> bool {
+    let family = if address.is_ipv4() { "-4" } else { "-6" };
+    let output = topology
+        .host
+        .command("ip")
+        .unwrap()
+        .args([family, "neigh", "show", "dev", interface])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .any(|line| line.starts_with(&format!("{address} ")) && line.contains("02:00:00:00:00:66"))
+}
+
+/// Forgets what the host's neighbour table holds behind `interface`.
+fn host_forgets(topology: &Topology, interface: &str) {
+    for family in ["-4", "-6"] {
+        topology
+            .host
+            .ip(&[family, "neigh", "flush", "dev", interface])
+            .unwrap();
+    }
+}
+
 /// A workload claims another service's IPv6 address to the host by neighbour discovery: a
 /// solicitation from that address (the host learns the address is behind the workload's
 /// interface) and an unsolicited advertisement of it. Without enforcer the host's neighbour
@@ -562,7 +590,6 @@ fn neighbour_discovery_from_an_endpoint_speaks_only_for_its_own_addresses_as_roo
         "nodad",
     ])
     .unwrap();
-    const MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x66];
     let send = |from: std::net::Ipv6Addr, to: std::net::Ipv6Addr, message: Vec<u8>| {
         api.send_icmpv6(from, to, "eth0", &message).unwrap();
     };
@@ -572,30 +599,12 @@ fn neighbour_discovery_from_an_endpoint_speaks_only_for_its_own_addresses_as_roo
         let mut message = vec![kind, 0, 0, 0, flags, 0, 0, 0];
         message.extend(target.octets());
         message.extend([if kind == 135 { 1 } else { 2 }, 1]);
-        message.extend(MAC);
+        message.extend(FORGED_MAC);
         message
     };
     let solicitation = |target| message(135, 0, target);
     let advertisement = |target| message(136, 0x20, target);
     let all_nodes: std::net::Ipv6Addr = "ff02::1".parse().unwrap();
-    let host_believes = |address: std::net::Ipv6Addr| {
-        let output = topology
-            .host
-            .command("ip")
-            .unwrap()
-            .args(["-6", "neigh", "show", "dev", "v-api"])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&output.stdout).lines().any(|line| {
-            line.starts_with(&format!("{address} ")) && line.contains("02:00:00:00:00:66")
-        })
-    };
-    let flush = || {
-        topology
-            .host
-            .ip(&["-6", "neigh", "flush", "dev", "v-api"])
-            .unwrap()
-    };
     let attacks = [
         (
             "a solicitation from frontend's address",
@@ -611,29 +620,35 @@ fn neighbour_discovery_from_an_endpoint_speaks_only_for_its_own_addresses_as_roo
         ),
     ];
     for (what, from, to, forged) in &attacks {
-        flush();
+        host_forgets(&topology, "v-api");
         send(*from, *to, forged.clone());
         assert!(
             enforcer_testbed::eventually(Duration::from_secs(2), || host_believes(
-                frontend_address
+                &topology,
+                "v-api",
+                frontend_address.into()
             )),
             "without enforcer the host believes {what}"
         );
     }
     let enforcer = enforce(&topology, &policy);
     for (what, from, to, forged) in &attacks {
-        flush();
+        host_forgets(&topology, "v-api");
         send(*from, *to, forged.clone());
         std::thread::sleep(Duration::from_millis(200));
         assert!(
-            !host_believes(frontend_address),
+            !host_believes(&topology, "v-api", frontend_address.into()),
             "enforced: {what} is dropped"
         );
     }
-    flush();
+    host_forgets(&topology, "v-api");
     send(api_address, gateway, solicitation(gateway));
     assert!(
-        enforcer_testbed::eventually(Duration::from_secs(2), || host_believes(api_address)),
+        enforcer_testbed::eventually(Duration::from_secs(2), || host_believes(
+            &topology,
+            "v-api",
+            api_address.into()
+        )),
         "api's neighbour discovery for its own address still works"
     );
     let spoofed = enforcer
@@ -642,6 +657,65 @@ fn neighbour_discovery_from_an_endpoint_speaks_only_for_its_own_addresses_as_roo
                 && alert["src_endpoint"]["ip"] == frontend_address.to_string()
         })
         .expect("the forged solicitation is reported");
+    assert_eq!(spoofed["src_endpoint"]["svc_name"], "api");
+}
+
+/// The IPv4 form of the same attack: an ARP request from api's link that says frontend's
+/// address is at the workload's hardware address. Without enforcer the host's neighbour
+/// table takes it; with it, it is dropped as spoofed, while api's own ARP still works.
+#[root_test]
+fn arp_from_an_endpoint_speaks_only_for_its_own_addresses_as_root() {
+    let topology = Topology::build(&["frontend", "api"]).unwrap();
+    let policy = services(&topology, &["frontend", "api"]);
+    let api = topology.netns("api");
+    let (frontend_address, api_address, gateway) = (
+        topology.endpoint("frontend").ipv4,
+        topology.endpoint("api").ipv4,
+        topology.endpoint("api").gateway_v4,
+    );
+    // Who has the gateway? Tell `sender`, at FORGED_MAC.
+    let request = |sender: Ipv4Addr| {
+        let mut frame = vec![0xff; 6];
+        frame.extend(FORGED_MAC);
+        frame.extend([0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4, 0, 1]);
+        frame.extend(FORGED_MAC);
+        frame.extend(sender.octets());
+        frame.extend([0; 6]);
+        frame.extend(gateway.octets());
+        frame
+    };
+    api.send_frame("eth0", &request(frontend_address)).unwrap();
+    assert!(
+        enforcer_testbed::eventually(Duration::from_secs(2), || host_believes(
+            &topology,
+            "v-api",
+            frontend_address.into()
+        )),
+        "without enforcer the host believes frontend's address is behind v-api"
+    );
+    let enforcer = enforce(&topology, &policy);
+    host_forgets(&topology, "v-api");
+    api.send_frame("eth0", &request(frontend_address)).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !host_believes(&topology, "v-api", frontend_address.into()),
+        "enforced: the forged ARP is dropped"
+    );
+    api.send_frame("eth0", &request(api_address)).unwrap();
+    assert!(
+        enforcer_testbed::eventually(Duration::from_secs(2), || host_believes(
+            &topology,
+            "v-api",
+            api_address.into()
+        )),
+        "api's ARP for its own address still works"
+    );
+    let spoofed = enforcer
+        .wait_for_alert(|alert| {
+            alert["unmapped"]["enforcer"]["reason"] == "spoofed"
+                && alert["src_endpoint"]["ip"] == frontend_address.to_string()
+        })
+        .expect("the forged ARP is reported");
     assert_eq!(spoofed["src_endpoint"]["svc_name"], "api");
 }
 

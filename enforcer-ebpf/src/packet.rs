@@ -36,6 +36,7 @@ const MAX_VLAN_TAGS: usize = 2;
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88A8;
 
@@ -140,6 +141,24 @@ pub struct Packet {
 }
 
 impl Packet {
+    /// Nothing read yet: what the parser starts each packet from.
+    const EMPTY: Self = Self {
+        src: [0; 16],
+        dst: [0; 16],
+        proto: 0,
+        family: 0,
+        src_port: 0,
+        dst_port: 0,
+        tcp_flags: 0,
+        icmp_type: 0,
+        hop_limit: 0,
+        fragment: fragment::NONE,
+        fragment_id: 0,
+        l4_offset: 0,
+        ip_len: 0,
+        nd_target: [0; 16],
+    };
+
     #[inline(always)]
     pub fn is_tcp(&self) -> bool {
         self.proto == proto::TCP
@@ -208,6 +227,24 @@ pub type Parsed = u8;
 pub const PARSED_IP: Parsed = 0;
 /// Not IPv4/IPv6: passes without judgement.
 pub const NOT_IP: Parsed = 0xff;
+/// An ARP message for IPv4 over Ethernet: its sender's address in `src`, its target's in
+/// `dst`, written to the `Packet` passed in.
+pub const ARP: Parsed = 0xfe;
+
+/// An ARP message for IPv4 over Ethernet (RFC 826), after the Ethernet header.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct ArpIpv4 {
+    hardware: [u8; 2],
+    protocol: [u8; 2],
+    hardware_len: u8,
+    protocol_len: u8,
+    operation: [u8; 2],
+    sender_hardware: [u8; 6],
+    sender: [u8; 4],
+    target_hardware: [u8; 6],
+    target: [u8; 4],
+}
 
 #[derive(Clone, Copy)]
 #[repr(C)]
@@ -262,9 +299,33 @@ pub fn parse<F: Frame>(frame: &F, packet: &mut Packet) -> Parsed {
     match ether_type {
         ETH_P_IP => parse_ipv4(frame, offset, packet),
         ETH_P_IPV6 => parse_ipv6(frame, offset, packet),
+        ETH_P_ARP => parse_arp(frame, offset, packet),
         ETH_P_8021Q | ETH_P_8021AD => reason::UNSUPPORTED_HEADERS,
         _ => NOT_IP,
     }
+}
+
+/// ARP for IPv4 over Ethernet, which says which hardware address has an IPv4 address; any
+/// other ARP (or one too short to be one, which the kernel ignores too) is not IP.
+#[inline(always)]
+fn parse_arp<F: Frame>(frame: &F, offset: usize, packet: &mut Packet) -> Parsed {
+    let Some(arp) = frame.read::<ArpIpv4>(offset) else {
+        return NOT_IP;
+    };
+    if be16(arp.hardware) != 1
+        || be16(arp.protocol) != ETH_P_IP
+        || arp.hardware_len != 6
+        || arp.protocol_len != 4
+    {
+        return NOT_IP;
+    }
+    *packet = Packet {
+        src: v4_mapped(arp.sender),
+        dst: v4_mapped(arp.target),
+        family: enforcer_common::addr::family::INET,
+        ..Packet::EMPTY
+    };
+    ARP
 }
 
 #[inline(always)]
@@ -292,16 +353,12 @@ fn parse_ipv4<F: Frame>(frame: &F, offset: usize, packet: &mut Packet) -> Parsed
         dst: v4_mapped(ip.dst_addr),
         proto: ip.proto,
         family: enforcer_common::addr::family::INET,
-        src_port: 0,
-        dst_port: 0,
-        tcp_flags: 0,
-        icmp_type: 0,
-        nd_target: [0; 16],
         hop_limit: ip.ttl,
         fragment,
         fragment_id: be16(ip.id) as u32,
         l4_offset: (offset + header_len) as u32,
         ip_len: total_len as u32,
+        ..Packet::EMPTY
     };
     parse_transport(frame, packet, fragment_offset, offset + total_len)
 }
@@ -370,16 +427,12 @@ fn parse_ipv6<F: Frame>(frame: &F, offset: usize, packet: &mut Packet) -> Parsed
         dst: ip.dst_addr,
         proto: next,
         family: enforcer_common::addr::family::INET6,
-        src_port: 0,
-        dst_port: 0,
-        tcp_flags: 0,
-        icmp_type: 0,
-        nd_target: [0; 16],
         hop_limit: ip.hop_limit,
         fragment,
         fragment_id,
         l4_offset: l4_offset as u32,
         ip_len: (ip_end - offset) as u32,
+        ..Packet::EMPTY
     };
     if next == IPV6_NONXT {
         return PARSED_IP;

@@ -49,15 +49,23 @@ pub fn judge<F: Frame>(frame: &F, hook: &mut Hook) -> u8 {
     subject.src = IdentityInfo::WORLD;
     subject.dst = IdentityInfo::WORLD;
     subject.tracked = 0;
-    match packet::parse(frame, &mut subject.packet) {
-        packet::PARSED_IP => {}
+    let parsed = packet::parse(frame, &mut subject.packet);
+    match parsed {
+        packet::PARSED_IP | packet::ARP => {}
         packet::NOT_IP => return ALLOW,
         why => return refuse_shape(hook, why),
     }
     let Some(config) = identity::active_config() else {
+        if parsed == packet::ARP {
+            // Without a policy there are no endpoints to speak for; ARP is not IP.
+            return ALLOW;
+        }
         report::count(hook, DENY, reason::NO_POLICY, 0, 0);
         return DENY;
     };
+    if parsed == packet::ARP {
+        return judge_link_infrastructure(hook, subject, config);
+    }
     if subject.packet.is_link_infrastructure() {
         return judge_link_infrastructure(hook, subject, config);
     }
@@ -123,8 +131,8 @@ pub fn judge<F: Frame>(frame: &F, hook: &mut Hook) -> u8 {
     judge_new_flow(hook, subject)
 }
 
-/// Link-local traffic (neighbour discovery, MLD) passes, unless an endpoint speaks through it
-/// for someone else. A function of its own: the entry program's stack frame stays as it was
+/// Link-local traffic (ARP, neighbour discovery, MLD) passes, unless an endpoint speaks
+/// through it for someone else. A function of its own: the entry program's stack frame stays as it was
 /// (the verifiers of 5.10 and 6.1 count every frame of the deepest call chain against 512
 /// bytes).
 #[inline(never)]
@@ -135,14 +143,17 @@ fn judge_link_infrastructure(hook: &Hook, subject: &mut Subject, config: &Policy
     if !neighbour_discovery_is_its_own(hook, subject) {
         return refuse(hook, subject);
     }
-    report::count(hook, ALLOW, reason::INFRASTRUCTURE, 0, 0);
+    // ARP was never counted: it is not IP.
+    if subject.packet.proto != 0 {
+        report::count(hook, ALLOW, reason::INFRASTRUCTURE, 0, 0);
+    }
     ALLOW
 }
 
-/// Whether link-local traffic (neighbour discovery, MLD) entering through an endpoint
+/// Whether link-local traffic (ARP, neighbour discovery, MLD) entering through an endpoint
 /// interface speaks only for the endpoint: from its own addresses (or link-local, or the
-/// unspecified address of duplicate address detection), advertising only its own addresses,
-/// and never as a router (router advertisements and redirects come from the host's side). A
+/// unspecified address of duplicate address detection and ARP probes), advertising only its
+/// own addresses, and never as a router (router advertisements and redirects come from the host's side). A
 /// workload that could claim another service's address would have the host, and a bridge's
 /// other members, send it that service's traffic. Other interfaces' link traffic is the
 /// link's business. False: spoofed (the outcome says so).
@@ -161,11 +172,13 @@ fn neighbour_discovery_is_its_own(hook: &Hook, subject: &mut Subject) -> bool {
         is_link_local(address)
             || identity::of_address(subject.slot, address).identity == endpoint.identity
     };
-    let honest = match packet.icmp_type {
+    let honest = match (packet.proto, packet.icmp_type) {
+        // ARP: the sender's address is the one claimed; 0.0.0.0 probes (RFC 5227).
+        (0, _) => packet.src == enforcer_common::addr::v4_mapped([0; 4]) || owned(&packet.src),
         // Router advertisement, redirect.
-        134 | 137 => false,
+        (_, 134 | 137) => false,
         // Neighbour advertisement: the target is the address claimed.
-        136 => owned(&packet.src) && owned(&packet.nd_target),
+        (_, 136) => owned(&packet.src) && owned(&packet.nd_target),
         _ => packet.src == [0; 16] || owned(&packet.src),
     };
     if !honest {

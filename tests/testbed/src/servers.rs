@@ -385,3 +385,48 @@ impl Netns {
         })?
     }
 }
+
+impl Netns {
+    /// Sends `frame` (a whole Ethernet frame) as it is out of `interface`, through a packet
+    /// socket: what a workload with CAP_NET_RAW can put on its link.
+    pub fn send_frame(&self, interface: &str, frame: &[u8]) -> io::Result<()> {
+        let interface = interface.to_owned();
+        let frame = frame.to_vec();
+        self.run(move || {
+            let ifindex =
+                nix::net::if_::if_nametoindex(interface.as_str()).map_err(io::Error::from)?;
+            // SAFETY: plain socket(2); the descriptor is closed below.
+            let fd = unsafe {
+                libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW,
+                    (libc::ETH_P_ALL as u16).to_be() as i32,
+                )
+            };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: an all-zero sockaddr_ll is valid; the fields that matter are set.
+            let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            address.sll_family = libc::AF_PACKET as u16;
+            address.sll_ifindex = ifindex as i32;
+            address.sll_halen = 6;
+            address.sll_addr[..6].copy_from_slice(&frame[..6]);
+            // SAFETY: `frame` and `address` are valid for the lengths given.
+            let sent = unsafe {
+                libc::sendto(
+                    fd,
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&raw const address).cast(),
+                    size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            let error = io::Error::last_os_error();
+            // SAFETY: `fd` is ours.
+            unsafe { libc::close(fd) };
+            if sent < 0 { Err(error) } else { Ok(()) }
+        })?
+    }
+}
