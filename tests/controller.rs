@@ -1161,3 +1161,84 @@ fn a_policy_other_users_can_change_is_refused_at_start_and_at_reload_as_root() {
             .contains("the previous policy stays in force")
     );
 }
+
+/// Adds `each` to every CPU's count of records the ring buffer could not take, as the kernel
+/// does when it is full; returns what was added in all.
+fn lose_records(pins: &Path, each: u64) -> u64 {
+    use aya::maps::{Map, MapData, PerCpuArray, PerCpuValues};
+    use enforcer_common::event::EventCpuState;
+    let data = MapData::from_pin(pins.join("maps/EVENT_STATE")).unwrap();
+    let mut state: PerCpuArray<MapData, EventCpuState> =
+        PerCpuArray::try_from(Map::PerCpuArray(data)).unwrap();
+    let per_cpu: Vec<EventCpuState> = state
+        .get(&0, 0)
+        .unwrap()
+        .iter()
+        .map(|cpu| EventCpuState {
+            lost: cpu.lost + each,
+            ..*cpu
+        })
+        .collect();
+    let cpus = per_cpu.len() as u64;
+    state
+        .set(0, PerCpuValues::try_from(per_cpu).unwrap(), 0)
+        .unwrap();
+    each * cpus
+}
+
+/// Losses are reported from the kernel's count, once a second at most, as one record with the
+/// total: records lost while no controller ran are reported by the next one, and a burst is
+/// one record, not one per gap (before, only gaps were reported, each as its own record, and
+/// a loss with no later record to show a gap was never reported).
+#[root_test]
+fn lost_records_are_reported_in_one_record_a_second_also_while_no_controller_ran_as_root() {
+    let topology = Topology::build(&["frontend", "api"]).unwrap();
+    let policy = services(&topology, &["frontend", "api"]);
+    let mut first = enforce(&topology, &policy);
+    first
+        .daemon
+        .signal(nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    first.daemon.wait(SETTLE).unwrap();
+    let pins = first.pins.clone();
+    let while_down = lose_records(&pins, 5);
+    let second =
+        Enforcer::start_with_policy_path(&topology, &first.policy, &["v-frontend", "v-api"], &[])
+            .unwrap();
+    let is_loss = |alert: &Value| alert["class_uid"] == 1008;
+    let reported = second
+        .wait_for_alert(is_loss)
+        .expect("the loss while no controller ran is reported");
+    assert_eq!(reported["count"], while_down);
+
+    let started = Instant::now();
+    let burst: u64 = (0..50).map(|_| lose_records(&pins, 1)).sum();
+    let total = |alerts: &[Value]| -> u64 {
+        alerts
+            .iter()
+            .filter(|alert| is_loss(alert))
+            .filter_map(|alert| alert["count"].as_u64())
+            .sum()
+    };
+    assert!(
+        enforcer_testbed::eventually(SETTLE, || total(&second.alerts()) == while_down + burst),
+        "the burst is reported, once: {:?}",
+        second
+            .alerts()
+            .iter()
+            .filter(|alert| is_loss(alert))
+            .collect::<Vec<_>>()
+    );
+    let records = second
+        .alerts()
+        .iter()
+        .filter(|alert| is_loss(alert))
+        .count();
+    let seconds = started.elapsed().as_secs() as usize + 1;
+    assert!(
+        records - 1 <= seconds,
+        "{records} loss records for 50 losses over {seconds} s: one a second at most"
+    );
+    drop(second);
+    drop(first);
+}

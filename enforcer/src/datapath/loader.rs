@@ -679,6 +679,7 @@ pub fn unload(pins: &PinLayout) -> io::Result<Vec<PathBuf>> {
         pins.endpoints_file(),
         pins.fleet_file(),
         pins.kvstore_policy_file(),
+        pins.lost_file(),
     ] {
         if fs::remove_file(&file).is_ok() {
             removed.push(file);

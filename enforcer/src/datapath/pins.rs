@@ -77,6 +77,11 @@ impl PinLayout {
         self.state_file("policy.toml")
     }
 
+    /// Where the controller keeps the kernel's count of lost records as it last reported it.
+    pub fn lost_file(&self) -> PathBuf {
+        self.state_file("lost")
+    }
+
     /// Where the live generation's rule names are kept (see [`crate::events::names_file`]).
     pub fn names_file(&self) -> PathBuf {
         self.state_file("names.json")

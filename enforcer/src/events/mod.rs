@@ -120,6 +120,50 @@ impl SequenceTracker {
     }
 }
 
+/// Records lost and not reported yet. The kernel counts every record its ring buffer could not
+/// take; sequence gaps show the same losses, but only once a later record arrives. Losses are
+/// reported from the kernel's count, once per interval as one record with the total: a flood
+/// that overflows the ring produces one report a second, not one per gap; a loss at the tail
+/// (no later record) or while no controller ran (the count it last reported is kept beside
+/// the pins) is reported too. Gaps stand in if the kernel's count cannot be read.
+#[derive(Debug, Default)]
+pub struct LossAccount {
+    /// The kernel's count as of the last report.
+    reported: u64,
+    /// Losses shown by gaps since the last report.
+    gaps: u64,
+}
+
+impl LossAccount {
+    /// Starts from the kernel's count last reported (by this controller or an earlier one).
+    pub fn resume(reported: u64) -> Self {
+        Self { reported, gaps: 0 }
+    }
+
+    pub fn gap(&mut self, lost: u64) {
+        self.gaps += lost;
+    }
+
+    /// The records to report lost now, given the kernel's count (if it could be read); 0 when
+    /// nothing was lost since the last report.
+    pub fn settle(&mut self, kernel_total: Option<u64>) -> u64 {
+        let lost = match kernel_total {
+            // A count below the one reported: the maps were created anew.
+            Some(total) if total < self.reported => total,
+            Some(total) => total - self.reported,
+            None => self.gaps,
+        };
+        self.reported = kernel_total.unwrap_or(self.reported + lost);
+        self.gaps = 0;
+        lost
+    }
+
+    /// The kernel's count as of the last report, to be kept for a successor.
+    pub fn reported(&self) -> u64 {
+        self.reported
+    }
+}
+
 /// Converts `CLOCK_MONOTONIC` nanoseconds (what `bpf_ktime_get_ns` returns) to wall-clock time.
 #[derive(Clone, Copy, Debug)]
 pub struct Clock {
@@ -264,6 +308,28 @@ pub fn describe(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn losses_are_reported_once_from_the_kernels_count_whatever_the_gaps_showed() {
+        let mut account = LossAccount::resume(10);
+        assert_eq!(account.settle(Some(10)), 0, "nothing new");
+        account.gap(3);
+        account.gap(4);
+        assert_eq!(account.settle(Some(17)), 7, "the gaps' 7, once, not twice");
+        assert_eq!(
+            account.settle(Some(20)),
+            3,
+            "lost at the tail: no later record showed a gap"
+        );
+        account.gap(2);
+        assert_eq!(
+            account.settle(None),
+            2,
+            "no kernel count: the gaps stand in"
+        );
+        assert_eq!(account.reported(), 22);
+        assert_eq!(account.settle(Some(5)), 5, "maps created anew");
+    }
 
     #[test]
     fn gaps_in_a_cpus_sequence_are_counted_as_lost() {

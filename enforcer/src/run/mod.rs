@@ -28,7 +28,7 @@ use tokio::{
 use self::{
     controller::{Controller, FleetState, Inputs, Trigger, load_for_host},
     interfaces::Interfaces,
-    pipeline::{ControllerReport, FlowSummary, Pipeline, read_events},
+    pipeline::{ControllerReport, FlowSummary, Losses, Pipeline, read_events},
     registrations::RegistryRequest,
 };
 use crate::{
@@ -444,6 +444,10 @@ fn spawn_pipeline(
         detectors,
         edge_baseline: outputs.edge_baseline,
         detection_generation: 0,
+        losses: Losses::resume(
+            controller.maps.clone(),
+            PinLayout::new(&options.pin_path).lost_file(),
+        ),
     };
     let events = tokio::spawn(read_events(ring, pipeline, stop_rx, from_controller));
     let metrics_task = outputs.metrics_listener.map(|listener| {

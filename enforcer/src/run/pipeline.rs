@@ -2,7 +2,8 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{Arc, RwLock},
+    path::PathBuf,
+    sync::{Arc, Mutex, RwLock},
     time::{Duration, SystemTime},
 };
 
@@ -15,9 +16,9 @@ use tokio::{
 
 use super::controller::{SharedAudit, audit};
 use crate::{
-    datapath::host,
+    datapath::{host, maps::KernelMaps},
     detect::{Detector, Detectors, Finding, baseline::EdgeBaseline},
-    events::{self, Clock, FlowRecord, Generations, SequenceTracker},
+    events::{self, Clock, FlowRecord, Generations, LossAccount, SequenceTracker},
     locks,
     outputs::{
         alert::{self, AlertFormat},
@@ -89,6 +90,43 @@ pub(super) struct Pipeline {
     pub(super) edge_baseline: Option<EdgeBaseline>,
     /// Generation whose `[detection]` tuning the detectors run with.
     pub(super) detection_generation: u32,
+    /// Records lost and not reported yet, and where the kernel counts them.
+    pub(super) losses: Losses,
+}
+
+/// What the pipeline needs to report losses once a second (see [`LossAccount`]).
+pub(super) struct Losses {
+    pub(super) account: LossAccount,
+    pub(super) maps: Arc<Mutex<KernelMaps>>,
+    /// Where the kernel's count as last reported is kept for a successor.
+    pub(super) file: PathBuf,
+}
+
+impl Losses {
+    /// Starts from the count the controller before this one reported, if one did.
+    pub(super) fn resume(maps: Arc<Mutex<KernelMaps>>, file: PathBuf) -> Self {
+        let reported = std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(0);
+        Self {
+            account: LossAccount::resume(reported),
+            maps,
+            file,
+        }
+    }
+
+    /// The records lost since the last report (0: none); the count is kept for a successor.
+    fn settle(&mut self) -> u64 {
+        let kernel_total = Some(locks::lock(&self.maps).events_lost());
+        let lost = self.account.settle(kernel_total);
+        if lost > 0
+            && let Err(error) = std::fs::write(&self.file, self.account.reported().to_string())
+        {
+            tracing::warn!("keeping the loss count in {}: {error}", self.file.display());
+        }
+        lost
+    }
 }
 
 impl Pipeline {
@@ -156,11 +194,24 @@ impl Pipeline {
         }
     }
 
-    /// Closes detector windows that ended.
+    /// Closes detector windows that ended; reports what was lost since the last tick.
     fn tick(&mut self) {
         self.tune_detectors();
         let findings = self.detectors.tick(SystemTime::now());
         self.report(findings);
+        self.report_losses();
+    }
+
+    /// One record for every record lost since the last report, whatever showed the loss.
+    fn report_losses(&mut self) {
+        let lost = self.losses.settle();
+        if lost == 0 {
+            return;
+        }
+        tracing::warn!(lost, "flow records lost: the ring buffer was full");
+        let record = alert::lost_events_alert(lost, SystemTime::now(), self.format, &self.host);
+        self.publish("lost", &record);
+        audit(&self.audit, "events_lost", json!({ "count": lost }));
     }
 
     fn heartbeat(&mut self, heartbeat: &alert::Heartbeat) {
@@ -170,20 +221,7 @@ impl Pipeline {
 
     fn handle(&mut self, event: &enforcer_common::event::FlowEvent) {
         let lost = self.sequences.observe(event.cpu, event.seq);
-        if lost > 0 {
-            tracing::warn!(
-                lost,
-                cpu = event.cpu,
-                "flow records lost: the ring buffer was full"
-            );
-            let record = alert::lost_events_alert(lost, SystemTime::now(), self.format, &self.host);
-            self.publish("lost", &record);
-            audit(
-                &self.audit,
-                "events_lost",
-                json!({ "count": lost, "cpu": event.cpu }),
-            );
-        }
+        self.losses.account.gap(lost);
         let interface_name = self.interface_name(event.ifindex);
         let record = {
             let generations = locks::read(&self.generations);
