@@ -19,9 +19,11 @@ const REMOTE_CHANGES: usize = 10_000;
 const POLICY: &str = "[[service]]\nname = \"api\"\n\n[[service]]\nname = \"db\"\n\n\
     [[allow]]\nfrom = \"api\"\nto = \"db\"\nports = [\"5432/tcp\"]\n";
 
+/// A simulated host and its controller. The controller is declared first, so that it is
+/// stopped and unloaded before the host's namespace and pin directory go.
 struct Host {
-    topology: Topology,
     daemon: Daemon,
+    topology: Topology,
     socket: std::path::PathBuf,
 }
 

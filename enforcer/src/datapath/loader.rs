@@ -642,12 +642,23 @@ fn attached_program(pins: &PinLayout, hook: Hook, interface: &str) -> Option<u32
     (target.ifindex == ifindex).then_some(target.program_id)
 }
 
-/// Detaches and removes everything pinned under `pins`. Returns what was removed.
+/// Detaches and removes everything pinned under `pins`, and the controller's files beside
+/// them (also when the pins are gone already). Returns what was removed.
 pub fn unload(pins: &PinLayout) -> io::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
-    if !pins.root.exists() {
-        return Ok(removed);
+    if pins.root.exists() {
+        unpin(pins, &mut removed)?;
     }
+    for file in pins.state_files() {
+        if fs::remove_file(&file).is_ok() {
+            removed.push(file);
+        }
+    }
+    Ok(removed)
+}
+
+/// Detaches every link and filter, then removes the pins and their directories.
+fn unpin(pins: &PinLayout, removed: &mut Vec<PathBuf>) -> io::Result<()> {
     // Links and filters first: removing a link's last reference detaches it; a filter is
     // removed from its interface.
     for (interface, hooks) in pins.attached_interfaces() {
@@ -672,18 +683,5 @@ pub fn unload(pins: &PinLayout) -> io::Result<Vec<PathBuf>> {
         }
         fs::remove_dir(&dir)?;
     }
-    fs::remove_dir(&pins.root)?;
-    for file in [
-        pins.names_file(),
-        pins.interfaces_file(),
-        pins.endpoints_file(),
-        pins.fleet_file(),
-        pins.kvstore_policy_file(),
-        pins.lost_file(),
-    ] {
-        if fs::remove_file(&file).is_ok() {
-            removed.push(file);
-        }
-    }
-    Ok(removed)
+    fs::remove_dir(&pins.root)
 }

@@ -87,6 +87,18 @@ impl PinLayout {
         self.state_file("names.json")
     }
 
+    /// Every file the controller keeps beside these pins (all but its socket).
+    pub fn state_files(&self) -> [PathBuf; 6] {
+        [
+            self.names_file(),
+            self.interfaces_file(),
+            self.endpoints_file(),
+            self.fleet_file(),
+            self.kvstore_policy_file(),
+            self.lost_file(),
+        ]
+    }
+
     /// Whether a datapath is pinned here.
     pub fn exists(&self) -> bool {
         self.maps().join("POLICY_ACTIVE").exists()
