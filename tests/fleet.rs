@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use enforcer_testbed::fleet::{EtcdCluster, Underlay, route_between};
+use enforcer_testbed::fleet::{EtcdCluster, Underlay, route_to_others};
 use support::*;
 
 /// How long a change in one host may take to be enforced on the others.
@@ -51,16 +51,7 @@ fn three_hosts_share_endpoints_and_policy_through_etcd_and_survive_its_failures_
     let mut c = Topology::build(&[]).unwrap();
     b.add_endpoint("web", 32).unwrap();
     c.add_endpoint("db", 48).unwrap();
-    let mut uplinks = Vec::new();
-    for (number, host) in [&a, &b, &c].into_iter().enumerate() {
-        uplinks.push(underlay.join(host, number as u8 + 1).unwrap());
-    }
-    route_between(&[
-        (&a, uplinks[0], "10.200.16.0/20"),
-        (&b, uplinks[1], "10.200.32.0/20"),
-        (&c, uplinks[2], "10.200.48.0/20"),
-    ])
-    .unwrap();
+    underlay.connect(&[&a, &b, &c]).unwrap();
     let mut etcd = EtcdCluster::start(&underlay, &a.dir.join("etcd")).unwrap();
 
     // The policy goes to etcd first; every host follows it there.
@@ -279,14 +270,7 @@ fn three_hosts_share_endpoints_and_policy_through_etcd_and_survive_its_failures_
     assert!(compacted.status.success(), "{compacted:?}");
     a.host.ip(&["link", "set", "uplink", "up"]).unwrap();
     // (Taking the link down took its routes with it.)
-    for (subnet, via) in [
-        ("10.200.32.0/20", uplinks[1]),
-        ("10.200.48.0/20", uplinks[2]),
-    ] {
-        a.host
-            .ip(&["route", "add", subnet, "via", &via.to_string()])
-            .unwrap();
-    }
+    route_to_others(&a, 1, 3).unwrap();
     assert!(
         enforcer_testbed::eventually(Duration::from_secs(30), || metric(
             &a,

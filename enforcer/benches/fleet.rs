@@ -10,7 +10,7 @@ use std::{
 
 use enforcer_testbed::{
     Daemon, Topology,
-    fleet::{EtcdCluster, Underlay, route_between},
+    fleet::{EtcdCluster, Underlay},
 };
 
 const ENFORCER: &str = env!("CARGO_BIN_EXE_enforcer");
@@ -98,16 +98,9 @@ fn main() {
     }
     let underlay = Underlay::create().expect("underlay");
     let topologies: Vec<Topology> = (0..3).map(|_| Topology::build(&[]).unwrap()).collect();
-    let mut uplinks = Vec::new();
-    for (number, topology) in topologies.iter().enumerate() {
-        uplinks.push(underlay.join(topology, number as u8 + 1).unwrap());
-    }
-    route_between(&[
-        (&topologies[0], uplinks[0], "10.200.16.0/20"),
-        (&topologies[1], uplinks[1], "10.200.32.0/20"),
-        (&topologies[2], uplinks[2], "10.200.48.0/20"),
-    ])
-    .unwrap();
+    underlay
+        .connect(&topologies.iter().collect::<Vec<_>>())
+        .unwrap();
     let etcd = EtcdCluster::start(&underlay, &topologies[0].dir.join("etcd")).expect("etcd");
     let urls = etcd.client_urls();
     let policy = topologies[0].write_file("fleet.toml", POLICY).unwrap();
@@ -227,9 +220,12 @@ fn main() {
     let wider = POLICY.replace("\"5432/tcp\"", "\"5432/tcp\", \"6379/tcp\"");
     let wider_file = hosts[0].topology.write_file("wider.toml", &wider).unwrap();
     let new_hash = hex::encode(
-        enforcer::policy::parse_sources(vec![("etcd:/enforcer/v1/policy".into(), wider.clone())])
-            .unwrap()
-            .hash,
+        enforcer::policy::parse_sources(vec![(
+            enforcer::fleet::policy_source_name(enforcer::fleet::POLICY_KEY),
+            wider.clone(),
+        )])
+        .unwrap()
+        .hash,
     );
     let started = Instant::now();
     push(&hosts[0].topology, &wider_file);

@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use enforcer_testbed::{
     Daemon, Topology,
-    fleet::{EtcdCluster, Underlay, route_between},
+    fleet::{EtcdCluster, Underlay},
 };
 
 use crate::demo::{check_interrupt, footprint_unchanged};
@@ -59,15 +59,7 @@ fn show(enforcer: &Path) -> Result<()> {
     hosts[0].add_endpoint("api-1", 16)?;
     hosts[1].add_endpoint("web", 32)?;
     hosts[2].add_endpoint("db", 48)?;
-    let mut uplinks = Vec::new();
-    for (number, host) in hosts.iter().enumerate() {
-        uplinks.push(underlay.join(host, number as u8 + 1)?);
-    }
-    route_between(&[
-        (&hosts[0], uplinks[0], "10.200.16.0/20"),
-        (&hosts[1], uplinks[1], "10.200.32.0/20"),
-        (&hosts[2], uplinks[2], "10.200.48.0/20"),
-    ])?;
+    underlay.connect(&[&hosts[0], &hosts[1], &hosts[2]])?;
     let etcd = EtcdCluster::start(&underlay, &hosts[0].dir.join("etcd")).context("etcd")?;
     let urls = etcd.client_urls();
     check_interrupt()?;

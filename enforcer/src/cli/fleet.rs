@@ -63,7 +63,7 @@ fn etcd_failure(error: impl std::fmt::Display) -> Failure {
 /// The policy's hash as a host reading `key` computes it.
 fn hash_as_hosts_see_it(key: &str, text: &str) -> Result<String, Failure> {
     let policy = policy::parse_sources(vec![(
-        PathBuf::from(format!("etcd:{key}")),
+        crate::fleet::policy_source_name(key),
         text.to_owned(),
     )])
     .map_err(|error| Failure::BadInput(error.to_string()))?;

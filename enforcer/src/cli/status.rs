@@ -79,7 +79,7 @@ impl Status {
         Ok(Self {
             pin_path: pins.root.clone(),
             installed: maps.installed().map_err(|error| runtime(&error))?,
-            interfaces: enforcement::interface_states(pins, &selectors),
+            interfaces: enforcement::interface_states(pins, &selectors, &programs.linked),
             attachments,
             packets: maps.packet_counts().map_err(|error| runtime(&error))?,
             fill: maps.fill(),

@@ -106,7 +106,7 @@ impl Identities {
     ) {
         for (service, info) in policy.services.iter().zip(&self.services) {
             for net in &service.addresses {
-                let local = is_local_endpoint_address(service, net, host);
+                let local = host.is_local_endpoint_address(service, net);
                 let address_info = IdentityInfo {
                     flags: info.flags | if local { flags::LOCAL_ENDPOINT } else { 0 },
                     ..*info
@@ -150,15 +150,6 @@ impl Identities {
             }
         }
     }
-}
-
-/// Whether `net` is one address that this host routes through an endpoint interface of
-/// `service`: an endpoint here, whose packets must come in through that service's interfaces.
-fn is_local_endpoint_address(service: &Service, net: &IpNet, host: &HostView) -> bool {
-    net.prefix_len() == net.max_prefix_len()
-        && host.routes.get(&net.addr()).is_some_and(|interface| {
-            service.selects_interface(interface) && host.interfaces.contains_key(interface)
-        })
 }
 
 impl Identities {

@@ -29,6 +29,18 @@ pub struct HostView {
     pub fleet: Vec<crate::fleet::RemoteEndpoint>,
 }
 
+impl HostView {
+    /// Whether `net` is one address that this host routes through an endpoint interface of
+    /// `service`: an endpoint here, whose packets must come in through that service's
+    /// interfaces (and which this host publishes to the fleet).
+    pub fn is_local_endpoint_address(&self, service: &crate::policy::Service, net: &IpNet) -> bool {
+        net.prefix_len() == net.max_prefix_len()
+            && self.routes.get(&net.addr()).is_some_and(|interface| {
+                service.selects_interface(interface) && self.interfaces.contains_key(interface)
+            })
+    }
+}
+
 /// A cgroup v2 directory as the kernel knows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cgroup {

@@ -3,9 +3,13 @@
 //! socket) or a pin records is `enforced`, `missing` or `defunct`. `status` and the heartbeat
 //! both say it this way.
 
-use std::{collections::BTreeSet, io, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io,
+    path::Path,
+};
 
-use super::{host, loader, pins::PinLayout};
+use super::{host, pins::PinLayout};
 use crate::policy::InterfaceSelector;
 
 /// Whether an interface is enforced, from the kernel's truth (DESIGN §13).
@@ -43,9 +47,14 @@ impl InterfaceState {
 
 /// Every interface named by `selectors` (what a controller wrote, see [`write_selectors`]) or
 /// by a pin under `pins`, with its state.
-pub fn interface_states(pins: &PinLayout, selectors: &[String]) -> Vec<(String, InterfaceState)> {
+///
+/// `linked` is what [`super::loader::pinned_programs`] read: the program each link runs.
+pub fn interface_states(
+    pins: &PinLayout,
+    selectors: &[String],
+    linked: &BTreeMap<String, aya::programs::ProgramInfo>,
+) -> Vec<(String, InterfaceState)> {
     let present = host::interfaces();
-    let linked = loader::pinned_programs(pins).linked;
     let attached = pins.attached_interfaces();
     let selectors: Vec<InterfaceSelector> = selectors
         .iter()

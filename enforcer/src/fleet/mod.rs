@@ -27,6 +27,12 @@ pub const PREFIX: &str = "/enforcer/v1/";
 /// The policy's key for `fleet push` and `--policy etcd:` without a key of its own.
 pub const POLICY_KEY: &str = "/enforcer/v1/policy";
 
+/// The name a policy read from etcd key `key` goes by (in diagnostics, and in its hash, which
+/// every host and `fleet status` compute alike).
+pub fn policy_source_name(key: &str) -> PathBuf {
+    PathBuf::from(format!("etcd:{key}"))
+}
+
 /// How long a controller's keys outlive its last keep-alive: a restart or a partition shorter
 /// than this changes nothing for the other hosts; a host gone longer is forgotten.
 pub const LEASE_TTL_SECS: i64 = 30;

@@ -237,19 +237,24 @@ impl Session {
     /// (every change since, none twice), or, the first time or after a compaction, from a
     /// full listing.
     async fn catch_up(&mut self, client: &mut Client) -> Result<WatchStream, FleetError> {
-        if self.revision > 0 {
-            let (_, stream) = client
-                .watch(
-                    endpoints_prefix(),
-                    Some(
-                        WatchOptions::new()
-                            .with_prefix()
-                            .with_start_revision(self.revision + 1),
-                    ),
-                )
-                .await?;
-            return Ok(stream);
+        if self.revision == 0 {
+            self.list(client).await?;
         }
+        let (_, stream) = client
+            .watch(
+                endpoints_prefix(),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(self.revision + 1),
+                ),
+            )
+            .await?;
+        Ok(stream)
+    }
+
+    /// Replaces the view with every endpoint key, as of the listing's revision.
+    async fn list(&mut self, client: &mut Client) -> Result<(), FleetError> {
         let listing = client
             .get(endpoints_prefix(), Some(GetOptions::new().with_prefix()))
             .await?;
@@ -262,17 +267,7 @@ impl Session {
         }
         self.revision = listing.header().map_or(0, |header| header.revision());
         self.report();
-        let (_, stream) = client
-            .watch(
-                endpoints_prefix(),
-                Some(
-                    WatchOptions::new()
-                        .with_prefix()
-                        .with_start_revision(self.revision + 1),
-                ),
-            )
-            .await?;
-        Ok(stream)
+        Ok(())
     }
 
     /// Reads the policy key (if the policy lives in etcd) and watches it from there.

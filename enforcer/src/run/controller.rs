@@ -47,7 +47,7 @@ fn load_policy(
         }
         PolicySource::Kvstore(key) => {
             let text = kvstore_policy.ok_or_else(|| RunError::NoKvstorePolicy(key.clone()))?;
-            let name = PathBuf::from(format!("etcd:{key}"));
+            let name = crate::fleet::policy_source_name(key);
             Ok(policy::parse_sources_cached(
                 vec![(name, text.to_owned())],
                 cache,
@@ -319,8 +319,16 @@ impl Controller {
         expected: &std::collections::BTreeMap<&'static str, String>,
     ) -> Option<alert::Heartbeat> {
         let live = self.installer.live()?;
-        let programs = loader::pinned_programs(pins)
-            .linked
+        let linked = loader::pinned_programs(pins).linked;
+        let interfaces = enforcement::interface_states(
+            pins,
+            &enforcement::read_selectors(&pins.interfaces_file()),
+            &linked,
+        )
+        .into_iter()
+        .map(|(name, state)| (name, state.as_str().to_owned()))
+        .collect();
+        let programs = linked
             .into_iter()
             .map(|(link, info)| (link, format!("{:016x}", info.tag())))
             .collect();
@@ -338,13 +346,7 @@ impl Controller {
             audit_chain_head,
             interval_secs: self.options.heartbeat_interval.as_secs(),
             kvstore_connected: self.fleet.connected,
-            interfaces: enforcement::interface_states(
-                pins,
-                &enforcement::read_selectors(&pins.interfaces_file()),
-            )
-            .into_iter()
-            .map(|(name, state)| (name, state.as_str().to_owned()))
-            .collect(),
+            interfaces,
         })
     }
 

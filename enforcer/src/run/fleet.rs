@@ -195,21 +195,18 @@ pub(super) fn local_endpoints(
     }
     for service in &policy.services {
         for net in &service.addresses {
-            let address = net.addr();
-            let routed_here = net.prefix_len() == net.max_prefix_len()
-                && view.routes.get(&address).is_some_and(|interface| {
-                    service.selects_interface(interface) && view.interfaces.contains_key(interface)
-                });
-            if routed_here {
-                endpoints
-                    .entry(address)
-                    .or_insert_with(|| PublishedEndpoint {
-                        service: service.name.clone(),
-                        identity: service.identity,
-                        addresses: vec![address],
-                        interface: view.routes[&address].clone(),
-                    });
+            if !view.is_local_endpoint_address(service, net) {
+                continue;
             }
+            let address = net.addr();
+            endpoints
+                .entry(address)
+                .or_insert_with(|| PublishedEndpoint {
+                    service: service.name.clone(),
+                    identity: service.identity,
+                    addresses: vec![address],
+                    interface: view.routes[&address].clone(),
+                });
         }
     }
     endpoints

@@ -11,7 +11,7 @@ use super::{
 use crate::{
     datapath::host,
     endpoints::{
-        Registration,
+        Registration, Registry,
         protocol::{Request, Response},
     },
 };
@@ -62,22 +62,17 @@ fn add(
     }
     let before = controller.registry.clone();
     controller.registry.insert(registration.clone());
-    let outcome = apply(options, controller, host).and_then(|()| {
+    let enforced = |host: &Host<'_>| {
         if host.interfaces.is_enforced(&interface) {
-            Ok(())
-        } else {
-            let why = host
-                .interfaces
-                .gap(&interface)
-                .map_or_else(|| "not attached".to_owned(), |gap| gap.error.clone());
-            Err(format!("cannot enforce interface {interface}: {why}"))
+            return Ok(());
         }
-    });
-    if let Err(error) = outcome {
-        controller.registry = before;
-        if let Err(undo) = apply(options, controller, host) {
-            tracing::error!("undoing the registration of {interface} failed too: {undo}");
-        }
+        let why = host
+            .interfaces
+            .gap(&interface)
+            .map_or_else(|| "not attached".to_owned(), |gap| gap.error.clone());
+        Err(format!("cannot enforce interface {interface}: {why}"))
+    };
+    if let Err(error) = carry_out(options, controller, host, before, enforced) {
         return Response::failed(error);
     }
     tracing::info!(
@@ -99,14 +94,11 @@ fn del(
     controller: &mut Controller,
     host: &mut Host<'_>,
 ) -> Response {
+    let before = controller.registry.clone();
     let Some(removed) = controller.registry.remove(interface) else {
         return listing(controller);
     };
-    if let Err(error) = apply(options, controller, host) {
-        controller.registry.insert(removed);
-        if let Err(undo) = apply(options, controller, host) {
-            tracing::error!("undoing the removal of {interface} failed too: {undo}");
-        }
+    if let Err(error) = carry_out(options, controller, host, before, |_| Ok(())) {
         return Response::failed(error);
     }
     tracing::info!(
@@ -135,6 +127,26 @@ fn check(registration: &Registration, controller: &Controller, host: &Host<'_>) 
         }
         Some(_) => listing(controller),
     }
+}
+
+/// Carries out the change made to the registry (it was `before`): applied, then `verified`;
+/// if either fails, the registry goes back to `before`, applied again, and the error is
+/// returned: an endpoint is never half registered or half removed.
+fn carry_out(
+    options: &RunOptions,
+    controller: &mut Controller,
+    host: &mut Host<'_>,
+    before: Registry,
+    verified: impl FnOnce(&Host<'_>) -> Result<(), String>,
+) -> Result<(), String> {
+    let outcome = apply(options, controller, host).and_then(|()| verified(host));
+    if outcome.is_err() {
+        controller.registry = before;
+        if let Err(undo) = apply(options, controller, host) {
+            tracing::error!("undoing a change to the registered endpoints failed too: {undo}");
+        }
+    }
+    outcome
 }
 
 /// Keeps the registry, installs what it now compiles to, follows its interfaces.

@@ -34,10 +34,20 @@ impl Underlay {
         Ok(Self { netns })
     }
 
-    /// Joins `host` as host number `number` (from 1): its `uplink` gets 10.250.0.(10 +
-    /// number). Returns that address.
-    pub fn join(&self, host: &Topology, number: u8) -> io::Result<Ipv4Addr> {
-        let address = Ipv4Addr::new(10, 250, 0, 10 + number);
+    /// Joins `hosts` to the underlay, host `n` (from 1) at 10.250.0.(10 + n), and routes each
+    /// host's traffic for the others' endpoints through their uplinks. Host `n`'s endpoints
+    /// are on 10.200.(16n).0/20: [`Topology::add_endpoint`] subnets 16n to 16n + 15.
+    pub fn connect(&self, hosts: &[&Topology]) -> io::Result<()> {
+        for (index, host) in hosts.iter().enumerate() {
+            self.join(host, index as u8 + 1)?;
+        }
+        for (index, host) in hosts.iter().enumerate() {
+            route_to_others(host, index as u8 + 1, hosts.len() as u8)?;
+        }
+        Ok(())
+    }
+
+    fn join(&self, host: &Topology, number: u8) -> io::Result<()> {
         let port = format!("up-{number}");
         self.netns.ip(&[
             "link",
@@ -53,23 +63,33 @@ impl Underlay {
         ])?;
         self.netns.ip(&["link", "set", &port, "master", "br0"])?;
         self.netns.ip(&["link", "set", &port, "up"])?;
-        host.host
-            .ip(&["addr", "add", &format!("{address}/24"), "dev", "uplink"])?;
-        host.host.ip(&["link", "set", "uplink", "up"])?;
-        Ok(address)
+        host.host.ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", uplink_address(number)),
+            "dev",
+            "uplink",
+        ])?;
+        host.host.ip(&["link", "set", "uplink", "up"])
     }
 }
 
-/// Routes each host's traffic for the others' endpoint subnets (`(host, underlay address,
-/// subnet)`) through their underlay address.
-pub fn route_between(hosts: &[(&Topology, Ipv4Addr, &str)]) -> io::Result<()> {
-    for (host, _, _) in hosts {
-        for (other, via, subnet) in hosts {
-            if !std::ptr::eq(*host, *other) {
-                host.host
-                    .ip(&["route", "add", subnet, "via", &via.to_string()])?;
-            }
-        }
+/// Host `number`'s address on the underlay.
+fn uplink_address(number: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 250, 0, 10 + number)
+}
+
+/// Routes host `number`'s traffic for the endpoints of the other hosts (1 to `hosts`) through
+/// their uplinks; also after its uplink went down, which took the routes with it.
+pub fn route_to_others(host: &Topology, number: u8, hosts: u8) -> io::Result<()> {
+    for other in (1..=hosts).filter(|other| *other != number) {
+        host.host.ip(&[
+            "route",
+            "add",
+            &format!("10.200.{}.0/20", 16 * u16::from(other)),
+            "via",
+            &uplink_address(other).to_string(),
+        ])?;
     }
     Ok(())
 }
