@@ -28,7 +28,10 @@ use enforcer_common::{
     event::FlowEvent,
     verdict::{DENY, reason},
 };
-use enforcer_testbed::frames::{self, Ipv4};
+use enforcer_testbed::{
+    Netns,
+    frames::{self, Ipv4},
+};
 use support::root_test;
 
 const XDP_DROP: u32 = 1;
@@ -100,41 +103,31 @@ impl Kernel {
     }
 
     fn xdp_passes(&mut self, frame: &[u8]) -> bool {
-        match self
-            .datapath
-            .test_run(Hook::Xdp, frame, 1)
-            .unwrap()
-            .return_value
-        {
-            XDP_PASS => true,
-            XDP_DROP => false,
-            other => panic!("unexpected XDP action {other}"),
-        }
+        self.passes(Hook::Xdp, frame)
     }
 
-    fn tc_passes_at(&mut self, hook: Hook, frame: &[u8]) -> bool {
-        match self
+    fn passes(&mut self, hook: Hook, frame: &[u8]) -> bool {
+        self.passes_on(hook, frame, None)
+    }
+
+    /// Whether `hook`'s program passes `frame` coming through interface `ifindex` (of the
+    /// calling thread's namespace), or through loopback.
+    fn passes_on(&mut self, hook: Hook, frame: &[u8], ifindex: Option<u32>) -> bool {
+        let action = self
             .datapath
-            .test_run(hook, frame, 1)
+            .test_run_on(hook, frame, 1, ifindex)
             .unwrap_or_else(|error| {
                 panic!(
-                    "TC test run of {} bytes {:02x?}: {error}",
+                    "{hook:?} test run of {} bytes {:02x?}: {error}",
                     frame.len(),
                     frame
                 )
             })
-            .return_value
-        {
-            TC_NEXT => true,
-            TC_ACT_SHOT => false,
-            other => panic!("unexpected TC action {other}"),
-        }
-    }
-
-    fn passes(&mut self, hook: Hook, frame: &[u8]) -> bool {
-        match hook {
-            Hook::Xdp => self.xdp_passes(frame),
-            tc => self.tc_passes_at(tc, frame),
+            .return_value;
+        match (hook, action) {
+            (Hook::Xdp, XDP_PASS) | (Hook::TcIngress | Hook::TcEgress, TC_NEXT) => true,
+            (Hook::Xdp, XDP_DROP) | (Hook::TcIngress | Hook::TcEgress, TC_ACT_SHOT) => false,
+            (hook, other) => panic!("unexpected {hook:?} action {other}"),
         }
     }
 
@@ -183,7 +176,8 @@ impl Kernel {
         for (key, mut entry) in entries {
             assert!(
                 entry.last_seen_ns > idle,
-                "the machine has been up for less than the idle time to simulate"
+                "flows made before the clock passed {:?} (see wait_for_clock)",
+                Duration::from_nanos(idle)
             );
             entry.last_seen_ns -= idle;
             conntrack.insert(key, entry, 0).unwrap();
@@ -204,6 +198,16 @@ impl Kernel {
 impl Drop for Kernel {
     fn drop(&mut self) {
         let _ = loader::unload(&self.pins);
+    }
+}
+
+/// Waits (on a freshly booted machine only) until the kernel's monotonic clock, which the
+/// datapath stamps entries with, reads at least `at_least`.
+fn wait_for_clock(at_least: Duration) {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
+    let now = Duration::from(now);
+    if now < at_least {
+        std::thread::sleep(at_least - now);
     }
 }
 
@@ -347,6 +351,9 @@ fn malformed_and_truncated_headers_are_dropped_as_root() {
 
 #[root_test]
 fn tracked_flows_expire_when_idle_and_soon_after_they_close_as_root() {
+    // Idleness is simulated by moving entries' kernel timestamps back by up to a minute, which
+    // only works once the kernel's clock has run that long.
+    wait_for_clock(Duration::from_nanos(timeout::UDP_NS) + Duration::from_secs(2));
     let mut kernel = Kernel::load(LoadOptions::default());
     let second = Duration::from_secs(1);
     let nanos = Duration::from_nanos;
@@ -427,6 +434,88 @@ fn tracked_flows_expire_when_idle_and_soon_after_they_close_as_root() {
             "{hook:?}: a packet after the closing timeout of a connection closed both ways"
         );
     }
+}
+
+/// Interfaces (one end of a veth pair each) in a namespace of their own, for frames that must
+/// come through a given interface: `BPF_PROG_TEST_RUN` looks the index up in the calling
+/// thread's namespace.
+struct Interfaces {
+    netns: Netns,
+}
+
+impl Interfaces {
+    fn create(names: &[&str]) -> Self {
+        let netns = Netns::create(&enforcer_testbed::unique_id()).unwrap();
+        for name in names {
+            netns
+                .ip(&[
+                    "link",
+                    "add",
+                    name,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    &format!("{name}-peer"),
+                ])
+                .and_then(|()| netns.ip(&["link", "set", name, "up"]))
+                .unwrap();
+        }
+        Self { netns }
+    }
+
+    fn index(&self, name: &str) -> u32 {
+        let name = name.to_owned();
+        self.netns
+            .run(move || nix::net::if_::if_nametoindex(name.as_str()).unwrap())
+            .unwrap()
+    }
+}
+
+#[root_test]
+fn a_reset_or_fin_from_elsewhere_does_not_end_the_flow_as_root() {
+    wait_for_clock(Duration::from_nanos(timeout::TCP_CLOSING_NS) + Duration::from_secs(2));
+    let mut kernel = Kernel::load(LoadOptions::default());
+    // a's packets enter through `from-a`, b's through `from-b`; an attacker elsewhere forges
+    // b's address through `forger` (on a world-facing uplink, identity cannot tell them apart).
+    let interfaces = Interfaces::create(&["from-a", "from-b", "forger"]);
+    let [from_a, from_b, forger] =
+        ["from-a", "from-b", "forger"].map(|name| interfaces.index(name));
+    let tcp = |src, dst, sport, dport, flags| {
+        Ipv4::new(src, dst, frames::TCP).frame(&frames::tcp(sport, dport, flags))
+    };
+    let ack = frames::TCP_ACK;
+    let closing_timeout = Duration::from_nanos(timeout::TCP_CLOSING_NS) + Duration::from_secs(1);
+    interfaces
+        .netns
+        .run(|| {
+            for hook in [Hook::Xdp, Hook::TcIngress] {
+                for forged_flags in [frames::TCP_RST, frames::TCP_FIN | ack] {
+                    kernel.next_port += 1;
+                    let port = kernel.next_port;
+                    let from_a_to_b = |flags| tcp(A4, B4, port, 80, flags);
+                    let from_b_to_a = |flags| tcp(B4, A4, 80, port, flags);
+                    assert!(kernel.passes_on(hook, &from_a_to_b(frames::TCP_SYN), Some(from_a)));
+                    assert!(kernel.passes_on(hook, &from_b_to_a(frames::TCP_SYN | ack), Some(from_b)));
+                    assert!(kernel.passes_on(hook, &from_a_to_b(frames::TCP_FIN | ack), Some(from_a)));
+                    // The attack: b's half of the close, or a reset, forged from elsewhere.
+                    kernel.passes_on(hook, &from_b_to_a(forged_flags), Some(forger));
+                    kernel.idle_flows(closing_timeout);
+                    assert!(
+                        kernel.passes_on(hook, &from_b_to_a(ack), Some(from_b)),
+                        "{hook:?}: flags {forged_flags:#x} forged through another interface ended the flow"
+                    );
+                    // The same from b's own interface does end it.
+                    assert!(kernel.passes_on(hook, &from_b_to_a(forged_flags), Some(from_b)));
+                    kernel.idle_flows(closing_timeout);
+                    assert!(
+                        !kernel.passes_on(hook, &from_b_to_a(ack), Some(from_b)),
+                        "{hook:?}: flags {forged_flags:#x} from b's own interface end the flow"
+                    );
+                }
+            }
+        })
+        .unwrap();
 }
 
 #[root_test]

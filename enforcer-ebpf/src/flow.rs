@@ -38,14 +38,34 @@ pub fn arrives_as_before(hook: &Hook, tracked: &CtEntry, from_initiator: bool) -
     }
 }
 
-/// Notes where this direction's packets come from, once they passed the full checks.
+/// Whether this direction's packets were seen arriving somewhere else than this one: another
+/// ingress interface, or another sending socket's cgroup.
+#[inline(always)]
+pub fn arrives_elsewhere(hook: &Hook, tracked: &CtEntry, from_initiator: bool) -> bool {
+    let known = if hook.entering() {
+        if from_initiator {
+            tracked.orig_ifindex as u64
+        } else {
+            tracked.reply_ifindex as u64
+        }
+    } else if from_initiator {
+        tracked.cgroup_id
+    } else {
+        tracked.reply_cgroup_id
+    };
+    known != 0 && !arrives_as_before(hook, tracked, from_initiator)
+}
+
+/// Notes where this direction's packets come from, once they passed the full checks. The
+/// first place learnt stays until the flow is admitted again (a new generation): a packet
+/// arriving elsewhere is judged in full every time and cannot move the flow.
 #[inline(always)]
 pub fn remember_arrival(hook: &Hook, tracked: &mut CtEntry, from_initiator: bool) {
     match (hook.entering(), from_initiator) {
-        (true, true) => tracked.orig_ifindex = hook.ifindex,
-        (true, false) => tracked.reply_ifindex = hook.ifindex,
-        (false, true) if hook.cgroup_id != 0 => tracked.cgroup_id = hook.cgroup_id,
-        (false, false) if hook.cgroup_id != 0 => tracked.reply_cgroup_id = hook.cgroup_id,
+        (true, true) if tracked.orig_ifindex == 0 => tracked.orig_ifindex = hook.ifindex,
+        (true, false) if tracked.reply_ifindex == 0 => tracked.reply_ifindex = hook.ifindex,
+        (false, true) if tracked.cgroup_id == 0 => tracked.cgroup_id = hook.cgroup_id,
+        (false, false) if tracked.reply_cgroup_id == 0 => tracked.reply_cgroup_id = hook.cgroup_id,
         _ => {}
     }
 }
@@ -68,9 +88,16 @@ pub fn from_initiator(subject: &Subject, tracked: &CtEntry) -> bool {
 }
 
 /// Records a packet of a flow admitted under the current generation in its entry and in the
-/// outcome.
+/// outcome. `may_close`: whether its RST or FIN counts (it arrived where its direction's
+/// packets do); a blind one from elsewhere would otherwise end a live flow's entry.
 #[inline(always)]
-pub fn pass(hook: &Hook, subject: &mut Subject, entry: *mut CtEntry, from_initiator: bool) {
+pub fn pass(
+    hook: &Hook,
+    subject: &mut Subject,
+    entry: *mut CtEntry,
+    from_initiator: bool,
+    may_close: bool,
+) {
     // SAFETY: map value pointer from `live_entry`, valid for this run.
     let tracked = unsafe { &*entry };
     let packet = &subject.packet;
@@ -90,8 +117,8 @@ pub fn pass(hook: &Hook, subject: &mut Subject, entry: *mut CtEntry, from_initia
     conntrack::observe(
         entry,
         subject.from_lo != 0,
-        packet.tcp_fin(),
-        packet.tcp_rst(),
+        may_close && packet.tcp_fin(),
+        may_close && packet.tcp_rst(),
         hook.now,
     );
 }

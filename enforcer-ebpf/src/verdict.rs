@@ -269,18 +269,19 @@ fn pass_established(hook: &Hook, subject: &mut Subject) -> u8 {
     {
         return NOT_TRACKED;
     }
-    established(hook, subject, entry, from_initiator)
+    established(hook, subject, entry, from_initiator, true)
 }
 
-/// A packet of a flow admitted under the current generation.
+/// A packet of a flow admitted under the current generation (see [`flow::pass`]).
 #[inline(always)]
 fn established(
     hook: &Hook,
     subject: &mut Subject,
     entry: *mut CtEntry,
     from_initiator: bool,
+    may_close: bool,
 ) -> u8 {
-    flow::pass(hook, subject, entry, from_initiator);
+    flow::pass(hook, subject, entry, from_initiator, may_close);
     conclude(hook, subject, Report::Nothing)
 }
 
@@ -307,11 +308,15 @@ fn judge_tracked(hook: &Hook, subject: &mut Subject) -> u8 {
     if subject.src.identity != admitted {
         return NOT_TRACKED;
     }
+    // The right identity, arriving where this direction never did (another interface, another
+    // cgroup): it passes as the flow's, but its RST or FIN closes nothing. Only the flow's own
+    // path may end it; a remote host forging a RST would otherwise cut a live connection.
+    let elsewhere = flow::arrives_elsewhere(hook, tracked, from_initiator);
     // This packet passed the identity checks just now: later ones of its direction arriving
     // the same way can take the shortcut.
     // SAFETY: as above; no reference to the entry is held across this write.
     flow::remember_arrival(hook, unsafe { &mut *entry }, from_initiator);
-    established(hook, subject, entry, from_initiator)
+    established(hook, subject, entry, from_initiator, !elsewhere)
 }
 
 /// A tracked flow admitted under an older generation: judge it again as its initiator sent it,

@@ -131,6 +131,9 @@ fn footprint() -> (String, usize, String, String) {
             .flatten()
             .flatten()
             .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            // The kernel's own views of a freshly mounted bpffs (the bpf_preload iterators),
+            // there whenever the demo had to mount it: not the demo's leftovers.
+            .filter(|name| name != "maps.debug" && name != "progs.debug")
             .collect();
         names.sort();
         names.join(" ")

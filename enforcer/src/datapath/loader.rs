@@ -407,8 +407,22 @@ impl Datapath {
         frame: &[u8],
         repeat: u32,
     ) -> Result<TestRunResult, LoadError> {
+        self.test_run_on(hook, frame, repeat, None)
+    }
+
+    /// [`Datapath::test_run`] as if the frame came through interface `ifindex` (of the calling
+    /// thread's network namespace), or through the loopback device the kernel picks if `None`.
+    pub fn test_run_on(
+        &mut self,
+        hook: Hook,
+        frame: &[u8],
+        repeat: u32,
+        ifindex: Option<u32>,
+    ) -> Result<TestRunResult, LoadError> {
+        let context = ifindex.map(|ifindex| test_run_context(hook, frame.len(), ifindex));
         let options = TestRunOptions {
             data_in: Some(frame),
+            ctx_in: context.as_deref(),
             repeat,
             ..Default::default()
         };
@@ -432,6 +446,25 @@ impl Datapath {
         }
         tags
     }
+}
+
+/// The program context `BPF_PROG_TEST_RUN` takes to run a frame of `length` bytes as if it
+/// came through `ifindex`: `struct xdp_md` with its `data_end` (offset 4: the frame is all
+/// linear) and `ingress_ifindex` (offset 12), or the start of `struct __sk_buff` up to its
+/// `ifindex` (offset 40). The kernel requires the rest zero.
+fn test_run_context(hook: Hook, length: usize, ifindex: u32) -> Vec<u8> {
+    let mut context = vec![0; if hook == Hook::Xdp { 24 } else { 44 }];
+    let mut put = |offset: usize, value: u32| {
+        context[offset..offset + 4].copy_from_slice(&value.to_ne_bytes())
+    };
+    match hook {
+        Hook::Xdp => {
+            put(4, length as u32);
+            put(12, ifindex);
+        }
+        Hook::TcIngress | Hook::TcEgress => put(40, ifindex),
+    }
+    context
 }
 
 /// Loads (verifies) the program of `hook` in `ebpf`.
