@@ -167,21 +167,26 @@ impl Kernel {
     /// Makes every tracked flow look idle for `idle` longer than it has been, as if that much
     /// time had passed without a packet.
     fn idle_flows(&self, idle: Duration) {
-        let pin = self.pins.maps().join("CONNTRACK");
-        let data = MapData::from_pin(&pin).unwrap();
-        let mut conntrack: HashMap<MapData, CtKey, CtEntry> =
-            HashMap::try_from(Map::from_map_data(data).unwrap()).unwrap();
         let idle = idle.as_nanos() as u64;
-        let entries: Vec<_> = conntrack.iter().map(Result::unwrap).collect();
-        for (key, mut entry) in entries {
-            assert!(
-                entry.last_seen_ns > idle,
-                "flows made before the clock passed {:?} (see wait_for_clock)",
-                Duration::from_nanos(idle)
-            );
-            entry.last_seen_ns -= idle;
-            conntrack.insert(key, entry, 0).unwrap();
+        for table in ["CONNTRACK", "UNANSWERED"] {
+            let mut flows = self.flow_table(table);
+            let entries: Vec<_> = flows.iter().map(Result::unwrap).collect();
+            for (key, mut entry) in entries {
+                assert!(
+                    entry.last_seen_ns > idle,
+                    "flows made before the clock passed {:?} (see wait_for_clock)",
+                    Duration::from_nanos(idle)
+                );
+                entry.last_seen_ns -= idle;
+                flows.insert(key, entry, 0).unwrap();
+            }
         }
+    }
+
+    /// One of the conntrack tables: `CONNTRACK` (answered flows) or `UNANSWERED`.
+    fn flow_table(&self, name: &str) -> HashMap<MapData, CtKey, CtEntry> {
+        let data = MapData::from_pin(self.pins.maps().join(name)).unwrap();
+        HashMap::try_from(Map::from_map_data(data).unwrap()).unwrap()
     }
 
     fn packets_with_reason(&self, wanted: u8) -> u64 {
@@ -516,6 +521,71 @@ fn a_reset_or_fin_from_elsewhere_does_not_end_the_flow_as_root() {
             }
         })
         .unwrap();
+}
+
+#[root_test]
+fn a_million_spoofed_syns_do_not_break_established_flows_as_root() {
+    let mut kernel = Kernel::load(LoadOptions::default());
+    kernel.install(
+        r#"
+[[service]]
+name = "frontend"
+addresses = ["10.0.0.2/32"]
+[[allow]]
+from = "world"
+to = "frontend"
+ports = ["443/tcp"]
+id = "world-to-frontend"
+"#,
+    );
+    let tcp = |src, dst, sport, dport, flags| {
+        Ipv4::new(src, dst, frames::TCP).frame(&frames::tcp(sport, dport, flags))
+    };
+    let ack = frames::TCP_ACK;
+    // Many clients with established connections, idle while the flood lasts: the kernel's
+    // LRU keeps an entry used since the last pass over it, so one busy flow would survive
+    // anything; idle ones are what an eviction takes.
+    const CLIENTS: u32 = 150_000;
+    let client = |n: u32| {
+        let [_, _, high, low] = n.to_be_bytes();
+        Ipv4Addr::new(100, 64 + (n >> 16) as u8, high, low)
+    };
+    for n in 0..CLIENTS {
+        assert!(kernel.xdp_passes(&tcp(client(n), B4, 5000, 443, frames::TCP_SYN)));
+        assert!(kernel.xdp_passes(&tcp(B4, client(n), 443, 5000, frames::TCP_SYN | ack)));
+    }
+
+    // The attack: SYNs on the allowed edge from a million spoofed sources, never answered —
+    // four times what the established table holds.
+    const SPOOFED: u32 = 1_000_000;
+    for n in 0..SPOOFED {
+        let [_, _, high, low] = n.to_be_bytes();
+        let source = Ipv4Addr::new(198, 18 + (n >> 16) as u8 % 2, high, low);
+        let frame = tcp(source, B4, 1024 + (n >> 17) as u16, 443, frames::TCP_SYN);
+        assert!(
+            kernel.xdp_passes(&frame),
+            "spoofed SYN {n} is on an allowed edge"
+        );
+    }
+    let refused = (0..CLIENTS)
+        .filter(|&n| !kernel.xdp_passes(&tcp(B4, client(n), 443, 5000, ack)))
+        .count();
+    assert_eq!(
+        refused, 0,
+        "the frontend's next packet to its established clients is refused after the flood"
+    );
+    let counts = kernel.maps.flow_table_counts();
+    assert!(
+        counts.opened >= u64::from(CLIENTS + SPOOFED) && counts.answered == u64::from(CLIENTS),
+        "{counts:?}"
+    );
+    let fill = kernel.maps.fill();
+    let (unanswered, answered) = (&fill["UNANSWERED"], &fill["CONNTRACK"]);
+    assert!(
+        unanswered.entries > unanswered.capacity as usize * 9 / 10
+            && answered.entries == CLIENTS as usize,
+        "the flood fills the unanswered table, and only that: {fill:?}"
+    );
 }
 
 #[root_test]

@@ -65,6 +65,17 @@ pub mod timeout {
     pub const REFRESH_NS: u64 = SEC;
 }
 
+/// How flows moved through the two conntrack tables on one CPU: new flows enter the
+/// unanswered table (`opened`), and move to the established one at their first reply
+/// (`answered`). Unanswered flows are what a spoofed-source flood makes, so they live in a
+/// table of their own and can only push out each other, never an answered flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowTableCounts {
+    pub opened: u64,
+    pub answered: u64,
+}
+
 /// Key of the fragment map: the datagram a non-first fragment belongs to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -94,4 +105,10 @@ pub struct FragEntry {
 /// A datagram's fragments must all arrive within this time of the first.
 pub const FRAG_TIMEOUT_NS: u64 = 2_000_000_000;
 
-kernel_abi!(CtKey = 40, CtEntry = 64, FragKey = 40, FragEntry = 32);
+kernel_abi!(
+    CtKey = 40,
+    CtEntry = 64,
+    FlowTableCounts = 16,
+    FragKey = 40,
+    FragEntry = 32
+);

@@ -115,6 +115,7 @@ pub fn pass(
         (tracked.dst_identity, tracked.src_identity)
     };
     conntrack::observe(
+        &subject.key,
         entry,
         subject.from_lo != 0,
         may_close && packet.tcp_fin(),
@@ -147,6 +148,7 @@ pub fn readmit(hook: &Hook, subject: &Subject, entry: *mut CtEntry, decision: &R
         from_lo == (tracked.flags & ct_flags::ORIG_IS_LO != 0),
     );
     conntrack::observe(
+        &subject.key,
         entry,
         from_lo,
         subject.packet.tcp_fin(),

@@ -12,7 +12,7 @@ use crate::subject::Subject;
 use enforcer_common::{
     addr::IpcacheKey,
     config::PolicyConfig,
-    conntrack::{CtEntry, CtKey, FragEntry, FragKey},
+    conntrack::{CtEntry, CtKey, FlowTableCounts, FragEntry, FragKey},
     counters::{Counter, FlowCounterKey},
     event::{EventCpuState, FlowEvent, ReportKey, ReportState},
     identity::{CgroupKey, EndpointKey, IdentityInfo},
@@ -47,9 +47,14 @@ pub static PAIRS: HashMap<PairKey, PairLayers, 524288, NO_PREALLOC> = HashMap::n
 #[btf_map]
 pub static PORT_RANGES: HashMap<RangeKey, PortRanges, 65536, NO_PREALLOC> = HashMap::new();
 
-// Datapath state.
+// Datapath state. Flows live in UNANSWERED until their first reply, then in CONNTRACK: a
+// flood of spoofed SYNs (never answered) can evict only other unanswered flows.
 #[btf_map]
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry, 262144> = LruHashMap::new();
+#[btf_map]
+pub static UNANSWERED: LruHashMap<CtKey, CtEntry, 65536> = LruHashMap::new();
+#[btf_map]
+pub static FLOW_TABLES: PerCpuArray<FlowTableCounts, 1> = PerCpuArray::new();
 #[btf_map]
 pub static FRAGMENTS: LruHashMap<FragKey, FragEntry, 8192> = LruHashMap::new();
 #[btf_map]

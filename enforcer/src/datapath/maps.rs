@@ -19,7 +19,7 @@ use aya::{
 use enforcer_common::{
     addr::IpcacheKey,
     config::{PolicyConfig, flags as config_flags},
-    conntrack::{CtEntry, CtKey},
+    conntrack::{CtEntry, CtKey, FlowTableCounts},
     counters::{Counter, FlowCounterKey},
     event::EventCpuState,
     identity::{CgroupKey, EndpointKey, IdentityInfo},
@@ -30,7 +30,7 @@ use enforcer_common::{
 use crate::compile::{Compiled, Prefix, Tables};
 
 /// Names of every map in the object, as `bpftool map` shows them.
-pub const MAP_NAMES: [&str; 15] = [
+pub const MAP_NAMES: [&str; 17] = [
     "POLICY_ACTIVE",
     "IPCACHE",
     "ENDPOINTS",
@@ -39,6 +39,8 @@ pub const MAP_NAMES: [&str; 15] = [
     "PORT_RANGES",
     "PAIRS",
     "CONNTRACK",
+    "UNANSWERED",
+    "FLOW_TABLES",
     "FRAGMENTS",
     "RATE_LIMITS",
     "EVENTS",
@@ -147,6 +149,8 @@ pub struct KernelMaps {
     ranges: HashMap<MapData, RangeKey, PortRanges>,
     pairs: HashMap<MapData, PairKey, PairLayers>,
     conntrack: HashMap<MapData, CtKey, CtEntry>,
+    unanswered: HashMap<MapData, CtKey, CtEntry>,
+    flow_tables: PerCpuArray<MapData, FlowTableCounts>,
     event_state: PerCpuArray<MapData, EventCpuState>,
     packet_counts: PerCpuArray<MapData, Counter>,
     flow_counts: PerCpuHashMap<MapData, FlowCounterKey, Counter>,
@@ -181,6 +185,8 @@ impl KernelMaps {
             ranges: typed!("PORT_RANGES"),
             pairs: typed!("PAIRS"),
             conntrack: typed!("CONNTRACK"),
+            unanswered: typed!("UNANSWERED"),
+            flow_tables: typed!("FLOW_TABLES"),
             event_state: typed!("EVENT_STATE"),
             packet_counts: typed!("PACKET_COUNTS"),
             flow_counts: typed!("FLOW_COUNTS"),
@@ -361,12 +367,24 @@ impl KernelMaps {
             fill("PORT_RANGES", self.ranges.keys().count()),
             fill("PAIRS", self.pairs.keys().count()),
             fill("CONNTRACK", self.conntrack.keys().count()),
+            fill("UNANSWERED", self.unanswered.keys().count()),
         ])
     }
 
-    /// Tracked flows, for `status`.
-    pub fn tracked_flows(&self) -> usize {
-        self.conntrack.keys().count()
+    /// Flows that entered the unanswered table and flows that moved on to the established one
+    /// at their first reply, over all CPUs, since the maps were created.
+    pub fn flow_table_counts(&self) -> FlowTableCounts {
+        self.flow_tables
+            .get(&0, 0)
+            .map(|per_cpu| {
+                per_cpu
+                    .iter()
+                    .fold(FlowTableCounts::default(), |total, cpu| FlowTableCounts {
+                        opened: total.opened + cpu.opened,
+                        answered: total.answered + cpu.answered,
+                    })
+            })
+            .unwrap_or_default()
     }
 }
 

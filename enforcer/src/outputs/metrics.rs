@@ -228,8 +228,30 @@ impl Collector for KernelCollector {
             None,
             prometheus_client::metrics::MetricType::Counter,
         )?)?;
+        encode_flow_tables(&maps, &mut encoder)?;
         self.encode_fill(&maps, &mut encoder)
     }
+}
+
+/// New flows (entering the unanswered table) and answered ones (moving to the established
+/// table). Opened flows that are never answered are what a spoofed-source flood makes; with
+/// the unanswered table full (`enforcer_map_entries{map="UNANSWERED"}`) each new one pushes out
+/// the oldest unanswered flow, never an answered one.
+fn encode_flow_tables(
+    maps: &KernelMaps,
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    let counts = maps.flow_table_counts();
+    let mut family = encoder.encode_descriptor(
+        "enforcer_conntrack_flows",
+        "Flows tracked as new (unanswered) and flows answered (moved to the established table)",
+        None,
+        prometheus_client::metrics::MetricType::Counter,
+    )?;
+    for (state, value) in [("opened", counts.opened), ("answered", counts.answered)] {
+        ConstCounter::new(value).encode(family.encode_family(&[("state", state.to_owned())])?)?;
+    }
+    Ok(())
 }
 
 impl KernelCollector {
