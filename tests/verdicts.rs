@@ -5,7 +5,8 @@
 mod support;
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr},
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     process::Command,
     time::Duration,
@@ -25,7 +26,7 @@ use enforcer::{
 };
 use enforcer_common::{
     conntrack::{CtEntry, CtKey, timeout},
-    event::FlowEvent,
+    event::{FlowEvent, flags as event_flags},
     verdict::{DENY, reason},
 };
 use enforcer_testbed::{
@@ -92,9 +93,14 @@ impl Kernel {
 
     /// Installs `text` as the next generation, returning it compiled.
     fn install(&mut self, text: &str) -> compile::Compiled {
+        self.install_on(text, &HostView::default())
+    }
+
+    /// Installs `text` as the next generation for a host that looks like `host`.
+    fn install_on(&mut self, text: &str, host: &HostView) -> compile::Compiled {
         let policy =
             policy::parse_sources(vec![(PathBuf::from("verdicts.toml"), text.to_owned())]).unwrap();
-        let compiled = compile::compile(&policy, &HostView::default(), None).unwrap();
+        let compiled = compile::compile(&policy, host, None).unwrap();
         Installer::adopt(&self.maps)
             .unwrap()
             .install(&mut self.maps, &compiled)
@@ -1052,13 +1058,16 @@ fn denials_are_deduplicated_in_the_kernel_and_losses_show_as_gaps_as_root() {
         "the next record carries the 999 suppressed packets and itself"
     );
 
-    // Distinct denied flows, more than the ring buffer holds: the loss is counted in the
-    // kernel and visible as sequence gaps.
+    // Distinct denied flows from distinct sources (from one source they would be aggregated
+    // into one record), more than the ring buffer holds: the loss is counted in the kernel and
+    // visible as sequence gaps.
     let attempts = 300u16;
-    for port in 0..attempts {
+    for n in 0..attempts {
+        let [high, low] = n.to_be_bytes();
+        let source = Ipv4Addr::new(198, 18, high, low);
         kernel
             .datapath
-            .test_run(Hook::Xdp, &tcp4(B4, A4, 50000, 1000 + port), 1)
+            .test_run(Hook::Xdp, &tcp4(source, A4, 50000, 22), 1)
             .unwrap();
     }
     let burst = kernel.events();
@@ -1080,6 +1089,89 @@ fn denials_are_deduplicated_in_the_kernel_and_losses_show_as_gaps_as_root() {
         tracker.lost() + trailing,
         lost_in_kernel,
         "gaps (plus records lost after the last delivered one) account for every loss"
+    );
+}
+
+#[root_test]
+fn under_a_flood_denials_are_aggregated_per_source_and_a_spoof_still_arrives_as_root() {
+    let mut kernel = Kernel::load(LoadOptions::default());
+    // `a` is an endpoint of this host behind `veth-a`: its address from anywhere else (here,
+    // loopback) is a spoof. `frontend` is a /16 nobody may reach.
+    let host = HostView {
+        interfaces: [("veth-a".to_owned(), 1000)].into(),
+        routes: [(IpAddr::V4(A4), "veth-a".to_owned())].into(),
+        ..HostView::default()
+    };
+    kernel.install_on(
+        r#"
+[[service]]
+name = "a"
+addresses = ["10.0.0.1/32"]
+interfaces = ["veth-a"]
+[[service]]
+name = "frontend"
+addresses = ["10.1.0.0/16"]
+"#,
+        &host,
+    );
+    // A new shape each time (a repeated one would be de-duplicated within the second).
+    let spoof = |port| tcp4(A4, Ipv4Addr::new(10, 1, 0, 1), 40000, port);
+    let denied = |source: Ipv4Addr, n: u32| {
+        let [_, _, high, low] = n.to_be_bytes();
+        tcp4(
+            source,
+            Ipv4Addr::new(10, 1, high, low),
+            40000,
+            1 + (n >> 16) as u16,
+        )
+    };
+    let spoofs = |events: &[FlowEvent]| {
+        events
+            .iter()
+            .filter(|event| event.reason == reason::SPOOFED)
+            .count()
+    };
+    const SHAPES: u32 = 1_000_000;
+
+    // A scan from four sources, a million destinations and ports between them, then one spoof:
+    // aggregated per source once the ring buffer is half full, so nothing is lost at all.
+    let scanners = [1, 2, 3, 4].map(|n| Ipv4Addr::new(203, 0, 113, n));
+    for n in 0..SHAPES {
+        assert!(!kernel.xdp_passes(&denied(scanners[n as usize % 4], n)));
+    }
+    assert!(!kernel.xdp_passes(&spoof(80)));
+    let received = kernel.events();
+    let aggregated: BTreeSet<_> = received
+        .iter()
+        .filter(|event| event.flags & event_flags::AGGREGATED != 0)
+        .map(|event| event.src_addr)
+        .collect();
+    assert_eq!(
+        (
+            aggregated.len(),
+            kernel.maps.events_lost(),
+            spoofs(&received)
+        ),
+        (4, 0, 1),
+        "{} records: each scanner aggregated, nothing lost, the spoof delivered",
+        received.len()
+    );
+
+    // A million distinct spoofed-looking sources, one denied shape each, then the spoof: the
+    // flood overflows what the ring buffer leaves to the noise, the spoof still finds room.
+    for n in 0..SHAPES {
+        let [_, _, high, low] = n.to_be_bytes();
+        let source = Ipv4Addr::new(198, 18 + (n >> 16) as u8 % 2, high, low);
+        assert!(!kernel.xdp_passes(&denied(source, n)));
+    }
+    assert!(!kernel.xdp_passes(&spoof(81)));
+    let received = kernel.events();
+    assert!(
+        kernel.maps.events_lost() > 0 && spoofs(&received) == 1,
+        "{} records, {} lost, {} spoof records delivered",
+        received.len(),
+        kernel.maps.events_lost(),
+        spoofs(&received)
     );
 }
 

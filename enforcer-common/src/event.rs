@@ -13,6 +13,23 @@ pub mod hook {
 pub mod flags {
     /// A tracked flow judged again because the policy generation changed.
     pub const REJUDGED: u8 = 1 << 0;
+    /// Sent while the ring buffer was filling up: `count` covers every destination this source
+    /// was refused for the same reason (de-duplicated per source and reason, not per flow
+    /// shape); the destination fields are those of one packet among them.
+    pub const AGGREGATED: u8 = 1 << 1;
+}
+
+/// Reasons whose records must reach the controller even under a flood of others: each says
+/// someone lies about who they are or pushes past a limit. They may use the whole ring
+/// buffer; other records leave them room (see `ring_room_below` in the programs).
+pub const fn reason_is_urgent(reason: u8) -> bool {
+    matches!(
+        reason,
+        crate::verdict::reason::SPOOFED
+            | crate::verdict::reason::IDENTITY_MISMATCH
+            | crate::verdict::reason::RATE_LIMITED
+            | crate::verdict::reason::FORGED_ICMP_ERROR
+    )
 }
 
 /// One flow-level fact: a new allowed flow, a denied (or audited) flow, a spoofed packet, a

@@ -39,7 +39,7 @@ pub fn conclude(hook: &Hook, subject: &Subject, report_kind: Report) -> u8 {
     }
     match report_kind {
         Report::Nothing => {}
-        Report::Flow => report::report(hook, &subject.packet, outcome, 1),
+        Report::Flow => report::report(hook, &subject.packet, outcome, 1, 0),
         Report::Deduplicated => report::report_deduplicated(hook, &subject.packet, outcome),
     }
     outcome.verdict

@@ -2,7 +2,7 @@
 
 use enforcer_common::{
     counters::{Counter, FlowCounterKey},
-    event::{REPORT_INTERVAL_NS, ReportKey, ReportState},
+    event::{REPORT_INTERVAL_NS, ReportKey, ReportState, flags, reason_is_urgent},
     verdict::packet_counter_index,
 };
 
@@ -96,12 +96,38 @@ pub fn count(hook: &Hook, verdict: u8, reason: u8, src_identity: u32, dst_identi
     }
 }
 
+/// The share of the ring buffer (1/8) below which records of other reasons than the urgent
+/// ones are not sent (counted as lost): the room left is for the urgent ones.
+const URGENT_ROOM_SHIFT: u32 = 3;
+/// The share (1/2) below which a denial of a reason that is not urgent is de-duplicated per
+/// source and reason instead of per flow shape: a scan or a flood then makes one record a
+/// second per source, with the count, instead of one per shape.
+const AGGREGATE_BELOW_SHIFT: u32 = 1;
+
+/// Whether the ring buffer's free room is below `1 / (1 << shift)` of its size (the size the
+/// controller gave it, which may differ from the declared one).
+#[inline(always)]
+fn ring_room_below(shift: u32) -> bool {
+    let ring = core::ptr::from_ref(&EVENTS).cast_mut().cast();
+    // SAFETY: a ring buffer map; BPF_RB_AVAIL_DATA (0) asks for the bytes not yet consumed,
+    // BPF_RB_RING_SIZE (1) for its size.
+    let (pending, size) = unsafe {
+        (
+            aya_ebpf::helpers::bpf_ringbuf_query(ring, 0),
+            aya_ebpf::helpers::bpf_ringbuf_query(ring, 1),
+        )
+    };
+    size.saturating_sub(pending) < size >> shift
+}
+
 /// Reports a denial-like outcome at most once per [`REPORT_INTERVAL_NS`] per flow shape
 /// (addresses, identities, destination port, protocol, reason), so a flood cannot drown the
-/// ring buffer. The report that goes out carries how many packets it stands for.
+/// ring buffer. The report that goes out carries how many packets it stands for. While the
+/// ring buffer fills up, shapes that are new or due again are aggregated per source and
+/// reason (see [`AGGREGATE_BELOW_SHIFT`]), unless their reason is urgent.
 #[inline(never)]
 pub fn report_deduplicated(hook: &Hook, packet: &Packet, outcome: &Outcome) {
-    let key = ReportKey {
+    let mut key = ReportKey {
         src_addr: packet.src,
         dst_addr: packet.dst,
         src_identity: outcome.src_identity,
@@ -111,14 +137,40 @@ pub fn report_deduplicated(hook: &Hook, packet: &Packet, outcome: &Outcome) {
         reason: outcome.reason,
         _pad: 0,
     };
-    let count = match REPORTS.get_ptr_mut(&key) {
+    if let Some(state) = REPORTS.get_ptr_mut(&key) {
+        // SAFETY: as in `deduplicate`.
+        if hook.now.saturating_sub(unsafe { (*state).last_report_ns }) < REPORT_INTERVAL_NS {
+            // SAFETY: as above.
+            unsafe { (*state).suppressed += 1 };
+            return;
+        }
+    }
+    let mut extra_flags = 0;
+    if !reason_is_urgent(outcome.reason) && ring_room_below(AGGREGATE_BELOW_SHIFT) {
+        key.dst_addr = [0; 16];
+        key.dst_identity = 0;
+        key.dst_port = 0;
+        key.proto = 0;
+        extra_flags = flags::AGGREGATED;
+    }
+    let Some(count) = deduplicate(hook, &key) else {
+        return;
+    };
+    report(hook, packet, outcome, count, extra_flags);
+}
+
+/// How many packets a report for `key` stands for, if one is due: at most one per
+/// [`REPORT_INTERVAL_NS`], the packets in between counted.
+#[inline(always)]
+fn deduplicate(hook: &Hook, key: &ReportKey) -> Option<u32> {
+    let count = match REPORTS.get_ptr_mut(key) {
         Some(state) => {
             // SAFETY: map value pointer valid for this run; concurrent CPUs can at worst lose a
             // suppressed-count increment, never send a flood.
             let state = unsafe { &mut *state };
             if hook.now.saturating_sub(state.last_report_ns) < REPORT_INTERVAL_NS {
                 state.suppressed += 1;
-                return;
+                return None;
             }
             let count = state.suppressed + 1;
             state.suppressed = 0;
@@ -127,7 +179,7 @@ pub fn report_deduplicated(hook: &Hook, packet: &Packet, outcome: &Outcome) {
         }
         None => {
             let _ = REPORTS.insert(
-                &key,
+                key,
                 &ReportState {
                     last_report_ns: hook.now,
                     suppressed: 0,
@@ -138,20 +190,23 @@ pub fn report_deduplicated(hook: &Hook, packet: &Packet, outcome: &Outcome) {
             1
         }
     };
-    report(hook, packet, outcome, count);
+    Some(count)
 }
 
 /// Sends one event. Every attempt takes the CPU's next sequence number, so one the ring buffer
-/// could not take shows up as a gap as well as in the lost counter.
+/// could not take shows up as a gap as well as in the lost counter. A record whose reason is not
+/// urgent is not sent once the ring buffer is nearly full (see [`URGENT_ROOM_SHIFT`]).
 #[inline(never)]
-pub fn report(hook: &Hook, packet: &Packet, outcome: &Outcome, count: u32) {
+pub fn report(hook: &Hook, packet: &Packet, outcome: &Outcome, count: u32, extra_flags: u8) {
     let Some(state) = EVENT_STATE.get_ptr_mut(0) else {
         return;
     };
     // SAFETY: per-CPU slot, see `count`.
     let state = unsafe { &mut *state };
     state.seq += 1;
-    let Some(mut entry) = EVENTS.reserve(0) else {
+    let crowded = !reason_is_urgent(outcome.reason) && ring_room_below(URGENT_ROOM_SHIFT);
+    let reserved = if crowded { None } else { EVENTS.reserve(0) };
+    let Some(mut entry) = reserved else {
         state.lost += 1;
         return;
     };
@@ -179,7 +234,7 @@ pub fn report(hook: &Hook, packet: &Packet, outcome: &Outcome, count: u32) {
         (*event).verdict = outcome.verdict;
         (*event).reason = outcome.reason;
         (*event).hook = hook.kind;
-        (*event).flags = outcome.flags;
+        (*event).flags = outcome.flags | extra_flags;
         (*event)._pad = [0; 6];
     }
     entry.submit(0);

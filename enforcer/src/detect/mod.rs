@@ -616,6 +616,7 @@ mod tests {
             hook: "tc-ingress",
             count: 1,
             rejudged: false,
+            aggregated: false,
             cgroup_id: 0,
             cpu: 0,
             sequence: 0,

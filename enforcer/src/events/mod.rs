@@ -58,6 +58,9 @@ pub struct FlowRecord {
     pub count: u32,
     /// A tracked flow judged again after a policy change.
     pub rejudged: bool,
+    /// Sent while the ring buffer was filling up: `count` covers every destination the source
+    /// was refused for this reason; `dst` is one of them.
+    pub aggregated: bool,
     pub cgroup_id: u64,
     pub cpu: u32,
     pub sequence: u64,
@@ -299,6 +302,7 @@ pub fn describe(
         },
         count: event.count.max(1),
         rejudged: event.flags & flags::REJUDGED != 0,
+        aggregated: event.flags & flags::AGGREGATED != 0,
         cgroup_id: event.cgroup_id,
         cpu: event.cpu,
         sequence: event.seq,

@@ -148,6 +148,16 @@ pub fn flow_message(record: &FlowRecord) -> String {
     } else {
         String::new()
     };
+    if record.aggregated {
+        return format!(
+            "{} -> any destination {outcome} by {} [{}]{times}, aggregated per source under load (one was {} {})",
+            record.src.name,
+            record.rule,
+            record.reason,
+            record.dst.name,
+            port_text(record),
+        );
+    }
     format!(
         "{} -> {} {} {outcome} by {} [{}]{times}",
         record.src.name,
@@ -264,6 +274,7 @@ fn enforcer_fields(record: &FlowRecord) -> Value {
         "dst_identity": record.dst.identity,
         "address_identity": record.address_identity,
         "rejudged": record.rejudged,
+        "aggregated": record.aggregated,
         "cgroup_id": record.cgroup_id,
         "cpu": record.cpu,
     })
@@ -305,7 +316,7 @@ fn ecs_flow(record: &FlowRecord, host: &str) -> Value {
         "rule": { "id": record.rule, "name": record.rule },
         "observer": { "hostname": host, "product": PRODUCT, "type": "firewall", "ingress": { "interface": { "name": record.interface } } },
         "host": { "hostname": host },
-        "enforcer": { "count": record.count, "generation": record.generation, "hook": record.hook, "src_identity": record.src.identity, "dst_identity": record.dst.identity, "address_identity": record.address_identity, "rejudged": record.rejudged },
+        "enforcer": { "count": record.count, "generation": record.generation, "hook": record.hook, "src_identity": record.src.identity, "dst_identity": record.dst.identity, "address_identity": record.address_identity, "rejudged": record.rejudged, "aggregated": record.aggregated },
     })
 }
 
@@ -605,6 +616,7 @@ mod tests {
             hook: "xdp-ingress",
             count: 4,
             rejudged: false,
+            aggregated: false,
             cgroup_id: 0,
             cpu: 1,
             sequence: 99,

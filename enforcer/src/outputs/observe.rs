@@ -203,6 +203,8 @@ pub fn describe(record: &Value) -> String {
         },
         if record["rejudged"] == true {
             " (policy changed)"
+        } else if record["aggregated"] == true {
+            " (any destination: aggregated per source under load)"
         } else {
             ""
         },
