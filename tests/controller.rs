@@ -828,6 +828,86 @@ fn a_rotated_audit_log_goes_on_in_a_new_file_that_verifies_after_the_old_as_root
     );
 }
 
+/// A small tmpfs mounted for a test; unmounted on drop.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(at: std::path::PathBuf, size: &str) -> Self {
+        std::fs::create_dir(&at).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            &at,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={size},mode=0700").as_str()),
+        )
+        .unwrap();
+        Self(at)
+    }
+
+    /// Writes a file until the disk is full.
+    fn fill(&self, name: &str) {
+        let mut filler = std::fs::File::create(self.0.join(name)).unwrap();
+        while filler.write_all(&[0; 512]).is_ok() {}
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[root_test]
+fn a_full_disk_never_leaves_half_an_audit_record_as_root() {
+    let topology = Topology::build(&["frontend", "api"]).expect("topology");
+    let disk = SmallDisk::mount(topology.dir.join("small-disk"), "64k");
+    let audit_log = disk.0.join("audit.jsonl");
+    let policy = services(&topology, &["frontend", "api"]);
+    let policy_path = topology.write_file("policy.toml", &policy).unwrap();
+    let interfaces = ["v-frontend", "v-api"];
+    let enforcer =
+        Enforcer::start_with_audit_log(&topology, &policy_path, &interfaces, &[], Some(&audit_log))
+            .unwrap();
+    let verify = || {
+        let (code, stdout, stderr) = run_enforcer(&["audit-verify", audit_log.to_str().unwrap()]);
+        assert_eq!(code, Some(0), "{stdout}{stderr}");
+        assert!(stdout.contains("intact"), "{stdout}");
+    };
+    disk.fill("filler");
+    let with_port = |generation: u32| {
+        let port = format!("{}/tcp", 8000 + generation);
+        format!("{policy}{}", allow("frontend", "api", &[port.as_str()], ""))
+    };
+    // Reloads until an audit record no longer fits: the write fails part way through a line.
+    let mut generation = 1;
+    while !enforcer.daemon.log_text().contains("writing the audit log") {
+        assert!(generation < 40, "the disk never filled up");
+        generation += 1;
+        enforcer.reload(&with_port(generation), generation);
+    }
+    let log = std::fs::read_to_string(&audit_log).unwrap();
+    assert!(log.ends_with('\n'), "a partial line was left behind");
+    verify();
+
+    // Room again: the chain goes on from the last whole record.
+    std::fs::remove_file(disk.0.join("filler")).unwrap();
+    generation += 1;
+    enforcer.reload(&with_port(generation), generation);
+    drop(enforcer);
+    verify();
+    let last: Value = serde_json::from_str(
+        std::fs::read_to_string(&audit_log)
+            .unwrap()
+            .lines()
+            .filter(|line| line.contains("policy_load"))
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(last["generation"], generation);
+}
+
 #[root_test]
 fn audit_log_chains_policy_loads_and_verification_finds_tampering_as_root() {
     let (topology, enforcer) = frontend_and_api("", &[]);

@@ -49,12 +49,27 @@ impl Enforcer {
         attach: &[&str],
         extra: &[&str],
     ) -> io::Result<Self> {
+        Self::start_with_audit_log(topology, policy, attach, extra, None)
+    }
+
+    /// [`Enforcer::start_with_policy_path`] keeping its audit log at `audit_log` (else in the
+    /// topology's directory).
+    pub fn start_with_audit_log(
+        topology: &Topology,
+        policy: &Path,
+        attach: &[&str],
+        extra: &[&str],
+        audit_log: Option<&Path>,
+    ) -> io::Result<Self> {
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_nanos();
         let alerts = topology.dir.join(format!("alerts-{started}.jsonl"));
-        let audit_log = topology.dir.join(format!("audit-{started}.jsonl"));
+        let audit_log = audit_log.map_or_else(
+            || topology.dir.join(format!("audit-{started}.jsonl")),
+            Path::to_owned,
+        );
         let pins = topology.pin_path();
         let observe_socket = topology.dir.join(format!("observe-{started}.sock"));
         let mut command = topology.host.command(ENFORCER)?;

@@ -7,7 +7,7 @@
 //! last line of the moved one; `audit-verify OLD NEW` checks the pieces as one chain.
 
 use std::{
-    fs::File,
+    fs::{File, OpenOptions},
     io::{self, BufRead, BufReader, Write},
     path::{Path, PathBuf},
 };
@@ -35,28 +35,15 @@ pub struct AuditLog {
 impl AuditLog {
     /// Opens (or creates) the log and continues its chain from the last line.
     pub fn open(path: &Path) -> io::Result<Self> {
-        let (head, next_seq) = match File::open(path) {
-            Ok(file) => {
-                let mut last: Option<String> = None;
-                for line in BufReader::new(file).lines() {
-                    let line = line?;
-                    if !line.is_empty() {
-                        last = Some(line);
-                    }
-                }
-                match last {
-                    Some(line) => {
-                        let seq = serde_json::from_str::<Value>(&line)
-                            .ok()
-                            .and_then(|record| record["seq"].as_u64())
-                            .unwrap_or(0);
-                        (sha256_hex(line.as_bytes()), seq + 1)
-                    }
-                    None => (GENESIS.to_owned(), 0),
-                }
+        let (head, next_seq) = match last_complete_line(path)? {
+            Some(line) => {
+                let seq = serde_json::from_str::<Value>(&line)
+                    .ok()
+                    .and_then(|record| record["seq"].as_u64())
+                    .unwrap_or(0);
+                (sha256_hex(line.as_bytes()), seq + 1)
             }
-            Err(error) if error.kind() == io::ErrorKind::NotFound => (GENESIS.to_owned(), 0),
-            Err(error) => return Err(error),
+            None => (GENESIS.to_owned(), 0),
         };
         let (file, log) = LogPath::open(path)?;
         Ok(Self {
@@ -98,12 +85,54 @@ impl AuditLog {
         }
         record.insert("prev_hash".to_owned(), Value::from(self.head.clone()));
         let line = serde_json::to_string(&Value::Object(record)).map_err(io::Error::other)?;
-        self.file.write_all(format!("{line}\n").as_bytes())?;
-        self.file.flush()?;
+        let length_before = self.file.metadata()?.len();
+        let written = self
+            .file
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| self.file.flush());
+        if let Err(error) = written {
+            // A full disk takes part of a line: cut it off, so the log ends at the last whole
+            // record and its chain still verifies (and goes on from there once there is room).
+            self.file.set_len(length_before)?;
+            return Err(error);
+        }
         self.head = sha256_hex(line.as_bytes());
         self.next_seq += 1;
         Ok(())
     }
+}
+
+/// The last complete line of the log at `path`, if any. A line cut short (no newline: the
+/// machine stopped while writing it) is removed: it is no record, and the chain goes on from
+/// the line before it.
+fn last_complete_line(path: &Path) -> io::Result<Option<String>> {
+    let file = match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error),
+    };
+    let mut last: Option<String> = None;
+    let mut complete_length = 0;
+    let mut reader = BufReader::new(&file);
+    let mut line = String::new();
+    while reader.read_line(&mut line)? > 0 {
+        if !line.ends_with('\n') {
+            tracing::warn!(
+                "audit log {} ends in a line cut short ({} bytes); removed, the chain goes on from the line before",
+                path.display(),
+                line.len()
+            );
+            file.set_len(complete_length)?;
+            break;
+        }
+        complete_length += line.len() as u64;
+        let record = line.trim_end();
+        if !record.is_empty() {
+            last = Some(record.to_owned());
+        }
+        line.clear();
+    }
+    Ok(last)
 }
 
 /// What `audit-verify` found.
@@ -203,6 +232,21 @@ mod tests {
         )
         .unwrap();
         verify(&[path.to_owned()]).unwrap()
+    }
+
+    #[test]
+    fn a_line_cut_short_is_removed_when_the_log_is_opened_again() {
+        let (scratch, lines) = written_log(2);
+        let path = &scratch.0;
+        let mut file = OpenOptions::new().append(true).open(path).unwrap();
+        file.write_all(&lines[1].as_bytes()[..40]).unwrap();
+        let mut log = AuditLog::open(path).unwrap();
+        assert_eq!(log.head(), sha256_hex(lines[1].as_bytes()));
+        log.append("policy_load", json!({})).unwrap();
+        assert!(matches!(
+            verify(std::slice::from_ref(path)).unwrap(),
+            Verification::Intact { records: 3, .. }
+        ));
     }
 
     #[test]
