@@ -900,8 +900,7 @@ fn a_full_disk_never_leaves_half_an_audit_record_as_root() {
         std::fs::read_to_string(&audit_log)
             .unwrap()
             .lines()
-            .filter(|line| line.contains("policy_load"))
-            .last()
+            .rfind(|line| line.contains("policy_load"))
             .unwrap(),
     )
     .unwrap();

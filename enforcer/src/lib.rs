@@ -13,7 +13,7 @@ pub mod fleet;
 /// Files the controller appends to (outputs and the detectors' baseline share it).
 mod locks;
 mod logfile;
-mod outputs;
+pub mod outputs;
 pub mod policy;
 mod run;
 

@@ -4,12 +4,14 @@
 mod bench;
 mod demo;
 mod demo_fleet;
+mod fuzz;
 mod kernels;
 mod prerequisites;
 
 use std::{
     path::{Path, PathBuf},
     process::{Command, ExitCode},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -42,20 +44,35 @@ enum Task {
     },
     /// Run every test: the kernel matrix (the release binary on Debian's 5.10, 6.1 and 6.12
     /// kernels under QEMU), then unit tests and integration tests against this host's kernel
-    /// (needs root).
+    /// (needs root), then a short run of every fuzz target.
     Test {
         /// Skip the kernel matrix (quicker, for work that does not touch the datapath).
         #[arg(long)]
         no_kernel_matrix: bool,
+        /// Skip the short fuzzing run.
+        #[arg(long)]
+        no_fuzz: bool,
         /// Extra arguments for `cargo test`, after `--`.
         #[arg(last = true)]
         args: Vec<String>,
     },
     /// Only the kernel matrix, on every kernel or those named (5.10, 6.1, 6.12).
     Kernels { names: Vec<String> },
+    /// Fuzz every target (or those named: packet_parser, policy_parser, event_decoder,
+    /// cni_input) with cargo-fuzz on a pinned nightly toolchain.
+    Fuzz {
+        targets: Vec<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        time: u64,
+    },
     /// Benchmarks, as ratios against baselines measured in the same run.
     Bench,
 }
+
+/// How long `cargo xtask test` fuzzes each target: enough to run the seeds and regression
+/// cases and a few million packet parses, short enough for every run.
+const SHORT_FUZZ: Duration = Duration::from_secs(20);
 
 fn main() -> ExitCode {
     match run(Task::parse()) {
@@ -107,6 +124,7 @@ fn run(task: Task) -> Result<()> {
         }
         Task::Test {
             no_kernel_matrix,
+            no_fuzz,
             args,
         } => {
             prerequisites::setup_if_missing()?;
@@ -114,8 +132,16 @@ fn run(task: Task) -> Result<()> {
                 kernels::run(&build_release()?, &[])?;
             }
             // The default members: everything but the eBPF crate, which builds only for the BPF
-            // target (the controller's build script builds it).
-            cargo(&["test"], &args)
+            // target (the controller's build script builds it), and the fuzz targets.
+            cargo(&["test"], &args)?;
+            if !no_fuzz {
+                fuzz::run(&workspace_root(), &[], SHORT_FUZZ)?;
+            }
+            Ok(())
+        }
+        Task::Fuzz { targets, time } => {
+            prerequisites::setup_if_missing()?;
+            fuzz::run(&workspace_root(), &targets, Duration::from_secs(time))
         }
         Task::Kernels { names } => {
             prerequisites::setup_if_missing()?;

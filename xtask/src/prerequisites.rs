@@ -75,6 +75,10 @@ const PACKAGES: &[(&str, &str)] = &[
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The toolchain the fuzz targets build with (cargo-fuzz needs a nightly for its sanitizer
+/// and coverage flags); pinned, so a run finds what the code does, not what a new nightly does.
+pub const FUZZ_TOOLCHAIN: &str = "nightly-2026-05-19";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 fn quiet(command: &mut Command) -> bool {
     command
@@ -118,6 +122,16 @@ fn bpf_linker_installed() -> bool {
     quiet(Command::new("bpf-linker").arg("--version"))
 }
 
+fn fuzz_toolchain_installed() -> bool {
+    output(Command::new("rustup").args(["toolchain", "list"]))
+        .is_some_and(|list| list.lines().any(|line| line.starts_with(FUZZ_TOOLCHAIN)))
+}
+
+fn cargo_fuzz_installed() -> bool {
+    output(Command::new("cargo-fuzz").arg("--version"))
+        .is_some_and(|version| version.contains(CARGO_FUZZ_VERSION))
+}
+
 fn missing_packages() -> Vec<&'static str> {
     PACKAGES
         .iter()
@@ -128,7 +142,11 @@ fn missing_packages() -> Vec<&'static str> {
 
 /// Whether everything `setup` installs is present (no network needed to find out).
 fn tooling_complete() -> bool {
-    missing_packages().is_empty() && missing_components().is_empty() && bpf_linker_installed()
+    missing_packages().is_empty()
+        && missing_components().is_empty()
+        && bpf_linker_installed()
+        && fuzz_toolchain_installed()
+        && cargo_fuzz_installed()
 }
 
 /// Runs `setup` only if something it installs is missing.
@@ -224,7 +242,42 @@ pub fn setup() -> Result<()> {
                 .env("LLVM_PREFIX", LLVM_PREFIX),
         )?;
     }
+    setup_fuzzing()?;
     println!("setup: done");
+    Ok(())
+}
+
+/// The pinned nightly toolchain and cargo-fuzz, for `cargo xtask fuzz` only.
+fn setup_fuzzing() -> Result<()> {
+    println!("setup: {FUZZ_TOOLCHAIN} and cargo-fuzz {CARGO_FUZZ_VERSION} (the fuzz targets only)");
+    if fuzz_toolchain_installed() {
+        println!("  ok {FUZZ_TOOLCHAIN}");
+    } else {
+        run_step(
+            &format!("rustup toolchain install {FUZZ_TOOLCHAIN}"),
+            Command::new("rustup").args([
+                "toolchain",
+                "install",
+                FUZZ_TOOLCHAIN,
+                "--profile",
+                "minimal",
+            ]),
+        )?;
+    }
+    if cargo_fuzz_installed() {
+        println!("  ok cargo-fuzz");
+    } else {
+        run_step(
+            &format!("cargo install cargo-fuzz {CARGO_FUZZ_VERSION}"),
+            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())).args([
+                "install",
+                "cargo-fuzz",
+                "--locked",
+                "--version",
+                CARGO_FUZZ_VERSION,
+            ]),
+        )?;
+    }
     Ok(())
 }
 

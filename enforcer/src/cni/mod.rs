@@ -6,7 +6,7 @@
 //! Failures are CNI error objects on stdout with a non-zero exit; the controller never keeps a
 //! half-made registration.
 
-mod config;
+pub mod config;
 
 use std::{
     io::{Read as _, Write as _},
