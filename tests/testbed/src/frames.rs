@@ -188,3 +188,120 @@ pub fn icmp(icmp_type: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
     message.extend_from_slice(body);
     message
 }
+
+/// Where a packet lies in its datagram.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fragment {
+    /// A whole datagram.
+    None,
+    /// Offset 0, more to come: it carries the transport header.
+    First,
+    /// Offset above 0.
+    Later,
+}
+
+impl Fragment {
+    pub fn of(offset: u16, more: bool) -> Self {
+        match (offset, more) {
+            (0, false) => Self::None,
+            (0, true) => Self::First,
+            _ => Self::Later,
+        }
+    }
+}
+
+/// What the stack takes in from an IP frame, as an independent parser (etherparse) reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TakenIn {
+    /// IPv4 addresses v4-mapped, as the datapath keeps them.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// The transport protocol, after any IPv6 extension headers.
+    pub proto: u8,
+    pub fragment: Fragment,
+    /// Source and destination port of a TCP or UDP packet whose header could be read.
+    pub ports: Option<(u16, u16)>,
+}
+
+/// The IP packet Linux takes in from `frame` by etherparse's reading, or `None` if it takes in
+/// no plain IP: not IP, malformed by etherparse, or inside what the stack does not read as
+/// plain IP on an Ethernet interface (MACsec; IPsec's AH; the pre-802.1ad QinQ tags 0x9100 to
+/// 0x9300, which etherparse reads and Linux does not).
+pub fn taken_in(frame: &[u8]) -> Option<TakenIn> {
+    use etherparse::{Ipv6ExtensionSlice, LinkExtSlice, NetSlice, SlicedPacket, TransportSlice};
+    let sliced = SlicedPacket::from_ethernet(frame).ok()?;
+    let mut tag_offset = 12;
+    for ext in &sliced.link_exts {
+        let LinkExtSlice::Vlan(_) = ext else {
+            return None;
+        };
+        let tpid = u16::from_be_bytes([frame[tag_offset], frame[tag_offset + 1]]);
+        if tpid != ETH_P_8021Q && tpid != ETH_P_8021AD {
+            return None;
+        }
+        tag_offset += 4;
+    }
+    let (src, dst, fragment, payload) = match sliced.net.as_ref()? {
+        NetSlice::Ipv4(ipv4) => {
+            if ipv4.extensions().auth.is_some() {
+                return None;
+            }
+            let header = ipv4.header();
+            (
+                header.source_addr().to_ipv6_mapped().octets(),
+                header.destination_addr().to_ipv6_mapped().octets(),
+                Fragment::of(header.fragments_offset().value(), header.more_fragments()),
+                ipv4.payload(),
+            )
+        }
+        NetSlice::Ipv6(ipv6) => {
+            let mut fragment = Fragment::None;
+            for ext in ipv6.extensions().clone() {
+                match ext {
+                    Ipv6ExtensionSlice::Authentication(_) => return None,
+                    Ipv6ExtensionSlice::Fragment(header) => {
+                        fragment =
+                            Fragment::of(header.fragment_offset().value(), header.more_fragments())
+                    }
+                    _ => {}
+                }
+            }
+            let header = ipv6.header();
+            (
+                header.source(),
+                header.destination(),
+                fragment,
+                ipv6.payload(),
+            )
+        }
+        NetSlice::Arp(_) => return None,
+    };
+    let proto = payload.ip_number.0;
+    let ports = match (&sliced.transport, fragment) {
+        (Some(TransportSlice::Tcp(tcp)), Fragment::None) => {
+            Some((tcp.source_port(), tcp.destination_port()))
+        }
+        (Some(TransportSlice::Udp(udp)), Fragment::None) => {
+            Some((udp.source_port(), udp.destination_port()))
+        }
+        // The first fragment carries the transport header; etherparse leaves it unread.
+        (_, Fragment::First) if proto == TCP => {
+            etherparse::TcpHeaderSlice::from_slice(payload.payload)
+                .ok()
+                .map(|tcp| (tcp.source_port(), tcp.destination_port()))
+        }
+        (_, Fragment::First) if proto == UDP => {
+            etherparse::UdpHeaderSlice::from_slice(payload.payload)
+                .ok()
+                .map(|udp| (udp.source_port(), udp.destination_port()))
+        }
+        _ => None,
+    };
+    Some(TakenIn {
+        src,
+        dst,
+        proto,
+        fragment,
+        ports,
+    })
+}
