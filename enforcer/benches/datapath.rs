@@ -55,6 +55,11 @@ fn main() {
     let (s0, s1) = (policies::service_address(0), policies::service_address(1));
     let syn = tcp(s0, s1, 10_000, frames::TCP_SYN);
     let established = tcp(s0, s1, 10_000, frames::TCP_ACK);
+    let answer = Ipv4::new(s1, s0, frames::TCP).frame(&frames::tcp(
+        10_000,
+        40000,
+        frames::TCP_SYN | frames::TCP_ACK,
+    ));
     let denied = tcp(s1, s0, 10_000, frames::TCP_SYN);
     let arp = frames::ethernet(&[], frames::ETH_P_ARP, &[0u8; 28]);
 
@@ -87,16 +92,14 @@ fn main() {
             &mut installer,
             &policies::generated(services, rules),
         );
-        // The first SYN opens the flow; the ACKs that follow hit conntrack.
+        // The first SYN opens the flow, the answer establishes it (it moves to the table of
+        // answered flows); the ACKs that follow hit conntrack.
+        for hook in Hook::ALL {
+            datapath.test_run(hook, &syn, 1).expect("open the flow");
+        }
         datapath
-            .test_run(Hook::Xdp, &syn, 1)
-            .expect("open the flow");
-        datapath
-            .test_run(Hook::TcIngress, &syn, 1)
-            .expect("open the flow");
-        datapath
-            .test_run(Hook::TcEgress, &syn, 1)
-            .expect("open the flow");
+            .test_run(Hook::Xdp, &answer, 1)
+            .expect("answer the flow");
         results.push((
             format!("XDP, established flow (conntrack hit), {label}"),
             time(&mut datapath, Hook::Xdp, &established),
