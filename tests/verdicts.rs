@@ -1299,6 +1299,18 @@ addresses = ["10.1.0.0/16"]
 }
 
 #[root_test]
+fn a_load_that_fails_part_way_leaves_no_maps_pinned_as_root() {
+    let pins = PinLayout::new(PathBuf::from("/sys/fs/bpf").join(enforcer_testbed::unique_id()));
+    // The ring buffer cannot be pinned (a directory holds its name), after other maps were
+    // made and pinned: a failure part way, as when a verifier refuses the second program.
+    std::fs::create_dir_all(pins.maps().join("EVENTS")).unwrap();
+    assert!(Datapath::load_with(pins.clone(), &LoadOptions::default()).is_err());
+    let left = pins.root.exists();
+    let _ = loader::unload(&pins);
+    assert!(!left, "a failed load left pins for the next start to adopt");
+}
+
+#[root_test]
 fn programs_pass_the_verifier_and_show_readable_names_as_root() {
     let kernel = Kernel::load(LoadOptions::default());
     let listing = Command::new("bpftool")

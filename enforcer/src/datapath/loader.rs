@@ -167,6 +167,21 @@ impl Datapath {
         options: &LoadOptions,
     ) -> Result<(Self, KernelMaps, RingBuf<MapData>), LoadError> {
         Features::current().check_minimum()?;
+        // A load that fails part way (a verifier refusing a program, a map the kernel will not
+        // create) must not leave a half-pinned datapath behind, which the next start would
+        // adopt. A datapath that was pinned before is enforcing through its links: left alone.
+        let fresh = !pins.maps().join("POLICY_ACTIVE").exists();
+        let loaded = Self::load_pinned(pins.clone(), options);
+        if loaded.is_err() && fresh {
+            let _ = unload(&pins);
+        }
+        loaded
+    }
+
+    fn load_pinned(
+        pins: PinLayout,
+        options: &LoadOptions,
+    ) -> Result<(Self, KernelMaps, RingBuf<MapData>), LoadError> {
         prepare_pin_root(&pins.root)?;
         for dir in [
             pins.maps(),
@@ -711,7 +726,12 @@ fn unpin(pins: &PinLayout, removed: &mut Vec<PathBuf>) -> io::Result<()> {
             continue;
         };
         for entry in entries.flatten() {
-            fs::remove_file(entry.path())?;
+            // Pins are files; a directory here is no pin, but in the way all the same.
+            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                fs::remove_dir(entry.path())?;
+            } else {
+                fs::remove_file(entry.path())?;
+            }
             removed.push(entry.path());
         }
         fs::remove_dir(&dir)?;
