@@ -1,7 +1,8 @@
 //! Per-packet cost of the datapath, measured with `BPF_PROG_TEST_RUN` and reported as ratios
 //! against an empty XDP program timed in the same run: the cost enforcer adds over the cheapest
-//! possible program. Also the same paths under a 10-rule and a 100 000-rule policy, whose ratio
-//! shows the lookup does not grow with the number of rules.
+//! possible program. Also `xdp-filter` (xdp-tools) on the same frame, the anchor the
+//! established path is held to, and the same paths under a 10-rule and a 100 000-rule policy,
+//! whose ratio shows the lookup does not grow with the number of rules.
 
 use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
@@ -16,7 +17,7 @@ use enforcer::{
     policy,
 };
 use enforcer_testbed::{
-    bpf,
+    anchors, bpf,
     frames::{self, Ipv4},
     policies,
 };
@@ -75,6 +76,23 @@ fn main() {
                 .collect(),
         )
     };
+    // The simplest XDP filter there is, on the frame of an established flow: the anchor the
+    // established path is held to.
+    let xdp_filter = anchors::XdpFilter::load().expect("xdp-filter loads (xdp-tools)");
+    let xdp_filter_cost = median(
+        (0..ROUNDS)
+            .map(|_| {
+                bpf::test_run(
+                    &xdp_filter.program().expect("its program"),
+                    &established,
+                    REPEAT,
+                )
+                .expect("xdp-filter run")
+                .1
+            })
+            .collect(),
+    );
+    drop(xdp_filter);
     let empty = median(
         (0..ROUNDS)
             .map(|_| {
@@ -137,6 +155,12 @@ fn main() {
         "1.00"
     );
     let ratio = |cost: Duration| cost.as_nanos() as f64 / empty.as_nanos().max(1) as f64;
+    println!(
+        "  {:<78} {:>8}  {:>9.2}",
+        "xdp-filter (xdp-tools, C), no rules, the established flow's frame",
+        xdp_filter_cost.as_nanos(),
+        ratio(xdp_filter_cost)
+    );
     for (path, cost) in &results {
         println!("  {path:<78} {:>8}  {:>9.2}", cost.as_nanos(), ratio(*cost));
     }
@@ -158,6 +182,11 @@ fn main() {
             large.as_nanos() as f64 / small.as_nanos().max(1) as f64
         );
     }
+    let established = by("XDP, established flow (conntrack hit), 10 rules");
+    println!(
+        "  XDP, established flow / xdp-filter on the same frame = {:.2} (the target is 1.00 or less)",
+        established.as_nanos() as f64 / xdp_filter_cost.as_nanos().max(1) as f64
+    );
     drop(datapath);
     let _ = loader::unload(&pins);
 }

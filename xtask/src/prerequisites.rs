@@ -30,6 +30,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ),
     ("iperf3", "the throughput benchmark"),
     (
+        "xdp-tools",
+        "xdp-filter, the anchor the datapath benchmark holds the established path to",
+    ),
+    (
         "openssl",
         "the TLS syslog tests make their certificates (and a collector) with it",
     ),

@@ -13,6 +13,7 @@ use std::{
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_PROG_TYPE_XDP: u32 = 6;
@@ -43,6 +44,15 @@ pub fn load_pass_all_xdp() -> io::Result<OwnedFd> {
     attr[48..53].copy_from_slice(b"pass\0");
     attr[68..72].copy_from_slice(&BPF_XDP.to_ne_bytes());
     let fd = sys(BPF_PROG_LOAD, &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// A file descriptor for the loaded program with kernel id `id` (`BPF_PROG_GET_FD_BY_ID`).
+pub fn program_by_id(id: u32) -> io::Result<OwnedFd> {
+    let mut attr = [0u8; 16];
+    attr[0..4].copy_from_slice(&id.to_ne_bytes());
+    let fd = sys(BPF_PROG_GET_FD_BY_ID, &mut attr)?;
     // SAFETY: the kernel returned a new file descriptor that we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }

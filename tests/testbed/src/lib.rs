@@ -22,6 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod anchors;
 pub mod bpf;
 mod cgroups;
 mod daemon;
