@@ -123,8 +123,8 @@ fn ring_room_below(shift: u32) -> bool {
 /// Reports a denial-like outcome at most once per [`REPORT_INTERVAL_NS`] per flow shape
 /// (addresses, identities, destination port, protocol, reason), so a flood cannot drown the
 /// ring buffer. The report that goes out carries how many packets it stands for. While the
-/// ring buffer fills up, shapes that are new or due again are aggregated per source and
-/// reason (see [`AGGREGATE_BELOW_SHIFT`]), unless their reason is urgent.
+/// ring buffer fills up, a new shape is aggregated per source and reason instead (see
+/// [`AGGREGATE_BELOW_SHIFT`]), unless its reason is urgent.
 #[inline(never)]
 pub fn report_deduplicated(hook: &Hook, packet: &Packet, outcome: &Outcome) {
     let mut key = ReportKey {
@@ -137,33 +137,30 @@ pub fn report_deduplicated(hook: &Hook, packet: &Packet, outcome: &Outcome) {
         reason: outcome.reason,
         _pad: 0,
     };
-    if let Some(state) = REPORTS.get_ptr_mut(&key) {
-        // SAFETY: as in `deduplicate`.
-        if hook.now.saturating_sub(unsafe { (*state).last_report_ns }) < REPORT_INTERVAL_NS {
-            // SAFETY: as above.
-            unsafe { (*state).suppressed += 1 };
-            return;
-        }
-    }
+    let mut state = REPORTS.get_ptr_mut(&key);
     let mut extra_flags = 0;
-    if !reason_is_urgent(outcome.reason) && ring_room_below(AGGREGATE_BELOW_SHIFT) {
+    if state.is_none()
+        && !reason_is_urgent(outcome.reason)
+        && ring_room_below(AGGREGATE_BELOW_SHIFT)
+    {
         key.dst_addr = [0; 16];
         key.dst_identity = 0;
         key.dst_port = 0;
         key.proto = 0;
         extra_flags = flags::AGGREGATED;
+        state = REPORTS.get_ptr_mut(&key);
     }
-    let Some(count) = deduplicate(hook, &key) else {
+    let Some(count) = deduplicate(hook, &key, state) else {
         return;
     };
     report(hook, packet, outcome, count, extra_flags);
 }
 
-/// How many packets a report for `key` stands for, if one is due: at most one per
-/// [`REPORT_INTERVAL_NS`], the packets in between counted.
+/// How many packets a report for `key` (whose de-duplication `state` was looked up) stands
+/// for, if one is due: at most one per [`REPORT_INTERVAL_NS`], the packets in between counted.
 #[inline(always)]
-fn deduplicate(hook: &Hook, key: &ReportKey) -> Option<u32> {
-    let count = match REPORTS.get_ptr_mut(key) {
+fn deduplicate(hook: &Hook, key: &ReportKey, state: Option<*mut ReportState>) -> Option<u32> {
+    let count = match state {
         Some(state) => {
             // SAFETY: map value pointer valid for this run; concurrent CPUs can at worst lose a
             // suppressed-count increment, never send a flood.
