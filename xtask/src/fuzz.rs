@@ -47,9 +47,7 @@ pub fn run(workspace: &Path, targets: &[String], time: Duration) -> Result<()> {
             .args(inputs.iter().filter(|dir| dir.is_dir()))
             .arg("--")
             .arg(format!("-max_total_time={}", time.as_secs()))
-            // Quiet unless something is found; libFuzzer's final statistics still print.
             .arg("-print_final_stats=1")
-            .arg("-close_fd_mask=3")
             .status()
             .context("starting cargo fuzz")?;
         if !status.success() {

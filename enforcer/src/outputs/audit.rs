@@ -93,7 +93,12 @@ impl AuditLog {
         if let Err(error) = written {
             // A full disk takes part of a line: cut it off, so the log ends at the last whole
             // record and its chain still verifies (and goes on from there once there is room).
-            self.file.set_len(length_before)?;
+            if let Err(cut) = self.file.set_len(length_before) {
+                tracing::error!(
+                    "audit log {}: a record was written in part and could not be cut off ({cut}): the chain breaks there",
+                    self.log.path().display()
+                );
+            }
             return Err(error);
         }
         self.head = sha256_hex(line.as_bytes());
