@@ -312,26 +312,15 @@ fn the_kernel_decides_new_flows_as_explain_does_on_random_policies_as_root() {
     assert_eq!(probes, 40 * 9 * (2 * RANDOM_PORTS.len() + 1));
 }
 
-/// xorshift64, for frames drawn from a seed (no dependency, and the same frames every run).
-struct Draw(u64);
-
-impl Draw {
-    fn below(&mut self, bound: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % bound
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
-
 /// A frame from `src` to `dst` shaped the ways an attacker varies one: VLAN tags (also a
 /// third, and the old QinQ type), IPv4 options, fragments, a lying total length, bytes after
 /// the packet, truncation, any TCP flags.
-fn shaped_frame(draw: &mut Draw, src: Ipv4Addr, dst: Ipv4Addr, source_port: u16) -> Vec<u8> {
+fn shaped_frame(
+    draw: &mut enforcer_testbed::policies::Draw,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    source_port: u16,
+) -> Vec<u8> {
     use enforcer_testbed::policies::RANDOM_PORTS;
     let port = RANDOM_PORTS.start + draw.below(RANDOM_PORTS.len() as u64) as u16;
     let (proto, transport) = match draw.below(3) {
@@ -386,9 +375,9 @@ fn shaped_frame(draw: &mut Draw, src: Ipv4Addr, dst: Ipv4Addr, source_port: u16)
 
 #[root_test]
 fn shaped_frames_pass_only_as_a_flow_explain_allows_as_root() {
-    use enforcer_testbed::policies::{RANDOM_SERVICES, random};
+    use enforcer_testbed::policies::{Draw, RANDOM_SERVICES, random};
     let mut kernel = Kernel::load(LoadOptions::default());
-    let mut draw = Draw(0x5eed);
+    let mut draw = Draw::from_seed(0x5eed);
     let (mut passed, mut judged) = (0, 0);
     for seed in 0..40 {
         let text = random(seed);

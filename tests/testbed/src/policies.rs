@@ -58,6 +58,29 @@ pub const RANDOM_SERVICES: [(&str, Ipv4Addr); 3] = [
     ("c", Ipv4Addr::new(10, 0, 0, 3)),
 ];
 
+/// Numbers drawn from a seed: xorshift64, deterministic (the same policies and frames every
+/// run) and no dependency for it.
+pub struct Draw(u64);
+
+impl Draw {
+    pub fn from_seed(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    /// A number in `0..bound`.
+    pub fn below(&mut self, bound: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % bound
+    }
+
+    /// True `percent` times in a hundred.
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
 /// The ports [`random`] policies name lie in 78..=95: probing 76..96 covers each rule's ends
 /// and the ports just past them.
 pub const RANDOM_PORTS: std::ops::Range<u16> = 76..96;
@@ -66,14 +89,8 @@ pub const RANDOM_PORTS: std::ops::Range<u16> = 76..96;
 /// rules (`r0`, `r1`, ...) between them, with exact ports, overlapping ranges, whole protocols,
 /// ICMP and any-protocol rules, so that every precedence case of DESIGN §4 comes up.
 pub fn random(seed: u64) -> String {
-    // xorshift64: deterministic, and no dependency for it.
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut below = move |bound: u64| {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state % bound
-    };
+    let mut draw = Draw::from_seed(seed);
+    let mut below = |bound: u64| draw.below(bound);
     let mut text = String::new();
     for (name, address) in RANDOM_SERVICES {
         let _ = write!(
