@@ -844,7 +844,8 @@ mod tests {
         }
     }
 
-    /// A flow of every verdict and reason, re-judged ones, every direction, every protocol.
+    /// A flow of every verdict and reason, re-judged ones, aggregated ones, every direction,
+    /// every protocol.
     fn every_flow() -> Vec<FlowRecord> {
         let mut flows = Vec::new();
         for reason in Reason::ALL {
@@ -864,6 +865,8 @@ mod tests {
             (enforcer_common::identity::WORLD, "world".to_owned());
         let mut outbound = record(Verdict::Deny, Reason::PolicyDeny, "no-office");
         (outbound.dst.identity, outbound.dst.name) = (1 << 24, "192.0.2.0/24".to_owned());
+        let mut scan = record(Verdict::Deny, Reason::DefaultDeny, "default-deny");
+        (scan.aggregated, scan.count) = (true, 5000);
         let mut icmp = record(Verdict::Allow, Reason::Related, "r");
         (
             icmp.protocol,
@@ -871,7 +874,7 @@ mod tests {
             icmp.src.port,
             icmp.dst.port,
         ) = ("icmp".to_owned(), 1, 0, 0);
-        flows.extend([icmpv6, inbound, outbound, icmp]);
+        flows.extend([scan, icmpv6, inbound, outbound, icmp]);
         flows
     }
 
@@ -884,6 +887,14 @@ mod tests {
                 .collect()
         });
         let flows = every_flow();
+        let scan = flow_alert(&flows[flows.len() - 5], AlertFormat::Ocsf, "h");
+        assert_eq!(scan["unmapped"]["enforcer"]["aggregated"], true);
+        assert!(
+            scan["message"]
+                .as_str()
+                .is_some_and(|message| message.contains("any destination")),
+            "{scan}"
+        );
         let icmpv6 = flow_alert(&flows[flows.len() - 4], AlertFormat::Ocsf, "h");
         assert_eq!(icmpv6["connection_info"]["protocol_name"], "ipv6-icmp");
         let directions: Vec<Value> = flows[flows.len() - 3..flows.len() - 1]
