@@ -464,6 +464,166 @@ fn processes_in_cgroups_below_a_services_cgroup_are_that_service_as_root() {
     );
 }
 
+/// A process of the test's, killed (and waited for) when dropped.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[root_test]
+fn what_a_cgroup_services_sockets_receive_is_judged_as_for_that_service_as_root() {
+    traffic_to_a_cgroup_service("auto");
+}
+
+#[root_test]
+fn what_a_cgroup_services_sockets_receive_is_judged_as_for_that_service_with_xdp_ingress_as_root() {
+    traffic_to_a_cgroup_service("xdp");
+}
+
+/// payments is a process in a cgroup, listening on the host's addresses. The policy lets
+/// frontend reach payments, and api reach the host's own ports 9090 and 9191 (an agent of the
+/// host's, say). What payments received used to be judged as sent to `host`: api reached
+/// payments through its rule for the host, and frontend's rule for payments never applied.
+/// Now the receiving socket's cgroup names the destination; the host's other sockets stay the
+/// host's.
+fn traffic_to_a_cgroup_service(ingress: &str) {
+    let topology = Topology::build(&["api", "frontend"]).unwrap();
+    let cgroup = Cgroup::create("payments").unwrap();
+    let listen = |command: &mut std::process::Command, port: u16| {
+        let address = format!("TCP6-LISTEN:{port},reuseaddr,fork,ipv6only=0");
+        Running(
+            command
+                .args([address.as_str(), "EXEC:cat"])
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let _payments = listen(
+        &mut topology.host.command_in_cgroup("socat", &cgroup).unwrap(),
+        9090,
+    );
+    let received = topology.dir.join("payments-received");
+    let _payments_udp = Running(
+        topology
+            .host
+            .command_in_cgroup("socat", &cgroup)
+            .unwrap()
+            .args([
+                "-u",
+                "UDP6-RECV:9053,ipv6only=0",
+                &format!("OPEN:{},creat,append", received.display()),
+            ])
+            .spawn()
+            .unwrap(),
+    );
+    let received_from = |sender: &str| {
+        std::fs::read_to_string(&received).is_ok_and(|text| text.contains(&format!("<{sender}>")))
+    };
+    // From an endpoint (or the host itself) to the host's address on api's link.
+    let send = |name: &str| {
+        let host = topology.endpoint("api").gateway_v4;
+        let script = format!(
+            "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'<{name}>', ('{host}', 9053))\n"
+        );
+        let netns = if name == "host" {
+            &topology.host
+        } else {
+            topology.netns(name)
+        };
+        let status = netns
+            .command("python3")
+            .unwrap()
+            .args(["-c", &script])
+            .status();
+        assert!(status.unwrap().success(), "python3 sends");
+    };
+    let _other = listen(&mut topology.host.command("socat").unwrap(), 9191);
+    let to_host = |name: &str, port: u16, v6: bool| {
+        let endpoint = topology.endpoint(name);
+        let host: IpAddr = if v6 {
+            endpoint.gateway_v6.into()
+        } else {
+            endpoint.gateway_v4.into()
+        };
+        topology
+            .netns(name)
+            .tcp_exchange(SocketAddr::new(host, port), b"pay", TIMEOUT)
+    };
+    // The attack works without enforcer.
+    assert!(
+        enforcer_testbed::eventually(TIMEOUT * 4, || {
+            send("api");
+            received_from("api")
+        }),
+        "api's datagram reaches payments when nothing enforces"
+    );
+    assert!(
+        enforcer_testbed::eventually(TIMEOUT * 4, || to_host("api", 9090, false).is_ok()),
+        "api connects to payments when nothing enforces"
+    );
+    std::fs::write(&received, "").unwrap();
+    let policy = format!(
+        "[[service]]\nname = \"payments\"\ncgroups = [\"{}\"]\n{}{}{}{}",
+        cgroup.path.display(),
+        service(&topology, "api", ""),
+        service(&topology, "frontend", ""),
+        allow(
+            "frontend",
+            "payments",
+            &["9090/tcp", "9053/udp"],
+            "id = \"fe-pay\""
+        ),
+        allow("api", "host", &["9090/tcp", "9191/tcp", "9053/udp"], "")
+    );
+    let enforcer = enforce_with(&topology, &policy, &["--ingress-hook", ingress]);
+    // A datagram needs no answer: the old judgement (api -> host, allowed) delivered it. The
+    // host's own, sent next over loopback, is judged by no hook: once it is in, api's would be.
+    send("api");
+    send("host");
+    assert!(
+        enforcer_testbed::eventually(TIMEOUT, || received_from("host")),
+        "the host's datagram reaches payments"
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !received_from("api"),
+        "api's datagram reaches payments through its rule for the host"
+    );
+    send("frontend");
+    assert!(
+        enforcer_testbed::eventually(TIMEOUT, || received_from("frontend")),
+        "frontend's datagram reaches payments"
+    );
+    for v6 in [false, true] {
+        let attack = to_host("api", 9090, v6);
+        assert!(
+            attack.is_err(),
+            "api reaches payments through its rule for the host (IPv6: {v6}): {attack:?}"
+        );
+        assert_eq!(
+            to_host("frontend", 9090, v6).expect("frontend reaches payments"),
+            b"pay"
+        );
+        assert_eq!(
+            to_host("api", 9191, v6).expect("a socket of no service is the host's"),
+            b"pay"
+        );
+    }
+    let allowed = enforcer
+        .wait_for_alert(|alert| is_flow(alert, "frontend", "payments", 9090))
+        .expect("frontend's flow to payments reported");
+    assert_eq!(allowed["unmapped"]["enforcer"]["hook"], "socket-ingress");
+    assert_eq!(allowed["firewall_rule"]["uid"], "fe-pay");
+    let refused = enforcer
+        .wait_for_alert(|alert| is_flow(alert, "api", "payments", 9090))
+        .expect("api's attempt reported");
+    assert_eq!(refused["firewall_rule"]["uid"], "default-deny");
+}
+
 #[root_test]
 fn cgroup_and_source_address_naming_different_services_is_dropped_as_spoofed_as_root() {
     let topology = Topology::build(&["api"]).unwrap();

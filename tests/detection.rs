@@ -256,7 +256,9 @@ fn syslog_gets_the_records_and_the_heartbeat_anchors_the_state_as_root() {
         "the heartbeat's policy hash is the live one:\n{status}"
     );
     for (link, tag) in state["programs"].as_object().unwrap() {
-        let program = if link.starts_with("tci-") {
+        let program = if link == "sockets" {
+            "enf_socket_ingress"
+        } else if link.starts_with("tci-") {
             "enf_tc_ingress"
         } else {
             "enf_tc_egress"
@@ -268,8 +270,8 @@ fn syslog_gets_the_records_and_the_heartbeat_anchors_the_state_as_root() {
     }
     assert_eq!(
         state["programs"].as_object().unwrap().len(),
-        4,
-        "two hooks on each of two interfaces"
+        5,
+        "two hooks on each of two interfaces, and the socket hook"
     );
     assert_eq!(state["audit_chain_head"].as_str().unwrap().len(), 64);
 

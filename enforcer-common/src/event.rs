@@ -7,6 +7,9 @@ pub mod hook {
     pub const TC_EGRESS: u8 = 2;
     /// TC ingress, packets entering the host (veths, where XDP would cost segmentation offload).
     pub const TC_INGRESS: u8 = 3;
+    /// cgroup_skb ingress: a packet the interface hook handed over, judged as it is delivered
+    /// to a socket of this host, whose cgroup names the destination service.
+    pub const SOCKET_INGRESS: u8 = 4;
 }
 
 /// Bits of [`FlowEvent::flags`].

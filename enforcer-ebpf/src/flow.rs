@@ -177,7 +177,8 @@ pub fn track(hook: &Hook, subject: &Subject, extra_flags: u32) {
         // The sending socket's cgroup, a service's or not: the shortcut compares against it,
         // judging again looks it up.
         cgroup_id: if hook.entering() { 0 } else { hook.cgroup_id },
-        reply_cgroup_id: 0,
+        // The receiving socket's (at the socket hook): the one that answers.
+        reply_cgroup_id: hook.receiving_cgroup,
         generation: outcome.generation,
         rule: outcome.rule,
         src_identity: outcome.src_identity,

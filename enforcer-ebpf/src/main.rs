@@ -16,6 +16,7 @@ mod maps;
 mod packet;
 mod report;
 mod rules;
+mod sockets;
 mod subject;
 mod verdict;
 
@@ -24,8 +25,8 @@ use aya_ebpf::{
     helpers::{
         bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_skb, classifier, xdp},
+    programs::{SkBuffContext, TcContext, XdpContext},
 };
 use enforcer_common::{event::hook, verdict::DENY};
 
@@ -39,6 +40,11 @@ const TC_PARSE_BYTES: u32 = 256;
 // the caller and pass packet pointers into a BPF subprogram, which the verifier refuses (it only
 // trusts packet pointers derived from the context in the same function).
 impl Frame for XdpContext {
+    #[inline(always)]
+    fn context(&self) -> *mut core::ffi::c_void {
+        self.ctx.cast()
+    }
+
     #[inline(always)]
     fn start(&self) -> usize {
         // SAFETY: `ctx` is the context pointer the kernel passed in.
@@ -54,6 +60,11 @@ impl Frame for XdpContext {
 
 impl Frame for TcContext {
     #[inline(always)]
+    fn context(&self) -> *mut core::ffi::c_void {
+        self.skb.skb.cast()
+    }
+
+    #[inline(always)]
     fn start(&self) -> usize {
         // SAFETY: `skb` is the context pointer the kernel passed in.
         unsafe { core::ptr::read_volatile(&(*self.skb.skb).data) as usize }
@@ -68,6 +79,35 @@ impl Frame for TcContext {
     #[inline(always)]
     fn socket_cgroup_ancestor(&self, level: i32) -> u64 {
         // SAFETY: as above; the helper answers 0 for an skb without a socket.
+        unsafe { bpf_skb_ancestor_cgroup_id(self.skb.skb, level) }
+    }
+}
+
+/// A cgroup_skb program's skb: it starts at the IP header, and its socket is the receiving one.
+impl Frame for SkBuffContext {
+    const AT_INTERFACE: bool = false;
+
+    #[inline(always)]
+    fn start(&self) -> usize {
+        // SAFETY: `skb` is the context pointer the kernel passed in.
+        unsafe { core::ptr::read_volatile(&(*self.skb.skb).data) as usize }
+    }
+
+    #[inline(always)]
+    fn end(&self) -> usize {
+        // SAFETY: as above.
+        unsafe { core::ptr::read_volatile(&(*self.skb.skb).data_end) as usize }
+    }
+
+    #[inline(always)]
+    fn network_protocol(&self) -> Option<u16> {
+        // SAFETY: as above.
+        Some(u16::from_be(unsafe { (*self.skb.skb).protocol } as u16))
+    }
+
+    #[inline(always)]
+    fn socket_cgroup_ancestor(&self, level: i32) -> u64 {
+        // SAFETY: as above.
         unsafe { bpf_skb_ancestor_cgroup_id(self.skb.skb, level) }
     }
 }
@@ -98,6 +138,7 @@ pub fn enf_xdp_ingress(ctx: XdpContext) -> u32 {
         ifindex: ctx.ingress_ifindex() as u32,
         arrived_on: ctx.ingress_ifindex() as u32,
         cgroup_id: 0,
+        receiving_cgroup: 0,
         len: (ctx.end() - ctx.start()) as u32,
         now: now(),
     };
@@ -115,6 +156,29 @@ pub fn enf_tc_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn enf_tc_egress(ctx: TcContext) -> i32 {
     judge_skb(&ctx, hook::TC_EGRESS)
+}
+
+/// Packets as they are delivered to a socket of this host; judges only those an interface hook
+/// handed over (see `sockets`). Attached to the cgroup v2 root, so it runs for every socket.
+#[cgroup_skb(ingress)]
+pub fn enf_socket_ingress(ctx: SkBuffContext) -> i32 {
+    let skb = ctx.skb.skb;
+    let mut hook = Hook {
+        kind: hook::SOCKET_INGRESS,
+        // SAFETY: `skb` is the context pointer the kernel passed in.
+        ifindex: unsafe { (*skb).ifindex },
+        // The interface hook that handed the packet over checked where it came from.
+        arrived_on: 0,
+        cgroup_id: 0,
+        // SAFETY: as above; the skb's socket is the receiving one here.
+        receiving_cgroup: unsafe { bpf_skb_cgroup_id(skb) },
+        len: ctx.len(),
+        now: now(),
+    };
+    match verdict::judge(&ctx, &mut hook) {
+        DENY => 0,
+        _ => 1,
+    }
 }
 
 /// The TC programs' shared body: make the headers readable, describe the hook, judge.
@@ -144,6 +208,7 @@ fn judge_skb(ctx: &TcContext, kind: u8) -> i32 {
         } else {
             0
         },
+        receiving_cgroup: 0,
         len: ctx.len(),
         now: now(),
     };

@@ -21,6 +21,7 @@ use enforcer_common::{
 };
 
 const NO_PREALLOC: usize = aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize;
+const NO_COMMON_LRU: usize = aya_ebpf::bindings::BPF_F_NO_COMMON_LRU as usize;
 
 /// The installed generation's config, swapped as a whole (see `enforcer_common::config`).
 #[btf_map]
@@ -57,6 +58,11 @@ pub static UNANSWERED: LruHashMap<CtKey, CtEntry, 65536> = LruHashMap::new();
 pub static FLOW_TABLES: PerCpuArray<FlowTableCounts, 1> = PerCpuArray::new();
 #[btf_map]
 pub static FRAGMENTS: LruHashMap<FragKey, FragEntry, 8192> = LruHashMap::new();
+// Flows whose packet an interface hook handed over to the socket hook (see `sockets`). Per-CPU
+// LRU lists: a packet is delivered on the CPU that handed it over, right after, so a flood on
+// other CPUs cannot evict its note before the socket hook takes it.
+#[btf_map]
+pub static HANDED_OVER: LruHashMap<CtKey, u8, 16384, NO_COMMON_LRU> = LruHashMap::new();
 #[btf_map]
 pub static RATE_LIMITS: LruHashMap<u32, RateState, 16384> = LruHashMap::new();
 

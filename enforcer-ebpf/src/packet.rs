@@ -53,8 +53,28 @@ const TCP_ACK: u8 = 0x10;
 
 /// A contiguous packet buffer (XDP frame or the linear part of an skb).
 pub trait Frame {
+    /// Whether the frame is seen at an interface (XDP, TC) rather than at a socket: a
+    /// constant, so that each program carries only its own steps (the socket hook's stack
+    /// would not hold the interface hooks' socket lookup on older verifiers).
+    const AT_INTERFACE: bool = true;
+
     fn start(&self) -> usize;
     fn end(&self) -> usize;
+
+    /// The ethertype of the network header a frame without a link header starts with (a
+    /// cgroup program's skb starts at its IP header); `None` for a frame that starts with its
+    /// Ethernet header.
+    #[inline(always)]
+    fn network_protocol(&self) -> Option<u16> {
+        None
+    }
+
+    /// The program's context, for the helpers that take it (socket lookups); null where there
+    /// is none (a frame in host memory, as the fuzz targets build).
+    #[inline(always)]
+    fn context(&self) -> *mut core::ffi::c_void {
+        core::ptr::null_mut()
+    }
 
     /// The id of the sending socket's cgroup's ancestor at `level` of the cgroup v2 hierarchy
     /// (the cgroup itself at its own level); 0 when there is none: no socket (an XDP frame, a
@@ -283,9 +303,17 @@ fn be16(bytes: [u8; 2]) -> u16 {
     u16::from_be_bytes(bytes)
 }
 
-/// Parses the Ethernet frame in `frame` into `packet`.
+/// Parses the Ethernet frame (or the bare IP packet, see [`Frame::network_protocol`]) in
+/// `frame` into `packet`.
 #[inline(never)]
 pub fn parse<F: Frame>(frame: &F, packet: &mut Packet) -> Parsed {
+    if let Some(ether_type) = frame.network_protocol() {
+        return match ether_type {
+            ETH_P_IP => parse_ipv4(frame, 0, packet),
+            ETH_P_IPV6 => parse_ipv6(frame, 0, packet),
+            _ => NOT_IP,
+        };
+    }
     let Some(eth) = frame.read::<EthHdr>(0) else {
         return NOT_IP;
     };

@@ -45,7 +45,10 @@ pub struct Hook {
     /// The interface the packet came in through: `ifindex` when entering, the forwarded
     /// packet's ingress interface at TC egress, 0 for a packet this host sent.
     pub arrived_on: u32,
+    /// The sending socket's cgroup (TC egress), else 0.
     pub cgroup_id: u64,
+    /// The receiving socket's cgroup (the socket hook), else 0.
+    pub receiving_cgroup: u64,
     pub len: u32,
     pub now: u64,
 }
@@ -55,7 +58,8 @@ impl Hook {
     /// endpoint-interface identity and anti-spoofing apply.
     #[inline(always)]
     pub fn entering(&self) -> bool {
-        self.kind != enforcer_common::event::hook::TC_EGRESS
+        use enforcer_common::event::hook::{TC_INGRESS, XDP_INGRESS};
+        self.kind == XDP_INGRESS || self.kind == TC_INGRESS
     }
 }
 

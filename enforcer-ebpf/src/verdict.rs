@@ -18,8 +18,8 @@ use enforcer_common::{
     config::{PolicyConfig, flags as config_flags},
     conntrack::{CtEntry, flags as ct_flags},
     event::flags as event_flags,
-    identity::{FIRST_SERVICE, IdentityInfo, SERVICE_END, flags as identity_flags},
-    policy::{action, rule},
+    identity::{FIRST_SERVICE, HOST, IdentityInfo, SERVICE_END, flags as identity_flags},
+    policy::{action, proto, rule},
     verdict::{ALLOW, AUDIT, DENY, reason},
 };
 
@@ -31,7 +31,7 @@ use crate::{
     maps::SCRATCH,
     packet::{self, Frame, fragment},
     report::{self, Hook, Outcome},
-    rules,
+    rules, sockets,
     subject::Subject,
 };
 
@@ -50,6 +50,10 @@ pub fn judge<F: Frame>(frame: &F, hook: &mut Hook) -> u8 {
     subject.dst = IdentityInfo::WORLD;
     subject.tracked = 0;
     let parsed = packet::parse(frame, &mut subject.packet);
+    if !F::AT_INTERFACE && !(parsed == packet::PARSED_IP && handed_over(subject)) {
+        // Judged where it entered, or it entered where this datapath is not attached.
+        return ALLOW;
+    }
     match parsed {
         packet::PARSED_IP | packet::ARP => {}
         packet::NOT_IP => return ALLOW,
@@ -78,20 +82,14 @@ pub fn judge<F: Frame>(frame: &F, hook: &mut Hook) -> u8 {
         hook.cgroup_id =
             identity::service_cgroup(frame, subject.slot, config.cgroup_levels, hook.cgroup_id);
     }
+    if !F::AT_INTERFACE && config.cgroup_levels != 0 {
+        receiving_service(frame, hook, subject.slot, config.cgroup_levels);
+    }
     let hook = &*hook;
 
     // Later fragments have no ports, so no flow key.
     if subject.packet.fragment != fragment::LATER {
-        let packet = &subject.packet;
-        let from_lo = conntrack::flow_key(
-            &packet.src,
-            packet.src_port,
-            &packet.dst,
-            packet.dst_port,
-            packet.proto,
-            &mut subject.key,
-        );
-        subject.from_lo = from_lo as u8;
+        flow_key(subject);
         let verdict = pass_established(hook, subject);
         if verdict != NOT_TRACKED {
             return verdict;
@@ -106,6 +104,9 @@ pub fn judge<F: Frame>(frame: &F, hook: &mut Hook) -> u8 {
         } else {
             refuse(hook, subject)
         };
+    }
+    if subject.tracked == 0 && hands_over(frame, hook, subject, config.cgroup_levels) {
+        return ALLOW;
     }
     if subject.tracked != 0 {
         let verdict = judge_tracked(hook, subject);
@@ -129,6 +130,56 @@ pub fn judge<F: Frame>(frame: &F, hook: &mut Hook) -> u8 {
         }
     }
     judge_new_flow(hook, subject)
+}
+
+/// The subject's conntrack key, and whether its source is the key's `lo` end.
+#[inline(always)]
+fn flow_key(subject: &mut Subject) {
+    let packet = &subject.packet;
+    let from_lo = conntrack::flow_key(
+        &packet.src,
+        packet.src_port,
+        &packet.dst,
+        packet.dst_port,
+        packet.proto,
+        &mut subject.key,
+    );
+    subject.from_lo = from_lo as u8;
+}
+
+/// At the socket hook: the receiving socket's cgroup becomes its service's. A function of its
+/// own, like [`handed_over`]: the socket hook's entry frame must stay as small as the others'
+/// (5.10's verifier counts every frame of the deepest call chain against 512 bytes).
+#[inline(never)]
+fn receiving_service<F: Frame>(frame: &F, hook: &mut Hook, slot: u8, cgroup_levels: u32) {
+    hook.receiving_cgroup =
+        identity::service_cgroup(frame, slot, cgroup_levels, hook.receiving_cgroup);
+}
+
+/// At the socket hook: whether an interface hook handed this packet over (see `sockets`).
+#[inline(never)]
+fn handed_over(subject: &mut Subject) -> bool {
+    if subject.packet.fragment == fragment::LATER {
+        return false;
+    }
+    flow_key(subject);
+    sockets::take_handed_over(&subject.key)
+}
+
+/// Whether an interface hook hands the packet over to the socket hook instead of judging it
+/// (see `sockets`): the first packet of a new flow for one of this host's own sockets, when
+/// the policy has services identified by cgroup, whose socket may be the receiver.
+#[inline(always)]
+fn hands_over<F: Frame>(frame: &F, hook: &Hook, subject: &Subject, cgroup_levels: u32) -> bool {
+    let packet = &subject.packet;
+    F::AT_INTERFACE
+        && hook.entering()
+        && cgroup_levels != 0
+        && subject.dst.identity == HOST
+        && packet.fragment == fragment::NONE
+        && (packet.proto == proto::UDP || (packet.is_tcp() && packet.tcp_syn_only()))
+        && sockets::has_receiver(frame, subject)
+        && sockets::hand_over(&subject.key)
 }
 
 /// Link-local traffic (ARP, neighbour discovery, MLD) passes, unless an endpoint speaks
@@ -204,6 +255,11 @@ fn resolve_identities(hook: &Hook, subject: &mut Subject) -> bool {
     subject.outcome.addr_identity = by_address.identity;
     subject.outcome.src_identity = by_address.identity;
     subject.outcome.dst_identity = subject.dst.identity;
+    // At the socket hook: the service whose socket receives the packet.
+    if let Some(receiver) = identity::of_cgroup(subject.slot, hook.receiving_cgroup) {
+        subject.dst = receiver;
+        subject.outcome.dst_identity = receiver.identity;
+    }
     if hook.entering() {
         if let Some(endpoint) = identity::of_endpoint(subject.slot, hook.ifindex) {
             subject.src = endpoint;
@@ -335,7 +391,12 @@ fn judge_again(hook: &Hook, subject: &mut Subject, entry: *mut CtEntry) -> u8 {
         Some(owner) => owner,
         None => identity::of_address(subject.slot, initiator),
     };
-    subject.dst = identity::of_address(subject.slot, responder);
+    // A responder that is a socket of this host answers from its cgroup, whose service it is.
+    let receiver = identity::of_cgroup(subject.slot, tracked.reply_cgroup_id);
+    subject.dst = match receiver {
+        Some(receiver) => receiver,
+        None => identity::of_address(subject.slot, responder),
+    };
     let decision = rules::evaluate(
         subject.slot,
         &subject.src,
@@ -348,7 +409,12 @@ fn judge_again(hook: &Hook, subject: &mut Subject, entry: *mut CtEntry) -> u8 {
     subject.outcome.dst_identity = subject.dst.identity;
     subject.outcome.flags = event_flags::REJUDGED;
     if decision.action == action::ALLOW {
+        let reply_cgroup_id = tracked.reply_cgroup_id;
         flow::readmit(hook, subject, entry, &decision);
+        if receiver.is_some() {
+            // SAFETY: as above; the shared reference is no longer used.
+            unsafe { (*entry).reply_cgroup_id = reply_cgroup_id };
+        }
         subject.outcome.verdict = ALLOW;
         subject.outcome.reason = reason::ESTABLISHED;
         return conclude(hook, subject, Report::Nothing);

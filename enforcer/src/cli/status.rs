@@ -34,6 +34,8 @@ pub(super) struct Status {
     pub packets: Vec<(u8, u8, Counter)>,
     pub fill: BTreeMap<&'static str, Fill>,
     pub events_lost: u64,
+    /// The tags of the program the socket hook's link runs, and of this build's.
+    pub socket_hook: (Option<String>, Option<String>),
 }
 
 /// One hook of one interface that enforcer has recorded as attached.
@@ -84,6 +86,13 @@ impl Status {
             packets: maps.packet_counts().map_err(|error| runtime(&error))?,
             fill: maps.fill(),
             events_lost: maps.events_lost(),
+            socket_hook: (
+                programs
+                    .linked
+                    .get(loader::SOCKETS_LINK)
+                    .map(|info| format!("{:016x}", info.tag())),
+                build_tags.get(loader::SOCKET_PROGRAM).cloned(),
+            ),
         })
     }
 
@@ -136,6 +145,17 @@ impl Status {
         for attachment in &self.attachments {
             let _ = writeln!(out, "  {}", attachment.render());
         }
+        let socket_hook = match &self.socket_hook {
+            (Some(running), Some(expected)) if running == expected => {
+                format!("tag {running}, this build's program")
+            }
+            (Some(running), Some(_)) => format!("tag {running} DIFFERS from this build's program"),
+            (Some(running), None) => format!("tag {running}, build tag unknown"),
+            (None, _) => "NOT ATTACHED: packets handed over to it for services identified by \
+                          cgroup pass unjudged"
+                .to_owned(),
+        };
+        let _ = writeln!(out, "  socket hook on the cgroup v2 root: {socket_hook}");
         let _ = writeln!(out, "\npackets:");
         for (verdict, reason, counter) in &self.packets {
             let verdict = Verdict::from_code(*verdict).map_or("?", Verdict::as_str);
@@ -226,7 +246,24 @@ mod tests {
                 },
             )]),
             events_lost: 7,
+            socket_hook: (None, Some("00000000000000bb".to_owned())),
         }
+    }
+
+    #[test]
+    fn a_socket_hook_that_is_not_attached_says_what_passes_unjudged() {
+        let report = status(Vec::new()).render();
+        assert!(
+            report.contains("socket hook on the cgroup v2 root: NOT ATTACHED"),
+            "{report}"
+        );
+        let mut attached = status(Vec::new());
+        attached.socket_hook.0 = Some("00000000000000bb".to_owned());
+        assert!(
+            attached
+                .render()
+                .contains("socket hook on the cgroup v2 root: tag 00000000000000bb, this build's")
+        );
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The bpf(2) commands aya does not wrap: `BPF_MAP_FREEZE` (each generation's config), and
+//! The bpf(2) commands aya does not wrap: `BPF_MAP_FREEZE` (each generation's config),
+//! `BPF_LINK_UPDATE` for a cgroup link, and
 //! what a pinned link is attached to (aya does not report a link's interface; `status` shows an
 //! interface as enforced only if its link still points at it).
 
@@ -15,6 +16,7 @@ use std::{
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_MAP_FREEZE: libc::c_long = 22;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_TYPE_XDP: u32 = 6;
 const BPF_LINK_TYPE_TCX: u32 = 11;
 
@@ -67,12 +69,6 @@ pub fn link_target(path: &Path) -> Option<LinkTarget> {
     // `struct bpf_link_info`: type, id, prog_id, then (8-byte aligned) the per-type union, whose
     // first field is the ifindex for XDP and TCX links.
     let mut info = [0u32; 16];
-    #[repr(C)]
-    struct InfoAttr {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
     let attr = InfoAttr {
         bpf_fd: link.as_raw_fd() as u32,
         info_len: size_of_val(&info) as u32,
@@ -87,6 +83,48 @@ pub fn link_target(path: &Path) -> Option<LinkTarget> {
         program_id: info[2],
         ifindex: info[4],
     })
+}
+
+/// `BPF_LINK_UPDATE`: the link pinned at `path` runs `program` from now on, atomically.
+pub fn update_link(path: &Path, program: BorrowedFd<'_>) -> io::Result<()> {
+    let link = open_pinned(path).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+    #[repr(C)]
+    struct UpdateAttr {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let attr = UpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: program.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    bpf(BPF_LINK_UPDATE, &attr).map(|_| ())
+}
+
+/// The program the link pinned at `path` runs (any kind of link); `None` if there is none.
+pub fn link_program(path: &Path) -> Option<u32> {
+    let link = open_pinned(path)?;
+    // `struct bpf_link_info`: type, id, prog_id.
+    let mut info = [0u32; 16];
+    let attr = InfoAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: size_of_val(&info) as u32,
+        // `info` outlives the call and is as long as `info_len` says.
+        info: info.as_mut_ptr() as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &attr).ok()?;
+    Some(info[2])
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD`'s attributes.
+#[repr(C)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
 }
 
 fn open_pinned(path: &Path) -> Option<OwnedFd> {

@@ -243,6 +243,16 @@ fn cgroup_level(path: &Path) -> Result<u32, CgroupError> {
     Ok(level as u32)
 }
 
+/// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on
+/// a hybrid host), if it is.
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(fields[1]))
+    })
+}
+
 /// A cgroup v2 directory's id: its inode number, as `bpf_skb_cgroup_id` reports it.
 pub fn cgroup_id(path: &Path) -> Result<u64, CgroupError> {
     let metadata = std::fs::metadata(path).map_err(|source| CgroupError::Unusable {

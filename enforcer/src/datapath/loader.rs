@@ -22,8 +22,8 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{MapData, RingBuf},
     programs::{
-        ProgramError, ProgramInfo, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions,
-        TestRunResult, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError, ProgramInfo,
+        SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, TestRunResult, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
         tc::SchedClassifierLink,
         xdp::XdpLink,
@@ -46,6 +46,15 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 pub const XDP_PROGRAM: &str = "enf_xdp_ingress";
 pub const TC_INGRESS_PROGRAM: &str = "enf_tc_ingress";
 pub const TC_EGRESS_PROGRAM: &str = "enf_tc_egress";
+/// The socket hook (cgroup_skb ingress): judges what an interface hook handed over.
+pub const SOCKET_PROGRAM: &str = "enf_socket_ingress";
+/// Every program of the object, as loaded and pinned.
+pub const PROGRAMS: [&str; 4] = [
+    XDP_PROGRAM,
+    TC_INGRESS_PROGRAM,
+    TC_EGRESS_PROGRAM,
+    SOCKET_PROGRAM,
+];
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/enforcer";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -97,6 +106,11 @@ pub enum LoadError {
     },
     #[error(transparent)]
     Maps(#[from] MapsError),
+    #[error("socket hook on the cgroup v2 root {}: {source}", cgroup.display())]
+    SocketHook {
+        cgroup: PathBuf,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// Makes sure `root` can hold pins: on a bpffs, mounting one at `/sys/fs/bpf` if that is where
@@ -205,9 +219,8 @@ impl Datapath {
             loader.map_max_entries("EVENTS", bytes);
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
-        for hook in Hook::ALL {
-            let name = hook.program();
-            load_program(&mut ebpf, hook)?;
+        for name in PROGRAMS {
+            load_program(&mut ebpf, name)?;
             let program = ebpf.program_mut(name).ok_or(LoadError::Program {
                 name,
                 source: ProgramError::NotLoaded,
@@ -261,6 +274,42 @@ impl Datapath {
         let _ = fs::remove_file(self.pins.link(other, interface));
         remove_tc_filter(&self.pins, other, interface);
         Ok(hook)
+    }
+
+    /// Attaches the socket hook to the cgroup v2 root, where it sees every socket of this host
+    /// (it judges only what an interface hook of this datapath handed over). A link a previous
+    /// controller pinned gets the new program, atomically. Without cgroup v2 there is nothing
+    /// to attach to, and no service identified by cgroup either.
+    pub fn attach_to_sockets(&mut self) -> Result<(), LoadError> {
+        let Some(root) = crate::datapath::host::cgroup2_root() else {
+            tracing::info!("no cgroup v2 hierarchy: the socket hook is not attached");
+            return Ok(());
+        };
+        let path = self.pins.sockets_link();
+        let failed = |source: Box<dyn std::error::Error + Send + Sync>| LoadError::SocketHook {
+            cgroup: root.clone(),
+            source,
+        };
+        let program: &mut CgroupSkb = self.program_mut(SOCKET_PROGRAM)?;
+        if path.exists() {
+            let fd = program.fd().map_err(|error| failed(error.into()))?;
+            return super::bpf_sys::update_link(&path, std::os::fd::AsFd::as_fd(fd))
+                .map_err(|error| failed(error.into()));
+        }
+        let cgroup = fs::File::open(&root).map_err(|error| failed(error.into()))?;
+        // A cgroup link (5.7 and later, below the minimum) always sits beside other programs;
+        // the kernel refuses attach flags on one, so none are given.
+        let id = program
+            .attach(
+                &cgroup,
+                CgroupSkbAttachType::Ingress,
+                CgroupAttachMode::Single,
+            )
+            .map_err(|error| failed(error.into()))?;
+        let link = program
+            .take_link(id)
+            .map_err(|error| failed(error.into()))?;
+        pin_link(link, path)
     }
 
     fn attach_xdp(&mut self, interface: &str) -> Result<(), LoadError> {
@@ -454,7 +503,7 @@ impl Datapath {
     /// Tags of the programs this build loaded.
     pub fn program_tags(&self) -> BTreeMap<&'static str, String> {
         let mut tags = BTreeMap::new();
-        for name in Hook::ALL.map(Hook::program) {
+        for name in PROGRAMS {
             if let Some(Ok(info)) = self.ebpf.program(name).map(|program| program.info()) {
                 tags.insert(name, format!("{:016x}", info.tag()));
             }
@@ -483,17 +532,15 @@ fn test_run_context(hook: Hook, length: usize, ifindex: u32) -> Vec<u8> {
 }
 
 /// Loads (verifies) the program of `hook` in `ebpf`.
-fn load_program(ebpf: &mut Ebpf, hook: Hook) -> Result<(), LoadError> {
-    let name = hook.program();
+fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), LoadError> {
     let program = ebpf.program_mut(name).ok_or(LoadError::Program {
         name,
         source: ProgramError::NotLoaded,
     })?;
-    match hook {
-        Hook::Xdp => <&mut Xdp>::try_from(program).and_then(Xdp::load),
-        Hook::TcIngress | Hook::TcEgress => {
-            <&mut SchedClassifier>::try_from(program).and_then(SchedClassifier::load)
-        }
+    match name {
+        XDP_PROGRAM => <&mut Xdp>::try_from(program).and_then(Xdp::load),
+        SOCKET_PROGRAM => <&mut CgroupSkb>::try_from(program).and_then(CgroupSkb::load),
+        _ => <&mut SchedClassifier>::try_from(program).and_then(SchedClassifier::load),
     }
     .map_err(|source| LoadError::Program { name, source })
 }
@@ -612,9 +659,8 @@ pub fn build_tags() -> Result<BTreeMap<&'static str, String>, LoadError> {
     }
     let mut ebpf = loader.load(EBPF_OBJECT)?;
     let mut tags = BTreeMap::new();
-    for hook in Hook::ALL {
-        let name = hook.program();
-        load_program(&mut ebpf, hook)?;
+    for name in PROGRAMS {
+        load_program(&mut ebpf, name)?;
         let info = ebpf
             .program(name)
             .map(|program| program.info())
@@ -652,26 +698,37 @@ pub struct PinnedPrograms {
 
 pub fn pinned_programs(pins: &PinLayout) -> PinnedPrograms {
     let mut pinned = BTreeMap::new();
-    for name in Hook::ALL.map(Hook::program) {
+    for name in PROGRAMS {
         if let Ok(info) = ProgramInfo::from_pin(pins.programs().join(name)) {
             pinned.insert(name.to_owned(), info);
         }
     }
     let mut linked = BTreeMap::new();
+    if let Some(program) = crate::datapath::bpf_sys::link_program(&pins.sockets_link())
+        .and_then(|id| loaded_program(id))
+    {
+        linked.insert(SOCKETS_LINK.to_owned(), program);
+    }
     for (interface, hooks) in pins.attached_interfaces() {
         for hook in hooks {
             let Some(program_id) = attached_program(pins, hook, &interface) else {
                 continue;
             };
-            if let Some(program) = aya::programs::loaded_programs()
-                .flatten()
-                .find(|program| program.id() == program_id)
-            {
+            if let Some(program) = loaded_program(program_id) {
                 linked.insert(hook.pin_name(&interface), program);
             }
         }
     }
     PinnedPrograms { pinned, linked }
+}
+
+/// The name [`pinned_programs`] gives the socket hook's link among the interfaces' links.
+pub const SOCKETS_LINK: &str = "sockets";
+
+fn loaded_program(id: u32) -> Option<ProgramInfo> {
+    aya::programs::loaded_programs()
+        .flatten()
+        .find(|program| program.id() == id)
 }
 
 /// The program the kernel runs for `hook` on `interface` as it exists now, through the pinned

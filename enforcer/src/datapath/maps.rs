@@ -30,7 +30,7 @@ use enforcer_common::{
 use crate::compile::{Compiled, Prefix, Tables};
 
 /// Names of every map in the object, as `bpftool map` shows them.
-pub const MAP_NAMES: [&str; 17] = [
+pub const MAP_NAMES: [&str; 18] = [
     "POLICY_ACTIVE",
     "IPCACHE",
     "ENDPOINTS",
@@ -42,6 +42,7 @@ pub const MAP_NAMES: [&str; 17] = [
     "UNANSWERED",
     "FLOW_TABLES",
     "FRAGMENTS",
+    "HANDED_OVER",
     "RATE_LIMITS",
     "EVENTS",
     "EVENT_STATE",

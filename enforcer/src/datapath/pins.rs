@@ -36,6 +36,11 @@ impl PinLayout {
         self.links().join(hook.pin_name(interface))
     }
 
+    /// The link of the socket hook, on the cgroup v2 root.
+    pub(crate) fn sockets_link(&self) -> PathBuf {
+        self.links().join(super::loader::SOCKETS_LINK)
+    }
+
     pub(crate) fn tc_filter(&self, hook: Hook, interface: &str) -> PathBuf {
         self.tc_filters().join(hook.pin_name(interface))
     }

@@ -298,6 +298,7 @@ pub fn describe(
         hook: match event.hook {
             hook::TC_EGRESS => "tc-egress",
             hook::TC_INGRESS => "tc-ingress",
+            hook::SOCKET_INGRESS => "socket-ingress",
             _ => "xdp-ingress",
         },
         count: event.count.max(1),

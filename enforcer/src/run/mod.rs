@@ -367,6 +367,7 @@ fn adopt_datapath(
     interfaces.select(&options.attach, &policy, &controller.registry);
     controller.install(policy, view, compiled, Trigger::Start, started)?;
     interfaces.attach_at_start(&mut datapath)?;
+    datapath.attach_to_sockets()?;
     unpin_on_failure.pins = None;
     Ok((controller, datapath, interfaces, ring))
 }
