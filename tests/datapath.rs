@@ -523,11 +523,12 @@ fn traffic_to_a_cgroup_service(ingress: &str) {
     let received_from = |sender: &str| {
         std::fs::read_to_string(&received).is_ok_and(|text| text.contains(&format!("<{sender}>")))
     };
-    // From an endpoint (or the host itself) to the host's address on api's link.
-    let send = |name: &str| {
+    // From an endpoint (or the host itself) to the host's address on api's link; `padding`
+    // bytes more than the link's MTU make it a datagram in fragments.
+    let send_padded = |name: &str, padding: usize| {
         let host = topology.endpoint("api").gateway_v4;
         let script = format!(
-            "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'<{name}>', ('{host}', 9053))\n"
+            "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'<{name}>' + b'.' * {padding}, ('{host}', 9053))\n"
         );
         let netns = if name == "host" {
             &topology.host
@@ -541,6 +542,8 @@ fn traffic_to_a_cgroup_service(ingress: &str) {
             .status();
         assert!(status.unwrap().success(), "python3 sends");
     };
+    let send = |name: &str| send_padded(name, 0);
+    let send_in_fragments = |name: &str| send_padded(name, 3000);
     let _other = listen(&mut topology.host.command("socat").unwrap(), 9191);
     let to_host = |name: &str, port: u16, v6: bool| {
         let endpoint = topology.endpoint(name);
@@ -582,7 +585,9 @@ fn traffic_to_a_cgroup_service(ingress: &str) {
     let enforcer = enforce_with(&topology, &policy, &["--ingress-hook", ingress]);
     // A datagram needs no answer: the old judgement (api -> host, allowed) delivered it. The
     // host's own, sent next over loopback, is judged by no hook: once it is in, api's would be.
+    // Whole or in fragments (whose first fragment used to be judged for the host).
     send("api");
+    send_in_fragments("api");
     send("host");
     assert!(
         enforcer_testbed::eventually(TIMEOUT, || received_from("host")),

@@ -125,9 +125,16 @@ pub fn pass(
 }
 
 /// A tracked flow that the current generation allows again: the entry takes the generation,
-/// the rule and the identities, and where each direction arrives is learnt again.
+/// the rule and the identities, and where each direction arrives is learnt again — but the
+/// answering socket's cgroup stays if it named the destination (`responder_named`).
 #[inline(always)]
-pub fn readmit(hook: &Hook, subject: &Subject, entry: *mut CtEntry, decision: &RuleVerdict) {
+pub fn readmit(
+    hook: &Hook,
+    subject: &Subject,
+    entry: *mut CtEntry,
+    decision: &RuleVerdict,
+    responder_named: bool,
+) {
     // SAFETY: map value pointer from `live_entry`, valid for this run.
     let tracked = unsafe { &mut *entry };
     let from_lo = subject.from_lo != 0;
@@ -137,11 +144,10 @@ pub fn readmit(hook: &Hook, subject: &Subject, entry: *mut CtEntry, decision: &R
     tracked.dst_identity = subject.dst.identity;
     tracked.flags &= !ct_flags::AUDIT;
     // Where the other direction arrives is checked again under the new generation.
-    (
-        tracked.orig_ifindex,
-        tracked.reply_ifindex,
-        tracked.reply_cgroup_id,
-    ) = (0, 0, 0);
+    (tracked.orig_ifindex, tracked.reply_ifindex) = (0, 0);
+    if !responder_named {
+        tracked.reply_cgroup_id = 0;
+    }
     remember_arrival(
         hook,
         tracked,

@@ -50,8 +50,9 @@ pub fn judge<F: Frame>(frame: &F, hook: &mut Hook) -> u8 {
     subject.dst = IdentityInfo::WORLD;
     subject.tracked = 0;
     let parsed = packet::parse(frame, &mut subject.packet);
-    if !F::AT_INTERFACE && !(parsed == packet::PARSED_IP && handed_over(subject)) {
-        // Judged where it entered, or it entered where this datapath is not attached.
+    if !F::AT_INTERFACE
+        && !(parsed == packet::PARSED_IP && socket_hook_judges(frame, hook, subject))
+    {
         return ALLOW;
     }
     match parsed {
@@ -76,14 +77,11 @@ pub fn judge<F: Frame>(frame: &F, hook: &mut Hook) -> u8 {
     subject.slot = config.slot as u8;
     subject.global_audit = (config.flags & config_flags::AUDIT != 0) as u8;
     subject.outcome.generation = config.generation;
-    if config.cgroup_levels != 0 && hook.cgroup_id != 0 {
+    if F::AT_INTERFACE && config.cgroup_levels != 0 && hook.cgroup_id != 0 {
         // A service's cgroup covers its subtree: from here on the packet's cgroup is the
         // service's (flows are bound to it, and re-judged by it).
         hook.cgroup_id =
             identity::service_cgroup(frame, subject.slot, config.cgroup_levels, hook.cgroup_id);
-    }
-    if !F::AT_INTERFACE && config.cgroup_levels != 0 {
-        receiving_service(frame, hook, subject.slot, config.cgroup_levels);
     }
     let hook = &*hook;
 
@@ -147,28 +145,41 @@ fn flow_key(subject: &mut Subject) {
     subject.from_lo = from_lo as u8;
 }
 
-/// At the socket hook: the receiving socket's cgroup becomes its service's. A function of its
-/// own, like [`handed_over`]: the socket hook's entry frame must stay as small as the others'
-/// (5.10's verifier counts every frame of the deepest call chain against 512 bytes).
+/// Whether the socket hook judges the packet (see `sockets`): one an interface hook of this
+/// datapath handed over, or any for a socket of one of the policy's cgroup services that came
+/// in through an interface (an interface hook may have admitted its flow for another
+/// destination, the host; or it entered where this datapath is not attached). Traffic between
+/// the host's own processes (over loopback) is judged by no hook, as before. Leaves the
+/// receiving socket's service cgroup in the hook. A function of its own: the socket hook's
+/// entry frame must stay as small as the others' (5.10's verifier counts every frame of the
+/// deepest call chain against 512 bytes).
 #[inline(never)]
-fn receiving_service<F: Frame>(frame: &F, hook: &mut Hook, slot: u8, cgroup_levels: u32) {
-    hook.receiving_cgroup =
-        identity::service_cgroup(frame, slot, cgroup_levels, hook.receiving_cgroup);
-}
-
-/// At the socket hook: whether an interface hook handed this packet over (see `sockets`).
-#[inline(never)]
-fn handed_over(subject: &mut Subject) -> bool {
-    if subject.packet.fragment == fragment::LATER {
+fn socket_hook_judges<F: Frame>(frame: &F, hook: &mut Hook, subject: &mut Subject) -> bool {
+    if hook.ifindex == LOOPBACK_IFINDEX || subject.packet.fragment == fragment::LATER {
         return false;
     }
+    let Some(config) = identity::active_config() else {
+        return false;
+    };
+    if config.cgroup_levels == 0 {
+        return false;
+    }
+    let slot = config.slot as u8;
+    hook.receiving_cgroup =
+        identity::service_cgroup(frame, slot, config.cgroup_levels, hook.receiving_cgroup);
     flow_key(subject);
     sockets::take_handed_over(&subject.key)
+        || identity::of_cgroup(slot, hook.receiving_cgroup).is_some()
 }
+
+/// The loopback interface's index in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
 
 /// Whether an interface hook hands the packet over to the socket hook instead of judging it
 /// (see `sockets`): the first packet of a new flow for one of this host's own sockets, when
-/// the policy has services identified by cgroup, whose socket may be the receiver.
+/// the policy has services identified by cgroup, whose socket may be the receiver. A first
+/// fragment is judged here, for the host: its datagram is delivered long after, when the note
+/// may be gone; the socket hook judges the datagram again if a service's socket takes it.
 #[inline(always)]
 fn hands_over<F: Frame>(frame: &F, hook: &Hook, subject: &Subject, cgroup_levels: u32) -> bool {
     let packet = &subject.packet;
@@ -325,7 +336,22 @@ fn pass_established(hook: &Hook, subject: &mut Subject) -> u8 {
     {
         return NOT_TRACKED;
     }
+    if from_initiator && !received_as_admitted(hook, subject, tracked) {
+        // Judged again by `judge_tracked`.
+        return NOT_TRACKED;
+    }
     established(hook, subject, entry, from_initiator, true)
+}
+
+/// At the socket hook, whether a service's socket receiving a packet of a flow from its
+/// initiator is the destination the flow was admitted for (an interface hook admits for the
+/// host what it cannot tell is for a service's socket: a datagram's first fragment).
+#[inline(always)]
+fn received_as_admitted(hook: &Hook, subject: &Subject, tracked: &CtEntry) -> bool {
+    match identity::of_cgroup(subject.slot, hook.receiving_cgroup) {
+        Some(receiver) => receiver.identity == tracked.dst_identity,
+        None => true,
+    }
 }
 
 /// A packet of a flow admitted under the current generation (see [`flow::pass`]).
@@ -350,10 +376,12 @@ fn judge_tracked(hook: &Hook, subject: &mut Subject) -> u8 {
     };
     // SAFETY: map value pointer from `live_entry`, valid for this run.
     let tracked = unsafe { &*entry };
-    if tracked.generation != subject.outcome.generation {
+    let from_initiator = from_initiator(subject, tracked);
+    if tracked.generation != subject.outcome.generation
+        || (from_initiator && !received_as_admitted(hook, subject, tracked))
+    {
         return judge_again(hook, subject, entry);
     }
-    let from_initiator = from_initiator(subject, tracked);
     // A tracked tuple is no pass for whoever sends on it: a packet whose source identity is not
     // the one its direction was admitted with (another cgroup reusing the ports) is a new flow.
     let admitted = if from_initiator {
@@ -375,11 +403,18 @@ fn judge_tracked(hook: &Hook, subject: &mut Subject) -> u8 {
     established(hook, subject, entry, from_initiator, !elsewhere)
 }
 
-/// A tracked flow admitted under an older generation: judge it again as its initiator sent it,
-/// so that revoking a rule cuts established connections at their next packet.
+/// A tracked flow admitted under an older generation, or for another destination than the
+/// service whose socket receives it: judge it again as its initiator sent it, so that revoking
+/// a rule cuts established connections at their next packet.
 #[inline(never)]
 fn judge_again(hook: &Hook, subject: &mut Subject, entry: *mut CtEntry) -> u8 {
-    // SAFETY: map value pointer from `live_entry`, valid for this run.
+    // At the socket hook, the socket receiving the initiator's packet is the one that answers.
+    // SAFETY: map value pointer from `live_entry`, valid for this run; no reference to the
+    // entry is held across this write.
+    if hook.receiving_cgroup != 0 && from_initiator(subject, unsafe { &*entry }) {
+        unsafe { (*entry).reply_cgroup_id = hook.receiving_cgroup };
+    }
+    // SAFETY: as above.
     let tracked = unsafe { &*entry };
     let key = &subject.key;
     let (initiator, responder, responder_port) = if tracked.flags & ct_flags::ORIG_IS_LO != 0 {
@@ -409,12 +444,7 @@ fn judge_again(hook: &Hook, subject: &mut Subject, entry: *mut CtEntry) -> u8 {
     subject.outcome.dst_identity = subject.dst.identity;
     subject.outcome.flags = event_flags::REJUDGED;
     if decision.action == action::ALLOW {
-        let reply_cgroup_id = tracked.reply_cgroup_id;
-        flow::readmit(hook, subject, entry, &decision);
-        if receiver.is_some() {
-            // SAFETY: as above; the shared reference is no longer used.
-            unsafe { (*entry).reply_cgroup_id = reply_cgroup_id };
-        }
+        flow::readmit(hook, subject, entry, &decision, receiver.is_some());
         subject.outcome.verdict = ALLOW;
         subject.outcome.reason = reason::ESTABLISHED;
         return conclude(hook, subject, Report::Nothing);
