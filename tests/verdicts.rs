@@ -1321,3 +1321,67 @@ fn programs_pass_the_verifier_and_show_readable_names_as_root() {
     );
     drop(kernel);
 }
+
+/// Established packets are counted per edge in a per-CPU cache slot in front of the counter
+/// table; two edges sharing a slot take turns in it, and every packet is still counted once.
+#[root_test]
+fn edge_counts_stay_exact_when_edges_share_a_cache_slot_as_root() {
+    use enforcer_common::counters::{FlowCounterKey, edge_cache_slot};
+    let edge = |src_identity, dst_identity| FlowCounterKey {
+        src_identity,
+        dst_identity,
+        verdict: enforcer_common::verdict::ALLOW,
+        _pad: [0; 3],
+    };
+    let (a, b) = (1001, 1002);
+    let c = (1003..100_000)
+        .find(|&c| edge_cache_slot(&edge(a, c)) == edge_cache_slot(&edge(a, b)))
+        .expect("an identity whose edge from a shares a slot with a -> b");
+    const C4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 3);
+    let mut kernel = Kernel::load(LoadOptions::default());
+    kernel.install(&format!(
+        r#"
+[[service]]
+name = "a"
+identity = {a}
+addresses = ["10.0.0.1/32"]
+[[service]]
+name = "b"
+identity = {b}
+addresses = ["10.0.0.2/32"]
+[[service]]
+name = "c"
+identity = {c}
+addresses = ["10.0.0.3/32"]
+[[allow]]
+from = "a"
+to = "b"
+ports = ["80/tcp"]
+[[allow]]
+from = "a"
+to = "c"
+ports = ["80/tcp"]
+"#
+    ));
+    let mut sent = std::collections::BTreeMap::new();
+    for (to, identity, repeat) in [(B4, b, 700), (C4, c, 500), (B4, b, 300), (C4, c, 1)] {
+        let frame = tcp4(A4, to, 41000, 80);
+        let run = kernel
+            .datapath
+            .test_run(Hook::Xdp, &frame, repeat)
+            .expect("test run");
+        assert_eq!(run.return_value, XDP_PASS);
+        *sent.entry(identity).or_insert(0u64) += u64::from(repeat);
+    }
+    let counted: std::collections::BTreeMap<u32, u64> = kernel
+        .maps
+        .flow_counts()
+        .into_iter()
+        .filter(|(key, _)| key.src_identity == a)
+        .map(|(key, counter)| (key.dst_identity, counter.packets))
+        .collect();
+    assert_eq!(
+        counted, sent,
+        "packets counted per edge (a -> {b}, a -> {c})"
+    );
+}

@@ -13,7 +13,7 @@ use enforcer_common::{
     addr::IpcacheKey,
     config::PolicyConfig,
     conntrack::{CtEntry, CtKey, FlowTableCounts, FragEntry, FragKey},
-    counters::{Counter, FlowCounterKey},
+    counters::{Counter, EDGE_CACHE_SLOTS, EdgeCacheSlot, FlowCounterKey},
     event::{EventCpuState, FlowEvent, ReportKey, ReportState},
     identity::{CgroupKey, EndpointKey, IdentityInfo},
     policy::{PairKey, PairLayers, PolicyKey, PortRanges, RangeKey, RateState, RuleVerdict},
@@ -75,6 +75,11 @@ pub static EVENT_STATE: PerCpuArray<EventCpuState, 1> = PerCpuArray::new();
 pub static REPORTS: LruHashMap<ReportKey, ReportState, 65536> = LruHashMap::new();
 #[btf_map]
 pub static PACKET_COUNTS: PerCpuArray<Counter, { PACKET_COUNTER_SLOTS as usize }> =
+    PerCpuArray::new();
+/// In front of `FLOW_COUNTS`: an array slot per edge (by hash) instead of a hash update per
+/// packet, the established flow's biggest cost (see `report::count`).
+#[btf_map]
+pub static EDGE_CACHE: PerCpuArray<EdgeCacheSlot, { EDGE_CACHE_SLOTS as usize }> =
     PerCpuArray::new();
 #[btf_map]
 pub static FLOW_COUNTS: LruPerCpuHashMap<FlowCounterKey, Counter, 65536> = LruPerCpuHashMap::new();

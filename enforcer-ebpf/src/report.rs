@@ -1,13 +1,13 @@
 //! Counters and flow events.
 
 use enforcer_common::{
-    counters::{Counter, FlowCounterKey},
+    counters::{Counter, FlowCounterKey, edge_cache_slot},
     event::{REPORT_INTERVAL_NS, ReportKey, ReportState, flags, reason_is_urgent},
     verdict::packet_counter_index,
 };
 
 use crate::{
-    maps::{EVENT_STATE, EVENTS, FLOW_COUNTS, PACKET_COUNTS, REPORTS},
+    maps::{EDGE_CACHE, EVENT_STATE, EVENTS, FLOW_COUNTS, PACKET_COUNTS, REPORTS},
     packet::Packet,
 };
 
@@ -81,21 +81,39 @@ pub fn count(hook: &Hook, verdict: u8, reason: u8, src_identity: u32, dst_identi
         verdict,
         _pad: [0; 3],
     };
-    match FLOW_COUNTS.get_ptr_mut(&key) {
-        // SAFETY: as above.
+    let Some(slot) = EDGE_CACHE.get_ptr_mut(edge_cache_slot(&key)) else {
+        add_to_edge_table(&key, 1, hook.len as u64);
+        return;
+    };
+    // SAFETY: as above.
+    let slot = unsafe { &mut *slot };
+    if slot.counter.packets != 0 && !same_edge(&slot.key, &key) {
+        // Another edge took the slot: its counts go to the table first, so none is lost.
+        add_to_edge_table(&slot.key, slot.counter.packets, slot.counter.bytes);
+        slot.counter = Counter::default();
+    }
+    slot.key = key;
+    slot.counter.packets += 1;
+    slot.counter.bytes += hook.len as u64;
+}
+
+#[inline(always)]
+fn same_edge(a: &FlowCounterKey, b: &FlowCounterKey) -> bool {
+    a.src_identity == b.src_identity && a.dst_identity == b.dst_identity && a.verdict == b.verdict
+}
+
+/// Adds to an edge's counts in the per-CPU table (the cache's slots are added to them by the
+/// controller).
+#[inline(never)]
+fn add_to_edge_table(key: &FlowCounterKey, packets: u64, bytes: u64) {
+    match FLOW_COUNTS.get_ptr_mut(key) {
+        // SAFETY: per-CPU value; programs on one CPU do not interleave (softirq context).
         Some(counter) => unsafe {
-            (*counter).packets += 1;
-            (*counter).bytes += hook.len as u64;
+            (*counter).packets += packets;
+            (*counter).bytes += bytes;
         },
         None => {
-            let _ = FLOW_COUNTS.insert(
-                &key,
-                &Counter {
-                    packets: 1,
-                    bytes: hook.len as u64,
-                },
-                0,
-            );
+            let _ = FLOW_COUNTS.insert(key, &Counter { packets, bytes }, 0);
         }
     }
 }

@@ -20,7 +20,7 @@ use enforcer_common::{
     addr::IpcacheKey,
     config::{PolicyConfig, flags as config_flags},
     conntrack::{CtEntry, CtKey, FlowTableCounts},
-    counters::{Counter, FlowCounterKey},
+    counters::{Counter, EDGE_CACHE_SLOTS, EdgeCacheSlot, FlowCounterKey},
     event::EventCpuState,
     identity::{CgroupKey, EndpointKey, IdentityInfo},
     policy::{PairKey, PairLayers, PolicyKey, PortRanges, RangeKey, RuleVerdict},
@@ -30,7 +30,7 @@ use enforcer_common::{
 use crate::compile::{Compiled, Prefix, Tables};
 
 /// Names of every map in the object, as `bpftool map` shows them.
-pub const MAP_NAMES: [&str; 18] = [
+pub const MAP_NAMES: [&str; 19] = [
     "POLICY_ACTIVE",
     "IPCACHE",
     "ENDPOINTS",
@@ -49,6 +49,7 @@ pub const MAP_NAMES: [&str; 18] = [
     "REPORTS",
     "PACKET_COUNTS",
     "FLOW_COUNTS",
+    "EDGE_CACHE",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +156,7 @@ pub struct KernelMaps {
     event_state: PerCpuArray<MapData, EventCpuState>,
     packet_counts: PerCpuArray<MapData, Counter>,
     flow_counts: PerCpuHashMap<MapData, FlowCounterKey, Counter>,
+    edge_cache: PerCpuArray<MapData, EdgeCacheSlot>,
     capacities: BTreeMap<&'static str, u32>,
 }
 
@@ -191,6 +193,7 @@ impl KernelMaps {
             event_state: typed!("EVENT_STATE"),
             packet_counts: typed!("PACKET_COUNTS"),
             flow_counts: typed!("FLOW_COUNTS"),
+            edge_cache: typed!("EDGE_CACHE"),
             capacities: BTreeMap::new(),
         };
         let events: RingBuf<MapData> = typed!("EVENTS");
@@ -332,13 +335,28 @@ impl KernelMaps {
         Ok(counts)
     }
 
-    /// Per-(source, destination, verdict) packet and byte counts, summed over CPUs.
+    /// Per-(source, destination, verdict) packet and byte counts, summed over CPUs: the
+    /// table's, plus what the per-CPU edge cache holds. The table is read first: counts the
+    /// kernel moves from a cache slot into the table meanwhile show at the next read, never
+    /// twice.
     pub fn flow_counts(&self) -> Vec<(FlowCounterKey, Counter)> {
-        self.flow_counts
+        let mut counts: BTreeMap<FlowCounterKey, Counter> = self
+            .flow_counts
             .iter()
             .filter_map(Result::ok)
             .map(|(key, per_cpu)| (key, sum(per_cpu.iter())))
-            .collect()
+            .collect();
+        for index in 0..EDGE_CACHE_SLOTS {
+            let Ok(per_cpu) = self.edge_cache.get(&index, 0) else {
+                continue;
+            };
+            for slot in per_cpu.iter().filter(|slot| slot.counter.packets != 0) {
+                let total = counts.entry(slot.key).or_default();
+                total.packets += slot.counter.packets;
+                total.bytes += slot.counter.bytes;
+            }
+        }
+        counts.into_iter().collect()
     }
 
     /// Events the ring buffer could not take, over all CPUs, since the maps were created.
