@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use enforcer_testbed::{Daemon, Topology, policies};
+use enforcer_testbed::{Daemon, Topology, policies, results};
 
 const SERVICES: usize = 1_000;
 const RULES: usize = 100_000;
@@ -149,6 +149,35 @@ fn main() {
         field(&added_line, "writes")
     );
     let switch = |line: &str| field(line, "switch_ms").parse::<f64>().unwrap_or(f64::NAN);
+    let ms = |took: &Duration| took.as_secs_f64() * 1000.0;
+    results::record(
+        "apply",
+        &format!("full load, {RULES} rules"),
+        ms(&full),
+        "ms",
+        None,
+    );
+    results::record(
+        "apply",
+        &format!("one-rule change, {RULES} rules, file write to kernel switch"),
+        ms(one_rule),
+        "ms",
+        Some(("full load", one_rule.as_secs_f64() / full.as_secs_f64())),
+    );
+    results::record(
+        "apply",
+        &format!("one-rule change, {RULES} rules, map writes and switch"),
+        switch(one_rule_line),
+        "ms",
+        Some(("full load's", switch(one_rule_line) / switch(&full_line))),
+    );
+    results::record(
+        "apply",
+        &format!("rule added first, {RULES} rules"),
+        ms(&added),
+        "ms",
+        Some(("full load", added.as_secs_f64() / full.as_secs_f64())),
+    );
     println!(
         "  one-rule change / full load, end to end:           {:.3}",
         one_rule.as_secs_f64() / full.as_secs_f64()
@@ -158,6 +187,20 @@ fn main() {
         switch(one_rule_line) / switch(&full_line)
     );
     let mib = |kib: u64| kib as f64 / 1024.0;
+    results::record(
+        "apply",
+        &format!("controller memory after the full load, {RULES} rules"),
+        mib(after_full).round(),
+        "MiB",
+        None,
+    );
+    results::record(
+        "apply",
+        "controller memory, peak",
+        mib(peak).round(),
+        "MiB",
+        None,
+    );
     println!(
         "controller memory: {:.0} MiB after the full load, {:.0} MiB after {} more reloads ({:.2}x), peak {:.0} MiB",
         mib(after_full),

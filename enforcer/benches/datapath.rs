@@ -19,11 +19,17 @@ use enforcer::{
 use enforcer_testbed::{
     anchors, bpf,
     frames::{self, Ipv4},
-    policies,
+    policies, results,
 };
 
-const REPEAT: u32 = 500_000;
-const ROUNDS: usize = 5;
+/// Packets per run and runs per figure (`--quick`: a tenth of the packets, three runs).
+fn sizes() -> (u32, usize) {
+    if results::quick() {
+        (50_000, 3)
+    } else {
+        (500_000, 5)
+    }
+}
 
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
@@ -52,6 +58,7 @@ fn main() {
     let (mut datapath, mut maps, _ring) = Datapath::load(pins.clone()).expect("load");
     let mut installer = Installer::adopt(&maps).expect("adopt");
     let baseline = bpf::load_pass_all_xdp().expect("baseline program");
+    let (repeat, rounds) = sizes();
 
     let (s0, s1) = (policies::service_address(0), policies::service_address(1));
     let syn = tcp(s0, s1, 10_000, frames::TCP_SYN);
@@ -66,10 +73,10 @@ fn main() {
 
     let time = |datapath: &mut Datapath, hook: Hook, frame: &[u8]| -> Duration {
         median(
-            (0..ROUNDS)
+            (0..rounds)
                 .map(|_| {
                     datapath
-                        .test_run(hook, frame, REPEAT)
+                        .test_run(hook, frame, repeat)
                         .expect("test run")
                         .duration
                 })
@@ -80,12 +87,12 @@ fn main() {
     // established path is held to.
     let xdp_filter = anchors::XdpFilter::load().expect("xdp-filter loads (xdp-tools)");
     let xdp_filter_cost = median(
-        (0..ROUNDS)
+        (0..rounds)
             .map(|_| {
                 bpf::test_run(
                     &xdp_filter.program().expect("its program"),
                     &established,
-                    REPEAT,
+                    repeat,
                 )
                 .expect("xdp-filter run")
                 .1
@@ -94,9 +101,9 @@ fn main() {
     );
     drop(xdp_filter);
     let empty = median(
-        (0..ROUNDS)
+        (0..rounds)
             .map(|_| {
-                bpf::test_run(&baseline, &syn, REPEAT)
+                bpf::test_run(&baseline, &syn, repeat)
                     .expect("baseline run")
                     .1
             })
@@ -145,7 +152,7 @@ fn main() {
     ));
 
     println!(
-        "datapath cost per packet (BPF_PROG_TEST_RUN, median of {ROUNDS} runs of {REPEAT} packets)"
+        "datapath cost per packet (BPF_PROG_TEST_RUN, median of {rounds} runs of {repeat} packets)"
     );
     println!("  {:<78} {:>8}  {:>9}", "path", "ns", "x empty");
     println!(
@@ -161,8 +168,23 @@ fn main() {
         xdp_filter_cost.as_nanos(),
         ratio(xdp_filter_cost)
     );
+    let record = |figure: &str, cost: Duration| {
+        results::record(
+            "datapath",
+            figure,
+            cost.as_nanos() as f64,
+            "ns/packet",
+            Some(("empty XDP program", ratio(cost))),
+        );
+    };
+    record("empty XDP program", empty);
+    record(
+        "xdp-filter (xdp-tools), established flow's frame",
+        xdp_filter_cost,
+    );
     for (path, cost) in &results {
         println!("  {path:<78} {:>8}  {:>9.2}", cost.as_nanos(), ratio(*cost));
+        record(path, *cost);
     }
     let by = |needle: &str| {
         results
@@ -177,15 +199,27 @@ fn main() {
     ] {
         let small = by(&format!("{path}, 10 rules"));
         let large = by(&format!("{path}, 100000 rules"));
-        println!(
-            "  {path}: 100000 rules / 10 rules = {:.2}",
-            large.as_nanos() as f64 / small.as_nanos().max(1) as f64
+        let growth = large.as_nanos() as f64 / small.as_nanos().max(1) as f64;
+        println!("  {path}: 100000 rules / 10 rules = {growth:.2}");
+        results::record(
+            "datapath",
+            &format!("{path}, 100000 rules"),
+            large.as_nanos() as f64,
+            "ns/packet",
+            Some(("the same path at 10 rules", growth)),
         );
     }
     let established = by("XDP, established flow (conntrack hit), 10 rules");
+    let behind = established.as_nanos() as f64 / xdp_filter_cost.as_nanos().max(1) as f64;
     println!(
-        "  XDP, established flow / xdp-filter on the same frame = {:.2} (the target is 1.00 or less)",
-        established.as_nanos() as f64 / xdp_filter_cost.as_nanos().max(1) as f64
+        "  XDP, established flow / xdp-filter on the same frame = {behind:.2} (the target is 1.00 or less)"
+    );
+    results::record(
+        "datapath",
+        "XDP, established flow (conntrack hit), 10 rules",
+        established.as_nanos() as f64,
+        "ns/packet",
+        Some(("xdp-filter (xdp-tools), same frame", behind)),
     );
     drop(datapath);
     let _ = loader::unload(&pins);

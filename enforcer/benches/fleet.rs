@@ -11,11 +11,19 @@ use std::{
 use enforcer_testbed::{
     Daemon, Topology,
     fleet::{EtcdCluster, Underlay},
+    results,
 };
 
 const ENFORCER: &str = env!("CARGO_BIN_EXE_enforcer");
-const ADDS: usize = 100;
-const REMOTE_CHANGES: usize = 10_000;
+/// Endpoint adds timed one by one, and remote endpoint changes applied in bulk (`--quick`: 20
+/// and 2 000).
+fn sizes() -> (usize, usize) {
+    if results::quick() {
+        (20, 2_000)
+    } else {
+        (100, 10_000)
+    }
+}
 const POLICY: &str = "[[service]]\nname = \"api\"\n\n[[service]]\nname = \"db\"\n\n\
     [[allow]]\nfrom = \"api\"\nto = \"db\"\nports = [\"5432/tcp\"]\n";
 
@@ -150,7 +158,8 @@ fn main() {
     // Endpoint add on host 0 -> enforced on hosts 1 and 2.
     let origin = &hosts[0];
     let mut latencies = Vec::new();
-    for index in 0..ADDS {
+    let (adds, remote_changes) = sizes();
+    for index in 0..adds {
         let interface = format!("bench{index}");
         origin
             .topology
@@ -207,7 +216,7 @@ fn main() {
     }
     latencies.sort();
     println!(
-        "fleet: endpoint add on one host -> enforced on the two others ({ADDS} adds, sequential)"
+        "fleet: endpoint add on one host -> enforced on the two others ({adds} adds, sequential)"
     );
     println!(
         "  p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
@@ -215,6 +224,15 @@ fn main() {
         ms(percentile(&latencies, 0.99)),
         ms(*latencies.last().unwrap())
     );
+    for (figure, fraction) in [("p50", 0.5), ("p99", 0.99)] {
+        results::record(
+            "fleet",
+            &format!("endpoint add on one host, enforced on the others, {figure}"),
+            ms(percentile(&latencies, fraction)),
+            "ms",
+            None,
+        );
+    }
 
     // Policy push -> every host on the new hash.
     let wider = POLICY.replace("\"5432/tcp\"", "\"5432/tcp\", \"6379/tcp\"");
@@ -240,9 +258,16 @@ fn main() {
             })
         },
     );
+    let pushed = ms(started.elapsed());
     println!(
-        "fleet: policy push -> all three hosts on the new hash: {:.1} ms (fleet push's own validation and CAS included)",
-        ms(started.elapsed())
+        "fleet: policy push -> all three hosts on the new hash: {pushed:.1} ms (fleet push's own validation and CAS included)"
+    );
+    results::record(
+        "fleet",
+        "policy push, all three hosts on the new hash",
+        pushed,
+        "ms",
+        None,
     );
 
     // 10 000 remote endpoint changes, as one host sees them.
@@ -253,31 +278,45 @@ fn main() {
     observer
         .topology
         .host
-        .run(|| put_remote_endpoints(&urls))
+        .run(|| put_remote_endpoints(&urls, remote_changes))
         .expect("in the observer's namespace");
     let written = started.elapsed();
     wait_until(
         "the remote endpoints in the observer's table",
         Duration::from_secs(300),
-        || observer.ipcache_entries() >= entries_before + REMOTE_CHANGES,
+        || observer.ipcache_entries() >= entries_before + remote_changes,
     );
     let applied = started.elapsed();
     let cpu = observer.cpu() - cpu_before;
-    println!("fleet: {REMOTE_CHANGES} remote endpoint changes, as one controller applies them");
+    println!("fleet: {remote_changes} remote endpoint changes, as one controller applies them");
     println!(
         "  written to etcd in {:.2} s; in the kernel's table {:.2} s after the first write; controller CPU {:.2} s ({:.0} us per change)",
         written.as_secs_f64(),
         applied.as_secs_f64(),
         cpu.as_secs_f64(),
-        cpu.as_secs_f64() * 1e6 / REMOTE_CHANGES as f64
+        cpu.as_secs_f64() * 1e6 / remote_changes as f64
+    );
+    results::record(
+        "fleet",
+        &format!("{remote_changes} remote endpoint changes, in the kernel's table"),
+        (applied.as_secs_f64() * 1000.0).round(),
+        "ms",
+        None,
+    );
+    results::record(
+        "fleet",
+        "controller CPU per remote endpoint change",
+        (cpu.as_secs_f64() * 1e6 / remote_changes as f64).round(),
+        "us",
+        None,
     );
     drop(hosts);
     drop(etcd);
 }
 
-/// Writes REMOTE_CHANGES endpoint keys of a node "bench-remote" into etcd, 100 puts per
+/// Writes `count` endpoint keys of a node "bench-remote" into etcd, 100 puts per
 /// transaction (etcd allows 128 operations in one).
-fn put_remote_endpoints(urls: &str) {
+fn put_remote_endpoints(urls: &str, count: usize) {
     use etcd_client::{Client, Txn, TxnOp};
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -286,7 +325,7 @@ fn put_remote_endpoints(urls: &str) {
     runtime.block_on(async {
         let endpoints: Vec<&str> = urls.split(',').collect();
         let mut client = Client::connect(endpoints, None).await.expect("etcd");
-        let keys: Vec<(String, String)> = (0..REMOTE_CHANGES)
+        let keys: Vec<(String, String)> = (0..count)
             .map(|index| {
                 let address = format!("10.{}.{}.{}", 100 + index / 65536, (index / 256) % 256, index % 256);
                 let value = format!(

@@ -5,12 +5,14 @@
 
 use std::{net::IpAddr, process::Stdio, time::Duration};
 
-use enforcer_testbed::{Daemon, Topology};
+use enforcer_testbed::{Daemon, Topology, results};
 use serde_json::Value;
 
 const ENFORCER: &str = env!("CARGO_BIN_EXE_enforcer");
-const SECONDS: u32 = 3;
-const ROUNDS: usize = 3;
+/// Seconds per iperf3 run and runs per figure (`--quick`: one second, one run).
+fn sizes() -> (u32, usize) {
+    if results::quick() { (1, 1) } else { (3, 3) }
+}
 
 /// Runs one iperf3 client from `client` to a one-shot server in `server`; returns bits/s.
 fn iperf(topology: &Topology, server_ip: IpAddr) -> f64 {
@@ -34,7 +36,7 @@ fn iperf(topology: &Topology, server_ip: IpAddr) -> f64 {
             "-c",
             &server_ip.to_string(),
             "-t",
-            &SECONDS.to_string(),
+            &sizes().0.to_string(),
             "-J",
         ])
         .output()
@@ -61,7 +63,8 @@ fn main() {
     }
     let topology = Topology::build(&["client", "server"]).expect("topology");
     let server_ip = IpAddr::V4(topology.endpoint("server").ipv4);
-    let without: Vec<f64> = (0..ROUNDS).map(|_| iperf(&topology, server_ip)).collect();
+    let (seconds, rounds) = sizes();
+    let without: Vec<f64> = (0..rounds).map(|_| iperf(&topology, server_ip)).collect();
 
     let policy = format!(
         "[[service]]\nname = \"client\"\ninterfaces = [\"v-client\"]\naddresses = [\"{}/32\"]\n[[service]]\nname = \"server\"\ninterfaces = [\"v-server\"]\naddresses = [\"{}/32\"]\n[[allow]]\nfrom = \"client\"\nto = \"server\"\nports = [\"5201/tcp\"]\n",
@@ -96,7 +99,7 @@ fn main() {
             Duration::from_secs(60),
         )
         .expect("enforcer starts");
-        let rate = median((0..ROUNDS).map(|_| iperf(&topology, server_ip)).collect());
+        let rate = median((0..rounds).map(|_| iperf(&topology, server_ip)).collect());
         drop(daemon);
         rate
     };
@@ -104,7 +107,7 @@ fn main() {
     let with_xdp = enforced("xdp");
     let without = median(without);
     println!(
-        "TCP throughput, client -> host -> server over veths (iperf3, {SECONDS} s, median of {ROUNDS})"
+        "TCP throughput, client -> host -> server over veths (iperf3, {seconds} s, median of {rounds})"
     );
     println!(
         "  without enforcer:                    {:>7.2} Gbit/s",
@@ -119,5 +122,27 @@ fn main() {
         "  enforcer, XDP ingress + TC egress:   {:>7.2} Gbit/s  ratio {:.3}  (--ingress-hook xdp)",
         with_xdp / 1e9,
         with_xdp / without
+    );
+    let gbits = |rate: f64| (rate / 1e7).round() / 100.0;
+    results::record(
+        "throughput",
+        "TCP over veths, no enforcer",
+        gbits(without),
+        "Gbit/s",
+        None,
+    );
+    results::record(
+        "throughput",
+        "TCP over veths, enforcer (TC ingress, default)",
+        gbits(with),
+        "Gbit/s",
+        Some(("no enforcer", with / without)),
+    );
+    results::record(
+        "throughput",
+        "TCP over veths, enforcer (XDP ingress forced)",
+        gbits(with_xdp),
+        "Gbit/s",
+        Some(("no enforcer", with_xdp / without)),
     );
 }

@@ -66,8 +66,15 @@ enum Task {
         #[arg(long, default_value_t = 60)]
         time: u64,
     },
-    /// Benchmarks, as ratios against baselines measured in the same run.
-    Bench,
+    /// Benchmarks, as ratios against baselines measured in the same run; writes
+    /// bench/results.md and bench/results.csv, and the README's benchmark table.
+    Bench {
+        /// Every benchmark in a reduced form (fewer packets, shorter runs), in a few minutes:
+        /// a regression shows without the full run. Writes bench/results-quick.*, not the
+        /// README.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 /// How long `cargo xtask test` fuzzes each target: enough to run the seeds and regression
@@ -147,9 +154,9 @@ fn run(task: Task) -> Result<()> {
             prerequisites::setup_if_missing()?;
             kernels::run(&build_release()?, &names)
         }
-        Task::Bench => {
+        Task::Bench { quick } => {
             prerequisites::setup_if_missing()?;
-            bench::run(&workspace_root())
+            bench::run(&workspace_root(), quick)
         }
     }
 }

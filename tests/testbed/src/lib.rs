@@ -31,6 +31,7 @@ pub mod frames;
 mod netns;
 mod pki;
 pub mod policies;
+pub mod results;
 mod rsyslog;
 mod servers;
 mod siem;
