@@ -1385,3 +1385,38 @@ ports = ["80/tcp"]
         "packets counted per edge (a -> {b}, a -> {c})"
     );
 }
+
+/// Whole addresses are looked up in an exact table before the trie: an address the policy no
+/// longer names must leave both, also in a slot used again two generations later — by a
+/// controller that knows what it wrote (changes only) and by one that adopted the maps.
+#[root_test]
+fn an_address_the_policy_stops_naming_resolves_to_world_again_as_root() {
+    const C4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 3);
+    let with_c = format!(
+        "{POLICY}[[service]]\nname = \"c\"\naddresses = [\"10.0.0.3/32\"]\n\
+         [[allow]]\nfrom = \"c\"\nto = \"b\"\nports = [\"80/tcp\"]\n"
+    );
+    // Without c, the world may reach b: were c's address still found, c (no rule) would be
+    // refused.
+    let without_c =
+        format!("{POLICY}[[allow]]\nfrom = \"world\"\nto = \"b\"\nports = [\"80/tcp\"]\n");
+    let compiled = |text: &str| {
+        let policy =
+            policy::parse_sources(vec![(PathBuf::from("verdicts.toml"), text.to_owned())]).unwrap();
+        compile::compile(&policy, &HostView::default(), None).unwrap()
+    };
+    for adopting in [false, true] {
+        let mut kernel = Kernel::load(LoadOptions::default());
+        let mut installer = Installer::adopt(&kernel.maps).unwrap();
+        for (text, c_named) in [(&with_c, true), (&without_c, false), (&without_c, false)] {
+            if adopting {
+                installer = Installer::adopt(&kernel.maps).unwrap();
+            }
+            installer
+                .install(&mut kernel.maps, &compiled(text))
+                .unwrap();
+            let what = format!("10.0.0.3 -> b 80/tcp, c named: {c_named}, adopting: {adopting}");
+            kernel.assert_passes(&what, |port| tcp4(C4, B4, port, 80));
+        }
+    }
+}

@@ -37,6 +37,10 @@ pub type PolicyConfigBytes = [u8; core::mem::size_of::<PolicyConfig>()];
 // The policy tables. Both generations live side by side, told apart by the slot in the key.
 #[btf_map]
 pub static IPCACHE: LpmTrie<IpcacheKey, IdentityInfo, 131072> = LpmTrie::new();
+/// The trie's whole-address entries (/32, /128) again, by exact key: most lookups are for an
+/// endpoint's own address, and a hash lookup does not grow with the trie.
+#[btf_map]
+pub static IPCACHE_EXACT: HashMap<IpcacheKey, IdentityInfo, 131072, NO_PREALLOC> = HashMap::new();
 #[btf_map]
 pub static ENDPOINTS: HashMap<EndpointKey, IdentityInfo, 8192> = HashMap::new();
 #[btf_map]

@@ -79,6 +79,12 @@ impl Prefix {
         u128::from_be_bytes(self.addr) & mask == u128::from_be_bytes(*addr) & mask
     }
 
+    /// Whether the prefix is one whole address (an IPv4 /32 or IPv6 /128): the datapath finds
+    /// those in a hash table before it walks the trie.
+    pub fn is_host(&self) -> bool {
+        self.len == 128
+    }
+
     pub fn key(&self, slot: u8) -> (u32, IpcacheKey) {
         (
             enforcer_common::addr::IPCACHE_KEY_HEADER_BITS + u32::from(self.len),

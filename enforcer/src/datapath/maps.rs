@@ -30,9 +30,10 @@ use enforcer_common::{
 use crate::compile::{Compiled, Prefix, Tables};
 
 /// Names of every map in the object, as `bpftool map` shows them.
-pub const MAP_NAMES: [&str; 19] = [
+pub const MAP_NAMES: [&str; 20] = [
     "POLICY_ACTIVE",
     "IPCACHE",
+    "IPCACHE_EXACT",
     "ENDPOINTS",
     "CGROUPS",
     "POLICY",
@@ -145,6 +146,7 @@ pub struct Fill {
 pub struct KernelMaps {
     active: ArrayOfMaps<MapData, Array<MapData, PolicyConfig>>,
     ipcache: LpmTrie<MapData, IpcacheKey, IdentityInfo>,
+    ipcache_exact: HashMap<MapData, IpcacheKey, IdentityInfo>,
     endpoints: HashMap<MapData, EndpointKey, IdentityInfo>,
     cgroups: HashMap<MapData, CgroupKey, IdentityInfo>,
     rules: HashMap<MapData, PolicyKey, RuleVerdict>,
@@ -182,6 +184,7 @@ impl KernelMaps {
         let maps = Self {
             active: typed!("POLICY_ACTIVE"),
             ipcache: typed!("IPCACHE"),
+            ipcache_exact: typed!("IPCACHE_EXACT"),
             endpoints: typed!("ENDPOINTS"),
             cgroups: typed!("CGROUPS"),
             rules: typed!("POLICY"),
@@ -275,7 +278,7 @@ impl KernelMaps {
         )
         .map_err(map_err("CGROUPS"))?;
         writes += sync_ipcache(
-            &mut self.ipcache,
+            (&mut self.ipcache, &mut self.ipcache_exact),
             slot,
             previous.map(|p| &p.ipcache),
             &next.ipcache,
@@ -493,39 +496,71 @@ fn lpm_key(prefix: &Prefix, slot: u8) -> LpmKey<IpcacheKey> {
     LpmKey::new(len, data)
 }
 
+/// The trie and its exact-address companion (whole addresses again, by exact key).
+type Ipcache<'a> = (
+    &'a mut LpmTrie<MapData, IpcacheKey, IdentityInfo>,
+    &'a mut HashMap<MapData, IpcacheKey, IdentityInfo>,
+);
+
 fn sync_ipcache(
-    map: &mut LpmTrie<MapData, IpcacheKey, IdentityInfo>,
+    (trie, exact): Ipcache<'_>,
     slot: u8,
     previous: Option<&BTreeMap<Prefix, IdentityInfo>>,
     next: &BTreeMap<Prefix, IdentityInfo>,
 ) -> Result<usize, MapError> {
     let mut writes = 0;
+    let mut remove = |prefix: &Prefix| -> Result<(), MapError> {
+        // The exact entry goes first: a lookup never finds it without its trie entry.
+        if prefix.is_host() {
+            ignore_missing(exact.remove(&prefix.key(slot).1))?;
+        }
+        ignore_missing(trie.remove(&lpm_key(prefix, slot)))
+    };
+    let insert = |trie: &mut LpmTrie<_, _, _>,
+                  exact: &mut HashMap<_, _, _>,
+                  prefix: &Prefix,
+                  info: &IdentityInfo|
+     -> Result<(), MapError> {
+        trie.insert(&lpm_key(prefix, slot), info, 0)?;
+        if prefix.is_host() {
+            exact.insert(prefix.key(slot).1, info, 0)?;
+        }
+        Ok(())
+    };
     match previous {
         Some(previous) => {
             for prefix in previous.keys().filter(|prefix| !next.contains_key(prefix)) {
-                ignore_missing(map.remove(&lpm_key(prefix, slot)))?;
+                remove(prefix)?;
                 writes += 1;
             }
             for (prefix, info) in next
                 .iter()
                 .filter(|(prefix, info)| previous.get(prefix) != Some(info))
             {
-                map.insert(&lpm_key(prefix, slot), info, 0)?;
+                insert(trie, exact, prefix, info)?;
                 writes += 1;
             }
         }
         None => {
-            let stale: Vec<LpmKey<IpcacheKey>> = map
+            let stale: Vec<LpmKey<IpcacheKey>> = trie
                 .keys()
                 .filter_map(Result::ok)
                 .filter(|key| key.data().slot == slot)
                 .collect();
+            let stale_exact: Vec<IpcacheKey> = exact
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|key| key.slot == slot)
+                .collect();
+            for key in stale_exact {
+                ignore_missing(exact.remove(&key))?;
+            }
             for key in stale {
-                ignore_missing(map.remove(&key))?;
+                ignore_missing(trie.remove(&key))?;
                 writes += 1;
             }
             for (prefix, info) in next {
-                map.insert(&lpm_key(prefix, slot), info, 0)?;
+                insert(trie, exact, prefix, info)?;
                 writes += 1;
             }
         }
