@@ -219,7 +219,7 @@ fn main() {
         "XDP, established flow (conntrack hit), 10 rules",
         established.as_nanos() as f64,
         "ns/packet",
-        Some(("xdp-filter (xdp-tools), same frame", behind)),
+        Some(("xdp-filter on the same frame (anchor)", behind)),
     );
     drop(datapath);
     let _ = loader::unload(&pins);

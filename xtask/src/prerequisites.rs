@@ -28,7 +28,12 @@ const PACKAGES: &[(&str, &str)] = &[
         "socat",
         "a client process the cgroup tests place in a service's cgroup",
     ),
-    ("iperf3", "the throughput benchmark"),
+    ("iperf3", "the throughput and packet-rate benchmarks"),
+    (
+        "iptables",
+        "the packet-rate benchmark's linear-chain anchor (iptables-restore)",
+    ),
+    ("nftables", "the packet-rate benchmark's set anchor (nft)"),
     (
         "xdp-tools",
         "xdp-filter, the anchor the datapath benchmark holds the established path to",

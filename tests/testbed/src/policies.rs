@@ -21,6 +21,18 @@ pub fn generated(services: usize, rules: usize) -> String {
     generated_with(services, rules, |_| None)
 }
 
+/// The rules of [`generated`]: (source service, destination service, TCP port) by index.
+pub fn generated_rules(services: usize, rules: usize) -> impl Iterator<Item = (usize, usize, u16)> {
+    (0..rules).map(move |rule| {
+        let src = rule % services;
+        (
+            src,
+            (src + 1 + rule / services) % services,
+            rule_port(services, rule),
+        )
+    })
+}
+
 /// [`generated`], with rule `k`'s port replaced by `port(k)` where that returns one.
 pub fn generated_with(
     services: usize,
@@ -39,10 +51,8 @@ pub fn generated_with(
             service_address(index)
         );
     }
-    for rule in 0..rules {
-        let src = rule % services;
-        let dst = (src + 1 + rule / services) % services;
-        let port = port(rule).unwrap_or_else(|| rule_port(services, rule));
+    for (rule, (src, dst, default_port)) in generated_rules(services, rules).enumerate() {
+        let port = port(rule).unwrap_or(default_port);
         let _ = write!(
             text,
             "[[allow]]\nfrom = \"s{src}\"\nto = \"s{dst}\"\nports = [\"{port}/tcp\"]\nid = \"r{rule}\"\n"
