@@ -8,7 +8,14 @@ use std::{fs, path::Path, process::Command, time::Instant};
 
 use anyhow::{Context as _, Result, bail};
 
-const BENCHES: [&str; 5] = ["datapath", "apply", "throughput", "pps", "fleet"];
+const BENCHES: [&str; 6] = [
+    "datapath",
+    "apply",
+    "throughput",
+    "pps",
+    "pipeline",
+    "fleet",
+];
 const CSV_HEADER: &str = "bench,figure,value,unit,baseline,ratio";
 /// The README's benchmark table sits between these lines.
 const README_START: &str = "<!-- bench/results.md: written by `cargo xtask bench` -->";
