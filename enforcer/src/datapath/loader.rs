@@ -704,8 +704,8 @@ pub fn pinned_programs(pins: &PinLayout) -> PinnedPrograms {
         }
     }
     let mut linked = BTreeMap::new();
-    if let Some(program) = crate::datapath::bpf_sys::link_program(&pins.sockets_link())
-        .and_then(|id| loaded_program(id))
+    if let Some(program) =
+        crate::datapath::bpf_sys::link_program(&pins.sockets_link()).and_then(loaded_program)
     {
         linked.insert(SOCKETS_LINK.to_owned(), program);
     }
