@@ -158,8 +158,9 @@ pub fn enf_tc_egress(ctx: TcContext) -> i32 {
     judge_skb(&ctx, hook::TC_EGRESS)
 }
 
-/// Packets as they are delivered to a socket of this host; judges only those an interface hook
-/// handed over (see `sockets`). Attached to the cgroup v2 root, so it runs for every socket.
+/// Packets as they are delivered to a socket of this host; judges those an interface hook
+/// handed over and those a cgroup service's socket receives (see `sockets`). Attached to the
+/// cgroup v2 root, so it runs for every socket.
 #[cgroup_skb(ingress)]
 pub fn enf_socket_ingress(ctx: SkBuffContext) -> i32 {
     let skb = ctx.skb.skb;

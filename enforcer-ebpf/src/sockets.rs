@@ -6,8 +6,10 @@
 //! services, the interface hook hands a new flow's packet for a local socket over: it passes it
 //! unjudged and notes its flow in `HANDED_OVER`, and the socket hook (a cgroup_skb ingress
 //! program, run as the packet is delivered) judges it in full, with the receiving socket's
-//! service as its destination. The socket hook judges nothing that was not handed over: other
-//! packets were judged where they entered, or entered where this datapath is not attached.
+//! service as its destination. It also judges anything else a service's socket receives from
+//! an interface (a flow an interface hook admitted for the host, such as a datagram whose first
+//! fragment was judged there), and passes the rest untouched: judged where they entered, or
+//! entered where this datapath is not attached, or sent over loopback by the host itself.
 
 use aya_ebpf::{
     bindings::bpf_sock_tuple,

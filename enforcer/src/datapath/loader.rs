@@ -46,7 +46,8 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 pub const XDP_PROGRAM: &str = "enf_xdp_ingress";
 pub const TC_INGRESS_PROGRAM: &str = "enf_tc_ingress";
 pub const TC_EGRESS_PROGRAM: &str = "enf_tc_egress";
-/// The socket hook (cgroup_skb ingress): judges what an interface hook handed over.
+/// The socket hook (cgroup_skb ingress): judges what an interface hook handed over, and what a
+/// cgroup service's socket receives.
 pub const SOCKET_PROGRAM: &str = "enf_socket_ingress";
 /// Every program of the object, as loaded and pinned.
 pub const PROGRAMS: [&str; 4] = [
@@ -277,8 +278,9 @@ impl Datapath {
     }
 
     /// Attaches the socket hook to the cgroup v2 root, where it sees every socket of this host
-    /// (it judges only what an interface hook of this datapath handed over). A link a previous
-    /// controller pinned gets the new program, atomically. Without cgroup v2 there is nothing
+    /// (it judges what an interface hook of this datapath handed over and what the policy's
+    /// cgroup services' sockets receive). A link a previous controller pinned gets the new
+    /// program, atomically. Without cgroup v2 there is nothing
     /// to attach to, and no service identified by cgroup either.
     pub fn attach_to_sockets(&mut self) -> Result<(), LoadError> {
         let Some(root) = crate::datapath::host::cgroup2_root() else {
@@ -293,8 +295,13 @@ impl Datapath {
         let program: &mut CgroupSkb = self.program_mut(SOCKET_PROGRAM)?;
         if path.exists() {
             let fd = program.fd().map_err(|error| failed(error.into()))?;
-            return super::bpf_sys::update_link(&path, std::os::fd::AsFd::as_fd(fd))
-                .map_err(|error| failed(error.into()));
+            match super::bpf_sys::update_link(&path, std::os::fd::AsFd::as_fd(fd)) {
+                Ok(()) => return Ok(()),
+                Err(error) => {
+                    tracing::warn!("pinned socket hook link unusable ({error}); attaching afresh");
+                    let _ = fs::remove_file(&path);
+                }
+            }
         }
         let cgroup = fs::File::open(&root).map_err(|error| failed(error.into()))?;
         // A cgroup link (5.7 and later, below the minimum) always sits beside other programs;
