@@ -21,7 +21,7 @@ mod subject;
 mod verdict;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
+    bindings::{__sk_buff, TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
     helpers::{
         bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
@@ -66,20 +66,17 @@ impl Frame for TcContext {
 
     #[inline(always)]
     fn start(&self) -> usize {
-        // SAFETY: `skb` is the context pointer the kernel passed in.
-        unsafe { core::ptr::read_volatile(&(*self.skb.skb).data) as usize }
+        skb_data(self.skb.skb)
     }
 
     #[inline(always)]
     fn end(&self) -> usize {
-        // SAFETY: as above.
-        unsafe { core::ptr::read_volatile(&(*self.skb.skb).data_end) as usize }
+        skb_data_end(self.skb.skb)
     }
 
     #[inline(always)]
     fn socket_cgroup_ancestor(&self, level: i32) -> u64 {
-        // SAFETY: as above; the helper answers 0 for an skb without a socket.
-        unsafe { bpf_skb_ancestor_cgroup_id(self.skb.skb, level) }
+        skb_socket_cgroup_ancestor(self.skb.skb, level)
     }
 }
 
@@ -89,27 +86,47 @@ impl Frame for SkBuffContext {
 
     #[inline(always)]
     fn start(&self) -> usize {
-        // SAFETY: `skb` is the context pointer the kernel passed in.
-        unsafe { core::ptr::read_volatile(&(*self.skb.skb).data) as usize }
+        skb_data(self.skb.skb)
     }
 
     #[inline(always)]
     fn end(&self) -> usize {
-        // SAFETY: as above.
-        unsafe { core::ptr::read_volatile(&(*self.skb.skb).data_end) as usize }
+        skb_data_end(self.skb.skb)
     }
 
     #[inline(always)]
     fn network_protocol(&self) -> Option<u16> {
-        // SAFETY: as above.
+        // SAFETY: `skb` is the context pointer the kernel passed in.
         Some(u16::from_be(unsafe { (*self.skb.skb).protocol } as u16))
     }
 
     #[inline(always)]
     fn socket_cgroup_ancestor(&self, level: i32) -> u64 {
-        // SAFETY: as above.
-        unsafe { bpf_skb_ancestor_cgroup_id(self.skb.skb, level) }
+        skb_socket_cgroup_ancestor(self.skb.skb, level)
     }
+}
+
+// What TC and cgroup_skb programs read alike from their `__sk_buff` context (`skb` is always
+// the context pointer the kernel passed in).
+
+#[inline(always)]
+fn skb_data(skb: *mut __sk_buff) -> usize {
+    // SAFETY: see above.
+    unsafe { core::ptr::read_volatile(&(*skb).data) as usize }
+}
+
+#[inline(always)]
+fn skb_data_end(skb: *mut __sk_buff) -> usize {
+    // SAFETY: see above.
+    unsafe { core::ptr::read_volatile(&(*skb).data_end) as usize }
+}
+
+/// The ancestor at `level` of the skb's socket's cgroup: the sending socket's at TC egress, the
+/// receiving one's in a cgroup_skb ingress program; 0 without a socket.
+#[inline(always)]
+fn skb_socket_cgroup_ancestor(skb: *mut __sk_buff, level: i32) -> u64 {
+    // SAFETY: see above.
+    unsafe { bpf_skb_ancestor_cgroup_id(skb, level) }
 }
 
 /// 1 where the kernel has `bpf_ktime_get_coarse_ns` (5.11 and later), the cheaper clock; the

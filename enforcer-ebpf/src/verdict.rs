@@ -87,7 +87,10 @@ pub fn judge<F: Frame>(frame: &F, hook: &mut Hook) -> u8 {
 
     // Later fragments have no ports, so no flow key.
     if subject.packet.fragment != fragment::LATER {
-        flow_key(subject);
+        if F::AT_INTERFACE {
+            // (The socket hook took the key already, in `socket_hook_judges`.)
+            flow_key(subject);
+        }
         let verdict = pass_established(hook, subject);
         if verdict != NOT_TRACKED {
             return verdict;

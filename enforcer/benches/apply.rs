@@ -74,25 +74,13 @@ fn main() {
     let policy = topology
         .write_file("policy.toml", &policies::generated(2, 1))
         .unwrap();
-    let pins = topology.pin_path();
-    let mut command = topology.host.command(ENFORCER).unwrap();
-    command
-        .arg("run")
-        .arg("--policy")
-        .arg(&policy)
-        .arg("--pin-path")
-        .arg(&pins)
-        .arg("--observe-socket")
-        .arg(topology.dir.join("observe.sock"))
-        .env("RUST_LOG", "info");
-    let daemon = Daemon::spawn_enforcer(
-        command,
-        ENFORCER.as_ref(),
-        &pins,
-        topology.dir.join("enforcer.log"),
-        Duration::from_secs(60),
-    )
-    .expect("enforcer starts");
+    let daemon = topology
+        .run_enforcer(
+            Path::new(ENFORCER),
+            &["--policy".as_ref(), policy.as_os_str()],
+            "enforcer.log",
+        )
+        .expect("enforcer starts");
 
     let full_text = policies::generated(SERVICES, RULES);
     let (full, full_line) = apply(&daemon, &policy, &full_text, 2);

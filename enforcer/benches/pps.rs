@@ -9,11 +9,11 @@ use std::{
     fmt::Write as _,
     io::Write as _,
     net::Ipv4Addr,
+    path::Path,
     process::{Command, Stdio},
-    time::Duration,
 };
 
-use enforcer_testbed::{Daemon, Topology, policies, results};
+use enforcer_testbed::{Topology, policies, results};
 use serde_json::Value;
 
 const ENFORCER: &str = env!("CARGO_BIN_EXE_enforcer");
@@ -42,32 +42,21 @@ fn rules() -> Vec<(Ipv4Addr, Ipv4Addr, u16)> {
 /// Received 64-byte datagrams per second, client to server (iperf3 at full speed), median.
 fn pps(topology: &Topology) -> f64 {
     let (seconds, rounds) = sizes();
-    let server_ip = topology.endpoint("server").ipv4;
     let mut samples: Vec<f64> = (0..rounds)
         .map(|_| {
-            let mut server = topology
-                .endpoint("server")
-                .netns
-                .command("iperf3")
-                .unwrap()
-                .args(["-s", "-1"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("iperf3 (cargo xtask setup installs it)");
-            std::thread::sleep(Duration::from_millis(300));
+            let args = [
+                "-u",
+                "-b",
+                "0",
+                "-l",
+                &PAYLOAD.to_string(),
+                "-t",
+                &seconds.to_string(),
+            ];
             let output = topology
-                .endpoint("client")
-                .netns
-                .command("iperf3")
-                .unwrap()
-                .args(["-c", &server_ip.to_string(), "-u", "-b", "0", "-J"])
-                .args(["-l", &PAYLOAD.to_string(), "-t", &seconds.to_string()])
-                .output()
-                .expect("iperf3 client");
-            let _ = server.kill();
-            let _ = server.wait();
-            let report: Value = serde_json::from_slice(&output.stdout).expect("iperf3 JSON");
+                .iperf3("client", "server", &args)
+                .expect("iperf3 (cargo xtask setup installs it)");
+            let report: Value = serde_json::from_slice(&output).expect("iperf3 JSON");
             let received = &report["end"]["sum_received"];
             match (received["bytes"].as_f64(), received["seconds"].as_f64()) {
                 (Some(bytes), Some(seconds)) if seconds > 0.0 => bytes / PAYLOAD as f64 / seconds,
@@ -163,24 +152,13 @@ fn with_enforcer(topology: &Topology, client: Ipv4Addr, server: Ipv4Addr) -> f64
         policies::generated(SERVICES, RULES)
     );
     let policy_path = topology.write_file("policy.toml", &policy).unwrap();
-    let pins = topology.pin_path();
-    let mut command = topology.host.command(ENFORCER).unwrap();
-    command
-        .arg("run")
-        .arg("--policy")
-        .arg(&policy_path)
-        .arg("--pin-path")
-        .arg(&pins)
-        .arg("--observe-socket")
-        .arg(topology.dir.join("observe.sock"));
-    let daemon = Daemon::spawn_enforcer(
-        command,
-        ENFORCER.as_ref(),
-        &pins,
-        topology.dir.join("enforcer.log"),
-        Duration::from_secs(60),
-    )
-    .expect("enforcer starts");
+    let daemon = topology
+        .run_enforcer(
+            Path::new(ENFORCER),
+            &["--policy".as_ref(), policy_path.as_os_str()],
+            "enforcer.log",
+        )
+        .expect("enforcer starts");
     let rate = pps(topology);
     drop(daemon);
     rate

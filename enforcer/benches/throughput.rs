@@ -3,9 +3,9 @@
 //! in the same run (iperf3, bounded runs): with the default ingress hook (TC on veths) and with
 //! XDP forced, which shows why the default is what it is.
 
-use std::{net::IpAddr, process::Stdio, time::Duration};
+use std::path::Path;
 
-use enforcer_testbed::{Daemon, Topology, results};
+use enforcer_testbed::{Topology, results};
 use serde_json::Value;
 
 const ENFORCER: &str = env!("CARGO_BIN_EXE_enforcer");
@@ -14,36 +14,13 @@ fn sizes() -> (u32, usize) {
     if results::quick() { (1, 1) } else { (3, 3) }
 }
 
-/// Runs one iperf3 client from `client` to a one-shot server in `server`; returns bits/s.
-fn iperf(topology: &Topology, server_ip: IpAddr) -> f64 {
-    let mut server = topology
-        .endpoint("server")
-        .netns
-        .command("iperf3")
-        .unwrap()
-        .args(["-s", "-1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("iperf3 (cargo xtask setup installs it)");
-    std::thread::sleep(Duration::from_millis(300));
+/// TCP from the `client` endpoint to the `server` endpoint's one-shot iperf3; returns bits/s.
+fn iperf(topology: &Topology) -> f64 {
+    let seconds = sizes().0.to_string();
     let output = topology
-        .endpoint("client")
-        .netns
-        .command("iperf3")
-        .unwrap()
-        .args([
-            "-c",
-            &server_ip.to_string(),
-            "-t",
-            &sizes().0.to_string(),
-            "-J",
-        ])
-        .output()
-        .expect("iperf3 client");
-    let _ = server.kill();
-    let _ = server.wait();
-    let report: Value = serde_json::from_slice(&output.stdout).expect("iperf3 JSON");
+        .iperf3("client", "server", &["-t", &seconds])
+        .expect("iperf3 (cargo xtask setup installs it)");
+    let report: Value = serde_json::from_slice(&output).expect("iperf3 JSON");
     report["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .unwrap_or_else(|| panic!("no result: {report}"))
@@ -62,9 +39,8 @@ fn main() {
         std::process::exit(1);
     }
     let topology = Topology::build(&["client", "server"]).expect("topology");
-    let server_ip = IpAddr::V4(topology.endpoint("server").ipv4);
     let (seconds, rounds) = sizes();
-    let without: Vec<f64> = (0..rounds).map(|_| iperf(&topology, server_ip)).collect();
+    let without: Vec<f64> = (0..rounds).map(|_| iperf(&topology)).collect();
 
     let policy = format!(
         "[[service]]\nname = \"client\"\ninterfaces = [\"v-client\"]\naddresses = [\"{}/32\"]\n[[service]]\nname = \"server\"\ninterfaces = [\"v-server\"]\naddresses = [\"{}/32\"]\n[[allow]]\nfrom = \"client\"\nto = \"server\"\nports = [\"5201/tcp\"]\n",
@@ -73,33 +49,24 @@ fn main() {
     );
     let policy_path = topology.write_file("policy.toml", &policy).unwrap();
     let enforced = |ingress: &str| -> f64 {
-        let pins = topology.pin_path();
-        let mut command = topology.host.command(ENFORCER).unwrap();
-        command
-            .arg("run")
-            .arg("--policy")
-            .arg(&policy_path)
-            .arg("--pin-path")
-            .arg(&pins)
-            .arg("--observe-socket")
-            .arg(topology.dir.join("observe.sock"))
-            .args([
-                "--ingress-hook",
-                ingress,
-                "--attach",
-                "v-client",
-                "--attach",
-                "v-server",
-            ]);
-        let daemon = Daemon::spawn_enforcer(
-            command,
-            ENFORCER.as_ref(),
-            &pins,
-            topology.dir.join(format!("enforcer-{ingress}.log")),
-            Duration::from_secs(60),
-        )
-        .expect("enforcer starts");
-        let rate = median((0..rounds).map(|_| iperf(&topology, server_ip)).collect());
+        let args = [
+            "--policy".as_ref(),
+            policy_path.as_os_str(),
+            "--ingress-hook".as_ref(),
+            ingress.as_ref(),
+            "--attach".as_ref(),
+            "v-client".as_ref(),
+            "--attach".as_ref(),
+            "v-server".as_ref(),
+        ];
+        let daemon = topology
+            .run_enforcer(
+                Path::new(ENFORCER),
+                &args,
+                &format!("enforcer-{ingress}.log"),
+            )
+            .expect("enforcer starts");
+        let rate = median((0..rounds).map(|_| iperf(&topology)).collect());
         drop(daemon);
         rate
     };

@@ -65,17 +65,9 @@ pub fn freeze(map: BorrowedFd<'_>) -> io::Result<()> {
 /// The target of the XDP or TCX link pinned at `path`; `None` if there is none or it is
 /// another kind of link.
 pub fn link_target(path: &Path) -> Option<LinkTarget> {
-    let link = open_pinned(path)?;
-    // `struct bpf_link_info`: type, id, prog_id, then (8-byte aligned) the per-type union, whose
-    // first field is the ifindex for XDP and TCX links.
-    let mut info = [0u32; 16];
-    let attr = InfoAttr {
-        bpf_fd: link.as_raw_fd() as u32,
-        info_len: size_of_val(&info) as u32,
-        // `info` outlives the call and is as long as `info_len` says.
-        info: info.as_mut_ptr() as u64,
-    };
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &attr).ok()?;
+    let info = link_info(path)?;
+    // After type, id and prog_id, the (8-byte aligned) per-type union, whose first field is
+    // the ifindex for XDP and TCX links.
     if !matches!(info[0], BPF_LINK_TYPE_XDP | BPF_LINK_TYPE_TCX) {
         return None;
     }
@@ -83,6 +75,32 @@ pub fn link_target(path: &Path) -> Option<LinkTarget> {
         program_id: info[2],
         ifindex: info[4],
     })
+}
+
+/// The program the link pinned at `path` runs (any kind of link); `None` if there is none.
+pub fn link_program(path: &Path) -> Option<u32> {
+    link_info(path).map(|info| info[2])
+}
+
+/// `struct bpf_link_info` of the link pinned at `path`, as words: type, id, prog_id, then the
+/// per-type union.
+fn link_info(path: &Path) -> Option<[u32; 16]> {
+    let link = open_pinned(path)?;
+    let mut info = [0u32; 16];
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let attr = InfoAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: size_of_val(&info) as u32,
+        // `info` outlives the call and is as long as `info_len` says.
+        info: info.as_mut_ptr() as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &attr).ok()?;
+    Some(info)
 }
 
 /// `BPF_LINK_UPDATE`: the link pinned at `path` runs `program` from now on, atomically.
@@ -102,29 +120,6 @@ pub fn update_link(path: &Path, program: BorrowedFd<'_>) -> io::Result<()> {
         old_prog_fd: 0,
     };
     bpf(BPF_LINK_UPDATE, &attr).map(|_| ())
-}
-
-/// The program the link pinned at `path` runs (any kind of link); `None` if there is none.
-pub fn link_program(path: &Path) -> Option<u32> {
-    let link = open_pinned(path)?;
-    // `struct bpf_link_info`: type, id, prog_id.
-    let mut info = [0u32; 16];
-    let attr = InfoAttr {
-        bpf_fd: link.as_raw_fd() as u32,
-        info_len: size_of_val(&info) as u32,
-        // `info` outlives the call and is as long as `info_len` says.
-        info: info.as_mut_ptr() as u64,
-    };
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &attr).ok()?;
-    Some(info[2])
-}
-
-/// `BPF_OBJ_GET_INFO_BY_FD`'s attributes.
-#[repr(C)]
-struct InfoAttr {
-    bpf_fd: u32,
-    info_len: u32,
-    info: u64,
 }
 
 fn open_pinned(path: &Path) -> Option<OwnedFd> {

@@ -1,13 +1,16 @@
 //! A simulated host and its endpoints, each in a namespace behind a veth.
 
 use std::{
+    ffi::OsStr,
     fs::{self},
     io,
     net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
 };
 
-use crate::{BPFFS, Netns, sweep_stale, unique_id};
+use crate::{BPFFS, Daemon, Netns, sweep_stale, unique_id};
 
 /// An endpoint namespace behind a veth whose other end is on the simulated host.
 pub struct Endpoint {
@@ -163,6 +166,52 @@ impl Topology {
     /// A pin directory for this topology's enforcer (removed on drop).
     pub fn pin_path(&self) -> PathBuf {
         Path::new(BPFFS).join(&self.id)
+    }
+
+    /// Starts `enforcer run` in the host namespace, pinning under [`Self::pin_path`], with its
+    /// observe socket and its log (`log`) in the topology's directory and `args` after those
+    /// (the policy, interfaces...); returns once it enforces. Dropping it stops and unloads it.
+    pub fn run_enforcer(&self, enforcer: &Path, args: &[&OsStr], log: &str) -> io::Result<Daemon> {
+        let pins = self.pin_path();
+        let mut command = self.host.command(enforcer)?;
+        command
+            .arg("run")
+            .arg("--pin-path")
+            .arg(&pins)
+            .arg("--observe-socket")
+            .arg(self.dir.join("observe.sock"))
+            .args(args)
+            .env("RUST_LOG", "info");
+        Daemon::spawn_enforcer(
+            command,
+            enforcer,
+            &pins,
+            self.dir.join(log),
+            Duration::from_secs(60),
+        )
+    }
+
+    /// Runs a one-shot iperf3 server in endpoint `server` and a client in endpoint `client`
+    /// against its IPv4 address, with `args` (duration, UDP, ...); returns the client's JSON
+    /// report.
+    pub fn iperf3(&self, client: &str, server: &str, args: &[&str]) -> io::Result<Vec<u8>> {
+        let mut listener = self
+            .netns(server)
+            .command("iperf3")?
+            .args(["-s", "-1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        std::thread::sleep(Duration::from_millis(300));
+        let output = self
+            .netns(client)
+            .command("iperf3")?
+            .args(["-c", &self.endpoint(server).ipv4.to_string(), "-J"])
+            .args(args)
+            .output();
+        let _ = listener.kill();
+        let _ = listener.wait();
+        Ok(output?.stdout)
     }
 
     /// Writes a file into the topology's temp directory.
