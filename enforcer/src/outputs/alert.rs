@@ -3,17 +3,31 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use enforcer_common::verdict::{Reason, Verdict};
 use serde_json::{Value, json};
 
-use crate::{
-    detect::{Detector, Finding},
-    events::FlowRecord,
-};
+use crate::detect::{Detector, Finding};
+
+mod flow;
+
+pub use flow::{FlowAlert, FlowMessage, flow_alert};
 
 pub const OCSF_VERSION: &str = "1.3.0";
 pub const ECS_VERSION: &str = "8.11.0";
 const PRODUCT: &str = "enforcer";
+
+/// OCSF `metadata.product`.
+#[derive(serde::Serialize)]
+struct Product {
+    name: &'static str,
+    vendor_name: &'static str,
+    version: &'static str,
+}
+
+const PRODUCT_FIELDS: Product = Product {
+    name: PRODUCT,
+    vendor_name: PRODUCT,
+    version: env!("CARGO_PKG_VERSION"),
+};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum AlertFormat {
@@ -63,59 +77,6 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "localhost".to_owned())
 }
 
-/// How a flow outcome reads in OCSF Network Activity terms.
-struct Classification {
-    activity_id: u8,
-    activity: &'static str,
-    action_id: u8,
-    action: &'static str,
-    disposition_id: u8,
-    disposition: &'static str,
-    severity_id: u8,
-}
-
-fn classify(record: &FlowRecord) -> Classification {
-    let (severity_id, disposition_id, disposition) = match record.reason {
-        reason if reason.is_spoof() => (4, 6, "Dropped"),
-        Reason::RateLimited => (3, 6, "Dropped"),
-        Reason::NoConnection => (2, 6, "Dropped"),
-        Reason::ForgedIcmpError => (4, 6, "Dropped"),
-        reason if reason.is_malformed() => (3, 6, "Dropped"),
-        _ if record.rejudged => (3, 24, "Access Revoked"),
-        _ => (2, 2, "Blocked"),
-    };
-    match record.verdict {
-        Verdict::Allow => Classification {
-            activity_id: 1,
-            activity: "Open",
-            action_id: 1,
-            action: "Allowed",
-            disposition_id: 1,
-            disposition: "Allowed",
-            severity_id: 1,
-        },
-        // Audit: policy would have dropped it, and it passed: detected, not blocked.
-        Verdict::Audit => Classification {
-            activity_id: 1,
-            activity: "Open",
-            action_id: 1,
-            action: "Allowed",
-            disposition_id: 15,
-            disposition: "Detected",
-            severity_id,
-        },
-        Verdict::Deny => Classification {
-            activity_id: if record.rejudged { 3 } else { 5 },
-            activity: if record.rejudged { "Reset" } else { "Refuse" },
-            action_id: 2,
-            action: "Denied",
-            disposition_id,
-            disposition,
-            severity_id,
-        },
-    }
-}
-
 fn severity_name(id: u8) -> &'static str {
     match id {
         1 => "Informational",
@@ -127,47 +88,6 @@ fn severity_name(id: u8) -> &'static str {
     }
 }
 
-fn port_text(record: &FlowRecord) -> String {
-    if record.protocol == "tcp" || record.protocol == "udp" {
-        format!("{}/{}", record.dst.port, record.protocol)
-    } else {
-        record.protocol.clone()
-    }
-}
-
-/// One line a person can read.
-pub fn flow_message(record: &FlowRecord) -> String {
-    let outcome = match record.verdict {
-        Verdict::Allow => "allowed",
-        Verdict::Deny if record.rejudged => "cut off",
-        Verdict::Deny => "denied",
-        Verdict::Audit => "would be denied (audit)",
-    };
-    let times = if record.count > 1 {
-        format!(" ({} packets)", record.count)
-    } else {
-        String::new()
-    };
-    if record.aggregated {
-        return format!(
-            "{} -> any destination {outcome} by {} [{}]{times}, aggregated per source under load (one was {} {})",
-            record.src.name,
-            record.rule,
-            record.reason,
-            record.dst.name,
-            port_text(record),
-        );
-    }
-    format!(
-        "{} -> {} {} {outcome} by {} [{}]{times}",
-        record.src.name,
-        record.dst.name,
-        port_text(record),
-        record.rule,
-        record.reason
-    )
-}
-
 /// The severity of a record in either format (OCSF `severity_id`, ECS `event.severity`, which
 /// carry the same scale).
 pub fn severity_of(record: &Value) -> u8 {
@@ -177,146 +97,15 @@ pub fn severity_of(record: &Value) -> u8 {
         .map_or(1, |severity| severity.min(6) as u8)
 }
 
-/// A flow record as a SIEM record.
-pub fn flow_alert(record: &FlowRecord, format: AlertFormat, host: &str) -> Value {
-    match format {
-        AlertFormat::Ocsf => ocsf_flow(record, host),
-        AlertFormat::Ecs => ecs_flow(record, host),
-    }
-}
-
 /// OCSF `metadata`. `profiles` names the profiles whose attributes the record uses: `host` for
 /// `device`, `security_control` for `action`, `disposition` and `firewall_rule`; a validator
 /// ignores (or refuses) those attributes otherwise.
 fn ocsf_metadata(sequence: u64, profiles: &[&str]) -> Value {
     json!({
         "version": OCSF_VERSION,
-        "product": { "name": PRODUCT, "vendor_name": PRODUCT, "version": env!("CARGO_PKG_VERSION") },
+        "product": PRODUCT_FIELDS,
         "profiles": profiles,
         "sequence": sequence,
-    })
-}
-
-/// The IANA keyword of a protocol number, as OCSF `protocol_name` and ECS `network.transport`
-/// take it (ICMPv6 is `ipv6-icmp`, not the policy language's `icmp`).
-fn iana_protocol_name(number: u8) -> String {
-    match number {
-        1 => "icmp".to_owned(),
-        6 => "tcp".to_owned(),
-        17 => "udp".to_owned(),
-        58 => "ipv6-icmp".to_owned(),
-        other => other.to_string(),
-    }
-}
-
-/// OCSF `direction_id` of a flow: between services or this host, Lateral; from outside to
-/// them, Inbound; from them to outside, Outbound (CIDR peers and world are outside).
-fn direction_of(record: &FlowRecord) -> (u8, &'static str) {
-    use enforcer_common::identity::{FIRST_SERVICE, HOST, SERVICE_END};
-    let inside =
-        |identity: u32| identity == HOST || (FIRST_SERVICE..SERVICE_END).contains(&identity);
-    match (inside(record.src.identity), inside(record.dst.identity)) {
-        (true, true) => (3, "Lateral"),
-        (false, true) => (1, "Inbound"),
-        (true, false) => (2, "Outbound"),
-        (false, false) => (0, "Unknown"),
-    }
-}
-
-fn ocsf_flow(record: &FlowRecord, host: &str) -> Value {
-    let class = classify(record);
-    let direction = direction_of(record);
-    let time = millis(record.time);
-    json!({
-        "class_uid": 4001,
-        "class_name": "Network Activity",
-        "category_uid": 4,
-        "category_name": "Network Activity",
-        "activity_id": class.activity_id,
-        "activity_name": class.activity,
-        "type_uid": 400_100 + u32::from(class.activity_id),
-        "type_name": format!("Network Activity: {}", class.activity),
-        "time": time,
-        "start_time": time,
-        "end_time": time,
-        "count": record.count,
-        "severity_id": class.severity_id,
-        "severity": severity_name(class.severity_id),
-        "action_id": class.action_id,
-        "action": class.action,
-        "disposition_id": class.disposition_id,
-        "disposition": class.disposition,
-        "message": flow_message(record),
-        "src_endpoint": { "ip": record.src.ip.to_string(), "port": record.src.port, "svc_name": record.src.name },
-        "dst_endpoint": { "ip": record.dst.ip.to_string(), "port": record.dst.port, "svc_name": record.dst.name },
-        "connection_info": {
-            "protocol_num": record.protocol_number,
-            "protocol_name": iana_protocol_name(record.protocol_number),
-            "protocol_ver_id": record.ip_version,
-            "direction_id": direction.0,
-            "direction": direction.1,
-        },
-        "firewall_rule": { "uid": record.rule, "name": record.rule },
-        "device": { "hostname": host, "type_id": 1, "type": "Server" },
-        "metadata": ocsf_metadata(record.sequence, &["host", "security_control"]),
-        "unmapped": { "enforcer": enforcer_fields(record) },
-    })
-}
-
-fn enforcer_fields(record: &FlowRecord) -> Value {
-    json!({
-        "verdict": record.verdict.as_str(),
-        "reason": record.reason.as_str(),
-        "generation": record.generation,
-        "hook": record.hook,
-        "interface": record.interface,
-        "src_identity": record.src.identity,
-        "dst_identity": record.dst.identity,
-        "address_identity": record.address_identity,
-        "rejudged": record.rejudged,
-        "aggregated": record.aggregated,
-        "cgroup_id": record.cgroup_id,
-        "cpu": record.cpu,
-    })
-}
-
-fn ecs_flow(record: &FlowRecord, host: &str) -> Value {
-    let (types, outcome): (&[&str], &str) = match record.verdict {
-        Verdict::Allow => (&["connection", "start", "allowed"], "success"),
-        Verdict::Audit => (&["connection", "start", "allowed"], "success"),
-        Verdict::Deny => (&["connection", "denied"], "failure"),
-    };
-    let timestamp = rfc3339(record.time);
-    json!({
-        "@timestamp": timestamp,
-        "ecs": { "version": ECS_VERSION },
-        "message": flow_message(record),
-        "event": {
-            "kind": if record.verdict == Verdict::Allow { "event" } else { "alert" },
-            "category": ["network"],
-            "type": types,
-            "action": format!("flow-{}", record.verdict.as_str()),
-            "outcome": outcome,
-            "reason": record.reason.as_str(),
-            "severity": classify(record).severity_id,
-            "sequence": record.sequence,
-            "start": timestamp,
-            "end": timestamp,
-            "module": PRODUCT,
-            "dataset": "enforcer.flow",
-        },
-        "source": { "ip": record.src.ip.to_string(), "port": record.src.port },
-        "destination": { "ip": record.dst.ip.to_string(), "port": record.dst.port },
-        "service": { "origin": { "name": record.src.name }, "target": { "name": record.dst.name } },
-        "network": {
-            "transport": iana_protocol_name(record.protocol_number),
-            "iana_number": record.protocol_number.to_string(),
-            "type": if record.ip_version == 6 { "ipv6" } else { "ipv4" },
-        },
-        "rule": { "id": record.rule, "name": record.rule },
-        "observer": { "hostname": host, "product": PRODUCT, "type": "firewall", "ingress": { "interface": { "name": record.interface } } },
-        "host": { "hostname": host },
-        "enforcer": { "count": record.count, "generation": record.generation, "hook": record.hook, "src_identity": record.src.identity, "dst_identity": record.dst.identity, "address_identity": record.address_identity, "rejudged": record.rejudged, "aggregated": record.aggregated },
     })
 }
 
@@ -587,7 +376,13 @@ mod tests {
     use std::{net::IpAddr, time::Duration};
 
     use super::*;
-    use crate::events::FlowEnd;
+    use enforcer_common::verdict::{Reason, Verdict};
+
+    use crate::events::{FlowEnd, FlowRecord};
+
+    fn flow_value(record: &FlowRecord, format: AlertFormat, host: &str) -> Value {
+        serde_json::to_value(flow_alert(record, format, host)).unwrap()
+    }
 
     fn record(verdict: Verdict, reason: Reason, rule: &str) -> FlowRecord {
         FlowRecord {
@@ -625,7 +420,7 @@ mod tests {
 
     #[test]
     fn denied_flow_is_ocsf_network_activity_with_action_denied() {
-        let alert = flow_alert(
+        let alert = flow_value(
             &record(Verdict::Deny, Reason::DefaultDeny, "default-deny"),
             AlertFormat::Ocsf,
             "node-1",
@@ -650,7 +445,7 @@ mod tests {
 
     #[test]
     fn allowed_audited_spoofed_and_revoked_flows_classify_distinctly() {
-        let allowed = flow_alert(
+        let allowed = flow_value(
             &record(Verdict::Allow, Reason::PolicyAllow, "fe-to-db"),
             AlertFormat::Ocsf,
             "h",
@@ -663,7 +458,7 @@ mod tests {
             ),
             (Some(1), Some(1), Some(1))
         );
-        let audited = flow_alert(
+        let audited = flow_value(
             &record(Verdict::Audit, Reason::DefaultDeny, "default-deny"),
             AlertFormat::Ocsf,
             "h",
@@ -675,7 +470,7 @@ mod tests {
             ),
             (Some(1), Some(15))
         );
-        let spoofed = flow_alert(
+        let spoofed = flow_value(
             &record(Verdict::Deny, Reason::Spoofed, "anti-spoofing"),
             AlertFormat::Ocsf,
             "h",
@@ -689,7 +484,7 @@ mod tests {
         );
         let mut revoked = record(Verdict::Deny, Reason::DefaultDeny, "default-deny");
         revoked.rejudged = true;
-        let revoked = flow_alert(&revoked, AlertFormat::Ocsf, "h");
+        let revoked = flow_value(&revoked, AlertFormat::Ocsf, "h");
         assert_eq!(
             (
                 revoked["activity_id"].as_u64(),
@@ -701,7 +496,7 @@ mod tests {
 
     #[test]
     fn ecs_flow_uses_ecs_field_names() {
-        let alert = flow_alert(
+        let alert = flow_value(
             &record(Verdict::Deny, Reason::PolicyDeny, "no-db"),
             AlertFormat::Ecs,
             "node-1",
@@ -725,11 +520,11 @@ mod tests {
         ] {
             let flow = record(verdict, reason, "r");
             let [ocsf, ecs] = [AlertFormat::Ocsf, AlertFormat::Ecs]
-                .map(|format| severity_of(&flow_alert(&flow, format, "node-1")));
+                .map(|format| severity_of(&flow_value(&flow, format, "node-1")));
             assert_eq!(ocsf, ecs, "{reason}");
         }
         assert_eq!(
-            severity_of(&flow_alert(
+            severity_of(&flow_value(
                 &record(Verdict::Deny, Reason::Spoofed, "r"),
                 AlertFormat::Ecs,
                 "n"
@@ -845,7 +640,7 @@ mod tests {
     }
 
     /// A flow of every verdict and reason, re-judged ones, aggregated ones, every direction,
-    /// every protocol.
+    /// every protocol, every hook's name.
     fn every_flow() -> Vec<FlowRecord> {
         let mut flows = Vec::new();
         for reason in Reason::ALL {
@@ -874,6 +669,11 @@ mod tests {
             icmp.src.port,
             icmp.dst.port,
         ) = ("icmp".to_owned(), 1, 0, 0);
+        for hook in ["tc-ingress", "tc-egress", "socket-ingress"] {
+            let mut flow = record(Verdict::Allow, Reason::PolicyAllow, "r");
+            flow.hook = hook;
+            flows.insert(0, flow);
+        }
         flows.extend([scan, icmpv6, inbound, outbound, icmp]);
         flows
     }
@@ -883,11 +683,11 @@ mod tests {
         assert_conform("flows", |format| {
             every_flow()
                 .iter()
-                .map(|flow| flow_alert(flow, format, "node-1"))
+                .map(|flow| flow_value(flow, format, "node-1"))
                 .collect()
         });
         let flows = every_flow();
-        let scan = flow_alert(&flows[flows.len() - 5], AlertFormat::Ocsf, "h");
+        let scan = flow_value(&flows[flows.len() - 5], AlertFormat::Ocsf, "h");
         assert_eq!(scan["unmapped"]["enforcer"]["aggregated"], true);
         assert!(
             scan["message"]
@@ -895,23 +695,23 @@ mod tests {
                 .is_some_and(|message| message.contains("any destination")),
             "{scan}"
         );
-        let icmpv6 = flow_alert(&flows[flows.len() - 4], AlertFormat::Ocsf, "h");
+        let icmpv6 = flow_value(&flows[flows.len() - 4], AlertFormat::Ocsf, "h");
         assert_eq!(icmpv6["connection_info"]["protocol_name"], "ipv6-icmp");
         let directions: Vec<Value> = flows[flows.len() - 3..flows.len() - 1]
             .iter()
             .map(|flow| {
-                flow_alert(flow, AlertFormat::Ocsf, "h")["connection_info"]["direction_id"].clone()
+                flow_value(flow, AlertFormat::Ocsf, "h")["connection_info"]["direction_id"].clone()
             })
             .collect();
         assert_eq!(directions, [1, 2], "inbound from world, outbound to a CIDR");
-        let lateral = flow_alert(
+        let lateral = flow_value(
             &record(Verdict::Allow, Reason::PolicyAllow, "r"),
             AlertFormat::Ocsf,
             "h",
         );
         assert_eq!(lateral["connection_info"]["direction_id"], 3);
         assert_eq!(lateral["firewall_rule"]["uid"], "r");
-        let ecs = flow_alert(&flows[flows.len() - 4], AlertFormat::Ecs, "h");
+        let ecs = flow_value(&flows[flows.len() - 4], AlertFormat::Ecs, "h");
         assert_eq!(ecs["network"]["transport"], "ipv6-icmp");
     }
 

@@ -54,12 +54,14 @@ impl AlertsFile {
         self.unwritten.get()
     }
 
-    /// Appends `record` as one line.
-    pub fn write(&mut self, record: &serde_json::Value) {
-        let mut line = serde_json::to_string(record).unwrap_or_default();
-        line.push('\n');
+    /// Appends `json`, one record encoded on one line, and the line's end.
+    pub fn write(&mut self, json: &str) {
         // Success here may only mean buffered: a flush says whether writing works again.
-        if let Err(error) = self.writer.write_all(line.as_bytes()) {
+        if let Err(error) = self
+            .writer
+            .write_all(json.as_bytes())
+            .and_then(|()| self.writer.write_all(b"\n"))
+        {
             self.unwritten.inc();
             if self.failing_since.is_none() {
                 tracing::error!(
@@ -139,13 +141,13 @@ mod tests {
         );
         let (path, rotated) = (&file.0, &moved.0);
         let mut alerts = AlertsFile::open(path).unwrap();
-        alerts.write(&json!({ "n": 1 }));
+        alerts.write(&json!({ "n": 1 }).to_string());
         alerts.flush();
         std::fs::rename(path, rotated).unwrap();
         // Written after the rename, before the controller notices: still the old file's.
-        alerts.write(&json!({ "n": 2 }));
+        alerts.write(&json!({ "n": 2 }).to_string());
         alerts.follow_rotation();
-        alerts.write(&json!({ "n": 3 }));
+        alerts.write(&json!({ "n": 3 }).to_string());
         alerts.flush();
 
         assert_eq!(lines(rotated), [json!({ "n": 1 }), json!({ "n": 2 })]);
@@ -161,11 +163,11 @@ mod tests {
         let file = ScratchFile::new("alerts.jsonl");
         let path = &file.0;
         let mut alerts = AlertsFile::open(path).unwrap();
-        alerts.write(&json!({ "n": 1 }));
+        alerts.write(&json!({ "n": 1 }).to_string());
         alerts.flush();
         std::fs::remove_file(path).unwrap();
         alerts.follow_rotation();
-        alerts.write(&json!({ "n": 2 }));
+        alerts.write(&json!({ "n": 2 }).to_string());
         alerts.flush();
         assert_eq!(lines(path), [json!({ "n": 2 })]);
     }
@@ -177,7 +179,7 @@ mod tests {
         std::fs::write(path, "{\"n\":0}\n").unwrap();
         let mut alerts = AlertsFile::open(path).unwrap();
         alerts.follow_rotation();
-        alerts.write(&json!({ "n": 1 }));
+        alerts.write(&json!({ "n": 1 }).to_string());
         alerts.flush();
         assert_eq!(lines(path), [json!({ "n": 0 }), json!({ "n": 1 })]);
     }
@@ -191,7 +193,7 @@ mod tests {
             .counting_in(counter.clone());
         let record = json!({ "padding": "x".repeat(1000) });
         for _ in 0..100 {
-            alerts.write(&record);
+            alerts.write(&record.to_string());
             alerts.flush();
         }
         // The buffer holds what it can for a later attempt; everything beyond it is lost.

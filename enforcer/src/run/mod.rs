@@ -28,7 +28,7 @@ use tokio::{
 use self::{
     controller::{Controller, FleetState, Inputs, Trigger, load_for_host},
     interfaces::Interfaces,
-    pipeline::{ControllerReport, FlowSummary, Losses, Pipeline, read_events},
+    pipeline::{ControllerReport, FlowSummary, Losses, Pipeline, Sinks, read_events},
     registrations::RegistryRequest,
 };
 use crate::{
@@ -432,10 +432,13 @@ fn spawn_pipeline(
         clock: Clock::now(),
         sequences: SequenceTracker::default(),
         interfaces: HashMap::new(),
-        alerts: outputs
-            .alerts
-            .map(|alerts| alerts.counting_in(metrics.alerts_unwritten.clone())),
-        syslog,
+        sinks: Sinks {
+            alerts: outputs
+                .alerts
+                .map(|alerts| alerts.counting_in(metrics.alerts_unwritten.clone())),
+            syslog,
+            line: Vec::new(),
+        },
         format: options.alert_format,
         host: host_name,
         metrics: metrics.clone(),

@@ -78,8 +78,7 @@ pub(super) struct Pipeline {
     pub(super) clock: Clock,
     pub(super) sequences: SequenceTracker,
     pub(super) interfaces: HashMap<u32, String>,
-    pub(super) alerts: Option<AlertsFile>,
-    pub(super) syslog: Option<SyslogSink>,
+    pub(super) sinks: Sinks,
     pub(super) format: AlertFormat,
     pub(super) host: String,
     pub(super) metrics: Arc<Metrics>,
@@ -92,6 +91,61 @@ pub(super) struct Pipeline {
     pub(super) detection_generation: u32,
     /// Records lost and not reported yet, and where the kernel counts them.
     pub(super) losses: Losses,
+}
+
+/// Where SIEM records go: the alerts file, syslog, both or neither.
+pub(super) struct Sinks {
+    pub(super) alerts: Option<AlertsFile>,
+    pub(super) syslog: Option<SyslogSink>,
+    /// The record being written, as JSON: kept to be written into again.
+    pub(super) line: Vec<u8>,
+}
+
+impl Sinks {
+    fn any(&self) -> bool {
+        self.alerts.is_some() || self.syslog.is_some()
+    }
+
+    /// Writes a record to the alerts file and syslog, encoded once for both; `severity` is on
+    /// the OCSF scale.
+    fn publish(&mut self, msgid: &str, severity: u8, record: &impl serde::Serialize) {
+        if !self.any() {
+            return;
+        }
+        self.line.clear();
+        if let Err(error) = serde_json::to_writer(&mut self.line, record) {
+            tracing::error!("encoding a {msgid} record failed: {error}");
+            return;
+        }
+        // serde_json writes UTF-8 only; the check is what keeps this free of `unsafe`.
+        let Ok(json) = std::str::from_utf8(&self.line) else {
+            return;
+        };
+        if let Some(alerts) = &mut self.alerts {
+            alerts.write(json);
+        }
+        if let Some(syslog) = &self.syslog {
+            syslog.send(severity, msgid, json);
+        }
+    }
+
+    /// Writes a record built as a JSON tree (findings, heartbeats, losses: rare ones).
+    fn publish_value(&mut self, msgid: &str, record: &serde_json::Value) {
+        self.publish(msgid, alert::severity_of(record), record);
+    }
+
+    fn flush(&mut self) {
+        if let Some(alerts) = &mut self.alerts {
+            alerts.flush();
+        }
+    }
+
+    /// Starts a new alerts file if the one being written was rotated.
+    fn follow_rotation(&mut self) {
+        if let Some(alerts) = &mut self.alerts {
+            alerts.follow_rotation();
+        }
+    }
 }
 
 /// What the pipeline needs to report losses once a second (see [`LossAccount`]).
@@ -139,16 +193,6 @@ impl Pipeline {
             .clone()
     }
 
-    /// Writes a record to the alerts file and syslog.
-    fn publish(&mut self, msgid: &str, record: &serde_json::Value) {
-        if let Some(alerts) = &mut self.alerts {
-            alerts.write(record);
-        }
-        if let Some(syslog) = &self.syslog {
-            syslog.send(alert::severity_of(record), msgid, record);
-        }
-    }
-
     /// Runs the detectors with the latest generation's tuning. Called from the once-a-second
     /// tick, not per record: a reload's new thresholds apply within a second, without a lock
     /// taken for every flow record.
@@ -171,7 +215,7 @@ impl Pipeline {
                 baseline.record(&edge);
             }
             let record = alert::finding_alert(&finding, self.format, &self.host);
-            self.publish("finding", &record);
+            self.sinks.publish_value("finding", &record);
             self.metrics
                 .alerts
                 .get_or_create(&DetectorLabel {
@@ -210,13 +254,13 @@ impl Pipeline {
         }
         tracing::warn!(lost, "flow records lost: the ring buffer was full");
         let record = alert::lost_events_alert(lost, SystemTime::now(), self.format, &self.host);
-        self.publish("lost", &record);
+        self.sinks.publish_value("lost", &record);
         audit(&self.audit, "events_lost", json!({ "count": lost }));
     }
 
     fn heartbeat(&mut self, heartbeat: &alert::Heartbeat) {
         let record = alert::heartbeat_alert(heartbeat, SystemTime::now(), self.format, &self.host);
-        self.publish("heartbeat", &record);
+        self.sinks.publish_value("heartbeat", &record);
     }
 
     fn handle(&mut self, event: &enforcer_common::event::FlowEvent) {
@@ -238,7 +282,7 @@ impl Pipeline {
     }
 
     fn emit(&mut self, record: &FlowRecord) {
-        tracing::debug!("{}", alert::flow_message(record));
+        tracing::debug!("{}", alert::FlowMessage(record));
         self.metrics
             .flows
             .get_or_create(&FlowLabels {
@@ -247,9 +291,9 @@ impl Pipeline {
                 verdict: record.verdict.as_str().to_owned(),
             })
             .inc();
-        if self.alerts.is_some() || self.syslog.is_some() {
+        if self.sinks.any() {
             let alert = alert::flow_alert(record, self.format, &self.host);
-            self.publish("flow", &alert);
+            self.sinks.publish("flow", alert.severity(), &alert);
             self.metrics
                 .alerts
                 .get_or_create(&DetectorLabel {
@@ -264,16 +308,12 @@ impl Pipeline {
     }
 
     fn flush(&mut self) {
-        if let Some(alerts) = &mut self.alerts {
-            alerts.flush();
-        }
+        self.sinks.flush();
     }
 
     /// Once a second: follow a rotated alerts file.
     fn follow_rotation(&mut self) {
-        if let Some(alerts) = &mut self.alerts {
-            alerts.follow_rotation();
-        }
+        self.sinks.follow_rotation();
     }
 }
 
