@@ -8,12 +8,13 @@ use std::{fs, path::Path, process::Command, time::Instant};
 
 use anyhow::{Context as _, Result, bail};
 
-const BENCHES: [&str; 6] = [
+const BENCHES: [&str; 7] = [
     "datapath",
     "apply",
     "throughput",
     "pps",
     "pipeline",
+    "flood",
     "fleet",
 ];
 const CSV_HEADER: &str = "bench,figure,value,unit,baseline,ratio";
@@ -59,7 +60,14 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
     let machine = machine();
     let markdown = markdown(&rows, &machine, quick, started.elapsed().as_secs());
     fs::write(out.join(format!("{name}.md")), &markdown)?;
-    println!("bench: wrote bench/{name}.md and bench/{name}.csv");
+    let chart = if quick {
+        "datapath-quick.png"
+    } else {
+        "datapath.png"
+    };
+    let split: Vec<Vec<String>> = rows.lines().map(split_csv).collect();
+    crate::chart::write(&split, &format!("Measured {machine}"), &out.join(chart))?;
+    println!("bench: wrote bench/{name}.md, bench/{name}.csv and bench/{chart}");
     if !quick {
         write_into_readme(&workspace.join("README.md"), &markdown)?;
         println!("bench: the README's benchmark table is bench/results.md");
@@ -111,7 +119,7 @@ fn markdown(rows: &str, machine: &str, quick: bool, seconds: u64) -> String {
         }
         // Where enforcer is behind an anchor (the same work done by another tool), say so: a
         // cost above the anchor's, or a rate below it.
-        let is_cost = unit.starts_with("ns") || unit == "ms";
+        let is_cost = unit.starts_with("ns") || ["ms", "bytes", "MiB"].contains(&unit.as_str());
         let behind = baseline.contains("(anchor)")
             && ratio
                 .parse::<f64>()
@@ -129,7 +137,7 @@ fn markdown(rows: &str, machine: &str, quick: bool, seconds: u64) -> String {
 }
 
 /// One CSV row's fields (RFC 4180 quoting).
-fn split_csv(row: &str) -> Vec<String> {
+pub(crate) fn split_csv(row: &str) -> Vec<String> {
     let mut fields = vec![String::new()];
     let mut quoted = false;
     let mut chars = row.chars().peekable();

@@ -2,6 +2,7 @@
 //! benchmark enforcer.
 
 mod bench;
+mod chart;
 mod demo;
 mod demo_fleet;
 mod fuzz;

@@ -35,6 +35,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ),
     ("nftables", "the packet-rate benchmark's set anchor (nft)"),
     (
+        "fonts-dejavu-core",
+        "the benchmark chart's labels (bench/datapath.png) are set in DejaVu Sans",
+    ),
+    (
         "xdp-tools",
         "xdp-filter, the anchor the datapath benchmark holds the established path to",
     ),
