@@ -10,8 +10,8 @@ mod detect;
 pub mod endpoints;
 pub mod events;
 pub mod fleet;
-/// Files the controller appends to (outputs and the detectors' baseline share it).
 mod locks;
+/// Files the controller appends to (outputs and the detectors' baseline share it).
 mod logfile;
 pub mod outputs;
 pub mod policy;

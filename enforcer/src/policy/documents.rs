@@ -6,14 +6,16 @@ use toml::Spanned;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct PolicyDocument {
-    pub(super) settings: Option<Spanned<SettingsDocument>>,
+    // Boxed: most tables are one rule or service, and kept in the parse cache; inline, these
+    // two took more room in each than the rule.
+    pub(super) settings: Option<Box<Spanned<SettingsDocument>>>,
     #[serde(default)]
     pub(super) service: Vec<Spanned<ServiceDocument>>,
     #[serde(default)]
     pub(super) allow: Vec<Spanned<RuleDocument>>,
     #[serde(default)]
     pub(super) deny: Vec<Spanned<RuleDocument>>,
-    pub(super) detection: Option<Spanned<DetectionDocument>>,
+    pub(super) detection: Option<Box<Spanned<DetectionDocument>>>,
 }
 
 impl PolicyDocument {
