@@ -19,6 +19,10 @@ use enforcer_testbed::results;
 
 const TARGET: f64 = 1_000_000.0;
 
+/// The controller's allocator (see `src/main.rs`): the records' strings are its allocations.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// `count` denied flows from a scanner to distinct ports, as the kernel sends them.
 fn records(count: usize) -> Vec<Vec<u8>> {
     (0..count)
