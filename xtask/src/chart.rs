@@ -103,9 +103,13 @@ pub fn write(rows: &[Vec<String>], heading: &str, path: &Path) -> Result<()> {
         .map_err(|error| anyhow!("writing {}: {error}", path.display()))
 }
 
+/// The labels' style: the registered font, black, `size` pixels.
+fn text(size: u32) -> TextStyle<'static> {
+    ("sans-serif", size).into_font().color(&BLACK)
+}
+
 fn draw(root: &Area<'_>, bars: &[Bar], heading: &str) -> Result<(), Failed> {
     root.fill(&WHITE)?;
-    let text = |size: u32| ("sans-serif", size).into_font().color(&BLACK);
     root.draw(&Text::new(
         "Cost per packet, ns (BPF_PROG_TEST_RUN, same frame): enforcer beside the anchors",
         (20, 15),
@@ -153,17 +157,13 @@ fn legend(root: &Area<'_>, top: i32) -> Result<(), Failed> {
             [(left, top), (left + 14, top + 14)],
             color.filled(),
         ))?;
-        root.draw(&Text::new(
-            name,
-            (left + 20, top),
-            ("sans-serif", 13).into_font().color(&BLACK),
-        ))?;
+        root.draw(&Text::new(name, (left + 20, top), text(13)))?;
         left += 300;
     }
     root.draw(&Text::new(
         "vertical line: xdp-filter",
         (left, top),
-        ("sans-serif", 13).into_font().color(&BLACK),
+        text(13),
     ))
 }
 

@@ -171,14 +171,6 @@ pub struct Detectors {
     saturated: bool,
 }
 
-fn port_of(record: &FlowRecord) -> u16 {
-    if record.protocol == "tcp" || record.protocol == "udp" {
-        record.dst.port
-    } else {
-        0
-    }
-}
-
 fn service_text(protocol: &str, port: u16) -> String {
     if port == 0 {
         protocol.to_owned()
@@ -274,7 +266,7 @@ impl Detectors {
             return None;
         }
         if (horizon.peers.len() as u64) < threshold {
-            horizon.peers.insert((record.dst.ip, port_of(record)));
+            horizon.peers.insert((record.dst.ip, record.service_port()));
         }
         if (horizon.peers.len() as u64) < threshold {
             return None;
@@ -307,7 +299,7 @@ impl Detectors {
 
     /// Counts a new connection on its edge (for spikes); the first on an edge is a finding.
     fn count_new_connection(&mut self, record: &FlowRecord) -> Option<Finding> {
-        let port = port_of(record);
+        let port = record.service_port();
         let edge = Edge {
             src: record.src.name.clone(),
             dst: record.dst.name.clone(),
@@ -357,7 +349,7 @@ impl Detectors {
             self.config.window_secs,
         );
         let window = self.sources.entry(source).or_default();
-        window.peers.insert((record.dst.ip, port_of(record)));
+        window.peers.insert((record.dst.ip, record.service_port()));
         if record.verdict != Verdict::Allow {
             window.denied += u64::from(record.count);
             window.rules.insert(record.rule.clone());
@@ -521,7 +513,7 @@ fn record_finding(record: &FlowRecord) -> Option<Finding> {
                 "{} -> {} {} over the new-connection limit of {}",
                 record.src.name,
                 record.dst.name,
-                service_text(&record.protocol, port_of(record)),
+                service_text(&record.protocol, record.service_port()),
                 record.rule
             ),
             json!({}),
@@ -549,7 +541,7 @@ fn flow_finding(
             ip: Some(record.dst.ip),
         }),
         protocol: Some(record.protocol.clone()),
-        port: Some(port_of(record)),
+        port: Some(record.service_port()),
         rule: Some(record.rule.clone()),
         count,
         start: record.time,

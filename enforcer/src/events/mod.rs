@@ -66,6 +66,19 @@ pub struct FlowRecord {
     pub sequence: u64,
 }
 
+impl FlowRecord {
+    /// Whether the flow's protocol has ports (TCP, UDP).
+    pub fn has_ports(&self) -> bool {
+        self.protocol == "tcp" || self.protocol == "udp"
+    }
+
+    /// The destination port, or 0 for a protocol without ports: with the protocol, the service
+    /// the flow reached.
+    pub fn service_port(&self) -> u16 {
+        if self.has_ports() { self.dst.port } else { 0 }
+    }
+}
+
 fn reason_name<S: serde::Serializer>(reason: &Reason, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(reason.as_str())
 }

@@ -29,6 +29,23 @@ const PRODUCT_FIELDS: Product = Product {
     version: env!("CARGO_PKG_VERSION"),
 };
 
+/// OCSF `device` (the `host` profile): this machine, a server.
+#[derive(serde::Serialize)]
+struct Device<'a> {
+    hostname: &'a str,
+    type_id: u8,
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+fn device(host: &str) -> Device<'_> {
+    Device {
+        hostname: host,
+        type_id: 1,
+        kind: "Server",
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum AlertFormat {
     #[default]
@@ -193,7 +210,7 @@ fn ocsf_finding(finding: &Finding, host: &str) -> Value {
         "action": action,
         "disposition_id": disposition_id,
         "disposition": disposition,
-        "device": { "hostname": host, "type_id": 1, "type": "Server" },
+        "device": device(host),
         "metadata": ocsf_metadata(0, &["host", "security_control"]),
         "unmapped": { "enforcer": { "detector": finding.detector.name(), "details": finding.details } },
     });
@@ -315,7 +332,7 @@ pub fn heartbeat_alert(
             "severity": "Informational",
             "message": format!("enforcing generation {} of policy {}", heartbeat.generation, heartbeat.policy_sha256),
             "app": { "name": PRODUCT, "vendor_name": PRODUCT, "version": env!("CARGO_PKG_VERSION") },
-            "device": { "hostname": host, "type_id": 1, "type": "Server" },
+            "device": device(host),
             "metadata": ocsf_metadata(0, &["host"]),
             "unmapped": { "enforcer": state },
         }),
@@ -356,7 +373,7 @@ pub fn lost_events_alert(count: u64, at: SystemTime, format: AlertFormat, host: 
             "message": message,
             "log_name": "flow records",
             "log_provider": PRODUCT,
-            "device": { "hostname": host, "type_id": 1, "type": "Server" },
+            "device": device(host),
             "metadata": ocsf_metadata(0, &["host"]),
             "unmapped": { "enforcer": { "events_lost": count } },
         }),

@@ -41,11 +41,7 @@ impl FlowSummary {
 
     fn add(&mut self, record: &FlowRecord) {
         self.since.get_or_insert(record.time);
-        let port = if record.protocol == "tcp" || record.protocol == "udp" {
-            record.dst.port
-        } else {
-            0
-        };
+        let port = record.service_port();
         let key = (
             record.src.name.clone(),
             record.dst.name.clone(),

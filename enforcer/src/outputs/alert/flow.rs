@@ -8,8 +8,8 @@ use enforcer_common::verdict::{Reason, Verdict};
 use serde::{Serialize, Serializer};
 
 use super::{
-    AlertFormat, ECS_VERSION, OCSF_VERSION, PRODUCT, PRODUCT_FIELDS, Product, millis, rfc3339,
-    severity_name,
+    AlertFormat, Device, ECS_VERSION, OCSF_VERSION, PRODUCT, PRODUCT_FIELDS, Product, device,
+    millis, rfc3339, severity_name,
 };
 use crate::events::FlowRecord;
 
@@ -100,7 +100,7 @@ struct PortText<'a>(&'a FlowRecord);
 impl fmt::Display for PortText<'_> {
     fn fmt(&self, out: &mut fmt::Formatter<'_>) -> fmt::Result {
         let record = self.0;
-        if record.protocol == "tcp" || record.protocol == "udp" {
+        if record.has_ports() {
             write!(out, "{}/{}", record.dst.port, record.protocol)
         } else {
             out.write_str(&record.protocol)
@@ -154,7 +154,7 @@ impl Serialize for FlowMessage<'_> {
 
 /// The IANA keyword of a protocol number, as OCSF `protocol_name` and ECS `network.transport`
 /// take it (ICMPv6 is `ipv6-icmp`, not the policy language's `icmp`).
-pub(super) fn iana_protocol_name(number: u8) -> Cow<'static, str> {
+fn iana_protocol_name(number: u8) -> Cow<'static, str> {
     match number {
         1 => "icmp".into(),
         6 => "tcp".into(),
@@ -230,14 +230,6 @@ struct ConnectionInfo {
 struct NamedId<'a> {
     uid: &'a str,
     name: &'a str,
-}
-
-#[derive(Serialize)]
-struct Device<'a> {
-    hostname: &'a str,
-    type_id: u8,
-    #[serde(rename = "type")]
-    kind: &'static str,
 }
 
 /// OCSF `metadata` of a flow: the `host` profile for `device`, `security_control` for
@@ -324,11 +316,7 @@ fn ocsf_flow<'a>(record: &'a FlowRecord, host: &'a str) -> OcsfFlow<'a> {
             uid: &record.rule,
             name: &record.rule,
         },
-        device: Device {
-            hostname: host,
-            type_id: 1,
-            kind: "Server",
-        },
+        device: device(host),
         metadata: OcsfMetadata {
             version: OCSF_VERSION,
             product: PRODUCT_FIELDS,
