@@ -12,7 +12,10 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{HashMap, Map, MapData, RingBuf};
+use aya::{
+    Pod,
+    maps::{HashMap, Map, MapData, RingBuf},
+};
 use enforcer::{
     compile::{self, HostView},
     datapath::maps::{Installer, KernelMaps},
@@ -25,7 +28,8 @@ use enforcer::{
     policy,
 };
 use enforcer_common::{
-    conntrack::{CtEntry, CtKey, timeout},
+    addr::v4_mapped,
+    conntrack::{CtEntry, CtKey, CtKey4, timeout},
     event::{FlowEvent, flags as event_flags},
     verdict::{DENY, reason},
 };
@@ -174,23 +178,17 @@ impl Kernel {
     /// time had passed without a packet.
     fn idle_flows(&self, idle: Duration) {
         let idle = idle.as_nanos() as u64;
+        for table in ["CONNTRACK4", "UNANSWERED4"] {
+            idle_table(&mut self.flow_table::<CtKey4>(table), idle);
+        }
         for table in ["CONNTRACK", "UNANSWERED"] {
-            let mut flows = self.flow_table(table);
-            let entries: Vec<_> = flows.iter().map(Result::unwrap).collect();
-            for (key, mut entry) in entries {
-                assert!(
-                    entry.last_seen_ns > idle,
-                    "flows made before the clock passed {:?} (see wait_for_clock)",
-                    Duration::from_nanos(idle)
-                );
-                entry.last_seen_ns -= idle;
-                flows.insert(key, entry, 0).unwrap();
-            }
+            idle_table(&mut self.flow_table::<CtKey>(table), idle);
         }
     }
 
-    /// One of the conntrack tables: `CONNTRACK` (answered flows) or `UNANSWERED`.
-    fn flow_table(&self, name: &str) -> HashMap<MapData, CtKey, CtEntry> {
+    /// One of the conntrack tables: `CONNTRACK4`/`CONNTRACK` (answered flows) or
+    /// `UNANSWERED4`/`UNANSWERED`, with the key of its family.
+    fn flow_table<K: Pod>(&self, name: &str) -> HashMap<MapData, K, CtEntry> {
         let data = MapData::from_pin(self.pins.maps().join(name)).unwrap();
         HashMap::try_from(Map::from_map_data(data).unwrap()).unwrap()
     }
@@ -203,6 +201,20 @@ impl Kernel {
             .filter(|(verdict, code, _)| *verdict == DENY && *code == wanted)
             .map(|(_, _, counter)| counter.packets)
             .sum()
+    }
+}
+
+/// Makes every flow of `flows` look idle for `idle` longer than it has been.
+fn idle_table<K: Pod>(flows: &mut HashMap<MapData, K, CtEntry>, idle: u64) {
+    let entries: Vec<_> = flows.iter().map(Result::unwrap).collect();
+    for (key, mut entry) in entries {
+        assert!(
+            entry.last_seen_ns > idle,
+            "flows made before the clock passed {:?} (see wait_for_clock)",
+            Duration::from_nanos(idle)
+        );
+        entry.last_seen_ns -= idle;
+        flows.insert(key, entry, 0).unwrap();
     }
 }
 
@@ -698,7 +710,7 @@ id = "world-to-frontend"
         "{counts:?}"
     );
     let fill = kernel.maps.fill();
-    let (unanswered, answered) = (&fill["UNANSWERED"], &fill["CONNTRACK"]);
+    let (unanswered, answered) = (&fill["UNANSWERED4"], &fill["CONNTRACK4"]);
     assert!(
         unanswered.entries > unanswered.capacity as usize * 9 / 10
             && answered.entries == CLIENTS as usize,
@@ -1419,4 +1431,62 @@ fn an_address_the_policy_stops_naming_resolves_to_world_again_as_root() {
             kernel.assert_passes(&what, |port| tcp4(C4, B4, port, 80));
         }
     }
+}
+
+#[root_test]
+fn ipv4_flows_an_earlier_build_tracked_pass_after_an_upgrade_as_root() {
+    let mut kernel = Kernel::load(LoadOptions::default());
+    let tcp = |src, dst, sport, dport, flags| {
+        Ipv4::new(src, dst, frames::TCP).frame(&frames::tcp(sport, dport, flags))
+    };
+    let ack = frames::TCP_ACK;
+    assert!(kernel.xdp_passes(&tcp(A4, B4, 40000, 80, frames::TCP_SYN)));
+    assert!(kernel.xdp_passes(&tcp(B4, A4, 80, 40000, frames::TCP_SYN | ack)));
+    // What an earlier build left behind: the flow under the long key, in the table of every
+    // family.
+    let mut short = kernel.flow_table::<CtKey4>("CONNTRACK4");
+    let flows: Vec<_> = short.iter().map(Result::unwrap).collect();
+    assert_eq!(flows.len(), 1, "the connection is established: {flows:?}");
+    let (key, entry) = flows[0];
+    short.remove(&key).unwrap();
+    let long_key = CtKey {
+        addr_lo: v4_mapped(key.addr_lo.to_be_bytes()),
+        addr_hi: v4_mapped(key.addr_hi.to_be_bytes()),
+        port_lo: key.port_lo,
+        port_hi: key.port_hi,
+        proto: key.proto,
+        _pad: [0; 3],
+    };
+    let mut long = kernel.flow_table::<CtKey>("CONNTRACK");
+    long.insert(long_key, entry, 0).unwrap();
+    assert!(
+        !kernel.xdp_passes(&tcp(A4, B4, 40000, 80, ack)),
+        "left there, the connection's next segment is refused as no connection's"
+    );
+    // The upgrade: this build adopts the pinned maps.
+    let (datapath, maps, ring) =
+        Datapath::load_with(kernel.pins.clone(), &LoadOptions::default()).unwrap();
+    (kernel.datapath, kernel.maps, kernel.ring) = (datapath, maps, ring);
+    assert!(
+        kernel.xdp_passes(&tcp(A4, B4, 40000, 80, ack))
+            && kernel.xdp_passes(&tcp(B4, A4, 80, 40000, ack)),
+        "the connection passes both ways once this build has adopted the pins"
+    );
+    assert_eq!(long.keys().count(), 0, "nothing is left under the long key");
+    let moved = short.get(&key, 0).unwrap();
+    assert_eq!(
+        (
+            moved.flags,
+            moved.generation,
+            moved.src_identity,
+            moved.dst_identity
+        ),
+        (
+            entry.flags,
+            entry.generation,
+            entry.src_identity,
+            entry.dst_identity
+        ),
+        "the flow keeps what it was admitted with"
+    );
 }

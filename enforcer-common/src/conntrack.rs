@@ -13,6 +13,42 @@ pub struct CtKey {
     pub _pad: [u8; 3],
 }
 
+/// An IPv4 flow's key: the same ends in the same order as [`CtKey`] gives them (two
+/// IPv4-mapped addresses differ only in their last four bytes), in 16 bytes instead of 40.
+/// Every packet of an established flow hashes its key, and the long key's hash was the largest
+/// cost of that path; IPv4 flows live in tables of their own under this one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey4 {
+    /// The addresses as numbers (`u32::from_be_bytes` of their bytes).
+    pub addr_lo: u32,
+    pub addr_hi: u32,
+    pub port_lo: u16,
+    pub port_hi: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl CtKey4 {
+    /// The short form of a long key whose two ends are IPv4(-mapped) addresses.
+    pub fn of_mapped(key: &CtKey) -> Option<Self> {
+        let v4 = |addr: &[u8; 16]| match addr {
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d] => {
+                Some(u32::from_be_bytes([*a, *b, *c, *d]))
+            }
+            _ => None,
+        };
+        Some(Self {
+            addr_lo: v4(&key.addr_lo)?,
+            addr_hi: v4(&key.addr_hi)?,
+            port_lo: key.port_lo,
+            port_hi: key.port_hi,
+            proto: key.proto,
+            _pad: [0; 3],
+        })
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtEntry {
@@ -107,8 +143,41 @@ pub const FRAG_TIMEOUT_NS: u64 = 2_000_000_000;
 
 kernel_abi!(
     CtKey = 40,
+    CtKey4 = 16,
     CtEntry = 64,
     FlowTableCounts = 16,
     FragKey = 40,
     FragEntry = 32
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addr::v4_mapped;
+
+    #[test]
+    fn a_long_key_of_two_ipv4_ends_has_a_short_form_with_the_same_ends() {
+        let long = CtKey {
+            addr_lo: v4_mapped([10, 0, 0, 1]),
+            addr_hi: v4_mapped([10, 0, 0, 2]),
+            port_lo: 40000,
+            port_hi: 80,
+            proto: 6,
+            _pad: [0; 3],
+        };
+        assert_eq!(
+            CtKey4::of_mapped(&long),
+            Some(CtKey4 {
+                addr_lo: 0x0a00_0001,
+                addr_hi: 0x0a00_0002,
+                port_lo: 40000,
+                port_hi: 80,
+                proto: 6,
+                _pad: [0; 3],
+            })
+        );
+        let mut ipv6 = long;
+        ipv6.addr_hi[0] = 0xfd;
+        assert_eq!(CtKey4::of_mapped(&ipv6), None);
+    }
+}

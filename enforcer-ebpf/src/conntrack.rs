@@ -1,11 +1,58 @@
 //! Connection tracking: flow keys, expiry and per-packet state updates.
 
 use enforcer_common::{
-    conntrack::{CtEntry, CtKey, FlowTableCounts, flags, timeout},
+    conntrack::{CtEntry, CtKey, CtKey4, FlowTableCounts, flags, timeout},
     policy::proto,
 };
 
-use crate::maps::{CONNTRACK, FLOW_TABLES, UNANSWERED};
+use crate::maps::{CONNTRACK, CONNTRACK4, FLOW_TABLES, UNANSWERED, UNANSWERED4};
+
+/// A flow's conntrack key, in the form of its family's tables: the short one for IPv4, the
+/// long one otherwise (see `CtKey4`). Only that form is written (see [`flow_key_v4`] and
+/// [`flow_key_v6`]).
+#[repr(C)]
+pub struct FlowKey {
+    pub long: CtKey,
+    pub short: CtKey4,
+    pub ipv4: u8,
+    pub _pad: [u8; 7],
+}
+
+impl FlowKey {
+    #[inline(always)]
+    pub fn proto(&self) -> u8 {
+        if self.ipv4 != 0 {
+            self.short.proto
+        } else {
+            self.long.proto
+        }
+    }
+
+    /// The port of the `lo` end (`lo`) or of the `hi` end.
+    #[inline(always)]
+    pub fn port(&self, lo: bool) -> u16 {
+        match (self.ipv4 != 0, lo) {
+            (true, true) => self.short.port_lo,
+            (true, false) => self.short.port_hi,
+            (false, true) => self.long.port_lo,
+            (false, false) => self.long.port_hi,
+        }
+    }
+}
+
+/// Runs `$body` with `$answered`, `$unanswered` and `$k` bound to the two tables of `$key`'s
+/// family and its key in their form.
+macro_rules! in_family_tables {
+    ($key:expr, |$answered:ident, $unanswered:ident, $k:ident| $body:expr) => {
+        if $key.ipv4 != 0 {
+            let ($answered, $unanswered, $k) = (&CONNTRACK4, &UNANSWERED4, &$key.short);
+            $body
+        } else {
+            let ($answered, $unanswered, $k) = (&CONNTRACK, &UNANSWERED, &$key.long);
+            $body
+        }
+    };
+}
 
 /// The two 64-bit halves of an address, for ordering without `memcmp`.
 #[inline(always)]
@@ -34,17 +81,44 @@ fn end_is_lower(a: &[u8; 16], a_port: u16, b: &[u8; 16], b_port: u16) -> bool {
     a_port < b_port
 }
 
-/// Writes the key of the flow `src:src_port → dst:dst_port` into `key`; returns whether `src`
-/// is its `lo` end. (ICMPv6 and ICMP share the policy; conntrack keeps them apart by the wire
-/// protocol.)
+/// Writes the key of the IPv4 flow `src:src_port → dst:dst_port` (addresses as numbers) into
+/// `key`; returns whether `src` is its `lo` end. The order is the long key's (the mapped
+/// prefix is the same on both ends).
 #[inline(always)]
-pub fn flow_key(
+pub fn flow_key_v4(
+    src: u32,
+    src_port: u16,
+    dst: u32,
+    dst_port: u16,
+    protocol: u8,
+    key: &mut FlowKey,
+) -> bool {
+    let src_is_lo = src < dst || (src == dst && src_port < dst_port);
+    let short = &mut key.short;
+    if src_is_lo {
+        (short.addr_lo, short.port_lo, short.addr_hi, short.port_hi) =
+            (src, src_port, dst, dst_port);
+    } else {
+        (short.addr_lo, short.port_lo, short.addr_hi, short.port_hi) =
+            (dst, dst_port, src, src_port);
+    }
+    short.proto = protocol;
+    short._pad = [0; 3];
+    key.ipv4 = 1;
+    src_is_lo
+}
+
+/// Writes the key of the IPv6 flow `src:src_port → dst:dst_port` into `key`; returns whether
+/// `src` is its `lo` end. (ICMPv6 and ICMP share the policy; conntrack keeps them apart by
+/// the wire protocol.)
+#[inline(always)]
+pub fn flow_key_v6(
     src: &[u8; 16],
     src_port: u16,
     dst: &[u8; 16],
     dst_port: u16,
     protocol: u8,
-    key: &mut CtKey,
+    key: &mut FlowKey,
 ) -> bool {
     let src_is_lo = end_is_lower(src, src_port, dst, dst_port);
     let (lo, lo_port, hi, hi_port) = if src_is_lo {
@@ -52,12 +126,14 @@ pub fn flow_key(
     } else {
         (dst, dst_port, src, src_port)
     };
-    key.addr_lo = *lo;
-    key.addr_hi = *hi;
-    key.port_lo = lo_port;
-    key.port_hi = hi_port;
-    key.proto = protocol;
-    key._pad = [0; 3];
+    let long = &mut key.long;
+    long.addr_lo = *lo;
+    long.addr_hi = *hi;
+    long.port_lo = lo_port;
+    long.port_hi = hi_port;
+    long.proto = protocol;
+    long._pad = [0; 3];
+    key.ipv4 = 0;
     src_is_lo
 }
 
@@ -84,16 +160,18 @@ pub fn is_expired(entry: &CtEntry, protocol: u8, now: u64) -> bool {
 /// A live (unexpired) entry for `key`. A TCP SYN on a closing entry reuses the ports for a new
 /// connection, so the old entry counts as gone.
 #[inline(always)]
-pub fn live_entry(key: &CtKey, tcp_syn_only: bool, now: u64) -> Option<*mut CtEntry> {
+pub fn live_entry(key: &FlowKey, tcp_syn_only: bool, now: u64) -> Option<*mut CtEntry> {
     // Answered flows first: they are the bulk of packets.
-    let entry = match CONNTRACK.get_ptr_mut(key) {
-        Some(entry) => entry,
-        None => UNANSWERED.get_ptr_mut(key)?,
-    };
+    let entry = in_family_tables!(key, |answered, unanswered, k| {
+        match answered.get_ptr_mut(k) {
+            Some(entry) => entry,
+            None => unanswered.get_ptr_mut(k)?,
+        }
+    });
     // SAFETY: a pointer from a map lookup stays valid for the program run; fields are plain
     // integers, and racing updates from other CPUs only ever store whole valid values.
     let current = unsafe { &*entry };
-    if is_expired(current, key.proto, now) || (tcp_syn_only && is_closing(current.flags)) {
+    if is_expired(current, key.proto(), now) || (tcp_syn_only && is_closing(current.flags)) {
         return None;
     }
     Some(entry)
@@ -104,7 +182,7 @@ pub fn live_entry(key: &CtKey, tcp_syn_only: bool, now: u64) -> Option<*mut CtEn
 /// after this call.
 #[inline(always)]
 pub fn observe(
-    key: &CtKey,
+    key: &FlowKey,
     entry: *mut CtEntry,
     from_lo: bool,
     tcp_fin: bool,
@@ -124,8 +202,14 @@ pub fn observe(
         current.last_seen_ns = now;
         // Copied from the map value itself, not through the stack: the 5.10 and 6.1 verifiers
         // count every frame of the deepest call chain against 512 bytes.
-        if CONNTRACK.insert(key, current, 0).is_ok() {
-            let _ = UNANSWERED.remove(key);
+        let moved = in_family_tables!(key, |answered, unanswered, k| {
+            let inserted = answered.insert(k, current, 0).is_ok();
+            if inserted {
+                let _ = unanswered.remove(k);
+            }
+            inserted
+        });
+        if moved {
             count(|counts| counts.answered += 1);
         }
         // Else (no memory for an entry) the flow stays where it is, answered.
@@ -152,18 +236,23 @@ fn closing_flags(from_lo: bool, tcp_fin: bool, tcp_rst: bool) -> u32 {
 
 /// Starts tracking a flow, as unanswered.
 #[inline(always)]
-pub fn track(key: &CtKey, entry: &CtEntry) {
+pub fn track(key: &FlowKey, entry: &CtEntry) {
     // An LRU map makes room by evicting the least recently used unanswered flow; a failure
     // here only means the next packet is judged as new again.
-    if UNANSWERED.insert(key, entry, 0).is_ok() {
+    let tracked = in_family_tables!(key, |_answered, unanswered, k| unanswered
+        .insert(k, entry, 0)
+        .is_ok());
+    if tracked {
         count(|counts| counts.opened += 1);
     }
 }
 
 #[inline(always)]
-pub fn forget(key: &CtKey) {
-    let _ = CONNTRACK.remove(key);
-    let _ = UNANSWERED.remove(key);
+pub fn forget(key: &FlowKey) {
+    in_family_tables!(key, |answered, unanswered, k| {
+        let _ = answered.remove(k);
+        let _ = unanswered.remove(k);
+    });
 }
 
 #[inline(always)]

@@ -3,7 +3,8 @@
 //! tracked flow. The decisions are `verdict`'s; these only read and write entries.
 
 use enforcer_common::{
-    conntrack::{CtEntry, CtKey, flags as ct_flags},
+    addr::family,
+    conntrack::{CtEntry, flags as ct_flags},
     policy::RuleVerdict,
     verdict::{ALLOW, AUDIT, reason},
 };
@@ -213,10 +214,12 @@ pub const FORGED: u8 = 2;
 /// Whether an ICMP error quotes a packet of a flow tracked under the current generation, and if
 /// so whether it is a true error about it: [`UNRELATED`], [`RELATED`] or [`FORGED`].
 #[inline(never)]
-pub fn icmp_error_relation<F: Frame>(frame: &F, hook: &Hook, subject: &Subject) -> u8 {
+pub fn icmp_error_relation<F: Frame>(frame: &F, hook: &Hook, subject: &mut Subject) -> u8 {
     let mut quoted = QuotedFlow {
         src: [0; 16],
         dst: [0; 16],
+        src_v4: 0,
+        dst_v4: 0,
         proto: 0,
         src_port: 0,
         dst_port: 0,
@@ -224,16 +227,28 @@ pub fn icmp_error_relation<F: Frame>(frame: &F, hook: &Hook, subject: &Subject) 
     if !packet::quoted_flow(frame, &subject.packet, &mut quoted) {
         return UNRELATED;
     }
-    let mut key = CtKey::default();
-    conntrack::flow_key(
-        &quoted.src,
-        quoted.src_port,
-        &quoted.dst,
-        quoted.dst_port,
-        quoted.proto,
-        &mut key,
-    );
-    let tracked = match conntrack::live_entry(&key, false, hook.now) {
+    // In the scratch map: the stack of this call chain is near the verifier's limit.
+    let key = &mut subject.quoted_key;
+    if subject.packet.family == family::INET {
+        conntrack::flow_key_v4(
+            quoted.src_v4,
+            quoted.src_port,
+            quoted.dst_v4,
+            quoted.dst_port,
+            quoted.proto,
+            key,
+        );
+    } else {
+        conntrack::flow_key_v6(
+            &quoted.src,
+            quoted.src_port,
+            &quoted.dst,
+            quoted.dst_port,
+            quoted.proto,
+            key,
+        );
+    }
+    let tracked = match conntrack::live_entry(key, false, hook.now) {
         // SAFETY: map value pointer, read once.
         Some(entry) => unsafe { (*entry).generation == subject.outcome.generation },
         None => false,

@@ -12,7 +12,7 @@ use crate::subject::Subject;
 use enforcer_common::{
     addr::IpcacheKey,
     config::PolicyConfig,
-    conntrack::{CtEntry, CtKey, FlowTableCounts, FragEntry, FragKey},
+    conntrack::{CtEntry, CtKey, CtKey4, FlowTableCounts, FragEntry, FragKey},
     counters::{Counter, EDGE_CACHE_SLOTS, EdgeCacheSlot, FlowCounterKey},
     event::{EventCpuState, FlowEvent, ReportKey, ReportState},
     identity::{CgroupKey, EndpointKey, IdentityInfo},
@@ -53,7 +53,12 @@ pub static PAIRS: HashMap<PairKey, PairLayers, 524288, NO_PREALLOC> = HashMap::n
 pub static PORT_RANGES: HashMap<RangeKey, PortRanges, 65536, NO_PREALLOC> = HashMap::new();
 
 // Datapath state. Flows live in UNANSWERED until their first reply, then in CONNTRACK: a
-// flood of spoofed SYNs (never answered) can evict only other unanswered flows.
+// flood of spoofed SYNs (never answered) can evict only other unanswered flows. IPv4 flows
+// live in the tables of the short key (see `CtKey4`), the others in those of the long one.
+#[btf_map]
+pub static CONNTRACK4: LruHashMap<CtKey4, CtEntry, 262144> = LruHashMap::new();
+#[btf_map]
+pub static UNANSWERED4: LruHashMap<CtKey4, CtEntry, 65536> = LruHashMap::new();
 #[btf_map]
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry, 262144> = LruHashMap::new();
 #[btf_map]
@@ -65,6 +70,8 @@ pub static FRAGMENTS: LruHashMap<FragKey, FragEntry, 8192> = LruHashMap::new();
 // Flows whose packet an interface hook handed over to the socket hook (see `sockets`). Per-CPU
 // LRU lists: a packet is delivered on the CPU that handed it over, right after, so a flood on
 // other CPUs cannot evict its note before the socket hook takes it.
+#[btf_map]
+pub static HANDED_OVER4: LruHashMap<CtKey4, u8, 16384, NO_COMMON_LRU> = LruHashMap::new();
 #[btf_map]
 pub static HANDED_OVER: LruHashMap<CtKey, u8, 16384, NO_COMMON_LRU> = LruHashMap::new();
 #[btf_map]

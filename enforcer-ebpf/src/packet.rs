@@ -143,6 +143,10 @@ pub mod fragment {
 pub struct Packet {
     pub src: [u8; 16],
     pub dst: [u8; 16],
+    /// An IPv4 packet's addresses as numbers (`u32::from_be_bytes`), for its conntrack key;
+    /// 0 for IPv6.
+    pub src_v4: u32,
+    pub dst_v4: u32,
     /// Protocol as on the wire.
     pub proto: u8,
     pub family: u8,
@@ -170,6 +174,8 @@ impl Packet {
     pub const EMPTY: Self = Self {
         src: [0; 16],
         dst: [0; 16],
+        src_v4: 0,
+        dst_v4: 0,
         proto: 0,
         family: 0,
         src_port: 0,
@@ -384,6 +390,8 @@ fn parse_ipv4<F: Frame>(frame: &F, offset: usize, packet: &mut Packet) -> Parsed
     *packet = Packet {
         src: v4_mapped(ip.src_addr),
         dst: v4_mapped(ip.dst_addr),
+        src_v4: u32::from_be_bytes(ip.src_addr),
+        dst_v4: u32::from_be_bytes(ip.dst_addr),
         proto: ip.proto,
         family: enforcer_common::addr::family::INET,
         hop_limit: ip.ttl,
@@ -557,6 +565,9 @@ fn is_echo(protocol: u8, icmp_type: u8) -> bool {
 pub struct QuotedFlow {
     pub src: [u8; 16],
     pub dst: [u8; 16],
+    /// As in [`Packet`].
+    pub src_v4: u32,
+    pub dst_v4: u32,
     pub proto: u8,
     pub src_port: u16,
     pub dst_port: u16,
@@ -576,6 +587,8 @@ pub fn quoted_flow<F: Frame>(frame: &F, packet: &Packet, quoted: &mut QuotedFlow
         }
         quoted.src = v4_mapped(ip.src_addr);
         quoted.dst = v4_mapped(ip.dst_addr);
+        quoted.src_v4 = u32::from_be_bytes(ip.src_addr);
+        quoted.dst_v4 = u32::from_be_bytes(ip.dst_addr);
         quoted.proto = ip.proto;
         inner + header_len
     } else {

@@ -15,9 +15,14 @@ use aya_ebpf::{
     bindings::bpf_sock_tuple,
     helpers::{bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
 };
-use enforcer_common::{addr::family, conntrack::CtKey, policy::proto};
+use enforcer_common::{addr::family, policy::proto};
 
-use crate::{maps::HANDED_OVER, packet::Frame, subject::Subject};
+use crate::{
+    conntrack::FlowKey,
+    maps::{HANDED_OVER, HANDED_OVER4},
+    packet::Frame,
+    subject::Subject,
+};
 
 /// Whether a socket of this host's network namespace would receive the subject's packet: a
 /// TCP or UDP socket bound to its destination (or listening for it).
@@ -79,13 +84,23 @@ pub fn has_receiver<F: Frame>(frame: &F, subject: &Subject) -> bool {
 /// Notes that the flow's packet was handed over to the socket hook. False if it could not be
 /// noted: the packet must then be judged where it is.
 #[inline(always)]
-pub fn hand_over(key: &CtKey) -> bool {
-    HANDED_OVER.insert(key, 0u8, 0).is_ok()
+pub fn hand_over(key: &FlowKey) -> bool {
+    if key.ipv4 != 0 {
+        HANDED_OVER4.insert(&key.short, 0u8, 0)
+    } else {
+        HANDED_OVER.insert(&key.long, 0u8, 0)
+    }
+    .is_ok()
 }
 
 /// Whether the flow's packet was handed over by an interface hook (and takes the note): only
 /// those are the socket hook's to judge.
 #[inline(always)]
-pub fn take_handed_over(key: &CtKey) -> bool {
-    HANDED_OVER.remove(key).is_ok()
+pub fn take_handed_over(key: &FlowKey) -> bool {
+    if key.ipv4 != 0 {
+        HANDED_OVER4.remove(&key.short)
+    } else {
+        HANDED_OVER.remove(&key.long)
+    }
+    .is_ok()
 }

@@ -1,9 +1,9 @@
 //! The packet being judged, and what the steps of the verdict have learnt about it: the type
 //! every step shares.
 
-use enforcer_common::{conntrack::CtKey, identity::IdentityInfo};
+use enforcer_common::identity::IdentityInfo;
 
-use crate::{packet::Packet, report::Outcome};
+use crate::{conntrack::FlowKey, packet::Packet, report::Outcome};
 
 /// The packet being judged and what is known about it so far. It lives in the per-CPU
 /// [`crate::maps::SCRATCH`] map, not on the stack: the verifier allows 512 bytes of stack across all nested
@@ -15,7 +15,9 @@ pub struct Subject {
     pub src: IdentityInfo,
     pub dst: IdentityInfo,
     /// Conntrack key of the packet's flow, and whether the packet's source is its `lo` end.
-    pub key: CtKey,
+    pub key: FlowKey,
+    /// Conntrack key of the flow an ICMP error quotes (see `flow::icmp_error_relation`).
+    pub quoted_key: FlowKey,
     pub from_lo: u8,
     pub slot: u8,
     pub global_audit: u8,

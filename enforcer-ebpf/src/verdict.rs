@@ -15,6 +15,7 @@
 //! reported in `conclude`: this module is the decisions.
 
 use enforcer_common::{
+    addr::family,
     config::{PolicyConfig, flags as config_flags},
     conntrack::{CtEntry, flags as ct_flags},
     event::flags as event_flags,
@@ -137,14 +138,26 @@ pub fn judge<F: Frame>(frame: &F, hook: &mut Hook) -> u8 {
 #[inline(always)]
 fn flow_key(subject: &mut Subject) {
     let packet = &subject.packet;
-    let from_lo = conntrack::flow_key(
-        &packet.src,
-        packet.src_port,
-        &packet.dst,
-        packet.dst_port,
-        packet.proto,
-        &mut subject.key,
-    );
+    let key = &mut subject.key;
+    let from_lo = if packet.family == family::INET {
+        conntrack::flow_key_v4(
+            packet.src_v4,
+            packet.src_port,
+            packet.dst_v4,
+            packet.dst_port,
+            packet.proto,
+            key,
+        )
+    } else {
+        conntrack::flow_key_v6(
+            &packet.src,
+            packet.src_port,
+            &packet.dst,
+            packet.dst_port,
+            packet.proto,
+            key,
+        )
+    };
     subject.from_lo = from_lo as u8;
 }
 
@@ -414,17 +427,13 @@ fn judge_again(hook: &Hook, subject: &mut Subject, entry: *mut CtEntry) -> u8 {
     let responder_named = identities_as_admitted(hook, subject, entry);
     let key = &subject.key;
     // SAFETY: map value pointer from `live_entry`, valid for this run.
-    let responder_port = if unsafe { (*entry).flags } & ct_flags::ORIG_IS_LO != 0 {
-        key.port_hi
-    } else {
-        key.port_lo
-    };
+    let responder_is_lo = unsafe { (*entry).flags } & ct_flags::ORIG_IS_LO == 0;
     let decision = rules::evaluate(
         subject.slot,
         &subject.src,
         &subject.dst,
-        key.proto,
-        responder_port,
+        key.proto(),
+        key.port(responder_is_lo),
     );
     subject.outcome.rule = decision.rule;
     subject.outcome.src_identity = subject.src.identity;
@@ -461,11 +470,11 @@ fn identities_as_admitted(hook: &Hook, subject: &mut Subject, entry: *mut CtEntr
     }
     // SAFETY: as above.
     let tracked = unsafe { &*entry };
-    let key = &subject.key;
-    let (initiator, responder) = if tracked.flags & ct_flags::ORIG_IS_LO != 0 {
-        (&key.addr_lo, &key.addr_hi)
+    let packet = &subject.packet;
+    let (initiator, responder) = if from_initiator(subject, tracked) {
+        (&packet.src, &packet.dst)
     } else {
-        (&key.addr_hi, &key.addr_lo)
+        (&packet.dst, &packet.src)
     };
     subject.src = match identity::of_cgroup(subject.slot, tracked.cgroup_id) {
         Some(owner) => owner,

@@ -234,7 +234,10 @@ impl Datapath {
                 source,
             })?;
         }
-        let (maps, events) = KernelMaps::open(|name| ebpf.take_map(name))?;
+        let (mut maps, events) = KernelMaps::open(|name| ebpf.take_map(name))?;
+        // The bulk now, while an earlier build's programs still run; what they track until
+        // these are attached moves once they are (see `KernelMaps::move_ipv4_flows`).
+        move_flows_of_earlier_builds(&mut maps);
         let tc_netlink = options.tc_attach.uses_netlink();
         Ok((
             Self {
@@ -606,6 +609,21 @@ fn open_pinned_link(path: &Path) -> Result<Option<PinnedLink>, LoadError> {
             path: path.to_owned(),
             source,
         })
+}
+
+/// Moves the IPv4 flows an earlier build tracked under the long key (see
+/// [`KernelMaps::move_ipv4_flows`]); a failure leaves them to be judged as new, which is logged.
+pub fn move_flows_of_earlier_builds(maps: &mut KernelMaps) {
+    match maps.move_ipv4_flows() {
+        Ok(0) => {}
+        Ok(moved) => tracing::info!(
+            moved,
+            "IPv4 flows of an earlier build moved to this build's tables"
+        ),
+        Err(error) => tracing::warn!(
+            "IPv4 flows of an earlier build stay where this build does not look: {error}"
+        ),
+    }
 }
 
 /// A map pinned by another build must have the shape this build's programs expect.

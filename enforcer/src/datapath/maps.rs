@@ -19,7 +19,7 @@ use aya::{
 use enforcer_common::{
     addr::IpcacheKey,
     config::{PolicyConfig, flags as config_flags},
-    conntrack::{CtEntry, CtKey, FlowTableCounts},
+    conntrack::{CtEntry, CtKey, CtKey4, FlowTableCounts},
     counters::{Counter, EDGE_CACHE_SLOTS, EdgeCacheSlot, FlowCounterKey},
     event::EventCpuState,
     identity::{CgroupKey, EndpointKey, IdentityInfo},
@@ -30,7 +30,7 @@ use enforcer_common::{
 use crate::compile::{Compiled, Prefix, Tables};
 
 /// Names of every map in the object, as `bpftool map` shows them.
-pub const MAP_NAMES: [&str; 20] = [
+pub const MAP_NAMES: [&str; 23] = [
     "POLICY_ACTIVE",
     "IPCACHE",
     "IPCACHE_EXACT",
@@ -39,10 +39,13 @@ pub const MAP_NAMES: [&str; 20] = [
     "POLICY",
     "PORT_RANGES",
     "PAIRS",
+    "CONNTRACK4",
+    "UNANSWERED4",
     "CONNTRACK",
     "UNANSWERED",
     "FLOW_TABLES",
     "FRAGMENTS",
+    "HANDED_OVER4",
     "HANDED_OVER",
     "RATE_LIMITS",
     "EVENTS",
@@ -152,6 +155,8 @@ pub struct KernelMaps {
     rules: HashMap<MapData, PolicyKey, RuleVerdict>,
     ranges: HashMap<MapData, RangeKey, PortRanges>,
     pairs: HashMap<MapData, PairKey, PairLayers>,
+    conntrack4: HashMap<MapData, CtKey4, CtEntry>,
+    unanswered4: HashMap<MapData, CtKey4, CtEntry>,
     conntrack: HashMap<MapData, CtKey, CtEntry>,
     unanswered: HashMap<MapData, CtKey, CtEntry>,
     flow_tables: PerCpuArray<MapData, FlowTableCounts>,
@@ -190,6 +195,8 @@ impl KernelMaps {
             rules: typed!("POLICY"),
             ranges: typed!("PORT_RANGES"),
             pairs: typed!("PAIRS"),
+            conntrack4: typed!("CONNTRACK4"),
+            unanswered4: typed!("UNANSWERED4"),
             conntrack: typed!("CONNTRACK"),
             unanswered: typed!("UNANSWERED"),
             flow_tables: typed!("FLOW_TABLES"),
@@ -388,9 +395,23 @@ impl KernelMaps {
             fill("POLICY", self.rules.keys().count()),
             fill("PORT_RANGES", self.ranges.keys().count()),
             fill("PAIRS", self.pairs.keys().count()),
+            fill("CONNTRACK4", self.conntrack4.keys().count()),
+            fill("UNANSWERED4", self.unanswered4.keys().count()),
             fill("CONNTRACK", self.conntrack.keys().count()),
             fill("UNANSWERED", self.unanswered.keys().count()),
         ])
+    }
+
+    /// Moves IPv4 flows from the tables of the long key to those of the short one, where this
+    /// build's programs look for them: an earlier build kept every flow under the long key, and
+    /// its established connections must not be judged as new once these programs take over.
+    /// Returns how many moved.
+    pub fn move_ipv4_flows(&mut self) -> Result<usize, MapsError> {
+        let answered =
+            move_ipv4(&mut self.conntrack, &mut self.conntrack4).map_err(map_err("CONNTRACK4"))?;
+        let unanswered = move_ipv4(&mut self.unanswered, &mut self.unanswered4)
+            .map_err(map_err("UNANSWERED4"))?;
+        Ok(answered + unanswered)
     }
 
     /// Flows that entered the unanswered table and flows that moved on to the established one
@@ -408,6 +429,29 @@ impl KernelMaps {
             })
             .unwrap_or_default()
     }
+}
+
+/// Moves the flows of `long` whose ends are both IPv4 into `short`.
+fn move_ipv4(
+    long: &mut HashMap<MapData, CtKey, CtEntry>,
+    short: &mut HashMap<MapData, CtKey4, CtEntry>,
+) -> Result<usize, MapError> {
+    let ipv4: Vec<(CtKey, CtKey4)> = long
+        .keys()
+        .filter_map(Result::ok)
+        .filter_map(|key| Some((key, CtKey4::of_mapped(&key)?)))
+        .collect();
+    let mut moved = 0;
+    for (key, short_key) in ipv4 {
+        // Gone meanwhile (expired, evicted): nothing to move.
+        let Ok(entry) = long.get(&key, 0) else {
+            continue;
+        };
+        short.insert(short_key, entry, 0)?;
+        let _ = long.remove(&key);
+        moved += 1;
+    }
+    Ok(moved)
 }
 
 fn map_data(map: &Map) -> &MapData {
