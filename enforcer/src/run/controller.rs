@@ -174,6 +174,24 @@ impl Default for FleetState {
     }
 }
 
+/// When applying a policy began, and how long after that its compiled form was ready: the log's
+/// `took_ms` and `compile_ms`.
+#[derive(Clone, Copy)]
+pub(super) struct Timing {
+    pub started: Instant,
+    pub compiled_after: Duration,
+}
+
+impl Timing {
+    /// For a policy compiled just now.
+    pub(super) fn compiled_now(started: Instant) -> Self {
+        Self {
+            started,
+            compiled_after: started.elapsed(),
+        }
+    }
+}
+
 impl Controller {
     pub(super) fn install(
         &mut self,
@@ -181,9 +199,12 @@ impl Controller {
         view: HostView,
         compiled: Compiled,
         trigger: Trigger,
-        started: Instant,
+        timing: Timing,
     ) -> Result<Option<Installed>, RunError> {
-        let compiled_after = started.elapsed();
+        let Timing {
+            started,
+            compiled_after,
+        } = timing;
         let unchanged = self.live.as_ref().is_some_and(|live| {
             live.hash == compiled.hash
                 && live.audit == compiled.audit
@@ -294,7 +315,13 @@ impl Controller {
             inputs,
         )
         .and_then(|(policy, view, compiled)| {
-            self.install(policy, view, compiled, trigger, started)
+            self.install(
+                policy,
+                view,
+                compiled,
+                trigger,
+                Timing::compiled_now(started),
+            )
         });
         if let Err(error) = result {
             self.metrics.count_reload("failure");
@@ -371,8 +398,15 @@ impl Controller {
             return Ok(());
         }
         let policy = policy.clone();
+        let started = Instant::now();
         let compiled = compile::compile(&policy, &current, self.live.as_deref())?;
-        self.install(policy, current, compiled, trigger, Instant::now())?;
+        self.install(
+            policy,
+            current,
+            compiled,
+            trigger,
+            Timing::compiled_now(started),
+        )?;
         Ok(())
     }
 }

@@ -26,7 +26,7 @@ use tokio::{
 };
 
 use self::{
-    controller::{Controller, FleetState, Inputs, Trigger, load_for_host},
+    controller::{Controller, FleetState, Inputs, Timing, Trigger, load_for_host},
     interfaces::Interfaces,
     pipeline::{ControllerReport, FlowSummary, Losses, Pipeline, Sinks, read_events},
     registrations::RegistryRequest,
@@ -193,12 +193,18 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         fleet: &fleet.remote,
         kvstore_policy: fleet.kvstore_policy.as_deref(),
     };
+    let compiling = Instant::now();
     let first = load_for_host(
         &PolicySource::of(&options.policy),
         &mut parse_cache,
         None,
         inputs,
     )?;
+    // The first policy's compile time, not the datapath's load that follows before its install.
+    let timing = Timing {
+        started,
+        compiled_after: compiling.elapsed(),
+    };
     if let Some(missing) = options
         .attach
         .iter()
@@ -218,7 +224,7 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         (parse_cache, registry, fleet),
         outputs.audit_log,
         first,
-        started,
+        timing,
     )?;
     let (registry_requests, requests) = mpsc::unbounded_channel();
     let tasks = spawn_pipeline(&options, &controller, ring, outputs.rest, registry_requests);
@@ -325,7 +331,7 @@ fn adopt_datapath(
     (parse_cache, registry, fleet): (ParseCache, Registry, FleetState),
     audit_log: Option<AuditLog>,
     (policy, view, compiled): (Policy, HostView, Compiled),
-    started: Instant,
+    timing: Timing,
 ) -> Result<(Controller, Datapath, Interfaces, RingBuf<MapData>), RunError> {
     // A start that fails before enforcing leaves nothing pinned, unless it was adopting what an
     // earlier controller pinned: that keeps enforcing (fail closed).
@@ -365,7 +371,7 @@ fn adopt_datapath(
     };
     let mut interfaces = Interfaces::new(options.ingress_hook, pins.interfaces_file());
     interfaces.select(&options.attach, &policy, &controller.registry);
-    controller.install(policy, view, compiled, Trigger::Start, started)?;
+    controller.install(policy, view, compiled, Trigger::Start, timing)?;
     interfaces.attach_at_start(&mut datapath)?;
     datapath.attach_to_sockets()?;
     // What an earlier build's programs tracked until this build's took over.
