@@ -3,7 +3,8 @@
 //! other services in force, each as the packets per second received relative to no filter in
 //! the same run. Anchors: iptables with the rules as a linear chain (every packet walks it
 //! before the rule for its flow), nftables with them as a set (one lookup), both in the host's
-//! forward hook; enforcer attached to both host-side veths (TC ingress and egress).
+//! forward hook; enforcer attached to both host-side veths (TC ingress and egress), and its hooks
+//! again with programs that pass everything, the floor any program on them starts from.
 
 use std::{
     fmt::Write as _,
@@ -13,7 +14,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use enforcer_testbed::{Topology, policies, results};
+use enforcer_testbed::{Topology, bpf, policies, results};
 use serde_json::Value;
 
 const ENFORCER: &str = env!("CARGO_BIN_EXE_enforcer");
@@ -143,8 +144,10 @@ fn with_nftables(topology: &Topology, client: Ipv4Addr, server: Ipv4Addr) -> f64
     rate
 }
 
-/// enforcer on both host-side veths, the same rules plus the client's edge.
-fn with_enforcer(topology: &Topology, client: Ipv4Addr, server: Ipv4Addr) -> f64 {
+/// enforcer on both host-side veths, the same rules plus the client's edge; then the same hooks
+/// (TCX on the veths, the socket hook on the cgroup root) with programs that pass everything
+/// swapped in: what being attached costs, before any of enforcer's work.
+fn with_enforcer(topology: &Topology, client: Ipv4Addr, server: Ipv4Addr) -> (f64, f64) {
     let policy = format!(
         "{}[[service]]\nname = \"client\"\ninterfaces = [\"v-client\"]\naddresses = [\"{client}/32\"]\n\
          [[service]]\nname = \"server\"\ninterfaces = [\"v-server\"]\naddresses = [\"{server}/32\"]\n\
@@ -160,8 +163,21 @@ fn with_enforcer(topology: &Topology, client: Ipv4Addr, server: Ipv4Addr) -> f64
         )
         .expect("enforcer starts");
     let rate = pps(topology);
+    let links = topology.pin_path().join("links");
+    for (prefix, egress) in [("tci", false), ("tc", true)] {
+        let pass_all = bpf::load_pass_all_tcx(egress).expect("a pass-all TC program loads");
+        for interface in ["v-client", "v-server"] {
+            bpf::swap_link_program(&links.join(format!("{prefix}-{interface}")), &pass_all)
+                .expect("the pass-all program replaces enforcer's on its TCX link");
+        }
+    }
+    let socket_pass_all =
+        bpf::load_pass_all_socket_ingress().expect("a pass-all socket filter loads");
+    bpf::swap_link_program(&links.join("sockets"), &socket_pass_all)
+        .expect("the pass-all program replaces enforcer's on the socket hook's link");
+    let attached_only = pps(topology);
     drop(daemon);
-    rate
+    (rate, attached_only)
 }
 
 fn main() {
@@ -177,11 +193,10 @@ fn main() {
         topology.endpoint("server").ipv4,
     );
     let unfiltered = pps(&topology);
+    let (enforced, attached_only) = with_enforcer(&topology, client, server);
     let figures = [
-        (
-            "enforcer (TC ingress + egress)",
-            with_enforcer(&topology, client, server),
-        ),
+        ("enforcer (TC ingress + egress)", enforced),
+        ("enforcer's hooks, pass-all programs", attached_only),
         (
             "nftables, the rules as a set",
             with_nftables(&topology, client, server),
@@ -206,7 +221,7 @@ fn main() {
         "packets/s",
         None,
     );
-    let (enforcer, nftables) = (figures[0].1, figures[1].1);
+    let (enforcer, nftables) = (figures[0].1, figures[2].1);
     results::record(
         "pps",
         &format!("64-byte UDP over veths, {RULES} rules, enforcer"),

@@ -16,7 +16,10 @@ const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 const BPF_PROG_TYPE_XDP: u32 = 6;
+const BPF_PROG_TYPE_CGROUP_SKB: u32 = 8;
+const BPF_CGROUP_INET_INGRESS: u32 = 0;
 const BPF_XDP: u32 = 37;
 const BPF_TCX_INGRESS: u32 = 46;
 const BPF_TCX_EGRESS: u32 = 47;
@@ -34,15 +37,41 @@ fn sys(command: libc::c_long, attr: &mut [u8]) -> io::Result<i64> {
 
 /// Loads `r0 = XDP_PASS; exit`: an XDP program that does nothing and lets everything through.
 pub fn load_pass_all_xdp() -> io::Result<OwnedFd> {
-    let instructions: [u8; 16] = [0xb7, 0, 0, 0, 2, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0];
+    load_returning(BPF_PROG_TYPE_XDP, BPF_XDP, 2)
+}
+
+/// Loads `r0 = TC_ACT_UNSPEC; exit` for the TCX hook `egress` or ingress: a TC program that
+/// does nothing and leaves the packet to what comes next. It can replace the program of a TCX
+/// link of that hook (see [`swap_link_program`]).
+pub fn load_pass_all_tcx(egress: bool) -> io::Result<OwnedFd> {
+    let attach = if egress {
+        BPF_TCX_EGRESS
+    } else {
+        BPF_TCX_INGRESS
+    };
+    load_returning(BPF_PROG_TYPE_SCHED_CLS, attach, -1)
+}
+
+/// Loads `r0 = 1; exit` for a cgroup's ingress: a socket filter that lets everything through.
+pub fn load_pass_all_socket_ingress() -> io::Result<OwnedFd> {
+    load_returning(BPF_PROG_TYPE_CGROUP_SKB, BPF_CGROUP_INET_INGRESS, 1)
+}
+
+/// Loads `r0 = value; exit` as a program of `program_type`, for `attach_type`.
+fn load_returning(program_type: u32, attach_type: u32, value: i32) -> io::Result<OwnedFd> {
+    let mut instructions = [0u8; 16];
+    // BPF_ALU64 | BPF_MOV | BPF_K into r0, then BPF_JMP | BPF_EXIT.
+    instructions[0] = 0xb7;
+    instructions[4..8].copy_from_slice(&value.to_le_bytes());
+    instructions[8] = 0x95;
     let license = CString::new("GPL").expect("no NUL");
     let mut attr = [0u8; 128];
-    attr[0..4].copy_from_slice(&BPF_PROG_TYPE_XDP.to_ne_bytes());
+    attr[0..4].copy_from_slice(&program_type.to_ne_bytes());
     attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
     attr[8..16].copy_from_slice(&(instructions.as_ptr() as u64).to_ne_bytes());
     attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
     attr[48..53].copy_from_slice(b"pass\0");
-    attr[68..72].copy_from_slice(&BPF_XDP.to_ne_bytes());
+    attr[68..72].copy_from_slice(&attach_type.to_ne_bytes());
     let fd = sys(BPF_PROG_LOAD, &mut attr)?;
     // SAFETY: the kernel returned a new file descriptor that we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
