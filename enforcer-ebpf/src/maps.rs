@@ -69,7 +69,7 @@ pub static FLOW_TABLES: PerCpuArray<FlowTableCounts, 1> = PerCpuArray::new();
 pub static FRAGMENTS: LruHashMap<FragKey, FragEntry, 8192> = LruHashMap::new();
 // Flows whose packet an interface hook handed over to the socket hook (see `sockets`). Per-CPU
 // LRU lists: a packet is delivered on the CPU that handed it over, right after, so a flood on
-// other CPUs cannot evict its note before the socket hook takes it.
+// other CPUs cannot evict its note before the socket hook takes it. By family, as conntrack.
 #[btf_map]
 pub static HANDED_OVER4: LruHashMap<CtKey4, u8, 16384, NO_COMMON_LRU> = LruHashMap::new();
 #[btf_map]
