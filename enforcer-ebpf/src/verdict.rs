@@ -50,6 +50,10 @@ pub fn judge<F: Frame>(frame: &F, hook: &mut Hook) -> u8 {
     subject.src = IdentityInfo::WORLD;
     subject.dst = IdentityInfo::WORLD;
     subject.tracked = 0;
+    // Most packets the socket hook sees are none of its business; it tells without parsing.
+    if !F::AT_INTERFACE && !socket_hook_may_judge(hook) {
+        return ALLOW;
+    }
     let parsed = packet::parse(frame, &mut subject.packet);
     if !F::AT_INTERFACE
         && !(parsed == packet::PARSED_IP && socket_hook_judges(frame, hook, subject))
@@ -161,25 +165,30 @@ fn flow_key(subject: &mut Subject) {
     subject.from_lo = from_lo as u8;
 }
 
-/// Whether the socket hook judges the packet (see `sockets`): one an interface hook of this
-/// datapath handed over, or any for a socket of one of the policy's cgroup services that came
-/// in through an interface (an interface hook may have admitted its flow for another
-/// destination, the host; or it entered where this datapath is not attached). Traffic between
-/// the host's own processes (over loopback) is judged by no hook, as before. Leaves the
-/// receiving socket's service cgroup in the hook. A function of its own: the socket hook's
-/// entry frame must stay as small as the others' (5.10's verifier counts every frame of the
-/// deepest call chain against 512 bytes).
+/// Whether the socket hook may judge the packet at all: only when the policy has services
+/// identified by cgroup, and never traffic between the host's own processes (over loopback),
+/// which no hook judges.
+#[inline(always)]
+fn socket_hook_may_judge(hook: &Hook) -> bool {
+    hook.ifindex != LOOPBACK_IFINDEX
+        && matches!(identity::active_config(), Some(config) if config.cgroup_levels != 0)
+}
+
+/// Whether the socket hook judges the packet (see `sockets`), given that it may (see
+/// [`socket_hook_may_judge`]): one an interface hook of this datapath handed over, or any for a
+/// socket of one of the policy's cgroup services that came in through an interface (an
+/// interface hook may have admitted its flow for another destination, the host; or it entered
+/// where this datapath is not attached). Leaves the receiving socket's service cgroup in the
+/// hook. A function of its own: the socket hook's entry frame must stay as small as the
+/// others' (5.10's verifier counts every frame of the deepest call chain against 512 bytes).
 #[inline(never)]
 fn socket_hook_judges<F: Frame>(frame: &F, hook: &mut Hook, subject: &mut Subject) -> bool {
-    if hook.ifindex == LOOPBACK_IFINDEX || subject.packet.fragment == fragment::LATER {
+    if subject.packet.fragment == fragment::LATER {
         return false;
     }
     let Some(config) = identity::active_config() else {
         return false;
     };
-    if config.cgroup_levels == 0 {
-        return false;
-    }
     let slot = config.slot as u8;
     hook.receiving_cgroup =
         identity::service_cgroup(frame, slot, config.cgroup_levels, hook.receiving_cgroup);
