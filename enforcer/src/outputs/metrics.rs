@@ -236,8 +236,7 @@ impl Collector for KernelCollector {
 /// New flows (entering the unanswered table) and answered ones (moving to the established
 /// table). Opened flows that are never answered are what a spoofed-source flood makes; with
 /// the unanswered table full (`enforcer_map_entries{map="UNANSWERED4"}`, `"UNANSWERED"` for
-/// IPv6) each new one pushes out
-/// the oldest unanswered flow, never an answered one.
+/// IPv6) each new one pushes out the oldest unanswered flow, never an answered one.
 fn encode_flow_tables(
     maps: &KernelMaps,
     encoder: &mut DescriptorEncoder,

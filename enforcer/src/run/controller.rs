@@ -174,8 +174,8 @@ impl Default for FleetState {
     }
 }
 
-/// When applying a policy began, and how long after that its compiled form was ready: the log's
-/// `took_ms` and `compile_ms`.
+/// When applying a policy began, and how long reading and compiling it took: the log's
+/// `took_ms` (from `started` to the switch) and `compile_ms`.
 #[derive(Clone, Copy)]
 pub(super) struct Timing {
     pub started: Instant,
@@ -183,7 +183,7 @@ pub(super) struct Timing {
 }
 
 impl Timing {
-    /// For a policy compiled just now.
+    /// For a policy compiled just now, whose reading began at `started`.
     pub(super) fn compiled_now(started: Instant) -> Self {
         Self {
             started,
