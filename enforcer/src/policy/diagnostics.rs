@@ -72,9 +72,8 @@ impl PolicyError {
 
 /// A policy file's text, for turning byte offsets into line and column.
 pub(super) struct Source {
-    pub(super) path: PathBuf,
-    /// `path` again, for the origins of what the file declares.
-    shared_path: Arc<Path>,
+    /// Shared with the origins of everything the file declares.
+    pub(super) path: Arc<Path>,
     pub(super) text: String,
     /// Byte offset where each line starts.
     pub(super) line_starts: Vec<usize>,
@@ -86,8 +85,7 @@ impl Source {
             .chain(text.match_indices('\n').map(|(newline, _)| newline + 1))
             .collect();
         Self {
-            shared_path: Arc::from(path.as_path()),
-            path,
+            path: Arc::from(path),
             text,
             line_starts,
         }
@@ -99,7 +97,7 @@ impl Source {
         let line_start = self.line_starts[line - 1];
         let column = self.text[line_start..offset].chars().count() + 1;
         Origin {
-            file: Arc::clone(&self.shared_path),
+            file: Arc::clone(&self.path),
             line,
             column,
         }

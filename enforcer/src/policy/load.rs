@@ -179,10 +179,10 @@ pub fn parse_sources_cached(
             );
             continue;
         }
-        match parse_file(source, previous.remove(&source.path).as_ref()) {
+        match parse_file(source, previous.remove(&*source.path).as_ref()) {
             Ok(file_parts) => {
                 cache.files.insert(
-                    source.path.clone(),
+                    source.path.to_path_buf(),
                     ParsedFile {
                         text: source.text.clone(),
                         parts: file_parts.clone(),
@@ -200,7 +200,10 @@ pub fn parse_sources_cached(
         .iter()
         .map(|(source, file_parts)| FileContent::gather(source, file_parts))
         .collect();
-    let paths = sources.iter().map(|source| source.path.clone()).collect();
+    let paths = sources
+        .iter()
+        .map(|source| source.path.to_path_buf())
+        .collect();
     let policy = build(hash, paths, &files, &mut diagnostics);
     if diagnostics.0.is_empty() {
         Ok(policy)

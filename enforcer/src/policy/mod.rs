@@ -420,7 +420,7 @@ mod tests {
         let mut diagnostics = Diagnostics::default();
         let policy = build(
             hash,
-            vec![source.path.clone()],
+            vec![source.path.to_path_buf()],
             &[FileContent::gather(&source, &parts)],
             &mut diagnostics,
         );
