@@ -9,7 +9,7 @@ use crate::detect::{Detector, Finding};
 
 mod flow;
 
-pub use flow::{FlowAlert, FlowMessage, flow_alert};
+pub use flow::{FlowMessage, flow_severity, write_flow_alert};
 
 pub const OCSF_VERSION: &str = "1.3.0";
 pub const ECS_VERSION: &str = "8.11.0";
@@ -397,8 +397,14 @@ mod tests {
 
     use crate::events::{FlowEnd, FlowRecord};
 
+    fn flow_line(record: &FlowRecord, format: AlertFormat, host: &str) -> String {
+        let mut line = String::new();
+        write_flow_alert(&mut line, record, format, host);
+        line
+    }
+
     fn flow_value(record: &FlowRecord, format: AlertFormat, host: &str) -> Value {
-        serde_json::to_value(flow_alert(record, format, host)).unwrap()
+        serde_json::from_str(&flow_line(record, format, host)).expect("a flow alert is JSON")
     }
 
     fn record(verdict: Verdict, reason: Reason, rule: &str) -> FlowRecord {
@@ -648,11 +654,72 @@ mod tests {
     /// Runs the project's OCSF 1.3.0 / ECS 8.11 validator (`tests/siem`) on `records`, in both
     /// formats each; fails with its report on any error or warning.
     fn assert_conform(kind: &str, records: impl Fn(AlertFormat) -> Vec<Value>) {
+        assert_lines_conform(kind, |format| {
+            records(format).iter().map(Value::to_string).collect()
+        });
+    }
+
+    /// Validates the lines as they would be written, against the official schemas.
+    fn assert_lines_conform(kind: &str, lines: impl Fn(AlertFormat) -> Vec<String>) {
         for format in [AlertFormat::Ocsf, AlertFormat::Ecs] {
             let file = crate::ScratchFile::new(&format!("{kind}-{format:?}.jsonl"));
-            let lines: Vec<String> = records(format).iter().map(Value::to_string).collect();
-            std::fs::write(&file.0, lines.join("\n") + "\n").unwrap();
+            std::fs::write(&file.0, lines(format).join("\n") + "\n").unwrap();
             enforcer_testbed::assert_conform(&file.0);
+        }
+    }
+
+    /// Parses a JSON line, refusing an object that names a field twice (a JSON tree keeps the
+    /// last one silently, so a field written twice by mistake would pass the other checks).
+    fn assert_no_field_repeated(line: &str) {
+        use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+
+        struct Checked;
+        impl<'de> serde::Deserialize<'de> for Checked {
+            fn deserialize<D: Deserializer<'de>>(from: D) -> Result<Self, D::Error> {
+                from.deserialize_any(CheckedVisitor)
+            }
+        }
+        struct CheckedVisitor;
+        impl<'de> Visitor<'de> for CheckedVisitor {
+            type Value = Checked;
+            fn expecting(&self, out: &mut std::fmt::Formatter) -> std::fmt::Result {
+                out.write_str("any JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
+                let mut seen = std::collections::HashSet::new();
+                while let Some(name) = map.next_key::<String>()? {
+                    if !seen.insert(name.clone()) {
+                        return Err(de::Error::custom(format!("field {name:?} repeated")));
+                    }
+                    map.next_value::<Checked>()?;
+                }
+                Ok(Checked)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
+                while seq.next_element::<Checked>()?.is_some() {}
+                Ok(Checked)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_unit<E>(self) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+        }
+        if let Err(error) = serde_json::from_str::<Checked>(line) {
+            panic!("{error} in {line}");
         }
     }
 
@@ -697,10 +764,10 @@ mod tests {
 
     #[test]
     fn flows_of_every_verdict_and_reason_conform_to_ocsf_and_ecs() {
-        assert_conform("flows", |format| {
+        assert_lines_conform("flows", |format| {
             every_flow()
                 .iter()
-                .map(|flow| flow_value(flow, format, "node-1"))
+                .map(|flow| flow_line(flow, format, "node-1"))
                 .collect()
         });
         let flows = every_flow();
@@ -730,6 +797,47 @@ mod tests {
         assert_eq!(lateral["firewall_rule"]["uid"], "r");
         let ecs = flow_value(&flows[flows.len() - 4], AlertFormat::Ecs, "h");
         assert_eq!(ecs["network"]["transport"], "ipv6-icmp");
+    }
+
+    #[test]
+    fn flows_name_the_product_as_the_other_records_do() {
+        assert_eq!(
+            flow::OCSF_PRODUCT,
+            serde_json::to_string(&PRODUCT_FIELDS).unwrap()
+        );
+        let flow = record(Verdict::Deny, Reason::DefaultDeny, "default-deny");
+        let ecs = flow_value(&flow, AlertFormat::Ecs, "h");
+        assert_eq!(ecs["event"]["module"], PRODUCT);
+        assert_eq!(ecs["observer"]["product"], PRODUCT);
+        assert_eq!(ecs["ecs"]["version"], ECS_VERSION);
+        let ocsf = flow_value(&flow, AlertFormat::Ocsf, "h");
+        assert_eq!(ocsf["metadata"]["version"], OCSF_VERSION);
+    }
+
+    /// Flow lines are written by hand (see `outputs::json_line`): each must be one JSON object
+    /// with every field once, whatever its names and interface hold.
+    #[test]
+    fn flow_lines_are_json_with_every_field_once_and_names_escaped() {
+        let mut flows = every_flow();
+        for flow in &mut flows {
+            flow.src.name = "quote\" backslash\\ tab\t é".to_owned();
+            flow.rule = "line\nfeed \u{1}".to_owned();
+            flow.interface = "v\"eth".to_owned();
+        }
+        for format in [AlertFormat::Ocsf, AlertFormat::Ecs] {
+            for flow in &flows {
+                let line = flow_line(flow, format, "host \"quoted\"");
+                assert_no_field_repeated(&line);
+                let value: Value = serde_json::from_str(&line).unwrap();
+                let message = value["message"].as_str().unwrap();
+                assert!(message.starts_with(&flow.src.name), "{line}");
+                assert!(!line.contains('\n'), "one line: {line}");
+            }
+        }
+        assert_no_field_repeated(r#"{"a":{"b":1,"c":[{"d":2}]}}"#);
+        let repeated =
+            std::panic::catch_unwind(|| assert_no_field_repeated(r#"{"a":{"b":1,"b":2}}"#));
+        assert!(repeated.is_err(), "the check sees a repeated field");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 pub mod alert;
 pub mod alerts_file;
 pub mod audit;
+pub mod json_line;
 pub mod metrics;
 pub mod observe;
 pub mod syslog;

@@ -445,7 +445,7 @@ fn spawn_pipeline(
                 .alerts
                 .map(|alerts| alerts.counting_in(metrics.alerts_unwritten.clone())),
             syslog,
-            line: Vec::new(),
+            line: String::new(),
         },
         format: options.alert_format,
         host: host_name,

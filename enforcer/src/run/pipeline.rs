@@ -2,6 +2,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
+    fmt::Write as _,
     path::PathBuf,
     sync::{Arc, Mutex, RwLock},
     time::{Duration, SystemTime},
@@ -94,7 +95,7 @@ pub(super) struct Sinks {
     pub(super) alerts: Option<AlertsFile>,
     pub(super) syslog: Option<SyslogSink>,
     /// The record being written, as JSON: kept to be written into again.
-    pub(super) line: Vec<u8>,
+    pub(super) line: String,
 }
 
 impl Sinks {
@@ -102,32 +103,35 @@ impl Sinks {
         self.alerts.is_some() || self.syslog.is_some()
     }
 
-    /// Writes a record to the alerts file and syslog, encoded once for both; `severity` is on
-    /// the OCSF scale.
-    fn publish(&mut self, msgid: &str, severity: u8, record: &impl serde::Serialize) {
+    /// Writes a flow's record to the alerts file and syslog, encoded once for both.
+    fn publish_flow(&mut self, record: &FlowRecord, format: AlertFormat, host: &str) {
         if !self.any() {
             return;
         }
         self.line.clear();
-        if let Err(error) = serde_json::to_writer(&mut self.line, record) {
-            tracing::error!("encoding a {msgid} record failed: {error}");
-            return;
-        }
-        // serde_json writes UTF-8 only; the check is what keeps this free of `unsafe`.
-        let Ok(json) = std::str::from_utf8(&self.line) else {
-            return;
-        };
-        if let Some(alerts) = &mut self.alerts {
-            alerts.write(json);
-        }
-        if let Some(syslog) = &self.syslog {
-            syslog.send(severity, msgid, json);
-        }
+        alert::write_flow_alert(&mut self.line, record, format, host);
+        self.send("flow", alert::flow_severity(record));
     }
 
     /// Writes a record built as a JSON tree (findings, heartbeats, losses: rare ones).
     fn publish_value(&mut self, msgid: &str, record: &serde_json::Value) {
-        self.publish(msgid, alert::severity_of(record), record);
+        if !self.any() {
+            return;
+        }
+        self.line.clear();
+        // `Value` displays as compact JSON; writing into a `String` cannot fail.
+        let _ = write!(self.line, "{record}");
+        self.send(msgid, alert::severity_of(record));
+    }
+
+    /// Sends the record in `line`; `severity` is on the OCSF scale.
+    fn send(&mut self, msgid: &str, severity: u8) {
+        if let Some(alerts) = &mut self.alerts {
+            alerts.write(&self.line);
+        }
+        if let Some(syslog) = &self.syslog {
+            syslog.send(severity, msgid, &self.line);
+        }
     }
 
     fn flush(&mut self) {
@@ -288,8 +292,7 @@ impl Pipeline {
             })
             .inc();
         if self.sinks.any() {
-            let alert = alert::flow_alert(record, self.format, &self.host);
-            self.sinks.publish("flow", alert.severity(), &alert);
+            self.sinks.publish_flow(record, self.format, &self.host);
             self.metrics
                 .alerts
                 .get_or_create(&DetectorLabel {

@@ -1,43 +1,22 @@
-//! A flow record as a SIEM record, typed: every record the datapath sends becomes one, so it
-//! is written straight from the record's fields, with no JSON tree built and dropped for each
-//! (`cargo xtask bench`'s `pipeline` figure).
+//! A flow record as a SIEM record: every record the datapath sends becomes one, so it is written
+//! straight from the record's fields into the line, as literal runs of JSON and the values
+//! between them (see `outputs::json_line`, and `cargo xtask bench`'s `pipeline` figure). The
+//! rarer records (findings, heartbeats, losses) are JSON trees, in `alert.rs`.
 
-use std::{borrow::Cow, fmt, net::IpAddr};
+use std::{borrow::Cow, fmt};
 
 use enforcer_common::verdict::{Reason, Verdict};
-use serde::{Serialize, Serializer};
 
-use super::{
-    AlertFormat, Device, ECS_VERSION, OCSF_VERSION, PRODUCT, PRODUCT_FIELDS, Product, device,
-    millis, rfc3339, severity_name,
-};
-use crate::events::FlowRecord;
+use super::{AlertFormat, ECS_VERSION, OCSF_VERSION, millis, rfc3339, severity_name};
+use crate::{events::FlowRecord, outputs::json_line::Line};
 
-/// A flow record as a SIEM record in the chosen format.
-#[derive(Serialize)]
-#[serde(untagged)]
-pub enum FlowAlert<'a> {
-    Ocsf(OcsfFlow<'a>),
-    Ecs(EcsFlow<'a>),
-}
-
-impl FlowAlert<'_> {
-    /// Its severity on the OCSF scale (ECS `event.severity` carries the same).
-    pub fn severity(&self) -> u8 {
-        match self {
-            Self::Ocsf(flow) => flow.severity_id,
-            Self::Ecs(flow) => flow.event.severity,
-        }
-    }
-}
-
-/// A flow record as a SIEM record.
-pub fn flow_alert<'a>(record: &'a FlowRecord, format: AlertFormat, host: &'a str) -> FlowAlert<'a> {
-    match format {
-        AlertFormat::Ocsf => FlowAlert::Ocsf(ocsf_flow(record, host)),
-        AlertFormat::Ecs => FlowAlert::Ecs(ecs_flow(record, host)),
-    }
-}
+/// OCSF `metadata.product` as JSON (a test holds it to `PRODUCT_FIELDS`, which the other
+/// records carry).
+pub(super) const OCSF_PRODUCT: &str = concat!(
+    r#"{"name":"enforcer","vendor_name":"enforcer","version":""#,
+    env!("CARGO_PKG_VERSION"),
+    r#""}"#
+);
 
 /// How a flow outcome reads in OCSF Network Activity terms.
 struct Classification {
@@ -146,12 +125,6 @@ impl fmt::Display for FlowMessage<'_> {
     }
 }
 
-impl Serialize for FlowMessage<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
-    }
-}
-
 /// The IANA keyword of a protocol number, as OCSF `protocol_name` and ECS `network.transport`
 /// take it (ICMPv6 is `ipv6-icmp`, not the policy language's `icmp`).
 fn iana_protocol_name(number: u8) -> Cow<'static, str> {
@@ -178,91 +151,6 @@ fn direction_of(record: &FlowRecord) -> (u8, &'static str) {
     }
 }
 
-/// OCSF 1.3 Network Activity (`class_uid` 4001) with the `host` and `security_control`
-/// profiles.
-#[derive(Serialize)]
-pub struct OcsfFlow<'a> {
-    class_uid: u16,
-    class_name: &'static str,
-    category_uid: u8,
-    category_name: &'static str,
-    activity_id: u8,
-    activity_name: &'static str,
-    type_uid: u32,
-    type_name: &'static str,
-    time: u64,
-    start_time: u64,
-    end_time: u64,
-    count: u32,
-    severity_id: u8,
-    severity: &'static str,
-    action_id: u8,
-    action: &'static str,
-    disposition_id: u8,
-    disposition: &'static str,
-    message: FlowMessage<'a>,
-    src_endpoint: OcsfEndpoint<'a>,
-    dst_endpoint: OcsfEndpoint<'a>,
-    connection_info: ConnectionInfo,
-    firewall_rule: NamedId<'a>,
-    device: Device<'a>,
-    metadata: OcsfMetadata,
-    unmapped: Unmapped<'a>,
-}
-
-#[derive(Serialize)]
-struct OcsfEndpoint<'a> {
-    ip: IpAddr,
-    port: u16,
-    svc_name: &'a str,
-}
-
-#[derive(Serialize)]
-struct ConnectionInfo {
-    protocol_num: u8,
-    protocol_name: Cow<'static, str>,
-    protocol_ver_id: u8,
-    direction_id: u8,
-    direction: &'static str,
-}
-
-#[derive(Serialize)]
-struct NamedId<'a> {
-    uid: &'a str,
-    name: &'a str,
-}
-
-/// OCSF `metadata` of a flow: the `host` profile for `device`, `security_control` for
-/// `action`, `disposition` and `firewall_rule` (a validator ignores or refuses them otherwise).
-#[derive(Serialize)]
-struct OcsfMetadata {
-    version: &'static str,
-    product: Product,
-    profiles: [&'static str; 2],
-    sequence: u64,
-}
-
-#[derive(Serialize)]
-struct Unmapped<'a> {
-    enforcer: EnforcerFields<'a>,
-}
-
-#[derive(Serialize)]
-struct EnforcerFields<'a> {
-    verdict: &'static str,
-    reason: &'static str,
-    generation: u32,
-    hook: &'static str,
-    interface: &'a str,
-    src_identity: u32,
-    dst_identity: u32,
-    address_identity: u32,
-    rejudged: bool,
-    aggregated: bool,
-    cgroup_id: u64,
-    cpu: u32,
-}
-
 fn ocsf_type_name(activity_id: u8) -> &'static str {
     match activity_id {
         1 => "Network Activity: Open",
@@ -271,269 +159,214 @@ fn ocsf_type_name(activity_id: u8) -> &'static str {
     }
 }
 
-fn ocsf_endpoint(end: &crate::events::FlowEnd) -> OcsfEndpoint<'_> {
-    OcsfEndpoint {
-        ip: end.ip,
-        port: end.port,
-        svc_name: &end.name,
+/// Appends the SIEM record of a flow to `out` as one JSON line, without the line feed.
+pub fn write_flow_alert(out: &mut String, record: &FlowRecord, format: AlertFormat, host: &str) {
+    let mut line = Line::new(out);
+    match format {
+        AlertFormat::Ocsf => write_ocsf(&mut line, record, host),
+        AlertFormat::Ecs => write_ecs(&mut line, record, host),
     }
 }
 
-fn ocsf_flow<'a>(record: &'a FlowRecord, host: &'a str) -> OcsfFlow<'a> {
+/// The severity of a flow's record on the OCSF scale (ECS `event.severity` carries the same).
+pub fn flow_severity(record: &FlowRecord) -> u8 {
+    classify(record).severity_id
+}
+
+/// OCSF 1.3 Network Activity (`class_uid` 4001) with the `host` profile (for `device`) and the
+/// `security_control` one (for `action`, `disposition` and `firewall_rule`; a validator ignores
+/// or refuses them otherwise).
+fn write_ocsf(line: &mut Line, record: &FlowRecord, host: &str) {
     let class = classify(record);
-    let (direction_id, direction) = direction_of(record);
     let time = millis(record.time);
-    OcsfFlow {
-        class_uid: 4001,
-        class_name: "Network Activity",
-        category_uid: 4,
-        category_name: "Network Activity",
-        activity_id: class.activity_id,
-        activity_name: class.activity,
-        type_uid: 400_100 + u32::from(class.activity_id),
-        type_name: ocsf_type_name(class.activity_id),
-        time,
-        start_time: time,
-        end_time: time,
-        count: record.count,
-        severity_id: class.severity_id,
-        severity: severity_name(class.severity_id),
-        action_id: class.action_id,
-        action: class.action,
-        disposition_id: class.disposition_id,
-        disposition: class.disposition,
-        message: FlowMessage(record),
-        src_endpoint: ocsf_endpoint(&record.src),
-        dst_endpoint: ocsf_endpoint(&record.dst),
-        connection_info: ConnectionInfo {
-            protocol_num: record.protocol_number,
-            protocol_name: iana_protocol_name(record.protocol_number),
-            protocol_ver_id: record.ip_version,
-            direction_id,
-            direction,
-        },
-        firewall_rule: NamedId {
-            uid: &record.rule,
-            name: &record.rule,
-        },
-        device: device(host),
-        metadata: OcsfMetadata {
-            version: OCSF_VERSION,
-            product: PRODUCT_FIELDS,
-            profiles: ["host", "security_control"],
-            sequence: record.sequence,
-        },
-        unmapped: Unmapped {
-            enforcer: EnforcerFields {
-                verdict: record.verdict.as_str(),
-                reason: record.reason.as_str(),
-                generation: record.generation,
-                hook: record.hook,
-                interface: &record.interface,
-                src_identity: record.src.identity,
-                dst_identity: record.dst.identity,
-                address_identity: record.address_identity,
-                rejudged: record.rejudged,
-                aggregated: record.aggregated,
-                cgroup_id: record.cgroup_id,
-                cpu: record.cpu,
-            },
-        },
-    }
+    line.raw(r#"{"class_uid":4001,"class_name":"Network Activity","category_uid":4,"category_name":"Network Activity","activity_id":"#)
+        .integer(class.activity_id)
+        .raw(r#","activity_name":"#)
+        .string(class.activity)
+        .raw(r#","type_uid":"#)
+        .integer(400_100 + u32::from(class.activity_id))
+        .raw(r#","type_name":"#)
+        .string(ocsf_type_name(class.activity_id))
+        .raw(r#","time":"#)
+        .integer(time)
+        .raw(r#","start_time":"#)
+        .integer(time)
+        .raw(r#","end_time":"#)
+        .integer(time)
+        .raw(r#","count":"#)
+        .integer(record.count)
+        .raw(r#","severity_id":"#)
+        .integer(class.severity_id)
+        .raw(r#","severity":"#)
+        .string(severity_name(class.severity_id))
+        .raw(r#","action_id":"#)
+        .integer(class.action_id)
+        .raw(r#","action":"#)
+        .string(class.action)
+        .raw(r#","disposition_id":"#)
+        .integer(class.disposition_id)
+        .raw(r#","disposition":"#)
+        .string(class.disposition)
+        .raw(r#","message":"#)
+        .display(&FlowMessage(record))
+        .raw(r#","src_endpoint":"#);
+    write_ocsf_endpoint(line, &record.src);
+    line.raw(r#","dst_endpoint":"#);
+    write_ocsf_endpoint(line, &record.dst);
+    let (direction_id, direction) = direction_of(record);
+    line.raw(r#","connection_info":{"protocol_num":"#)
+        .integer(record.protocol_number)
+        .raw(r#","protocol_name":"#)
+        .string(&iana_protocol_name(record.protocol_number))
+        .raw(r#","protocol_ver_id":"#)
+        .integer(record.ip_version)
+        .raw(r#","direction_id":"#)
+        .integer(direction_id)
+        .raw(r#","direction":"#)
+        .string(direction)
+        .raw(r#"},"firewall_rule":{"uid":"#)
+        .string(&record.rule)
+        .raw(r#","name":"#)
+        .string(&record.rule)
+        .raw(r#"},"device":{"hostname":"#)
+        .string(host)
+        .raw(r#","type_id":1,"type":"Server"},"metadata":{"version":""#)
+        .raw(OCSF_VERSION)
+        .raw(r#"","product":"#)
+        .raw(OCSF_PRODUCT)
+        .raw(r#","profiles":["host","security_control"],"sequence":"#)
+        .integer(record.sequence)
+        .raw(r#"},"unmapped":{"enforcer":{"verdict":"#)
+        .string(record.verdict.as_str())
+        .raw(r#","reason":"#)
+        .string(record.reason.as_str())
+        .raw(r#","generation":"#)
+        .integer(record.generation)
+        .raw(r#","hook":"#)
+        .string(record.hook)
+        .raw(r#","interface":"#)
+        .string(&record.interface)
+        .raw(r#","src_identity":"#)
+        .integer(record.src.identity)
+        .raw(r#","dst_identity":"#)
+        .integer(record.dst.identity)
+        .raw(r#","address_identity":"#)
+        .integer(record.address_identity)
+        .raw(r#","rejudged":"#)
+        .boolean(record.rejudged)
+        .raw(r#","aggregated":"#)
+        .boolean(record.aggregated)
+        .raw(r#","cgroup_id":"#)
+        .integer(record.cgroup_id)
+        .raw(r#","cpu":"#)
+        .integer(record.cpu)
+        .raw("}}}");
+}
+
+fn write_ocsf_endpoint(line: &mut Line, end: &crate::events::FlowEnd) {
+    line.raw(r#"{"ip":"#)
+        .display(&end.ip)
+        .raw(r#","port":"#)
+        .integer(end.port)
+        .raw(r#","svc_name":"#)
+        .string(&end.name)
+        .raw("}");
 }
 
 /// ECS 8.11: an `event.kind` of `event` for allowed flows, `alert` for the rest.
-#[derive(Serialize)]
-pub struct EcsFlow<'a> {
-    #[serde(rename = "@timestamp")]
-    timestamp: String,
-    ecs: EcsVersion,
-    message: FlowMessage<'a>,
-    event: EcsEvent,
-    source: EcsEndpoint,
-    destination: EcsEndpoint,
-    service: EcsServices<'a>,
-    network: EcsNetwork,
-    rule: EcsRule<'a>,
-    observer: EcsObserver<'a>,
-    host: EcsHost<'a>,
-    enforcer: EcsEnforcerFields,
-}
-
-#[derive(Serialize)]
-struct EcsVersion {
-    version: &'static str,
-}
-
-#[derive(Serialize)]
-struct EcsEvent {
-    kind: &'static str,
-    category: [&'static str; 1],
-    #[serde(rename = "type")]
-    types: &'static [&'static str],
-    action: &'static str,
-    outcome: &'static str,
-    reason: &'static str,
-    severity: u8,
-    sequence: u64,
-    start: String,
-    end: String,
-    module: &'static str,
-    dataset: &'static str,
-}
-
-#[derive(Serialize)]
-struct EcsEndpoint {
-    ip: IpAddr,
-    port: u16,
-}
-
-#[derive(Serialize)]
-struct EcsServices<'a> {
-    origin: EcsName<'a>,
-    target: EcsName<'a>,
-}
-
-#[derive(Serialize)]
-struct EcsName<'a> {
-    name: &'a str,
-}
-
-#[derive(Serialize)]
-struct EcsNetwork {
-    transport: Cow<'static, str>,
-    iana_number: String,
-    #[serde(rename = "type")]
-    kind: &'static str,
-}
-
-#[derive(Serialize)]
-struct EcsRule<'a> {
-    id: &'a str,
-    name: &'a str,
-}
-
-#[derive(Serialize)]
-struct EcsObserver<'a> {
-    hostname: &'a str,
-    product: &'static str,
-    #[serde(rename = "type")]
-    kind: &'static str,
-    ingress: EcsIngress<'a>,
-}
-
-#[derive(Serialize)]
-struct EcsIngress<'a> {
-    interface: EcsName<'a>,
-}
-
-#[derive(Serialize)]
-struct EcsHost<'a> {
-    hostname: &'a str,
-}
-
-#[derive(Serialize)]
-struct EcsEnforcerFields {
-    count: u32,
-    generation: u32,
-    hook: &'static str,
-    src_identity: u32,
-    dst_identity: u32,
-    address_identity: u32,
-    rejudged: bool,
-    aggregated: bool,
-}
-
-fn ecs_event(record: &FlowRecord, timestamp: &str) -> EcsEvent {
-    let (kind, types, action, outcome): (_, &'static [&'static str], _, _) = match record.verdict {
+fn write_ecs(line: &mut Line, record: &FlowRecord, host: &str) {
+    let (kind, types, action, outcome) = match record.verdict {
         Verdict::Allow => (
             "event",
-            &["connection", "start", "allowed"],
+            r#"["connection","start","allowed"]"#,
             "flow-allow",
             "success",
         ),
         Verdict::Audit => (
             "alert",
-            &["connection", "start", "allowed"],
+            r#"["connection","start","allowed"]"#,
             "flow-audit",
             "success",
         ),
-        Verdict::Deny => ("alert", &["connection", "denied"], "flow-deny", "failure"),
+        Verdict::Deny => (
+            "alert",
+            r#"["connection","denied"]"#,
+            "flow-deny",
+            "failure",
+        ),
     };
-    EcsEvent {
-        kind,
-        category: ["network"],
-        types,
-        action,
-        outcome,
-        reason: record.reason.as_str(),
-        severity: classify(record).severity_id,
-        sequence: record.sequence,
-        start: timestamp.to_owned(),
-        end: timestamp.to_owned(),
-        module: PRODUCT,
-        dataset: "enforcer.flow",
-    }
-}
-
-fn ecs_flow<'a>(record: &'a FlowRecord, host: &'a str) -> EcsFlow<'a> {
     let timestamp = rfc3339(record.time);
-    EcsFlow {
-        ecs: EcsVersion {
-            version: ECS_VERSION,
-        },
-        message: FlowMessage(record),
-        event: ecs_event(record, &timestamp),
-        source: EcsEndpoint {
-            ip: record.src.ip,
-            port: record.src.port,
-        },
-        destination: EcsEndpoint {
-            ip: record.dst.ip,
-            port: record.dst.port,
-        },
-        service: EcsServices {
-            origin: EcsName {
-                name: &record.src.name,
-            },
-            target: EcsName {
-                name: &record.dst.name,
-            },
-        },
-        network: EcsNetwork {
-            transport: iana_protocol_name(record.protocol_number),
-            iana_number: record.protocol_number.to_string(),
-            kind: if record.ip_version == 6 {
-                "ipv6"
-            } else {
-                "ipv4"
-            },
-        },
-        rule: EcsRule {
-            id: &record.rule,
-            name: &record.rule,
-        },
-        observer: EcsObserver {
-            hostname: host,
-            product: PRODUCT,
-            kind: "firewall",
-            ingress: EcsIngress {
-                interface: EcsName {
-                    name: &record.interface,
-                },
-            },
-        },
-        host: EcsHost { hostname: host },
-        enforcer: EcsEnforcerFields {
-            count: record.count,
-            generation: record.generation,
-            hook: record.hook,
-            src_identity: record.src.identity,
-            dst_identity: record.dst.identity,
-            address_identity: record.address_identity,
-            rejudged: record.rejudged,
-            aggregated: record.aggregated,
-        },
-        timestamp,
-    }
+    line.raw(r#"{"@timestamp":"#)
+        .string(&timestamp)
+        .raw(r#","ecs":{"version":""#)
+        .raw(ECS_VERSION)
+        .raw(r#""},"message":"#)
+        .display(&FlowMessage(record))
+        .raw(r#","event":{"kind":"#)
+        .string(kind)
+        .raw(r#","category":["network"],"type":"#)
+        .raw(types)
+        .raw(r#","action":"#)
+        .string(action)
+        .raw(r#","outcome":"#)
+        .string(outcome)
+        .raw(r#","reason":"#)
+        .string(record.reason.as_str())
+        .raw(r#","severity":"#)
+        .integer(flow_severity(record))
+        .raw(r#","sequence":"#)
+        .integer(record.sequence)
+        .raw(r#","start":"#)
+        .string(&timestamp)
+        .raw(r#","end":"#)
+        .string(&timestamp)
+        .raw(r#","module":"enforcer","dataset":"enforcer.flow"},"source":{"ip":"#)
+        .display(&record.src.ip)
+        .raw(r#","port":"#)
+        .integer(record.src.port)
+        .raw(r#"},"destination":{"ip":"#)
+        .display(&record.dst.ip)
+        .raw(r#","port":"#)
+        .integer(record.dst.port)
+        .raw(r#"},"service":{"origin":{"name":"#)
+        .string(&record.src.name)
+        .raw(r#"},"target":{"name":"#)
+        .string(&record.dst.name)
+        .raw(r#"}},"network":{"transport":"#)
+        .string(&iana_protocol_name(record.protocol_number))
+        .raw(r#","iana_number":""#)
+        .integer(record.protocol_number)
+        .raw(r#"","type":"#)
+        .string(if record.ip_version == 6 {
+            "ipv6"
+        } else {
+            "ipv4"
+        })
+        .raw(r#"},"rule":{"id":"#)
+        .string(&record.rule)
+        .raw(r#","name":"#)
+        .string(&record.rule)
+        .raw(r#"},"observer":{"hostname":"#)
+        .string(host)
+        .raw(r#","product":"enforcer","type":"firewall","ingress":{"interface":{"name":"#)
+        .string(&record.interface)
+        .raw(r#"}}},"host":{"hostname":"#)
+        .string(host)
+        .raw(r#"},"enforcer":{"count":"#)
+        .integer(record.count)
+        .raw(r#","generation":"#)
+        .integer(record.generation)
+        .raw(r#","hook":"#)
+        .string(record.hook)
+        .raw(r#","src_identity":"#)
+        .integer(record.src.identity)
+        .raw(r#","dst_identity":"#)
+        .integer(record.dst.identity)
+        .raw(r#","address_identity":"#)
+        .integer(record.address_identity)
+        .raw(r#","rejudged":"#)
+        .boolean(record.rejudged)
+        .raw(r#","aggregated":"#)
+        .boolean(record.aggregated)
+        .raw("}}");
 }
