@@ -27,7 +27,10 @@ use enforcer_common::{
     verdict::{PACKET_COUNTER_SLOTS, reason::REASON_SLOTS},
 };
 
-use crate::compile::{Compiled, Prefix, Tables};
+use crate::{
+    compile::{Compiled, Prefix, Tables},
+    datapath::bpf_sys,
+};
 
 /// Names of every map in the object, as `bpftool map` shows them.
 pub const MAP_NAMES: [&str; 23] = [
@@ -501,38 +504,85 @@ fn sync_hash<K: SlotKey, V: Pod + PartialEq>(
     previous: Option<&BTreeMap<K, V>>,
     next: &BTreeMap<K, V>,
 ) -> Result<usize, MapError> {
-    let mut writes = 0;
-    match previous {
+    let (removed, written): (Vec<K>, Vec<(&K, &V)>) = match previous {
         Some(previous) => {
-            for key in previous.keys().filter(|key| !next.contains_key(key)) {
-                ignore_missing(map.remove(&key.in_slot(slot)))?;
-                writes += 1;
-            }
-            for (key, value) in next
-                .iter()
-                .filter(|(key, value)| previous.get(key) != Some(value))
-            {
-                map.insert(key.in_slot(slot), value, 0)?;
-                writes += 1;
-            }
+            let changes = Changes::between(previous, next);
+            (
+                changes.removed.into_iter().copied().collect(),
+                changes.written,
+            )
         }
         None => {
-            let stale: Vec<K> = map
+            let stale = map
                 .keys()
                 .filter_map(Result::ok)
                 .filter(|key| key.slot() == slot)
                 .collect();
-            for key in stale {
-                ignore_missing(map.remove(&key))?;
-                writes += 1;
-            }
-            for (key, value) in next {
-                map.insert(key.in_slot(slot), value, 0)?;
-                writes += 1;
+            (stale, next.iter().collect())
+        }
+    };
+    for key in &removed {
+        ignore_missing(map.remove(&key.in_slot(slot)))?;
+    }
+    let keys: Vec<K> = written.iter().map(|(key, _)| key.in_slot(slot)).collect();
+    let values: Vec<V> = written.iter().map(|(_, value)| **value).collect();
+    bpf_sys::update_batch(IterableMap::map(map).fd().as_fd(), &keys, &values).map_err(
+        |(_, io_error)| {
+            MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_update_batch",
+                io_error,
+            })
+        },
+    )?;
+    Ok(removed.len() + written.len())
+}
+
+/// What turns one table into another: the keys to remove and the entries to write (new or
+/// changed), found in one pass over both, which are sorted.
+#[derive(Debug, PartialEq)]
+struct Changes<'a, K, V> {
+    removed: Vec<&'a K>,
+    written: Vec<(&'a K, &'a V)>,
+}
+
+impl<'a, K: Ord, V: PartialEq> Changes<'a, K, V> {
+    fn between(previous: &'a BTreeMap<K, V>, next: &'a BTreeMap<K, V>) -> Self {
+        let mut changes = Self {
+            removed: Vec::new(),
+            written: Vec::new(),
+        };
+        let (mut before, mut after) = (previous.iter().peekable(), next.iter().peekable());
+        loop {
+            match (before.peek(), after.peek()) {
+                (None, None) => return changes,
+                (Some(&(old, _)), None) => {
+                    changes.removed.push(old);
+                    before.next();
+                }
+                (None, Some(&entry)) => {
+                    changes.written.push(entry);
+                    after.next();
+                }
+                (Some(&(old, old_value)), Some(&(new, new_value))) => match old.cmp(new) {
+                    std::cmp::Ordering::Less => {
+                        changes.removed.push(old);
+                        before.next();
+                    }
+                    std::cmp::Ordering::Greater => {
+                        changes.written.push((new, new_value));
+                        after.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        if old_value != new_value {
+                            changes.written.push((new, new_value));
+                        }
+                        before.next();
+                        after.next();
+                    }
+                },
             }
         }
     }
-    Ok(writes)
 }
 
 fn lpm_key(prefix: &Prefix, slot: u8) -> LpmKey<IpcacheKey> {
@@ -573,14 +623,12 @@ fn sync_ipcache(
     };
     match previous {
         Some(previous) => {
-            for prefix in previous.keys().filter(|prefix| !next.contains_key(prefix)) {
+            let changes = Changes::between(previous, next);
+            for prefix in changes.removed {
                 remove(prefix)?;
                 writes += 1;
             }
-            for (prefix, info) in next
-                .iter()
-                .filter(|(prefix, info)| previous.get(prefix) != Some(info))
-            {
+            for (prefix, info) in changes.written {
                 insert(trie, exact, prefix, info)?;
                 writes += 1;
             }
@@ -740,5 +788,45 @@ impl Installer {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_between_two_tables_are_what_turns_one_into_the_other() {
+        let previous = BTreeMap::from([(1, 'a'), (2, 'b'), (4, 'd'), (6, 'f'), (9, 'i')]);
+        let next = BTreeMap::from([(0, 'z'), (2, 'b'), (4, 'D'), (5, 'e'), (9, 'i'), (10, 'j')]);
+        let changes = Changes::between(&previous, &next);
+        assert_eq!(changes.removed, [&1, &6]);
+        assert_eq!(
+            changes.written,
+            [(&0, &'z'), (&4, &'D'), (&5, &'e'), (&10, &'j')]
+        );
+        let mut rebuilt = previous.clone();
+        for key in changes.removed {
+            rebuilt.remove(key);
+        }
+        rebuilt.extend(
+            changes
+                .written
+                .into_iter()
+                .map(|(key, value)| (*key, *value)),
+        );
+        assert_eq!(rebuilt, next);
+    }
+
+    #[test]
+    fn tables_without_a_difference_need_no_change() {
+        let table = BTreeMap::from([(1, 'a'), (2, 'b')]);
+        let unchanged = Changes::between(&table, &table);
+        assert!(unchanged.removed.is_empty() && unchanged.written.is_empty());
+        let empty = BTreeMap::new();
+        let emptied = Changes::between(&table, &empty);
+        assert_eq!(emptied.removed, [&1, &2]);
+        let filled = Changes::between(&empty, &table);
+        assert_eq!(filled.written, [(&1, &'a'), (&2, &'b')]);
     }
 }
