@@ -5,6 +5,7 @@ use std::{
     collections::BTreeMap,
     os::fd::AsFd as _,
     path::Path,
+    sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -666,7 +667,7 @@ enum SlotContents {
     /// Written by another controller (adopted state): cleared before reuse.
     #[default]
     Unknown,
-    Known(Tables),
+    Known(Arc<Tables>),
 }
 
 /// The outcome of installing a generation.
@@ -722,7 +723,7 @@ impl Installer {
             SlotContents::Known(tables) => Some(tables),
             SlotContents::Unknown => None,
         };
-        let writes = maps.write_slot(slot, previous.as_ref(), &compiled.tables)?;
+        let writes = maps.write_slot(slot, previous.as_deref(), &compiled.tables)?;
         let config = PolicyConfig {
             generation,
             slot: u32::from(slot),
@@ -738,7 +739,7 @@ impl Installer {
             policy_hash: compiled.hash,
         };
         maps.switch_to(&config)?;
-        self.slots[usize::from(slot)] = SlotContents::Known(compiled.tables.clone());
+        self.slots[usize::from(slot)] = SlotContents::Known(Arc::clone(&compiled.tables));
         self.live = Some(config);
         Ok(Installed {
             generation,
@@ -763,8 +764,8 @@ impl Installer {
             SlotContents::Known(tables) => Some(tables),
             SlotContents::Unknown => None,
         };
-        let writes = maps.write_slot(idle as u8, previous.as_ref(), &compiled.tables)?;
-        self.slots[idle] = SlotContents::Known(compiled.tables.clone());
+        let writes = maps.write_slot(idle as u8, previous.as_deref(), &compiled.tables)?;
+        self.slots[idle] = SlotContents::Known(Arc::clone(&compiled.tables));
         Ok(writes)
     }
 
