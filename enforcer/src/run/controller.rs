@@ -251,6 +251,7 @@ impl Controller {
         }
         self.live = Some(compiled);
         self.policy = Some((policy, view));
+        release_freed_memory();
         Ok(Some(installed))
     }
 
@@ -409,4 +410,13 @@ impl Controller {
         )?;
         Ok(())
     }
+}
+
+/// Gives the memory a reload freed back to the system now, rather than when the allocator's
+/// purge delay runs out: after a 100 000-rule load that is a quarter of what the controller
+/// holds, and purging it while the load runs (no delay) made one-rule changes 15% slower.
+/// The binary's allocator is mimalloc (`main.rs`); under another one this collects nothing.
+fn release_freed_memory() {
+    // SAFETY: `mi_collect` takes no pointers and may be called from any thread at any time.
+    unsafe { libmimalloc_sys::mi_collect(true) };
 }
