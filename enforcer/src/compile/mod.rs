@@ -25,16 +25,18 @@ use ipnet::IpNet;
 
 pub use self::tables::{Cgroup, HostView, Prefix, Tables};
 use self::{identities::Identities, numbering::number_rules};
-use crate::policy::{Mode, Policy, Protocol, Rule, RuleKind};
+use crate::policy::{Mode, Peer, Policy, Protocol, Rule, RuleKind};
 
 /// What a rule number stands for, for events, alerts and `explain`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct RuleInfo {
-    pub id: String,
+    pub id: Box<str>,
     pub kind: RuleKind,
-    pub from: String,
-    pub to: String,
-    pub ports: String,
+    /// Shared with every other rule of the generation that names the same peer: a generation's
+    /// names are kept for as long as its events may arrive, 100 000 rules' worth each.
+    pub from: Arc<str>,
+    pub to: Arc<str>,
+    pub ports: Box<str>,
     pub max_new_per_sec: Option<u32>,
 }
 
@@ -78,10 +80,11 @@ pub fn compile(
     let mut tables = Tables::default();
     let identities = Identities::of(policy)?;
     identities.place(policy, host, &mut tables, &mut warnings);
+    let peer_names = PeerNames::of(policy);
     let infos: Vec<RuleInfo> = policy
         .rules
         .iter()
-        .map(|rule| RuleInfo::of(policy, rule))
+        .map(|rule| RuleInfo::of(&peer_names, rule))
         .collect();
     let numbers = number_rules(&infos, previous);
     rules::write_entries(policy, &identities, &numbers, &mut tables)?;
@@ -97,7 +100,7 @@ pub fn compile(
 }
 
 impl RuleInfo {
-    fn of(policy: &Policy, rule: &Rule) -> Self {
+    fn of(peer_names: &PeerNames, rule: &Rule) -> Self {
         let ports = if rule.ports.is_empty() {
             "any".to_owned()
         } else {
@@ -107,10 +110,41 @@ impl RuleInfo {
         Self {
             id: rule.id.clone(),
             kind: rule.kind,
-            from: policy.peer_name(&rule.from),
-            to: policy.peer_name(&rule.to),
-            ports,
+            from: peer_names.of_peer(&rule.from),
+            to: peer_names.of_peer(&rule.to),
+            ports: ports.into(),
             max_new_per_sec: rule.max_new_per_sec,
+        }
+    }
+}
+
+/// The name of each service, world and host once, for the rules that name them.
+struct PeerNames {
+    services: Vec<Arc<str>>,
+    world: Arc<str>,
+    host: Arc<str>,
+}
+
+impl PeerNames {
+    fn of(policy: &Policy) -> Self {
+        Self {
+            services: policy
+                .services
+                .iter()
+                .map(|service| service.name.as_str().into())
+                .collect(),
+            world: "world".into(),
+            host: "host".into(),
+        }
+    }
+
+    /// As `Policy::peer_name` names it.
+    fn of_peer(&self, peer: &Peer) -> Arc<str> {
+        match peer {
+            Peer::Service(index) => Arc::clone(&self.services[*index]),
+            Peer::World => Arc::clone(&self.world),
+            Peer::Host => Arc::clone(&self.host),
+            Peer::Cidr(net) => net.to_string().into(),
         }
     }
 }
@@ -145,7 +179,7 @@ impl Names {
         match number {
             rule::NONE => "none".to_owned(),
             user => match self.rules.get(&user) {
-                Some(info) => info.id.clone(),
+                Some(info) => info.id.to_string(),
                 None => format!("rule-{user}"),
             },
         }
@@ -276,7 +310,7 @@ mod tests {
                 let to = policy.peer_name(&rule.to);
                 assert_eq!(
                     decide(&compiled, &from, &to, proto::TCP, port),
-                    (action::ALLOW, rule.id.clone()),
+                    (action::ALLOW, rule.id.to_string()),
                     "{change}"
                 );
             }
@@ -318,13 +352,13 @@ mod tests {
                 .names
                 .rules
                 .values()
-                .find(|info| info.id == id)
+                .find(|info| &*info.id == id)
                 .cloned()
                 .unwrap()
         };
         assert!(Arc::ptr_eq(&info(&before, "web"), &info(&after, "web")));
         assert!(!Arc::ptr_eq(&info(&before, "db"), &info(&after, "db")));
-        assert_eq!(info(&after, "db").ports, "5433/tcp");
+        assert_eq!(&*info(&after, "db").ports, "5433/tcp");
     }
 
     fn decide(compiled: &Compiled, from: &str, to: &str, protocol: u8, port: u16) -> (u8, String) {
@@ -430,7 +464,7 @@ id = \"a-b\"
                 })
                 .filter_map(|rule| Some((specificity(&rule.ports)?, rule)))
                 .min_by_key(|(specificity, _)| *specificity)
-                .map(|(_, rule)| rule.id.clone())
+                .map(|(_, rule)| rule.id.to_string())
         };
         match (best(RuleKind::Deny), best(RuleKind::Allow)) {
             (Some(deny), _) => (action::DENY, deny),

@@ -246,7 +246,7 @@ impl<'a> PairEntries<'a> {
             if ordered.len() > MAX_PORT_RANGES {
                 let mut rules: Vec<&str> = ordered
                     .iter()
-                    .map(|range| self.verdicts.policy.rules[range.rule].id.as_str())
+                    .map(|range| &*self.verdicts.policy.rules[range.rule].id)
                     .collect();
                 rules.dedup();
                 return Err(CompileError::TooManyRanges {

@@ -202,11 +202,11 @@ mod tests {
 
     fn names() -> Names {
         let rule = RuleInfo {
-            id: "fe-api".to_owned(),
+            id: "fe-api".into(),
             kind: crate::policy::RuleKind::Allow,
-            from: "frontend".to_owned(),
-            to: "api".to_owned(),
-            ports: "8080/tcp".to_owned(),
+            from: "frontend".into(),
+            to: "api".into(),
+            ports: "8080/tcp".into(),
             max_new_per_sec: Some(10),
         };
         let frontend = IdentityInfo {

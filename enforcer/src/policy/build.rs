@@ -232,7 +232,7 @@ fn build_rules(
         .iter()
         .map(|content| content.allow.len() + content.deny.len())
         .sum();
-    let mut rule_ids: HashMap<String, Origin> = HashMap::with_capacity(rule_count);
+    let mut rule_ids: HashMap<Box<str>, Origin> = HashMap::with_capacity(rule_count);
     let mut rules = Vec::with_capacity(rule_count);
     for content in contents {
         for (kind, documents) in [
@@ -243,7 +243,7 @@ fn build_rules(
                 let Some(parsed) = build_rule(policy, source, kind, rule, diagnostics) else {
                     continue;
                 };
-                if let Some(first) = rule_ids.get(&parsed.id) {
+                if let Some(first) = rule_ids.get(&*parsed.id) {
                     diagnostics.error(
                         parsed.origin.clone(),
                         format!("rule id \"{}\" is already used at {first}", parsed.id),
@@ -455,7 +455,7 @@ pub(super) fn build_rule(
 ) -> Option<Rule> {
     let document = spanned.get_ref();
     let origin = source.at(spanned);
-    let mut peer = |text: &Spanned<String>| match policy.parse_peer(text.get_ref().trim()) {
+    let mut peer = |text: &Spanned<Box<str>>| match policy.parse_peer(text.get_ref().trim()) {
         Ok(peer) => Some(peer),
         Err(message) => {
             diagnostics.error(source.at(text), message);
@@ -475,7 +475,11 @@ pub(super) fn build_rule(
             }
         }
     }
-    if document.ports.as_ref().is_some_and(Vec::is_empty) {
+    if document
+        .ports
+        .as_ref()
+        .is_some_and(|ports| ports.is_empty())
+    {
         diagnostics.error(
             origin.clone(),
             "ports = [] matches nothing; omit `ports` to match any port and protocol",
@@ -510,10 +514,10 @@ pub(super) fn build_rule(
     };
     Some(Rule {
         kind,
-        id,
+        id: id.into(),
         from,
         to,
-        ports,
+        ports: ports.into(),
         max_new_per_sec,
         origin,
     })
@@ -538,7 +542,7 @@ fn rate_limit(source: At<'_>, value: &Spanned<i64>, diagnostics: &mut Diagnostic
 /// A rule id the policy gives: one word, not a reserved rule's name.
 fn declared_rule_id(
     source: At<'_>,
-    id: &Spanned<String>,
+    id: &Spanned<Box<str>>,
     diagnostics: &mut Diagnostics,
 ) -> Option<String> {
     let text = id.get_ref().trim();

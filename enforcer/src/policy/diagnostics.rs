@@ -13,8 +13,8 @@ use toml::Spanned;
 pub struct Origin {
     /// Shared by every origin in the file: a policy of 100 000 rules has as many.
     pub file: Arc<Path>,
-    pub line: usize,
-    pub column: usize,
+    pub line: u32,
+    pub column: u32,
 }
 
 impl fmt::Display for Origin {
@@ -96,10 +96,11 @@ impl Source {
         let line = self.line_starts.partition_point(|start| *start <= offset);
         let line_start = self.line_starts[line - 1];
         let column = self.text[line_start..offset].chars().count() + 1;
+        // (A policy file of four billion lines is not one a controller could load anyway.)
         Origin {
             file: Arc::clone(&self.path),
-            line,
-            column,
+            line: u32::try_from(line).unwrap_or(u32::MAX),
+            column: u32::try_from(column).unwrap_or(u32::MAX),
         }
     }
 

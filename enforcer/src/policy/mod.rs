@@ -261,11 +261,11 @@ impl InterfaceSelector {
 pub struct Rule {
     pub kind: RuleKind,
     /// Stable id shown in events and alerts: the policy's `id`, or derived from the rule.
-    pub id: String,
+    pub id: Box<str>,
     pub from: Peer,
     pub to: Peer,
-    /// Empty means any port of any protocol.
-    pub ports: Vec<PortMatch>,
+    /// Empty means any port of any protocol. (A boxed slice: a policy holds 100 000 rules.)
+    pub ports: Box<[PortMatch]>,
     pub max_new_per_sec: Option<u32>,
     pub origin: Origin,
 }
@@ -593,11 +593,11 @@ id = "fe-to-api"
         let frontend = policy.service("frontend").unwrap();
         assert_eq!(frontend.identity, identity::of_service_name("frontend"));
         let rule = &policy.rules[0];
-        assert_eq!(rule.id, "fe-to-api");
+        assert_eq!(&*rule.id, "fe-to-api");
         assert_eq!(rule.max_new_per_sec, Some(200));
         assert_eq!(
-            rule.ports,
-            vec![
+            *rule.ports,
+            [
                 PortMatch::Port(Protocol::Tcp, 8080),
                 PortMatch::Range(Protocol::Tcp, 9000, 9010),
                 PortMatch::Port(Protocol::Udp, 53),
@@ -810,7 +810,7 @@ id = "fe-to-api"
         ])
         .unwrap();
         assert_eq!(merged.rules[0].to, Peer::Service(0));
-        assert_eq!(merged.rules[0].id, "allow:world->api@b.toml:1");
+        assert_eq!(&*merged.rules[0].id, "allow:world->api@b.toml:1");
     }
 
     #[test]
