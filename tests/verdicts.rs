@@ -28,9 +28,10 @@ use enforcer::{
     policy,
 };
 use enforcer_common::{
-    addr::v4_mapped,
+    addr::{Ipcache4Key, v4_mapped},
     conntrack::{CtEntry, CtKey, CtKey4, timeout},
     event::{FlowEvent, flags as event_flags},
+    identity::IdentityInfo,
     verdict::{DENY, reason},
 };
 use enforcer_testbed::{
@@ -189,6 +190,11 @@ impl Kernel {
     /// One of the conntrack tables: `CONNTRACK4`/`CONNTRACK` (answered flows) or
     /// `UNANSWERED4`/`UNANSWERED`, with the key of its family.
     fn flow_table<K: Pod>(&self, name: &str) -> HashMap<MapData, K, CtEntry> {
+        self.table(name)
+    }
+
+    /// The pinned hash map `name`, to read or write as a test needs.
+    fn table<K: Pod, V: Pod>(&self, name: &str) -> HashMap<MapData, K, V> {
         let data = MapData::from_pin(self.pins.maps().join(name)).unwrap();
         HashMap::try_from(Map::from_map_data(data).unwrap()).unwrap()
     }
@@ -1429,6 +1435,17 @@ fn an_address_the_policy_stops_naming_resolves_to_world_again_as_root() {
                 .unwrap();
             let what = format!("10.0.0.3 -> b 80/tcp, c named: {c_named}, adopting: {adopting}");
             kernel.assert_passes(&what, |port| tcp4(C4, B4, port, 80));
+            // An IPv4 address is in the exact table of the short key, and only while named.
+            let live = installer.live().unwrap().slot as u8;
+            let in_exact4 = kernel
+                .table::<Ipcache4Key, IdentityInfo>("IPCACHE_EXACT4")
+                .keys()
+                .map(Result::unwrap)
+                .any(|key| key.slot == live && key.addr == u32::from(C4));
+            assert_eq!(
+                in_exact4, c_named,
+                "IPCACHE_EXACT4 holds c's address: {what}"
+            );
         }
     }
 }

@@ -31,7 +31,44 @@ pub mod family {
     pub const INET6: u8 = 6;
 }
 
-kernel_abi!(IpcacheKey = 20);
+/// Key of the IPv4 whole-address table (`IPCACHE_EXACT4`): the address as a number
+/// (`u32::from_be_bytes`) and the slot. 8 bytes where [`IpcacheKey`] takes 20: the kernel hashes
+/// and compares a hash map's key word by word, and most lookups are for IPv4 addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ipcache4Key {
+    pub addr: u32,
+    pub slot: u8,
+    pub _pad: [u8; 3],
+}
+
+impl Ipcache4Key {
+    /// The key of the 16-byte form `addr` in `slot`, if it is an IPv4-mapped address.
+    #[inline(always)]
+    pub fn of_mapped(slot: u8, addr: &[u8; 16]) -> Option<Self> {
+        Some(Self {
+            addr: v4_of_mapped(addr)?,
+            slot,
+            _pad: [0; 3],
+        })
+    }
+}
+
+/// The IPv4 address (as `u32::from_be_bytes`) that a 16-byte form holds, if it is IPv4-mapped.
+#[inline(always)]
+pub fn v4_of_mapped(addr: &[u8; 16]) -> Option<u32> {
+    // Word compares: a slice compare would be a call to `bcmp` in the eBPF object.
+    let head = u64::from_ne_bytes([
+        addr[0], addr[1], addr[2], addr[3], addr[4], addr[5], addr[6], addr[7],
+    ]);
+    let mark = u32::from_ne_bytes([addr[8], addr[9], addr[10], addr[11]]);
+    if head != 0 || mark != u32::from_ne_bytes([0, 0, 0xff, 0xff]) {
+        return None;
+    }
+    Some(u32::from_be_bytes([addr[12], addr[13], addr[14], addr[15]]))
+}
+
+kernel_abi!(IpcacheKey = 20, Ipcache4Key = 8);
 
 #[cfg(feature = "user")]
 mod user {
@@ -68,3 +105,28 @@ mod user {
 
 #[cfg(feature = "user")]
 pub use user::*;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv4_mapped_address_has_a_short_key_and_an_ipv6_one_none() {
+        assert_eq!(
+            Ipcache4Key::of_mapped(1, &v4_mapped([10, 0, 1, 2])),
+            Some(Ipcache4Key {
+                addr: 0x0a00_0102,
+                slot: 1,
+                _pad: [0; 3],
+            })
+        );
+        let mut almost = v4_mapped([10, 0, 1, 2]);
+        for byte in 0..12 {
+            almost[byte] ^= 0x01;
+            assert_eq!(v4_of_mapped(&almost), None, "byte {byte} changed");
+            almost[byte] ^= 0x01;
+        }
+        assert_eq!(v4_of_mapped(&[0; 16]), None, "::, not 0.0.0.0");
+        assert_eq!(v4_of_mapped(&v4_mapped([0; 4])), Some(0));
+    }
+}

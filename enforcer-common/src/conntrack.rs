@@ -32,15 +32,9 @@ pub struct CtKey4 {
 impl CtKey4 {
     /// The short form of a long key whose two ends are IPv4(-mapped) addresses.
     pub fn of_mapped(key: &CtKey) -> Option<Self> {
-        let v4 = |addr: &[u8; 16]| match addr {
-            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d] => {
-                Some(u32::from_be_bytes([*a, *b, *c, *d]))
-            }
-            _ => None,
-        };
         Some(Self {
-            addr_lo: v4(&key.addr_lo)?,
-            addr_hi: v4(&key.addr_hi)?,
+            addr_lo: crate::addr::v4_of_mapped(&key.addr_lo)?,
+            addr_hi: crate::addr::v4_of_mapped(&key.addr_hi)?,
             port_lo: key.port_lo,
             port_hi: key.port_hi,
             proto: key.proto,

@@ -3,13 +3,13 @@
 
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use enforcer_common::{
-    addr::IpcacheKey,
+    addr::{Ipcache4Key, IpcacheKey},
     config::{MAX_CGROUP_LEVEL, PolicyConfig},
     identity::{CgroupKey, EndpointKey, IdentityInfo},
 };
 
 use crate::{
-    maps::{CGROUPS, ENDPOINTS, IPCACHE, IPCACHE_EXACT, POLICY_ACTIVE},
+    maps::{CGROUPS, ENDPOINTS, IPCACHE, IPCACHE_EXACT, IPCACHE_EXACT4, POLICY_ACTIVE},
     packet::Frame,
 };
 
@@ -25,7 +25,8 @@ pub fn active_config() -> Option<&'static PolicyConfig> {
 }
 
 /// The identity an address resolves to: the longest matching prefix, else world. A whole
-/// address entry is the longest match there can be, so the exact table answers first. A
+/// address entry is the longest match there can be, so the exact tables answer first (an IPv4
+/// address's under its 8-byte key: 20-byte keys made a denied new flow 24 ns slower). A
 /// function of its own: the keys stay off its callers' frames (5.10's and 6.1's verifiers count
 /// every frame of the deepest call chain against 512 bytes).
 #[inline(never)]
@@ -36,7 +37,11 @@ pub fn of_address(slot: u8, addr: &[u8; 16]) -> IdentityInfo {
         addr: *addr,
     };
     // SAFETY: the value is copied out at once.
-    if let Some(info) = unsafe { IPCACHE_EXACT.get(&exact) } {
+    let whole = match Ipcache4Key::of_mapped(slot, addr) {
+        Some(v4) => unsafe { IPCACHE_EXACT4.get(&v4) },
+        None => unsafe { IPCACHE_EXACT.get(&exact) },
+    };
+    if let Some(info) = whole {
         return *info;
     }
     let key = Key::new(128 + enforcer_common::addr::IPCACHE_KEY_HEADER_BITS, exact);

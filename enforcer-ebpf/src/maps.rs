@@ -10,7 +10,7 @@ use aya_ebpf::{
 
 use crate::subject::Subject;
 use enforcer_common::{
-    addr::IpcacheKey,
+    addr::{Ipcache4Key, IpcacheKey},
     config::PolicyConfig,
     conntrack::{CtEntry, CtKey, CtKey4, FlowTableCounts, FragEntry, FragKey},
     counters::{Counter, EDGE_CACHE_SLOTS, EdgeCacheSlot, FlowCounterKey},
@@ -41,6 +41,9 @@ pub static IPCACHE: LpmTrie<IpcacheKey, IdentityInfo, 131072> = LpmTrie::new();
 /// endpoint's own address, and a hash lookup does not grow with the trie.
 #[btf_map]
 pub static IPCACHE_EXACT: HashMap<IpcacheKey, IdentityInfo, 131072, NO_PREALLOC> = HashMap::new();
+/// The IPv4 ones of those, under an 8-byte key rather than 20 (see `Ipcache4Key`).
+#[btf_map]
+pub static IPCACHE_EXACT4: HashMap<Ipcache4Key, IdentityInfo, 131072, NO_PREALLOC> = HashMap::new();
 #[btf_map]
 pub static ENDPOINTS: HashMap<EndpointKey, IdentityInfo, 8192> = HashMap::new();
 #[btf_map]

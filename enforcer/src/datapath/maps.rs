@@ -18,7 +18,7 @@ use aya::{
     },
 };
 use enforcer_common::{
-    addr::IpcacheKey,
+    addr::{Ipcache4Key, IpcacheKey},
     config::{PolicyConfig, flags as config_flags},
     conntrack::{CtEntry, CtKey, CtKey4, FlowTableCounts},
     counters::{Counter, EDGE_CACHE_SLOTS, EdgeCacheSlot, FlowCounterKey},
@@ -34,10 +34,11 @@ use crate::{
 };
 
 /// Names of every map in the object, as `bpftool map` shows them.
-pub const MAP_NAMES: [&str; 23] = [
+pub const MAP_NAMES: [&str; 24] = [
     "POLICY_ACTIVE",
     "IPCACHE",
     "IPCACHE_EXACT",
+    "IPCACHE_EXACT4",
     "ENDPOINTS",
     "CGROUPS",
     "POLICY",
@@ -154,6 +155,7 @@ pub struct KernelMaps {
     active: ArrayOfMaps<MapData, Array<MapData, PolicyConfig>>,
     ipcache: LpmTrie<MapData, IpcacheKey, IdentityInfo>,
     ipcache_exact: HashMap<MapData, IpcacheKey, IdentityInfo>,
+    ipcache_exact4: HashMap<MapData, Ipcache4Key, IdentityInfo>,
     endpoints: HashMap<MapData, EndpointKey, IdentityInfo>,
     cgroups: HashMap<MapData, CgroupKey, IdentityInfo>,
     rules: HashMap<MapData, PolicyKey, RuleVerdict>,
@@ -194,6 +196,7 @@ impl KernelMaps {
             active: typed!("POLICY_ACTIVE"),
             ipcache: typed!("IPCACHE"),
             ipcache_exact: typed!("IPCACHE_EXACT"),
+            ipcache_exact4: typed!("IPCACHE_EXACT4"),
             endpoints: typed!("ENDPOINTS"),
             cgroups: typed!("CGROUPS"),
             rules: typed!("POLICY"),
@@ -289,7 +292,11 @@ impl KernelMaps {
         )
         .map_err(map_err("CGROUPS"))?;
         writes += sync_ipcache(
-            (&mut self.ipcache, &mut self.ipcache_exact),
+            Ipcache {
+                trie: &mut self.ipcache,
+                exact: &mut self.ipcache_exact,
+                exact4: &mut self.ipcache_exact4,
+            },
             slot,
             previous.map(|p| &p.ipcache),
             &next.ipcache,
@@ -591,74 +598,97 @@ fn lpm_key(prefix: &Prefix, slot: u8) -> LpmKey<IpcacheKey> {
     LpmKey::new(len, data)
 }
 
-/// The trie and its exact-address companion (whole addresses again, by exact key).
-type Ipcache<'a> = (
-    &'a mut LpmTrie<MapData, IpcacheKey, IdentityInfo>,
-    &'a mut HashMap<MapData, IpcacheKey, IdentityInfo>,
-);
+/// The trie and its exact-address companions (whole addresses again, by exact key: IPv4 ones
+/// under the short key).
+struct Ipcache<'a> {
+    trie: &'a mut LpmTrie<MapData, IpcacheKey, IdentityInfo>,
+    exact: &'a mut HashMap<MapData, IpcacheKey, IdentityInfo>,
+    exact4: &'a mut HashMap<MapData, Ipcache4Key, IdentityInfo>,
+}
+
+impl Ipcache<'_> {
+    fn remove(&mut self, prefix: &Prefix, slot: u8) -> Result<(), MapError> {
+        // The exact entry goes first: a lookup never finds it without its trie entry.
+        if prefix.is_host() {
+            let (_, key) = prefix.key(slot);
+            match Ipcache4Key::of_mapped(slot, &key.addr) {
+                Some(v4) => ignore_missing(self.exact4.remove(&v4))?,
+                None => ignore_missing(self.exact.remove(&key))?,
+            }
+        }
+        ignore_missing(self.trie.remove(&lpm_key(prefix, slot)))
+    }
+
+    fn insert(&mut self, prefix: &Prefix, slot: u8, info: &IdentityInfo) -> Result<(), MapError> {
+        self.trie.insert(&lpm_key(prefix, slot), info, 0)?;
+        if prefix.is_host() {
+            let (_, key) = prefix.key(slot);
+            match Ipcache4Key::of_mapped(slot, &key.addr) {
+                Some(v4) => self.exact4.insert(v4, info, 0)?,
+                None => self.exact.insert(key, info, 0)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Empties `slot` of whatever it holds.
+    fn clear(&mut self, slot: u8) -> Result<usize, MapError> {
+        let stale: Vec<LpmKey<IpcacheKey>> = self
+            .trie
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| key.data().slot == slot)
+            .collect();
+        let stale_exact: Vec<IpcacheKey> = self
+            .exact
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| key.slot == slot)
+            .collect();
+        let stale_exact4: Vec<Ipcache4Key> = self
+            .exact4
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| key.slot == slot)
+            .collect();
+        for key in stale_exact {
+            ignore_missing(self.exact.remove(&key))?;
+        }
+        for key in stale_exact4 {
+            ignore_missing(self.exact4.remove(&key))?;
+        }
+        for key in &stale {
+            ignore_missing(self.trie.remove(key))?;
+        }
+        Ok(stale.len())
+    }
+}
 
 fn sync_ipcache(
-    (trie, exact): Ipcache<'_>,
+    mut ipcache: Ipcache<'_>,
     slot: u8,
     previous: Option<&BTreeMap<Prefix, IdentityInfo>>,
     next: &BTreeMap<Prefix, IdentityInfo>,
 ) -> Result<usize, MapError> {
     let mut writes = 0;
-    let mut remove = |prefix: &Prefix| -> Result<(), MapError> {
-        // The exact entry goes first: a lookup never finds it without its trie entry.
-        if prefix.is_host() {
-            ignore_missing(exact.remove(&prefix.key(slot).1))?;
-        }
-        ignore_missing(trie.remove(&lpm_key(prefix, slot)))
-    };
-    let insert = |trie: &mut LpmTrie<_, _, _>,
-                  exact: &mut HashMap<_, _, _>,
-                  prefix: &Prefix,
-                  info: &IdentityInfo|
-     -> Result<(), MapError> {
-        trie.insert(&lpm_key(prefix, slot), info, 0)?;
-        if prefix.is_host() {
-            exact.insert(prefix.key(slot).1, info, 0)?;
-        }
-        Ok(())
-    };
-    match previous {
+    let written: Vec<(&Prefix, &IdentityInfo)> = match previous {
         Some(previous) => {
             let changes = Changes::between(previous, next);
-            for prefix in changes.removed {
-                remove(prefix)?;
-                writes += 1;
+            for prefix in &changes.removed {
+                ipcache.remove(prefix, slot)?;
             }
-            for (prefix, info) in changes.written {
-                insert(trie, exact, prefix, info)?;
-                writes += 1;
-            }
+            writes += changes.removed.len();
+            changes.written
         }
         None => {
-            let stale: Vec<LpmKey<IpcacheKey>> = trie
-                .keys()
-                .filter_map(Result::ok)
-                .filter(|key| key.data().slot == slot)
-                .collect();
-            let stale_exact: Vec<IpcacheKey> = exact
-                .keys()
-                .filter_map(Result::ok)
-                .filter(|key| key.slot == slot)
-                .collect();
-            for key in stale_exact {
-                ignore_missing(exact.remove(&key))?;
-            }
-            for key in stale {
-                ignore_missing(trie.remove(&key))?;
-                writes += 1;
-            }
-            for (prefix, info) in next {
-                insert(trie, exact, prefix, info)?;
-                writes += 1;
-            }
+            writes += ipcache.clear(slot)?;
+            next.iter().collect()
         }
+    };
+    for (prefix, info) in &written {
+        ipcache.insert(prefix, slot, info)?;
     }
-    Ok(writes)
+    Ok(writes + written.len())
 }
 
 /// What one slot of the tables holds, as far as the controller knows.
