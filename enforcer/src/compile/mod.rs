@@ -15,7 +15,10 @@ mod numbering;
 mod rules;
 mod tables;
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
 use enforcer_common::{
     identity::{HOST, IdentityInfo, WORLD},
@@ -25,18 +28,19 @@ use ipnet::IpNet;
 
 pub use self::tables::{Cgroup, HostView, Prefix, Tables};
 use self::{identities::Identities, numbering::number_rules};
-use crate::policy::{Mode, Peer, Policy, Protocol, Rule, RuleKind};
+use crate::policy::{Mode, Peer, Policy, PortMatch, Protocol, Rule, RuleKind};
 
 /// What a rule number stands for, for events, alerts and `explain`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct RuleInfo {
     pub id: Box<str>,
     pub kind: RuleKind,
-    /// Shared with every other rule of the generation that names the same peer: a generation's
-    /// names are kept for as long as its events may arrive, 100 000 rules' worth each.
+    /// Shared with every other rule of the generation that names the same peer or ports: a
+    /// generation's names are kept for as long as its events may arrive, 100 000 rules' worth
+    /// each.
     pub from: Arc<str>,
     pub to: Arc<str>,
-    pub ports: Box<str>,
+    pub ports: Arc<str>,
     pub max_new_per_sec: Option<u32>,
 }
 
@@ -80,11 +84,11 @@ pub fn compile(
     let mut tables = Tables::default();
     let identities = Identities::of(policy)?;
     identities.place(policy, host, &mut tables, &mut warnings);
-    let peer_names = PeerNames::of(policy);
+    let mut shared = SharedNames::of(policy);
     let infos: Vec<RuleInfo> = policy
         .rules
         .iter()
-        .map(|rule| RuleInfo::of(&peer_names, rule))
+        .map(|rule| RuleInfo::of(&mut shared, rule))
         .collect();
     let numbers = number_rules(&infos, previous);
     rules::write_entries(policy, &identities, &numbers, &mut tables)?;
@@ -100,32 +104,28 @@ pub fn compile(
 }
 
 impl RuleInfo {
-    fn of(peer_names: &PeerNames, rule: &Rule) -> Self {
-        let ports = if rule.ports.is_empty() {
-            "any".to_owned()
-        } else {
-            let ports: Vec<String> = rule.ports.iter().map(ToString::to_string).collect();
-            ports.join(", ")
-        };
+    fn of(shared: &mut SharedNames, rule: &Rule) -> Self {
         Self {
             id: rule.id.clone(),
             kind: rule.kind,
-            from: peer_names.of_peer(&rule.from),
-            to: peer_names.of_peer(&rule.to),
-            ports: ports.into(),
+            from: shared.of_peer(&rule.from),
+            to: shared.of_peer(&rule.to),
+            ports: shared.of_ports(&rule.ports),
             max_new_per_sec: rule.max_new_per_sec,
         }
     }
 }
 
-/// The name of each service, world and host once, for the rules that name them.
-struct PeerNames {
+/// Each service's, world's and host's name once, and each list of ports as text once, for the
+/// rules that name them.
+struct SharedNames {
     services: Vec<Arc<str>>,
     world: Arc<str>,
     host: Arc<str>,
+    ports: HashMap<Box<[PortMatch]>, Arc<str>>,
 }
 
-impl PeerNames {
+impl SharedNames {
     fn of(policy: &Policy) -> Self {
         Self {
             services: policy
@@ -135,7 +135,22 @@ impl PeerNames {
                 .collect(),
             world: "world".into(),
             host: "host".into(),
+            ports: HashMap::new(),
         }
+    }
+
+    fn of_ports(&mut self, ports: &[PortMatch]) -> Arc<str> {
+        if let Some(text) = self.ports.get(ports) {
+            return Arc::clone(text);
+        }
+        let text: Arc<str> = if ports.is_empty() {
+            "any".into()
+        } else {
+            let each: Vec<String> = ports.iter().map(ToString::to_string).collect();
+            each.join(", ").into()
+        };
+        self.ports.insert(ports.into(), Arc::clone(&text));
+        text
     }
 
     /// As `Policy::peer_name` names it.
