@@ -213,6 +213,12 @@ fn write_ocsf(line: &mut Line, record: &FlowRecord, host: &str) {
     write_ocsf_endpoint(line, &record.src);
     line.raw(r#","dst_endpoint":"#);
     write_ocsf_endpoint(line, &record.dst);
+    write_ocsf_context(line, record, host);
+    write_ocsf_unmapped(line, record);
+}
+
+/// `connection_info`, `firewall_rule`, `device` and `metadata`.
+fn write_ocsf_context(line: &mut Line, record: &FlowRecord, host: &str) {
     let (direction_id, direction) = direction_of(record);
     line.raw(r#","connection_info":{"protocol_num":"#)
         .integer(record.protocol_number)
@@ -236,7 +242,12 @@ fn write_ocsf(line: &mut Line, record: &FlowRecord, host: &str) {
         .raw(OCSF_PRODUCT)
         .raw(r#","profiles":["host","security_control"],"sequence":"#)
         .integer(record.sequence)
-        .raw(r#"},"unmapped":{"enforcer":{"verdict":"#)
+        .raw("}");
+}
+
+/// enforcer's own fields, and the record's closing brace.
+fn write_ocsf_unmapped(line: &mut Line, record: &FlowRecord) {
+    line.raw(r#","unmapped":{"enforcer":{"verdict":"#)
         .string(record.verdict.as_str())
         .raw(r#","reason":"#)
         .string(record.reason.as_str())
@@ -275,52 +286,15 @@ fn write_ocsf_endpoint(line: &mut Line, end: &crate::events::FlowEnd) {
 
 /// ECS 8.11: an `event.kind` of `event` for allowed flows, `alert` for the rest.
 fn write_ecs(line: &mut Line, record: &FlowRecord, host: &str) {
-    let (kind, types, action, outcome) = match record.verdict {
-        Verdict::Allow => (
-            "event",
-            r#"["connection","start","allowed"]"#,
-            "flow-allow",
-            "success",
-        ),
-        Verdict::Audit => (
-            "alert",
-            r#"["connection","start","allowed"]"#,
-            "flow-audit",
-            "success",
-        ),
-        Verdict::Deny => (
-            "alert",
-            r#"["connection","denied"]"#,
-            "flow-deny",
-            "failure",
-        ),
-    };
     let timestamp = rfc3339(record.time);
     line.raw(r#"{"@timestamp":"#)
         .string(&timestamp)
         .raw(r#","ecs":{"version":""#)
         .raw(ECS_VERSION)
         .raw(r#""},"message":"#)
-        .display(&FlowMessage(record))
-        .raw(r#","event":{"kind":"#)
-        .string(kind)
-        .raw(r#","category":["network"],"type":"#)
-        .raw(types)
-        .raw(r#","action":"#)
-        .string(action)
-        .raw(r#","outcome":"#)
-        .string(outcome)
-        .raw(r#","reason":"#)
-        .string(record.reason.as_str())
-        .raw(r#","severity":"#)
-        .integer(flow_severity(record))
-        .raw(r#","sequence":"#)
-        .integer(record.sequence)
-        .raw(r#","start":"#)
-        .string(&timestamp)
-        .raw(r#","end":"#)
-        .string(&timestamp)
-        .raw(r#","module":"enforcer","dataset":"enforcer.flow"},"source":{"ip":"#)
+        .display(&FlowMessage(record));
+    write_ecs_event(line, record, &timestamp);
+    line.raw(r#","source":{"ip":"#)
         .display(&record.src.ip)
         .raw(r#","port":"#)
         .integer(record.src.port)
@@ -352,7 +326,56 @@ fn write_ecs(line: &mut Line, record: &FlowRecord, host: &str) {
         .string(&record.interface)
         .raw(r#"}}},"host":{"hostname":"#)
         .string(host)
-        .raw(r#"},"enforcer":{"count":"#)
+        .raw("}");
+    write_ecs_enforcer(line, record);
+}
+
+/// ECS `event`: the categorisation fields.
+fn write_ecs_event(line: &mut Line, record: &FlowRecord, timestamp: &str) {
+    let (kind, types, action, outcome) = match record.verdict {
+        Verdict::Allow => (
+            "event",
+            r#"["connection","start","allowed"]"#,
+            "flow-allow",
+            "success",
+        ),
+        Verdict::Audit => (
+            "alert",
+            r#"["connection","start","allowed"]"#,
+            "flow-audit",
+            "success",
+        ),
+        Verdict::Deny => (
+            "alert",
+            r#"["connection","denied"]"#,
+            "flow-deny",
+            "failure",
+        ),
+    };
+    line.raw(r#","event":{"kind":"#)
+        .string(kind)
+        .raw(r#","category":["network"],"type":"#)
+        .raw(types)
+        .raw(r#","action":"#)
+        .string(action)
+        .raw(r#","outcome":"#)
+        .string(outcome)
+        .raw(r#","reason":"#)
+        .string(record.reason.as_str())
+        .raw(r#","severity":"#)
+        .integer(flow_severity(record))
+        .raw(r#","sequence":"#)
+        .integer(record.sequence)
+        .raw(r#","start":"#)
+        .string(timestamp)
+        .raw(r#","end":"#)
+        .string(timestamp)
+        .raw(r#","module":"enforcer","dataset":"enforcer.flow"}"#);
+}
+
+/// enforcer's own fields (a custom field set), and the record's closing brace.
+fn write_ecs_enforcer(line: &mut Line, record: &FlowRecord) {
+    line.raw(r#","enforcer":{"count":"#)
         .integer(record.count)
         .raw(r#","generation":"#)
         .integer(record.generation)
