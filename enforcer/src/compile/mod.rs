@@ -104,7 +104,7 @@ pub fn compile(
 }
 
 impl RuleInfo {
-    fn of(shared: &mut SharedNames, rule: &Rule) -> Self {
+    fn of<'a>(shared: &mut SharedNames<'a>, rule: &'a Rule) -> Self {
         Self {
             id: rule.id.clone(),
             kind: rule.kind,
@@ -116,51 +116,51 @@ impl RuleInfo {
     }
 }
 
-/// Each service's, world's and host's name once, and each list of ports as text once, for the
-/// rules that name them.
-struct SharedNames {
+/// Each peer's name (as `Policy::peer_name` gives it) and each list of ports as text, made
+/// once for all the rules that name them.
+struct SharedNames<'a> {
+    policy: &'a Policy,
+    /// By index, as rules name services: the lookup every rule does twice stays an index.
     services: Vec<Arc<str>>,
-    world: Arc<str>,
-    host: Arc<str>,
-    ports: HashMap<Box<[PortMatch]>, Arc<str>>,
+    /// World, host and CIDR peers.
+    others: HashMap<&'a Peer, Arc<str>>,
+    ports: HashMap<&'a [PortMatch], Arc<str>>,
 }
 
-impl SharedNames {
-    fn of(policy: &Policy) -> Self {
+impl<'a> SharedNames<'a> {
+    fn of(policy: &'a Policy) -> Self {
         Self {
-            services: policy
-                .services
-                .iter()
-                .map(|service| service.name.as_str().into())
+            policy,
+            services: (0..policy.services.len())
+                .map(|index| policy.peer_name(&Peer::Service(index)).into())
                 .collect(),
-            world: "world".into(),
-            host: "host".into(),
+            others: HashMap::new(),
             ports: HashMap::new(),
         }
     }
 
-    fn of_ports(&mut self, ports: &[PortMatch]) -> Arc<str> {
-        if let Some(text) = self.ports.get(ports) {
-            return Arc::clone(text);
-        }
-        let text: Arc<str> = if ports.is_empty() {
-            "any".into()
-        } else {
-            let each: Vec<String> = ports.iter().map(ToString::to_string).collect();
-            each.join(", ").into()
+    fn of_peer(&mut self, peer: &'a Peer) -> Arc<str> {
+        let policy = self.policy;
+        let name = match peer {
+            Peer::Service(index) => &self.services[*index],
+            other => self
+                .others
+                .entry(other)
+                .or_insert_with(|| policy.peer_name(other).into()),
         };
-        self.ports.insert(ports.into(), Arc::clone(&text));
-        text
+        Arc::clone(name)
     }
 
-    /// As `Policy::peer_name` names it.
-    fn of_peer(&self, peer: &Peer) -> Arc<str> {
-        match peer {
-            Peer::Service(index) => Arc::clone(&self.services[*index]),
-            Peer::World => Arc::clone(&self.world),
-            Peer::Host => Arc::clone(&self.host),
-            Peer::Cidr(net) => net.to_string().into(),
-        }
+    fn of_ports(&mut self, ports: &'a [PortMatch]) -> Arc<str> {
+        let text = self.ports.entry(ports).or_insert_with(|| {
+            if ports.is_empty() {
+                "any".into()
+            } else {
+                let each: Vec<String> = ports.iter().map(ToString::to_string).collect();
+                each.join(", ").into()
+            }
+        });
+        Arc::clone(text)
     }
 }
 

@@ -92,55 +92,54 @@ trait SlotKey: Pod + Ord {
     fn in_slot(self, slot: u8) -> Self;
 }
 
-impl SlotKey for PolicyKey {
-    fn slot(&self) -> u8 {
-        self.slot
-    }
-    fn in_slot(self, slot: u8) -> Self {
-        Self { slot, ..self }
-    }
+/// `SlotKey` for the key types of the slot-versioned hash maps: each has a `slot` field (a
+/// `u8`, or a `u32` in the identity tables' keys).
+macro_rules! slot_key {
+    ($($key:ty),* $(,)?) => {
+        $(
+            impl SlotKey for $key {
+                fn slot(&self) -> u8 {
+                    u8::try_from(self.slot).unwrap_or(u8::MAX)
+                }
+                fn in_slot(self, slot: u8) -> Self {
+                    Self {
+                        slot: slot.into(),
+                        ..self
+                    }
+                }
+            }
+        )*
+    };
 }
 
-impl SlotKey for PairKey {
-    fn slot(&self) -> u8 {
-        self.slot
-    }
-    fn in_slot(self, slot: u8) -> Self {
-        Self { slot, ..self }
-    }
+slot_key!(
+    PolicyKey,
+    PairKey,
+    RangeKey,
+    EndpointKey,
+    CgroupKey,
+    IpcacheKey,
+    Ipcache4Key
+);
+
+/// The keys of `map` in `slot`, as the kernel holds them.
+fn keys_in_slot<K: SlotKey, V: Pod>(
+    map: &HashMap<MapData, K, V>,
+    slot: u8,
+) -> impl Iterator<Item = K> + '_ {
+    map.keys()
+        .filter_map(Result::ok)
+        .filter(move |key| key.slot() == slot)
 }
 
-impl SlotKey for RangeKey {
-    fn slot(&self) -> u8 {
-        self.slot
-    }
-    fn in_slot(self, slot: u8) -> Self {
-        Self { slot, ..self }
-    }
-}
-
-impl SlotKey for EndpointKey {
-    fn slot(&self) -> u8 {
-        self.slot as u8
-    }
-    fn in_slot(self, slot: u8) -> Self {
-        Self {
-            slot: u32::from(slot),
-            ..self
-        }
-    }
-}
-
-impl SlotKey for CgroupKey {
-    fn slot(&self) -> u8 {
-        self.slot as u8
-    }
-    fn in_slot(self, slot: u8) -> Self {
-        Self {
-            slot: u32::from(slot),
-            ..self
-        }
-    }
+/// The trie's keys in `slot`.
+fn trie_keys_in_slot(
+    trie: &LpmTrie<MapData, IpcacheKey, IdentityInfo>,
+    slot: u8,
+) -> impl Iterator<Item = LpmKey<IpcacheKey>> + '_ {
+    trie.keys()
+        .filter_map(Result::ok)
+        .filter(move |key| key.data().slot == slot)
 }
 
 /// Entries and capacity of one map, for `status` and metrics.
@@ -316,16 +315,12 @@ impl KernelMaps {
     /// Entries of each slot-versioned table in `slot`, counted in the kernel.
     fn slot_entries(&self, slot: u8) -> [usize; 6] {
         [
-            self.ipcache
-                .keys()
-                .filter_map(Result::ok)
-                .filter(|key| key.data().slot == slot)
-                .count(),
-            entries_in_slot(&self.endpoints, slot),
-            entries_in_slot(&self.cgroups, slot),
-            entries_in_slot(&self.rules, slot),
-            entries_in_slot(&self.ranges, slot),
-            entries_in_slot(&self.pairs, slot),
+            trie_keys_in_slot(&self.ipcache, slot).count(),
+            keys_in_slot(&self.endpoints, slot).count(),
+            keys_in_slot(&self.cgroups, slot).count(),
+            keys_in_slot(&self.rules, slot).count(),
+            keys_in_slot(&self.ranges, slot).count(),
+            keys_in_slot(&self.pairs, slot).count(),
         ]
     }
 
@@ -507,13 +502,6 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
     }
 }
 
-fn entries_in_slot<K: SlotKey, V: Pod>(map: &HashMap<MapData, K, V>, slot: u8) -> usize {
-    map.keys()
-        .filter_map(Result::ok)
-        .filter(|key| key.slot() == slot)
-        .count()
-}
-
 fn sync_hash<K: SlotKey, V: Pod + PartialEq>(
     map: &mut HashMap<MapData, K, V>,
     slot: u8,
@@ -528,14 +516,7 @@ fn sync_hash<K: SlotKey, V: Pod + PartialEq>(
                 changes.written,
             )
         }
-        None => {
-            let stale = map
-                .keys()
-                .filter_map(Result::ok)
-                .filter(|key| key.slot() == slot)
-                .collect();
-            (stale, next.iter().collect())
-        }
+        None => (keys_in_slot(map, slot).collect(), next.iter().collect()),
     };
     for key in &removed {
         ignore_missing(map.remove(&key.in_slot(slot)))?;
@@ -543,7 +524,7 @@ fn sync_hash<K: SlotKey, V: Pod + PartialEq>(
     let keys: Vec<K> = written.iter().map(|(key, _)| key.in_slot(slot)).collect();
     let values: Vec<V> = written.iter().map(|(_, value)| **value).collect();
     bpf_sys::update_batch(IterableMap::map(map).fd().as_fd(), &keys, &values).map_err(
-        |(_, io_error)| {
+        |io_error| {
             MapError::SyscallError(aya::sys::SyscallError {
                 call: "bpf_map_update_batch",
                 io_error,
@@ -641,24 +622,9 @@ impl Ipcache<'_> {
 
     /// Empties `slot` of whatever it holds.
     fn clear(&mut self, slot: u8) -> Result<usize, MapError> {
-        let stale: Vec<LpmKey<IpcacheKey>> = self
-            .trie
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|key| key.data().slot == slot)
-            .collect();
-        let stale_exact: Vec<IpcacheKey> = self
-            .exact
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|key| key.slot == slot)
-            .collect();
-        let stale_exact4: Vec<Ipcache4Key> = self
-            .exact4
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|key| key.slot == slot)
-            .collect();
+        let stale: Vec<_> = trie_keys_in_slot(self.trie, slot).collect();
+        let stale_exact: Vec<_> = keys_in_slot(self.exact, slot).collect();
+        let stale_exact4: Vec<_> = keys_in_slot(self.exact4, slot).collect();
         for key in stale_exact {
             ignore_missing(self.exact.remove(&key))?;
         }

@@ -256,18 +256,9 @@ fn write_ocsf_unmapped(line: &mut Line, record: &FlowRecord) {
         .raw(r#","hook":"#)
         .string(record.hook)
         .raw(r#","interface":"#)
-        .string(&record.interface)
-        .raw(r#","src_identity":"#)
-        .integer(record.src.identity)
-        .raw(r#","dst_identity":"#)
-        .integer(record.dst.identity)
-        .raw(r#","address_identity":"#)
-        .integer(record.address_identity)
-        .raw(r#","rejudged":"#)
-        .boolean(record.rejudged)
-        .raw(r#","aggregated":"#)
-        .boolean(record.aggregated)
-        .raw(r#","cgroup_id":"#)
+        .string(&record.interface);
+    write_identities_and_flags(line, record);
+    line.raw(r#","cgroup_id":"#)
         .integer(record.cgroup_id)
         .raw(r#","cpu":"#)
         .integer(record.cpu)
@@ -380,8 +371,14 @@ fn write_ecs_enforcer(line: &mut Line, record: &FlowRecord) {
         .raw(r#","generation":"#)
         .integer(record.generation)
         .raw(r#","hook":"#)
-        .string(record.hook)
-        .raw(r#","src_identity":"#)
+        .string(record.hook);
+    write_identities_and_flags(line, record);
+    line.raw("}}");
+}
+
+/// The identities and flags both formats carry among enforcer's own fields, in this order.
+fn write_identities_and_flags(line: &mut Line, record: &FlowRecord) {
+    line.raw(r#","src_identity":"#)
         .integer(record.src.identity)
         .raw(r#","dst_identity":"#)
         .integer(record.dst.identity)
@@ -390,6 +387,5 @@ fn write_ecs_enforcer(line: &mut Line, record: &FlowRecord) {
         .raw(r#","rejudged":"#)
         .boolean(record.rejudged)
         .raw(r#","aggregated":"#)
-        .boolean(record.aggregated)
-        .raw("}}");
+        .boolean(record.aggregated);
 }
