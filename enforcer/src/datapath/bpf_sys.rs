@@ -1,6 +1,6 @@
 //! The bpf(2) commands aya does not wrap: `BPF_MAP_FREEZE` (each generation's config),
-//! `BPF_MAP_UPDATE_BATCH` (a policy's entries, many to a call), `BPF_LINK_UPDATE` for a cgroup
-//! link, and
+//! `BPF_MAP_UPDATE_BATCH` (a policy's entries, many to a call), an array-of-maps update from
+//! a thread that holds no aya handle (the switch), `BPF_LINK_UPDATE` for a cgroup link, and
 //! what a pinned link is attached to (aya does not report a link's interface; `status` shows an
 //! interface as enforced only if its link still points at it).
 
@@ -14,6 +14,8 @@ use std::{
     path::Path,
 };
 
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_MAP_FREEZE: libc::c_long = 22;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
@@ -62,6 +64,47 @@ pub fn freeze(map: BorrowedFd<'_>) -> io::Result<()> {
         _pad: 0,
     };
     bpf(BPF_MAP_FREEZE, &attr).map(|_| ())
+}
+
+/// `union bpf_attr` for the element commands: the key and value are pointers to `u32`s that
+/// outlive the call.
+#[repr(C)]
+struct ElementAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// Puts the map `inner` at `index` of the array-of-maps `outer`. Programs see it as soon as
+/// the kernel swapped the pointer; the call returns only after a grace period, when no program
+/// run can still hold the map it replaced.
+pub fn set_inner_map(outer: BorrowedFd<'_>, index: u32, inner: BorrowedFd<'_>) -> io::Result<()> {
+    let value = inner.as_raw_fd() as u32;
+    let attr = ElementAttr {
+        map_fd: outer.as_raw_fd() as u32,
+        _pad: 0,
+        key: &index as *const u32 as u64,
+        value: &value as *const u32 as u64,
+        flags: 0,
+    };
+    bpf(BPF_MAP_UPDATE_ELEM, &attr).map(|_| ())
+}
+
+/// The id of the map at `index` of the array-of-maps `outer` (what a lookup from userspace
+/// returns for a map-in-map).
+pub fn inner_map_id(outer: BorrowedFd<'_>, index: u32) -> io::Result<u32> {
+    let mut id = 0u32;
+    let attr = ElementAttr {
+        map_fd: outer.as_raw_fd() as u32,
+        _pad: 0,
+        key: &index as *const u32 as u64,
+        value: &mut id as *mut u32 as u64,
+        flags: 0,
+    };
+    bpf(BPF_MAP_LOOKUP_ELEM, &attr)?;
+    Ok(id)
 }
 
 /// `BPF_MAP_UPDATE_BATCH` (kernel 5.6): writes `keys[i]` → `values[i]` for every `i`, in one

@@ -3,7 +3,7 @@
 
 use std::{
     collections::BTreeMap,
-    os::fd::AsFd as _,
+    os::fd::{AsFd as _, OwnedFd},
     path::Path,
     sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -80,6 +80,8 @@ pub enum MapsError {
     },
     #[error("freezing the generation's config: {0}")]
     Freeze(std::io::Error),
+    #[error("switching to the generation's config: {0}")]
+    Switch(std::io::Error),
 }
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> MapsError {
@@ -152,6 +154,9 @@ pub struct Fill {
 /// Handles to the maps the controller reads and writes.
 pub struct KernelMaps {
     active: ArrayOfMaps<MapData, Array<MapData, PolicyConfig>>,
+    /// `active`'s descriptor again, for the thread that switches generations (aya's handle
+    /// does not lend its own).
+    active_fd: Arc<OwnedFd>,
     ipcache: LpmTrie<MapData, IpcacheKey, IdentityInfo>,
     ipcache_exact: HashMap<MapData, IpcacheKey, IdentityInfo>,
     ipcache_exact4: HashMap<MapData, Ipcache4Key, IdentityInfo>,
@@ -191,8 +196,15 @@ impl KernelMaps {
                 take($name)?.try_into().map_err(map_err($name))?
             };
         }
+        let active = take("POLICY_ACTIVE")?;
+        let active_fd = map_data(&active)
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(MapsError::Switch)?;
         let maps = Self {
-            active: typed!("POLICY_ACTIVE"),
+            active: active.try_into().map_err(map_err("POLICY_ACTIVE"))?,
+            active_fd: Arc::new(active_fd),
             ipcache: typed!("IPCACHE"),
             ipcache_exact: typed!("IPCACHE_EXACT"),
             ipcache_exact4: typed!("IPCACHE_EXACT4"),
@@ -324,19 +336,48 @@ impl KernelMaps {
         ]
     }
 
-    /// Installs `config` as the live generation. The update of the array-of-maps returns only
-    /// after every program run that could still see the old config has finished.
-    fn switch_to(&mut self, config: &PolicyConfig) -> Result<(), MapsError> {
+    /// Installs `config` as the live generation, and returns as soon as the programs see it.
+    /// The kernel returns from an update of an array-of-maps only after a grace period (no
+    /// program run may still hold the old config): 6-10 ms that a switch need not wait. A
+    /// thread of its own makes the update and waits that out, while this one watches the map
+    /// for the new config; the [`GracePeriod`] it returns ends with that thread, and the old
+    /// generation's slot may be written only after it.
+    fn switch_to(&mut self, config: &PolicyConfig) -> Result<GracePeriod, MapsError> {
         let mut generation: Array<MapData, PolicyConfig> =
             Array::create(1, 0).map_err(map_err("POLICY_ACTIVE"))?;
         generation
             .set(0, config, 0)
             .map_err(map_err("POLICY_ACTIVE"))?;
-        crate::datapath::bpf_sys::freeze(IterableMap::map(&generation).fd().as_fd())
-            .map_err(MapsError::Freeze)?;
-        self.active
-            .set(0, &generation, 0)
-            .map_err(map_err("POLICY_ACTIVE"))
+        let data = IterableMap::map(&generation);
+        bpf_sys::freeze(data.fd().as_fd()).map_err(MapsError::Freeze)?;
+        let id = data.info().map_err(map_err("POLICY_ACTIVE"))?.id();
+        // The thread holds the config map open until the array holds it.
+        let inner = data
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(MapsError::Switch)?;
+        let outer = Arc::clone(&self.active_fd);
+        let update = std::thread::Builder::new()
+            .name("switch".to_owned())
+            .spawn(move || bpf_sys::set_inner_map(outer.as_fd(), 0, inner.as_fd()))
+            .map_err(MapsError::Switch)?;
+        loop {
+            if bpf_sys::inner_map_id(self.active_fd.as_fd(), 0).is_ok_and(|live| live == id) {
+                return Ok(GracePeriod(Some(update)));
+            }
+            if update.is_finished() {
+                // Returned: switched (the map shows it from now on), or refused.
+                return match update.join() {
+                    Ok(Ok(())) => Ok(GracePeriod(None)),
+                    Ok(Err(error)) => Err(MapsError::Switch(error)),
+                    Err(_) => Err(MapsError::Switch(std::io::Error::other(
+                        "the switching thread panicked",
+                    ))),
+                };
+            }
+            std::thread::yield_now();
+        }
     }
 
     /// Per-(verdict, reason) packet and byte counts, summed over CPUs.
@@ -684,10 +725,29 @@ pub struct Installed {
     pub took: Duration,
 }
 
+/// The wait that follows a switch: until it ends, a program run may still read the generation
+/// switched from, so that generation's slot is not written.
+#[derive(Debug)]
+struct GracePeriod(Option<std::thread::JoinHandle<std::io::Result<()>>>);
+
+impl GracePeriod {
+    fn wait(self) {
+        let Some(update) = self.0 else { return };
+        match update.join() {
+            Ok(Ok(())) => {}
+            // Seen switched before it returned: nothing to undo, and nothing else to wait for.
+            Ok(Err(error)) => tracing::warn!("the generation switch returned an error: {error}"),
+            Err(_) => tracing::warn!("the generation switch's thread panicked"),
+        }
+    }
+}
+
 /// Installs compiled policies as generations, alternating between the two slots.
 pub struct Installer {
     live: Option<PolicyConfig>,
     slots: [SlotContents; 2],
+    /// After the last switch: the old generation's slot is written only once it is over.
+    grace: Option<GracePeriod>,
 }
 
 impl Installer {
@@ -696,6 +756,7 @@ impl Installer {
         Ok(Self {
             live: maps.installed()?,
             slots: Default::default(),
+            grace: None,
         })
     }
 
@@ -723,6 +784,7 @@ impl Installer {
         let slot = self.live.as_ref().map_or(0, |live| 1 - live.slot as u8);
         self.check_capacity(maps, &compiled.tables)?;
         // The target slot is about to change: until the switch, it is in an unknown state.
+        self.end_grace_period();
         let previous = match std::mem::take(&mut self.slots[usize::from(slot)]) {
             SlotContents::Known(tables) => Some(tables),
             SlotContents::Unknown => None,
@@ -742,7 +804,7 @@ impl Installer {
                 .map_or(0, |now| now.as_nanos() as u64),
             policy_hash: compiled.hash,
         };
-        maps.switch_to(&config)?;
+        self.grace = Some(maps.switch_to(&config)?);
         self.slots[usize::from(slot)] = SlotContents::Known(Arc::clone(&compiled.tables));
         self.live = Some(config);
         Ok(Installed {
@@ -763,6 +825,7 @@ impl Installer {
     ) -> Result<usize, MapsError> {
         let Some(live) = &self.live else { return Ok(0) };
         let idle = usize::from(1 - live.slot as u8);
+        self.end_grace_period();
         // The slot is in an unknown state until the writes are done.
         let previous = match std::mem::take(&mut self.slots[idle]) {
             SlotContents::Known(tables) => Some(tables),
@@ -771,6 +834,13 @@ impl Installer {
         let writes = maps.write_slot(idle as u8, previous.as_deref(), &compiled.tables)?;
         self.slots[idle] = SlotContents::Known(Arc::clone(&compiled.tables));
         Ok(writes)
+    }
+
+    /// Waits until no program run can still read the generation switched from last.
+    fn end_grace_period(&mut self) {
+        if let Some(grace) = self.grace.take() {
+            grace.wait();
+        }
     }
 
     /// Both generations share each map while switching: the live one and `next` must fit.
