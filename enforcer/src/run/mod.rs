@@ -175,10 +175,6 @@ impl RunError {
 
 /// How often the controller looks for interfaces and cgroups that appeared or went.
 const HOST_RESYNC: Duration = Duration::from_secs(10);
-/// A save is often several file events in a burst: reload once no event came for this long...
-const QUIET_AFTER_CHANGE: Duration = Duration::from_millis(20);
-/// ...or this long after the first, whichever is sooner.
-const MAX_CHANGE_SETTLE: Duration = Duration::from_millis(500);
 
 /// Runs the controller until SIGINT or SIGTERM.
 pub async fn run(options: RunOptions) -> Result<(), RunError> {
@@ -582,6 +578,26 @@ async fn next_fleet_update(
     }
 }
 
+/// Reloads for a change to the policy's files first seen at `first`. Each event ends a change
+/// (see `watch`), so the file is whole now: it is loaded at once rather than after the rest of a
+/// burst (a save is often several events: a rename is seen under both names). Events already
+/// queued are the same change; those that come during the load make one more, which finds the
+/// policy unchanged unless it changed again.
+fn reload_on_change(
+    controller: &mut Controller,
+    first: Instant,
+    changes: &mut mpsc::UnboundedReceiver<Instant>,
+) {
+    let mut next = Some(first);
+    while let Some(mut changed) = next.take() {
+        while let Ok(queued) = changes.try_recv() {
+            changed = queued;
+        }
+        controller.reload(Trigger::FileChange, changed);
+        next = changes.try_recv().ok();
+    }
+}
+
 /// How often interfaces that could not be attached are tried again.
 const GAP_RETRY: Duration = Duration::from_millis(250);
 
@@ -622,9 +638,7 @@ async fn event_loop(
                 host.follow(options, controller);
             }
             Some(first) = changes.recv() => {
-                let deadline = tokio::time::Instant::from_std(first + MAX_CHANGE_SETTLE);
-                while let Ok(Some(_)) = tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + QUIET_AFTER_CHANGE), changes.recv()).await {}
-                controller.reload(Trigger::FileChange, first);
+                reload_on_change(controller, first, &mut changes);
                 host.follow(options, controller);
             }
             changed = host.events.changed(), if following => {
