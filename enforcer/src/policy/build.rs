@@ -1,8 +1,9 @@
 //! Building a [`Policy`] from the documents of every file, with every problem reported.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashSet},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use enforcer_common::policy::rule;
@@ -14,7 +15,7 @@ use super::{
     diagnostics::{At, Diagnostics, Origin},
     documents::{DetectionDocument, RuleDocument, ServiceDocument},
     identity,
-    load::FileContent,
+    load::{FileContent, RuleItem},
     parse_cidr,
 };
 
@@ -62,14 +63,29 @@ pub(super) fn valid_service_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
+/// Builds the policy of `contents` (a whole build: [`start`], then [`add_rules`]).
+#[cfg(test)]
 pub(super) fn build(
     hash: [u8; 32],
     files: Vec<PathBuf>,
     contents: &[FileContent<'_>],
     diagnostics: &mut Diagnostics,
 ) -> Policy {
+    let mut policy = start(files, contents, diagnostics);
+    policy.hash = hash;
+    add_rules(&mut policy, contents, diagnostics);
+    policy
+}
+
+/// The policy of `contents` without its rules: settings, services, identities (which need
+/// every service to find collisions). Rules come after, in [`add_rules`]: they name services.
+pub(super) fn start(
+    files: Vec<PathBuf>,
+    contents: &[FileContent<'_>],
+    diagnostics: &mut Diagnostics,
+) -> Policy {
     let mut policy = Policy {
-        hash,
+        hash: [0; 32],
         files,
         mode: Mode::Enforce,
         manage_host: false,
@@ -78,13 +94,49 @@ pub(super) fn build(
         detection: Detection::default(),
     };
     build_settings(&mut policy, contents, diagnostics);
-    // Services, then identities (which need every service to find collisions).
     policy.services = build_services(contents, diagnostics);
     check_identities(&policy.services, diagnostics);
     check_addresses(&policy.services, diagnostics);
-    policy.rules = build_rules(&policy, contents, diagnostics);
-    check_cidr_peers(&policy, diagnostics);
     policy
+}
+
+/// What built rules depend on of the services: their names in order (a rule names a service by
+/// its place) and their addresses (a rule may not name one as a CIDR).
+pub(super) fn service_names_and_addresses(services: &[Service]) -> Vec<(String, Vec<IpNet>)> {
+    services
+        .iter()
+        .map(|service| (service.name.clone(), service.addresses.clone()))
+        .collect()
+}
+
+/// Every file's rules in order, allows before denies within a file: built from their
+/// documents, or built already; an id used twice is an error.
+pub(super) fn add_rules(
+    policy: &mut Policy,
+    contents: &[FileContent<'_>],
+    diagnostics: &mut Diagnostics,
+) {
+    let (rules, fresh) = build_rules(policy, contents, diagnostics);
+    policy.rules = rules;
+    check_cidr_peers(policy, &fresh, diagnostics);
+}
+
+/// `rule` as built from a table that now starts `lines` lines further down: its line, and the
+/// default id that carries it.
+pub(super) fn moved(rule: &Rule, lines: i64) -> Rule {
+    let line = u32::try_from(i64::from(rule.origin.line) + lines).unwrap_or(u32::MAX);
+    let id = match (rule.id_declared, rule.id.rsplit_once(':')) {
+        (false, Some((before_line, _))) => format!("{before_line}:{line}").into(),
+        _ => rule.id.clone(),
+    };
+    Rule {
+        id,
+        origin: Origin {
+            line,
+            ..rule.origin.clone()
+        },
+        ..rule.clone()
+    }
 }
 
 /// `[settings]` and `[detection]`, each given at most once across all files.
@@ -221,47 +273,79 @@ fn build_services(contents: &[FileContent<'_>], diagnostics: &mut Diagnostics) -
     services_by_name.into_values().collect()
 }
 
-/// Every file's rules in order, allows before denies within a file; an id used twice is an
-/// error.
+/// The rules, and the indexes of those built just now (from their documents).
 fn build_rules(
     policy: &Policy,
     contents: &[FileContent<'_>],
     diagnostics: &mut Diagnostics,
-) -> Vec<Rule> {
-    let rule_count = contents
-        .iter()
-        .map(|content| content.allow.len() + content.deny.len())
-        .sum();
-    let mut rule_ids: HashMap<Box<str>, Origin> = HashMap::with_capacity(rule_count);
-    let mut rules = Vec::with_capacity(rule_count);
+) -> (Vec<Arc<Rule>>, Vec<usize>) {
+    // (Each part holds a rule, but for services, settings and files parsed whole.)
+    let rule_count = contents.iter().map(|content| content.parts.len()).sum();
+    let mut rule_ids: HashSet<ById, foldhash::fast::RandomState> =
+        HashSet::with_capacity_and_hasher(rule_count, foldhash::fast::RandomState::default());
+    let mut rules: Vec<Arc<Rule>> = Vec::with_capacity(rule_count);
+    let mut fresh = Vec::new();
     for content in contents {
-        for (kind, documents) in [
-            (RuleKind::Allow, &content.allow),
-            (RuleKind::Deny, &content.deny),
-        ] {
-            for &(source, rule) in documents {
-                let Some(parsed) = build_rule(policy, source, kind, rule, diagnostics) else {
-                    continue;
+        for kind in [RuleKind::Allow, RuleKind::Deny] {
+            content.each_rule(kind, |item| {
+                let (rule, is_fresh) = match item {
+                    RuleItem::Built(rule) => (Arc::clone(rule), false),
+                    RuleItem::Parsed { at, rule, .. } => {
+                        match build_rule(policy, at, kind, rule, diagnostics) {
+                            Some(built) => (Arc::new(built), true),
+                            None => return,
+                        }
+                    }
                 };
-                if let Some(first) = rule_ids.get(&*parsed.id) {
+                if let Some(first) = rule_ids.get(&*rule.id) {
                     diagnostics.error(
-                        parsed.origin.clone(),
-                        format!("rule id \"{}\" is already used at {first}", parsed.id),
+                        rule.origin.clone(),
+                        format!(
+                            "rule id \"{}\" is already used at {}",
+                            rule.id, first.0.origin
+                        ),
                     );
-                    continue;
+                    return;
                 }
-                rule_ids.insert(parsed.id.clone(), parsed.origin.clone());
-                rules.push(parsed);
-            }
+                rule_ids.insert(ById(Arc::clone(&rule)));
+                if is_fresh {
+                    fresh.push(rules.len());
+                }
+                rules.push(rule);
+            });
         }
     }
-    rules
+    (rules, fresh)
+}
+
+/// A rule, hashed and compared by its id.
+struct ById(Arc<Rule>);
+
+impl std::hash::Hash for ById {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.id.hash(state);
+    }
+}
+
+impl PartialEq for ById {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.id == other.0.id
+    }
+}
+
+impl Eq for ById {}
+
+impl std::borrow::Borrow<str> for ById {
+    fn borrow(&self) -> &str {
+        &self.0.id
+    }
 }
 
 /// A CIDR peer that is exactly a service's address is that service: say so instead of
-/// silently creating a second identity for the same address.
-fn check_cidr_peers(policy: &Policy, diagnostics: &mut Diagnostics) {
-    for rule in &policy.rules {
+/// silently creating a second identity for the same address. Only rules built just now
+/// (`fresh`): those built before were checked against the same services.
+fn check_cidr_peers(policy: &Policy, fresh: &[usize], diagnostics: &mut Diagnostics) {
+    for rule in fresh.iter().map(|&index| &policy.rules[index]) {
         for peer in [&rule.from, &rule.to] {
             if let Peer::Cidr(net) = peer
                 && let Some(owner) = policy
@@ -501,6 +585,7 @@ pub(super) fn build_rule(
     if !ports_ok {
         return None;
     }
+    let id_declared = document.id.is_some();
     let id = match &document.id {
         Some(id) => declared_rule_id(source, id, diagnostics)?,
         None => format!(
@@ -515,6 +600,7 @@ pub(super) fn build_rule(
     Some(Rule {
         kind,
         id: id.into(),
+        id_declared,
         from,
         to,
         ports: ports.into(),

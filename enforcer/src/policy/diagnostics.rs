@@ -3,7 +3,7 @@
 use std::{
     fmt,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, OnceLock},
 };
 
 use toml::Spanned;
@@ -75,26 +75,39 @@ pub(super) struct Source {
     /// Shared with the origins of everything the file declares.
     pub(super) path: Arc<Path>,
     pub(super) text: String,
-    /// Byte offset where each line starts.
-    pub(super) line_starts: Vec<usize>,
+    /// Byte offset where each line starts: made when first needed, which positions in a table
+    /// whose line is known are not (several milliseconds, and megabytes, for a large policy).
+    line_starts: OnceLock<Vec<usize>>,
 }
 
 impl Source {
     pub(super) fn new(path: PathBuf, text: String) -> Self {
-        let line_starts = std::iter::once(0)
-            .chain(text.match_indices('\n').map(|(newline, _)| newline + 1))
-            .collect();
         Self {
             path: Arc::from(path),
             text,
-            line_starts,
+            line_starts: OnceLock::new(),
         }
+    }
+
+    fn line_starts(&self) -> &[usize] {
+        self.line_starts.get_or_init(|| {
+            let newlines = || memchr::memchr_iter(b'\n', self.text.as_bytes());
+            let mut starts = Vec::with_capacity(newlines().count() + 1);
+            starts.push(0);
+            starts.extend(newlines().map(|newline| newline + 1));
+            starts
+        })
     }
 
     pub(super) fn origin(&self, offset: usize) -> Origin {
         let offset = offset.min(self.text.len());
-        let line = self.line_starts.partition_point(|start| *start <= offset);
-        let line_start = self.line_starts[line - 1];
+        let line_starts = self.line_starts();
+        let line = line_starts.partition_point(|start| *start <= offset);
+        self.origin_on(line, line_starts[line - 1], offset)
+    }
+
+    /// The origin of `offset`, on line `line` (1-based), which starts at byte `line_start`.
+    fn origin_on(&self, line: usize, line_start: usize, offset: usize) -> Origin {
         let column = self.text[line_start..offset].chars().count() + 1;
         // (A policy file of four billion lines is not one a controller could load anyway.)
         Origin {
@@ -106,7 +119,20 @@ impl Source {
 
     /// Positions in the part of this file that starts at byte `base`.
     pub(super) fn from(&self, base: usize) -> At<'_> {
-        At { source: self, base }
+        At {
+            source: self,
+            base,
+            line: None,
+        }
+    }
+
+    /// Positions in the table of this file that starts at byte `base`, the start of line `line`.
+    pub(super) fn table(&self, base: usize, line: u32) -> At<'_> {
+        At {
+            source: self,
+            base,
+            line: Some(line),
+        }
     }
 }
 
@@ -116,11 +142,22 @@ impl Source {
 pub(super) struct At<'a> {
     pub(super) source: &'a Source,
     pub(super) base: usize,
+    /// The line `base` starts, when known: a position is then found in the part's own text.
+    line: Option<u32>,
 }
 
 impl At<'_> {
     pub(super) fn at<T>(&self, spanned: &Spanned<T>) -> Origin {
-        self.source.origin(self.base + spanned.span().start)
+        let offset = (self.base + spanned.span().start).min(self.source.text.len());
+        let Some(line) = self.line else {
+            return self.source.origin(offset);
+        };
+        let before = &self.source.text.as_bytes()[self.base..offset];
+        let newlines = memchr::memchr_iter(b'\n', before).count();
+        let line_start =
+            memchr::memrchr(b'\n', before).map_or(self.base, |newline| self.base + newline + 1);
+        self.source
+            .origin_on(line as usize + newlines, line_start, offset)
     }
 }
 

@@ -11,9 +11,10 @@ use std::{
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
+use ipnet::IpNet;
+
 use super::{
-    Policy,
-    build::build,
+    Policy, Rule, RuleKind, build,
     diagnostics::{At, Diagnostic, Diagnostics, PolicyError, Source},
     documents::{
         DetectionDocument, PolicyDocument, RuleDocument, ServiceDocument, SettingsDocument,
@@ -144,16 +145,75 @@ pub fn parse_sources(files: Vec<(PathBuf, String)>) -> Result<Policy, PolicyErro
     parse_sources_cached(files, &mut ParseCache::default())
 }
 
-/// Each file of the policy last loaded, with its top-level tables as parsed. With it, a
-/// one-rule change to a policy of 100 000 rules parses one table, not 100 000.
+/// Each file of the policy last loaded, cut into its top-level tables, each parsed and, once a
+/// policy built from them, each rule table built. With it, a one-rule change to a policy of
+/// 100 000 rules cuts, parses and builds one table, not 100 000.
 #[derive(Default)]
 pub struct ParseCache {
     pub(super) files: HashMap<PathBuf, ParsedFile>,
+    /// The services (names and addresses) the built rules were built against: a rule names a
+    /// service by its place in this list, and may not name one of their addresses as a CIDR.
+    services: Vec<(String, Vec<IpNet>)>,
 }
 
 pub(super) struct ParsedFile {
-    pub(super) text: String,
+    text: String,
     pub(super) parts: FileParts,
+    /// Whether the parts are the file's top-level tables (else one part: the whole file).
+    cut: bool,
+}
+
+/// A file's parts, in file order.
+pub(super) type FileParts = Vec<Part>;
+
+/// A file's parts, and whether they are its top-level tables (else one part: the whole file).
+pub(super) type FileParse = (FileParts, bool);
+
+/// A part of a file: one top-level table, or the whole file.
+pub(super) struct Part {
+    pub(super) range: Range<usize>,
+    /// The line the part starts on (1-based).
+    pub(super) line: u32,
+    pub(super) content: PartContent,
+}
+
+pub(super) enum PartContent {
+    Parsed(Arc<PolicyDocument>),
+    /// A part of rules only, as the last policy that loaded built them; its document is not
+    /// kept (at 100 000 rules, the documents took more memory than the rules).
+    Built(Box<[Arc<Rule>]>),
+}
+
+impl Part {
+    fn parsed(range: Range<usize>, line: u32, document: PolicyDocument) -> Self {
+        Self {
+            range,
+            line,
+            content: PartContent::Parsed(Arc::new(document)),
+        }
+    }
+
+    /// Moves the part to where it is in a text that has `bytes` more bytes and `lines` more
+    /// lines before it.
+    fn shift(&mut self, bytes: isize, lines: i64) {
+        self.range =
+            self.range.start.strict_add_signed(bytes)..self.range.end.strict_add_signed(bytes);
+        self.line = u32::try_from(i64::from(self.line) + lines).unwrap_or(u32::MAX);
+        if let PartContent::Built(rules) = &mut self.content
+            && lines != 0
+        {
+            for rule in rules.iter_mut() {
+                *rule = Arc::new(build::moved(rule, lines));
+            }
+        }
+    }
+
+    fn document(&self) -> Option<&PolicyDocument> {
+        match &self.content {
+            PartContent::Parsed(document) => Some(document),
+            PartContent::Built(_) => None,
+        }
+    }
 }
 
 /// [`parse_sources`] with a [`ParseCache`].
@@ -161,60 +221,168 @@ pub fn parse_sources_cached(
     files: Vec<(PathBuf, String)>,
     cache: &mut ParseCache,
 ) -> Result<Policy, PolicyError> {
-    let hash = content_hash(&files);
     let sources: Vec<Source> = files
         .into_iter()
         .map(|(path, text)| Source::new(path, text))
         .collect();
+    let (hash, (parsed, built)) = std::thread::scope(|scope| {
+        // A few milliseconds for a large policy: hashed beside the parse and build, not before.
+        let hashing = scope.spawn(|| {
+            content_hash(
+                sources
+                    .iter()
+                    .map(|source| (&*source.path, source.text.as_str())),
+            )
+        });
+        let built = parse_and_build(&sources, cache);
+        (hashing.join(), built)
+    });
+    let hash = hash.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    for (source, parsed) in sources.into_iter().zip(parsed) {
+        if let Some((parts, cut)) = parsed {
+            let text = source.text;
+            let path = source.path.to_path_buf();
+            cache.files.insert(path, ParsedFile { text, parts, cut });
+        }
+    }
+    built.map(|mut policy| {
+        policy.hash = hash;
+        policy
+    })
+}
+
+/// Each source's parts (`None` for one that did not parse) and the policy they build.
+fn parse_and_build(
+    sources: &[Source],
+    cache: &mut ParseCache,
+) -> (Vec<Option<FileParse>>, Result<Policy, PolicyError>) {
     let mut diagnostics = Diagnostics::default();
     let mut previous = std::mem::take(&mut cache.files);
-    let mut parts = Vec::with_capacity(sources.len());
-    for source in &sources {
-        if declares_nothing(&source.text) {
-            // Installing it would stop enforcing everything the policy declared; an empty
-            // file is far more often a write caught half-way, or a mistake, than a wish.
-            diagnostics.error(
-                source.origin(0),
-                "the file is empty: a policy file declares at least one service, rule or setting",
-            );
-            continue;
-        }
-        match parse_file(source, previous.remove(&*source.path).as_ref()) {
-            Ok(file_parts) => {
-                cache.files.insert(
-                    source.path.to_path_buf(),
-                    ParsedFile {
-                        text: source.text.clone(),
-                        parts: file_parts.clone(),
-                    },
-                );
-                parts.push((source, file_parts));
-            }
-            Err(diagnostic) => diagnostics.0.push(diagnostic),
-        }
-    }
-    if !diagnostics.0.is_empty() {
-        return Err(PolicyError::Invalid(diagnostics.0));
-    }
-    let files: Vec<FileContent<'_>> = parts
+    let mut files: Vec<Option<FileParse>> = sources
         .iter()
-        .map(|(source, file_parts)| FileContent::gather(source, file_parts))
+        .map(|source| {
+            if declares_nothing(&source.text) {
+                // Installing it would stop enforcing everything the policy declared; an empty
+                // file is far more often a write caught half-way, or a mistake, than a wish.
+                diagnostics.error(
+                    source.origin(0),
+                    "the file is empty: a policy file declares at least one service, rule or setting",
+                );
+                return None;
+            }
+            parse_file(source, previous.remove(&*source.path))
+                .map_err(|diagnostic| diagnostics.0.push(diagnostic))
+                .ok()
+        })
         .collect();
-    let paths = sources
+    if !diagnostics.0.is_empty() {
+        return (files, Err(PolicyError::Invalid(diagnostics.0)));
+    }
+    let paths: Vec<PathBuf> = sources
         .iter()
         .map(|source| source.path.to_path_buf())
         .collect();
-    let policy = build(hash, paths, &files, &mut diagnostics);
-    if diagnostics.0.is_empty() {
-        Ok(policy)
-    } else {
-        Err(PolicyError::Invalid(diagnostics.0))
+    let mut policy = build::start(paths, &gather(sources, &files), &mut diagnostics);
+    let services = build::service_names_and_addresses(&policy.services);
+    if services != cache.services {
+        unbuild(sources, &mut files, &mut diagnostics);
+    }
+    let contents = gather(sources, &files);
+    build::add_rules(&mut policy, &contents, &mut diagnostics);
+    if !diagnostics.0.is_empty() {
+        return (files, Err(PolicyError::Invalid(diagnostics.0)));
+    }
+    let built = rules_by_part(&contents, &policy);
+    drop(contents);
+    keep_built(&mut files, built);
+    cache.services = services;
+    (files, Ok(policy))
+}
+
+fn gather<'a>(sources: &'a [Source], files: &'a [Option<FileParse>]) -> Vec<FileContent<'a>> {
+    sources
+        .iter()
+        .zip(files)
+        .filter_map(|(source, parsed)| {
+            let (parts, cut) = parsed.as_ref()?;
+            Some(FileContent::gather(source, parts, *cut))
+        })
+        .collect()
+}
+
+/// Parses again the built parts of every file: built against other services, their rules
+/// must be built again.
+fn unbuild(sources: &[Source], files: &mut [Option<FileParse>], diagnostics: &mut Diagnostics) {
+    for (source, parsed) in sources.iter().zip(files) {
+        let Some((parts, _)) = parsed else { continue };
+        let built: Vec<usize> = (0..parts.len())
+            .filter(|&index| matches!(parts[index].content, PartContent::Built(_)))
+            .collect();
+        let ranges: Vec<Range<usize>> = built
+            .iter()
+            .map(|&index| parts[index].range.clone())
+            .collect();
+        match parse_ranges(&source.text, &ranges) {
+            Some(documents) => {
+                for (index, document) in built.into_iter().zip(documents) {
+                    parts[index].content = PartContent::Parsed(Arc::new(document));
+                }
+            }
+            // They parsed when they were built, from this same text; should they not now, the
+            // file's errors are those of the whole file.
+            None => match parse_whole_file(source) {
+                Ok(parts) => *parsed = Some((parts, false)),
+                Err(diagnostic) => {
+                    diagnostics.0.push(diagnostic);
+                    *parsed = None;
+                }
+            },
+        }
+    }
+}
+
+/// The rules `policy` built from parsed parts, by (file, part): `contents` in the order
+/// `build::add_rules` took them, which is the order of the policy's rules.
+fn rules_by_part(contents: &[FileContent<'_>], policy: &Policy) -> Vec<(usize, usize, Arc<Rule>)> {
+    let mut rules = policy.rules.iter();
+    let mut built = Vec::new();
+    for (file, content) in contents.iter().enumerate() {
+        for kind in [RuleKind::Allow, RuleKind::Deny] {
+            content.each_rule(kind, |item| {
+                let rule = rules
+                    .next()
+                    .expect("a rule for each item of a policy that built");
+                if let RuleItem::Parsed { part, .. } = item {
+                    built.push((file, part, Arc::clone(rule)));
+                }
+            });
+        }
+    }
+    built
+}
+
+/// Keeps the rules of each part that holds nothing but rules, built, in place of its document.
+fn keep_built(files: &mut [Option<FileParse>], built: Vec<(usize, usize, Arc<Rule>)>) {
+    let mut files: Vec<&mut FileParts> =
+        files.iter_mut().flatten().map(|(parts, _)| parts).collect();
+    for group in built.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
+        let (file, part) = (group[0].0, group[0].1);
+        let part = &mut files[file][part];
+        let rules_only = part.document().is_some_and(|document| {
+            document.settings.is_none()
+                && document.detection.is_none()
+                && document.service.is_empty()
+        });
+        if rules_only {
+            part.content =
+                PartContent::Built(group.iter().map(|(_, _, rule)| Arc::clone(rule)).collect());
+        }
     }
 }
 
 /// SHA-256 over the files' names and texts: what `status` and the audit log call the policy
 /// hash.
-pub(super) fn content_hash(files: &[(PathBuf, String)]) -> [u8; 32] {
+pub(super) fn content_hash<'a>(files: impl IntoIterator<Item = (&'a Path, &'a str)>) -> [u8; 32] {
     let mut hasher = Sha256::new();
     for (path, text) in files {
         let name = path
@@ -229,28 +397,90 @@ pub(super) fn content_hash(files: &[(PathBuf, String)]) -> [u8; 32] {
     hasher.finalize().into()
 }
 
-/// A file's parsed parts, each with the bytes it was parsed from: its top-level tables, or the
-/// whole file as one part.
-pub(super) type FileParts = Vec<(Range<usize>, Arc<PolicyDocument>)>;
-
-/// Parses one file table by table, taking the tables whose text did not change since `previous`
-/// from it. A file that cannot be cut into tables, or whose tables do not all parse, is parsed
-/// whole, so that its errors are exactly those of the whole file.
+/// Parses one file table by table: after an edit of the file `previous` holds, only the tables
+/// the edit touched; else every table. A file that cannot be cut into tables, or whose tables
+/// do not all parse, is parsed whole, so that its errors are exactly those of the whole file.
+/// Also says whether the file was cut.
 pub(super) fn parse_file(
     source: &Source,
-    previous: Option<&ParsedFile>,
-) -> Result<FileParts, Diagnostic> {
-    if let Some(ranges) = tables::top_level_tables(&source.text)
-        && let Some(parts) = parse_tables(&source.text, ranges, previous)
-    {
-        return Ok(parts);
+    previous: Option<ParsedFile>,
+) -> Result<FileParse, Diagnostic> {
+    let parts = match previous.filter(|previous| previous.cut) {
+        Some(previous) => reparse(source, previous),
+        None => tables::top_level_tables(&source.text)
+            .and_then(|ranges| parse_parts(&source.text, ranges, 0, 1)),
+    };
+    match parts {
+        Some(parts) if !singletons_repeat(&parts) => Ok((parts, true)),
+        _ => parse_whole_file(source).map(|parts| (parts, false)),
     }
-    parse_whole_file(source)
+}
+
+/// The parts of `text`'s tables `ranges`, which come after byte `from`, the start of line
+/// `line`.
+fn parse_parts(text: &str, ranges: Vec<Range<usize>>, from: usize, line: u32) -> Option<FileParts> {
+    let documents = parse_ranges(text, &ranges)?;
+    let newlines = |bytes: Range<usize>| {
+        let count = memchr::memchr_iter(b'\n', &text.as_bytes()[bytes]).count();
+        u32::try_from(count).unwrap_or(u32::MAX)
+    };
+    let mut at = (from, line);
+    let parts = ranges
+        .into_iter()
+        .zip(documents)
+        .map(|(range, document)| {
+            let line = at.1 + newlines(at.0..range.start);
+            at = (range.start, line);
+            Part::parsed(range, line, document)
+        })
+        .collect();
+    Some(parts)
+}
+
+/// The parts of `source` after an edit of the file `previous` holds: the tables before and
+/// after the edit taken from it (moved), those in it parsed. `None` when the new text cannot be
+/// cut, or a table in the edit does not parse.
+fn reparse(source: &Source, previous: ParsedFile) -> Option<FileParts> {
+    let (old, new) = (previous.text.as_str(), source.text.as_str());
+    let same = common_ends(old.as_bytes(), new.as_bytes());
+    let mut parts = previous.parts;
+    let recut = tables::recut(old, &parts, |part| part.range.start, new, same)?;
+    // The edited stretch, in both texts: from the first table cut again to the first kept.
+    let (from, line) = match parts.get(recut.kept_before) {
+        Some(part) if recut.kept_before > 0 => (part.range.start, part.line),
+        _ => (0, 1),
+    };
+    let old_end = parts
+        .get(recut.kept_after)
+        .map_or(old.len(), |part| part.range.start);
+    let new_end = old_end + new.len() - old.len();
+    let lines = |text: &str| memchr::memchr_iter(b'\n', text.as_bytes()).count() as i64;
+    let moved_lines = lines(&new[from..new_end]) - lines(&old[from..old_end]);
+    let moved_bytes = new.len() as isize - old.len() as isize;
+    let fresh = parse_parts(new, recut.fresh, from, line)?;
+    for part in &mut parts[recut.kept_after..] {
+        part.shift(moved_bytes, moved_lines);
+    }
+    parts.splice(recut.kept_before..recut.kept_after, fresh);
+    Some(parts)
+}
+
+/// Given twice in one file, [settings] or [detection] is an error of the whole file.
+fn singletons_repeat(parts: &[Part]) -> bool {
+    let documents = || parts.iter().filter_map(Part::document);
+    documents()
+        .filter(|document| document.settings.is_some())
+        .count()
+        > 1
+        || documents()
+            .filter(|document| document.detection.is_some())
+            .count()
+            > 1
 }
 
 pub(super) fn parse_whole_file(source: &Source) -> Result<FileParts, Diagnostic> {
     match PolicyDocument::parse(&source.text) {
-        Ok(document) => Ok(vec![(0..source.text.len(), Arc::new(document))]),
+        Ok(document) => Ok(vec![Part::parsed(0..source.text.len(), 1, document)]),
         Err(error) => Err(Diagnostic {
             origin: source.origin(error.span().map_or(0, |span| span.start)),
             message: error.message().trim().to_owned(),
@@ -261,40 +491,22 @@ pub(super) fn parse_whole_file(source: &Source) -> Result<FileParts, Diagnostic>
 /// Below this many tables to parse, threads cost more than they save.
 pub(super) const PARALLEL_PARSE_MIN: usize = 1024;
 
-pub(super) fn parse_tables(
-    text: &str,
-    ranges: Vec<Range<usize>>,
-    previous: Option<&ParsedFile>,
-) -> Option<FileParts> {
-    let mut known: Vec<Option<Arc<PolicyDocument>>> = match previous {
-        Some(previous) => {
-            let same = common_ends(previous.text.as_bytes(), text.as_bytes());
-            ranges
-                .iter()
-                .map(|range| previous.unchanged(text.len(), same, range))
-                .collect()
-        }
-        None => vec![None; ranges.len()],
-    };
-    let missing: Vec<(usize, &str)> = ranges
-        .iter()
-        .enumerate()
-        .filter(|(index, _)| known[*index].is_none())
-        .map(|(index, range)| (index, &text[range.clone()]))
-        .collect();
+/// The documents of `text`'s `ranges`, parsed in parallel when there are many; `None` if one
+/// does not parse.
+fn parse_ranges(text: &str, ranges: &[Range<usize>]) -> Option<Vec<PolicyDocument>> {
     let threads = std::thread::available_parallelism()
         .map_or(1, usize::from)
-        .min(missing.len().div_ceil(PARALLEL_PARSE_MIN))
+        .min(ranges.len().div_ceil(PARALLEL_PARSE_MIN))
         .max(1);
-    let chunk = missing.len().div_ceil(threads).max(1);
-    let parsed: Vec<Vec<Option<PolicyDocument>>> = std::thread::scope(|scope| {
-        let workers: Vec<_> = missing
+    let chunk = ranges.len().div_ceil(threads).max(1);
+    let parsed: Vec<Option<Vec<PolicyDocument>>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = ranges
             .chunks(chunk)
             .map(|tables| {
                 scope.spawn(move || {
                     tables
                         .iter()
-                        .map(|(_, table)| PolicyDocument::parse(table).ok())
+                        .map(|range| PolicyDocument::parse(&text[range.clone()]).ok())
                         .collect()
                 })
             })
@@ -304,53 +516,11 @@ pub(super) fn parse_tables(
             .map(|worker| worker.join().unwrap_or_default())
             .collect()
     });
-    for ((index, _), document) in missing.iter().zip(parsed.into_iter().flatten()) {
-        known[*index] = Some(Arc::new(document?));
+    let mut documents = Vec::with_capacity(ranges.len());
+    for worker in parsed {
+        documents.extend(worker?);
     }
-    let parts: FileParts = ranges
-        .into_iter()
-        .zip(known)
-        .map(|(range, document)| document.map(|document| (range, document)))
-        .collect::<Option<_>>()?;
-    // Given twice in one file, [settings] or [detection] is an error of the whole file.
-    let singletons_repeat = parts
-        .iter()
-        .filter(|(_, part)| part.settings.is_some())
-        .count()
-        > 1
-        || parts
-            .iter()
-            .filter(|(_, part)| part.detection.is_some())
-            .count()
-            > 1;
-    (!singletons_repeat).then_some(parts)
-}
-
-impl ParsedFile {
-    /// The parse of the new text's `range`, when that range lies in what the new text (of
-    /// `new_len` bytes) has in common with this one at its start or end (`same`), and was a
-    /// table here too. So no table's text is hashed or compared on its own.
-    pub(super) fn unchanged(
-        &self,
-        new_len: usize,
-        (same_start, same_end): (usize, usize),
-        range: &Range<usize>,
-    ) -> Option<Arc<PolicyDocument>> {
-        let was = if range.end <= same_start {
-            range.clone()
-        } else if range.start >= new_len - same_end {
-            let shift = |offset: usize| offset + self.text.len() - new_len;
-            shift(range.start)..shift(range.end)
-        } else {
-            return None;
-        };
-        let index = self
-            .parts
-            .binary_search_by_key(&was.start, |(range, _)| range.start)
-            .ok()?;
-        let (old_range, document) = &self.parts[index];
-        (old_range.end == was.end).then(|| document.clone())
-    }
+    Some(documents)
 }
 
 /// How many bytes two texts have in common at their start, and then at their end (the two
@@ -384,42 +554,90 @@ pub(super) fn common_ends(old: &[u8], new: &[u8]) -> (usize, usize) {
     (start, end)
 }
 
+/// A rule of a file's content: to build from its document, or built already.
+pub(super) enum RuleItem<'a> {
+    Parsed {
+        at: At<'a>,
+        part: usize,
+        rule: &'a Spanned<RuleDocument>,
+    },
+    Built(&'a Arc<Rule>),
+}
+
 /// One file's content in the order a parse of the whole file gives it, each item with the
-/// part it was parsed from.
+/// part it was parsed from. Its rules are visited where they are, not gathered: a policy may
+/// have 100 000.
 pub(super) struct FileContent<'a> {
     pub(super) settings: Option<(At<'a>, &'a Spanned<SettingsDocument>)>,
     pub(super) detection: Option<(At<'a>, &'a Spanned<DetectionDocument>)>,
     pub(super) service: Vec<(At<'a>, &'a Spanned<ServiceDocument>)>,
-    pub(super) allow: Vec<(At<'a>, &'a Spanned<RuleDocument>)>,
-    pub(super) deny: Vec<(At<'a>, &'a Spanned<RuleDocument>)>,
+    source: &'a Source,
+    pub(super) parts: &'a [Part],
+    /// Whether the parts are top-level tables (else the whole file).
+    cut: bool,
 }
 
 impl<'a> FileContent<'a> {
-    pub(super) fn gather(source: &'a Source, parts: &'a FileParts) -> Self {
+    pub(super) fn gather(source: &'a Source, parts: &'a [Part], cut: bool) -> Self {
         let mut content = Self {
             settings: None,
             detection: None,
             service: Vec::new(),
-            allow: Vec::new(),
-            deny: Vec::new(),
+            source,
+            parts,
+            cut,
         };
-        for (range, part) in parts {
-            let at = source.from(range.start);
-            if let Some(settings) = &part.settings {
+        for part in parts {
+            let Some(document) = part.document() else {
+                continue;
+            };
+            let at = content.at(part);
+            if let Some(settings) = &document.settings {
                 content.settings = Some((at, settings));
             }
-            if let Some(detection) = &part.detection {
+            if let Some(detection) = &document.detection {
                 content.detection = Some((at, detection));
             }
             content
                 .service
-                .extend(part.service.iter().map(|service| (at, service)));
-            content
-                .allow
-                .extend(part.allow.iter().map(|rule| (at, rule)));
-            content.deny.extend(part.deny.iter().map(|rule| (at, rule)));
+                .extend(document.service.iter().map(|service| (at, service)));
         }
         content
+    }
+
+    /// Where positions in `part` are.
+    fn at(&self, part: &Part) -> At<'a> {
+        if self.cut {
+            self.source.table(part.range.start, part.line)
+        } else {
+            self.source.from(part.range.start)
+        }
+    }
+
+    /// Visits the file's rules of `kind`, in file order.
+    pub(super) fn each_rule(&self, kind: RuleKind, mut visit: impl FnMut(RuleItem<'a>)) {
+        for (index, part) in self.parts.iter().enumerate() {
+            match &part.content {
+                PartContent::Built(rules) => rules
+                    .iter()
+                    .filter(|rule| rule.kind == kind)
+                    .for_each(|rule| visit(RuleItem::Built(rule))),
+                PartContent::Parsed(document) => {
+                    let at = self.at(part);
+                    let documents = match kind {
+                        RuleKind::Allow => &document.allow,
+                        RuleKind::Deny => &document.deny,
+                    };
+                    for rule in documents.iter() {
+                        visit(RuleItem::Parsed {
+                            at,
+                            part: index,
+                            rule,
+                        });
+                    }
+                }
+            }
+        }
     }
 }
 

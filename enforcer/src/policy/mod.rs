@@ -9,7 +9,7 @@ mod documents;
 mod load;
 mod tables;
 
-use std::{fmt, net::IpAddr, path::PathBuf, str::FromStr};
+use std::{fmt, net::IpAddr, path::PathBuf, str::FromStr, sync::Arc};
 
 use ipnet::IpNet;
 
@@ -262,6 +262,8 @@ pub struct Rule {
     pub kind: RuleKind,
     /// Stable id shown in events and alerts: the policy's `id`, or derived from the rule.
     pub id: Box<str>,
+    /// Whether the policy gave `id` (else it is derived, and carries the rule's line).
+    pub id_declared: bool,
     pub from: Peer,
     pub to: Peer,
     /// Empty means any port of any protocol. (A boxed slice: a policy holds 100 000 rules.)
@@ -304,7 +306,7 @@ pub struct Policy {
     pub services: Vec<Service>,
     /// Allow and deny rules in file order (files in name order), allows of a file before its
     /// denies as the TOML tables are separate.
-    pub rules: Vec<Rule>,
+    pub rules: Vec<Arc<Rule>>,
     pub detection: Detection,
 }
 
@@ -403,7 +405,7 @@ mod tests {
         build::build,
         diagnostics::{Diagnostics, Source},
         documents::PolicyDocument,
-        load::{FileContent, common_ends, content_hash, parse_whole_file},
+        load::{FileContent, PartContent, common_ends, content_hash, parse_whole_file},
         *,
     };
 
@@ -413,15 +415,15 @@ mod tests {
 
     /// The policy as a parse of the whole file at once sees it.
     fn parse_whole(text: &str) -> Result<Policy, String> {
-        let files = vec![(PathBuf::from("policy.toml"), text.to_owned())];
-        let hash = content_hash(&files);
-        let source = Source::new(files[0].0.clone(), text.to_owned());
+        let path = PathBuf::from("policy.toml");
+        let hash = content_hash([(path.as_path(), text)]);
+        let source = Source::new(path, text.to_owned());
         let parts = parse_whole_file(&source).map_err(|diagnostic| diagnostic.to_string())?;
         let mut diagnostics = Diagnostics::default();
         let policy = build(
             hash,
             vec![source.path.to_path_buf()],
-            &[FileContent::gather(&source, &parts)],
+            &[FileContent::gather(&source, &parts, false)],
             &mut diagnostics,
         );
         if diagnostics.0.is_empty() {
@@ -446,6 +448,123 @@ mod tests {
         "[[service]]\nname = \"a\"\n[[allow]]\nfrom = \"a\"\nto = \"a\"\n[allow.extra]\n",
         "[[service]]\nname = \"a\"\n[[allow]]\nfrom = \"a\"\nto = \"nobody\"\nports = [\"0/tcp\"]\n",
     ];
+
+    /// A two-file policy under random edits: services in the first file, rules in both.
+    struct EditedPolicy {
+        draw: enforcer_testbed::policies::Draw,
+        services: Vec<(String, String)>,
+        files: [Vec<String>; 2],
+        rules_made: usize,
+    }
+
+    impl EditedPolicy {
+        fn rule(&mut self) -> String {
+            self.rules_made += 1;
+            let draw = &mut self.draw;
+            let mut service = || {
+                self.services[draw.below(self.services.len() as u64) as usize]
+                    .0
+                    .clone()
+            };
+            let (from, to) = (service(), service());
+            let id = if draw.chance(50) {
+                format!("id = \"r{}\"\n", self.rules_made)
+            } else {
+                String::new()
+            };
+            let blank = "\n".repeat(draw.below(3) as usize);
+            let kind = if draw.chance(25) { "deny" } else { "allow" };
+            let port = 1 + draw.below(60_000);
+            format!(
+                "[[{kind}]]\nfrom = \"{from}\"\nto = \"{to}\"\nports = [\"{port}/tcp\"]\n{id}{blank}"
+            )
+        }
+
+        /// One edit: a rule added, removed or changed anywhere in either file, a service added
+        /// before the others, or a service given another address.
+        fn edit(&mut self, step: usize) {
+            let file = self.draw.below(2) as usize;
+            let len = self.files[file].len();
+            let at = self.draw.below(len as u64 + 1) as usize;
+            match self.draw.below(10) {
+                0..=3 => {
+                    let rule = self.rule();
+                    self.files[file].insert(at, rule);
+                }
+                4 | 5 if len > 0 => {
+                    self.files[file].remove(at.min(len - 1));
+                }
+                6 | 7 if len > 0 => self.files[file][at.min(len - 1)] = self.rule(),
+                8 => {
+                    let address = format!("10.1.{}.{}/32", step / 250, step % 250);
+                    self.services.insert(0, (format!("a{step}"), address));
+                }
+                9 => {
+                    let service = self.draw.below(self.services.len() as u64) as usize;
+                    self.services[service].1 = format!("10.2.{}.{}/32", step / 250, step % 250);
+                }
+                _ => {}
+            }
+        }
+
+        /// The files, the second ending in a mistake now and then: a repeated id, an unknown
+        /// service, a CIDR that is a service's address.
+        fn sources(&mut self) -> Vec<(PathBuf, String)> {
+            let broken = match self.draw.below(24) {
+                0 => "[[allow]]\nfrom = \"s0\"\nto = \"s1\"\nid = \"twice\"\n[[deny]]\nfrom = \"s0\"\nto = \"s1\"\nid = \"twice\"\n".to_owned(),
+                1 => "[[allow]]\nfrom = \"nobody\"\nto = \"s1\"\n".to_owned(),
+                2 => format!("[[allow]]\nfrom = \"{}\"\nto = \"s1\"\n", self.services[0].1),
+                _ => String::new(),
+            };
+            let declared: String = self
+                .services
+                .iter()
+                .map(|(name, address)| {
+                    format!("[[service]]\nname = \"{name}\"\naddresses = [\"{address}\"]\n")
+                })
+                .collect();
+            vec![
+                (
+                    PathBuf::from("a.toml"),
+                    format!("{declared}{}", self.files[0].concat()),
+                ),
+                (
+                    PathBuf::from("b.toml"),
+                    format!("# rules\n{}{broken}", self.files[1].concat()),
+                ),
+            ]
+        }
+    }
+
+    /// Edits of a two-file policy, each loaded with the cache the one before left: rules added,
+    /// removed and changed at either end and in the middle (moving the lines after them), rules
+    /// without ids (whose default ids carry their line), services added before the others
+    /// (moving every service's place) or given another address, and edits that do not load
+    /// between them. Each load is the load of the same files without a cache.
+    #[test]
+    fn a_policy_built_from_the_last_ones_parts_is_the_policy_built_afresh() {
+        let mut policy = EditedPolicy {
+            draw: enforcer_testbed::policies::Draw::from_seed(7),
+            services: (0..4)
+                .map(|n| (format!("s{n}"), format!("10.0.0.{n}/32")))
+                .collect(),
+            files: [Vec::new(), Vec::new()],
+            rules_made: 0,
+        };
+        let mut cache = ParseCache::default();
+        for step in 0..400 {
+            policy.edit(step);
+            let sources = policy.sources();
+            let cached = parse_sources_cached(sources.clone(), &mut cache)
+                .map_err(|error| error.to_string());
+            let fresh = parse_sources(sources.clone()).map_err(|error| error.to_string());
+            assert_eq!(
+                cached, fresh,
+                "step {step}:\n{}\n{}",
+                sources[0].1, sources[1].1
+            );
+        }
+    }
 
     #[test]
     fn cutting_a_file_into_tables_never_changes_what_it_means() {
@@ -512,12 +631,23 @@ mod tests {
         let mut cache = ParseCache::default();
         let file = |text: String| vec![(PathBuf::from("policy.toml"), text)];
         let first = parse_sources_cached(file(policy(9000)), &mut cache).unwrap();
-        let tables = |cache: &ParseCache| -> Vec<Arc<PolicyDocument>> {
+        // Each part's document (the service), or its rule as built (the rules, once a policy
+        // built from them).
+        type Kept = (Option<Arc<PolicyDocument>>, Option<Arc<Rule>>);
+        let tables = |cache: &ParseCache| -> Vec<Kept> {
             cache.files[Path::new("policy.toml")]
                 .parts
                 .iter()
-                .map(|(_, table)| table.clone())
+                .map(|part| match &part.content {
+                    PartContent::Parsed(document) => (Some(Arc::clone(document)), None),
+                    PartContent::Built(rules) => (None, Some(Arc::clone(&rules[0]))),
+                })
                 .collect()
+        };
+        let same = |(a, b): &Kept, (c, d): &Kept| match (a, b, c, d) {
+            (Some(a), _, Some(c), _) => Arc::ptr_eq(a, c),
+            (_, Some(b), _, Some(d)) => Arc::ptr_eq(b, d),
+            _ => false,
         };
         let kept = tables(&cache);
         let second = parse_sources_cached(file(policy(9001)), &mut cache).unwrap();
@@ -527,7 +657,7 @@ mod tests {
         assert_eq!(now.len(), 101);
         let reused: Vec<bool> = now
             .iter()
-            .map(|table| kept.iter().any(|old| Arc::ptr_eq(old, table)))
+            .map(|table| kept.iter().any(|old| same(old, table)))
             .collect();
         assert_eq!(
             reused.iter().filter(|reused| !**reused).count(),

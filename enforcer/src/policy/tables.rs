@@ -20,32 +20,115 @@ enum Within {
 /// table value. TOML allows nothing else to start such a line.
 pub fn top_level_tables(text: &str) -> Option<Vec<Range<usize>>> {
     let mut starts = Vec::new();
+    let end = scan_headers(text, 0, true, &mut starts, |_| false)?;
+    if end.is_some() || starts.is_empty() {
+        return None;
+    }
+    Some(ranges_of(&starts, text.len()))
+}
+
+/// How the top-level tables of a text relate to those of the text before an edit: the new
+/// text's tables are the first `kept_before` old ones, then `fresh` new ones, then the old ones
+/// from `kept_after` on, moved by the edit.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Recut {
+    pub kept_before: usize,
+    pub fresh: Vec<Range<usize>>,
+    pub kept_after: usize,
+}
+
+/// The top-level tables of `new`, given `old`'s (`old_tables`, as [`top_level_tables`] cut
+/// them, each starting where `start` says) and how many bytes the two texts have in common at
+/// their start and end (`same`, as `load::common_ends` finds them). Only the edited part is
+/// scanned again: from the last header whose whole line lies before the edit, to the first
+/// header after it that was a header in `old` too (from there on, both the text and the
+/// scan's state are the old ones). `None` where [`top_level_tables`] would give `None`.
+pub fn recut<T>(
+    old: &str,
+    old_tables: &[T],
+    start: impl Fn(&T) -> usize,
+    new: &str,
+    (same_start, same_end): (usize, usize),
+) -> Option<Recut> {
+    // Table `i` stays if the header that ends it (table `i + 1`'s) lies whole before the edit.
+    let kept_before = old_tables
+        .get(1..)
+        .unwrap_or_default()
+        .partition_point(|table| line_end(old, start(table)) <= same_start);
+    let from = match kept_before {
+        0 => 0,
+        kept => start(&old_tables[kept]),
+    };
+    let old_table_at = |new_offset: usize| {
+        old_tables
+            .binary_search_by_key(&(new_offset + old.len() - new.len()), &start)
+            .ok()
+    };
+    let after_edit = new.len() - same_end;
+    let mut starts = Vec::new();
+    let resumed = scan_headers(new, from, kept_before == 0, &mut starts, |header| {
+        header >= after_edit && old_table_at(header).is_some()
+    })?;
+    let kept_after = match resumed {
+        Some(header) => old_table_at(header)?,
+        None if kept_before == 0 && starts.is_empty() => return None,
+        None => old_tables.len(),
+    };
+    let end = resumed.unwrap_or(new.len());
+    Some(Recut {
+        kept_before,
+        fresh: ranges_of(&starts, end),
+        kept_after,
+    })
+}
+
+/// Where the line that starts at `offset` ends (after its newline).
+fn line_end(text: &str, offset: usize) -> usize {
+    memchr::memchr(b'\n', &text.as_bytes()[offset..])
+        .map_or(text.len(), |newline| offset + newline + 1)
+}
+
+/// Each table from its start to the next one's, the last to `end`.
+fn ranges_of(starts: &[usize], end: usize) -> Vec<Range<usize>> {
+    let ends = starts.iter().skip(1).copied().chain([end]);
+    starts
+        .iter()
+        .zip(ends)
+        .map(|(&start, end)| start..end)
+        .collect()
+}
+
+/// Scans `text` from `from` (a line start where no string, array or inline table is open),
+/// pushing each header's offset into `starts` until `stop` says to stop at one: then returns
+/// that header's offset, which is not pushed. `Some(None)` when the text ends with everything
+/// closed; `None` when the scan cannot follow the text, or (`from_top`: scanning from the
+/// file's start) a key comes before the first header.
+fn scan_headers(
+    text: &str,
+    from: usize,
+    from_top: bool,
+    starts: &mut Vec<usize>,
+    mut stop: impl FnMut(usize) -> bool,
+) -> Option<Option<usize>> {
     let mut within = Within::Code;
     let mut depth = 0usize;
-    let mut offset = 0;
-    for line in text.split_inclusive('\n') {
+    let mut offset = from;
+    for line in text[from..].split_inclusive('\n') {
         if within == Within::Code && depth == 0 {
             let content = line.trim_start_matches([' ', '\t']);
             if content.starts_with('[') {
+                if stop(offset) {
+                    return Some(Some(offset));
+                }
                 starts.push(offset);
-            } else if starts.is_empty() && !is_blank_or_comment(content) {
+            } else if from_top && starts.is_empty() && !is_blank_or_comment(content) {
                 return None;
             }
         }
         scan_line(line.as_bytes(), &mut within, &mut depth)?;
         offset += line.len();
     }
-    if within != Within::Code || depth != 0 || starts.is_empty() {
-        return None;
-    }
-    let ends = starts.iter().skip(1).copied().chain([text.len()]);
-    Some(
-        starts
-            .iter()
-            .zip(ends)
-            .map(|(&start, end)| start..end)
-            .collect(),
-    )
+    (within == Within::Code && depth == 0).then_some(None)
 }
 
 fn is_blank_or_comment(content: &str) -> bool {
