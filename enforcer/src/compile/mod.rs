@@ -7,6 +7,7 @@
 //! An allow entry that a less specific deny covers is left out, so the lookup falls through to
 //! that deny. [`Compiled::evaluate`] runs the same lookup in userspace for `explain`.
 
+mod change;
 pub mod diff;
 
 mod evaluate;
@@ -26,7 +27,10 @@ use enforcer_common::{
 };
 use ipnet::IpNet;
 
-pub use self::tables::{Cgroup, HostView, Prefix, Tables};
+pub use self::{
+    change::{Before, compile_change},
+    tables::{Cgroup, HostView, Prefix, Tables},
+};
 use self::{identities::Identities, numbering::number_rules};
 use crate::policy::{Mode, Peer, Policy, PortMatch, Protocol, Rule, RuleKind};
 
@@ -388,6 +392,137 @@ mod tests {
         };
         let verdict = compiled.evaluate(&by_name(from), &by_name(to), protocol, port);
         (verdict.action, compiled.names.rule_id(verdict.rule))
+    }
+
+    /// A random rule over services `a`..`d`, world, host and two CIDRs: allow or deny, exact
+    /// ports, ranges, whole protocols or any protocol, now and then a rate limit or an id.
+    fn random_rule(draw: &mut enforcer_testbed::policies::Draw) -> String {
+        const PEERS: [&str; 8] = [
+            "a",
+            "b",
+            "c",
+            "d",
+            "world",
+            "host",
+            "192.168.0.0/16",
+            "192.168.1.0/24",
+        ];
+        const PORTS: [&str; 7] = [
+            "80/tcp",
+            "81/tcp",
+            "80-90/tcp",
+            "tcp",
+            "53/udp",
+            "icmp",
+            "1000-2000/udp",
+        ];
+        let mut pick =
+            |choices: &[&'static str]| choices[draw.below(choices.len() as u64) as usize];
+        let kind = if pick(&["allow", "allow", "allow", "deny"]) == "deny" {
+            "deny"
+        } else {
+            "allow"
+        };
+        let (from, to) = (pick(&PEERS), pick(&PEERS));
+        let mut text = format!("[[{kind}]]\nfrom = \"{from}\"\nto = \"{to}\"\n");
+        if draw.chance(80) {
+            let ports: Vec<String> = (0..1 + draw.below(2))
+                .map(|_| format!("\"{}\"", PORTS[draw.below(PORTS.len() as u64) as usize]))
+                .collect();
+            text.push_str(&format!("ports = [{}]\n", ports.join(", ")));
+        }
+        if kind == "allow" && draw.chance(15) {
+            text.push_str(&format!("max_new_per_sec = {}\n", 1 + draw.below(100)));
+        }
+        if draw.chance(50) {
+            text.push_str(&format!("id = \"r{}\"\n", draw.below(1_000_000)));
+        }
+        text
+    }
+
+    /// `compile_change` after `before`, and the whole compile with the same previous
+    /// generation: the same tables, numbers, names and warnings, or the same error.
+    fn assert_change_compiles_as_whole(
+        policy: &Policy,
+        before: Option<&(Policy, Compiled)>,
+        context: &str,
+    ) -> Option<Compiled> {
+        let host = HostView::default();
+        let whole = compile(policy, &host, before.map(|(_, compiled)| compiled));
+        let change = match before {
+            Some((was, compiled)) => compile_change(
+                policy,
+                &host,
+                Before {
+                    policy: was,
+                    host: &host,
+                    compiled,
+                },
+            ),
+            None => compile(policy, &host, None),
+        };
+        let (whole, change) = match (whole, change) {
+            (Ok(whole), Ok(change)) => (whole, change),
+            (whole, change) => {
+                let error = |result: Result<Compiled, CompileError>| {
+                    result.err().map(|error| error.to_string())
+                };
+                assert_eq!(error(whole), error(change), "{context}");
+                return None;
+            }
+        };
+        assert_eq!(whole.tables, change.tables, "{context}");
+        assert_eq!(whole.rule_order, change.rule_order, "{context}");
+        assert_eq!(whole.names.rules, change.names.rules, "{context}");
+        assert_eq!(whole.names.identities, change.names.identities, "{context}");
+        assert_eq!(whole.warnings, change.warnings, "{context}");
+        Some(change)
+    }
+
+    /// A change compiled on its own compiles to what the whole policy compiles to: over a run
+    /// of edits (rules added, removed, changed; a service's address changed), each compiled
+    /// after the one before both ways.
+    #[test]
+    fn a_change_compiled_alone_is_the_whole_policy_compiled() {
+        let mut draw = enforcer_testbed::policies::Draw::from_seed(11);
+        let mut rules: Vec<String> = Vec::new();
+        let mut address = 4;
+        let mut cache = crate::policy::ParseCache::default();
+        let mut before: Option<(Policy, Compiled)> = None;
+        for step in 0..300 {
+            let at = draw.below(rules.len() as u64 + 1) as usize;
+            match draw.below(8) {
+                0..=2 => rules.insert(at, random_rule(&mut draw)),
+                3 | 4 if !rules.is_empty() => {
+                    rules.remove(at.min(rules.len() - 1));
+                }
+                5 | 6 if !rules.is_empty() => {
+                    let changed = at.min(rules.len() - 1);
+                    rules[changed] = random_rule(&mut draw);
+                }
+                _ => address += 1,
+            }
+            let services: String = ["a", "b", "c", "d"]
+                .iter()
+                .enumerate()
+                .map(|(n, name)| {
+                    let last = if n == 0 { address } else { n };
+                    format!("[[service]]\nname = \"{name}\"\naddresses = [\"10.0.0.{last}/32\"]\n")
+                })
+                .collect();
+            let text = format!("{services}{}", rules.concat());
+            let file = vec![(PathBuf::from("p.toml"), text.clone())];
+            // A repeated id is not a policy.
+            let Ok(policy) = crate::policy::parse_sources_cached(file, &mut cache) else {
+                continue;
+            };
+            let context = format!("step {step}:\n{text}");
+            if let Some(compiled) =
+                assert_change_compiles_as_whole(&policy, before.as_ref(), &context)
+            {
+                before = Some((policy, compiled));
+            }
+        }
     }
 
     const SERVICES: &str = r#"

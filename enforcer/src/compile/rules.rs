@@ -7,6 +7,8 @@ use enforcer_common::policy::{
     action, proto,
 };
 
+use std::collections::BTreeSet;
+
 use super::{CompileError, identities::Identities, tables::Tables};
 use crate::policy::{Policy, PortMatch, RuleKind, identity};
 
@@ -58,13 +60,19 @@ fn layer_of(matches: &[PairMatch], layer: Layer) -> &[PairMatch] {
     &matches[start..end]
 }
 
-/// Every rule's matches, grouped by pair and lookup layer by sorting: no per-pair collections,
-/// which for 100 000 pairs cost more than the rest of the compile.
-fn pair_matches(policy: &Policy, identities: &Identities) -> Vec<PairMatch> {
+/// The matches of the rules `chosen` (indexes into the policy's rules, in policy order),
+/// grouped by pair and lookup layer by sorting: no per-pair collections, which for 100 000
+/// pairs cost more than the rest of the compile.
+fn pair_matches(
+    policy: &Policy,
+    identities: &Identities,
+    chosen: impl Iterator<Item = usize>,
+) -> Vec<PairMatch> {
     let mut matches: Vec<PairMatch> = Vec::with_capacity(policy.rules.len());
     let (mut sources, mut destinations) = (Vec::new(), Vec::new());
     let mut order = 0u32;
-    for (index, rule) in policy.rules.iter().enumerate() {
+    for index in chosen {
+        let rule = &policy.rules[index];
         identities.expand(&rule.from, &mut sources);
         identities.expand(&rule.to, &mut destinations);
         let port_matches = rule.ports.iter().map(|port| match *port {
@@ -109,7 +117,55 @@ pub(super) fn write_entries(
     numbers: &[u32],
     tables: &mut Tables,
 ) -> Result<(), CompileError> {
-    let matches = pair_matches(policy, identities);
+    let entries = entries_of(policy, identities, numbers, 0..policy.rules.len(), tables)?;
+    tables.rules = entries.into_iter().collect();
+    tables.pairs = tables.pair_layers();
+    Ok(())
+}
+
+/// Writes again the entries of the identity pairs `pairs`, from the rules `chosen`: every
+/// rule that touches one of those pairs, in policy order (and maybe others).
+pub(super) fn rewrite_pairs(
+    policy: &Policy,
+    identities: &Identities,
+    numbers: &[u32],
+    pairs: &BTreeSet<(u32, u32)>,
+    chosen: impl Iterator<Item = usize>,
+    tables: &mut Tables,
+) -> Result<(), CompileError> {
+    for &(src, dst) in pairs {
+        tables.remove_pair(src, dst);
+    }
+    let mut ranges = Tables::default();
+    let entries = entries_of(policy, identities, numbers, chosen, &mut ranges)?;
+    let in_pairs = |src: u32, dst: u32| pairs.contains(&(src, dst));
+    tables.rules.extend(
+        entries
+            .into_iter()
+            .filter(|(key, _)| in_pairs(key.src_identity, key.dst_identity)),
+    );
+    tables.ranges.extend(
+        ranges
+            .ranges
+            .into_iter()
+            .filter(|(key, _)| in_pairs(key.src_identity, key.dst_identity)),
+    );
+    for &(src, dst) in pairs {
+        tables.mark_pair(src, dst);
+    }
+    Ok(())
+}
+
+/// The rule entries of the pairs the rules `chosen` touch, in key order; their port ranges go
+/// into `tables`.
+fn entries_of(
+    policy: &Policy,
+    identities: &Identities,
+    numbers: &[u32],
+    chosen: impl Iterator<Item = usize>,
+    tables: &mut Tables,
+) -> Result<Vec<(PolicyKey, RuleVerdict)>, CompileError> {
+    let matches = pair_matches(policy, identities, chosen);
     let verdicts = Verdicts { policy, numbers };
     let mut rule_entries: Vec<(PolicyKey, RuleVerdict)> = Vec::with_capacity(matches.len());
     for pair_matches in matches.chunk_by(|a, b| a.pair == b.pair) {
@@ -118,9 +174,7 @@ pub(super) fn write_entries(
         pair.ranges(identities, tables)?;
         pair.any_port_and_any_proto(&mut rule_entries);
     }
-    tables.rules = rule_entries.into_iter().collect();
-    tables.pairs = tables.pair_layers();
-    Ok(())
+    Ok(rule_entries)
 }
 
 /// The verdict a match's rule gives.

@@ -137,27 +137,87 @@ impl Tables {
         ]
     }
 
+    /// Removes the rule entries, port ranges and layers of the pair `(src, dst)`.
+    pub(super) fn remove_pair(&mut self, src: u32, dst: u32) {
+        fn remove_range<K: Ord + Copy, V>(
+            map: &mut BTreeMap<K, V>,
+            range: std::ops::RangeInclusive<K>,
+        ) {
+            let keys: Vec<K> = map.range(range).map(|(key, _)| *key).collect();
+            for key in keys {
+                map.remove(&key);
+            }
+        }
+        let rule_key = |port, proto, slot| PolicyKey {
+            src_identity: src,
+            dst_identity: dst,
+            port,
+            proto,
+            slot,
+        };
+        remove_range(
+            &mut self.rules,
+            rule_key(0, 0, 0)..=rule_key(u16::MAX, u8::MAX, u8::MAX),
+        );
+        let range_key = |proto, slot| RangeKey {
+            src_identity: src,
+            dst_identity: dst,
+            proto,
+            slot,
+            _pad: [0; 2],
+        };
+        remove_range(
+            &mut self.ranges,
+            range_key(0, 0)..=range_key(u8::MAX, u8::MAX),
+        );
+        self.pairs.remove(&pair_key(src, dst));
+    }
+
+    /// Sets the [`PairLayers`] of the pair `(src, dst)` from its rule entries and port ranges.
+    pub(super) fn mark_pair(&mut self, src: u32, dst: u32) {
+        let mut layers = PairLayers::default();
+        for key in self.rules.range(
+            PolicyKey {
+                src_identity: src,
+                dst_identity: dst,
+                ..PolicyKey::default()
+            }..,
+        ) {
+            let key = key.0;
+            if (key.src_identity, key.dst_identity) != (src, dst) {
+                break;
+            }
+            layers.bits |= rule_layer_bit(key);
+        }
+        for key in self.ranges.range(
+            RangeKey {
+                src_identity: src,
+                dst_identity: dst,
+                ..RangeKey::default()
+            }..,
+        ) {
+            let key = key.0;
+            if (key.src_identity, key.dst_identity) != (src, dst) {
+                break;
+            }
+            layers.bits |= layer::bit(layer::RANGE, key.proto);
+        }
+        if layers.bits != 0 {
+            self.pairs.insert(pair_key(src, dst), layers);
+        }
+    }
+
     /// The [`PairLayers`] of every pair that has rule entries, from those entries.
     pub(super) fn pair_layers(&self) -> BTreeMap<PairKey, PairLayers> {
         let mut pairs: BTreeMap<PairKey, PairLayers> = BTreeMap::new();
         let mut mark = |src_identity: u32, dst_identity: u32, bit: u32| {
             pairs
-                .entry(PairKey {
-                    src_identity,
-                    dst_identity,
-                    slot: 0,
-                    _pad: [0; 3],
-                })
+                .entry(pair_key(src_identity, dst_identity))
                 .or_default()
                 .bits |= bit;
         };
         for key in self.rules.keys() {
-            let bit = match (key.proto, key.port) {
-                (ANY_PROTO, _) => layer::ANY_PROTOCOL_BIT,
-                (protocol, ANY_PORT) => layer::bit(layer::ANY_PORT, protocol),
-                (protocol, _) => layer::bit(layer::EXACT, protocol),
-            };
-            mark(key.src_identity, key.dst_identity, bit);
+            mark(key.src_identity, key.dst_identity, rule_layer_bit(key));
         }
         for key in self.ranges.keys() {
             mark(
@@ -167,5 +227,23 @@ impl Tables {
             );
         }
         pairs
+    }
+}
+
+/// The layer bit of a rule entry.
+fn rule_layer_bit(key: &PolicyKey) -> u32 {
+    match (key.proto, key.port) {
+        (ANY_PROTO, _) => layer::ANY_PROTOCOL_BIT,
+        (protocol, ANY_PORT) => layer::bit(layer::ANY_PORT, protocol),
+        (protocol, _) => layer::bit(layer::EXACT, protocol),
+    }
+}
+
+fn pair_key(src_identity: u32, dst_identity: u32) -> PairKey {
+    PairKey {
+        src_identity,
+        dst_identity,
+        slot: 0,
+        _pad: [0; 3],
     }
 }

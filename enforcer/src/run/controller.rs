@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::{PolicySource, RunError, RunOptions};
 use crate::{
-    compile::{self, Compiled, HostView},
+    compile::{self, Before, Compiled, HostView},
     datapath::{
         enforcement, host, loader,
         maps::{Installed, Installer, KernelMaps},
@@ -57,17 +57,20 @@ fn load_policy(
 }
 
 /// Loads, validates and compiles the policy for this host, its registered endpoints and the
-/// fleet's.
+/// fleet's; after `before` (the policy in force), compiling only what changed.
 pub(super) fn load_for_host(
     source: &PolicySource,
     cache: &mut ParseCache,
-    live: Option<&Compiled>,
+    before: Option<Before<'_>>,
     inputs: Inputs<'_>,
 ) -> Result<(Policy, HostView, Compiled), RunError> {
     let policy = load_policy(source, cache, inputs.kvstore_policy)?;
     let mut view = host::observe(&policy, inputs.registry);
     view.fleet = inputs.fleet.to_vec();
-    let compiled = compile::compile(&policy, &view, live)?;
+    let compiled = match before {
+        Some(before) => compile::compile_change(&policy, &view, before)?,
+        None => compile::compile(&policy, &view, None)?,
+    };
     Ok((policy, view, compiled))
 }
 
@@ -214,6 +217,7 @@ impl Controller {
             self.metrics.count_reload("unchanged");
             tracing::info!(trigger = trigger.as_str(), "policy unchanged");
             self.policy = Some((policy, view));
+            release_freed_memory();
             return Ok(None);
         }
         for warning in &compiled.warnings {
@@ -309,10 +313,18 @@ impl Controller {
             fleet: &self.fleet.remote,
             kvstore_policy: self.fleet.kvstore_policy.as_deref(),
         };
+        let before = match (&self.policy, self.live.as_deref()) {
+            (Some((policy, host)), Some(compiled)) => Some(Before {
+                policy,
+                host,
+                compiled,
+            }),
+            _ => None,
+        };
         let result = load_for_host(
             &PolicySource::of(&self.options.policy),
             &mut self.parse_cache,
-            self.live.as_deref(),
+            before,
             inputs,
         )
         .and_then(|(policy, view, compiled)| {
