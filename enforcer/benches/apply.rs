@@ -143,6 +143,8 @@ fn main() {
         policies::generated(SERVICES, RULES)
     );
     let (added, added_line) = apply(&daemon, &policy, &added_text, 3 + CHANGES as u32);
+    // At rest again, as after the full load.
+    std::thread::sleep(Duration::from_secs(1));
     let (after_reloads, peak) = memory_kib(&daemon);
 
     println!(
@@ -226,6 +228,16 @@ fn main() {
         mib(after_full).round(),
         "MiB",
         Some(("target 100 MiB (anchor)", mib(after_full) / 100.0)),
+    );
+    results::record(
+        "apply",
+        &format!("controller memory after {} more reloads", CHANGES + 1),
+        mib(after_reloads).round(),
+        "MiB",
+        Some((
+            "after the full load",
+            after_reloads as f64 / after_full as f64,
+        )),
     );
     results::record(
         "apply",

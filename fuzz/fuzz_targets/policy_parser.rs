@@ -24,7 +24,11 @@ fuzz_target!(|text: &str| {
     let Ok(parsed) = edited else {
         return;
     };
-    let whole = compile::compile(&parsed, &host, earlier.as_ref().map(|(compiled, _)| compiled));
+    let whole = compile::compile(
+        &parsed,
+        &host,
+        earlier.as_ref().map(|(compiled, _)| compiled),
+    );
     let Some((compiled, policy)) = &earlier else {
         return;
     };
@@ -37,7 +41,10 @@ fuzz_target!(|text: &str| {
     match (whole, change) {
         (Ok(whole), Ok(change)) => {
             assert_eq!(whole.tables, change.tables, "compiled after an edit");
-            assert_eq!(whole.rule_order, change.rule_order, "numbered after an edit");
+            assert_eq!(
+                whole.rule_order, change.rule_order,
+                "numbered after an edit"
+            );
         }
         (whole, change) => assert_eq!(
             whole.err().map(|error| error.to_string()),
