@@ -2,12 +2,12 @@
 //! identity pair, and the kernel entries that give DESIGN §4's answer under the datapath's
 //! lookup order (see the module above).
 
+use std::collections::BTreeSet;
+
 use enforcer_common::policy::{
     ANY_PORT, ANY_PROTO, MAX_PORT_RANGES, PolicyKey, PortRange, PortRanges, RangeKey, RuleVerdict,
     action, proto,
 };
-
-use std::collections::BTreeSet;
 
 use super::{CompileError, identities::Identities, tables::Tables};
 use crate::policy::{Policy, PortMatch, RuleKind, identity};
@@ -136,8 +136,9 @@ pub(super) fn rewrite_pairs(
     for &(src, dst) in pairs {
         tables.remove_pair(src, dst);
     }
-    let mut ranges = Tables::default();
-    let entries = entries_of(policy, identities, numbers, chosen, &mut ranges)?;
+    // The chosen rules also name pairs outside `pairs`, whose entries stay as they are.
+    let mut recomputed = Tables::default();
+    let entries = entries_of(policy, identities, numbers, chosen, &mut recomputed)?;
     let in_pairs = |src: u32, dst: u32| pairs.contains(&(src, dst));
     tables.rules.extend(
         entries
@@ -145,7 +146,7 @@ pub(super) fn rewrite_pairs(
             .filter(|(key, _)| in_pairs(key.src_identity, key.dst_identity)),
     );
     tables.ranges.extend(
-        ranges
+        recomputed
             .ranges
             .into_iter()
             .filter(|(key, _)| in_pairs(key.src_identity, key.dst_identity)),

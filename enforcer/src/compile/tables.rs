@@ -176,27 +176,25 @@ impl Tables {
     /// Sets the [`PairLayers`] of the pair `(src, dst)` from its rule entries and port ranges.
     pub(super) fn mark_pair(&mut self, src: u32, dst: u32) {
         let mut layers = PairLayers::default();
-        for key in self.rules.range(
+        for (key, _) in self.rules.range(
             PolicyKey {
                 src_identity: src,
                 dst_identity: dst,
                 ..PolicyKey::default()
             }..,
         ) {
-            let key = key.0;
             if (key.src_identity, key.dst_identity) != (src, dst) {
                 break;
             }
             layers.bits |= rule_layer_bit(key);
         }
-        for key in self.ranges.range(
+        for (key, _) in self.ranges.range(
             RangeKey {
                 src_identity: src,
                 dst_identity: dst,
                 ..RangeKey::default()
             }..,
         ) {
-            let key = key.0;
             if (key.src_identity, key.dst_identity) != (src, dst) {
                 break;
             }
