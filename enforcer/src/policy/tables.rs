@@ -240,6 +240,38 @@ mod tests {
         assert_eq!(found[1], "[[deny]]\n");
     }
 
+    /// Cut again around an edit, a text has the tables a cut of the whole text gives it: for
+    /// every deletion of a byte, and insertion of a character that structures TOML, anywhere
+    /// in a policy with strings, comments, arrays and indented headers.
+    #[test]
+    fn a_text_cut_again_around_an_edit_has_the_tables_of_a_whole_cut() {
+        let old = concat!(
+            "# shop\n[settings]\nmode = \"audit\"\n\n[[service]]\nname = \"a\"\n",
+            "addresses = [\n  \"10.0.0.1/32\", # [[deny]]\n]\n  [[allow]]\nfrom = \"a\"\n",
+            "id = \"\"\"\n[[deny]]\"\"\"\n[[deny]]\nfrom = 'a[' \nto = \"b\"\n[detection]\n",
+        );
+        let old_tables = top_level_tables(old).unwrap();
+        let mut edits = Vec::new();
+        for (at, _) in old.char_indices() {
+            edits.push(format!("{}{}", &old[..at], &old[at + 1..]));
+            for inserted in ["[", "]", "\"", "'", "#", "\n", "{", "\\", "x"] {
+                edits.push(format!("{}{inserted}{}", &old[..at], &old[at..]));
+            }
+        }
+        for new in &edits {
+            let same = super::super::load::common_ends(old.as_bytes(), new.as_bytes());
+            let recut = recut(old, &old_tables, |table| table.start, new, same).map(|recut| {
+                let moved = |table: &Range<usize>| {
+                    table.start + new.len() - old.len()..table.end + new.len() - old.len()
+                };
+                let before = old_tables[..recut.kept_before].iter().cloned();
+                let after = old_tables[recut.kept_after..].iter().map(moved);
+                before.chain(recut.fresh).chain(after).collect::<Vec<_>>()
+            });
+            assert_eq!(recut, top_level_tables(new), "{new:?}");
+        }
+    }
+
     #[test]
     fn files_it_cannot_cut_safely_are_left_whole() {
         for text in [
