@@ -361,13 +361,21 @@ fn rules_by_part(contents: &[FileContent<'_>], policy: &Policy) -> Vec<(usize, u
     built
 }
 
-/// Keeps the rules of each part that holds nothing but rules, built, in place of its document.
+/// Keeps the rules of each table that holds nothing but rules, built, in place of its
+/// document. (A file parsed whole is parsed whole again next time: nothing of it is kept.)
 fn keep_built(files: &mut [Option<FileParse>], built: Vec<(usize, usize, Arc<Rule>)>) {
-    let mut files: Vec<&mut FileParts> =
-        files.iter_mut().flatten().map(|(parts, _)| parts).collect();
+    let mut files: Vec<(&mut FileParts, bool)> = files
+        .iter_mut()
+        .flatten()
+        .map(|(parts, cut)| (parts, *cut))
+        .collect();
     for group in built.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
         let (file, part) = (group[0].0, group[0].1);
-        let part = &mut files[file][part];
+        let (parts, cut) = &mut files[file];
+        if !*cut {
+            continue;
+        }
+        let part = &mut parts[part];
         let rules_only = part.document().is_some_and(|document| {
             document.settings.is_none()
                 && document.detection.is_none()
