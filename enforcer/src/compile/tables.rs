@@ -148,60 +148,21 @@ impl Tables {
                 map.remove(&key);
             }
         }
-        let rule_key = |port, proto, slot| PolicyKey {
-            src_identity: src,
-            dst_identity: dst,
-            port,
-            proto,
-            slot,
-        };
-        remove_range(
-            &mut self.rules,
-            rule_key(0, 0, 0)..=rule_key(u16::MAX, u8::MAX, u8::MAX),
-        );
-        let range_key = |proto, slot| RangeKey {
-            src_identity: src,
-            dst_identity: dst,
-            proto,
-            slot,
-            _pad: [0; 2],
-        };
-        remove_range(
-            &mut self.ranges,
-            range_key(0, 0)..=range_key(u8::MAX, u8::MAX),
-        );
+        remove_range(&mut self.rules, pair_rule_keys(src, dst));
+        remove_range(&mut self.ranges, pair_range_keys(src, dst));
         self.pairs.remove(&pair_key(src, dst));
     }
 
     /// Sets the [`PairLayers`] of the pair `(src, dst)` from its rule entries and port ranges.
     pub(super) fn mark_pair(&mut self, src: u32, dst: u32) {
-        let mut layers = PairLayers::default();
-        for (key, _) in self.rules.range(
-            PolicyKey {
-                src_identity: src,
-                dst_identity: dst,
-                ..PolicyKey::default()
-            }..,
-        ) {
-            if (key.src_identity, key.dst_identity) != (src, dst) {
-                break;
-            }
-            layers.bits |= rule_layer_bit(key);
-        }
-        for (key, _) in self.ranges.range(
-            RangeKey {
-                src_identity: src,
-                dst_identity: dst,
-                ..RangeKey::default()
-            }..,
-        ) {
-            if (key.src_identity, key.dst_identity) != (src, dst) {
-                break;
-            }
-            layers.bits |= layer::bit(layer::RANGE, key.proto);
-        }
-        if layers.bits != 0 {
-            self.pairs.insert(pair_key(src, dst), layers);
+        let rules = self.rules.range(pair_rule_keys(src, dst));
+        let ranges = self.ranges.range(pair_range_keys(src, dst));
+        let bits = rules
+            .map(|(key, _)| rule_layer_bit(key))
+            .chain(ranges.map(|(key, _)| range_layer_bit(key)))
+            .fold(0, |bits, bit| bits | bit);
+        if bits != 0 {
+            self.pairs.insert(pair_key(src, dst), PairLayers { bits });
         }
     }
 
@@ -218,11 +179,7 @@ impl Tables {
             mark(key.src_identity, key.dst_identity, rule_layer_bit(key));
         }
         for key in self.ranges.keys() {
-            mark(
-                key.src_identity,
-                key.dst_identity,
-                layer::bit(layer::RANGE, key.proto),
-            );
+            mark(key.src_identity, key.dst_identity, range_layer_bit(key));
         }
         pairs
     }
@@ -235,6 +192,35 @@ fn rule_layer_bit(key: &PolicyKey) -> u32 {
         (protocol, ANY_PORT) => layer::bit(layer::ANY_PORT, protocol),
         (protocol, _) => layer::bit(layer::EXACT, protocol),
     }
+}
+
+/// The layer bit of a port-range entry.
+fn range_layer_bit(key: &RangeKey) -> u32 {
+    layer::bit(layer::RANGE, key.proto)
+}
+
+/// Every rule entry key of the pair `(src_identity, dst_identity)`, in any slot.
+fn pair_rule_keys(src_identity: u32, dst_identity: u32) -> std::ops::RangeInclusive<PolicyKey> {
+    let key = |port, proto, slot| PolicyKey {
+        src_identity,
+        dst_identity,
+        port,
+        proto,
+        slot,
+    };
+    key(0, 0, 0)..=key(u16::MAX, u8::MAX, u8::MAX)
+}
+
+/// Every port-range key of the pair `(src_identity, dst_identity)`, in any slot.
+fn pair_range_keys(src_identity: u32, dst_identity: u32) -> std::ops::RangeInclusive<RangeKey> {
+    let key = |proto, slot| RangeKey {
+        src_identity,
+        dst_identity,
+        proto,
+        slot,
+        _pad: [0; 2],
+    };
+    key(0, 0)..=key(u8::MAX, u8::MAX)
 }
 
 fn pair_key(src_identity: u32, dst_identity: u32) -> PairKey {

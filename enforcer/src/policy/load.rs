@@ -282,12 +282,16 @@ fn parse_and_build(
         .iter()
         .map(|source| source.path.to_path_buf())
         .collect();
-    let mut policy = build::start(paths, &gather(sources, &files), &mut diagnostics);
-    let services = build::service_names_and_addresses(&policy.services);
-    if services != cache.services {
-        unbuild(sources, &mut files, &mut diagnostics);
-    }
     let contents = gather(sources, &files);
+    let mut policy = build::start(paths, &contents, &mut diagnostics);
+    let services = build::service_names_and_addresses(&policy.services);
+    let contents = if services == cache.services {
+        contents
+    } else {
+        drop(contents);
+        unbuild(sources, &mut files, &mut diagnostics);
+        gather(sources, &files)
+    };
     build::add_rules(&mut policy, &contents, &mut diagnostics);
     if !diagnostics.0.is_empty() {
         return (files, Err(PolicyError::Invalid(diagnostics.0)));
