@@ -14,7 +14,7 @@ use std::{
 
 use aya::{
     Pod,
-    maps::{HashMap, Map, MapData, RingBuf},
+    maps::{HashMap, Map, MapData, PerCpuValues, RingBuf},
 };
 use enforcer::{
     compile::{self, HostView},
@@ -29,7 +29,7 @@ use enforcer::{
 };
 use enforcer_common::{
     addr::{Ipcache4Key, v4_mapped},
-    conntrack::{CtEntry, CtKey, CtKey4, timeout},
+    conntrack::{CachedFlow, CtEntry, CtKey, CtKey4, FLOW_CACHE_SLOTS, timeout},
     event::{FlowEvent, flags as event_flags},
     identity::IdentityInfo,
     verdict::{DENY, reason},
@@ -177,13 +177,24 @@ impl Kernel {
 
     /// Makes every tracked flow look idle for `idle` longer than it has been, as if that much
     /// time had passed without a packet.
-    fn idle_flows(&self, idle: Duration) {
+    fn idle_flows(&mut self, idle: Duration) {
         let idle = idle.as_nanos() as u64;
         for table in ["CONNTRACK4", "UNANSWERED4"] {
             idle_table(&mut self.flow_table::<CtKey4>(table), idle);
         }
         for table in ["CONNTRACK", "UNANSWERED"] {
             idle_table(&mut self.flow_table::<CtKey>(table), idle);
+        }
+        // The flows the programs remember passing are as old.
+        let mut cache = self.datapath.flow_cache().unwrap();
+        for slot in 0..FLOW_CACHE_SLOTS {
+            let mut flows: Vec<CachedFlow> = cache.get(&slot, 0).unwrap().iter().copied().collect();
+            for flow in flows.iter_mut().filter(|flow| flow.checked_at != 0) {
+                flow.checked_at = flow.checked_at.saturating_sub(idle).max(1);
+            }
+            cache
+                .set(slot, PerCpuValues::try_from(flows).unwrap(), 0)
+                .unwrap();
         }
     }
 
@@ -654,6 +665,78 @@ fn a_reset_or_fin_from_elsewhere_does_not_end_the_flow_as_root() {
                         "{hook:?}: flags {forged_flags:#x} from b's own interface end the flow"
                     );
                 }
+            }
+        })
+        .unwrap();
+}
+
+#[root_test]
+fn a_flow_passed_a_moment_ago_is_judged_again_under_a_new_policy_as_root() {
+    let mut kernel = Kernel::load(LoadOptions::default());
+    let revoked = POLICY.replace("[[allow]]", "[[deny]]");
+    let ack = frames::TCP_ACK;
+    for hook in Hook::ALL {
+        kernel.install(POLICY);
+        kernel.next_port += 1;
+        let port = kernel.next_port;
+        let a_to_b = |flags| Ipv4::new(A4, B4, frames::TCP).frame(&frames::tcp(port, 80, flags));
+        let b_to_a = |flags| Ipv4::new(B4, A4, frames::TCP).frame(&frames::tcp(80, port, flags));
+        assert!(kernel.passes(hook, &a_to_b(frames::TCP_SYN)));
+        assert!(kernel.passes(hook, &b_to_a(frames::TCP_SYN | ack)));
+        // Passed by conntrack, then from what this CPU remembers of the flow.
+        for _ in 0..3 {
+            assert!(
+                kernel.passes(hook, &a_to_b(ack)),
+                "{hook:?}: the connection's segments pass"
+            );
+        }
+        kernel.install(&revoked);
+        assert!(
+            !kernel.passes(hook, &a_to_b(ack)),
+            "{hook:?}: the next segment after the rule became a deny is judged again, and refused"
+        );
+    }
+}
+
+#[root_test]
+fn a_flow_passed_a_moment_ago_is_no_pass_through_another_interface_as_root() {
+    let mut kernel = Kernel::load(LoadOptions::default());
+    let interfaces = Interfaces::create(&["from-a", "forger"]);
+    let [from_a, forger] = ["from-a", "forger"].map(|name| interfaces.index(name));
+    // a is an endpoint of this host behind `from-a`: its address from anywhere else is a spoof.
+    let host = HostView {
+        interfaces: [("from-a".to_owned(), from_a)].into(),
+        routes: [(IpAddr::V4(A4), "from-a".to_owned())].into(),
+        ..HostView::default()
+    };
+    kernel.install_on(
+        &POLICY.replace(
+            r#"addresses = ["10.0.0.1/32", "fd00::1/128"]"#,
+            r#"addresses = ["10.0.0.1/32", "fd00::1/128"]
+interfaces = ["from-a"]"#,
+        ),
+        &host,
+    );
+    let ack = frames::TCP_ACK;
+    interfaces
+        .netns
+        .run(|| {
+            for hook in [Hook::Xdp, Hook::TcIngress] {
+                kernel.next_port += 1;
+                let port = kernel.next_port;
+                let a_to_b =
+                    |flags| Ipv4::new(A4, B4, frames::TCP).frame(&frames::tcp(port, 80, flags));
+                let b_to_a =
+                    |flags| Ipv4::new(B4, A4, frames::TCP).frame(&frames::tcp(80, port, flags));
+                assert!(kernel.passes_on(hook, &a_to_b(frames::TCP_SYN), Some(from_a)));
+                assert!(kernel.passes(hook, &b_to_a(frames::TCP_SYN | ack)));
+                for _ in 0..3 {
+                    assert!(kernel.passes_on(hook, &a_to_b(ack), Some(from_a)));
+                }
+                assert!(
+                    !kernel.passes_on(hook, &a_to_b(ack), Some(forger)),
+                    "{hook:?}: a segment of a's connection forged through another interface"
+                );
             }
         })
         .unwrap();

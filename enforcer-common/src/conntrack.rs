@@ -95,6 +95,35 @@ pub mod timeout {
     pub const REFRESH_NS: u64 = SEC;
 }
 
+/// One flow direction in the datapath's per-CPU flow cache (`FLOW_CACHE`): where the
+/// established-flow shortcut last passed a packet of it, and how that packet was counted. A
+/// packet that matches every field but the time, within [`timeout::REFRESH_NS`] of
+/// `checked_at`, passes without a conntrack lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CachedFlow {
+    pub key: CtKey4,
+    /// The sending socket's cgroup at TC egress, else 0.
+    pub cgroup_id: u64,
+    /// When the shortcut last passed a packet of it (`CLOCK_MONOTONIC` ns); 0: an empty slot.
+    pub checked_at: u64,
+    pub ifindex: u32,
+    pub generation: u32,
+    /// The identities the packet is counted under, in its direction.
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    /// An `event::hook` code.
+    pub hook_kind: u8,
+    /// Whether the packet's source is the key's `lo` end.
+    pub from_lo: u8,
+    pub verdict: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Slots of the flow cache on each CPU.
+pub const FLOW_CACHE_SLOTS: u32 = 1024;
+const _: () = assert!(FLOW_CACHE_SLOTS.is_power_of_two());
+
 /// How flows moved through the two conntrack tables on one CPU: new flows enter the
 /// unanswered table (`opened`), and move to the established one at their first reply
 /// (`answered`). Unanswered flows are what a spoofed-source flood makes, so they live in a
@@ -138,6 +167,7 @@ pub const FRAG_TIMEOUT_NS: u64 = 2_000_000_000;
 kernel_abi!(
     CtKey = 40,
     CtKey4 = 16,
+    CachedFlow = 56,
     CtEntry = 64,
     FlowTableCounts = 16,
     FragKey = 40,

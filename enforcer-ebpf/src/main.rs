@@ -10,6 +10,7 @@
 mod conclude;
 mod conntrack;
 mod flow;
+mod flow_cache;
 mod fragments;
 mod identity;
 mod maps;

@@ -12,7 +12,9 @@ use crate::subject::Subject;
 use enforcer_common::{
     addr::{Ipcache4Key, IpcacheKey},
     config::PolicyConfig,
-    conntrack::{CtEntry, CtKey, CtKey4, FlowTableCounts, FragEntry, FragKey},
+    conntrack::{
+        CachedFlow, CtEntry, CtKey, CtKey4, FLOW_CACHE_SLOTS, FlowTableCounts, FragEntry, FragKey,
+    },
     counters::{Counter, EDGE_CACHE_SLOTS, EdgeCacheSlot, FlowCounterKey},
     event::{EventCpuState, FlowEvent, ReportKey, ReportState},
     identity::{CgroupKey, EndpointKey, IdentityInfo},
@@ -97,6 +99,11 @@ pub static EDGE_CACHE: PerCpuArray<EdgeCacheSlot, { EDGE_CACHE_SLOTS as usize }>
     PerCpuArray::new();
 #[btf_map]
 pub static FLOW_COUNTS: LruPerCpuHashMap<FlowCounterKey, Counter, 65536> = LruPerCpuHashMap::new();
+
+/// In front of conntrack for established IPv4 flows (see `flow_cache`). Like `SCRATCH`, not
+/// pinned: each load of the programs starts with it empty.
+#[btf_map]
+pub static FLOW_CACHE: PerCpuArray<CachedFlow, { FLOW_CACHE_SLOTS as usize }> = PerCpuArray::new();
 
 /// Working memory for the packet being judged (see `subject::Subject`).
 #[btf_map]

@@ -28,7 +28,7 @@ use crate::{
     conclude::{Report, conclude, deny_reason, refuse, refuse_shape},
     conntrack,
     flow::{self, from_initiator},
-    fragments, identity,
+    flow_cache, fragments, identity,
     maps::SCRATCH,
     packet::{self, Frame, fragment},
     report::{self, Hook, Outcome},
@@ -95,8 +95,12 @@ pub fn judge<F: Frame>(frame: &F, hook: &mut Hook) -> u8 {
         if F::AT_INTERFACE {
             // (The socket hook took the key already, in `socket_hook_judges`.)
             flow_key(subject);
+            let verdict = flow_cache::pass(hook, subject);
+            if verdict != flow_cache::MISS {
+                return verdict;
+            }
         }
-        let verdict = pass_established(hook, subject);
+        let verdict = pass_established::<F>(hook, subject);
         if verdict != NOT_TRACKED {
             return verdict;
         }
@@ -346,9 +350,10 @@ fn came_through_its_endpoint(hook: &Hook, subject: &Subject, by_address: &Identi
 /// What [`judge_tracked`] and [`pass_established`] return when they do not decide.
 const NOT_TRACKED: u8 = 0;
 
-/// The shortcut (see the module documentation): [`NOT_TRACKED`] unless it applies.
+/// The shortcut (see the module documentation): [`NOT_TRACKED`] unless it applies. What it
+/// passes at an interface, `flow_cache` passes for a while without asking conntrack.
 #[inline(never)]
-fn pass_established(hook: &Hook, subject: &mut Subject) -> u8 {
+fn pass_established<F: Frame>(hook: &Hook, subject: &mut Subject) -> u8 {
     let Some(entry) = flow::tracked_entry(hook, subject) else {
         return NOT_TRACKED;
     };
@@ -365,7 +370,11 @@ fn pass_established(hook: &Hook, subject: &mut Subject) -> u8 {
         // Judged again by `judge_tracked`.
         return NOT_TRACKED;
     }
-    established(hook, subject, entry, from_initiator, true)
+    let verdict = established(hook, subject, entry, from_initiator, true);
+    if F::AT_INTERFACE {
+        flow_cache::remember(hook, subject, verdict);
+    }
+    verdict
 }
 
 /// At the socket hook, whether a service's socket receiving a packet of a flow from its

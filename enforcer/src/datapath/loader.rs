@@ -20,7 +20,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{MapData, RingBuf},
+    maps::{MapData, MapError, PerCpuArray, RingBuf},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError, ProgramInfo,
         SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, TestRunResult, Xdp, XdpMode,
@@ -29,6 +29,8 @@ use aya::{
         xdp::XdpLink,
     },
 };
+
+use enforcer_common::conntrack::CachedFlow;
 
 use crate::{
     datapath::kernel::{Features, Unsupported},
@@ -161,6 +163,9 @@ pub struct LoadOptions {
     /// Bytes of the event ring buffer (a power of two, at least one page); default 4 MiB.
     pub event_buffer_bytes: Option<u32>,
     pub tc_attach: TcAttach,
+    /// Programs that ask conntrack for every packet of an established flow, as they did before
+    /// the flow cache: what the datapath benchmark measures the cache against.
+    pub without_flow_cache: bool,
 }
 
 /// The loaded datapath: the object with its programs, and where it is pinned.
@@ -212,7 +217,7 @@ impl Datapath {
             .iter()
             .map(|name| (*name, pins.maps().join(name)))
             .collect();
-        let mut loader = object_loader();
+        let mut loader = object_loader(options);
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -510,6 +515,18 @@ impl Datapath {
         .map_err(|source| LoadError::Program { name, source })
     }
 
+    /// The programs' per-CPU flow cache (not pinned, so reached through the loaded object):
+    /// for tests that make time pass, which must age what it holds with conntrack.
+    pub fn flow_cache(&mut self) -> Result<PerCpuArray<&mut MapData, CachedFlow>, MapError> {
+        let map = self
+            .ebpf
+            .map_mut("FLOW_CACHE")
+            .ok_or_else(|| MapError::InvalidName {
+                name: "FLOW_CACHE".to_owned(),
+            })?;
+        PerCpuArray::try_from(map)
+    }
+
     /// Tags of the programs this build loaded.
     pub fn program_tags(&self) -> BTreeMap<&'static str, String> {
         let mut tags = BTreeMap::new();
@@ -555,13 +572,15 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), LoadError> {
     .map_err(|source| LoadError::Program { name, source })
 }
 
-/// The object loader, with the globals that adapt the programs to this kernel.
-fn object_loader() -> EbpfLoader<'static> {
+/// The object loader, with the globals that adapt the programs to this kernel and `options`.
+fn object_loader(options: &LoadOptions) -> EbpfLoader<'static> {
     let mut loader = EbpfLoader::new();
     // Static, because the loader borrows the value until it loads.
-    static CLOCKS: [u8; 2] = [0, 1];
-    let coarse_clock = &CLOCKS[usize::from(Features::current().coarse_clock)];
+    static FLAGS: [u8; 2] = [0, 1];
+    let coarse_clock = &FLAGS[usize::from(Features::current().coarse_clock)];
     loader.override_global("COARSE_CLOCK", coarse_clock, true);
+    let flow_cache = &FLAGS[usize::from(!options.without_flow_cache)];
+    loader.override_global("FLOW_CACHE_ON", flow_cache, true);
     loader
 }
 
@@ -675,7 +694,7 @@ fn aya_object_maps() -> BTreeMap<&'static str, (u32, u32, u32)> {
 /// ignores map addresses), found by loading them without attaching anything.
 pub fn build_tags() -> Result<BTreeMap<&'static str, String>, LoadError> {
     raise_memlock_limit();
-    let mut loader = object_loader();
+    let mut loader = object_loader(&LoadOptions::default());
     // Small maps: only the programs matter here.
     for name in MAP_NAMES {
         if name != "POLICY_ACTIVE" && name != "EVENT_STATE" && name != "PACKET_COUNTS" {

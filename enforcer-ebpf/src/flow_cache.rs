@@ -1,0 +1,140 @@
+//! A per-CPU cache of the IPv4 flows this CPU passed through the shortcut lately, in front of
+//! conntrack: the bulk of packets, an established flow's, then pass after one array lookup
+//! instead of a hash lookup (two for a flow not answered yet) and an entry update.
+//!
+//! A cached flow passes exactly where the shortcut (`verdict::pass_established`) passed its
+//! last packet: the same flow key and direction, the same hook, interface and sending socket's
+//! cgroup, under the same generation. What else could have changed since is bounded by the
+//! entry's age: it is trusted for [`timeout::REFRESH_NS`] after the shortcut last checked it,
+//! then the shortcut checks it again, which also refreshes the conntrack entry's `last_seen`
+//! as often as a packet of its own would. Packets that change a flow's state (TCP SYN, FIN,
+//! RST) and fragments never use the cache.
+//!
+//! Nothing here needs invalidating from other CPUs: a new generation makes every entry stale
+//! at once, and an entry only passes packets the conntrack entry it was taken from passes
+//! (an expired flow has had no packet for longer than an entry lives). The one difference: a
+//! flow the kernel evicted from a full conntrack table still passes for what is left of the
+//! second; it was admitted under the policy in force.
+
+use enforcer_common::{
+    conntrack::{CachedFlow, FLOW_CACHE_SLOTS, timeout},
+    policy::proto,
+    verdict::reason,
+};
+
+use crate::{
+    maps::FLOW_CACHE,
+    packet::{TCP_ACK, TCP_PSH, TCP_URG, fragment},
+    report::{self, Hook},
+    subject::Subject,
+};
+
+/// 1: the cache is used. The controller leaves it on; the datapath benchmark loads a copy
+/// with it off, to measure the conntrack path it stands in front of. A frozen read-only
+/// global: the verifier drops the branch not taken.
+#[unsafe(no_mangle)]
+static FLOW_CACHE_ON: u8 = 1;
+
+#[inline(always)]
+fn enabled() -> bool {
+    // SAFETY: a plain read of a global; volatile so that it is read from the map at run time
+    // rather than folded into the default at compile time.
+    unsafe { core::ptr::read_volatile(&FLOW_CACHE_ON) != 0 }
+}
+
+/// What [`pass`] returns for a packet it leaves to the shortcut (no verdict is 0).
+pub const MISS: u8 = 0;
+
+/// The verdict of a packet of a cached flow, counted as the shortcut counts it; [`MISS`] when
+/// the shortcut has to decide. A function of its own: its frame must not add to the entry
+/// program's (5.10's verifier counts every frame of the deepest call chain against 512 bytes).
+#[inline(never)]
+pub fn pass(hook: &Hook, subject: &Subject) -> u8 {
+    if !cacheable(subject) {
+        return MISS;
+    }
+    let Some(cached) = FLOW_CACHE.get_ptr(slot(hook, subject)) else {
+        return MISS;
+    };
+    // SAFETY: this CPU's slot; programs on one CPU do not interleave (softirq context).
+    let cached = unsafe { &*cached };
+    if !describes(cached, hook, subject)
+        || hook.now.wrapping_sub(cached.checked_at) >= timeout::REFRESH_NS
+    {
+        return MISS;
+    }
+    report::count(
+        hook,
+        cached.verdict,
+        reason::ESTABLISHED,
+        cached.src_identity,
+        cached.dst_identity,
+    );
+    cached.verdict
+}
+
+/// Caches the packet's flow direction after the shortcut passed it with `verdict`.
+#[inline(always)]
+pub fn remember(hook: &Hook, subject: &Subject, verdict: u8) {
+    if !cacheable(subject) {
+        return;
+    }
+    let Some(cached) = FLOW_CACHE.get_ptr_mut(slot(hook, subject)) else {
+        return;
+    };
+    // SAFETY: as in `pass`.
+    let cached = unsafe { &mut *cached };
+    let outcome = &subject.outcome;
+    cached.key = subject.key.short;
+    cached.cgroup_id = hook.cgroup_id;
+    cached.checked_at = hook.now;
+    cached.ifindex = hook.ifindex;
+    cached.generation = outcome.generation;
+    cached.src_identity = outcome.src_identity;
+    cached.dst_identity = outcome.dst_identity;
+    cached.hook_kind = hook.kind;
+    cached.from_lo = subject.from_lo;
+    cached.verdict = verdict;
+}
+
+/// An IPv4 TCP segment that changes no connection state, or a UDP datagram, unfragmented.
+#[inline(always)]
+fn cacheable(subject: &Subject) -> bool {
+    let packet = &subject.packet;
+    enabled()
+        && subject.key.ipv4 != 0
+        && packet.fragment == fragment::NONE
+        && match packet.proto {
+            proto::TCP => packet.tcp_flags & !(TCP_ACK | TCP_PSH | TCP_URG) == 0,
+            proto::UDP => true,
+            _ => false,
+        }
+}
+
+#[inline(always)]
+fn describes(cached: &CachedFlow, hook: &Hook, subject: &Subject) -> bool {
+    let key = &subject.key.short;
+    cached.key.addr_lo == key.addr_lo
+        && cached.key.addr_hi == key.addr_hi
+        && cached.key.port_lo == key.port_lo
+        && cached.key.port_hi == key.port_hi
+        && cached.key.proto == key.proto
+        && cached.from_lo == subject.from_lo
+        && cached.hook_kind == hook.kind
+        && cached.ifindex == hook.ifindex
+        && cached.cgroup_id == hook.cgroup_id
+        && cached.generation == subject.outcome.generation
+        && cached.checked_at != 0
+}
+
+/// The flow direction's slot: the same flow forwarded through the host is seen by two hooks
+/// on one CPU, and each direction by one, so all of them take part.
+#[inline(always)]
+fn slot(hook: &Hook, subject: &Subject) -> u32 {
+    let key = &subject.key.short;
+    let ports = (key.port_lo as u32) << 16 | key.port_hi as u32;
+    let mixed = (key.addr_lo.wrapping_mul(0x9E37_79B1) ^ key.addr_hi ^ ports)
+        .wrapping_mul(0x85EB_CA6B)
+        ^ ((hook.kind as u32) << 1 | subject.from_lo as u32);
+    (mixed ^ (mixed >> 15)) & (FLOW_CACHE_SLOTS - 1)
+}
