@@ -205,7 +205,19 @@ fn main() {
             .collect(),
     );
 
-    let mut results = Vec::new();
+    // What running any program at a TC hook costs here, for reading the TC rows beside it.
+    let empty_tc_program = bpf::load_pass_all_tcx(false).expect("an empty TC program");
+    let empty_tc = median(
+        (0..rounds)
+            .map(|_| {
+                bpf::test_run(&empty_tc_program, &syn, repeat)
+                    .expect("empty TC program run")
+                    .1
+            })
+            .collect(),
+    );
+
+    let mut results = vec![("empty TC program (r0 = TC_ACT_UNSPEC)".to_owned(), empty_tc)];
     for (label, rules, services) in [("10 rules", 10, 10), ("100000 rules", 100_000, 1_000)] {
         install(
             &mut maps,

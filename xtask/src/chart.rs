@@ -44,7 +44,7 @@ fn bars(rows: &[Vec<String>]) -> Vec<Bar> {
             if bench != "datapath" || unit != "ns/packet" || baseline != "empty XDP program" {
                 return None;
             }
-            let color = if figure.contains("empty XDP") || figure.contains("xdp-filter") {
+            let color = if figure.starts_with("empty ") || figure.contains("xdp-filter") {
                 ANCHOR
             } else if figure.ends_with(" 100000 rules") {
                 MANY_RULES
