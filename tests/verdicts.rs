@@ -14,7 +14,7 @@ use std::{
 
 use aya::{
     Pod,
-    maps::{HashMap, Map, MapData, PerCpuValues, RingBuf},
+    maps::{HashMap, Map, MapData, PerCpuArray, PerCpuValues, RingBuf},
 };
 use enforcer::{
     compile::{self, HostView},
@@ -32,7 +32,7 @@ use enforcer_common::{
     conntrack::{CachedFlow, CtEntry, CtKey, CtKey4, FLOW_CACHE_SLOTS, timeout},
     event::{FlowEvent, flags as event_flags},
     identity::IdentityInfo,
-    verdict::{DENY, reason},
+    verdict::{ALLOW, DENY, reason},
 };
 use enforcer_testbed::{
     Netns,
@@ -177,7 +177,7 @@ impl Kernel {
 
     /// Makes every tracked flow look idle for `idle` longer than it has been, as if that much
     /// time had passed without a packet.
-    fn idle_flows(&mut self, idle: Duration) {
+    fn idle_flows(&self, idle: Duration) {
         let idle = idle.as_nanos() as u64;
         for table in ["CONNTRACK4", "UNANSWERED4"] {
             idle_table(&mut self.flow_table::<CtKey4>(table), idle);
@@ -186,7 +186,9 @@ impl Kernel {
             idle_table(&mut self.flow_table::<CtKey>(table), idle);
         }
         // The flows the programs remember passing are as old.
-        let mut cache = self.datapath.flow_cache().unwrap();
+        let data = MapData::from_pin(self.pins.maps().join("FLOW_CACHE")).unwrap();
+        let mut cache: PerCpuArray<MapData, CachedFlow> =
+            PerCpuArray::try_from(Map::from_map_data(data).unwrap()).unwrap();
         for slot in 0..FLOW_CACHE_SLOTS {
             let mut flows: Vec<CachedFlow> = cache.get(&slot, 0).unwrap().iter().copied().collect();
             for flow in flows.iter_mut().filter(|flow| flow.checked_at != 0) {
@@ -208,6 +210,26 @@ impl Kernel {
     fn table<K: Pod, V: Pod>(&self, name: &str) -> HashMap<MapData, K, V> {
         let data = MapData::from_pin(self.pins.maps().join(name)).unwrap();
         HashMap::try_from(Map::from_map_data(data).unwrap()).unwrap()
+    }
+
+    /// Packets passed as established, and packets allowed on any edge, so far.
+    fn allowed_packets(&self) -> (u64, u64) {
+        let established = self
+            .maps
+            .packet_counts()
+            .unwrap()
+            .iter()
+            .filter(|(verdict, code, _)| (*verdict, *code) == (ALLOW, reason::ESTABLISHED))
+            .map(|(_, _, counter)| counter.packets)
+            .sum();
+        let on_edges = self
+            .maps
+            .flow_counts()
+            .iter()
+            .filter(|(edge, _)| edge.verdict == ALLOW)
+            .map(|(_, counter)| counter.packets)
+            .sum();
+        (established, on_edges)
     }
 
     fn packets_with_reason(&self, wanted: u8) -> u64 {
@@ -681,6 +703,7 @@ fn a_flow_passed_a_moment_ago_is_judged_again_under_a_new_policy_as_root() {
         let port = kernel.next_port;
         let a_to_b = |flags| Ipv4::new(A4, B4, frames::TCP).frame(&frames::tcp(port, 80, flags));
         let b_to_a = |flags| Ipv4::new(B4, A4, frames::TCP).frame(&frames::tcp(80, port, flags));
+        let (established_before, allowed_before) = kernel.allowed_packets();
         assert!(kernel.passes(hook, &a_to_b(frames::TCP_SYN)));
         assert!(kernel.passes(hook, &b_to_a(frames::TCP_SYN | ack)));
         // Passed by conntrack, then from what this CPU remembers of the flow.
@@ -690,6 +713,22 @@ fn a_flow_passed_a_moment_ago_is_judged_again_under_a_new_policy_as_root() {
                 "{hook:?}: the connection's segments pass"
             );
         }
+        let (established, allowed) = kernel.allowed_packets();
+        assert_eq!(
+            (established - established_before, allowed - allowed_before),
+            (4, 5),
+            "{hook:?}: every packet passed is counted: the answer and the segments as \
+             established, and all five on the edges"
+        );
+        // A second later the shortcut checks the flow again, and its slot starts over.
+        kernel.idle_flows(Duration::from_secs(2));
+        assert!(kernel.passes(hook, &a_to_b(ack)));
+        let (established, allowed) = kernel.allowed_packets();
+        assert_eq!(
+            (established - established_before, allowed - allowed_before),
+            (5, 6),
+            "{hook:?}: what the slot counted is still counted once it is written again"
+        );
         kernel.install(&revoked);
         assert!(
             !kernel.passes(hook, &a_to_b(ack)),

@@ -96,9 +96,11 @@ pub mod timeout {
 }
 
 /// One flow direction in the datapath's per-CPU flow cache (`FLOW_CACHE`): where the
-/// established-flow shortcut last passed a packet of it, and how that packet was counted. A
+/// established-flow shortcut last passed a packet of it, and how its packets are counted. A
 /// packet that matches every field but the time, within [`timeout::REFRESH_NS`] of
-/// `checked_at`, passes without a conntrack lookup.
+/// `checked_at`, passes without a conntrack lookup, counted in `packets` and `bytes` until the
+/// slot is written again, when they move to the per-edge and per-reason counters: a reader of
+/// those adds what the slots hold.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CachedFlow {
@@ -107,6 +109,10 @@ pub struct CachedFlow {
     pub cgroup_id: u64,
     /// When the shortcut last passed a packet of it (`CLOCK_MONOTONIC` ns); 0: an empty slot.
     pub checked_at: u64,
+    /// Packets passed from the cache since the slot was written, and their bytes: counted
+    /// with `verdict`, reason `established`, and the two identities.
+    pub packets: u64,
+    pub bytes: u64,
     pub ifindex: u32,
     pub generation: u32,
     /// The identities the packet is counted under, in its direction.
@@ -167,7 +173,7 @@ pub const FRAG_TIMEOUT_NS: u64 = 2_000_000_000;
 kernel_abi!(
     CtKey = 40,
     CtKey4 = 16,
-    CachedFlow = 56,
+    CachedFlow = 72,
     CtEntry = 64,
     FlowTableCounts = 16,
     FragKey = 40,

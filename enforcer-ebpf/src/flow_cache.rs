@@ -15,9 +15,15 @@
 //! (an expired flow has had no packet for longer than an entry lives). The one difference: a
 //! flow the kernel evicted from a full conntrack table still passes for what is left of the
 //! second; it was admitted under the policy in force.
+//!
+//! A packet passed from the cache is counted in its slot, not in the per-CPU counters: the
+//! slot's counts move there when the slot is written again, and the controller adds what the
+//! slots hold when it reads the counters (after them, so that counts moving meanwhile show at
+//! the next read, never twice).
 
 use enforcer_common::{
     conntrack::{CachedFlow, FLOW_CACHE_SLOTS, timeout},
+    counters::Counter,
     policy::proto,
     verdict::reason,
 };
@@ -45,31 +51,27 @@ fn enabled() -> bool {
 /// What [`pass`] returns for a packet it leaves to the shortcut (no verdict is 0).
 pub const MISS: u8 = 0;
 
-/// The verdict of a packet of a cached flow, counted as the shortcut counts it; [`MISS`] when
-/// the shortcut has to decide. A function of its own: its frame must not add to the entry
+/// The verdict of a packet of a cached flow, counted in its slot; [`MISS`] when the shortcut
+/// has to decide. A function of its own: its frame must not add to the entry
 /// program's (5.10's verifier counts every frame of the deepest call chain against 512 bytes).
 #[inline(never)]
 pub fn pass(hook: &Hook, subject: &Subject) -> u8 {
     if !cacheable(subject) {
         return MISS;
     }
-    let Some(cached) = FLOW_CACHE.get_ptr(slot(hook, subject)) else {
+    let Some(cached) = FLOW_CACHE.get_ptr_mut(slot(hook, subject)) else {
         return MISS;
     };
     // SAFETY: this CPU's slot; programs on one CPU do not interleave (softirq context).
-    let cached = unsafe { &*cached };
+    let cached = unsafe { &mut *cached };
     if !describes(cached, hook, subject)
         || hook.now.wrapping_sub(cached.checked_at) >= timeout::REFRESH_NS
     {
         return MISS;
     }
-    report::count(
-        hook,
-        cached.verdict,
-        reason::ESTABLISHED,
-        cached.src_identity,
-        cached.dst_identity,
-    );
+    // The counts stay in the slot until it is written again (`remember`).
+    cached.packets += 1;
+    cached.bytes += hook.len as u64;
     cached.verdict
 }
 
@@ -84,10 +86,15 @@ pub fn remember(hook: &Hook, subject: &Subject, verdict: u8) {
     };
     // SAFETY: as in `pass`.
     let cached = unsafe { &mut *cached };
+    if cached.packets != 0 {
+        count_passed(cached);
+    }
     let outcome = &subject.outcome;
     cached.key = subject.key.short;
     cached.cgroup_id = hook.cgroup_id;
     cached.checked_at = hook.now;
+    cached.packets = 0;
+    cached.bytes = 0;
     cached.ifindex = hook.ifindex;
     cached.generation = outcome.generation;
     cached.src_identity = outcome.src_identity;
@@ -95,6 +102,24 @@ pub fn remember(hook: &Hook, subject: &Subject, verdict: u8) {
     cached.hook_kind = hook.kind;
     cached.from_lo = subject.from_lo;
     cached.verdict = verdict;
+}
+
+/// Moves the counts of the packets a slot passed to the per-CPU counters, before the slot is
+/// written again. A function of its own: `remember` runs in the shortcut's frame, which is on
+/// the deepest call chain (5.10's verifier counts every frame of it against 512 bytes).
+#[inline(never)]
+fn count_passed(cached: &CachedFlow) {
+    let passed = Counter {
+        packets: cached.packets,
+        bytes: cached.bytes,
+    };
+    report::add_counts(
+        cached.verdict,
+        reason::ESTABLISHED,
+        cached.src_identity,
+        cached.dst_identity,
+        &passed,
+    );
 }
 
 /// An IPv4 TCP segment that changes no connection state, or a UDP datagram, unfragmented.

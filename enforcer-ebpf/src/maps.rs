@@ -100,8 +100,9 @@ pub static EDGE_CACHE: PerCpuArray<EdgeCacheSlot, { EDGE_CACHE_SLOTS as usize }>
 #[btf_map]
 pub static FLOW_COUNTS: LruPerCpuHashMap<FlowCounterKey, Counter, 65536> = LruPerCpuHashMap::new();
 
-/// In front of conntrack for established IPv4 flows (see `flow_cache`). Like `SCRATCH`, not
-/// pinned: each load of the programs starts with it empty.
+/// In front of conntrack for established IPv4 flows (see `flow_cache`). Pinned: its slots hold
+/// packet counts not yet moved to `PACKET_COUNTS` and the edge counters, which the controller
+/// reads.
 #[btf_map]
 pub static FLOW_CACHE: PerCpuArray<CachedFlow, { FLOW_CACHE_SLOTS as usize }> = PerCpuArray::new();
 

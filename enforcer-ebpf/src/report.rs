@@ -66,11 +66,27 @@ impl Hook {
 /// Adds the packet to the per-CPU volume counters.
 #[inline(never)]
 pub fn count(hook: &Hook, verdict: u8, reason: u8, src_identity: u32, dst_identity: u32) {
+    let packets = Counter {
+        packets: 1,
+        bytes: hook.len as u64,
+    };
+    add_counts(verdict, reason, src_identity, dst_identity, &packets);
+}
+
+/// Adds `packets` to the per-CPU volume counters (see [`count`]).
+#[inline(always)]
+pub fn add_counts(
+    verdict: u8,
+    reason: u8,
+    src_identity: u32,
+    dst_identity: u32,
+    packets: &Counter,
+) {
     if let Some(counter) = PACKET_COUNTS.get_ptr_mut(packet_counter_index(verdict, reason)) {
         // SAFETY: per-CPU slot; programs on one CPU do not interleave (softirq context).
         let counter = unsafe { &mut *counter };
-        counter.packets += 1;
-        counter.bytes += hook.len as u64;
+        counter.packets += packets.packets;
+        counter.bytes += packets.bytes;
     }
     if src_identity == 0 && dst_identity == 0 {
         return;
@@ -82,7 +98,7 @@ pub fn count(hook: &Hook, verdict: u8, reason: u8, src_identity: u32, dst_identi
         _pad: [0; 3],
     };
     let Some(slot) = EDGE_CACHE.get_ptr_mut(edge_cache_slot(&key)) else {
-        add_to_edge_table(&key, 1, hook.len as u64);
+        add_to_edge_table(&key, packets.packets, packets.bytes);
         return;
     };
     // SAFETY: as above.
@@ -93,8 +109,8 @@ pub fn count(hook: &Hook, verdict: u8, reason: u8, src_identity: u32, dst_identi
         slot.counter = Counter::default();
     }
     slot.key = key;
-    slot.counter.packets += 1;
-    slot.counter.bytes += hook.len as u64;
+    slot.counter.packets += packets.packets;
+    slot.counter.bytes += packets.bytes;
 }
 
 #[inline(always)]

@@ -20,7 +20,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{MapData, MapError, PerCpuArray, RingBuf},
+    maps::{MapData, RingBuf},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError, ProgramInfo,
         SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, TestRunResult, Xdp, XdpMode,
@@ -29,8 +29,6 @@ use aya::{
         xdp::XdpLink,
     },
 };
-
-use enforcer_common::conntrack::CachedFlow;
 
 use crate::{
     datapath::kernel::{Features, Unsupported},
@@ -513,18 +511,6 @@ impl Datapath {
             }
         }
         .map_err(|source| LoadError::Program { name, source })
-    }
-
-    /// The programs' per-CPU flow cache (not pinned, so reached through the loaded object):
-    /// for tests that make time pass, which must age what it holds with conntrack.
-    pub fn flow_cache(&mut self) -> Result<PerCpuArray<&mut MapData, CachedFlow>, MapError> {
-        let map = self
-            .ebpf
-            .map_mut("FLOW_CACHE")
-            .ok_or_else(|| MapError::InvalidName {
-                name: "FLOW_CACHE".to_owned(),
-            })?;
-        PerCpuArray::try_from(map)
     }
 
     /// Tags of the programs this build loaded.

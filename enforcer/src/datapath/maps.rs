@@ -20,12 +20,15 @@ use aya::{
 use enforcer_common::{
     addr::{Ipcache4Key, IpcacheKey},
     config::{PolicyConfig, flags as config_flags},
-    conntrack::{CtEntry, CtKey, CtKey4, FlowTableCounts},
+    conntrack::{CachedFlow, CtEntry, CtKey, CtKey4, FLOW_CACHE_SLOTS, FlowTableCounts},
     counters::{Counter, EDGE_CACHE_SLOTS, EdgeCacheSlot, FlowCounterKey},
     event::EventCpuState,
     identity::{CgroupKey, EndpointKey, IdentityInfo},
     policy::{PairKey, PairLayers, PolicyKey, PortRanges, RangeKey, RuleVerdict},
-    verdict::{PACKET_COUNTER_SLOTS, reason::REASON_SLOTS},
+    verdict::{
+        PACKET_COUNTER_SLOTS,
+        reason::{self, REASON_SLOTS},
+    },
 };
 
 use crate::{
@@ -34,7 +37,7 @@ use crate::{
 };
 
 /// Names of every map in the object, as `bpftool map` shows them.
-pub const MAP_NAMES: [&str; 24] = [
+pub const MAP_NAMES: [&str; 25] = [
     "POLICY_ACTIVE",
     "IPCACHE",
     "IPCACHE_EXACT",
@@ -59,6 +62,7 @@ pub const MAP_NAMES: [&str; 24] = [
     "PACKET_COUNTS",
     "FLOW_COUNTS",
     "EDGE_CACHE",
+    "FLOW_CACHE",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +178,7 @@ pub struct KernelMaps {
     packet_counts: PerCpuArray<MapData, Counter>,
     flow_counts: PerCpuHashMap<MapData, FlowCounterKey, Counter>,
     edge_cache: PerCpuArray<MapData, EdgeCacheSlot>,
+    flow_cache: PerCpuArray<MapData, CachedFlow>,
     capacities: BTreeMap<&'static str, u32>,
 }
 
@@ -222,6 +227,7 @@ impl KernelMaps {
             packet_counts: typed!("PACKET_COUNTS"),
             flow_counts: typed!("FLOW_COUNTS"),
             edge_cache: typed!("EDGE_CACHE"),
+            flow_cache: typed!("FLOW_CACHE"),
             capacities: BTreeMap::new(),
         };
         let events: RingBuf<MapData> = typed!("EVENTS");
@@ -397,13 +403,44 @@ impl KernelMaps {
                 ));
             }
         }
+        // Read after the counters, see `flow_cache_counts`.
+        for (flow, passed) in self.flow_cache_counts() {
+            let (verdict, reason) = (flow.verdict, reason::ESTABLISHED);
+            match counts
+                .iter_mut()
+                .find(|(v, r, _)| (*v, *r) == (verdict, reason))
+            {
+                Some((_, _, total)) => add(total, &passed),
+                None => counts.push((verdict, reason, passed)),
+            }
+        }
         Ok(counts)
     }
 
+    /// What the slots of the datapath's flow cache counted and have not moved to the counters
+    /// yet, slot by slot over all CPUs. Read after the counters it moves to: counts that move
+    /// meanwhile show at the next read, never twice.
+    fn flow_cache_counts(&self) -> Vec<(CachedFlow, Counter)> {
+        let mut counted = Vec::new();
+        for index in 0..FLOW_CACHE_SLOTS {
+            let Ok(per_cpu) = self.flow_cache.get(&index, 0) else {
+                continue;
+            };
+            counted.extend(per_cpu.iter().filter(|flow| flow.packets != 0).map(|flow| {
+                let passed = Counter {
+                    packets: flow.packets,
+                    bytes: flow.bytes,
+                };
+                (*flow, passed)
+            }));
+        }
+        counted
+    }
+
     /// Per-(source, destination, verdict) packet and byte counts, summed over CPUs: the
-    /// table's, plus what the per-CPU edge cache holds. The table is read first: counts the
-    /// kernel moves from a cache slot into the table meanwhile show at the next read, never
-    /// twice.
+    /// table's, plus what the per-CPU edge cache holds, plus what the flow cache's slots hold.
+    /// Each is read before the cache whose counts move into it: counts the kernel moves
+    /// meanwhile show at the next read, never twice.
     pub fn flow_counts(&self) -> Vec<(FlowCounterKey, Counter)> {
         let mut counts: BTreeMap<FlowCounterKey, Counter> = self
             .flow_counts
@@ -416,10 +453,17 @@ impl KernelMaps {
                 continue;
             };
             for slot in per_cpu.iter().filter(|slot| slot.counter.packets != 0) {
-                let total = counts.entry(slot.key).or_default();
-                total.packets += slot.counter.packets;
-                total.bytes += slot.counter.bytes;
+                add(counts.entry(slot.key).or_default(), &slot.counter);
             }
+        }
+        for (flow, passed) in self.flow_cache_counts() {
+            let edge = FlowCounterKey {
+                src_identity: flow.src_identity,
+                dst_identity: flow.dst_identity,
+                verdict: flow.verdict,
+                _pad: [0; 3],
+            };
+            add(counts.entry(edge).or_default(), &passed);
         }
         counts.into_iter().collect()
     }
@@ -522,6 +566,11 @@ fn map_data(map: &Map) -> &MapData {
         | Map::RingBuf(data) => data,
         other => panic!("unexpected map type {other:?}"),
     }
+}
+
+fn add(total: &mut Counter, more: &Counter) {
+    total.packets += more.packets;
+    total.bytes += more.bytes;
 }
 
 fn sum<'a>(values: impl Iterator<Item = &'a Counter>) -> Counter {
