@@ -93,6 +93,19 @@ pub struct ReportState {
     pub _pad: u32,
 }
 
+/// A slot of the per-CPU de-duplication of denial reports: the shape it last reported, and
+/// when.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DenialSlot {
+    pub key: ReportKey,
+    pub state: ReportState,
+}
+
+/// Slots of the de-duplication of denial reports on each CPU.
+pub const DENIAL_SLOTS: u32 = 2048;
+const _: () = assert!(DENIAL_SLOTS.is_power_of_two());
+
 /// A key reports at most once per this interval; the next report carries the count.
 pub const REPORT_INTERVAL_NS: u64 = 1_000_000_000;
 
@@ -110,5 +123,6 @@ kernel_abi!(
     FlowEvent = 104,
     ReportKey = 48,
     ReportState = 16,
+    DenialSlot = 64,
     EventCpuState = 16
 );

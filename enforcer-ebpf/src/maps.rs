@@ -16,7 +16,7 @@ use enforcer_common::{
         CachedFlow, CtEntry, CtKey, CtKey4, FLOW_CACHE_SLOTS, FlowTableCounts, FragEntry, FragKey,
     },
     counters::{Counter, EDGE_CACHE_SLOTS, EdgeCacheSlot, FlowCounterKey},
-    event::{EventCpuState, FlowEvent, ReportKey, ReportState},
+    event::{DENIAL_SLOTS, DenialSlot, EventCpuState, FlowEvent},
     identity::{CgroupKey, EndpointKey, IdentityInfo},
     policy::{PairKey, PairLayers, PolicyKey, PortRanges, RangeKey, RateState, RuleVerdict},
     verdict::PACKET_COUNTER_SLOTS,
@@ -87,8 +87,10 @@ pub static RATE_LIMITS: LruHashMap<u32, RateState, 16384> = LruHashMap::new();
 pub static EVENTS: RingBuf<FlowEvent, { 4 << 20 }> = RingBuf::new();
 #[btf_map]
 pub static EVENT_STATE: PerCpuArray<EventCpuState, 1> = PerCpuArray::new();
+/// The de-duplication of denial reports, per CPU and direct-mapped (see
+/// `report::report_deduplicated`).
 #[btf_map]
-pub static REPORTS: LruHashMap<ReportKey, ReportState, 65536> = LruHashMap::new();
+pub static DENIALS: PerCpuArray<DenialSlot, { DENIAL_SLOTS as usize }> = PerCpuArray::new();
 #[btf_map]
 pub static PACKET_COUNTS: PerCpuArray<Counter, { PACKET_COUNTER_SLOTS as usize }> =
     PerCpuArray::new();

@@ -2,12 +2,15 @@
 
 use enforcer_common::{
     counters::{Counter, FlowCounterKey, edge_cache_slot},
-    event::{REPORT_INTERVAL_NS, ReportKey, ReportState, flags, reason_is_urgent},
+    event::{
+        DENIAL_SLOTS, DenialSlot, REPORT_INTERVAL_NS, ReportKey, ReportState, flags,
+        reason_is_urgent,
+    },
     verdict::packet_counter_index,
 };
 
 use crate::{
-    maps::{EDGE_CACHE, EVENT_STATE, EVENTS, FLOW_COUNTS, PACKET_COUNTS, REPORTS},
+    maps::{DENIALS, EDGE_CACHE, EVENT_STATE, EVENTS, FLOW_COUNTS, PACKET_COUNTS},
     packet::Packet,
 };
 
@@ -159,10 +162,14 @@ fn ring_room_below(shift: u32) -> bool {
 }
 
 /// Reports a denial-like outcome at most once per [`REPORT_INTERVAL_NS`] per flow shape
-/// (addresses, identities, destination port, protocol, reason), so a flood cannot drown the
-/// ring buffer. The report that goes out carries how many packets it stands for. While the
-/// ring buffer fills up, a new shape is aggregated per source and reason instead (see
-/// [`AGGREGATE_BELOW_SHIFT`]), unless its reason is urgent.
+/// (addresses, identities, destination port, protocol, reason) on this CPU, so a flood cannot
+/// drown the ring buffer. The report that goes out carries how many packets it stands for.
+/// While the ring buffer fills up, a new shape is aggregated per source and reason instead
+/// (see [`AGGREGATE_BELOW_SHIFT`]), unless its reason is urgent.
+///
+/// A shape is remembered in one slot of a per-CPU array chosen by its hash, not in a hash
+/// map: a flood of distinct shapes makes every packet a new one, and a shared hash map's miss
+/// and insert were half of such a packet's cost. A shape takes over another's slot.
 #[inline(never)]
 pub fn report_deduplicated(hook: &Hook, packet: &Packet, outcome: &Outcome) {
     let mut key = ReportKey {
@@ -175,9 +182,12 @@ pub fn report_deduplicated(hook: &Hook, packet: &Packet, outcome: &Outcome) {
         reason: outcome.reason,
         _pad: 0,
     };
-    let mut state = REPORTS.get_ptr_mut(&key);
+    let Some(mut slot) = DENIALS.get_ptr_mut(denial_slot(&key)) else {
+        return;
+    };
     let mut extra_flags = 0;
-    if state.is_none()
+    // SAFETY: this CPU's slot; programs on one CPU do not interleave (softirq context).
+    if !same_shape(unsafe { &(*slot).key }, &key)
         && !reason_is_urgent(outcome.reason)
         && ring_room_below(AGGREGATE_BELOW_SHIFT)
     {
@@ -186,46 +196,68 @@ pub fn report_deduplicated(hook: &Hook, packet: &Packet, outcome: &Outcome) {
         key.dst_port = 0;
         key.proto = 0;
         extra_flags = flags::AGGREGATED;
-        state = REPORTS.get_ptr_mut(&key);
+        let Some(aggregate) = DENIALS.get_ptr_mut(denial_slot(&key)) else {
+            return;
+        };
+        slot = aggregate;
     }
-    let Some(count) = deduplicate(hook, &key, state) else {
+    // SAFETY: as above.
+    let Some(count) = deduplicate(hook, &key, unsafe { &mut *slot }) else {
         return;
     };
     report(hook, packet, outcome, count, extra_flags);
 }
 
-/// How many packets a report for `key` (whose de-duplication `state` was looked up) stands
-/// for, if one is due: at most one per [`REPORT_INTERVAL_NS`], the packets in between counted.
+/// How many packets a report for `key` stands for, if one is due: at most one per
+/// [`REPORT_INTERVAL_NS`] while `slot` holds the shape, the packets in between counted. A
+/// slot holding another shape is taken over.
 #[inline(always)]
-fn deduplicate(hook: &Hook, key: &ReportKey, state: Option<*mut ReportState>) -> Option<u32> {
-    let count = match state {
-        Some(state) => {
-            // SAFETY: map value pointer valid for this run; concurrent CPUs can at worst lose a
-            // suppressed-count increment, never send a flood.
-            let state = unsafe { &mut *state };
-            if hook.now.saturating_sub(state.last_report_ns) < REPORT_INTERVAL_NS {
-                state.suppressed += 1;
-                return None;
-            }
-            let count = state.suppressed + 1;
-            state.suppressed = 0;
-            state.last_report_ns = hook.now;
-            count
-        }
-        None => {
-            let _ = REPORTS.insert(
-                key,
-                &ReportState {
-                    last_report_ns: hook.now,
-                    suppressed: 0,
-                    _pad: 0,
-                },
-                0,
-            );
-            1
-        }
-    };
+fn deduplicate(hook: &Hook, key: &ReportKey, slot: &mut DenialSlot) -> Option<u32> {
+    if !same_shape(&slot.key, key) {
+        slot.key = *key;
+        slot.state = ReportState {
+            last_report_ns: hook.now,
+            suppressed: 0,
+            _pad: 0,
+        };
+        return Some(1);
+    }
+    let state = &mut slot.state;
+    if hook.now.saturating_sub(state.last_report_ns) < REPORT_INTERVAL_NS {
+        state.suppressed += 1;
+        return None;
+    }
+    let count = state.suppressed + 1;
+    state.suppressed = 0;
+    state.last_report_ns = hook.now;
     Some(count)
+}
+
+/// A report key as six words, for comparing and hashing it without `memcmp`.
+#[inline(always)]
+fn words(key: &ReportKey) -> [u64; 6] {
+    // SAFETY: `ReportKey` is 48 bytes of plain integers without padding (size asserted in
+    // enforcer-common); it is only 4-aligned, hence the unaligned read.
+    unsafe { core::ptr::read_unaligned(core::ptr::from_ref(key).cast::<[u64; 6]>()) }
+}
+
+#[inline(always)]
+fn same_shape(a: &ReportKey, b: &ReportKey) -> bool {
+    let (a, b) = (words(a), words(b));
+    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] && a[5] == b[5]
+}
+
+/// The slot a shape is de-duplicated in on this CPU. Keys that differ only in a high byte
+/// (the last octet of an IPv4 address, in the mapped form) must still part: a multiply carries
+/// a difference only upwards, so each round folds the high half back down.
+#[inline(always)]
+fn denial_slot(key: &ReportKey) -> u32 {
+    let mut mixed: u64 = 0;
+    for word in words(key) {
+        mixed = (mixed ^ word).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        mixed ^= mixed >> 31;
+    }
+    ((mixed >> 32) as u32 ^ mixed as u32) & (DENIAL_SLOTS - 1)
 }
 
 /// Sends one event. Every attempt takes the CPU's next sequence number, so one the ring buffer

@@ -58,7 +58,7 @@ pub const MAP_NAMES: [&str; 25] = [
     "RATE_LIMITS",
     "EVENTS",
     "EVENT_STATE",
-    "REPORTS",
+    "DENIALS",
     "PACKET_COUNTS",
     "FLOW_COUNTS",
     "EDGE_CACHE",
