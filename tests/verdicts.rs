@@ -1573,6 +1573,31 @@ fn an_address_the_policy_stops_naming_resolves_to_world_again_as_root() {
 }
 
 #[root_test]
+fn a_map_an_earlier_build_pinned_and_this_one_does_not_use_is_unpinned_as_root() {
+    let mut kernel = Kernel::load(LoadOptions::default());
+    // What an earlier build left: a map under a name this build does not have (the shared
+    // de-duplication table before `DENIALS`).
+    let earlier = kernel.pins.maps().join("REPORTS");
+    MapData::from_pin(kernel.pins.maps().join("FRAGMENTS"))
+        .unwrap()
+        .pin(&earlier)
+        .unwrap();
+    assert!(earlier.exists());
+    let (datapath, maps, ring) =
+        Datapath::load_with(kernel.pins.clone(), &LoadOptions::default()).unwrap();
+    (kernel.datapath, kernel.maps, kernel.ring) = (datapath, maps, ring);
+    assert!(
+        !earlier.exists(),
+        "the earlier build's map is unpinned when this build adopts the pins"
+    );
+    assert!(
+        kernel.pins.maps().join("FRAGMENTS").exists()
+            && kernel.xdp_passes(&tcp4(A4, B4, 40000, 80)),
+        "this build's maps stay, and enforce"
+    );
+}
+
+#[root_test]
 fn ipv4_flows_an_earlier_build_tracked_pass_after_an_upgrade_as_root() {
     let mut kernel = Kernel::load(LoadOptions::default());
     let tcp = |src, dst, sport, dport, flags| {

@@ -241,6 +241,7 @@ impl Datapath {
         // The bulk now, while an earlier build's programs still run; what they track until
         // these are attached moves once they are (see `KernelMaps::move_ipv4_flows`).
         move_flows_of_earlier_builds(&mut maps);
+        unpin_maps_of_earlier_builds(&pins);
         let tc_netlink = options.tc_attach.uses_netlink();
         Ok((
             Self {
@@ -542,6 +543,29 @@ fn test_run_context(hook: Hook, length: usize, ifindex: u32) -> Vec<u8> {
         Hook::TcIngress | Hook::TcEgress => put(40, ifindex),
     }
     context
+}
+
+/// Removes the pins of maps an earlier build made and this one no longer uses (the shared
+/// de-duplication table before `DENIALS`, for one): pinned, they would hold their kernel
+/// memory until `enforcer unload`. The earlier build's programs keep the map alive for as long
+/// as they run.
+fn unpin_maps_of_earlier_builds(pins: &PinLayout) {
+    let Ok(entries) = fs::read_dir(pins.maps()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let ours = name.to_str().is_some_and(|name| MAP_NAMES.contains(&name));
+        if !ours && entry.file_type().is_ok_and(|kind| kind.is_file()) {
+            match fs::remove_file(entry.path()) {
+                Ok(()) => tracing::info!(
+                    "unpinned map {} of an earlier build, which this one does not use",
+                    entry.path().display()
+                ),
+                Err(error) => tracing::warn!("unpinning {}: {error}", entry.path().display()),
+            }
+        }
+    }
 }
 
 /// Loads (verifies) the program of `hook` in `ebpf`.
