@@ -263,6 +263,14 @@ impl Drop for Kernel {
     }
 }
 
+/// Keeps the calling test's thread on CPU 0, so that its test runs meet what earlier ones left
+/// in the kernel's per-CPU state (the flow cache, the de-duplication of denials).
+fn stay_on_one_cpu() {
+    let mut one_cpu = nix::sched::CpuSet::new();
+    one_cpu.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one_cpu).unwrap();
+}
+
 /// Waits (on a freshly booted machine only) until the kernel's monotonic clock, which the
 /// datapath stamps entries with, reads at least `at_least`.
 fn wait_for_clock(at_least: Duration) {
@@ -694,6 +702,8 @@ fn a_reset_or_fin_from_elsewhere_does_not_end_the_flow_as_root() {
 
 #[root_test]
 fn a_flow_passed_a_moment_ago_is_judged_again_under_a_new_policy_as_root() {
+    // What the flow cache of the CPU the runs stay on remembers.
+    stay_on_one_cpu();
     let mut kernel = Kernel::load(LoadOptions::default());
     let revoked = POLICY.replace("[[allow]]", "[[deny]]");
     let ack = frames::TCP_ACK;
@@ -739,6 +749,8 @@ fn a_flow_passed_a_moment_ago_is_judged_again_under_a_new_policy_as_root() {
 
 #[root_test]
 fn a_flow_passed_a_moment_ago_is_no_pass_through_another_interface_as_root() {
+    // What the flow cache of the CPU the runs stay on remembers.
+    stay_on_one_cpu();
     let mut kernel = Kernel::load(LoadOptions::default());
     let interfaces = Interfaces::create(&["from-a", "forger"]);
     let [from_a, forger] = ["from-a", "forger"].map(|name| interfaces.index(name));
@@ -1292,6 +1304,8 @@ fn denials_are_deduplicated_in_the_kernel_and_losses_show_as_gaps_as_root() {
         ..LoadOptions::default()
     });
 
+    // The kernel de-duplicates on each CPU: the runs below stay on one.
+    stay_on_one_cpu();
     // A flood of one denied flow shape: one record, then one per second carrying the count.
     let flood = tcp4(B4, A4, 50000, 22);
     kernel.datapath.test_run(Hook::Xdp, &flood, 1000).unwrap();

@@ -30,7 +30,7 @@ use enforcer_common::{
 
 use crate::{
     maps::FLOW_CACHE,
-    packet::{TCP_ACK, TCP_PSH, TCP_URG, fragment},
+    packet::{TCP_FIN, TCP_RST, TCP_SYN, fragment},
     report::{self, Hook},
     subject::Subject,
 };
@@ -122,7 +122,8 @@ fn count_passed(cached: &CachedFlow) {
     );
 }
 
-/// An IPv4 TCP segment that changes no connection state, or a UDP datagram, unfragmented.
+/// An IPv4 TCP segment that changes no connection state (no SYN, FIN or RST), or a UDP
+/// datagram, unfragmented.
 #[inline(always)]
 fn cacheable(subject: &Subject) -> bool {
     let packet = &subject.packet;
@@ -130,7 +131,7 @@ fn cacheable(subject: &Subject) -> bool {
         && subject.key.ipv4 != 0
         && packet.fragment == fragment::NONE
         && match packet.proto {
-            proto::TCP => packet.tcp_flags & !(TCP_ACK | TCP_PSH | TCP_URG) == 0,
+            proto::TCP => packet.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0,
             proto::UDP => true,
             _ => false,
         }
@@ -153,13 +154,16 @@ fn describes(cached: &CachedFlow, hook: &Hook, subject: &Subject) -> bool {
 }
 
 /// The flow direction's slot: the same flow forwarded through the host is seen by two hooks
-/// on one CPU, and each direction by one, so all of them take part.
+/// on one CPU, and each direction by one, so all of them take part, in the low bits (the
+/// variants of one flow never share a slot). A multiply carries a difference only upwards, so
+/// each round folds the high half down: addresses that differ in their first octet part too.
 #[inline(always)]
 fn slot(hook: &Hook, subject: &Subject) -> u32 {
     let key = &subject.key.short;
     let ports = (key.port_lo as u32) << 16 | key.port_hi as u32;
-    let mixed = (key.addr_lo.wrapping_mul(0x9E37_79B1) ^ key.addr_hi ^ ports)
-        .wrapping_mul(0x85EB_CA6B)
-        ^ ((hook.kind as u32) << 1 | subject.from_lo as u32);
-    (mixed ^ (mixed >> 15)) & (FLOW_CACHE_SLOTS - 1)
+    let direction = (hook.kind as u32) << 1 | subject.from_lo as u32;
+    let mut mixed = key.addr_lo.wrapping_mul(0x9E37_79B1) ^ key.addr_hi;
+    mixed = (mixed ^ (mixed >> 16)).wrapping_mul(0x85EB_CA6B) ^ ports;
+    mixed = (mixed ^ (mixed >> 16)).wrapping_mul(0xC2B2_AE35);
+    (mixed ^ (mixed >> 16) ^ direction) & (FLOW_CACHE_SLOTS - 1)
 }

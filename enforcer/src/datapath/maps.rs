@@ -403,38 +403,32 @@ impl KernelMaps {
                 ));
             }
         }
-        // Read after the counters, see `flow_cache_counts`.
-        for (flow, passed) in self.flow_cache_counts() {
+        // Read after the counters, see `flows_with_counts`.
+        for flow in self.flows_with_counts() {
             let (verdict, reason) = (flow.verdict, reason::ESTABLISHED);
             match counts
                 .iter_mut()
                 .find(|(v, r, _)| (*v, *r) == (verdict, reason))
             {
-                Some((_, _, total)) => add(total, &passed),
-                None => counts.push((verdict, reason, passed)),
+                Some((_, _, total)) => add(total, &passed(&flow)),
+                None => counts.push((verdict, reason, passed(&flow))),
             }
         }
         Ok(counts)
     }
 
-    /// What the slots of the datapath's flow cache counted and have not moved to the counters
-    /// yet, slot by slot over all CPUs. Read after the counters it moves to: counts that move
+    /// The slots of the datapath's flow cache, over all CPUs, that counted packets they have
+    /// not moved to the counters yet. Read after the counters they move to: counts that move
     /// meanwhile show at the next read, never twice.
-    fn flow_cache_counts(&self) -> Vec<(CachedFlow, Counter)> {
-        let mut counted = Vec::new();
+    fn flows_with_counts(&self) -> Vec<CachedFlow> {
+        let mut flows = Vec::new();
         for index in 0..FLOW_CACHE_SLOTS {
             let Ok(per_cpu) = self.flow_cache.get(&index, 0) else {
                 continue;
             };
-            counted.extend(per_cpu.iter().filter(|flow| flow.packets != 0).map(|flow| {
-                let passed = Counter {
-                    packets: flow.packets,
-                    bytes: flow.bytes,
-                };
-                (*flow, passed)
-            }));
+            flows.extend(per_cpu.iter().filter(|flow| flow.packets != 0));
         }
-        counted
+        flows
     }
 
     /// Per-(source, destination, verdict) packet and byte counts, summed over CPUs: the
@@ -456,14 +450,14 @@ impl KernelMaps {
                 add(counts.entry(slot.key).or_default(), &slot.counter);
             }
         }
-        for (flow, passed) in self.flow_cache_counts() {
+        for flow in self.flows_with_counts() {
             let edge = FlowCounterKey {
                 src_identity: flow.src_identity,
                 dst_identity: flow.dst_identity,
                 verdict: flow.verdict,
                 _pad: [0; 3],
             };
-            add(counts.entry(edge).or_default(), &passed);
+            add(counts.entry(edge).or_default(), &passed(&flow));
         }
         counts.into_iter().collect()
     }
@@ -565,6 +559,14 @@ fn map_data(map: &Map) -> &MapData {
         | Map::PerCpuLruHashMap(data)
         | Map::RingBuf(data) => data,
         other => panic!("unexpected map type {other:?}"),
+    }
+}
+
+/// The packets a flow cache slot passed and has not moved to the counters yet.
+fn passed(flow: &CachedFlow) -> Counter {
+    Counter {
+        packets: flow.packets,
+        bytes: flow.bytes,
     }
 }
 
