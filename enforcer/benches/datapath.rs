@@ -6,7 +6,7 @@
 //! packets repeat on one CPU here, so they pass from that CPU's flow cache; the same flow
 //! through programs without the cache gives the conntrack path's cost beside it.
 
-use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{net::Ipv4Addr, os::fd::OwnedFd, path::PathBuf, time::Duration};
 
 use aya::maps::{MapData, RingBuf};
 
@@ -119,7 +119,7 @@ fn once_each(
 fn flood_cost_over_empty(
     datapath: &mut Datapath,
     ring: &mut RingBuf<MapData>,
-    baseline: &std::os::fd::OwnedFd,
+    baseline: &OwnedFd,
     src: Ipv4Addr,
     dst: Ipv4Addr,
 ) -> Duration {
@@ -178,44 +178,23 @@ fn main() {
                 .collect(),
         )
     };
+    // An anchor program's cost per packet on `frame`, timed as enforcer's are.
+    let time_program = |program: &OwnedFd, frame: &[u8]| -> Duration {
+        median(
+            (0..rounds)
+                .map(|_| bpf::test_run(program, frame, repeat).expect("anchor run").1)
+                .collect(),
+        )
+    };
     // The simplest XDP filter there is, on the frame of an established flow: the anchor the
     // established path is held to.
     let xdp_filter = anchors::XdpFilter::load().expect("xdp-filter loads (xdp-tools)");
-    let xdp_filter_cost = median(
-        (0..rounds)
-            .map(|_| {
-                bpf::test_run(
-                    &xdp_filter.program().expect("its program"),
-                    &established,
-                    repeat,
-                )
-                .expect("xdp-filter run")
-                .1
-            })
-            .collect(),
-    );
+    let xdp_filter_cost = time_program(&xdp_filter.program().expect("its program"), &established);
     drop(xdp_filter);
-    let empty = median(
-        (0..rounds)
-            .map(|_| {
-                bpf::test_run(&baseline, &syn, repeat)
-                    .expect("baseline run")
-                    .1
-            })
-            .collect(),
-    );
-
+    let empty = time_program(&baseline, &syn);
     // What running any program at a TC hook costs here, for reading the TC rows beside it.
     let empty_tc_program = bpf::load_pass_all_tcx(false).expect("an empty TC program");
-    let empty_tc = median(
-        (0..rounds)
-            .map(|_| {
-                bpf::test_run(&empty_tc_program, &syn, repeat)
-                    .expect("empty TC program run")
-                    .1
-            })
-            .collect(),
-    );
+    let empty_tc = time_program(&empty_tc_program, &syn);
 
     let mut results = vec![("empty TC program (r0 = TC_ACT_UNSPEC)".to_owned(), empty_tc)];
     for (label, rules, services) in [("10 rules", 10, 10), ("100000 rules", 100_000, 1_000)] {

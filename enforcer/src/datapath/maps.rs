@@ -576,9 +576,9 @@ fn add(total: &mut Counter, more: &Counter) {
 }
 
 fn sum<'a>(values: impl Iterator<Item = &'a Counter>) -> Counter {
-    values.fold(Counter::default(), |total, value| Counter {
-        packets: total.packets + value.packets,
-        bytes: total.bytes + value.bytes,
+    values.fold(Counter::default(), |mut total, value| {
+        add(&mut total, value);
+        total
     })
 }
 
