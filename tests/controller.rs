@@ -689,8 +689,8 @@ fn metrics_are_valid_for_promtool_and_carry_the_contract_names_as_root() {
         "enforcer_policy_apply_seconds_bucket",
         "enforcer_events_lost_total 0",
         "enforcer_alerts_total{detector=\"flow\"}",
-        "enforcer_map_entries{map=\"POLICY\"}",
-        "enforcer_map_capacity{map=\"POLICY\"} 524288",
+        "enforcer_map_entries{map=\"RULES\"}",
+        "enforcer_map_capacity{map=\"RULES\"} 524288",
     ] {
         assert!(metrics.contains(name), "missing {name} in:\n{metrics}");
     }

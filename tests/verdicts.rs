@@ -1540,6 +1540,58 @@ ports = ["80/tcp"]
     );
 }
 
+/// The pair filter keeps the rule lookups of pairs in one bucket together: two pairs whose
+/// identities hash to the same bucket each keep their own rules, as rules come and go, written
+/// by a controller that knows what it wrote (changes only) and by one that adopted the maps.
+#[root_test]
+fn pairs_sharing_a_filter_bucket_each_keep_their_rules_as_root() {
+    use enforcer_common::policy::pair_filter::bucket;
+    let (a, b) = (1001, 1002);
+    let (c, d) = (1003..)
+        .flat_map(|c| (1003..101_003).map(move |d| (c, d)))
+        .find(|&(c, d)| c != d && bucket(c, d) == bucket(a, b))
+        .expect("a pair sharing a -> b's bucket");
+    const C4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 3);
+    const D4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 4);
+    let services = format!(
+        "[[service]]\nname = \"a\"\nidentity = {a}\naddresses = [\"10.0.0.1/32\"]\n\
+         [[service]]\nname = \"b\"\nidentity = {b}\naddresses = [\"10.0.0.2/32\"]\n\
+         [[service]]\nname = \"c\"\nidentity = {c}\naddresses = [\"10.0.0.3/32\"]\n\
+         [[service]]\nname = \"d\"\nidentity = {d}\naddresses = [\"10.0.0.4/32\"]\n"
+    );
+    // a -> b on one exact port, c -> d on any port of any protocol: different lookups.
+    let a_to_b = "[[allow]]\nfrom = \"a\"\nto = \"b\"\nports = [\"80/tcp\"]\n";
+    let c_to_d = "[[allow]]\nfrom = \"c\"\nto = \"d\"\n";
+    let generations = [(true, true), (false, true), (true, false), (true, true)];
+    for adopting in [false, true] {
+        let mut kernel = Kernel::load(LoadOptions::default());
+        let mut installer = Installer::adopt(&kernel.maps).unwrap();
+        for (with_a_to_b, with_c_to_d) in generations {
+            let text = format!(
+                "{services}{}{}",
+                if with_a_to_b { a_to_b } else { "" },
+                if with_c_to_d { c_to_d } else { "" }
+            );
+            if adopting {
+                installer = Installer::adopt(&kernel.maps).unwrap();
+            }
+            let policy =
+                policy::parse_sources(vec![(PathBuf::from("verdicts.toml"), text)]).unwrap();
+            let compiled = compile::compile(&policy, &HostView::default(), None).unwrap();
+            installer.install(&mut kernel.maps, &compiled).unwrap();
+            let what =
+                format!("a -> b: {with_a_to_b}, c -> d: {with_c_to_d}, adopting: {adopting}");
+            let a_to_b_80: [bool; 3] = kernel.verdicts(|port| tcp4(A4, B4, port, 80));
+            assert_eq!(a_to_b_80, [with_a_to_b; 3], "a -> b 80/tcp, {what}");
+            kernel.assert_dropped(&format!("a -> b 81/tcp, {what}"), |port| {
+                tcp4(A4, B4, port, 81)
+            });
+            let c_to_d_443: [bool; 3] = kernel.verdicts(|port| tcp4(C4, D4, port, 443));
+            assert_eq!(c_to_d_443, [with_c_to_d; 3], "c -> d 443/tcp, {what}");
+        }
+    }
+}
+
 /// Whole addresses are looked up in an exact table before the trie: an address the policy no
 /// longer names must leave both, also in a slot used again two generations later — by a
 /// controller that knows what it wrote (changes only) and by one that adopted the maps.

@@ -18,7 +18,7 @@ use enforcer_common::{
     counters::{Counter, EDGE_CACHE_SLOTS, EdgeCacheSlot, FlowCounterKey},
     event::{DENIAL_SLOTS, DenialSlot, EventCpuState, FlowEvent},
     identity::{CgroupKey, EndpointKey, IdentityInfo},
-    policy::{PairKey, PairLayers, PolicyKey, PortRanges, RangeKey, RateState, RuleVerdict},
+    policy::{PolicyKey, PortRanges, RangeKey, RateState, SlotVerdicts, pair_filter},
     verdict::PACKET_COUNTER_SLOTS,
 };
 
@@ -36,7 +36,8 @@ pub static POLICY_ACTIVE: ArrayOfMaps<Array<PolicyConfigBytes, 1>, 1> = ArrayOfM
 /// 6.1 refused every switch with EINVAL. A byte array is not a struct: -EINVAL on both sides.
 pub type PolicyConfigBytes = [u8; core::mem::size_of::<PolicyConfig>()];
 
-// The policy tables. Both generations live side by side, told apart by the slot in the key.
+// The policy tables. Both generations live side by side, told apart by the slot in the key (in
+// RULES, by the half of the value; in PAIR_FILTER, by the half of the array).
 #[btf_map]
 pub static IPCACHE: LpmTrie<IpcacheKey, IdentityInfo, 131072> = LpmTrie::new();
 /// The trie's whole-address entries (/32, /128) again, by exact key: most lookups are for an
@@ -50,10 +51,13 @@ pub static IPCACHE_EXACT4: HashMap<Ipcache4Key, IdentityInfo, 131072, NO_PREALLO
 pub static ENDPOINTS: HashMap<EndpointKey, IdentityInfo, 8192> = HashMap::new();
 #[btf_map]
 pub static CGROUPS: HashMap<CgroupKey, IdentityInfo, 8192> = HashMap::new();
+/// The rule entries. Named anew when its value became one per slot (it was `POLICY`): a
+/// controller of this build adopting an earlier one's pins starts it empty, fills it, and only
+/// then attaches the programs that read it.
 #[btf_map]
-pub static POLICY: HashMap<PolicyKey, RuleVerdict, 524288, NO_PREALLOC> = HashMap::new();
+pub static RULES: HashMap<PolicyKey, SlotVerdicts, 524288, NO_PREALLOC> = HashMap::new();
 #[btf_map]
-pub static PAIRS: HashMap<PairKey, PairLayers, 524288, NO_PREALLOC> = HashMap::new();
+pub static PAIR_FILTER: Array<u64, { pair_filter::WORDS as usize }> = Array::new();
 #[btf_map]
 pub static PORT_RANGES: HashMap<RangeKey, PortRanges, 65536, NO_PREALLOC> = HashMap::new();
 

@@ -3,12 +3,12 @@
 use enforcer_common::{
     identity::IdentityInfo,
     policy::{
-        ANY_PORT, ANY_PROTO, MAX_PORT_RANGES, PairKey, PolicyKey, RangeKey, RateState, RuleVerdict,
-        action, layer, proto, rule,
+        ANY_PORT, ANY_PROTO, MAX_PORT_RANGES, PolicyKey, RangeKey, RateState, RuleVerdict, action,
+        layer, pair_filter, proto, rule,
     },
 };
 
-use crate::maps::{PAIRS, POLICY, PORT_RANGES, RATE_LIMITS};
+use crate::maps::{PAIR_FILTER, PORT_RANGES, RATE_LIMITS, RULES};
 
 /// The protocol number rules are written against: ICMPv6 is judged as ICMP.
 #[inline(always)]
@@ -32,29 +32,22 @@ pub fn evaluate(
     dst_port: u16,
 ) -> RuleVerdict {
     let protocol = policy_proto(wire_proto);
-    let pair = PairKey {
-        src_identity: src.identity,
-        dst_identity: dst.identity,
-        slot,
-        _pad: [0; 3],
-    };
-    // SAFETY: the value is copied out at once.
-    let Some(layers) = (unsafe { PAIRS.get(&pair) }).map(|layers| layers.bits) else {
+    let layers = pair_layers(slot, src.identity, dst.identity);
+    if layers == 0 {
         return default_for(src, dst);
-    };
+    }
     let mut key = PolicyKey {
         src_identity: src.identity,
         dst_identity: dst.identity,
         port: ANY_PORT,
         proto: protocol,
-        slot,
+        _pad: 0,
     };
     if (protocol == proto::TCP || protocol == proto::UDP) && dst_port != ANY_PORT {
         if layers & layer::bit(layer::EXACT, protocol) != 0 {
             key.port = dst_port;
-            // SAFETY: values are copied out at once.
-            if let Some(verdict) = unsafe { POLICY.get(&key) } {
-                return *verdict;
+            if let Some(verdict) = rule_in_slot(&key, slot) {
+                return verdict;
             }
             key.port = ANY_PORT;
         }
@@ -66,17 +59,36 @@ pub fn evaluate(
         }
     }
     if layers & layer::bit(layer::ANY_PORT, protocol) != 0
-        && let Some(verdict) = unsafe { POLICY.get(&key) }
+        && let Some(verdict) = rule_in_slot(&key, slot)
     {
-        return *verdict;
+        return verdict;
     }
     key.proto = ANY_PROTO;
     if layers & layer::ANY_PROTOCOL_BIT != 0
-        && let Some(verdict) = unsafe { POLICY.get(&key) }
+        && let Some(verdict) = rule_in_slot(&key, slot)
     {
-        return *verdict;
+        return verdict;
     }
     default_for(src, dst)
+}
+
+/// The layer bits of the bucket of the pair `(src, dst)` in `slot`: 0 when no pair of the
+/// bucket has a rule.
+#[inline(always)]
+fn pair_layers(slot: u8, src: u32, dst: u32) -> u32 {
+    let bucket = pair_filter::bucket(src, dst);
+    PAIR_FILTER
+        .get(pair_filter::word(slot, bucket))
+        .map_or(0, |word| {
+            (*word >> pair_filter::shift(bucket)) as u32 & 0xffff
+        })
+}
+
+/// The verdict of the rule entry `key` in `slot`, if that slot has it.
+#[inline(always)]
+fn rule_in_slot(key: &PolicyKey, slot: u8) -> Option<RuleVerdict> {
+    // SAFETY: the value is copied out at once.
+    unsafe { RULES.get(key) }?.in_slot(slot)
 }
 
 /// DESIGN §4 step 5: drop if either side is a declared service, pass otherwise, so rollout can go

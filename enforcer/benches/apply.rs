@@ -59,13 +59,21 @@ fn memory_kib(daemon: &Daemon) -> (u64, u64) {
 
 /// The maps that grow with the policy: rule and port-range entries, the identity pairs, and the
 /// address tables.
-const POLICY_MAPS: [&str; 5] = ["POLICY", "PORT_RANGES", "PAIRS", "IPCACHE", "IPCACHE_EXACT"];
+/// The maps that grow with the policy: rule and port-range entries, and the address tables.
+const POLICY_MAPS: [&str; 5] = [
+    "RULES",
+    "PORT_RANGES",
+    "IPCACHE",
+    "IPCACHE_EXACT",
+    "IPCACHE_EXACT4",
+];
+/// The policy's map sized once, whatever the policy: the pair filter.
+const FIXED_POLICY_MAPS: [&str; 1] = ["PAIR_FILTER"];
 
 /// The kernel memory the policy's maps use, in bytes, as bpftool reports it (`bytes_memlock`:
 /// since 6.4 what the map's elements take, for maps that allocate them as they are added).
-fn policy_map_bytes(pins: &Path) -> u64 {
-    POLICY_MAPS
-        .iter()
+fn map_bytes(pins: &Path, maps: &[&str]) -> u64 {
+    maps.iter()
         .map(|name| {
             let output = std::process::Command::new("bpftool")
                 .args(["-j", "map", "show", "pinned"])
@@ -106,15 +114,17 @@ fn main() {
         )
         .expect("enforcer starts");
 
-    let before_bytes = policy_map_bytes(&topology.pin_path());
+    let before_bytes = map_bytes(&topology.pin_path(), &POLICY_MAPS);
     let full_text = policies::generated(SERVICES, RULES);
     let (full, full_line) = apply(&daemon, &policy, &full_text, 2);
     // What the controller holds once the reload is done (it brings the idle slot up to date
     // after the switch, and gives back what the reload freed).
     std::thread::sleep(Duration::from_secs(1));
     let (after_full, _) = memory_kib(&daemon);
-    let map_bytes_per_rule =
-        policy_map_bytes(&topology.pin_path()).saturating_sub(before_bytes) as f64 / RULES as f64;
+    let policy_bytes = map_bytes(&topology.pin_path(), &POLICY_MAPS);
+    let map_bytes_per_rule = policy_bytes.saturating_sub(before_bytes) as f64 / RULES as f64;
+    let policy_mib = (policy_bytes + map_bytes(&topology.pin_path(), &FIXED_POLICY_MAPS)) as f64
+        / (1 << 20) as f64;
     let mut changes = Vec::new();
     for change in 0..CHANGES {
         // Rule `change` moves to another port: one entry removed, one added.
@@ -220,6 +230,18 @@ fn main() {
         map_bytes_per_rule.round(),
         "bytes",
         Some(("target 150 bytes (anchor)", map_bytes_per_rule / 150.0)),
+    );
+    println!(
+        "kernel map memory of the policy's tables: {policy_mib:.1} MiB ({} with {})",
+        POLICY_MAPS.join(", "),
+        FIXED_POLICY_MAPS.join(", ")
+    );
+    results::record(
+        "apply",
+        &format!("kernel map memory of the policy's tables, sized ones included, {RULES} rules"),
+        policy_mib.round(),
+        "MiB",
+        None,
     );
     let mib = |kib: u64| kib as f64 / 1024.0;
     results::record(

@@ -239,7 +239,7 @@ mod tests {
                 },
             )],
             fill: BTreeMap::from([(
-                "POLICY",
+                "RULES",
                 Fill {
                     entries: 2,
                     capacity: 1024,
@@ -320,7 +320,7 @@ mod tests {
             "pin path /sys/fs/bpf/test\n",
             "no policy generation installed: attached interfaces drop all IP traffic\n",
             "attached:\n  (no interfaces)\n",
-            "  POLICY              2 / 1024     entries\n",
+            "  RULES               2 / 1024     entries\n",
             "events lost: 7\n",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in:\n{text}");

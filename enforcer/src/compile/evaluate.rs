@@ -42,7 +42,7 @@ impl Compiled {
             dst_identity: dst.identity,
             port: ANY_PORT,
             proto: protocol,
-            slot: 0,
+            _pad: 0,
         };
         if (protocol == proto::TCP || protocol == proto::UDP) && dst_port != ANY_PORT {
             key.port = dst_port;

@@ -29,7 +29,7 @@ use ipnet::IpNet;
 
 pub use self::{
     change::{Before, compile_change},
-    tables::{Cgroup, HostView, Prefix, Tables},
+    tables::{Cgroup, HostView, Pair, Prefix, Tables},
 };
 use self::{identities::Identities, numbering::number_rules};
 use crate::policy::{Mode, Peer, Policy, PortMatch, Protocol, Rule, RuleKind};
@@ -733,7 +733,7 @@ id = \"https\"
             dst_identity: identity::of_service_name("b"),
             port: 443,
             proto: proto::TCP,
-            slot: 0,
+            _pad: 0,
         };
         let verdict = compiled.tables.rules[&key];
         assert_eq!(verdict.max_new_per_sec, 10);

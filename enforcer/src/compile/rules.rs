@@ -236,7 +236,7 @@ impl<'a> PairEntries<'a> {
             dst_identity: self.dst,
             port,
             proto: protocol,
-            slot: 0,
+            _pad: 0,
         }
     }
 

@@ -6,8 +6,7 @@ use enforcer_common::{
     addr::IpcacheKey,
     identity::{CgroupKey, EndpointKey, IdentityInfo},
     policy::{
-        ANY_PORT, ANY_PROTO, PairKey, PairLayers, PolicyKey, PortRanges, RangeKey, RuleVerdict,
-        layer,
+        ANY_PORT, ANY_PROTO, PolicyKey, PortRanges, RangeKey, RuleVerdict, layer, pair_filter,
     },
 };
 use ipnet::IpNet;
@@ -117,8 +116,8 @@ pub struct Tables {
     pub cgroups: BTreeMap<CgroupKey, IdentityInfo>,
     pub rules: BTreeMap<PolicyKey, RuleVerdict>,
     pub ranges: BTreeMap<RangeKey, PortRanges>,
-    /// Which of `rules` and `ranges` each pair has, derived from them.
-    pub pairs: BTreeMap<PairKey, PairLayers>,
+    /// Which of `rules` and `ranges` each pair has ([`layer`] bits), derived from them.
+    pub pairs: BTreeMap<Pair, u32>,
     /// The levels of the hierarchy the services' cgroups sit at (see
     /// `enforcer_common::config::PolicyConfig::cgroup_levels`).
     pub cgroup_levels: u32,
@@ -126,15 +125,32 @@ pub struct Tables {
 
 impl Tables {
     /// Entries per kernel map, by map name.
-    pub fn entry_counts(&self) -> [(&'static str, usize); 6] {
+    pub fn entry_counts(&self) -> [(&'static str, usize); 5] {
         [
             ("IPCACHE", self.ipcache.len()),
             ("ENDPOINTS", self.endpoints.len()),
             ("CGROUPS", self.cgroups.len()),
-            ("POLICY", self.rules.len()),
+            ("RULES", self.rules.len()),
             ("PORT_RANGES", self.ranges.len()),
-            ("PAIRS", self.pairs.len()),
         ]
+    }
+
+    /// Word `word` of a slot of the pair filter: the layer bits of its buckets' pairs.
+    pub fn pair_filter_word(&self, word: u32) -> u64 {
+        let first = word * pair_filter::BUCKETS_PER_WORD;
+        let pairs = Pair::in_bucket(first)..Pair::in_bucket(first + pair_filter::BUCKETS_PER_WORD);
+        self.pairs
+            .range(pairs)
+            .fold(0, |word, (pair, bits)| word | pair.in_word(*bits))
+    }
+
+    /// Every word of a slot of the pair filter, in one pass over the pairs.
+    pub fn pair_filter_words(&self) -> Vec<u64> {
+        let mut words = vec![0; pair_filter::WORDS_PER_SLOT as usize];
+        for (pair, bits) in &self.pairs {
+            words[pair.word() as usize] |= pair.in_word(*bits);
+        }
+        words
     }
 
     /// Removes the rule entries, port ranges and layers of the pair `(src, dst)`.
@@ -150,10 +166,10 @@ impl Tables {
         }
         remove_range(&mut self.rules, pair_rule_keys(src, dst));
         remove_range(&mut self.ranges, pair_range_keys(src, dst));
-        self.pairs.remove(&pair_key(src, dst));
+        self.pairs.remove(&Pair::of(src, dst));
     }
 
-    /// Sets the [`PairLayers`] of the pair `(src, dst)` from its rule entries and port ranges.
+    /// Sets the layer bits of the pair `(src, dst)` from its rule entries and port ranges.
     pub(super) fn mark_pair(&mut self, src: u32, dst: u32) {
         let rules = self.rules.range(pair_rule_keys(src, dst));
         let ranges = self.ranges.range(pair_range_keys(src, dst));
@@ -162,18 +178,17 @@ impl Tables {
             .chain(ranges.map(|(key, _)| range_layer_bit(key)))
             .fold(0, |bits, bit| bits | bit);
         if bits != 0 {
-            self.pairs.insert(pair_key(src, dst), PairLayers { bits });
+            self.pairs.insert(Pair::of(src, dst), bits);
         }
     }
 
-    /// The [`PairLayers`] of every pair that has rule entries, from those entries.
-    pub(super) fn pair_layers(&self) -> BTreeMap<PairKey, PairLayers> {
-        let mut pairs: BTreeMap<PairKey, PairLayers> = BTreeMap::new();
+    /// The layer bits of every pair that has rule entries, from those entries.
+    pub(super) fn pair_layers(&self) -> BTreeMap<Pair, u32> {
+        let mut pairs: BTreeMap<Pair, u32> = BTreeMap::new();
         let mut mark = |src_identity: u32, dst_identity: u32, bit: u32| {
-            pairs
-                .entry(pair_key(src_identity, dst_identity))
-                .or_default()
-                .bits |= bit;
+            *pairs
+                .entry(Pair::of(src_identity, dst_identity))
+                .or_default() |= bit;
         };
         for key in self.rules.keys() {
             mark(key.src_identity, key.dst_identity, rule_layer_bit(key));
@@ -199,16 +214,16 @@ fn range_layer_bit(key: &RangeKey) -> u32 {
     layer::bit(layer::RANGE, key.proto)
 }
 
-/// Every rule entry key of the pair `(src_identity, dst_identity)`, in any slot.
+/// Every rule entry key of the pair `(src_identity, dst_identity)`.
 fn pair_rule_keys(src_identity: u32, dst_identity: u32) -> std::ops::RangeInclusive<PolicyKey> {
-    let key = |port, proto, slot| PolicyKey {
+    let key = |port, proto| PolicyKey {
         src_identity,
         dst_identity,
         port,
         proto,
-        slot,
+        _pad: 0,
     };
-    key(0, 0, 0)..=key(u16::MAX, u8::MAX, u8::MAX)
+    key(0, 0)..=key(u16::MAX, u8::MAX)
 }
 
 /// Every port-range key of the pair `(src_identity, dst_identity)`, in any slot.
@@ -223,11 +238,40 @@ fn pair_range_keys(src_identity: u32, dst_identity: u32) -> std::ops::RangeInclu
     key(0, 0)..=key(u8::MAX, u8::MAX)
 }
 
-fn pair_key(src_identity: u32, dst_identity: u32) -> PairKey {
-    PairKey {
-        src_identity,
-        dst_identity,
-        slot: 0,
-        _pad: [0; 3],
+/// A (source, destination) pair that has rules, ordered by its bucket of the pair filter first:
+/// the pairs of one filter word are neighbours.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Pair {
+    pub bucket: u32,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+}
+
+impl Pair {
+    pub fn of(src_identity: u32, dst_identity: u32) -> Self {
+        Self {
+            bucket: pair_filter::bucket(src_identity, dst_identity),
+            src_identity,
+            dst_identity,
+        }
+    }
+
+    /// The word of a slot of the pair filter that holds this pair's bucket.
+    pub fn word(&self) -> u32 {
+        self.bucket / pair_filter::BUCKETS_PER_WORD
+    }
+
+    /// This pair's layer bits `bits` where its bucket sits in its word.
+    fn in_word(&self, bits: u32) -> u64 {
+        u64::from(bits) << pair_filter::shift(self.bucket)
+    }
+
+    /// The first pair `bucket` can hold.
+    fn in_bucket(bucket: u32) -> Self {
+        Self {
+            bucket,
+            src_identity: 0,
+            dst_identity: 0,
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! atomic switch between generations.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     os::fd::{AsFd as _, OwnedFd},
     path::Path,
     sync::Arc,
@@ -24,7 +24,7 @@ use enforcer_common::{
     counters::{Counter, EDGE_CACHE_SLOTS, EdgeCacheSlot, FlowCounterKey},
     event::EventCpuState,
     identity::{CgroupKey, EndpointKey, IdentityInfo},
-    policy::{PairKey, PairLayers, PolicyKey, PortRanges, RangeKey, RuleVerdict},
+    policy::{PolicyKey, PortRanges, RangeKey, RuleVerdict, SlotVerdicts, action, pair_filter},
     verdict::{
         PACKET_COUNTER_SLOTS,
         reason::{self, REASON_SLOTS},
@@ -32,7 +32,7 @@ use enforcer_common::{
 };
 
 use crate::{
-    compile::{Compiled, Prefix, Tables},
+    compile::{Compiled, Pair, Prefix, Tables},
     datapath::bpf_sys,
 };
 
@@ -44,9 +44,9 @@ pub const MAP_NAMES: [&str; 25] = [
     "IPCACHE_EXACT4",
     "ENDPOINTS",
     "CGROUPS",
-    "POLICY",
+    "RULES",
     "PORT_RANGES",
-    "PAIRS",
+    "PAIR_FILTER",
     "CONNTRACK4",
     "UNANSWERED4",
     "CONNTRACK",
@@ -118,15 +118,7 @@ macro_rules! slot_key {
     };
 }
 
-slot_key!(
-    PolicyKey,
-    PairKey,
-    RangeKey,
-    EndpointKey,
-    CgroupKey,
-    IpcacheKey,
-    Ipcache4Key
-);
+slot_key!(RangeKey, EndpointKey, CgroupKey, IpcacheKey, Ipcache4Key);
 
 /// The keys of `map` in `slot`, as the kernel holds them.
 fn keys_in_slot<K: SlotKey, V: Pod>(
@@ -166,9 +158,9 @@ pub struct KernelMaps {
     ipcache_exact4: HashMap<MapData, Ipcache4Key, IdentityInfo>,
     endpoints: HashMap<MapData, EndpointKey, IdentityInfo>,
     cgroups: HashMap<MapData, CgroupKey, IdentityInfo>,
-    rules: HashMap<MapData, PolicyKey, RuleVerdict>,
+    rules: HashMap<MapData, PolicyKey, SlotVerdicts>,
     ranges: HashMap<MapData, RangeKey, PortRanges>,
-    pairs: HashMap<MapData, PairKey, PairLayers>,
+    pair_filter: Array<MapData, u64>,
     conntrack4: HashMap<MapData, CtKey4, CtEntry>,
     unanswered4: HashMap<MapData, CtKey4, CtEntry>,
     conntrack: HashMap<MapData, CtKey, CtEntry>,
@@ -215,9 +207,9 @@ impl KernelMaps {
             ipcache_exact4: typed!("IPCACHE_EXACT4"),
             endpoints: typed!("ENDPOINTS"),
             cgroups: typed!("CGROUPS"),
-            rules: typed!("POLICY"),
+            rules: typed!("RULES"),
             ranges: typed!("PORT_RANGES"),
-            pairs: typed!("PAIRS"),
+            pair_filter: typed!("PAIR_FILTER"),
             conntrack4: typed!("CONNTRACK4"),
             unanswered4: typed!("UNANSWERED4"),
             conntrack: typed!("CONNTRACK"),
@@ -265,36 +257,39 @@ impl KernelMaps {
     }
 
     /// Writes `next` into `slot`. With `previous` (what the slot holds) only the difference is
-    /// written; without, the slot is cleared first. Returns the number of map writes.
+    /// written; without, the slot is cleared first. `other` is what the other slot holds, if
+    /// known: rule entries keep its half as it is. Returns the number of map writes.
     fn write_slot(
         &mut self,
         slot: u8,
         previous: Option<&Tables>,
         next: &Tables,
+        other: Option<&Tables>,
     ) -> Result<usize, MapsError> {
-        // The two tables that grow with the rules, written side by side: inserting is the
-        // kernel's work (about a microsecond an entry), and a full load has 100 000 of each.
+        // The two writes that grow with the rules, side by side: inserting is the kernel's work
+        // (about a microsecond an entry), and a full load has 100 000 rule entries.
         let (rules, pairs) = std::thread::scope(|scope| {
             let rules = scope.spawn(|| {
-                sync_hash(
+                sync_rules(
                     &mut self.rules,
                     slot,
                     previous.map(|p| &p.rules),
                     &next.rules,
+                    other.map(|o| &o.rules),
                 )
             });
-            let pairs = sync_hash(
-                &mut self.pairs,
+            let pairs = sync_pair_filter(
+                &mut self.pair_filter,
                 slot,
                 previous.map(|p| &p.pairs),
-                &next.pairs,
+                next,
             );
             (rules.join(), pairs)
         });
         let mut writes = rules
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            .map_err(map_err("POLICY"))?;
-        writes += pairs.map_err(map_err("PAIRS"))?;
+            .map_err(map_err("RULES"))?;
+        writes += pairs.map_err(map_err("PAIR_FILTER"))?;
         writes += sync_hash(
             &mut self.ranges,
             slot,
@@ -331,14 +326,13 @@ impl KernelMaps {
     }
 
     /// Entries of each slot-versioned table in `slot`, counted in the kernel.
-    fn slot_entries(&self, slot: u8) -> [usize; 6] {
+    fn slot_entries(&self, slot: u8) -> [usize; 5] {
         [
             trie_keys_in_slot(&self.ipcache, slot).count(),
             keys_in_slot(&self.endpoints, slot).count(),
             keys_in_slot(&self.cgroups, slot).count(),
-            keys_in_slot(&self.rules, slot).count(),
+            rules_in_slot(&self.rules, slot).count(),
             keys_in_slot(&self.ranges, slot).count(),
-            keys_in_slot(&self.pairs, slot).count(),
         ]
     }
 
@@ -485,9 +479,8 @@ impl KernelMaps {
             fill("IPCACHE", self.ipcache.keys().count()),
             fill("ENDPOINTS", self.endpoints.keys().count()),
             fill("CGROUPS", self.cgroups.keys().count()),
-            fill("POLICY", self.rules.keys().count()),
+            fill("RULES", self.rules.keys().count()),
             fill("PORT_RANGES", self.ranges.keys().count()),
-            fill("PAIRS", self.pairs.keys().count()),
             fill("CONNTRACK4", self.conntrack4.keys().count()),
             fill("UNANSWERED4", self.unanswered4.keys().count()),
             fill("CONNTRACK", self.conntrack.keys().count()),
@@ -594,6 +587,136 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
     }
 }
 
+/// The rule entries the kernel holds in `slot`, with the other slot's half.
+fn rules_in_slot(
+    map: &HashMap<MapData, PolicyKey, SlotVerdicts>,
+    slot: u8,
+) -> impl Iterator<Item = (PolicyKey, SlotVerdicts)> + '_ {
+    map.iter()
+        .filter_map(Result::ok)
+        .filter(move |(_, verdicts)| verdicts.in_slot(slot).is_some())
+}
+
+/// Writes the rule entries `next` into `slot`'s half of each entry, keeping the other half:
+/// from `other` (the other slot's entries) when known, else as the kernel holds it. An entry
+/// neither slot has any more is removed.
+fn sync_rules(
+    map: &mut HashMap<MapData, PolicyKey, SlotVerdicts>,
+    slot: u8,
+    previous: Option<&BTreeMap<PolicyKey, RuleVerdict>>,
+    next: &BTreeMap<PolicyKey, RuleVerdict>,
+    other: Option<&BTreeMap<PolicyKey, RuleVerdict>>,
+) -> Result<usize, MapError> {
+    let (removed, written): (Vec<PolicyKey>, Vec<(&PolicyKey, &RuleVerdict)>) = match previous {
+        Some(previous) => {
+            let changes = Changes::between(previous, next);
+            (
+                changes.removed.into_iter().copied().collect(),
+                changes.written,
+            )
+        }
+        None => (
+            rules_in_slot(map, slot)
+                .map(|(key, _)| key)
+                .filter(|key| !next.contains_key(key))
+                .collect(),
+            next.iter().collect(),
+        ),
+    };
+    let other_slot = 1 - (slot & 1);
+    let other_half = |key: &PolicyKey| -> RuleVerdict {
+        let held = match other {
+            Some(other) => other.get(key).copied(),
+            None => map
+                .get(key, 0)
+                .ok()
+                .and_then(|verdicts| verdicts.in_slot(other_slot)),
+        };
+        held.unwrap_or_default()
+    };
+    let plan = RuleWrites::plan(slot, &removed, &written, other_half);
+    for key in &plan.emptied {
+        ignore_missing(map.remove(key))?;
+    }
+    update_batch(map, &plan.keys, &plan.values)?;
+    Ok(removed.len() + written.len())
+}
+
+/// What writing one slot's rule entries does to the kernel's entries, each of which holds both
+/// slots' halves.
+#[derive(Debug, Default, PartialEq)]
+struct RuleWrites {
+    /// Entries written whole: this slot's half as `next` has it, the other's as it was.
+    keys: Vec<PolicyKey>,
+    values: Vec<SlotVerdicts>,
+    /// Entries neither slot has any more: removed.
+    emptied: Vec<PolicyKey>,
+}
+
+impl RuleWrites {
+    /// Writes for `slot` losing the keys `removed` and taking `written`; `other_half` is what
+    /// the other slot holds for a key (action `NONE` if nothing).
+    fn plan(
+        slot: u8,
+        removed: &[PolicyKey],
+        written: &[(&PolicyKey, &RuleVerdict)],
+        other_half: impl Fn(&PolicyKey) -> RuleVerdict,
+    ) -> Self {
+        let halves = |mine: RuleVerdict, theirs: RuleVerdict| {
+            let mut by_slot = [theirs; 2];
+            by_slot[usize::from(slot & 1)] = mine;
+            SlotVerdicts { by_slot }
+        };
+        let mut writes = Self::default();
+        for key in removed {
+            let theirs = other_half(key);
+            if theirs.action == action::NONE {
+                writes.emptied.push(*key);
+            } else {
+                writes.keys.push(*key);
+                writes.values.push(halves(RuleVerdict::default(), theirs));
+            }
+        }
+        for (key, verdict) in written {
+            writes.keys.push(**key);
+            writes.values.push(halves(**verdict, other_half(key)));
+        }
+        writes
+    }
+}
+
+/// Writes `slot`'s half of the pair filter from `next`'s pairs: the words of the pairs that
+/// changed since `previous`, or without it every word of the slot.
+fn sync_pair_filter(
+    filter: &mut Array<MapData, u64>,
+    slot: u8,
+    previous: Option<&BTreeMap<Pair, u32>>,
+    next: &Tables,
+) -> Result<usize, MapError> {
+    let in_slot = |word: u32| pair_filter::word(slot, word * pair_filter::BUCKETS_PER_WORD);
+    let (indexes, words): (Vec<u32>, Vec<u64>) = match previous {
+        Some(previous) => {
+            let changes = Changes::between(previous, &next.pairs);
+            let changed: BTreeSet<u32> = changes
+                .removed
+                .into_iter()
+                .chain(changes.written.into_iter().map(|(pair, _)| pair))
+                .map(Pair::word)
+                .collect();
+            changed
+                .into_iter()
+                .map(|word| (in_slot(word), next.pair_filter_word(word)))
+                .unzip()
+        }
+        None => (
+            (0..pair_filter::WORDS_PER_SLOT).map(in_slot).collect(),
+            next.pair_filter_words(),
+        ),
+    };
+    update_batch(filter, &indexes, &words)?;
+    Ok(indexes.len())
+}
+
 fn sync_hash<K: SlotKey, V: Pod + PartialEq>(
     map: &mut HashMap<MapData, K, V>,
     slot: u8,
@@ -615,15 +738,22 @@ fn sync_hash<K: SlotKey, V: Pod + PartialEq>(
     }
     let keys: Vec<K> = written.iter().map(|(key, _)| key.in_slot(slot)).collect();
     let values: Vec<V> = written.iter().map(|(_, value)| **value).collect();
-    bpf_sys::update_batch(IterableMap::map(map).fd().as_fd(), &keys, &values).map_err(
-        |io_error| {
-            MapError::SyscallError(aya::sys::SyscallError {
-                call: "bpf_map_update_batch",
-                io_error,
-            })
-        },
-    )?;
+    update_batch(map, &keys, &values)?;
     Ok(removed.len() + written.len())
+}
+
+/// Writes `keys[i]` = `values[i]` in as few system calls as the kernel takes.
+fn update_batch<K: Pod, V: Pod>(
+    map: &impl IterableMap<K, V>,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), MapError> {
+    bpf_sys::update_batch(map.map().fd().as_fd(), keys, values).map_err(|io_error| {
+        MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_update_batch",
+            io_error,
+        })
+    })
 }
 
 /// What turns one table into another: the keys to remove and the entries to write (new or
@@ -766,6 +896,15 @@ enum SlotContents {
     Known(Arc<Tables>),
 }
 
+impl SlotContents {
+    fn tables(&self) -> Option<&Tables> {
+        match self {
+            Self::Known(tables) => Some(tables),
+            Self::Unknown => None,
+        }
+    }
+}
+
 /// The outcome of installing a generation.
 #[derive(Clone, Debug)]
 pub struct Installed {
@@ -840,7 +979,8 @@ impl Installer {
             SlotContents::Known(tables) => Some(tables),
             SlotContents::Unknown => None,
         };
-        let writes = maps.write_slot(slot, previous.as_deref(), &compiled.tables)?;
+        let other = self.slots[usize::from(1 - slot)].tables();
+        let writes = maps.write_slot(slot, previous.as_deref(), &compiled.tables, other)?;
         let config = PolicyConfig {
             generation,
             slot: u32::from(slot),
@@ -882,7 +1022,8 @@ impl Installer {
             SlotContents::Known(tables) => Some(tables),
             SlotContents::Unknown => None,
         };
-        let writes = maps.write_slot(idle as u8, previous.as_deref(), &compiled.tables)?;
+        let other = self.slots[1 - idle].tables();
+        let writes = maps.write_slot(idle as u8, previous.as_deref(), &compiled.tables, other)?;
         self.slots[idle] = SlotContents::Known(Arc::clone(&compiled.tables));
         Ok(writes)
     }
@@ -896,8 +1037,8 @@ impl Installer {
 
     /// Both generations share each map while switching: the live one and `next` must fit.
     fn check_capacity(&self, maps: &KernelMaps, next: &Tables) -> Result<(), MapsError> {
-        let live_entries: [usize; 6] = match &self.live {
-            None => [0; 6],
+        let live_entries: [usize; 5] = match &self.live {
+            None => [0; 5],
             Some(live) => match &self.slots[live.slot as usize] {
                 SlotContents::Known(tables) => tables.entry_counts().map(|(_, count)| count),
                 SlotContents::Unknown => maps.slot_entries(live.slot as u8),
@@ -942,6 +1083,50 @@ mod tests {
                 .map(|(key, value)| (*key, *value)),
         );
         assert_eq!(rebuilt, next);
+    }
+
+    #[test]
+    fn writing_one_slots_rules_keeps_the_other_slots_half_and_removes_what_neither_has() {
+        let key = |port| PolicyKey {
+            src_identity: 1,
+            dst_identity: 2,
+            port,
+            proto: 6,
+            _pad: 0,
+        };
+        let verdict = |rule| RuleVerdict {
+            rule,
+            action: action::ALLOW,
+            ..RuleVerdict::default()
+        };
+        let none = RuleVerdict::default();
+        // The other slot (0) has ports 80 and 81; slot 1 loses 80 and 82, and takes 81 and 83.
+        let other = BTreeMap::from([(key(80), verdict(16)), (key(81), verdict(17))]);
+        let (taken_81, taken_83) = (verdict(18), verdict(19));
+        let plan = RuleWrites::plan(
+            1,
+            &[key(80), key(82)],
+            &[(&key(81), &taken_81), (&key(83), &taken_83)],
+            |key| other.get(key).copied().unwrap_or_default(),
+        );
+        assert_eq!(
+            plan,
+            RuleWrites {
+                keys: vec![key(80), key(81), key(83)],
+                values: vec![
+                    SlotVerdicts {
+                        by_slot: [verdict(16), none]
+                    },
+                    SlotVerdicts {
+                        by_slot: [verdict(17), taken_81]
+                    },
+                    SlotVerdicts {
+                        by_slot: [none, taken_83]
+                    },
+                ],
+                emptied: vec![key(82)],
+            }
+        );
     }
 
     #[test]
