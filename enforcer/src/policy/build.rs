@@ -1,7 +1,7 @@
 //! Building a [`Policy`] from the documents of every file, with every problem reported.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::BTreeMap,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -17,6 +17,7 @@ use super::{
     identity,
     load::{FileContent, RuleItem},
     parse_cidr,
+    rule_ids::{Repeated, RuleIds, Seen},
 };
 
 pub(super) fn parse_mode(
@@ -73,7 +74,7 @@ pub(super) fn build(
 ) -> Policy {
     let mut policy = start(files, contents, diagnostics);
     policy.hash = hash;
-    add_rules(&mut policy, contents, diagnostics);
+    add_rules(&mut policy, contents, &mut RuleIds::default(), diagnostics);
     policy
 }
 
@@ -110,15 +111,37 @@ pub(super) fn service_names_and_addresses(services: &[Service]) -> Vec<(String, 
 }
 
 /// Every file's rules in order, allows before denies within a file: built from their
-/// documents, or built already; an id used twice is an error.
+/// documents, or built already; an id used twice is an error (`ids`: who held each id after
+/// the last load). Returns the rules built just now, each with its (file, part).
 pub(super) fn add_rules(
     policy: &mut Policy,
     contents: &[FileContent<'_>],
+    ids: &mut RuleIds,
     diagnostics: &mut Diagnostics,
-) {
-    let (rules, fresh) = build_rules(policy, contents, diagnostics);
+) -> Vec<FreshRule> {
+    ids.begin();
+    let (rules, fresh, unchecked) = build_rules(policy, contents, ids, diagnostics);
     policy.rules = rules;
+    for Repeated { again, first } in ids.repeated(&policy.rules, &unchecked) {
+        let rule = &policy.rules[again];
+        diagnostics.error(
+            rule.origin.clone(),
+            format!(
+                "rule id \"{}\" is already used at {}",
+                rule.id, first.origin
+            ),
+        );
+    }
     check_cidr_peers(policy, &fresh, diagnostics);
+    fresh
+}
+
+/// A rule built from its document by this load: where it is in the policy, and the file and
+/// part it came from.
+pub(super) struct FreshRule {
+    pub(super) index: usize,
+    pub(super) file: usize,
+    pub(super) part: usize,
 }
 
 /// `rule` as built from a table that now starts `lines` lines further down: its line, and the
@@ -273,79 +296,70 @@ fn build_services(contents: &[FileContent<'_>], diagnostics: &mut Diagnostics) -
     services_by_name.into_values().collect()
 }
 
-/// The rules, and the indexes of those built just now (from their documents).
+/// The rules, those built just now (from their documents), and the indexes of those whose ids
+/// need checking (see [`RuleIds::take`]). One pass over each file's parts, allows and denies
+/// set apart as it goes: a policy may have 100 000 parts.
 fn build_rules(
     policy: &Policy,
     contents: &[FileContent<'_>],
+    ids: &RuleIds,
     diagnostics: &mut Diagnostics,
-) -> (Vec<Arc<Rule>>, Vec<usize>) {
+) -> (Vec<Arc<Rule>>, Vec<FreshRule>, Vec<usize>) {
     // (Each part holds a rule, but for services, settings and files parsed whole.)
     let rule_count = contents.iter().map(|content| content.parts.len()).sum();
-    let mut rule_ids: HashSet<ById, foldhash::fast::RandomState> =
-        HashSet::with_capacity_and_hasher(rule_count, foldhash::fast::RandomState::default());
     let mut rules: Vec<Arc<Rule>> = Vec::with_capacity(rule_count);
-    let mut fresh = Vec::new();
-    for content in contents {
-        for kind in [RuleKind::Allow, RuleKind::Deny] {
-            content.each_rule(kind, |item| {
-                let (rule, is_fresh) = match item {
-                    RuleItem::Built(rule) => (Arc::clone(rule), false),
-                    RuleItem::Parsed { at, rule, .. } => {
-                        match build_rule(policy, at, kind, rule, diagnostics) {
-                            Some(built) => (Arc::new(built), true),
-                            None => return,
-                        }
-                    }
-                };
-                if let Some(first) = rule_ids.get(&*rule.id) {
-                    diagnostics.error(
-                        rule.origin.clone(),
-                        format!(
-                            "rule id \"{}\" is already used at {}",
-                            rule.id, first.0.origin
-                        ),
-                    );
-                    return;
+    let (mut fresh, mut unchecked) = (Vec::new(), Vec::new());
+    for (file, content) in contents.iter().enumerate() {
+        // Per kind: the rules, the fresh ones' (place among them, part), and the places of
+        // those to check.
+        let mut by_kind: [KindRules; 2] = Default::default();
+        content.each_rule(|kind, item| {
+            let of_kind = &mut by_kind[usize::from(kind == RuleKind::Deny)];
+            let place = of_kind.rules.len();
+            let rule = match item {
+                RuleItem::Built(rule) => Arc::clone(rule),
+                RuleItem::Parsed { at, part, rule } => {
+                    let built = build_rule(policy, at, kind, rule, &mut of_kind.diagnostics);
+                    let Some(built) = built else { return };
+                    of_kind.fresh.push((place, part));
+                    Arc::new(built)
                 }
-                rule_ids.insert(ById(Arc::clone(&rule)));
-                if is_fresh {
-                    fresh.push(rules.len());
-                }
-                rules.push(rule);
-            });
+            };
+            if ids.take(&rule) {
+                of_kind.unchecked.push(place);
+            }
+            of_kind.rules.push(rule);
+        });
+        for of_kind in by_kind {
+            let first = rules.len();
+            fresh.extend(of_kind.fresh.into_iter().map(|(place, part)| FreshRule {
+                index: first + place,
+                file,
+                part,
+            }));
+            unchecked.extend(of_kind.unchecked.into_iter().map(|place| first + place));
+            rules.extend(of_kind.rules);
+            diagnostics.0.extend(of_kind.diagnostics.0);
         }
     }
-    (rules, fresh)
+    (rules, fresh, unchecked)
 }
 
-/// A rule, hashed and compared by its id.
-struct ById(Arc<Rule>);
-
-impl std::hash::Hash for ById {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.0.id.hash(state);
-    }
-}
-
-impl PartialEq for ById {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.id == other.0.id
-    }
-}
-
-impl Eq for ById {}
-
-impl std::borrow::Borrow<str> for ById {
-    fn borrow(&self) -> &str {
-        &self.0.id
-    }
+/// One file's rules of one kind, as [`build_rules`] gathers them; with the problems found
+/// building them, reported in policy order.
+#[derive(Default)]
+struct KindRules {
+    rules: Vec<Arc<Rule>>,
+    fresh: Vec<(usize, usize)>,
+    unchecked: Vec<usize>,
+    diagnostics: Diagnostics,
 }
 
 /// A CIDR peer that is exactly a service's address is that service: say so instead of
 /// silently creating a second identity for the same address. Only rules built just now
 /// (`fresh`): those built before were checked against the same services.
-fn check_cidr_peers(policy: &Policy, fresh: &[usize], diagnostics: &mut Diagnostics) {
-    for rule in fresh.iter().map(|&index| &policy.rules[index]) {
+fn check_cidr_peers(policy: &Policy, fresh: &[FreshRule], diagnostics: &mut Diagnostics) {
+    for rule in fresh.iter().map(|fresh| &policy.rules[fresh.index]) {
         for peer in [&rule.from, &rule.to] {
             if let Peer::Cidr(net) = peer
                 && let Some(owner) = policy
@@ -606,6 +620,7 @@ pub(super) fn build_rule(
         ports: ports.into(),
         max_new_per_sec,
         origin,
+        seen: Seen::default(),
     })
 }
 

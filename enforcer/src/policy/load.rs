@@ -14,11 +14,13 @@ use toml::Spanned;
 use ipnet::IpNet;
 
 use super::{
-    Policy, Rule, RuleKind, build,
+    Policy, Rule, RuleKind,
+    build::{self, FreshRule},
     diagnostics::{At, Diagnostic, Diagnostics, PolicyError, Source},
     documents::{
         DetectionDocument, PolicyDocument, RuleDocument, ServiceDocument, SettingsDocument,
     },
+    rule_ids::RuleIds,
     tables,
 };
 
@@ -154,6 +156,8 @@ pub struct ParseCache {
     /// The services (names and addresses) the built rules were built against: a rule names a
     /// service by its place in this list, and may not name one of their addresses as a CIDR.
     services: Vec<(String, Vec<IpNet>)>,
+    /// Which rule holds each rule id, as of the last load.
+    ids: RuleIds,
 }
 
 pub(super) struct ParsedFile {
@@ -292,13 +296,12 @@ fn parse_and_build(
         unbuild(sources, &mut files, &mut diagnostics);
         gather(sources, &files)
     };
-    build::add_rules(&mut policy, &contents, &mut diagnostics);
+    let fresh = build::add_rules(&mut policy, &contents, &mut cache.ids, &mut diagnostics);
     if !diagnostics.0.is_empty() {
         return (files, Err(PolicyError::Invalid(diagnostics.0)));
     }
-    let built = rules_by_part(&contents, &policy);
     drop(contents);
-    keep_built(&mut files, built);
+    keep_built(&mut files, &fresh, &policy);
     cache.services = services;
     (files, Ok(policy))
 }
@@ -345,36 +348,20 @@ fn unbuild(sources: &[Source], files: &mut [Option<FileParse>], diagnostics: &mu
     }
 }
 
-/// The rules `policy` built from parsed parts, by (file, part): `contents` in the order
-/// `build::add_rules` took them, which is the order of the policy's rules.
-fn rules_by_part(contents: &[FileContent<'_>], policy: &Policy) -> Vec<(usize, usize, Arc<Rule>)> {
-    let mut rules = policy.rules.iter();
-    let mut built = Vec::new();
-    for (file, content) in contents.iter().enumerate() {
-        for kind in [RuleKind::Allow, RuleKind::Deny] {
-            content.each_rule(kind, |item| {
-                let rule = rules
-                    .next()
-                    .expect("a rule for each item of a policy that built");
-                if let RuleItem::Parsed { part, .. } = item {
-                    built.push((file, part, Arc::clone(rule)));
-                }
-            });
-        }
-    }
-    built
-}
-
 /// Keeps the rules of each table that holds nothing but rules, built, in place of its
 /// document. (A file parsed whole is parsed whole again next time: nothing of it is kept.)
-fn keep_built(files: &mut [Option<FileParse>], built: Vec<(usize, usize, Arc<Rule>)>) {
+fn keep_built(files: &mut [Option<FileParse>], fresh: &[FreshRule], policy: &Policy) {
     let mut files: Vec<(&mut FileParts, bool)> = files
         .iter_mut()
         .flatten()
         .map(|(parts, cut)| (parts, *cut))
         .collect();
-    for group in built.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
-        let (file, part) = (group[0].0, group[0].1);
+    // A part's allows come before its denies in the policy: in (file, part) order, its rules
+    // are in the order its table gives them, as a part built again would have them.
+    let mut built: Vec<&FreshRule> = fresh.iter().collect();
+    built.sort_by_key(|rule| (rule.file, rule.part, rule.index));
+    for group in built.chunk_by(|a, b| (a.file, a.part) == (b.file, b.part)) {
+        let (file, part) = (group[0].file, group[0].part);
         let (parts, cut) = &mut files[file];
         if !*cut {
             continue;
@@ -386,8 +373,12 @@ fn keep_built(files: &mut [Option<FileParse>], built: Vec<(usize, usize, Arc<Rul
                 && document.service.is_empty()
         });
         if rules_only {
-            part.content =
-                PartContent::Built(group.iter().map(|(_, _, rule)| Arc::clone(rule)).collect());
+            part.content = PartContent::Built(
+                group
+                    .iter()
+                    .map(|rule| Arc::clone(&policy.rules[rule.index]))
+                    .collect(),
+            );
         }
     }
 }
@@ -626,26 +617,32 @@ impl<'a> FileContent<'a> {
         }
     }
 
-    /// Visits the file's rules of `kind`, in file order.
-    pub(super) fn each_rule(&self, kind: RuleKind, mut visit: impl FnMut(RuleItem<'a>)) {
+    /// Visits the file's rules with their kind, in file order.
+    pub(super) fn each_rule(&self, mut visit: impl FnMut(RuleKind, RuleItem<'a>)) {
         for (index, part) in self.parts.iter().enumerate() {
             match &part.content {
-                PartContent::Built(rules) => rules
-                    .iter()
-                    .filter(|rule| rule.kind == kind)
-                    .for_each(|rule| visit(RuleItem::Built(rule))),
+                PartContent::Built(rules) => {
+                    for rule in rules.iter() {
+                        visit(rule.kind, RuleItem::Built(rule));
+                    }
+                }
                 PartContent::Parsed(document) => {
                     let at = self.at(part);
-                    let documents = match kind {
-                        RuleKind::Allow => &document.allow,
-                        RuleKind::Deny => &document.deny,
-                    };
-                    for rule in documents.iter() {
-                        visit(RuleItem::Parsed {
-                            at,
-                            part: index,
-                            rule,
-                        });
+                    let kinds = [
+                        (RuleKind::Allow, &document.allow),
+                        (RuleKind::Deny, &document.deny),
+                    ];
+                    for (kind, documents) in kinds {
+                        for rule in documents.iter() {
+                            visit(
+                                kind,
+                                RuleItem::Parsed {
+                                    at,
+                                    part: index,
+                                    rule,
+                                },
+                            );
+                        }
                     }
                 }
             }

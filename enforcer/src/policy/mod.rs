@@ -7,6 +7,7 @@ mod build;
 mod diagnostics;
 mod documents;
 mod load;
+mod rule_ids;
 mod tables;
 
 use std::{fmt, net::IpAddr, path::PathBuf, str::FromStr, sync::Arc};
@@ -270,6 +271,8 @@ pub struct Rule {
     pub ports: Box<[PortMatch]>,
     pub max_new_per_sec: Option<u32>,
     pub origin: Origin,
+    /// The last load that took the rule (see `rule_ids`); no part of what the rule means.
+    pub(crate) seen: rule_ids::Seen,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -467,10 +470,12 @@ mod tests {
                     .clone()
             };
             let (from, to) = (service(), service());
-            let id = if draw.chance(50) {
-                format!("id = \"r{}\"\n", self.rules_made)
-            } else {
-                String::new()
+            // Now and then an id another rule may hold: one given before, or a default one.
+            let id = match draw.below(8) {
+                0..=2 => format!("id = \"r{}\"\n", self.rules_made),
+                3 => format!("id = \"r{}\"\n", 1 + draw.below(self.rules_made as u64)),
+                4 => format!("id = \"allow:s0->s1@b.toml:{}\"\n", 1 + draw.below(60)),
+                _ => String::new(),
             };
             let blank = "\n".repeat(draw.below(3) as usize);
             let kind = if draw.chance(25) { "deny" } else { "allow" };
@@ -538,7 +543,8 @@ mod tests {
 
     /// Edits of a two-file policy, each loaded with the cache the one before left: rules added,
     /// removed and changed at either end and in the middle (moving the lines after them), rules
-    /// without ids (whose default ids carry their line), services added before the others
+    /// without ids (whose default ids carry their line), rules taking an id another rule holds
+    /// or held (the cache checks only the rules it builds), services added before the others
     /// (moving every service's place) or given another address, and edits that do not load
     /// between them. Each load is the load of the same files without a cache.
     #[test]
