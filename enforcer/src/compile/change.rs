@@ -4,14 +4,16 @@
 //! handful of entries, not 100 000 rules. The result is the one [`compile`] gives.
 
 use std::{
-    collections::{BTreeSet, HashSet},
+    collections::BTreeSet,
     ops::Range,
     sync::Arc,
 };
 
 use super::{
     CompileError, Compiled, HostView, Names, RuleInfo, SharedNames, compile,
-    identities::Identities, numbering::number_changed, rules::rewrite_pairs,
+    identities::{Identities, MANY},
+    numbering::number_changed,
+    rules::rewrite_pairs,
 };
 use crate::policy::{Mode, Peer, Policy, Rule, Service};
 
@@ -126,7 +128,8 @@ fn compile_changed(
     changed: &Changed,
 ) -> Result<Compiled, CompileError> {
     let previous = before.compiled;
-    let identities = Identities::of(policy)?;
+    // Same services, same host, and no CIDR among the rules replaced (see `changed_rules`).
+    let identities = Arc::clone(&previous.identities);
     let mut shared = SharedNames::of(policy);
     let infos: Vec<RuleInfo> = policy.rules[changed.new.clone()]
         .iter()
@@ -138,13 +141,21 @@ fn compile_changed(
     rule_order.extend_from_slice(&previous.rule_order[..changed.old.start]);
     rule_order.extend_from_slice(&numbers);
     rule_order.extend_from_slice(&previous.rule_order[changed.old.end..]);
+    let mut rule_sources = Vec::with_capacity(policy.rules.len());
+    rule_sources.extend_from_slice(&previous.rule_sources[..changed.old.start]);
+    rule_sources.extend(
+        policy.rules[changed.new.clone()]
+            .iter()
+            .map(|rule| identities.single(&rule.from)),
+    );
+    rule_sources.extend_from_slice(&previous.rule_sources[changed.old.end..]);
 
     let pairs = pairs_of(&before.policy.rules[changed.old.clone()], &identities)
         .into_iter()
         .chain(pairs_of(&policy.rules[changed.new.clone()], &identities))
         .collect();
     let mut tables = (*previous.tables).clone();
-    let touching = rules_touching(policy, &identities, &pairs);
+    let touching = rules_touching(policy, &identities, &rule_sources, &pairs);
     rewrite_pairs(
         policy,
         &identities,
@@ -172,9 +183,11 @@ fn compile_changed(
         tables: Arc::new(tables),
         names: Arc::new(Names {
             rules: names,
-            identities: identities.names,
+            identities: identities.names.clone(),
         }),
         rule_order,
+        rule_sources,
+        identities,
         warnings: previous.warnings.clone(),
         detection: policy.detection.clone(),
     })
@@ -194,17 +207,28 @@ fn pairs_of(rules: &[Arc<Rule>], identities: &Identities) -> BTreeSet<(u32, u32)
     pairs
 }
 
-/// The indexes of the rules that name one of `pairs`, in policy order.
+/// The indexes of the rules that name one of `pairs`, in policy order. Only rules whose source
+/// is one of the pairs' (or may be: `MANY`) are looked at: a pass over `rule_sources`, not over
+/// 100 000 rules.
 fn rules_touching(
     policy: &Policy,
     identities: &Identities,
+    rule_sources: &[u32],
     pairs: &BTreeSet<(u32, u32)>,
 ) -> Vec<usize> {
-    let sources: HashSet<u32, foldhash::fast::RandomState> =
-        pairs.iter().map(|(src, _)| *src).collect();
+    let sources: Vec<u32> = pairs
+        .iter()
+        .map(|(src, _)| *src)
+        .collect::<BTreeSet<u32>>()
+        .into_iter()
+        .collect();
     let (mut from, mut to) = (Vec::new(), Vec::new());
     (0..policy.rules.len())
         .filter(|&index| {
+            let source = rule_sources[index];
+            if source != MANY && !sources.contains(&source) {
+                return false;
+            }
             let rule = &policy.rules[index];
             identities.expand(&rule.from, &mut from);
             if !from.iter().any(|src| sources.contains(src)) {

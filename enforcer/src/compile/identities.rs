@@ -19,8 +19,13 @@ use crate::{
     policy::{InterfaceSelector, Mode, Peer, Policy, Service, identity},
 };
 
+/// What [`Identities::single`] says of a peer that may stand for several identities (no
+/// identity is this number).
+pub const MANY: u32 = u32::MAX;
+
 /// The identities of one policy.
-pub(super) struct Identities {
+#[derive(Debug)]
+pub(crate) struct Identities {
     pub host: IdentityInfo,
     /// The services' identities, in policy order.
     pub services: Vec<IdentityInfo>,
@@ -64,6 +69,16 @@ impl Identities {
             cidrs,
             names,
         })
+    }
+
+    /// The one identity `peer` stands for, or [`MANY`] (world and CIDR peers stand for every
+    /// CIDR peer inside them).
+    pub fn single(&self, peer: &Peer) -> u32 {
+        match peer {
+            Peer::Service(index) => self.services[*index].identity,
+            Peer::Host => HOST,
+            Peer::World | Peer::Cidr(_) => MANY,
+        }
     }
 
     /// The identities a rule's peer stands for, into `identities`.

@@ -96,12 +96,24 @@ pub fn compile(
         .collect();
     let numbers = number_rules(&infos, previous);
     rules::write_entries(policy, &identities, &numbers, &mut tables)?;
+    let rule_sources = policy
+        .rules
+        .iter()
+        .map(|rule| identities.single(&rule.from))
+        .collect();
     Ok(Compiled {
         hash: policy.hash,
         audit: policy.mode == Mode::Audit,
         tables: Arc::new(tables),
-        names: Arc::new(Names::of(infos, &numbers, identities.names, previous)),
+        names: Arc::new(Names::of(
+            infos,
+            &numbers,
+            identities.names.clone(),
+            previous,
+        )),
         rule_order: numbers,
+        rule_sources,
+        identities: Arc::new(identities),
         warnings,
         detection: policy.detection.clone(),
     })
@@ -232,6 +244,12 @@ pub struct Compiled {
     pub names: Arc<Names>,
     /// The rules' numbers in policy order.
     pub rule_order: Vec<u32>,
+    /// The rules' source identities in policy order ([`identities::MANY`] for a peer that
+    /// stands for several): what a change looks through for the rules of the pairs it touches.
+    pub(crate) rule_sources: Vec<u32>,
+    /// The identities the policy names. A change to rules that name no CIDR leaves them as
+    /// they are.
+    pub(crate) identities: Arc<Identities>,
     /// Things the policy names that this host does not have (skipped, not fatal).
     pub warnings: Vec<String>,
     /// The anomaly detectors' tuning (`[detection]`).
@@ -473,6 +491,11 @@ mod tests {
         };
         assert_eq!(whole.tables, change.tables, "{context}");
         assert_eq!(whole.rule_order, change.rule_order, "{context}");
+        assert_eq!(whole.rule_sources, change.rule_sources, "{context}");
+        assert_eq!(
+            whole.identities.cidrs, change.identities.cidrs,
+            "{context}"
+        );
         assert_eq!(whole.names.rules, change.names.rules, "{context}");
         assert_eq!(whole.names.identities, change.names.identities, "{context}");
         assert_eq!(whole.warnings, change.warnings, "{context}");
