@@ -25,6 +25,7 @@ use enforcer_common::{
     identity::{HOST, IdentityInfo, WORLD},
     policy::{MAX_PORT_RANGES, proto, rule},
 };
+use imbl::OrdMap;
 use ipnet::IpNet;
 
 pub use self::{
@@ -70,8 +71,8 @@ pub enum CompileError {
 pub struct Names {
     /// The rules by the number the kernel's entries and events carry. A rule that is the same in
     /// the generation before shares its entry with it, so keeping several generations' names
-    /// costs little more than one.
-    pub rules: BTreeMap<u32, Arc<RuleInfo>>,
+    /// costs little more than one. Persistent (see `imbl`): a change copies it in O(1).
+    pub rules: OrdMap<u32, Arc<RuleInfo>>,
     /// Every identity the policy names: services, host, world, CIDR peers.
     pub identities: BTreeMap<u32, (String, IdentityInfo)>,
 }
@@ -291,13 +292,13 @@ mod tests {
             .tables
             .rules
             .iter()
-            .filter(|(key, verdict)| previous.tables.rules.get(key) != Some(verdict))
+            .filter(|(key, verdict)| previous.tables.rules.get(*key) != Some(verdict))
             .count();
         let removed = previous
             .tables
             .rules
             .keys()
-            .filter(|key| !next.tables.rules.contains_key(key))
+            .filter(|key| !next.tables.rules.contains_key(*key))
             .count();
         changed + removed
     }
@@ -492,10 +493,7 @@ mod tests {
         assert_eq!(whole.tables, change.tables, "{context}");
         assert_eq!(whole.rule_order, change.rule_order, "{context}");
         assert_eq!(whole.rule_sources, change.rule_sources, "{context}");
-        assert_eq!(
-            whole.identities.cidrs, change.identities.cidrs,
-            "{context}"
-        );
+        assert_eq!(whole.identities.cidrs, change.identities.cidrs, "{context}");
         assert_eq!(whole.names.rules, change.names.rules, "{context}");
         assert_eq!(whole.names.identities, change.names.identities, "{context}");
         assert_eq!(whole.warnings, change.warnings, "{context}");

@@ -9,6 +9,7 @@ use enforcer_common::{
         ANY_PORT, ANY_PROTO, PolicyKey, PortRanges, RangeKey, RuleVerdict, layer, pair_filter,
     },
 };
+use imbl::OrdMap;
 use ipnet::IpNet;
 
 /// The parts of this host a policy refers to by name: its own addresses, interface indexes,
@@ -114,10 +115,11 @@ pub struct Tables {
     pub ipcache: BTreeMap<Prefix, IdentityInfo>,
     pub endpoints: BTreeMap<EndpointKey, IdentityInfo>,
     pub cgroups: BTreeMap<CgroupKey, IdentityInfo>,
-    pub rules: BTreeMap<PolicyKey, RuleVerdict>,
+    /// Persistent (see `imbl`): a generation shares what it did not change with the one before.
+    pub rules: OrdMap<PolicyKey, RuleVerdict>,
     pub ranges: BTreeMap<RangeKey, PortRanges>,
     /// Which of `rules` and `ranges` each pair has ([`layer`] bits), derived from them.
-    pub pairs: BTreeMap<Pair, u32>,
+    pub pairs: OrdMap<Pair, u32>,
     /// The levels of the hierarchy the services' cgroups sit at (see
     /// `enforcer_common::config::PolicyConfig::cgroup_levels`).
     pub cgroup_levels: u32,
@@ -155,17 +157,22 @@ impl Tables {
 
     /// Removes the rule entries, port ranges and layers of the pair `(src, dst)`.
     pub(super) fn remove_pair(&mut self, src: u32, dst: u32) {
-        fn remove_range<K: Ord + Copy, V>(
-            map: &mut BTreeMap<K, V>,
-            range: std::ops::RangeInclusive<K>,
-        ) {
-            let keys: Vec<K> = map.range(range).map(|(key, _)| *key).collect();
-            for key in keys {
-                map.remove(&key);
-            }
+        let rules: Vec<PolicyKey> = self
+            .rules
+            .range(pair_rule_keys(src, dst))
+            .map(|(key, _)| *key)
+            .collect();
+        for key in rules {
+            self.rules.remove(&key);
         }
-        remove_range(&mut self.rules, pair_rule_keys(src, dst));
-        remove_range(&mut self.ranges, pair_range_keys(src, dst));
+        let ranges: Vec<RangeKey> = self
+            .ranges
+            .range(pair_range_keys(src, dst))
+            .map(|(key, _)| *key)
+            .collect();
+        for key in ranges {
+            self.ranges.remove(&key);
+        }
         self.pairs.remove(&Pair::of(src, dst));
     }
 
@@ -183,7 +190,7 @@ impl Tables {
     }
 
     /// The layer bits of every pair that has rule entries, from those entries.
-    pub(super) fn pair_layers(&self) -> BTreeMap<Pair, u32> {
+    pub(super) fn pair_layers(&self) -> OrdMap<Pair, u32> {
         let mut pairs: BTreeMap<Pair, u32> = BTreeMap::new();
         let mut mark = |src_identity: u32, dst_identity: u32, bit: u32| {
             *pairs
@@ -196,7 +203,7 @@ impl Tables {
         for key in self.ranges.keys() {
             mark(key.src_identity, key.dst_identity, range_layer_bit(key));
         }
-        pairs
+        pairs.into_iter().collect()
     }
 }
 

@@ -31,6 +31,8 @@ use enforcer_common::{
     },
 };
 
+use imbl::{OrdMap, ordmap::DiffItem};
+
 use crate::{
     compile::{Compiled, Pair, Prefix, Tables},
     datapath::bpf_sys,
@@ -603,13 +605,13 @@ fn rules_in_slot(
 fn sync_rules(
     map: &mut HashMap<MapData, PolicyKey, SlotVerdicts>,
     slot: u8,
-    previous: Option<&BTreeMap<PolicyKey, RuleVerdict>>,
-    next: &BTreeMap<PolicyKey, RuleVerdict>,
-    other: Option<&BTreeMap<PolicyKey, RuleVerdict>>,
+    previous: Option<&OrdMap<PolicyKey, RuleVerdict>>,
+    next: &OrdMap<PolicyKey, RuleVerdict>,
+    other: Option<&OrdMap<PolicyKey, RuleVerdict>>,
 ) -> Result<usize, MapError> {
     let (removed, written): (Vec<PolicyKey>, Vec<(&PolicyKey, &RuleVerdict)>) = match previous {
         Some(previous) => {
-            let changes = Changes::between(previous, next);
+            let changes = Changes::between_generations(previous, next);
             (
                 changes.removed.into_iter().copied().collect(),
                 changes.written,
@@ -690,13 +692,13 @@ impl RuleWrites {
 fn sync_pair_filter(
     filter: &mut Array<MapData, u64>,
     slot: u8,
-    previous: Option<&BTreeMap<Pair, u32>>,
+    previous: Option<&OrdMap<Pair, u32>>,
     next: &Tables,
 ) -> Result<usize, MapError> {
     let in_slot = |word: u32| pair_filter::word(slot, word * pair_filter::BUCKETS_PER_WORD);
     let (indexes, words): (Vec<u32>, Vec<u64>) = match previous {
         Some(previous) => {
-            let changes = Changes::between(previous, &next.pairs);
+            let changes = Changes::between_generations(previous, &next.pairs);
             let changed: BTreeSet<u32> = changes
                 .removed
                 .into_iter()
@@ -762,6 +764,27 @@ fn update_batch<K: Pod, V: Pod>(
 struct Changes<'a, K, V> {
     removed: Vec<&'a K>,
     written: Vec<(&'a K, &'a V)>,
+}
+
+impl<'a, K: Ord + Clone, V: PartialEq + Clone> Changes<'a, K, V> {
+    /// The changes between two generations of a persistent map: what they share (all of it
+    /// but what a change touched) is skipped, not compared.
+    fn between_generations(previous: &'a OrdMap<K, V>, next: &'a OrdMap<K, V>) -> Self {
+        let mut changes = Self {
+            removed: Vec::new(),
+            written: Vec::new(),
+        };
+        for item in previous.diff(next) {
+            match item {
+                DiffItem::Add(key, value)
+                | DiffItem::Update {
+                    new: (key, value), ..
+                } => changes.written.push((key, value)),
+                DiffItem::Remove(key, _) => changes.removed.push(key),
+            }
+        }
+        changes
+    }
 }
 
 impl<'a, K: Ord, V: PartialEq> Changes<'a, K, V> {

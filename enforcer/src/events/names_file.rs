@@ -214,7 +214,7 @@ mod tests {
             flags: 1,
         };
         Names {
-            rules: [(17, Arc::new(rule))].into(),
+            rules: [(17u32, Arc::new(rule))].into_iter().collect(),
             identities: [(300, ("frontend".to_owned(), frontend))].into(),
         }
     }
