@@ -3,11 +3,7 @@
 //! taken from the generation in force: a one-rule change to a 100 000-rule policy compiles a
 //! handful of entries, not 100 000 rules. The result is the one [`compile`] gives.
 
-use std::{
-    collections::BTreeSet,
-    ops::Range,
-    sync::Arc,
-};
+use std::{collections::BTreeSet, ops::Range, sync::Arc};
 
 use super::{
     CompileError, Compiled, HostView, Names, RuleInfo, SharedNames, compile,
