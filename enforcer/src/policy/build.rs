@@ -2,6 +2,7 @@
 
 use std::{
     collections::BTreeMap,
+    ops::Range,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -298,7 +299,7 @@ fn build_services(contents: &[FileContent<'_>], diagnostics: &mut Diagnostics) -
 
 /// The rules, those built just now (from their documents), and the indexes of those whose ids
 /// need checking (see [`RuleIds::take`]). One pass over each file's parts, allows and denies
-/// set apart as it goes: a policy may have 100 000 parts.
+/// set apart as it goes, on two threads for a large file: a policy may have 100 000 parts.
 fn build_rules(
     policy: &Policy,
     contents: &[FileContent<'_>],
@@ -310,39 +311,69 @@ fn build_rules(
     let mut rules: Vec<Arc<Rule>> = Vec::with_capacity(rule_count);
     let (mut fresh, mut unchecked) = (Vec::new(), Vec::new());
     for (file, content) in contents.iter().enumerate() {
-        // Per kind: the rules, the fresh ones' (place among them, part), and the places of
-        // those to check.
-        let mut by_kind: [KindRules; 2] = Default::default();
-        content.each_rule(|kind, item| {
-            let of_kind = &mut by_kind[usize::from(kind == RuleKind::Deny)];
-            let place = of_kind.rules.len();
-            let rule = match item {
-                RuleItem::Built(rule) => Arc::clone(rule),
-                RuleItem::Parsed { at, part, rule } => {
-                    let built = build_rule(policy, at, kind, rule, &mut of_kind.diagnostics);
-                    let Some(built) = built else { return };
-                    of_kind.fresh.push((place, part));
-                    Arc::new(built)
-                }
-            };
-            if ids.take(&rule) {
-                of_kind.unchecked.push(place);
+        let parts = content.parts.len();
+        let mut stretches: Vec<[KindRules; 2]> = if parts < PARALLEL_PARTS {
+            vec![rules_of(policy, content, 0..parts, ids)]
+        } else {
+            std::thread::scope(|scope| {
+                let later = scope.spawn(|| rules_of(policy, content, parts / 2..parts, ids));
+                let earlier = rules_of(policy, content, 0..parts / 2, ids);
+                let later = later
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                vec![earlier, later]
+            })
+        };
+        // The file's allows, then its denies, each in part order.
+        for kind in [RuleKind::Allow, RuleKind::Deny] {
+            for stretch in &mut stretches {
+                let of_kind = std::mem::take(&mut stretch[usize::from(kind == RuleKind::Deny)]);
+                let first = rules.len();
+                fresh.extend(of_kind.fresh.into_iter().map(|(place, part)| FreshRule {
+                    index: first + place,
+                    file,
+                    part,
+                }));
+                unchecked.extend(of_kind.unchecked.into_iter().map(|place| first + place));
+                rules.extend(of_kind.rules);
+                diagnostics.0.extend(of_kind.diagnostics.0);
             }
-            of_kind.rules.push(rule);
-        });
-        for of_kind in by_kind {
-            let first = rules.len();
-            fresh.extend(of_kind.fresh.into_iter().map(|(place, part)| FreshRule {
-                index: first + place,
-                file,
-                part,
-            }));
-            unchecked.extend(of_kind.unchecked.into_iter().map(|place| first + place));
-            rules.extend(of_kind.rules);
-            diagnostics.0.extend(of_kind.diagnostics.0);
         }
     }
     (rules, fresh, unchecked)
+}
+
+/// From this many parts in a file, its rules are gathered on two threads. (Tests split from 4,
+/// so that the policy tests' reloads go through both halves.)
+const PARALLEL_PARTS: usize = if cfg!(test) { 4 } else { 8192 };
+
+/// The rules of `content`'s parts `parts`, per kind (allow, deny).
+fn rules_of(
+    policy: &Policy,
+    content: &FileContent<'_>,
+    parts: Range<usize>,
+    ids: &RuleIds,
+) -> [KindRules; 2] {
+    let mut by_kind: [KindRules; 2] = Default::default();
+    by_kind[0].rules.reserve(parts.len());
+    content.each_rule(parts, |kind, item| {
+        let of_kind = &mut by_kind[usize::from(kind == RuleKind::Deny)];
+        let place = of_kind.rules.len();
+        let rule = match item {
+            RuleItem::Built(rule) => Arc::clone(rule),
+            RuleItem::Parsed { at, part, rule } => {
+                let built = build_rule(policy, at, kind, rule, &mut of_kind.diagnostics);
+                let Some(built) = built else { return };
+                of_kind.fresh.push((place, part));
+                Arc::new(built)
+            }
+        };
+        if ids.take(&rule) {
+            of_kind.unchecked.push(place);
+        }
+        of_kind.rules.push(rule);
+    });
+    by_kind
 }
 
 /// One file's rules of one kind, as [`build_rules`] gathers them; with the problems found

@@ -617,9 +617,14 @@ impl<'a> FileContent<'a> {
         }
     }
 
-    /// Visits the file's rules with their kind, in file order.
-    pub(super) fn each_rule(&self, mut visit: impl FnMut(RuleKind, RuleItem<'a>)) {
-        for (index, part) in self.parts.iter().enumerate() {
+    /// Visits the rules of the file's parts `parts` with their kind, in file order.
+    pub(super) fn each_rule(
+        &self,
+        parts: Range<usize>,
+        mut visit: impl FnMut(RuleKind, RuleItem<'a>),
+    ) {
+        let first = parts.start;
+        for (index, part) in (first..).zip(&self.parts[parts]) {
             match &part.content {
                 PartContent::Built(rules) => {
                     for rule in rules.iter() {

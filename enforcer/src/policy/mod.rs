@@ -418,17 +418,36 @@ mod tests {
 
     /// The policy as a parse of the whole file at once sees it.
     fn parse_whole(text: &str) -> Result<Policy, String> {
-        let path = PathBuf::from("policy.toml");
-        let hash = content_hash([(path.as_path(), text)]);
-        let source = Source::new(path, text.to_owned());
-        let parts = parse_whole_file(&source).map_err(|diagnostic| diagnostic.to_string())?;
-        let mut diagnostics = Diagnostics::default();
-        let policy = build(
-            hash,
-            vec![source.path.to_path_buf()],
-            &[FileContent::gather(&source, &parts, false)],
-            &mut diagnostics,
+        parse_each_whole(&[(PathBuf::from("policy.toml"), text.to_owned())])
+    }
+
+    /// The policy as a parse of each file whole, at once, sees it: one part per file, and
+    /// nothing from a cache.
+    fn parse_each_whole(files: &[(PathBuf, String)]) -> Result<Policy, String> {
+        let hash = content_hash(
+            files
+                .iter()
+                .map(|(path, text)| (path.as_path(), text.as_str())),
         );
+        let sources: Vec<Source> = files
+            .iter()
+            .map(|(path, text)| Source::new(path.clone(), text.clone()))
+            .collect();
+        let mut parts = Vec::new();
+        for source in &sources {
+            parts.push(parse_whole_file(source).map_err(|diagnostic| diagnostic.to_string())?);
+        }
+        let contents: Vec<FileContent<'_>> = sources
+            .iter()
+            .zip(&parts)
+            .map(|(source, parts)| FileContent::gather(source, parts, false))
+            .collect();
+        let mut diagnostics = Diagnostics::default();
+        let paths = sources
+            .iter()
+            .map(|source| source.path.to_path_buf())
+            .collect();
+        let policy = build(hash, paths, &contents, &mut diagnostics);
         if diagnostics.0.is_empty() {
             Ok(policy)
         } else {
@@ -546,7 +565,8 @@ mod tests {
     /// without ids (whose default ids carry their line), rules taking an id another rule holds
     /// or held (the cache checks only the rules it builds), services added before the others
     /// (moving every service's place) or given another address, and edits that do not load
-    /// between them. Each load is the load of the same files without a cache.
+    /// between them. Each load is the load of the same files without a cache, and of each file
+    /// parsed whole.
     #[test]
     fn a_policy_built_from_the_last_ones_parts_is_the_policy_built_afresh() {
         let mut policy = EditedPolicy {
@@ -569,6 +589,20 @@ mod tests {
                 "step {step}:\n{}\n{}",
                 sources[0].1, sources[1].1
             );
+            // And as each file parsed whole: one part each, so nothing cut, cached or split
+            // between threads. (An empty file is refused before any of that.)
+            if !sources
+                .iter()
+                .any(|(_, text)| super::load::declares_nothing(text))
+            {
+                assert_eq!(
+                    cached,
+                    parse_each_whole(&sources),
+                    "step {step}, versus each file whole:\n{}\n{}",
+                    sources[0].1,
+                    sources[1].1
+                );
+            }
         }
     }
 
