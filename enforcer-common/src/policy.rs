@@ -175,10 +175,16 @@ pub mod pair_filter {
         (mixed as u32) & (BUCKETS_PER_SLOT - 1)
     }
 
+    /// The array index of `slot`'s first word.
+    #[inline(always)]
+    pub const fn first_word(slot: u8) -> u32 {
+        (slot as u32 & 1) * WORDS_PER_SLOT
+    }
+
     /// The array index of the word holding `bucket` in `slot`.
     #[inline(always)]
     pub const fn word(slot: u8, bucket: u32) -> u32 {
-        (slot as u32 & 1) * WORDS_PER_SLOT + bucket / BUCKETS_PER_WORD
+        first_word(slot) + bucket / BUCKETS_PER_WORD
     }
 
     /// Where `bucket`'s 16 bits sit in its word.

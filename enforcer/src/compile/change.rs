@@ -212,12 +212,7 @@ fn rules_touching(
     rule_sources: &[u32],
     pairs: &BTreeSet<(u32, u32)>,
 ) -> Vec<usize> {
-    let sources: Vec<u32> = pairs
-        .iter()
-        .map(|(src, _)| *src)
-        .collect::<BTreeSet<u32>>()
-        .into_iter()
-        .collect();
+    let sources: BTreeSet<u32> = pairs.iter().map(|(src, _)| *src).collect();
     let (mut from, mut to) = (Vec::new(), Vec::new());
     (0..policy.rules.len())
         .filter(|&index| {

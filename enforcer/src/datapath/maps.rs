@@ -695,7 +695,7 @@ fn sync_pair_filter(
     previous: Option<&OrdMap<Pair, u32>>,
     next: &Tables,
 ) -> Result<usize, MapError> {
-    let in_slot = |word: u32| pair_filter::word(slot, word * pair_filter::BUCKETS_PER_WORD);
+    let in_slot = |word: u32| pair_filter::first_word(slot) + word;
     let (indexes, words): (Vec<u32>, Vec<u64>) = match previous {
         Some(previous) => {
             let changes = Changes::between_generations(previous, &next.pairs);
