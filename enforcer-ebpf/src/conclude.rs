@@ -39,7 +39,10 @@ pub fn conclude(hook: &Hook, subject: &Subject, report_kind: Report) -> u8 {
     }
     match report_kind {
         Report::Nothing => {}
-        Report::Flow => report::report(hook, &subject.packet, outcome, 1, 0),
+        Report::Flow => {
+            let sending = report::Sending::of(outcome.reason, 0, report::RingRoom::UNREAD);
+            report::report(hook, &subject.packet, outcome, 1, sending);
+        }
         Report::Deduplicated => report::report_deduplicated(hook, &subject.packet, outcome),
     }
     outcome.verdict

@@ -145,20 +145,80 @@ const URGENT_ROOM_SHIFT: u32 = 3;
 /// second per source, with the count, instead of one per shape.
 const AGGREGATE_BELOW_SHIFT: u32 = 1;
 
-/// Whether the ring buffer's free room is below `1 / (1 << shift)` of its size (the size the
-/// controller gave it, which may differ from the declared one).
-#[inline(always)]
-fn ring_room_below(shift: u32) -> bool {
-    let ring = core::ptr::from_ref(&EVENTS).cast_mut().cast();
-    // SAFETY: a ring buffer map; BPF_RB_AVAIL_DATA (0) asks for the bytes not yet consumed,
-    // BPF_RB_RING_SIZE (1) for its size.
-    let (pending, size) = unsafe {
-        (
-            aya_ebpf::helpers::bpf_ringbuf_query(ring, 0),
-            aya_ebpf::helpers::bpf_ringbuf_query(ring, 1),
-        )
-    };
-    size.saturating_sub(pending) < size >> shift
+/// The ring buffer's free room and size (the size the controller gave it, which may differ
+/// from the declared one), read once per record.
+#[derive(Clone, Copy)]
+pub struct RingRoom {
+    free: u64,
+    size: u64,
+}
+
+impl RingRoom {
+    /// Not read yet (no ring buffer has size 0). Not an `Option`: 5.10's verifier refuses the
+    /// read of a `None`'s uninitialized payload that the compiler emits.
+    pub const UNREAD: Self = Self { free: 0, size: 0 };
+
+    #[inline(always)]
+    fn is_read(self) -> bool {
+        self.size != 0
+    }
+
+    /// This room, read now if it was not.
+    #[inline(always)]
+    fn read(self) -> Self {
+        if self.is_read() { self } else { Self::now() }
+    }
+
+    #[inline(always)]
+    pub fn now() -> Self {
+        let ring = core::ptr::from_ref(&EVENTS).cast_mut().cast();
+        // SAFETY: a ring buffer map; BPF_RB_AVAIL_DATA (0) asks for the bytes not yet consumed,
+        // BPF_RB_RING_SIZE (1) for its size.
+        let (pending, size) = unsafe {
+            (
+                aya_ebpf::helpers::bpf_ringbuf_query(ring, 0),
+                aya_ebpf::helpers::bpf_ringbuf_query(ring, 1),
+            )
+        };
+        Self {
+            free: size.saturating_sub(pending),
+            size,
+        }
+    }
+
+    /// Whether the free room is below `1 / (1 << shift)` of the size.
+    #[inline(always)]
+    fn below(self, shift: u32) -> bool {
+        self.free < self.size >> shift
+    }
+}
+
+/// How a record goes out, besides what it says: the flags it adds to the outcome's, and
+/// whether it is crowded out (the ring buffer is nearly full and its reason is not urgent, see
+/// [`URGENT_ROOM_SHIFT`]: not sent, only counted as lost). One word, as one argument: a BPF
+/// call takes five, and a pair of fields would be passed as two.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+pub struct Sending(u16);
+
+impl Sending {
+    /// A record of `reason` with `extra_flags`, by the ring buffer's `room` (read now if the
+    /// caller did not).
+    #[inline(always)]
+    pub fn of(reason: u8, extra_flags: u8, room: RingRoom) -> Self {
+        let crowded = !reason_is_urgent(reason) && room.read().below(URGENT_ROOM_SHIFT);
+        Self(u16::from(extra_flags) | u16::from(crowded) << 8)
+    }
+
+    #[inline(always)]
+    fn extra_flags(self) -> u8 {
+        self.0 as u8
+    }
+
+    #[inline(always)]
+    fn crowded(self) -> bool {
+        self.0 >> 8 != 0
+    }
 }
 
 /// Reports a denial-like outcome at most once per [`REPORT_INTERVAL_NS`] per flow shape
@@ -186,11 +246,13 @@ pub fn report_deduplicated(hook: &Hook, packet: &Packet, outcome: &Outcome) {
         return;
     };
     let mut extra_flags = 0;
+    // Read only for a new shape of a reason that is not urgent: the one kind it decides.
+    let mut room = RingRoom::UNREAD;
     // SAFETY: this CPU's slot; programs on one CPU do not interleave (softirq context).
-    if !same_shape(unsafe { &(*slot).key }, &key)
-        && !reason_is_urgent(outcome.reason)
-        && ring_room_below(AGGREGATE_BELOW_SHIFT)
-    {
+    if !same_shape(unsafe { &(*slot).key }, &key) && !reason_is_urgent(outcome.reason) {
+        room = RingRoom::now();
+    }
+    if room.is_read() && room.below(AGGREGATE_BELOW_SHIFT) {
         key.dst_addr = [0; 16];
         key.dst_identity = 0;
         key.dst_port = 0;
@@ -205,7 +267,8 @@ pub fn report_deduplicated(hook: &Hook, packet: &Packet, outcome: &Outcome) {
     let Some(count) = deduplicate(hook, &key, unsafe { &mut *slot }) else {
         return;
     };
-    report(hook, packet, outcome, count, extra_flags);
+    let sending = Sending::of(outcome.reason, extra_flags, room);
+    report(hook, packet, outcome, count, sending);
 }
 
 /// How many packets a report for `key` stands for, if one is due: at most one per
@@ -262,17 +325,20 @@ fn denial_slot(key: &ReportKey) -> u32 {
 
 /// Sends one event. Every attempt takes the CPU's next sequence number, so one the ring buffer
 /// could not take shows up as a gap as well as in the lost counter. A record whose reason is not
-/// urgent is not sent once the ring buffer is nearly full (see [`URGENT_ROOM_SHIFT`]).
+/// urgent is not sent once the ring buffer is nearly full (see [`Sending`]).
 #[inline(never)]
-pub fn report(hook: &Hook, packet: &Packet, outcome: &Outcome, count: u32, extra_flags: u8) {
+pub fn report(hook: &Hook, packet: &Packet, outcome: &Outcome, count: u32, sending: Sending) {
     let Some(state) = EVENT_STATE.get_ptr_mut(0) else {
         return;
     };
     // SAFETY: per-CPU slot, see `count`.
     let state = unsafe { &mut *state };
     state.seq += 1;
-    let crowded = !reason_is_urgent(outcome.reason) && ring_room_below(URGENT_ROOM_SHIFT);
-    let reserved = if crowded { None } else { EVENTS.reserve(0) };
+    let reserved = if sending.crowded() {
+        None
+    } else {
+        EVENTS.reserve(0)
+    };
     let Some(mut entry) = reserved else {
         state.lost += 1;
         return;
@@ -301,7 +367,7 @@ pub fn report(hook: &Hook, packet: &Packet, outcome: &Outcome, count: u32, extra
         (*event).verdict = outcome.verdict;
         (*event).reason = outcome.reason;
         (*event).hook = hook.kind;
-        (*event).flags = outcome.flags | extra_flags;
+        (*event).flags = outcome.flags | sending.extra_flags();
         (*event)._pad = [0; 6];
     }
     entry.submit(0);
