@@ -26,6 +26,7 @@ pub mod config;
 pub mod conntrack;
 pub mod counters;
 pub mod event;
+pub mod flow_filter;
 pub mod identity;
 pub mod policy;
 pub mod verdict;

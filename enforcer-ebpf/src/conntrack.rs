@@ -2,10 +2,11 @@
 
 use enforcer_common::{
     conntrack::{CtEntry, CtKey, CtKey4, FlowTableCounts, flags, timeout},
+    flow_filter,
     policy::proto,
 };
 
-use crate::maps::{CONNTRACK, CONNTRACK4, FLOW_TABLES, UNANSWERED, UNANSWERED4};
+use crate::maps::{CONNTRACK, CONNTRACK4, FLOW_FILTER, FLOW_TABLES, UNANSWERED, UNANSWERED4};
 
 /// A flow's conntrack key, in the form of its family's tables: the short one for IPv4, the
 /// long one otherwise (see `CtKey4`). Only that form is written (see [`flow_key_v4`] and
@@ -161,6 +162,9 @@ pub fn is_expired(entry: &CtEntry, protocol: u8, now: u64) -> bool {
 /// connection, so the old entry counts as gone.
 #[inline(always)]
 pub fn live_entry(key: &FlowKey, tcp_syn_only: bool, now: u64) -> Option<*mut CtEntry> {
+    if !may_be_tracked(key, now) {
+        return None;
+    }
     // Answered flows first: they are the bulk of packets.
     let entry = in_family_tables!(key, |answered, unanswered, k| {
         match answered.get_ptr_mut(k) {
@@ -199,7 +203,7 @@ pub fn observe(
     entry_flags |= closing_flags(from_lo, tcp_fin, tcp_rst);
     if current.flags & flags::SEEN_REPLY == 0 && entry_flags & flags::SEEN_REPLY != 0 {
         current.flags = entry_flags;
-        current.last_seen_ns = now;
+        seen(key, current, now);
         // Copied from the map value itself, not through the stack: the 5.10 and 6.1 verifiers
         // count every frame of the deepest call chain against 512 bytes.
         let moved = in_family_tables!(key, |answered, unanswered, k| {
@@ -217,9 +221,51 @@ pub fn observe(
     }
     if entry_flags != current.flags {
         current.flags = entry_flags;
-        current.last_seen_ns = now;
+        seen(key, current, now);
     } else if now.saturating_sub(current.last_seen_ns) > timeout::REFRESH_NS {
-        current.last_seen_ns = now;
+        seen(key, current, now);
+    }
+}
+
+/// Records that the flow `key` was seen at `now`, in its entry and in the flow filter.
+#[inline(always)]
+fn seen(key: &FlowKey, entry: &mut CtEntry, now: u64) {
+    entry.last_seen_ns = now;
+    stamp_filter(key, now);
+}
+
+/// The flow filter's bucket of `key` (see `enforcer_common::flow_filter`).
+#[inline(always)]
+fn filter_bucket(key: &FlowKey) -> u32 {
+    if key.ipv4 != 0 {
+        flow_filter::bucket4(&key.short)
+    } else {
+        flow_filter::bucket(&key.long)
+    }
+}
+
+/// Whether `key` may have a live entry: false only when its filter bucket says it cannot.
+#[inline(always)]
+fn may_be_tracked(key: &FlowKey, now: u64) -> bool {
+    FLOW_FILTER
+        .get(filter_bucket(key))
+        .is_none_or(|stamp| flow_filter::may_hold(*stamp, key.proto(), now))
+}
+
+/// Stamps `key`'s filter bucket with `now`: wherever an entry is created or its `last_seen_ns`
+/// moves, before a later packet can look for it.
+#[inline(always)]
+fn stamp_filter(key: &FlowKey, now: u64) {
+    let Some(bucket) = FLOW_FILTER.get_ptr_mut(filter_bucket(key)) else {
+        return;
+    };
+    let stamp = flow_filter::stamp(now);
+    // SAFETY: an array value pointer, valid for this run; other CPUs store whole stamps too.
+    // Written only when it moves: the line is shared, and every lookup reads it.
+    unsafe {
+        if *bucket != stamp {
+            *bucket = stamp;
+        }
     }
 }
 
@@ -237,6 +283,7 @@ fn closing_flags(from_lo: bool, tcp_fin: bool, tcp_rst: bool) -> u32 {
 /// Starts tracking a flow, as unanswered.
 #[inline(always)]
 pub fn track(key: &FlowKey, entry: &CtEntry) {
+    stamp_filter(key, entry.last_seen_ns);
     // An LRU map makes room by evicting the least recently used unanswered flow; a failure
     // here only means the next packet is judged as new again.
     let tracked = in_family_tables!(key, |_answered, unanswered, k| unanswered

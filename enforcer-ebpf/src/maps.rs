@@ -17,6 +17,7 @@ use enforcer_common::{
     },
     counters::{Counter, EDGE_CACHE_SLOTS, EdgeCacheSlot, FlowCounterKey},
     event::{DENIAL_SLOTS, DenialSlot, EventCpuState, FlowEvent},
+    flow_filter,
     identity::{CgroupKey, EndpointKey, IdentityInfo},
     policy::{PolicyKey, PortRanges, RangeKey, RateState, SlotVerdicts, pair_filter},
     verdict::PACKET_COUNTER_SLOTS,
@@ -72,6 +73,10 @@ pub static UNANSWERED4: LruHashMap<CtKey4, CtEntry, 65536> = LruHashMap::new();
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry, 262144> = LruHashMap::new();
 #[btf_map]
 pub static UNANSWERED: LruHashMap<CtKey, CtEntry, 65536> = LruHashMap::new();
+/// When each bucket of flow keys last had a tracked flow written (see
+/// `enforcer_common::flow_filter`): a packet of no tracked flow skips the tables above.
+#[btf_map]
+pub static FLOW_FILTER: Array<u16, { flow_filter::BUCKETS as usize }> = Array::new();
 #[btf_map]
 pub static FLOW_TABLES: PerCpuArray<FlowTableCounts, 1> = PerCpuArray::new();
 #[btf_map]

@@ -239,8 +239,9 @@ impl Datapath {
         }
         let (mut maps, events) = KernelMaps::open(|name| ebpf.take_map(name))?;
         // The bulk now, while an earlier build's programs still run; what they track until
-        // these are attached moves once they are (see `KernelMaps::move_ipv4_flows`).
-        move_flows_of_earlier_builds(&mut maps);
+        // these are attached is taken over once they are (see `KernelMaps::move_ipv4_flows`
+        // and `KernelMaps::stamp_tracked_flows`).
+        take_over_flows_of_earlier_builds(&mut maps);
         unpin_maps_of_earlier_builds(&pins);
         let tc_netlink = options.tc_attach.uses_netlink();
         Ok((
@@ -640,9 +641,11 @@ fn open_pinned_link(path: &Path) -> Result<Option<PinnedLink>, LoadError> {
         })
 }
 
-/// Moves the IPv4 flows an earlier build tracked under the long key (see
-/// [`KernelMaps::move_ipv4_flows`]); a failure leaves them to be judged as new, which is logged.
-pub fn move_flows_of_earlier_builds(maps: &mut KernelMaps) {
+/// Takes over the flows an earlier build tracked: moves the IPv4 ones it tracked under the
+/// long key (see [`KernelMaps::move_ipv4_flows`]), and stamps every tracked flow in the flow
+/// filter (see [`KernelMaps::stamp_tracked_flows`]). A failure leaves flows to be judged as
+/// new, which is logged.
+pub fn take_over_flows_of_earlier_builds(maps: &mut KernelMaps) {
     match maps.move_ipv4_flows() {
         Ok(0) => {}
         Ok(moved) => tracing::info!(
@@ -652,6 +655,9 @@ pub fn move_flows_of_earlier_builds(maps: &mut KernelMaps) {
         Err(error) => tracing::warn!(
             "IPv4 flows of an earlier build stay where this build does not look: {error}"
         ),
+    }
+    if let Err(error) = maps.stamp_tracked_flows() {
+        tracing::warn!("tracked flows are missing from the flow filter: {error}");
     }
 }
 

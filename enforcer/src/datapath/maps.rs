@@ -23,6 +23,7 @@ use enforcer_common::{
     conntrack::{CachedFlow, CtEntry, CtKey, CtKey4, FLOW_CACHE_SLOTS, FlowTableCounts},
     counters::{Counter, EDGE_CACHE_SLOTS, EdgeCacheSlot, FlowCounterKey},
     event::EventCpuState,
+    flow_filter,
     identity::{CgroupKey, EndpointKey, IdentityInfo},
     policy::{PolicyKey, PortRanges, RangeKey, RuleVerdict, SlotVerdicts, action, pair_filter},
     verdict::{
@@ -39,7 +40,7 @@ use crate::{
 };
 
 /// Names of every map in the object, as `bpftool map` shows them.
-pub const MAP_NAMES: [&str; 25] = [
+pub const MAP_NAMES: [&str; 26] = [
     "POLICY_ACTIVE",
     "IPCACHE",
     "IPCACHE_EXACT",
@@ -53,6 +54,7 @@ pub const MAP_NAMES: [&str; 25] = [
     "UNANSWERED4",
     "CONNTRACK",
     "UNANSWERED",
+    "FLOW_FILTER",
     "FLOW_TABLES",
     "FRAGMENTS",
     "HANDED_OVER4",
@@ -167,6 +169,7 @@ pub struct KernelMaps {
     unanswered4: HashMap<MapData, CtKey4, CtEntry>,
     conntrack: HashMap<MapData, CtKey, CtEntry>,
     unanswered: HashMap<MapData, CtKey, CtEntry>,
+    flow_filter: Array<MapData, u16>,
     flow_tables: PerCpuArray<MapData, FlowTableCounts>,
     event_state: PerCpuArray<MapData, EventCpuState>,
     packet_counts: PerCpuArray<MapData, Counter>,
@@ -216,6 +219,7 @@ impl KernelMaps {
             unanswered4: typed!("UNANSWERED4"),
             conntrack: typed!("CONNTRACK"),
             unanswered: typed!("UNANSWERED"),
+            flow_filter: typed!("FLOW_FILTER"),
             flow_tables: typed!("FLOW_TABLES"),
             event_state: typed!("EVENT_STATE"),
             packet_counts: typed!("PACKET_COUNTS"),
@@ -502,6 +506,38 @@ impl KernelMaps {
         Ok(answered + unanswered)
     }
 
+    /// Stamps the flow filter's bucket of every tracked flow (see
+    /// `enforcer_common::flow_filter`), a minute ahead of now: an earlier build's programs
+    /// tracked flows without stamping, and this build's look for a flow only where its bucket is
+    /// stamped. Ahead, because the datapath's own stamps meanwhile must not be overwritten by an
+    /// older one. Returns how many buckets were stamped.
+    pub fn stamp_tracked_flows(&mut self) -> Result<usize, MapsError> {
+        let mut buckets = BTreeSet::new();
+        for table in [&self.conntrack4, &self.unanswered4] {
+            buckets.extend(
+                table
+                    .keys()
+                    .filter_map(Result::ok)
+                    .map(|key| flow_filter::bucket4(&key)),
+            );
+        }
+        for table in [&self.conntrack, &self.unanswered] {
+            buckets.extend(
+                table
+                    .keys()
+                    .filter_map(Result::ok)
+                    .map(|key| flow_filter::bucket(&key)),
+            );
+        }
+        let stamp = flow_filter::stamp(monotonic_ns() + STAMP_AHEAD.as_nanos() as u64);
+        for bucket in &buckets {
+            self.flow_filter
+                .set(*bucket, stamp, 0)
+                .map_err(map_err("FLOW_FILTER"))?;
+        }
+        Ok(buckets.len())
+    }
+
     /// Flows that entered the unanswered table and flows that moved on to the established one
     /// at their first reply, over all CPUs, since the maps were created.
     pub fn flow_table_counts(&self) -> FlowTableCounts {
@@ -517,6 +553,19 @@ impl KernelMaps {
             })
             .unwrap_or_default()
     }
+}
+
+/// How far ahead of now [`KernelMaps::stamp_tracked_flows`] stamps: longer than the controller
+/// can take between reading the clock and its last write, and within what the datapath takes
+/// for now (`flow_filter::AHEAD`, 128 units of about a second).
+const STAMP_AHEAD: Duration = Duration::from_secs(60);
+
+/// The monotonic clock, which the datapath's clocks read (`bpf_ktime_get_ns`, and its coarse
+/// form a few milliseconds behind).
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|now| now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64)
+        .unwrap_or_default()
 }
 
 /// Moves the flows of `long` whose ends are both IPv4 into `short`.

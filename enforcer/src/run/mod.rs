@@ -371,7 +371,7 @@ fn adopt_datapath(
     interfaces.attach_at_start(&mut datapath)?;
     datapath.attach_to_sockets()?;
     // What an earlier build's programs tracked until this build's took over.
-    loader::move_flows_of_earlier_builds(&mut crate::locks::lock(&controller.maps));
+    loader::take_over_flows_of_earlier_builds(&mut crate::locks::lock(&controller.maps));
     unpin_on_failure.pins = None;
     Ok((controller, datapath, interfaces, ring))
 }
