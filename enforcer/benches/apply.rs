@@ -57,8 +57,6 @@ fn memory_kib(daemon: &Daemon) -> (u64, u64) {
     (read("VmRSS:"), read("VmHWM:"))
 }
 
-/// The maps that grow with the policy: rule and port-range entries, the identity pairs, and the
-/// address tables.
 /// The maps that grow with the policy: rule and port-range entries, and the address tables.
 const POLICY_MAPS: [&str; 5] = [
     "RULES",
