@@ -15,8 +15,10 @@
 //! A bucket never stamped holds 0, which no stamp is. Every other error is on the side of a
 //! lookup: a stamp ahead of the clock (another CPU's, or the controller's, which stamps ahead)
 //! may hold a flow; so may a bucket stamped so long ago that its time comes round again. The
-//! filter only ever skips lookups that would find nothing live, and never changes a verdict. Two bytes a bucket keep it small
-//! enough to stay in the CPU's caches under a flood, where four made a miss of their own.
+//! filter only ever skips lookups that would find nothing live, and never changes a verdict.
+//!
+//! Two bytes a bucket keep the filter small enough to stay in the CPU's caches under a flood;
+//! with four, and four times the buckets, its own misses cost what the lookups did.
 
 use crate::conntrack::{CtKey, CtKey4, timeout};
 use crate::policy::proto;

@@ -90,6 +90,8 @@ pub enum MapsError {
     Freeze(std::io::Error),
     #[error("switching to the generation's config: {0}")]
     Switch(std::io::Error),
+    #[error("reading the monotonic clock: {0}")]
+    Clock(nix::Error),
 }
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> MapsError {
@@ -529,7 +531,7 @@ impl KernelMaps {
                     .map(|key| flow_filter::bucket(&key)),
             );
         }
-        let stamp = flow_filter::stamp(monotonic_ns() + STAMP_AHEAD.as_nanos() as u64);
+        let stamp = flow_filter::stamp(monotonic_ns()? + STAMP_AHEAD.as_nanos() as u64);
         for bucket in &buckets {
             self.flow_filter
                 .set(*bucket, stamp, 0)
@@ -562,10 +564,10 @@ const STAMP_AHEAD: Duration = Duration::from_secs(60);
 
 /// The monotonic clock, which the datapath's clocks read (`bpf_ktime_get_ns`, and its coarse
 /// form a few milliseconds behind).
-fn monotonic_ns() -> u64 {
+fn monotonic_ns() -> Result<u64, MapsError> {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|now| now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64)
-        .unwrap_or_default()
+        .map_err(MapsError::Clock)
 }
 
 /// Moves the flows of `long` whose ends are both IPv4 into `short`.
