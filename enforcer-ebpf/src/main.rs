@@ -181,11 +181,16 @@ pub fn enf_tc_egress(ctx: TcContext) -> i32 {
 /// cgroup v2 root, so it runs for every socket.
 #[cgroup_skb(ingress)]
 pub fn enf_socket_ingress(ctx: SkBuffContext) -> i32 {
+    const PASS: i32 = 1;
     let skb = ctx.skb.skb;
+    // SAFETY: `skb` is the context pointer the kernel passed in.
+    let ifindex = unsafe { (*skb).ifindex };
+    if !verdict::socket_hook_may_judge(ifindex) {
+        return PASS;
+    }
     let mut hook = Hook {
         kind: hook::SOCKET_INGRESS,
-        // SAFETY: `skb` is the context pointer the kernel passed in.
-        ifindex: unsafe { (*skb).ifindex },
+        ifindex,
         // The interface hook that handed the packet over checked where it came from.
         arrived_on: 0,
         cgroup_id: 0,
@@ -196,7 +201,7 @@ pub fn enf_socket_ingress(ctx: SkBuffContext) -> i32 {
     };
     match verdict::judge(&ctx, &mut hook) {
         DENY => 0,
-        _ => 1,
+        _ => PASS,
     }
 }
 

@@ -36,7 +36,8 @@ use crate::{
     subject::Subject,
 };
 
-/// Judges the frame and returns [`ALLOW`], [`DENY`] or [`AUDIT`] (which passes).
+/// Judges the frame and returns [`ALLOW`], [`DENY`] or [`AUDIT`] (which passes). The socket
+/// hook calls it only for a packet it may judge (see [`socket_hook_may_judge`]).
 #[inline(always)]
 pub fn judge<F: Frame>(frame: &F, hook: &mut Hook) -> u8 {
     let Some(subject) = SCRATCH.get_ptr_mut(0) else {
@@ -50,10 +51,6 @@ pub fn judge<F: Frame>(frame: &F, hook: &mut Hook) -> u8 {
     subject.src = IdentityInfo::WORLD;
     subject.dst = IdentityInfo::WORLD;
     subject.tracked = 0;
-    // Most packets the socket hook sees are none of its business; it tells without parsing.
-    if !F::AT_INTERFACE && !socket_hook_may_judge(hook) {
-        return ALLOW;
-    }
     let parsed = packet::parse(frame, &mut subject.packet);
     if !F::AT_INTERFACE
         && !(parsed == packet::PARSED_IP && socket_hook_judges(frame, hook, subject))
@@ -169,12 +166,13 @@ fn flow_key(subject: &mut Subject) {
     subject.from_lo = from_lo as u8;
 }
 
-/// Whether the socket hook may judge the packet at all: only when the policy has services
-/// identified by cgroup, and never traffic between the host's own processes (over loopback),
-/// which no hook judges.
+/// Whether the socket hook may judge a packet that came in through `ifindex` at all: only when
+/// the policy has services identified by cgroup, and never traffic between the host's own
+/// processes (over loopback), which no hook judges. Most packets the socket hook sees are none
+/// of its business: it asks this first, before it reads anything else about the packet.
 #[inline(always)]
-fn socket_hook_may_judge(hook: &Hook) -> bool {
-    hook.ifindex != LOOPBACK_IFINDEX
+pub fn socket_hook_may_judge(ifindex: u32) -> bool {
+    ifindex != LOOPBACK_IFINDEX
         && matches!(identity::active_config(), Some(config) if config.cgroup_levels != 0)
 }
 

@@ -196,7 +196,18 @@ fn main() {
     let empty_tc_program = bpf::load_pass_all_tcx(false).expect("an empty TC program");
     let empty_tc = time_program(&empty_tc_program, &syn);
 
-    let mut results = vec![("empty TC program (r0 = TC_ACT_UNSPEC)".to_owned(), empty_tc)];
+    // The same for the socket hook, which runs for every packet any socket receives.
+    let empty_socket_program =
+        bpf::load_pass_all_socket_ingress().expect("an empty socket hook program");
+    let empty_socket = time_program(&empty_socket_program, &syn);
+
+    let mut results = vec![
+        ("empty TC program (r0 = TC_ACT_UNSPEC)".to_owned(), empty_tc),
+        (
+            "empty socket hook program (r0 = 1)".to_owned(),
+            empty_socket,
+        ),
+    ];
     for (label, rules, services) in [("10 rules", 10, 10), ("100000 rules", 100_000, 1_000)] {
         install(
             &mut maps,
@@ -234,6 +245,22 @@ fn main() {
     results.push((
         "XDP, non-IP frame (ARP): parse only".to_owned(),
         time(&mut datapath, Hook::Xdp, &arp),
+    ));
+    // The socket hook runs for every packet any socket of the host receives; most are none of
+    // its business, loopback's first.
+    let socket_hook = median(
+        (0..rounds)
+            .map(|_| {
+                datapath
+                    .test_run_socket_hook(&syn, repeat)
+                    .expect("socket hook test run")
+                    .duration
+            })
+            .collect(),
+    );
+    results.push((
+        "socket hook, a packet over loopback, which no hook judges".to_owned(),
+        socket_hook,
     ));
 
     println!(

@@ -515,6 +515,26 @@ impl Datapath {
         .map_err(|source| LoadError::Program { name, source })
     }
 
+    /// Runs the socket hook's program on `frame` with `BPF_PROG_TEST_RUN`, `repeat` times, as
+    /// a packet the loopback device delivers to a socket of the calling thread's cgroup.
+    pub fn test_run_socket_hook(
+        &mut self,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<TestRunResult, LoadError> {
+        let options = TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..Default::default()
+        };
+        self.program_mut::<CgroupSkb>(SOCKET_PROGRAM)?
+            .test_run(options)
+            .map_err(|source| LoadError::Program {
+                name: SOCKET_PROGRAM,
+                source,
+            })
+    }
+
     /// Tags of the programs this build loaded.
     pub fn program_tags(&self) -> BTreeMap<&'static str, String> {
         let mut tags = BTreeMap::new();
