@@ -515,22 +515,14 @@ impl KernelMaps {
     /// older one. Returns how many buckets were stamped.
     pub fn stamp_tracked_flows(&mut self) -> Result<usize, MapsError> {
         let mut buckets = BTreeSet::new();
-        for table in [&self.conntrack4, &self.unanswered4] {
-            buckets.extend(
-                table
-                    .keys()
-                    .filter_map(Result::ok)
-                    .map(|key| flow_filter::bucket4(&key)),
-            );
-        }
-        for table in [&self.conntrack, &self.unanswered] {
-            buckets.extend(
-                table
-                    .keys()
-                    .filter_map(Result::ok)
-                    .map(|key| flow_filter::bucket(&key)),
-            );
-        }
+        buckets.extend(flow_buckets(
+            [&self.conntrack4, &self.unanswered4],
+            flow_filter::bucket4,
+        ));
+        buckets.extend(flow_buckets(
+            [&self.conntrack, &self.unanswered],
+            flow_filter::bucket,
+        ));
         let stamp = flow_filter::stamp(monotonic_ns()? + STAMP_AHEAD.as_nanos() as u64);
         for bucket in &buckets {
             self.flow_filter
@@ -555,6 +547,17 @@ impl KernelMaps {
             })
             .unwrap_or_default()
     }
+}
+
+/// The flow filter's buckets of the flows in one family's `tables`, by that family's `bucket`.
+fn flow_buckets<'a, K: Pod>(
+    tables: [&'a HashMap<MapData, K, CtEntry>; 2],
+    bucket: fn(&K) -> u32,
+) -> impl Iterator<Item = u32> + 'a {
+    tables
+        .into_iter()
+        .flat_map(|table| table.keys().filter_map(Result::ok))
+        .map(move |key| bucket(&key))
 }
 
 /// How far ahead of now [`KernelMaps::stamp_tracked_flows`] stamps: longer than the controller
