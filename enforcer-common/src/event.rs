@@ -70,8 +70,10 @@ pub struct FlowEvent {
     pub _pad: [u8; 6],
 }
 
-/// Key of the kernel-side de-duplication of denial reports.
-#[repr(C)]
+/// Key of the kernel-side de-duplication of denial reports. 8-aligned (its layout is the same
+/// as 4-aligned) so that the datapath reads it as six aligned words: the BPF target cannot load
+/// a word it does not know to be aligned, and reads it a byte at a time instead.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ReportKey {
     pub src_addr: [u8; 16],

@@ -3,14 +3,14 @@
 
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use enforcer_common::{
-    addr::{Ipcache4Key, IpcacheKey},
+    addr::{Ipcache4Key, IpcacheKey, family, v4_of_mapped},
     config::{MAX_CGROUP_LEVEL, PolicyConfig},
     identity::{CgroupKey, EndpointKey, IdentityInfo},
 };
 
 use crate::{
     maps::{CGROUPS, ENDPOINTS, IPCACHE, IPCACHE_EXACT, IPCACHE_EXACT4, POLICY_ACTIVE},
-    packet::Frame,
+    packet::{Frame, Packet},
 };
 
 /// The installed generation's config, or `None` before the controller installed one. The
@@ -31,20 +31,64 @@ pub fn active_config() -> Option<&'static PolicyConfig> {
 /// every frame of the deepest call chain against 512 bytes).
 #[inline(never)]
 pub fn of_address(slot: u8, addr: &[u8; 16]) -> IdentityInfo {
+    if let Some(v4) = v4_of_mapped(addr) {
+        return of_ipv4_address(slot, v4, addr);
+    }
     let exact = IpcacheKey {
         slot,
         _pad: [0; 3],
         addr: *addr,
     };
     // SAFETY: the value is copied out at once.
-    let whole = match Ipcache4Key::of_mapped(slot, addr) {
-        Some(v4) => unsafe { IPCACHE_EXACT4.get(&v4) },
-        None => unsafe { IPCACHE_EXACT.get(&exact) },
-    };
-    if let Some(info) = whole {
-        return *info;
+    match unsafe { IPCACHE_EXACT.get(&exact) } {
+        Some(info) => *info,
+        None => of_longest_prefix(slot, addr),
     }
-    let key = Key::new(128 + enforcer_common::addr::IPCACHE_KEY_HEADER_BITS, exact);
+}
+
+/// The identities of a packet's source and destination addresses (see [`of_address`]). An
+/// IPv4 packet's are looked up by the numbers the parser took, not by their 16-byte forms:
+/// the BPF target reads those a byte at a time, to test for the IPv4 mark and to copy them
+/// into a key, which cost a denied new flow more than its two lookups.
+#[inline(always)]
+pub fn of_packet_addresses(slot: u8, packet: &Packet) -> (IdentityInfo, IdentityInfo) {
+    if packet.family == family::INET {
+        (
+            of_ipv4_address(slot, packet.src_v4, &packet.src),
+            of_ipv4_address(slot, packet.dst_v4, &packet.dst),
+        )
+    } else {
+        (of_address(slot, &packet.src), of_address(slot, &packet.dst))
+    }
+}
+
+/// [`of_address`] of an IPv4 address, given both as a number (`u32::from_be_bytes`) and in
+/// its 16-byte form, which only the longest-prefix match reads.
+#[inline(never)]
+fn of_ipv4_address(slot: u8, v4: u32, addr: &[u8; 16]) -> IdentityInfo {
+    let exact = Ipcache4Key {
+        addr: v4,
+        slot,
+        _pad: [0; 3],
+    };
+    // SAFETY: the value is copied out at once.
+    match unsafe { IPCACHE_EXACT4.get(&exact) } {
+        Some(info) => *info,
+        None => of_longest_prefix(slot, addr),
+    }
+}
+
+/// The identity of the longest prefix that matches `addr`, else world.
+#[inline(never)]
+fn of_longest_prefix(slot: u8, addr: &[u8; 16]) -> IdentityInfo {
+    let key = Key::new(
+        128 + enforcer_common::addr::IPCACHE_KEY_HEADER_BITS,
+        IpcacheKey {
+            slot,
+            _pad: [0; 3],
+            addr: *addr,
+        },
+    );
     match IPCACHE.get(&key) {
         Some(info) => *info,
         None => IdentityInfo::WORLD,

@@ -287,8 +287,8 @@ fn is_link_local(address: &[u8; 16]) -> bool {
 /// honest. False when the packet is spoofed (the outcome then says how).
 #[inline(never)]
 fn resolve_identities(hook: &Hook, subject: &mut Subject) -> bool {
-    let by_address = identity::of_address(subject.slot, &subject.packet.src);
-    subject.dst = identity::of_address(subject.slot, &subject.packet.dst);
+    let (by_address, dst) = identity::of_packet_addresses(subject.slot, &subject.packet);
+    subject.dst = dst;
     subject.src = by_address;
     subject.outcome.addr_identity = by_address.identity;
     subject.outcome.src_identity = by_address.identity;
