@@ -24,7 +24,8 @@ pub mod flags {
 
 /// Reasons whose records must reach the controller even under a flood of others: each says
 /// someone lies about who they are or pushes past a limit. They may use the whole ring
-/// buffer; other records leave them room (see `ring_room_below` in the programs).
+/// buffer; other records leave them room (see `RingRoom` in the programs); and each wakes the
+/// controller's reader at once, where others may wait for its next sweep.
 pub const fn reason_is_urgent(reason: u8) -> bool {
     matches!(
         reason,
@@ -33,6 +34,21 @@ pub const fn reason_is_urgent(reason: u8) -> bool {
             | crate::verdict::reason::RATE_LIMITED
             | crate::verdict::reason::FORGED_ICMP_ERROR
     )
+}
+
+/// How often one CPU's records may wake the controller's reader (see [`may_wake_reader`]).
+pub const WAKEUP_INTERVAL_NS: u64 = 1_000_000;
+
+/// Whether a record of `reason` committed at `now` may wake the controller's reader, when this
+/// CPU's records last woke it at `last_wakeup` (0: never). Waking it is an interrupt and a
+/// wakeup of a task on another CPU, several times what the record costs; in a flood of new
+/// shapes nearly every record did it, the reader having caught up each time (the ring buffer's
+/// default wakes a reader that has caught up). So a CPU's records wake the reader at most once
+/// per [`WAKEUP_INTERVAL_NS`], urgent ones always; the records in between are read with the one
+/// that woke it, or at the reader's next sweep (`RING_SWEEP` in the controller). With the
+/// coarse clock, that is once per clock tick at most.
+pub const fn may_wake_reader(reason: u8, now: u64, last_wakeup: u64) -> bool {
+    reason_is_urgent(reason) || now.wrapping_sub(last_wakeup) >= WAKEUP_INTERVAL_NS
 }
 
 /// One flow-level fact: a new allowed flow, a denied (or audited) flow, a spoofed packet, a
@@ -128,3 +144,40 @@ kernel_abi!(
     DenialSlot = 64,
     EventCpuState = 16
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::verdict::reason;
+
+    #[test]
+    fn a_cpu_wakes_the_reader_at_most_once_an_interval_unless_urgent() {
+        let start = 5 * WAKEUP_INTERVAL_NS;
+        assert!(
+            may_wake_reader(reason::DEFAULT_DENY, start, 0),
+            "a CPU's first record wakes the reader"
+        );
+        assert!(!may_wake_reader(reason::DEFAULT_DENY, start, start));
+        assert!(!may_wake_reader(
+            reason::DEFAULT_DENY,
+            start + WAKEUP_INTERVAL_NS - 1,
+            start
+        ));
+        assert!(may_wake_reader(
+            reason::DEFAULT_DENY,
+            start + WAKEUP_INTERVAL_NS,
+            start
+        ));
+        for urgent in [
+            reason::SPOOFED,
+            reason::IDENTITY_MISMATCH,
+            reason::RATE_LIMITED,
+            reason::FORGED_ICMP_ERROR,
+        ] {
+            assert!(
+                may_wake_reader(urgent, start, start),
+                "reason {urgent} is urgent"
+            );
+        }
+    }
+}

@@ -96,6 +96,10 @@ pub static RATE_LIMITS: LruHashMap<u32, RateState, 16384> = LruHashMap::new();
 pub static EVENTS: RingBuf<FlowEvent, { 4 << 20 }> = RingBuf::new();
 #[btf_map]
 pub static EVENT_STATE: PerCpuArray<EventCpuState, 1> = PerCpuArray::new();
+/// When a record of this CPU last woke the controller's reader (see `report::wakeup`). Soft
+/// state, not pinned, like `SCRATCH`: a new load's first record wakes the reader.
+#[btf_map]
+pub static RING_WAKEUPS: PerCpuArray<u64, 1> = PerCpuArray::new();
 /// The de-duplication of denial reports, per CPU and direct-mapped (see
 /// `report::report_deduplicated`).
 #[btf_map]

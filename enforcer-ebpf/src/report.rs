@@ -4,13 +4,13 @@ use enforcer_common::{
     counters::{Counter, FlowCounterKey, edge_cache_slot},
     event::{
         DENIAL_SLOTS, DenialSlot, REPORT_INTERVAL_NS, ReportKey, ReportState, flags,
-        reason_is_urgent,
+        may_wake_reader, reason_is_urgent,
     },
     verdict::packet_counter_index,
 };
 
 use crate::{
-    maps::{DENIALS, EDGE_CACHE, EVENT_STATE, EVENTS, FLOW_COUNTS, PACKET_COUNTS},
+    maps::{DENIALS, EDGE_CACHE, EVENT_STATE, EVENTS, FLOW_COUNTS, PACKET_COUNTS, RING_WAKEUPS},
     packet::Packet,
 };
 
@@ -372,5 +372,24 @@ pub fn report(hook: &Hook, packet: &Packet, outcome: &Outcome, count: u32, sendi
         (*event).flags = outcome.flags | sending.extra_flags();
         (*event)._pad = [0; 6];
     }
-    entry.submit(0);
+    entry.submit(wakeup(hook.now, outcome.reason));
+}
+
+/// The ring buffer's `BPF_RB_NO_WAKEUP`: the record is committed without waking the reader.
+const BPF_RB_NO_WAKEUP: u64 = 1;
+
+/// The commit flags of a record of `reason` sent `now`: the ring buffer's default (wake a
+/// reader that has caught up) where [`may_wake_reader`] allows it, else no wakeup.
+#[inline(always)]
+fn wakeup(now: u64, reason: u8) -> u64 {
+    let Some(last) = RING_WAKEUPS.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's slot; programs on one CPU do not interleave (softirq context).
+    let last = unsafe { &mut *last };
+    if !may_wake_reader(reason, now, *last) {
+        return BPF_RB_NO_WAKEUP;
+    }
+    *last = now;
+    0
 }

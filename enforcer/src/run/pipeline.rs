@@ -341,6 +341,8 @@ pub(super) async fn read_events(
             return;
         }
     };
+    let mut sweep_tick = tokio::time::interval(RING_SWEEP);
+    sweep_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut summary_tick = tokio::time::interval(FlowSummary::WINDOW);
     let mut detector_tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -367,24 +369,32 @@ pub(super) async fn read_events(
                         return;
                     }
                 };
-                let buffer = guard.get_inner_mut();
-                while let Some(item) = buffer.next() {
-                    if let Some(event) = events::decode(&item) {
-                        pipeline.handle(&event);
-                    }
-                }
-                pipeline.flush();
+                drain(guard.get_inner_mut(), &mut pipeline);
                 guard.clear_ready();
             }
+            _ = sweep_tick.tick() => drain(ring.get_mut(), &mut pipeline),
         }
     }
     // Drain what arrived before the stop.
-    let buffer = ring.get_mut();
-    while let Some(item) = buffer.next() {
+    drain(ring.get_mut(), &mut pipeline);
+    pipeline.summary.flush(&pipeline.audit);
+}
+
+/// How long a record may wait in the ring buffer: the datapath wakes this reader at most once a
+/// millisecond per CPU (see `enforcer_common::event::may_wake_reader`), and records committed
+/// in between without a wakeup are read with the next one, or at the latest by this sweep.
+const RING_SWEEP: Duration = Duration::from_millis(10);
+
+/// Handles every record the ring buffer holds, then flushes the outputs.
+fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline) {
+    let mut read = false;
+    while let Some(item) = ring.next() {
         if let Some(event) = events::decode(&item) {
             pipeline.handle(&event);
         }
+        read = true;
     }
-    pipeline.flush();
-    pipeline.summary.flush(&pipeline.audit);
+    if read {
+        pipeline.flush();
+    }
 }
