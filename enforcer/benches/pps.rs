@@ -5,6 +5,12 @@
 //! before the rule for its flow), nftables with them as a set (one lookup), both in the host's
 //! forward hook; enforcer attached to both host-side veths (TC ingress and egress), and its hooks
 //! again with programs that pass everything, the floor any program on them starts from.
+//!
+//! The filters are measured in rounds, one run of each per round, in an order that turns from
+//! round to round, and each ratio is the median of its rounds' ratios: this machine's speed
+//! drifts within a run by more than the filters differ, and a filter measured in a block of its
+//! own took whatever the machine was doing then (one run had the floor itself at 0.91 of no
+//! filter). iptables, two orders of magnitude behind, is measured once after the rounds.
 
 use std::{
     fmt::Write as _,
@@ -22,9 +28,9 @@ const RULES: usize = 10_000;
 const SERVICES: usize = 200;
 const PAYLOAD: usize = 64;
 
-/// Seconds per iperf3 run and runs per figure (`--quick`: one second, one run).
+/// Seconds per iperf3 run and rounds (`--quick`: one second, one round).
 fn sizes() -> (u32, usize) {
-    if results::quick() { (1, 1) } else { (3, 3) }
+    if results::quick() { (1, 1) } else { (3, 5) }
 }
 
 /// The generated policy's rules, as (source, destination, TCP port).
@@ -40,33 +46,103 @@ fn rules() -> Vec<(Ipv4Addr, Ipv4Addr, u16)> {
         .collect()
 }
 
-/// Received 64-byte datagrams per second, client to server (iperf3 at full speed), median.
+/// Received 64-byte datagrams per second, client to server: one iperf3 run at full speed, its
+/// first second left out (`--omit`), as every filter's first second after a change was.
 fn pps(topology: &Topology) -> f64 {
-    let (seconds, rounds) = sizes();
-    let mut samples: Vec<f64> = (0..rounds)
-        .map(|_| {
-            let args = [
-                "-u",
-                "-b",
-                "0",
-                "-l",
-                &PAYLOAD.to_string(),
-                "-t",
-                &seconds.to_string(),
-            ];
-            let output = topology
-                .iperf3("client", "server", &args)
-                .expect("iperf3 (cargo xtask setup installs it)");
-            let report: Value = serde_json::from_slice(&output).expect("iperf3 JSON");
-            let received = &report["end"]["sum_received"];
-            match (received["bytes"].as_f64(), received["seconds"].as_f64()) {
-                (Some(bytes), Some(seconds)) if seconds > 0.0 => bytes / PAYLOAD as f64 / seconds,
-                _ => panic!("no result: {report}"),
-            }
-        })
-        .collect();
+    let (seconds, _) = sizes();
+    let args = [
+        "-u",
+        "-b",
+        "0",
+        "-l",
+        &PAYLOAD.to_string(),
+        "-t",
+        &seconds.to_string(),
+        "--omit",
+        "1",
+    ];
+    let output = topology
+        .iperf3("client", "server", &args)
+        .expect("iperf3 (cargo xtask setup installs it)");
+    let report: Value = serde_json::from_slice(&output).expect("iperf3 JSON");
+    let received = &report["end"]["sum_received"];
+    match (received["bytes"].as_f64(), received["seconds"].as_f64()) {
+        (Some(bytes), Some(seconds)) if seconds > 0.0 => bytes / PAYLOAD as f64 / seconds,
+        _ => panic!("no result: {report}"),
+    }
+}
+
+fn median(mut samples: Vec<f64>) -> f64 {
     samples.sort_by(f64::total_cmp);
     samples[samples.len() / 2]
+}
+
+/// What one round measures, one run each.
+#[derive(Clone, Copy, Default)]
+struct Round {
+    unfiltered: f64,
+    enforced: f64,
+    attached_only: f64,
+    nftables: f64,
+    /// What the programs on enforcer's hooks cost a packet, in nanoseconds (see
+    /// [`program_cost`]): enforcer's, and the pass-all programs'.
+    enforcer_cost: f64,
+    pass_all_cost: f64,
+}
+
+/// The hooks a client-to-server packet passes, by the name of their pinned links: TC ingress
+/// where it enters the host, TC egress where it leaves it, the socket hook where it is received.
+const PACKET_HOOKS: [&str; 3] = ["tci-v-client", "tc-v-server", "sockets"];
+
+/// What the programs on [`PACKET_HOOKS`] cost each packet of a short run at full speed, in
+/// nanoseconds: the kernel's own timing of every program run, on only for that run, summed
+/// over the hooks, each hook's time divided by its own runs. Exact where the packet rate is
+/// noisy, and what tells a filter's cost from the machine's mood; the timing adds two clock
+/// reads to every run, to enforcer's programs and the pass-all ones alike.
+fn program_cost(topology: &Topology) -> f64 {
+    let links = topology.pin_path().join("links");
+    let read = || {
+        PACKET_HOOKS.map(|hook| {
+            bpf::link_program_run_time(&links.join(hook)).expect("the link's program's statistics")
+        })
+    };
+    let timing = bpf::enable_run_time_stats().expect("run-time statistics");
+    let before = read();
+    let output = topology
+        .iperf3(
+            "client",
+            "server",
+            &["-u", "-b", "0", "-l", &PAYLOAD.to_string(), "-t", "1"],
+        )
+        .expect("iperf3");
+    drop(output);
+    let after = read();
+    drop(timing);
+    before
+        .iter()
+        .zip(&after)
+        .map(|((time_before, runs_before), (time_after, runs_after))| {
+            let runs = runs_after.saturating_sub(*runs_before).max(1);
+            time_after.saturating_sub(*time_before).as_nanos() as f64 / runs as f64
+        })
+        .sum()
+}
+
+/// The filters' runs of round `index`, starting with a different one each round.
+fn round(topology: &Topology, index: usize, client: Ipv4Addr, server: Ipv4Addr) -> Round {
+    let mut round = Round::default();
+    for step in 0..3 {
+        match (index + step) % 3 {
+            0 => round.unfiltered = pps(topology),
+            1 => {
+                let enforcer = with_enforcer(topology, client, server);
+                (round.enforced, round.enforcer_cost) = enforcer.active;
+                (round.attached_only, round.pass_all_cost) = enforcer.pass_all;
+            }
+            _ => round.nftables = with_nftables(topology, client, server),
+        }
+    }
+    round
 }
 
 /// Runs `program` in the host namespace with `input` on its standard input.
@@ -110,7 +186,8 @@ fn with_iptables(topology: &Topology, client: Ipv4Addr, server: Ipv4Addr) -> f64
         "-A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\nCOMMIT"
     );
     feed(topology, "iptables-restore", &[], &text);
-    let rate = pps(topology);
+    let runs = sizes().1.min(3);
+    let rate = median((0..runs).map(|_| pps(topology)).collect());
     feed(
         topology,
         "iptables-restore",
@@ -146,8 +223,14 @@ fn with_nftables(topology: &Topology, client: Ipv4Addr, server: Ipv4Addr) -> f64
 
 /// enforcer on both host-side veths, the same rules plus the client's edge; then the same hooks
 /// (TCX on the veths, the socket hook on the cgroup root) with programs that pass everything
-/// swapped in: what being attached costs, before any of enforcer's work.
-fn with_enforcer(topology: &Topology, client: Ipv4Addr, server: Ipv4Addr) -> (f64, f64) {
+/// swapped in: what being attached costs, before any of enforcer's work. Each with its rate and
+/// its programs' cost per packet (see [`program_cost`]), measured in a run of its own.
+struct WithEnforcer {
+    active: (f64, f64),
+    pass_all: (f64, f64),
+}
+
+fn with_enforcer(topology: &Topology, client: Ipv4Addr, server: Ipv4Addr) -> WithEnforcer {
     let policy = format!(
         "{}[[service]]\nname = \"client\"\ninterfaces = [\"v-client\"]\naddresses = [\"{client}/32\"]\n\
          [[service]]\nname = \"server\"\ninterfaces = [\"v-server\"]\naddresses = [\"{server}/32\"]\n\
@@ -162,7 +245,7 @@ fn with_enforcer(topology: &Topology, client: Ipv4Addr, server: Ipv4Addr) -> (f6
             "enforcer.log",
         )
         .expect("enforcer starts");
-    let rate = pps(topology);
+    let active = (pps(topology), program_cost(topology));
     let links = topology.pin_path().join("links");
     for (prefix, egress) in [("tci", false), ("tc", true)] {
         let pass_all = bpf::load_pass_all_tcx(egress).expect("a pass-all TC program loads");
@@ -175,9 +258,9 @@ fn with_enforcer(topology: &Topology, client: Ipv4Addr, server: Ipv4Addr) -> (f6
         bpf::load_pass_all_socket_ingress().expect("a pass-all socket filter loads");
     bpf::swap_link_program(&links.join("sockets"), &socket_pass_all)
         .expect("the pass-all program replaces enforcer's on the socket hook's link");
-    let attached_only = pps(topology);
+    let pass_all = (pps(topology), program_cost(topology));
     drop(daemon);
-    (rate, attached_only)
+    WithEnforcer { active, pass_all }
 }
 
 fn main() {
@@ -192,23 +275,59 @@ fn main() {
         topology.endpoint("client").ipv4,
         topology.endpoint("server").ipv4,
     );
-    let unfiltered = pps(&topology);
-    let (enforced, attached_only) = with_enforcer(&topology, client, server);
+    let (seconds, rounds) = sizes();
+    let rounds: Vec<Round> = (0..rounds)
+        .map(|index| {
+            let round = round(&topology, index, client, server);
+            println!(
+                "  round {}: no filter {:.0}, enforcer {:.0}, its hooks passing all {:.0}, nftables {:.0} packets/s; programs per packet: enforcer's {:.0} ns, pass-all {:.0} ns",
+                index + 1,
+                round.unfiltered,
+                round.enforced,
+                round.attached_only,
+                round.nftables,
+                round.enforcer_cost,
+                round.pass_all_cost,
+            );
+            round
+        })
+        .collect();
+    let iptables = with_iptables(&topology, client, server);
+    // Each figure's median rate, and its median ratio to `against` over the rounds.
+    let figure = |rate: fn(&Round) -> f64, against: fn(&Round) -> f64| {
+        (
+            median(rounds.iter().map(rate).collect()),
+            median(
+                rounds
+                    .iter()
+                    .map(|round| rate(round) / against(round))
+                    .collect(),
+            ),
+        )
+    };
+    let unfiltered = median(rounds.iter().map(|round| round.unfiltered).collect());
     let figures = [
-        ("enforcer (TC ingress + egress)", enforced),
-        ("enforcer's hooks, pass-all programs", attached_only),
+        (
+            "enforcer (TC ingress + egress)",
+            figure(|round| round.enforced, |round| round.unfiltered),
+        ),
+        (
+            "enforcer's hooks, pass-all programs",
+            figure(|round| round.attached_only, |round| round.unfiltered),
+        ),
         (
             "nftables, the rules as a set",
-            with_nftables(&topology, client, server),
+            figure(|round| round.nftables, |round| round.unfiltered),
         ),
         (
             "iptables, the rules as a linear chain",
-            with_iptables(&topology, client, server),
+            (iptables, iptables / unfiltered),
         ),
     ];
-    let (seconds, rounds) = sizes();
+    let (enforcer, against_nftables) = figure(|round| round.enforced, |round| round.nftables);
     println!(
-        "64-byte UDP through the host over veths, {RULES} rules in force (iperf3, {seconds} s, median of {rounds})"
+        "64-byte UDP through the host over veths, {RULES} rules in force (iperf3, {seconds} s runs, {} rounds, medians)",
+        rounds.len()
     );
     println!(
         "  no filter:                              {:>10.0} packets/s received",
@@ -221,25 +340,53 @@ fn main() {
         "packets/s",
         None,
     );
-    let (enforcer, nftables) = (figures[0].1, figures[2].1);
     results::record(
         "pps",
         &format!("64-byte UDP over veths, {RULES} rules, enforcer"),
         enforcer.round(),
         "packets/s",
-        Some(("nftables set (anchor)", enforcer / nftables)),
+        Some(("nftables set (anchor)", against_nftables)),
     );
-    for (filter, rate) in figures {
-        println!(
-            "  {filter:<38} {rate:>10.0} packets/s  ratio {:.3}",
-            rate / unfiltered
-        );
+    for (filter, (rate, ratio)) in figures {
+        println!("  {filter:<38} {rate:>10.0} packets/s  ratio {ratio:.3}");
         results::record(
             "pps",
             &format!("64-byte UDP over veths, {RULES} rules, {filter}"),
             rate.round(),
             "packets/s",
-            Some(("no filter", rate / unfiltered)),
+            Some(("no filter", ratio)),
         );
     }
+    println!("  enforcer / nftables, per round:        ratio {against_nftables:.3}");
+    let (enforcer_cost, pass_all_cost) = (
+        median(rounds.iter().map(|round| round.enforcer_cost).collect()),
+        median(rounds.iter().map(|round| round.pass_all_cost).collect()),
+    );
+    let over_pass_all = median(
+        rounds
+            .iter()
+            .map(|round| round.enforcer_cost - round.pass_all_cost)
+            .collect(),
+    );
+    println!(
+        "  programs on a packet's three hooks (kernel run-time statistics): enforcer's {enforcer_cost:.0} ns, pass-all {pass_all_cost:.0} ns, {over_pass_all:.0} ns more"
+    );
+    let figure = "64-byte UDP over veths, 10000 rules, enforcer's programs per packet (TC ingress + egress + socket hook, kernel run-time statistics)";
+    results::record(
+        "pps",
+        figure,
+        enforcer_cost.round(),
+        "ns",
+        Some((
+            "the pass-all programs on the same hooks",
+            enforcer_cost / pass_all_cost,
+        )),
+    );
+    results::record(
+        "pps",
+        "64-byte UDP over veths, 10000 rules, enforcer's programs per packet over the pass-all programs",
+        over_pass_all.round(),
+        "ns",
+        None,
+    );
 }

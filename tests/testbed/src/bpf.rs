@@ -1,6 +1,7 @@
 //! Raw `bpf(2)` calls for what aya has no API for: loading a program from instructions (an
 //! attacker's program for the swap test; the empty baseline for benchmarks), swapping a pinned
-//! link's program, and timing a program with `BPF_PROG_TEST_RUN`.
+//! link's program, timing a program with `BPF_PROG_TEST_RUN`, and reading the kernel's run-time
+//! statistics of a pinned link's program.
 
 use std::{
     ffi::CString,
@@ -14,8 +15,18 @@ const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_ENABLE_STATS: libc::c_long = 32;
+/// `BPF_STATS_RUN_TIME`, the one kind `BPF_ENABLE_STATS` has.
+const BPF_STATS_RUN_TIME: u32 = 0;
+/// Offsets in `struct bpf_link_info` and `struct bpf_prog_info` (include/uapi/linux/bpf.h),
+/// and how much of the latter is read.
+const LINK_INFO_PROG_ID: usize = 8;
+const PROG_INFO_RUN_TIME_NS: usize = 192;
+const PROG_INFO_RUN_CNT: usize = 200;
+const PROG_INFO_READ: usize = 208;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_PROG_TYPE_CGROUP_SKB: u32 = 8;
@@ -52,6 +63,17 @@ pub fn load_pass_all_tcx(egress: bool) -> io::Result<OwnedFd> {
     load_returning(BPF_PROG_TYPE_SCHED_CLS, attach, -1)
 }
 
+/// Loads `r0 = TC_ACT_SHOT; exit` for the TCX hook `egress` or ingress: a TC program that drops
+/// everything and does nothing else, the empty program of a hook that refuses a packet.
+pub fn load_drop_all_tcx(egress: bool) -> io::Result<OwnedFd> {
+    let attach = if egress {
+        BPF_TCX_EGRESS
+    } else {
+        BPF_TCX_INGRESS
+    };
+    load_returning(BPF_PROG_TYPE_SCHED_CLS, attach, 2)
+}
+
 /// Loads `r0 = 1; exit` for a cgroup's ingress: a socket filter that lets everything through.
 pub fn load_pass_all_socket_ingress() -> io::Result<OwnedFd> {
     load_returning(BPF_PROG_TYPE_CGROUP_SKB, BPF_CGROUP_INET_INGRESS, 1)
@@ -86,18 +108,65 @@ pub fn program_by_id(id: u32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// Replaces the program of the link pinned at `path` (`BPF_LINK_UPDATE`).
-pub fn swap_link_program(path: &Path, program: &OwnedFd) -> io::Result<()> {
+/// The object pinned at `path` (`BPF_OBJ_GET`).
+fn pinned(path: &Path) -> io::Result<OwnedFd> {
     let path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
     let mut get = [0u8; 16];
     get[0..8].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
-    let link = sys(BPF_OBJ_GET, &mut get)?;
+    let fd = sys(BPF_OBJ_GET, &mut get)?;
     // SAFETY: as above.
-    let link = unsafe { OwnedFd::from_raw_fd(link as i32) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Replaces the program of the link pinned at `path` (`BPF_LINK_UPDATE`).
+pub fn swap_link_program(path: &Path, program: &OwnedFd) -> io::Result<()> {
+    let link = pinned(path)?;
     let mut update = [0u8; 16];
     update[0..4].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
     update[4..8].copy_from_slice(&(program.as_raw_fd() as u32).to_ne_bytes());
     sys(BPF_LINK_UPDATE, &mut update).map(drop)
+}
+
+/// Turns on the kernel's timing of every program run (`BPF_ENABLE_STATS`) until the returned
+/// descriptor is closed. The timing costs each run two clock reads, so it is for measuring
+/// program costs, not rates.
+pub fn enable_run_time_stats() -> io::Result<OwnedFd> {
+    let mut attr = [0u8; 8];
+    attr[0..4].copy_from_slice(&BPF_STATS_RUN_TIME.to_ne_bytes());
+    let fd = sys(BPF_ENABLE_STATS, &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// How long the program of the link pinned at `path` has run in all, and how many times, as
+/// far as the kernel counted them (while run-time statistics were on).
+pub fn link_program_run_time(path: &Path) -> io::Result<(Duration, u64)> {
+    let link = pinned(path)?;
+    let mut link_info = [0u8; 64];
+    object_info(&link, &mut link_info)?;
+    let program_id = u32::from_ne_bytes(
+        link_info[LINK_INFO_PROG_ID..LINK_INFO_PROG_ID + 4]
+            .try_into()
+            .expect("4 bytes"),
+    );
+    let program = program_by_id(program_id)?;
+    let mut info = [0u8; PROG_INFO_READ];
+    object_info(&program, &mut info)?;
+    let word = |at: usize| u64::from_ne_bytes(info[at..at + 8].try_into().expect("8 bytes"));
+    Ok((
+        Duration::from_nanos(word(PROG_INFO_RUN_TIME_NS)),
+        word(PROG_INFO_RUN_CNT),
+    ))
+}
+
+/// Fills `info` with what the kernel tells of the object behind `fd`
+/// (`BPF_OBJ_GET_INFO_BY_FD`), as far as `info` reaches.
+fn object_info(fd: &OwnedFd, info: &mut [u8]) -> io::Result<()> {
+    let mut attr = [0u8; 16];
+    attr[0..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+    attr[4..8].copy_from_slice(&(info.len() as u32).to_ne_bytes());
+    attr[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
+    sys(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map(drop)
 }
 
 /// Runs `program` on `frame` `repeat` times; returns its return value and the kernel's average
