@@ -302,7 +302,7 @@ const _: () = assert!(align_of::<ReportKey>() == align_of::<u64>());
 #[inline(always)]
 fn words(key: &ReportKey) -> [u64; 6] {
     // SAFETY: `ReportKey` is 48 bytes of plain integers without padding (size asserted in
-    // enforcer-common) and 8-aligned (asserted below).
+    // enforcer-common) and 8-aligned (asserted above).
     unsafe { *core::ptr::from_ref(key).cast::<[u64; 6]>() }
 }
 
