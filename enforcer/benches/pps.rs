@@ -47,7 +47,7 @@ fn rules() -> Vec<(Ipv4Addr, Ipv4Addr, u16)> {
 }
 
 /// Received 64-byte datagrams per second, client to server: one iperf3 run at full speed, its
-/// first second left out (`--omit`), as every filter's first second after a change was.
+/// first second left out (`--omit`): it follows a change of filter, and measures warm-up.
 fn pps(topology: &Topology) -> f64 {
     let (seconds, _) = sizes();
     let args = [
@@ -96,9 +96,9 @@ const PACKET_HOOKS: [&str; 3] = ["tci-v-client", "tc-v-server", "sockets"];
 
 /// What the programs on [`PACKET_HOOKS`] cost each packet of a short run at full speed, in
 /// nanoseconds: the kernel's own timing of every program run, on only for that run, summed
-/// over the hooks, each hook's time divided by its own runs. Exact where the packet rate is
-/// noisy, and what tells a filter's cost from the machine's mood; the timing adds two clock
-/// reads to every run, to enforcer's programs and the pass-all ones alike.
+/// over the hooks, each hook's time divided by its own runs. Exact to a few nanoseconds where
+/// the packet rate moves by a tenth between runs; the timing adds two clock reads to every
+/// run, to enforcer's programs and the pass-all ones alike.
 fn program_cost(topology: &Topology) -> f64 {
     let links = topology.pin_path().join("links");
     let read = || {
@@ -108,14 +108,13 @@ fn program_cost(topology: &Topology) -> f64 {
     };
     let timing = bpf::enable_run_time_stats().expect("run-time statistics");
     let before = read();
-    let output = topology
+    topology
         .iperf3(
             "client",
             "server",
             &["-u", "-b", "0", "-l", &PAYLOAD.to_string(), "-t", "1"],
         )
         .expect("iperf3");
-    drop(output);
     let after = read();
     drop(timing);
     before
