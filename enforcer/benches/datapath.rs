@@ -35,7 +35,9 @@ fn sizes() -> (u32, usize) {
     }
 }
 
-fn median(mut samples: Vec<Duration>) -> Duration {
+/// The median of `rounds` timings by `run`.
+fn median_of(rounds: usize, mut run: impl FnMut() -> Duration) -> Duration {
+    let mut samples: Vec<Duration> = (0..rounds).map(|_| run()).collect();
     samples.sort();
     samples[samples.len() / 2]
 }
@@ -167,24 +169,18 @@ fn main() {
     let arp = frames::ethernet(&[], frames::ETH_P_ARP, &[0u8; 28]);
 
     let time = |datapath: &mut Datapath, hook: Hook, frame: &[u8]| -> Duration {
-        median(
-            (0..rounds)
-                .map(|_| {
-                    datapath
-                        .test_run(hook, frame, repeat)
-                        .expect("test run")
-                        .duration
-                })
-                .collect(),
-        )
+        median_of(rounds, || {
+            datapath
+                .test_run(hook, frame, repeat)
+                .expect("test run")
+                .duration
+        })
     };
     // An anchor program's cost per packet on `frame`, timed as enforcer's are.
     let time_program = |program: &OwnedFd, frame: &[u8]| -> Duration {
-        median(
-            (0..rounds)
-                .map(|_| bpf::test_run(program, frame, repeat).expect("anchor run").1)
-                .collect(),
-        )
+        median_of(rounds, || {
+            bpf::test_run(program, frame, repeat).expect("anchor run").1
+        })
     };
     // The simplest XDP filter there is, on the frame of an established flow: the anchor the
     // established path is held to.
@@ -248,16 +244,12 @@ fn main() {
     ));
     // The socket hook runs for every packet any socket of the host receives; most are none of
     // its business, loopback's first.
-    let socket_hook = median(
-        (0..rounds)
-            .map(|_| {
-                datapath
-                    .test_run_socket_hook(&syn, repeat)
-                    .expect("socket hook test run")
-                    .duration
-            })
-            .collect(),
-    );
+    let socket_hook = median_of(rounds, || {
+        datapath
+            .test_run_socket_hook(&syn, repeat)
+            .expect("socket hook test run")
+            .duration
+    });
     results.push((
         "socket hook, a packet over loopback, which no hook judges".to_owned(),
         socket_hook,

@@ -121,19 +121,15 @@ fn settled_tally(alerts: &Path) -> Tally {
 /// benchmark's flood row times each packet alone, in a system call of its own.
 fn hook_costs(scanner: &Netns, link: &Path, first: u64) -> (f64, f64) {
     let cost = |first: u64| {
-        let timing = bpf::enable_run_time_stats().expect("run-time statistics");
-        let (time, runs) = bpf::link_program_run_time(link).expect("the link's program");
-        scanner
-            .run(move || {
-                let socket = UdpSocket::bind("0.0.0.0:0").expect("a UDP socket");
-                scan(&socket, 1, first)
-            })
-            .expect("scanner namespace");
-        let (time_after, runs_after) =
-            bpf::link_program_run_time(link).expect("the link's program");
-        drop(timing);
-        time_after.saturating_sub(time).as_nanos() as f64
-            / runs_after.saturating_sub(runs).max(1) as f64
+        let means = bpf::mean_run_times(&[link], || {
+            scanner
+                .run(move || {
+                    let socket = UdpSocket::bind("0.0.0.0:0").expect("a UDP socket");
+                    scan(&socket, 1, first)
+                })
+                .expect("scanner namespace");
+        });
+        means.expect("the hook's program's run-time statistics")[0]
     };
     let judged = cost(first);
     let drop_all = bpf::load_drop_all_tcx(false).expect("a drop-all TC program loads");

@@ -16,11 +16,11 @@ use std::{
     fmt::Write as _,
     io::Write as _,
     net::Ipv4Addr,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
 };
 
-use enforcer_testbed::{Topology, bpf, policies, results};
+use enforcer_testbed::{Topology, bpf, policies, results, results::median};
 use serde_json::Value;
 
 const ENFORCER: &str = env!("CARGO_BIN_EXE_enforcer");
@@ -72,11 +72,6 @@ fn pps(topology: &Topology) -> f64 {
     }
 }
 
-fn median(mut samples: Vec<f64>) -> f64 {
-    samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
-}
-
 /// What one round measures, one run each.
 #[derive(Clone, Copy, Default)]
 struct Round {
@@ -100,31 +95,20 @@ const PACKET_HOOKS: [&str; 3] = ["tci-v-client", "tc-v-server", "sockets"];
 /// the packet rate moves by a tenth between runs; the timing adds two clock reads to every
 /// run, to enforcer's programs and the pass-all ones alike.
 fn program_cost(topology: &Topology) -> f64 {
-    let links = topology.pin_path().join("links");
-    let read = || {
-        PACKET_HOOKS.map(|hook| {
-            bpf::link_program_run_time(&links.join(hook)).expect("the link's program's statistics")
-        })
-    };
-    let timing = bpf::enable_run_time_stats().expect("run-time statistics");
-    let before = read();
-    topology
-        .iperf3(
-            "client",
-            "server",
-            &["-u", "-b", "0", "-l", &PAYLOAD.to_string(), "-t", "1"],
-        )
-        .expect("iperf3");
-    let after = read();
-    drop(timing);
-    before
-        .iter()
-        .zip(&after)
-        .map(|((time_before, runs_before), (time_after, runs_after))| {
-            let runs = runs_after.saturating_sub(*runs_before).max(1);
-            time_after.saturating_sub(*time_before).as_nanos() as f64 / runs as f64
-        })
-        .sum()
+    let links = PACKET_HOOKS.map(|hook| topology.pin_path().join("links").join(hook));
+    let links = links.each_ref().map(PathBuf::as_path);
+    bpf::mean_run_times(&links, || {
+        topology
+            .iperf3(
+                "client",
+                "server",
+                &["-u", "-b", "0", "-l", &PAYLOAD.to_string(), "-t", "1"],
+            )
+            .expect("iperf3");
+    })
+    .expect("the hooks' programs' run-time statistics")
+    .iter()
+    .sum()
 }
 
 /// The filters' runs of round `index`, starting with a different one each round.

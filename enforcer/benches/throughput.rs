@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use enforcer_testbed::{Topology, results};
+use enforcer_testbed::{Topology, results, results::median};
 use serde_json::Value;
 
 const ENFORCER: &str = env!("CARGO_BIN_EXE_enforcer");
@@ -24,11 +24,6 @@ fn iperf(topology: &Topology) -> f64 {
     report["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .unwrap_or_else(|| panic!("no result: {report}"))
-}
-
-fn median(mut samples: Vec<f64>) -> f64 {
-    samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
 }
 
 fn main() {

@@ -127,10 +127,29 @@ pub fn swap_link_program(path: &Path, program: &OwnedFd) -> io::Result<()> {
     sys(BPF_LINK_UPDATE, &mut update).map(drop)
 }
 
-/// Turns on the kernel's timing of every program run (`BPF_ENABLE_STATS`) until the returned
-/// descriptor is closed. The timing costs each run two clock reads, so it is for measuring
-/// program costs, not rates.
-pub fn enable_run_time_stats() -> io::Result<OwnedFd> {
+/// The mean time, in nanoseconds, that the programs of the links pinned at `links` took per
+/// run while `during` ran, one figure per link: the kernel's own timing of every program run
+/// (`BPF_ENABLE_STATS`), on only for that while. The timing adds two clock reads to every run,
+/// so it is for comparing programs' costs, not for measuring rates.
+pub fn mean_run_times(links: &[&Path], during: impl FnOnce()) -> io::Result<Vec<f64>> {
+    let timing = enable_run_time_stats()?;
+    let before = links
+        .iter()
+        .map(|link| link_program_run_time(link))
+        .collect::<io::Result<Vec<_>>>()?;
+    during();
+    let mut means = Vec::with_capacity(links.len());
+    for (link, (time_before, runs_before)) in links.iter().zip(before) {
+        let (time, runs) = link_program_run_time(link)?;
+        let runs = runs.saturating_sub(runs_before).max(1);
+        means.push(time.saturating_sub(time_before).as_nanos() as f64 / runs as f64);
+    }
+    drop(timing);
+    Ok(means)
+}
+
+/// Turns on the kernel's timing of every program run until the returned descriptor is closed.
+fn enable_run_time_stats() -> io::Result<OwnedFd> {
     let mut attr = [0u8; 8];
     attr[0..4].copy_from_slice(&BPF_STATS_RUN_TIME.to_ne_bytes());
     let fd = sys(BPF_ENABLE_STATS, &mut attr)?;
@@ -140,7 +159,7 @@ pub fn enable_run_time_stats() -> io::Result<OwnedFd> {
 
 /// How long the program of the link pinned at `path` has run in all, and how many times, as
 /// far as the kernel counted them (while run-time statistics were on).
-pub fn link_program_run_time(path: &Path) -> io::Result<(Duration, u64)> {
+fn link_program_run_time(path: &Path) -> io::Result<(Duration, u64)> {
     let link = pinned(path)?;
     let mut link_info = [0u8; 64];
     object_info(&link, &mut link_info)?;

@@ -5,6 +5,13 @@
 
 use std::{fs::OpenOptions, io::Write as _};
 
+/// The middle of `samples` (the upper one of an even count): what a benchmark reports of
+/// several runs.
+pub fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
 /// The CSV header of the rows [`record`] writes.
 pub const CSV_HEADER: &str = "bench,figure,value,unit,baseline,ratio";
 
