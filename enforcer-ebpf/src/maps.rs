@@ -16,7 +16,7 @@ use enforcer_common::{
         CachedFlow, CtEntry, CtKey, CtKey4, FLOW_CACHE_SLOTS, FlowTableCounts, FragEntry, FragKey,
     },
     counters::{Counter, EDGE_CACHE_SLOTS, EdgeCacheSlot, FlowCounterKey},
-    event::{DENIAL_SLOTS, DenialSlot, EventCpuState, FlowEvent},
+    event::{DenialTable, EventCpuState, FlowEvent},
     flow_filter,
     identity::{CgroupKey, EndpointKey, IdentityInfo},
     policy::{PolicyKey, PortRanges, RangeKey, RateState, SlotVerdicts, pair_filter},
@@ -101,9 +101,10 @@ pub static EVENT_STATE: PerCpuArray<EventCpuState, 1> = PerCpuArray::new();
 #[btf_map]
 pub static RING_WAKEUPS: PerCpuArray<u64, 1> = PerCpuArray::new();
 /// The de-duplication of denial reports, per CPU and direct-mapped (see
-/// `report::report_deduplicated`).
+/// `report::report_deduplicated`): one value, each CPU's table. Named anew when its slots
+/// became one value (it was `DENIALS`, a value per slot): its shape changed.
 #[btf_map]
-pub static DENIALS: PerCpuArray<DenialSlot, { DENIAL_SLOTS as usize }> = PerCpuArray::new();
+pub static DENIAL_TABLE: PerCpuArray<DenialTable, 1> = PerCpuArray::new();
 #[btf_map]
 pub static PACKET_COUNTS: PerCpuArray<Counter, { PACKET_COUNTER_SLOTS as usize }> =
     PerCpuArray::new();

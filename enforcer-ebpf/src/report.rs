@@ -10,7 +10,9 @@ use enforcer_common::{
 };
 
 use crate::{
-    maps::{DENIALS, EDGE_CACHE, EVENT_STATE, EVENTS, FLOW_COUNTS, PACKET_COUNTS, RING_WAKEUPS},
+    maps::{
+        DENIAL_TABLE, EDGE_CACHE, EVENT_STATE, EVENTS, FLOW_COUNTS, PACKET_COUNTS, RING_WAKEUPS,
+    },
     packet::Packet,
 };
 
@@ -242,7 +244,7 @@ pub fn report_deduplicated(hook: &Hook, packet: &Packet, outcome: &Outcome) {
         reason: outcome.reason,
         _pad: 0,
     };
-    let Some(mut slot) = DENIALS.get_ptr_mut(denial_slot(&key)) else {
+    let Some(mut slot) = denial_slot(&key) else {
         return;
     };
     let mut extra_flags = 0;
@@ -258,7 +260,7 @@ pub fn report_deduplicated(hook: &Hook, packet: &Packet, outcome: &Outcome) {
         key.dst_port = 0;
         key.proto = 0;
         extra_flags = flags::AGGREGATED;
-        let Some(aggregate) = DENIALS.get_ptr_mut(denial_slot(&key)) else {
+        let Some(aggregate) = denial_slot(&key) else {
             return;
         };
         slot = aggregate;
@@ -312,11 +314,19 @@ fn same_shape(a: &ReportKey, b: &ReportKey) -> bool {
     a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] && a[5] == b[5]
 }
 
-/// The slot a shape is de-duplicated in on this CPU. Keys that differ only in a high byte
-/// (the last octet of an IPv4 address, in the mapped form) must still part: a multiply carries
-/// a difference only upwards, so each round folds the high half back down.
+/// The slot a shape is de-duplicated in on this CPU.
 #[inline(always)]
-fn denial_slot(key: &ReportKey) -> u32 {
+fn denial_slot(key: &ReportKey) -> Option<*mut DenialSlot> {
+    let table = DENIAL_TABLE.get_ptr_mut(0)?;
+    // SAFETY: this CPU's table; the index is below `DENIAL_SLOTS` (masked).
+    Some(unsafe { (*table).slots.as_mut_ptr().add(denial_index(key) as usize) })
+}
+
+/// The index of a shape's slot. Keys that differ only in a high byte (the last octet of an
+/// IPv4 address, in the mapped form) must still part: a multiply carries a difference only
+/// upwards, so each round folds the high half back down.
+#[inline(always)]
+fn denial_index(key: &ReportKey) -> u32 {
     let mut mixed: u64 = 0;
     for word in words(key) {
         mixed = (mixed ^ word).wrapping_mul(0x9E37_79B9_7F4A_7C15);

@@ -62,7 +62,7 @@ pub const MAP_NAMES: [&str; 26] = [
     "RATE_LIMITS",
     "EVENTS",
     "EVENT_STATE",
-    "DENIALS",
+    "DENIAL_TABLE",
     "PACKET_COUNTS",
     "FLOW_COUNTS",
     "EDGE_CACHE",
