@@ -29,7 +29,7 @@ use enforcer::{
 };
 use enforcer_common::{
     addr::{Ipcache4Key, v4_mapped},
-    conntrack::{CachedFlow, CtEntry, CtKey, CtKey4, FLOW_CACHE_SLOTS, timeout},
+    conntrack::{CtEntry, CtKey, CtKey4, FlowCacheTable, timeout},
     event::{FlowEvent, flags as event_flags},
     identity::IdentityInfo,
     verdict::{ALLOW, DENY, reason},
@@ -186,18 +186,20 @@ impl Kernel {
             idle_table(&mut self.flow_table::<CtKey>(table), idle);
         }
         // The flows the programs remember passing are as old.
-        let data = MapData::from_pin(self.pins.maps().join("FLOW_CACHE")).unwrap();
-        let mut cache: PerCpuArray<MapData, CachedFlow> =
+        let data = MapData::from_pin(self.pins.maps().join("FLOW_CACHES")).unwrap();
+        let mut cache: PerCpuArray<MapData, FlowCacheTable> =
             PerCpuArray::try_from(Map::from_map_data(data).unwrap()).unwrap();
-        for slot in 0..FLOW_CACHE_SLOTS {
-            let mut flows: Vec<CachedFlow> = cache.get(&slot, 0).unwrap().iter().copied().collect();
-            for flow in flows.iter_mut().filter(|flow| flow.checked_at != 0) {
-                flow.checked_at = flow.checked_at.saturating_sub(idle).max(1);
-            }
-            cache
-                .set(slot, PerCpuValues::try_from(flows).unwrap(), 0)
-                .unwrap();
+        let mut tables: Vec<FlowCacheTable> = cache.get(&0, 0).unwrap().iter().copied().collect();
+        for flow in tables
+            .iter_mut()
+            .flat_map(|table| table.slots.iter_mut())
+            .filter(|flow| flow.checked_at != 0)
+        {
+            flow.checked_at = flow.checked_at.saturating_sub(idle).max(1);
         }
+        cache
+            .set(0, PerCpuValues::try_from(tables).unwrap(), 0)
+            .unwrap();
     }
 
     /// One of the conntrack tables: `CONNTRACK4`/`CONNTRACK` (answered flows) or

@@ -95,7 +95,7 @@ pub mod timeout {
     pub const REFRESH_NS: u64 = SEC;
 }
 
-/// One flow direction in the datapath's per-CPU flow cache (`FLOW_CACHE`): where the
+/// One flow direction in the datapath's per-CPU flow cache (`FLOW_CACHES`): where the
 /// established-flow shortcut last passed a packet of it, and how its packets are counted. A
 /// packet that matches every field but the time, within [`timeout::REFRESH_NS`] of
 /// `checked_at`, passes without a conntrack lookup, counted in `packets` and `bytes` until the
@@ -109,10 +109,12 @@ pub struct CachedFlow {
     pub cgroup_id: u64,
     /// When the shortcut last passed a packet of it (`CLOCK_MONOTONIC` ns); 0: an empty slot.
     pub checked_at: u64,
-    /// Packets passed from the cache since the slot was written, and their bytes: counted
-    /// with `verdict`, reason `established`, and the two identities.
-    pub packets: u64,
+    /// Bytes passed from the cache since the slot was written, and their packets: counted
+    /// with `verdict`, reason `established`, and the two identities. The slot is written
+    /// again at least every [`timeout::REFRESH_NS`] while its flow has packets, so a second's
+    /// packets on one CPU is the most `packets` holds.
     pub bytes: u64,
+    pub packets: u32,
     pub ifindex: u32,
     pub generation: u32,
     /// The identities the packet is counted under, in its direction.
@@ -123,12 +125,22 @@ pub struct CachedFlow {
     /// Whether the packet's source is the key's `lo` end.
     pub from_lo: u8,
     pub verdict: u8,
-    pub _pad: [u8; 5],
+    pub _pad: u8,
 }
 
 /// Slots of the flow cache on each CPU.
-pub const FLOW_CACHE_SLOTS: u32 = 1024;
+pub const FLOW_CACHE_SLOTS: u32 = 512;
 const _: () = assert!(FLOW_CACHE_SLOTS.is_power_of_two());
+
+/// A CPU's flow cache, one per-CPU map value: one contiguous stretch of memory (eight pages)
+/// rather than a per-CPU allocation per slot, scattered over the per-CPU area's pages and
+/// reached through a table of pointers, which cost a packet a TLB and two cache misses. 32 KiB
+/// is the most a per-CPU map value may hold.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FlowCacheTable {
+    pub slots: [CachedFlow; FLOW_CACHE_SLOTS as usize],
+}
 
 /// How flows moved through the two conntrack tables on one CPU: new flows enter the
 /// unanswered table (`opened`), and move to the established one at their first reply
@@ -173,7 +185,8 @@ pub const FRAG_TIMEOUT_NS: u64 = 2_000_000_000;
 kernel_abi!(
     CtKey = 40,
     CtKey4 = 16,
-    CachedFlow = 72,
+    CachedFlow = 64,
+    FlowCacheTable = 32768,
     CtEntry = 64,
     FlowTableCounts = 16,
     FragKey = 40,

@@ -55,21 +55,14 @@ const fn longest_idle(protocol: u8) -> u16 {
     (ns >> UNIT_SHIFT) as u16 + 1
 }
 // The longest idle time and the window ahead fit in the stamps' period, apart.
-const _: () = assert!((longest_idle(proto::TCP) + SLACK) as u32 + AHEAD as u32 <= u16::MAX as u32);
+const _: () = assert!((longest_idle(proto::TCP) as u32 + 1) + AHEAD as u32 <= u16::MAX as u32);
 
 const fn max(a: u64, b: u64) -> u64 {
     if a > b { a } else { b }
 }
 
-/// Units a bucket is trusted past its protocol's longest idle time: one for a stamp another
-/// CPU overwrote with one a moment older, and one for the datapath's flow cache, which stands
-/// behind this filter and passes a flow's packets for up to [`timeout::REFRESH_NS`] (at most a
-/// unit) after it last found the flow live.
-const SLACK: u16 = 2;
-const _: () = assert!(timeout::REFRESH_NS <= 1 << UNIT_SHIFT);
-
 /// Whether a bucket stamped `bucket_stamp` may hold a live flow of `protocol` at `now_ns`:
-/// stamped, within the protocol's longest idle time (and [`SLACK`]) or up to [`AHEAD`] units
+/// stamped, within the protocol's longest idle time (and a unit) or up to [`AHEAD`] units
 /// ahead of the clock.
 #[inline(always)]
 pub const fn may_hold(bucket_stamp: u16, protocol: u8, now_ns: u64) -> bool {
@@ -77,7 +70,7 @@ pub const fn may_hold(bucket_stamp: u16, protocol: u8, now_ns: u64) -> bool {
         return false;
     }
     let age = stamp(now_ns).wrapping_sub(bucket_stamp);
-    age <= longest_idle(protocol) + SLACK || age > u16::MAX - AHEAD
+    age <= longest_idle(protocol) + 1 || age > u16::MAX - AHEAD
 }
 
 /// The bucket of an IPv4 flow's key.
@@ -154,21 +147,8 @@ mod tests {
                 "a flow of {protocol} last seen its timeout ago may live"
             );
             assert!(
-                !may_hold(stamp(stamped_at - 4 * (1 << UNIT_SHIFT)), protocol, now),
+                !may_hold(stamp(stamped_at - 3 * (1 << UNIT_SHIFT)), protocol, now),
                 "a bucket stamped well before that holds none of {protocol}"
-            );
-        }
-        for (protocol, idle) in [
-            (proto::TCP, timeout::TCP_ESTABLISHED_NS),
-            (proto::UDP, timeout::UDP_NS),
-        ] {
-            // Found live at `checked`, last seen its timeout before, its bucket then
-            // overwritten by another CPU's stamp a moment older.
-            let checked = now - timeout::REFRESH_NS;
-            let stamped = stamp(checked - idle) - 1;
-            assert!(
-                may_hold(stamped, protocol, checked) && may_hold(stamped, protocol, now),
-                "a flow of {protocol} the flow cache may still pass is not filtered out"
             );
         }
         assert!(

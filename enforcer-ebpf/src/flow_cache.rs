@@ -29,7 +29,7 @@ use enforcer_common::{
 };
 
 use crate::{
-    maps::FLOW_CACHE,
+    maps::FLOW_CACHES,
     packet::{TCP_FIN, TCP_RST, TCP_SYN, fragment},
     report::{self, Hook},
     subject::Subject,
@@ -59,7 +59,7 @@ pub fn pass(hook: &Hook, subject: &Subject) -> u8 {
     if !cacheable(subject) {
         return MISS;
     }
-    let Some(cached) = FLOW_CACHE.get_ptr_mut(slot(hook, subject)) else {
+    let Some(cached) = slot(hook, subject) else {
         return MISS;
     };
     // SAFETY: this CPU's slot; programs on one CPU do not interleave (softirq context).
@@ -81,7 +81,7 @@ pub fn remember(hook: &Hook, subject: &Subject, verdict: u8) {
     if !cacheable(subject) {
         return;
     }
-    let Some(cached) = FLOW_CACHE.get_ptr_mut(slot(hook, subject)) else {
+    let Some(cached) = slot(hook, subject) else {
         return;
     };
     // SAFETY: as in `pass`.
@@ -110,7 +110,7 @@ pub fn remember(hook: &Hook, subject: &Subject, verdict: u8) {
 #[inline(never)]
 fn count_passed(cached: &CachedFlow) {
     let passed = Counter {
-        packets: cached.packets,
+        packets: u64::from(cached.packets),
         bytes: cached.bytes,
     };
     report::add_counts(
@@ -153,12 +153,25 @@ fn describes(cached: &CachedFlow, hook: &Hook, subject: &Subject) -> bool {
         && cached.checked_at != 0
 }
 
-/// The flow direction's slot: the same flow forwarded through the host is seen by two hooks
+/// The flow direction's slot in this CPU's table.
+#[inline(always)]
+fn slot(hook: &Hook, subject: &Subject) -> Option<*mut CachedFlow> {
+    let table = FLOW_CACHES.get_ptr_mut(0)?;
+    // SAFETY: this CPU's table; the index is below `FLOW_CACHE_SLOTS` (masked).
+    Some(unsafe {
+        (*table)
+            .slots
+            .as_mut_ptr()
+            .add(slot_index(hook, subject) as usize)
+    })
+}
+
+/// The flow direction's slot index: the same flow forwarded through the host is seen by two hooks
 /// on one CPU, and each direction by one, so all of them take part, in the low bits (the
 /// variants of one flow never share a slot). A multiply carries a difference only upwards, so
 /// each round folds the high half down: addresses that differ in their first octet part too.
 #[inline(always)]
-fn slot(hook: &Hook, subject: &Subject) -> u32 {
+fn slot_index(hook: &Hook, subject: &Subject) -> u32 {
     let key = &subject.key.short;
     let ports = (key.port_lo as u32) << 16 | key.port_hi as u32;
     let direction = (hook.kind as u32) << 1 | subject.from_lo as u32;

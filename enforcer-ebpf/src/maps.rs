@@ -12,9 +12,7 @@ use crate::subject::Subject;
 use enforcer_common::{
     addr::{Ipcache4Key, IpcacheKey},
     config::PolicyConfig,
-    conntrack::{
-        CachedFlow, CtEntry, CtKey, CtKey4, FLOW_CACHE_SLOTS, FlowTableCounts, FragEntry, FragKey,
-    },
+    conntrack::{CtEntry, CtKey, CtKey4, FlowCacheTable, FlowTableCounts, FragEntry, FragKey},
     counters::{Counter, EDGE_CACHE_SLOTS, EdgeCacheSlot, FlowCounterKey},
     event::{DenialTable, EventCpuState, FlowEvent},
     flow_filter,
@@ -116,11 +114,12 @@ pub static EDGE_CACHE: PerCpuArray<EdgeCacheSlot, { EDGE_CACHE_SLOTS as usize }>
 #[btf_map]
 pub static FLOW_COUNTS: LruPerCpuHashMap<FlowCounterKey, Counter, 65536> = LruPerCpuHashMap::new();
 
-/// In front of conntrack for established IPv4 flows (see `flow_cache`). Pinned: its slots hold
-/// packet counts not yet moved to `PACKET_COUNTS` and the edge counters, which the controller
-/// reads.
+/// In front of conntrack for established IPv4 flows (see `flow_cache`): one value, each CPU's
+/// table. Pinned: its slots hold packet counts not yet moved to `PACKET_COUNTS` and the edge
+/// counters, which the controller reads. Named anew when its slots became one value (it was
+/// `FLOW_CACHE`, a value per slot): its shape changed.
 #[btf_map]
-pub static FLOW_CACHE: PerCpuArray<CachedFlow, { FLOW_CACHE_SLOTS as usize }> = PerCpuArray::new();
+pub static FLOW_CACHES: PerCpuArray<FlowCacheTable, 1> = PerCpuArray::new();
 
 /// Working memory for the packet being judged (see `subject::Subject`).
 #[btf_map]

@@ -92,15 +92,14 @@ pub fn judge<F: Frame>(frame: &F, hook: &mut Hook) -> u8 {
         if F::AT_INTERFACE {
             // (The socket hook took the key already, in `socket_hook_judges`.)
             flow_key(subject);
-        }
-        // The flow filter first: a new flow's packet (every packet of a flood of distinct
-        // shapes) then skips the flow cache, whose slot would be one more cache miss. The
-        // cache holds only flows the filter lets through (see `flow_filter::may_hold`).
-        if may_be_tracked(hook, subject) {
-            let verdict = pass_established_or_cached::<F>(hook, subject);
-            if verdict != NOT_TRACKED {
+            let verdict = flow_cache::pass(hook, subject);
+            if verdict != flow_cache::MISS {
                 return verdict;
             }
+        }
+        let verdict = pass_established::<F>(hook, subject);
+        if verdict != NOT_TRACKED {
+            return verdict;
         }
     }
     if !resolve_identities(hook, subject) {
@@ -348,27 +347,6 @@ fn came_through_its_endpoint(hook: &Hook, subject: &Subject, by_address: &Identi
 
 /// What [`judge_tracked`] and [`pass_established`] return when they do not decide.
 const NOT_TRACKED: u8 = 0;
-
-/// Whether the subject's flow may be tracked (see `conntrack::may_be_tracked`). A function of
-/// its own: inlined, its hashing grows the entry program's frame (5.10's and 6.1's verifiers
-/// count every frame of the deepest call chain against 512 bytes).
-#[inline(never)]
-fn may_be_tracked(hook: &Hook, subject: &Subject) -> bool {
-    conntrack::may_be_tracked(&subject.key, hook.now)
-}
-
-/// The verdict of a packet of an established flow: from the flow cache (interface hooks) or
-/// by the shortcut; [`NOT_TRACKED`] for the rest.
-#[inline(always)]
-fn pass_established_or_cached<F: Frame>(hook: &Hook, subject: &mut Subject) -> u8 {
-    if F::AT_INTERFACE {
-        let verdict = flow_cache::pass(hook, subject);
-        if verdict != flow_cache::MISS {
-            return verdict;
-        }
-    }
-    pass_established::<F>(hook, subject)
-}
 
 /// The shortcut (see the module documentation): [`NOT_TRACKED`] unless it applies. What it
 /// passes at an interface, `flow_cache` passes for a while without asking conntrack.

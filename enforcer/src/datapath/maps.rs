@@ -20,7 +20,7 @@ use aya::{
 use enforcer_common::{
     addr::{Ipcache4Key, IpcacheKey},
     config::{PolicyConfig, flags as config_flags},
-    conntrack::{CachedFlow, CtEntry, CtKey, CtKey4, FLOW_CACHE_SLOTS, FlowTableCounts},
+    conntrack::{CachedFlow, CtEntry, CtKey, CtKey4, FlowCacheTable, FlowTableCounts},
     counters::{Counter, EDGE_CACHE_SLOTS, EdgeCacheSlot, FlowCounterKey},
     event::EventCpuState,
     flow_filter,
@@ -66,7 +66,7 @@ pub const MAP_NAMES: [&str; 26] = [
     "PACKET_COUNTS",
     "FLOW_COUNTS",
     "EDGE_CACHE",
-    "FLOW_CACHE",
+    "FLOW_CACHES",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -177,7 +177,7 @@ pub struct KernelMaps {
     packet_counts: PerCpuArray<MapData, Counter>,
     flow_counts: PerCpuHashMap<MapData, FlowCounterKey, Counter>,
     edge_cache: PerCpuArray<MapData, EdgeCacheSlot>,
-    flow_cache: PerCpuArray<MapData, CachedFlow>,
+    flow_cache: PerCpuArray<MapData, FlowCacheTable>,
     capacities: BTreeMap<&'static str, u32>,
 }
 
@@ -227,7 +227,7 @@ impl KernelMaps {
             packet_counts: typed!("PACKET_COUNTS"),
             flow_counts: typed!("FLOW_COUNTS"),
             edge_cache: typed!("EDGE_CACHE"),
-            flow_cache: typed!("FLOW_CACHE"),
+            flow_cache: typed!("FLOW_CACHES"),
             capacities: BTreeMap::new(),
         };
         let events: RingBuf<MapData> = typed!("EVENTS");
@@ -423,14 +423,15 @@ impl KernelMaps {
     /// not moved to the counters yet. Read after the counters they move to: counts that move
     /// meanwhile show at the next read, never twice.
     fn flows_with_counts(&self) -> Vec<CachedFlow> {
-        let mut flows = Vec::new();
-        for index in 0..FLOW_CACHE_SLOTS {
-            let Ok(per_cpu) = self.flow_cache.get(&index, 0) else {
-                continue;
-            };
-            flows.extend(per_cpu.iter().filter(|flow| flow.packets != 0));
-        }
-        flows
+        let Ok(tables) = self.flow_cache.get(&0, 0) else {
+            return Vec::new();
+        };
+        tables
+            .iter()
+            .flat_map(|table| table.slots.iter())
+            .filter(|flow| flow.packets != 0)
+            .copied()
+            .collect()
     }
 
     /// Per-(source, destination, verdict) packet and byte counts, summed over CPUs: the
@@ -614,7 +615,7 @@ fn map_data(map: &Map) -> &MapData {
 /// The packets a flow cache slot passed and has not moved to the counters yet.
 fn passed(flow: &CachedFlow) -> Counter {
     Counter {
-        packets: flow.packets,
+        packets: u64::from(flow.packets),
         bytes: flow.bytes,
     }
 }
