@@ -83,8 +83,7 @@ fn end_is_lower(a: &[u8; 16], a_port: u16, b: &[u8; 16], b_port: u16) -> bool {
 }
 
 /// Writes the key of the IPv4 flow `src:src_port → dst:dst_port` (addresses as numbers) into
-/// `key`; returns whether `src` is its `lo` end. The order is the long key's (the mapped
-/// prefix is the same on both ends).
+/// `key`; returns whether `src` is its `lo` end (see [`short_key`]).
 #[inline(always)]
 pub fn flow_key_v4(
     src: u32,
@@ -94,18 +93,30 @@ pub fn flow_key_v4(
     protocol: u8,
     key: &mut FlowKey,
 ) -> bool {
-    let src_is_lo = src < dst || (src == dst && src_port < dst_port);
-    let short = &mut key.short;
-    if src_is_lo {
-        (short.addr_lo, short.port_lo, short.addr_hi, short.port_hi) =
-            (src, src_port, dst, dst_port);
-    } else {
-        (short.addr_lo, short.port_lo, short.addr_hi, short.port_hi) =
-            (dst, dst_port, src, src_port);
-    }
-    short.proto = protocol;
-    short._pad = [0; 3];
     key.ipv4 = 1;
+    short_key(src, src_port, dst, dst_port, protocol, &mut key.short)
+}
+
+/// Writes the short key of the IPv4 flow `src:src_port → dst:dst_port` (addresses as numbers)
+/// into `key`; returns whether `src` is its `lo` end. The order is the long key's (the mapped
+/// prefix is the same on both ends).
+#[inline(always)]
+pub fn short_key(
+    src: u32,
+    src_port: u16,
+    dst: u32,
+    dst_port: u16,
+    protocol: u8,
+    key: &mut CtKey4,
+) -> bool {
+    let src_is_lo = src < dst || (src == dst && src_port < dst_port);
+    if src_is_lo {
+        (key.addr_lo, key.port_lo, key.addr_hi, key.port_hi) = (src, src_port, dst, dst_port);
+    } else {
+        (key.addr_lo, key.port_lo, key.addr_hi, key.port_hi) = (dst, dst_port, src, src_port);
+    }
+    key.proto = protocol;
+    key._pad = [0; 3];
     src_is_lo
 }
 

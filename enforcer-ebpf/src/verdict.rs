@@ -7,7 +7,9 @@
 //! generation, arriving where that direction's earlier packets arrived (the same ingress
 //! interface at XDP, the same socket cgroup at TC), passes without identity lookups. Those
 //! earlier packets went through the identity and anti-spoofing checks, under this same
-//! generation; anything else takes the full path, which records where it came from.
+//! generation; anything else takes the full path, which records where it came from. In front
+//! of everything, at an interface, the flow cache passes what the shortcut passed a moment ago
+//! (see `flow_cache`), from the headers alone.
 //!
 //! The steps are separate BPF functions (`#[inline(never)]`) taking the [`Subject`] by
 //! reference: each gets its own stack frame, which keeps the whole under the 512-byte BPF stack.
@@ -40,6 +42,12 @@ use crate::{
 /// hook calls it only for a packet it may judge (see [`socket_hook_may_judge`]).
 #[inline(always)]
 pub fn judge<F: Frame>(frame: &F, hook: &mut Hook) -> u8 {
+    if F::AT_INTERFACE {
+        let verdict = flow_cache::pass(frame, hook);
+        if verdict != flow_cache::MISS {
+            return verdict;
+        }
+    }
     let Some(subject) = SCRATCH.get_ptr_mut(0) else {
         // A one-entry per-CPU array always has its entry; fail closed if not.
         return DENY;
@@ -92,10 +100,6 @@ pub fn judge<F: Frame>(frame: &F, hook: &mut Hook) -> u8 {
         if F::AT_INTERFACE {
             // (The socket hook took the key already, in `socket_hook_judges`.)
             flow_key(subject);
-            let verdict = flow_cache::pass(hook, subject);
-            if verdict != flow_cache::MISS {
-                return verdict;
-            }
         }
         let verdict = pass_established::<F>(hook, subject);
         if verdict != NOT_TRACKED {

@@ -8,8 +8,13 @@
 //! IPv6 extension headers than it follows, headers past its reach, short transport headers).
 //! Frames the stack does not take in as plain IP are none of the parser's business (see
 //! `taken_in`).
+//!
+//! And the flow cache's reading of a plain IPv4 frame (`packet::plain_ipv4`) against the
+//! parser's: it must take exactly the frames the parser reads as plain IPv4 TCP or UDP, and read
+//! the same flow from them, or a frame the parser would refuse could pass as a cached flow's.
 #![no_main]
 
+use enforcer_common::{addr::family, policy::proto};
 use enforcer_testbed::frames::{Fragment, TakenIn, taken_in};
 use libfuzzer_sys::fuzz_target;
 
@@ -35,6 +40,7 @@ impl Frame for HostFrame<'_> {
 fuzz_target!(|frame: &[u8]| {
     let mut packet = Packet::EMPTY;
     let parsed = packet::parse(&HostFrame(frame), &mut packet);
+    plain_reading_agrees(frame, parsed, &packet);
     let Some(taken_in) = taken_in(frame) else {
         return;
     };
@@ -62,3 +68,45 @@ fuzz_target!(|frame: &[u8]| {
         _refused => {}
     }
 });
+
+/// `packet::plain_ipv4` reads a frame if and only if the parser reads it as a plain IPv4 TCP
+/// segment or UDP datagram (not a fragment, the transport header right after an option-less IP
+/// header), and then the same flow.
+fn plain_reading_agrees(frame: &[u8], parsed: packet::Parsed, packet: &Packet) {
+    let plain = packet::plain_ipv4(&HostFrame(frame));
+    let parser_says_plain = parsed == packet::PARSED_IP
+        && packet.family == family::INET
+        && packet.fragment == fragment::NONE
+        && packet.l4_offset as usize == packet::PLAIN_IPV4_L4_OFFSET
+        && matches!(packet.proto, proto::TCP | proto::UDP);
+    let Some(plain) = plain else {
+        assert!(
+            !parser_says_plain,
+            "a plain frame the flow cache does not read"
+        );
+        return;
+    };
+    assert!(
+        parser_says_plain,
+        "the flow cache reads a frame the parser reads otherwise (parsed {parsed})"
+    );
+    assert_eq!(
+        (
+            plain.src,
+            plain.dst,
+            plain.proto,
+            plain.src_port,
+            plain.dst_port,
+            plain.tcp_flags
+        ),
+        (
+            packet.src_v4,
+            packet.dst_v4,
+            packet.proto,
+            packet.src_port,
+            packet.dst_port,
+            packet.tcp_flags
+        ),
+        "the flow cache reads another flow than the parser"
+    );
+}
