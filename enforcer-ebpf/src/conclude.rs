@@ -2,13 +2,13 @@
 //! and a would-be drop turned into a reported pass where audit mode applies.
 
 use enforcer_common::{
-    config::flags as config_flags,
+    config::{PolicyConfig, flags as config_flags},
     policy::rule,
     verdict::{AUDIT, DENY, reason},
 };
 
 use crate::{
-    fragments, identity,
+    fragments,
     packet::fragment,
     report::{self, Hook},
     subject::Subject,
@@ -82,8 +82,8 @@ pub fn deny_reason(decided_by: u32) -> u8 {
 
 /// A frame refused for its shape, before any identity is known: counted, not reported.
 #[inline(never)]
-pub fn refuse_shape(hook: &Hook, why: u8) -> u8 {
-    let audit = matches!(identity::active_config(), Some(config) if config.flags & config_flags::AUDIT != 0);
+pub fn refuse_shape(hook: &Hook, why: u8, config: Option<&PolicyConfig>) -> u8 {
+    let audit = matches!(config, Some(config) if config.flags & config_flags::AUDIT != 0);
     let verdict = if audit { AUDIT } else { DENY };
     report::count(hook, verdict, why, 0, 0);
     verdict

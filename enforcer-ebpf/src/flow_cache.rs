@@ -25,6 +25,7 @@
 //! the next read, never twice).
 
 use enforcer_common::{
+    config::PolicyConfig,
     conntrack::{CachedFlow, CtKey4, FLOW_CACHE_SLOTS, timeout},
     counters::Counter,
     policy::proto,
@@ -55,14 +56,15 @@ fn enabled() -> bool {
 /// What [`pass`] returns for a packet it leaves to the full path (no verdict is 0).
 pub const MISS: u8 = 0;
 
-/// The verdict of a packet of a cached flow, counted in its slot; [`MISS`] when the full path
-/// has to decide. The first thing an interface hook asks, before the parser: it reads only a
-/// plain frame's headers (see `packet::plain_ipv4`), and a cached flow's packet then costs
-/// those loads, the config and one slot. A function of its own: its frame must not add to the
+/// The verdict of a packet of a cached flow under `config` (the packet's one reading of it, see
+/// `verdict::judge`), counted in its slot; [`MISS`] when the full path has to decide. The
+/// first thing an interface hook asks, before the parser: it reads only a plain frame's
+/// headers (see `packet::plain_ipv4`), and a cached flow's packet then costs those loads and
+/// one slot. A function of its own: its frame must not add to the
 /// entry program's (5.10's verifier counts every frame of the deepest call chain against 512
 /// bytes).
 #[inline(never)]
-pub fn pass<F: Frame>(frame: &F, hook: &Hook) -> u8 {
+pub fn pass<F: Frame>(frame: &F, hook: &Hook, config: &PolicyConfig) -> u8 {
     if !enabled() {
         return MISS;
     }
@@ -72,9 +74,6 @@ pub fn pass<F: Frame>(frame: &F, hook: &Hook) -> u8 {
     if packet.proto == proto::TCP && packet.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
         return MISS;
     }
-    let Some(config) = identity::active_config() else {
-        return MISS;
-    };
     // As `verdict::judge` binds the packet's cgroup: to its service's.
     let cgroup_id = if config.cgroup_levels != 0 && hook.cgroup_id != 0 {
         identity::service_cgroup(

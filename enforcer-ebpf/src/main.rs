@@ -160,7 +160,7 @@ pub fn enf_xdp_ingress(ctx: XdpContext) -> u32 {
         len: (ctx.end() - ctx.start()) as u32,
         now: now(),
     };
-    match verdict::judge(&ctx, &mut hook) {
+    match verdict::judge(&ctx, &mut hook, identity::active_config()) {
         DENY => xdp_action::XDP_DROP,
         _ => xdp_action::XDP_PASS,
     }
@@ -185,7 +185,8 @@ pub fn enf_socket_ingress(ctx: SkBuffContext) -> i32 {
     let skb = ctx.skb.skb;
     // SAFETY: `skb` is the context pointer the kernel passed in.
     let ifindex = unsafe { (*skb).ifindex };
-    if !verdict::socket_hook_may_judge(ifindex) {
+    let config = identity::active_config();
+    if !verdict::socket_hook_may_judge(ifindex, config) {
         return PASS;
     }
     let mut hook = Hook {
@@ -199,7 +200,7 @@ pub fn enf_socket_ingress(ctx: SkBuffContext) -> i32 {
         len: ctx.len(),
         now: now(),
     };
-    match verdict::judge(&ctx, &mut hook) {
+    match verdict::judge(&ctx, &mut hook, config) {
         DENY => 0,
         _ => PASS,
     }
@@ -236,7 +237,7 @@ fn judge_skb(ctx: &TcContext, kind: u8) -> i32 {
         len: ctx.len(),
         now: now(),
     };
-    match verdict::judge(ctx, &mut hook) {
+    match verdict::judge(ctx, &mut hook, identity::active_config()) {
         DENY => TC_ACT_SHOT as i32,
         // Let any later TCX program have its say (TCX_NEXT).
         _ => TC_ACT_UNSPEC,

@@ -38,12 +38,16 @@ use crate::{
     subject::Subject,
 };
 
-/// Judges the frame and returns [`ALLOW`], [`DENY`] or [`AUDIT`] (which passes). The socket
-/// hook calls it only for a packet it may judge (see [`socket_hook_may_judge`]).
+/// Judges the frame under `config`, the active policy's config (see
+/// [`identity::active_config`]), and returns [`ALLOW`], [`DENY`] or [`AUDIT`] (which passes).
+/// The entry point reads the config once for the whole packet and hands it down: one
+/// generation per packet, and one map-in-map lookup, an indirect call under retpolines, where
+/// every step that needed it used to make its own. The socket hook calls it only for a packet
+/// it may judge (see [`socket_hook_may_judge`]).
 #[inline(always)]
-pub fn judge<F: Frame>(frame: &F, hook: &mut Hook) -> u8 {
-    if F::AT_INTERFACE {
-        let verdict = flow_cache::pass(frame, hook);
+pub fn judge<F: Frame>(frame: &F, hook: &mut Hook, config: Option<&PolicyConfig>) -> u8 {
+    if let (true, Some(config)) = (F::AT_INTERFACE, config) {
+        let verdict = flow_cache::pass(frame, hook, config);
         if verdict != flow_cache::MISS {
             return verdict;
         }
@@ -61,16 +65,16 @@ pub fn judge<F: Frame>(frame: &F, hook: &mut Hook) -> u8 {
     subject.tracked = 0;
     let parsed = packet::parse(frame, &mut subject.packet);
     if !F::AT_INTERFACE
-        && !(parsed == packet::PARSED_IP && socket_hook_judges(frame, hook, subject))
+        && !(parsed == packet::PARSED_IP && socket_hook_judges(frame, hook, subject, config))
     {
         return ALLOW;
     }
     match parsed {
         packet::PARSED_IP | packet::ARP => {}
         packet::NOT_IP => return ALLOW,
-        why => return refuse_shape(hook, why),
+        why => return refuse_shape(hook, why, config),
     }
-    let Some(config) = identity::active_config() else {
+    let Some(config) = config else {
         if parsed == packet::ARP {
             // Without a policy there are no endpoints to speak for; ARP is not IP.
             return ALLOW;
@@ -175,9 +179,8 @@ fn flow_key(subject: &mut Subject) {
 /// processes (over loopback), which no hook judges. Most packets the socket hook sees are none
 /// of its business: it asks this first, before it reads anything else about the packet.
 #[inline(always)]
-pub fn socket_hook_may_judge(ifindex: u32) -> bool {
-    ifindex != LOOPBACK_IFINDEX
-        && matches!(identity::active_config(), Some(config) if config.cgroup_levels != 0)
+pub fn socket_hook_may_judge(ifindex: u32, config: Option<&PolicyConfig>) -> bool {
+    ifindex != LOOPBACK_IFINDEX && matches!(config, Some(config) if config.cgroup_levels != 0)
 }
 
 /// Whether the socket hook judges the packet (see `sockets`), given that it may (see
@@ -188,11 +191,16 @@ pub fn socket_hook_may_judge(ifindex: u32) -> bool {
 /// hook. A function of its own: the socket hook's entry frame must stay as small as the
 /// others' (5.10's verifier counts every frame of the deepest call chain against 512 bytes).
 #[inline(never)]
-fn socket_hook_judges<F: Frame>(frame: &F, hook: &mut Hook, subject: &mut Subject) -> bool {
+fn socket_hook_judges<F: Frame>(
+    frame: &F,
+    hook: &mut Hook,
+    subject: &mut Subject,
+    config: Option<&PolicyConfig>,
+) -> bool {
     if subject.packet.fragment == fragment::LATER {
         return false;
     }
-    let Some(config) = identity::active_config() else {
+    let Some(config) = config else {
         return false;
     };
     let slot = config.slot as u8;
