@@ -7,7 +7,10 @@
 //! (punctuation, field names and constant values together, JSON already) and the values between
 //! them, which is where escaping is needed and done.
 
-use std::fmt::{self, Write as _};
+use std::{
+    fmt::{self, Write as _},
+    net::IpAddr,
+};
 
 /// A JSON line being written into a string: literal runs and values, in the order they appear.
 pub struct Line<'a> {
@@ -39,6 +42,29 @@ impl<'a> Line<'a> {
         self.out.push('"');
         // Writing into a `String` cannot fail, and `Escaping` does not fail either.
         let _ = write!(Escaping(self.out), "{value}");
+        self.out.push('"');
+        self
+    }
+
+    /// An IP address as a string value, in its canonical text (RFC 5952 for IPv6), as
+    /// `Display` writes it. Neither form has anything to escape; an IPv4 address is written
+    /// octet by octet rather than through `fmt`, which took a seventh of a flow record's time
+    /// (its two addresses).
+    pub fn ip(&mut self, ip: &IpAddr) -> &mut Self {
+        self.out.push('"');
+        match ip {
+            IpAddr::V4(v4) => {
+                let [a, b, c, d] = v4.octets();
+                let mut digits = itoa::Buffer::new();
+                self.out.push_str(digits.format(a));
+                for octet in [b, c, d] {
+                    self.out.push('.');
+                    self.out.push_str(digits.format(octet));
+                }
+            }
+            // Writing into a `String` cannot fail.
+            IpAddr::V6(v6) => _ = write!(self.out, "{v6}"),
+        }
         self.out.push('"');
         self
     }
@@ -159,6 +185,30 @@ mod tests {
             }),
             serde_json::to_string(&pieces.to_string()).unwrap()
         );
+    }
+
+    #[test]
+    fn addresses_are_written_as_serde_json_writes_their_text() {
+        let addresses = [
+            "0.0.0.0",
+            "10.0.1.255",
+            "255.255.255.255",
+            "::",
+            "::1",
+            "::ffff:10.0.0.1",
+            "2001:db8::8:800:200c:417a",
+            "fe80::1:0:0:1",
+        ];
+        for address in addresses {
+            let ip: IpAddr = address.parse().unwrap();
+            assert_eq!(
+                written(|line| {
+                    line.ip(&ip);
+                }),
+                serde_json::to_string(&ip.to_string()).unwrap(),
+                "{address}"
+            );
+        }
     }
 
     #[test]

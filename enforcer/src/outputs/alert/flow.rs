@@ -267,7 +267,7 @@ fn write_ocsf_unmapped(line: &mut Line, record: &FlowRecord) {
 
 fn write_ocsf_endpoint(line: &mut Line, end: &crate::events::FlowEnd) {
     line.raw(r#"{"ip":"#)
-        .display(&end.ip)
+        .ip(&end.ip)
         .raw(r#","port":"#)
         .integer(end.port)
         .raw(r#","svc_name":"#)
@@ -286,11 +286,11 @@ fn write_ecs(line: &mut Line, record: &FlowRecord, host: &str) {
         .display(&FlowMessage(record));
     write_ecs_event(line, record, &timestamp);
     line.raw(r#","source":{"ip":"#)
-        .display(&record.src.ip)
+        .ip(&record.src.ip)
         .raw(r#","port":"#)
         .integer(record.src.port)
         .raw(r#"},"destination":{"ip":"#)
-        .display(&record.dst.ip)
+        .ip(&record.dst.ip)
         .raw(r#","port":"#)
         .integer(record.dst.port)
         .raw(r#"},"service":{"origin":{"name":"#)
