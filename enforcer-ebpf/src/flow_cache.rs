@@ -70,7 +70,7 @@ pub fn pass<F: Frame>(frame: &F, hook: &Hook, config: &PolicyConfig) -> u8 {
     let Some(packet) = packet::plain_ipv4(frame) else {
         return MISS;
     };
-    if packet.proto == proto::TCP && packet.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+    if !changes_no_state(packet.proto, packet.tcp_flags) {
         return MISS;
     }
     // As `verdict::judge` binds the packet's cgroup: to its service's.
@@ -156,8 +156,8 @@ fn count_passed(cached: &CachedFlow) {
     );
 }
 
-/// A plain IPv4 TCP segment that changes no connection state (no SYN, FIN or RST), or a plain
-/// UDP datagram: what [`pass`] looks up.
+/// A plain IPv4 packet that changes no connection state (see [`changes_no_state`]): what
+/// [`pass`] looks up.
 #[inline(always)]
 fn cacheable(subject: &Subject) -> bool {
     let packet = &subject.packet;
@@ -165,11 +165,18 @@ fn cacheable(subject: &Subject) -> bool {
         && subject.key.ipv4 != 0
         && packet.fragment == fragment::NONE
         && packet.l4_offset as usize == packet::PLAIN_IPV4_L4_OFFSET
-        && match packet.proto {
-            proto::TCP => packet.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0,
-            proto::UDP => true,
-            _ => false,
-        }
+        && changes_no_state(packet.proto, packet.tcp_flags)
+}
+
+/// A TCP segment without SYN, FIN or RST, or a UDP datagram: packets the cache may pass
+/// (the others change a flow's state, which conntrack has to see).
+#[inline(always)]
+fn changes_no_state(protocol: u8, tcp_flags: u8) -> bool {
+    match protocol {
+        proto::TCP => tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0,
+        proto::UDP => true,
+        _ => false,
+    }
 }
 
 #[inline(always)]
