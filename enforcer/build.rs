@@ -1,6 +1,9 @@
+#[path = "build/stack_depth.rs"]
+mod stack_depth;
+
 use std::{env, path::PathBuf};
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use aya_build::{Package, Toolchain};
 
 /// Builds the eBPF object (`enforcer-ebpf`) that the controller embeds.
@@ -11,6 +14,7 @@ use aya_build::{Package, Toolchain};
 /// setup` installs it, with `bpf-linker`).
 fn main() -> anyhow::Result<()> {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?);
+    println!("cargo:rerun-if-changed=build");
     let workspace = manifest_dir.parent().context("workspace root")?;
     let ebpf_dir = workspace.join("enforcer-ebpf");
     // aya-build watches the eBPF crate; its shared types live in enforcer-common.
@@ -46,5 +50,29 @@ fn main() -> anyhow::Result<()> {
         }],
         Toolchain::Custom(&toolchain),
     )
-    .context("building the eBPF programs (run `cargo xtask doctor` to check the toolchain)")
+    .context("building the eBPF programs (run `cargo xtask doctor` to check the toolchain)")?;
+    check_stack(&PathBuf::from(env::var("OUT_DIR").context("OUT_DIR")?).join("enforcer"))
+}
+
+/// Fails the build where the verifiers of 5.10 and 6.1 would refuse the programs for their
+/// stack: every datapath change meets this limit first.
+fn check_stack(object: &std::path::Path) -> anyhow::Result<()> {
+    let object = std::fs::read(object).with_context(|| format!("reading {}", object.display()))?;
+    let chains = stack_depth::deepest_chains(&object)
+        .map_err(anyhow::Error::msg)
+        .context("reading the eBPF object's call chains")?;
+    let too_deep: Vec<String> = chains
+        .iter()
+        .filter(|chain| chain.bytes > stack_depth::STACK_LIMIT)
+        .map(ToString::to_string)
+        .collect();
+    if !too_deep.is_empty() {
+        bail!(
+            "the verifiers of 5.10 and 6.1 allow a chain of calls {} bytes of stack, each frame \
+             rounded up to 32, and would refuse:\n  {}",
+            stack_depth::STACK_LIMIT,
+            too_deep.join("\n  ")
+        );
+    }
+    Ok(())
 }

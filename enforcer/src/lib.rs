@@ -16,6 +16,10 @@ mod logfile;
 pub mod outputs;
 pub mod policy;
 mod run;
+/// The build script's stack check of the eBPF programs, compiled here for its unit tests.
+#[cfg(test)]
+#[path = "../build/stack_depth.rs"]
+mod stack_depth;
 
 /// A file path of a unit test's own under the temp directory, removed when dropped.
 #[cfg(test)]

@@ -904,4 +904,29 @@ mod tests {
             "the datapath calls memory builtins (byte loops): {called:?}"
         );
     }
+
+    /// The build's stack check reads every program and follows its calls (a check that found
+    /// no program, or no call, would pass anything).
+    #[test]
+    fn the_stack_check_follows_every_programs_calls() {
+        let chains = crate::stack_depth::deepest_chains(super::EBPF_OBJECT).unwrap();
+        let mut programs: Vec<&str> = chains.iter().map(|chain| chain.program()).collect();
+        programs.sort_unstable();
+        assert_eq!(
+            programs,
+            [
+                "enf_socket_ingress",
+                "enf_tc_egress",
+                "enf_tc_ingress",
+                "enf_xdp_ingress"
+            ]
+        );
+        for chain in &chains {
+            assert!(
+                chain.frames.len() > 3 && chain.frames.iter().all(|(_, frame)| *frame > 0),
+                "{chain}"
+            );
+            assert!(chain.bytes <= crate::stack_depth::STACK_LIMIT, "{chain}");
+        }
+    }
 }
