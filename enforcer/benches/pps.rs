@@ -6,6 +6,10 @@
 //! forward hook; enforcer attached to both host-side veths (TC ingress and egress), and its hooks
 //! again with programs that pass everything, the floor any program on them starts from.
 //!
+//! The same run also times enforcer's programs over many flows at once: 4 096 answered UDP
+//! flows from the client, a datagram from each in turn, against one flow from the same sender.
+//! One flow is the best case of a flow cache; a host's traffic is many.
+//!
 //! The filters are measured in rounds, one run of each per round, in an order that turns from
 //! round to round, and each ratio is the median of its rounds' ratios: this machine's speed
 //! drifts within a run by more than the filters differ, and a filter measured in a block of its
@@ -15,9 +19,10 @@
 use std::{
     fmt::Write as _,
     io::Write as _,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    time::{Duration, Instant},
 };
 
 use enforcer_testbed::{Topology, bpf, policies, results, results::median};
@@ -83,6 +88,11 @@ struct Round {
     /// [`program_cost`]): enforcer's, and the pass-all programs'.
     enforcer_cost: f64,
     pass_all_cost: f64,
+    /// The same, with the client's own sender (see [`flows_cost`]): enforcer's programs over
+    /// one flow and over [`MANY_FLOWS`], and the pass-all programs over as many.
+    one_flow_cost: f64,
+    many_flows_cost: f64,
+    many_flows_pass_all_cost: f64,
 }
 
 /// The hooks a client-to-server packet passes, by the name of their pinned links: TC ingress
@@ -111,6 +121,99 @@ fn program_cost(topology: &Topology) -> f64 {
     .sum()
 }
 
+/// Flows in the many-flows run: each flow forwarded through the host takes a slot of the flow
+/// cache at each of its two hooks, so 4 096 flows sent in turn want 16 times the 512 slots a
+/// CPU has, and nearly every packet misses the cache.
+const MANY_FLOWS: usize = 4096;
+/// The port the client's flows go to: the one the policy allows (iperf3's).
+const SERVER_PORT: u16 = 5201;
+/// At most this many datagrams in one run of [`flows_cost`], whatever its duration.
+const MOST_DATAGRAMS: usize = 5_000_000;
+
+/// What the programs on [`PACKET_HOOKS`] cost each 64-byte datagram of a run that sends over
+/// `flows` UDP flows from the client to the server, one datagram per flow in turn (see
+/// [`program_cost`]). Before the timing, every flow sends one datagram and the server answers
+/// it, so the run measures answered flows, as most of a host's are.
+fn flows_cost(topology: &Topology, flows: usize) -> f64 {
+    let server = SocketAddrV4::new(topology.endpoint("server").ipv4, SERVER_PORT);
+    let receiver = topology
+        .netns("server")
+        .run(|| UdpSocket::bind(server))
+        .expect("in the server's namespace")
+        .expect("the receiving socket binds");
+    let senders = topology
+        .netns("client")
+        .run(|| {
+            (0..flows)
+                .map(|_| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))
+                .collect::<std::io::Result<Vec<_>>>()
+        })
+        .expect("in the client's namespace")
+        .expect("the sending sockets bind (one per flow)");
+    let datagram = [0u8; PAYLOAD];
+    answer_each_flow(&senders, &receiver, server);
+    let send_round = || {
+        for socket in &senders {
+            // A full socket buffer refuses one now and then; the rest go.
+            let _ = socket.send_to(&datagram, server);
+        }
+    };
+    let links = PACKET_HOOKS.map(|hook| topology.pin_path().join("links").join(hook));
+    let links = links.each_ref().map(PathBuf::as_path);
+    let duration = Duration::from_secs(u64::from(sizes().0));
+    bpf::mean_run_times(&links, || {
+        let started = Instant::now();
+        let mut sent = 0;
+        while started.elapsed() < duration && sent < MOST_DATAGRAMS {
+            send_round();
+            sent += flows;
+        }
+    })
+    .expect("the hooks' programs' run-time statistics")
+    .iter()
+    .sum()
+}
+
+/// Sends a datagram from each sender and has the server answer it, one flow at a time: the
+/// receiving socket's buffer holds a few hundred datagrams, and a flow whose first one it
+/// dropped would stay unanswered.
+fn answer_each_flow(senders: &[UdpSocket], receiver: &UdpSocket, server: SocketAddrV4) {
+    receiver
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("a read timeout");
+    let mut buffer = [0u8; PAYLOAD];
+    for (flow, sender) in senders.iter().enumerate() {
+        sender
+            .send_to(&buffer, server)
+            .expect("a flow's first datagram");
+        let (_, from) = receiver
+            .recv_from(&mut buffer)
+            .unwrap_or_else(|error| panic!("flow {flow}'s first datagram: {error}"));
+        receiver.send_to(&buffer, from).expect("the answer");
+    }
+}
+
+/// Lets the process hold a socket per flow of the many-flows run (the usual soft limit is
+/// 1 024 descriptors).
+fn allow_a_socket_per_flow() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain system calls on a struct of ours.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        let wanted = (MANY_FLOWS as libc::rlim_t) * 2;
+        assert!(
+            limit.rlim_max >= wanted,
+            "the many-flows run needs {wanted} file descriptors; the hard limit is {}",
+            limit.rlim_max
+        );
+        limit.rlim_cur = limit.rlim_cur.max(wanted);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+}
+
 /// The filters' runs of round `index`, starting with a different one each round.
 fn round(topology: &Topology, index: usize, client: Ipv4Addr, server: Ipv4Addr) -> Round {
     let mut round = Round::default();
@@ -121,6 +224,8 @@ fn round(topology: &Topology, index: usize, client: Ipv4Addr, server: Ipv4Addr) 
                 let enforcer = with_enforcer(topology, client, server);
                 (round.enforced, round.enforcer_cost) = enforcer.active;
                 (round.attached_only, round.pass_all_cost) = enforcer.pass_all;
+                (round.one_flow_cost, round.many_flows_cost) = enforcer.flows;
+                round.many_flows_pass_all_cost = enforcer.many_flows_pass_all;
             }
             _ => round.nftables = with_nftables(topology, client, server),
         }
@@ -207,10 +312,13 @@ fn with_nftables(topology: &Topology, client: Ipv4Addr, server: Ipv4Addr) -> f64
 /// enforcer on both host-side veths, the same rules plus the client's edge; then the same hooks
 /// (TCX on the veths, the socket hook on the cgroup root) with programs that pass everything
 /// swapped in: what being attached costs, before any of enforcer's work. Each with its rate and
-/// its programs' cost per packet (see [`program_cost`]), measured in a run of its own.
+/// its programs' cost per packet (see [`program_cost`]), measured in a run of its own; and the
+/// programs' cost over one flow and over many (see [`flows_cost`]).
 struct WithEnforcer {
     active: (f64, f64),
     pass_all: (f64, f64),
+    flows: (f64, f64),
+    many_flows_pass_all: f64,
 }
 
 fn with_enforcer(topology: &Topology, client: Ipv4Addr, server: Ipv4Addr) -> WithEnforcer {
@@ -229,6 +337,7 @@ fn with_enforcer(topology: &Topology, client: Ipv4Addr, server: Ipv4Addr) -> Wit
         )
         .expect("enforcer starts");
     let active = (pps(topology), program_cost(topology));
+    let flows = (flows_cost(topology, 1), flows_cost(topology, MANY_FLOWS));
     let links = topology.pin_path().join("links");
     for (prefix, egress) in [("tci", false), ("tc", true)] {
         let pass_all = bpf::load_pass_all_tcx(egress).expect("a pass-all TC program loads");
@@ -242,8 +351,14 @@ fn with_enforcer(topology: &Topology, client: Ipv4Addr, server: Ipv4Addr) -> Wit
     bpf::swap_link_program(&links.join("sockets"), &socket_pass_all)
         .expect("the pass-all program replaces enforcer's on the socket hook's link");
     let pass_all = (pps(topology), program_cost(topology));
+    let many_flows_pass_all = flows_cost(topology, MANY_FLOWS);
     drop(daemon);
-    WithEnforcer { active, pass_all }
+    WithEnforcer {
+        active,
+        pass_all,
+        flows,
+        many_flows_pass_all,
+    }
 }
 
 fn main() {
@@ -253,6 +368,7 @@ fn main() {
         );
         std::process::exit(1);
     }
+    allow_a_socket_per_flow();
     let topology = Topology::build(&["client", "server"]).expect("topology");
     let (client, server) = (
         topology.endpoint("client").ipv4,
@@ -263,7 +379,7 @@ fn main() {
         .map(|index| {
             let round = round(&topology, index, client, server);
             println!(
-                "  round {}: no filter {:.0}, enforcer {:.0}, its hooks passing all {:.0}, nftables {:.0} packets/s; programs per packet: enforcer's {:.0} ns, pass-all {:.0} ns",
+                "  round {}: no filter {:.0}, enforcer {:.0}, its hooks passing all {:.0}, nftables {:.0} packets/s; programs per packet: enforcer's {:.0} ns, pass-all {:.0} ns; {MANY_FLOWS} flows: enforcer's {:.0} ns (one flow {:.0}), pass-all {:.0} ns",
                 index + 1,
                 round.unfiltered,
                 round.enforced,
@@ -271,6 +387,9 @@ fn main() {
                 round.nftables,
                 round.enforcer_cost,
                 round.pass_all_cost,
+                round.many_flows_cost,
+                round.one_flow_cost,
+                round.many_flows_pass_all_cost,
             );
             round
         })
@@ -368,6 +487,37 @@ fn main() {
     results::record(
         "pps",
         "64-byte UDP over veths, 10000 rules, enforcer's programs per packet over the pass-all programs",
+        over_pass_all.round(),
+        "ns",
+        None,
+    );
+    record_many_flows(&rounds);
+}
+
+/// The many-flows figures: enforcer's programs per packet over the pass-all ones, and against
+/// the same sender's single flow.
+fn record_many_flows(rounds: &[Round]) {
+    let median_of = |cost: fn(&Round) -> f64| median(rounds.iter().map(cost).collect());
+    let over_pass_all = median_of(|round| round.many_flows_cost - round.many_flows_pass_all_cost);
+    let against_one_flow = median_of(|round| round.many_flows_cost / round.one_flow_cost);
+    let many = median_of(|round| round.many_flows_cost);
+    println!(
+        "  {MANY_FLOWS} flows sent in turn: enforcer's programs {many:.0} ns a packet, {over_pass_all:.0} ns more than pass-all, {against_one_flow:.2} of one flow's"
+    );
+    results::record(
+        "pps",
+        &format!(
+            "64-byte UDP over veths, {RULES} rules, {MANY_FLOWS} flows in turn, enforcer's programs per packet (three hooks)"
+        ),
+        many.round(),
+        "ns",
+        Some(("the same sender over one flow", against_one_flow)),
+    );
+    results::record(
+        "pps",
+        &format!(
+            "64-byte UDP over veths, {RULES} rules, {MANY_FLOWS} flows in turn, enforcer's programs per packet over the pass-all programs"
+        ),
         over_pass_all.round(),
         "ns",
         None,
