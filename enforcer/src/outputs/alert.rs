@@ -466,6 +466,40 @@ mod tests {
         );
     }
 
+    /// The message reads the same in both formats and in a log line, whatever it covers.
+    #[test]
+    fn a_flows_message_says_what_it_covers() {
+        let mut scan = record(Verdict::Deny, Reason::DefaultDeny, "default-deny");
+        (scan.aggregated, scan.count) = (true, 5000);
+        let mut icmp = record(Verdict::Allow, Reason::Related, "r");
+        (icmp.protocol, icmp.count) = ("icmp".to_owned(), 1);
+        let mut revoked = record(Verdict::Deny, Reason::DefaultDeny, "default-deny");
+        (revoked.rejudged, revoked.count, revoked.src.name) = (true, 1, "front\"end".to_owned());
+        let audited = record(Verdict::Audit, Reason::PolicyDeny, "no-db");
+        let expected = [
+            (
+                &scan,
+                "frontend -> any destination denied by default-deny [default_deny] (5000 packets), \
+                 aggregated per source under load (one was db 5432/tcp)",
+            ),
+            (&icmp, "frontend -> db icmp allowed by r [related]"),
+            (
+                &revoked,
+                "front\"end -> db 5432/tcp cut off by default-deny [default_deny]",
+            ),
+            (
+                &audited,
+                "frontend -> db 5432/tcp would be denied (audit) by no-db [policy_deny] (4 packets)",
+            ),
+        ];
+        for (flow, message) in expected {
+            assert_eq!(flow::FlowMessage(flow).to_string(), message);
+            for format in [AlertFormat::Ocsf, AlertFormat::Ecs] {
+                assert_eq!(flow_value(flow, format, "h")["message"], message);
+            }
+        }
+    }
+
     #[test]
     fn allowed_audited_spoofed_and_revoked_flows_classify_distinctly() {
         let allowed = flow_value(

@@ -7,10 +7,7 @@
 //! (punctuation, field names and constant values together, JSON already) and the values between
 //! them, which is where escaping is needed and done.
 
-use std::{
-    fmt::{self, Write as _},
-    net::IpAddr,
-};
+use std::{fmt::Write as _, net::IpAddr};
 
 /// A JSON line being written into a string: literal runs and values, in the order they appear.
 pub struct Line<'a> {
@@ -37,11 +34,12 @@ impl<'a> Line<'a> {
         self
     }
 
-    /// What `value` displays, as a string value.
-    pub fn display(&mut self, value: &impl fmt::Display) -> &mut Self {
+    /// A string value that `write` writes in pieces (see [`Pieces`]): a message made of a
+    /// record's names and words of ours. Through `Display` and `fmt`, piece by piece escaped,
+    /// a flow record's message took a quarter of its time.
+    pub fn text(&mut self, write: impl FnOnce(&mut JsonText<'_>)) -> &mut Self {
         self.out.push('"');
-        // Writing into a `String` cannot fail, and `Escaping` does not fail either.
-        let _ = write!(Escaping(self.out), "{value}");
+        write(&mut JsonText(self.out));
         self.out.push('"');
         self
     }
@@ -124,13 +122,48 @@ fn push_escape(out: &mut String, byte: u8) {
     }
 }
 
-/// Escapes what `Display` writes, piece by piece.
-struct Escaping<'a>(&'a mut String);
+/// Where a message goes, piece by piece: into a JSON string value ([`Line::text`]), escaped
+/// where JSON needs it, or into a plain `String` (a log line), as it is.
+pub trait Pieces {
+    /// Words of ours, which JSON never escapes.
+    fn literal(&mut self, text: &'static str);
+    /// Text from a record (names, rule ids).
+    fn text(&mut self, text: &str);
+    fn integer(&mut self, value: impl itoa::Integer);
+}
 
-impl fmt::Write for Escaping<'_> {
-    fn write_str(&mut self, text: &str) -> fmt::Result {
+/// The inside of a JSON string value (see [`Line::text`]).
+pub struct JsonText<'a>(&'a mut String);
+
+impl Pieces for JsonText<'_> {
+    fn literal(&mut self, text: &'static str) {
+        debug_assert!(
+            !text.bytes().any(must_be_escaped),
+            "a literal JSON escapes: {text:?}"
+        );
+        self.0.push_str(text);
+    }
+
+    fn text(&mut self, text: &str) {
         push_escaped(self.0, text);
-        Ok(())
+    }
+
+    fn integer(&mut self, value: impl itoa::Integer) {
+        self.0.push_str(itoa::Buffer::new().format(value));
+    }
+}
+
+impl Pieces for String {
+    fn literal(&mut self, text: &'static str) {
+        self.push_str(text);
+    }
+
+    fn text(&mut self, text: &str) {
+        self.push_str(text);
+    }
+
+    fn integer(&mut self, value: impl itoa::Integer) {
+        self.push_str(itoa::Buffer::new().format(value));
     }
 }
 
@@ -169,7 +202,7 @@ mod tests {
             );
             assert_eq!(
                 written(|line| {
-                    line.display(&sample);
+                    line.text(|text| text.text(sample));
                 }),
                 expected
             );
@@ -177,14 +210,21 @@ mod tests {
     }
 
     #[test]
-    fn what_a_value_displays_is_escaped_piece_by_piece() {
-        let pieces = format_args!("{}\"{}\\{}", "a\n", 7, "é");
-        assert_eq!(
-            written(|line| {
-                line.display(&pieces);
-            }),
-            serde_json::to_string(&pieces.to_string()).unwrap()
-        );
+    fn a_text_in_pieces_is_one_string_value_escaped_where_a_piece_needs_it() {
+        let line = written(|line| {
+            line.text(|text| {
+                text.text("a\n");
+                text.literal(" -> ");
+                text.integer(7u16);
+                text.text("\"é\\");
+            });
+        });
+        assert_eq!(line, serde_json::to_string("a\n -> 7\"é\\").unwrap());
+        let mut plain = String::new();
+        plain.text("a\n");
+        plain.literal(" -> ");
+        plain.integer(7u16);
+        assert_eq!(plain, "a\n -> 7");
     }
 
     #[test]

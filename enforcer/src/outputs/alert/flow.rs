@@ -8,7 +8,10 @@ use std::{borrow::Cow, fmt};
 use enforcer_common::verdict::{Reason, Verdict};
 
 use super::{AlertFormat, ECS_VERSION, OCSF_VERSION, millis, rfc3339, severity_name};
-use crate::{events::FlowRecord, outputs::json_line::Line};
+use crate::{
+    events::FlowRecord,
+    outputs::json_line::{Line, Pieces},
+};
 
 /// OCSF `metadata.product` as JSON (a test holds it to `PRODUCT_FIELDS`, which the other
 /// records carry).
@@ -71,57 +74,64 @@ fn classify(record: &FlowRecord) -> Classification {
     }
 }
 
-/// The line a person reads about a flow, written where it is needed rather than built first.
+/// The line a person reads about a flow, written where it is needed rather than built first:
+/// into an alert's `message` piece by piece ([`FlowMessage::write`]), or into a log line.
 pub struct FlowMessage<'a>(pub &'a FlowRecord);
 
-struct PortText<'a>(&'a FlowRecord);
-
-impl fmt::Display for PortText<'_> {
-    fn fmt(&self, out: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl FlowMessage<'_> {
+    /// `web -> api 443/tcp denied by default-deny [default-deny]`, with the packets a
+    /// de-duplicated record stands for, and what an aggregated one covers.
+    pub fn write(&self, out: &mut impl Pieces) {
         let record = self.0;
-        if record.has_ports() {
-            write!(out, "{}/{}", record.dst.port, record.protocol)
+        out.text(&record.src.name);
+        if record.aggregated {
+            out.literal(" -> any destination ");
         } else {
-            out.write_str(&record.protocol)
+            out.literal(" -> ");
+            self.write_destination(out);
+            out.literal(" ");
         }
+        out.literal(match record.verdict {
+            Verdict::Allow => "allowed",
+            Verdict::Deny if record.rejudged => "cut off",
+            Verdict::Deny => "denied",
+            Verdict::Audit => "would be denied (audit)",
+        });
+        out.literal(" by ");
+        out.text(&record.rule);
+        out.literal(" [");
+        out.literal(record.reason.as_str());
+        out.literal("]");
+        if record.count > 1 {
+            out.literal(" (");
+            out.integer(record.count);
+            out.literal(" packets)");
+        }
+        if record.aggregated {
+            out.literal(", aggregated per source under load (one was ");
+            self.write_destination(out);
+            out.literal(")");
+        }
+    }
+
+    /// `api 443/tcp`, or `api icmp` for a protocol without ports.
+    fn write_destination(&self, out: &mut impl Pieces) {
+        let record = self.0;
+        out.text(&record.dst.name);
+        out.literal(" ");
+        if record.has_ports() {
+            out.integer(record.dst.port);
+            out.literal("/");
+        }
+        out.text(&record.protocol);
     }
 }
 
 impl fmt::Display for FlowMessage<'_> {
     fn fmt(&self, out: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let record = self.0;
-        let outcome = match record.verdict {
-            Verdict::Allow => "allowed",
-            Verdict::Deny if record.rejudged => "cut off",
-            Verdict::Deny => "denied",
-            Verdict::Audit => "would be denied (audit)",
-        };
-        let (src, rule, reason) = (&record.src.name, &record.rule, record.reason);
-        if record.aggregated {
-            write!(
-                out,
-                "{src} -> any destination {outcome} by {rule} [{reason}]"
-            )?;
-        } else {
-            write!(
-                out,
-                "{src} -> {} {} {outcome} by {rule} [{reason}]",
-                record.dst.name,
-                PortText(record)
-            )?;
-        }
-        if record.count > 1 {
-            write!(out, " ({} packets)", record.count)?;
-        }
-        if record.aggregated {
-            write!(
-                out,
-                ", aggregated per source under load (one was {} {})",
-                record.dst.name,
-                PortText(record)
-            )?;
-        }
-        Ok(())
+        let mut line = String::new();
+        self.write(&mut line);
+        out.write_str(&line)
     }
 }
 
@@ -208,7 +218,7 @@ fn write_ocsf(line: &mut Line, record: &FlowRecord, host: &str) {
         .raw(r#","disposition":"#)
         .string(class.disposition)
         .raw(r#","message":"#)
-        .display(&FlowMessage(record))
+        .text(|message| FlowMessage(record).write(message))
         .raw(r#","src_endpoint":"#);
     write_ocsf_endpoint(line, &record.src);
     line.raw(r#","dst_endpoint":"#);
@@ -283,7 +293,7 @@ fn write_ecs(line: &mut Line, record: &FlowRecord, host: &str) {
         .raw(r#","ecs":{"version":""#)
         .raw(ECS_VERSION)
         .raw(r#""},"message":"#)
-        .display(&FlowMessage(record));
+        .text(|message| FlowMessage(record).write(message));
     write_ecs_event(line, record, &timestamp);
     line.raw(r#","source":{"ip":"#)
         .ip(&record.src.ip)
