@@ -99,15 +99,24 @@ struct Round {
 /// where it enters the host, TC egress where it leaves it, the socket hook where it is received.
 const PACKET_HOOKS: [&str; 3] = ["tci-v-client", "tc-v-server", "sockets"];
 
-/// What the programs on [`PACKET_HOOKS`] cost each packet of a short run at full speed, in
-/// nanoseconds: the kernel's own timing of every program run, on only for that run, summed
+/// What the programs on [`PACKET_HOOKS`] cost each packet they ran for while `traffic` ran, in
+/// nanoseconds: the kernel's own timing of every program run, on only for that while, summed
 /// over the hooks, each hook's time divided by its own runs. Exact to a few nanoseconds where
 /// the packet rate moves by a tenth between runs; the timing adds two clock reads to every
 /// run, to enforcer's programs and the pass-all ones alike.
-fn program_cost(topology: &Topology) -> f64 {
+fn hooks_cost(topology: &Topology, traffic: impl FnOnce()) -> f64 {
     let links = PACKET_HOOKS.map(|hook| topology.pin_path().join("links").join(hook));
     let links = links.each_ref().map(PathBuf::as_path);
-    bpf::mean_run_times(&links, || {
+    bpf::mean_run_times(&links, traffic)
+        .expect("the hooks' programs' run-time statistics")
+        .iter()
+        .sum()
+}
+
+/// What the programs on [`PACKET_HOOKS`] cost each packet of a short iperf3 run at full
+/// speed (see [`hooks_cost`]).
+fn program_cost(topology: &Topology) -> f64 {
+    hooks_cost(topology, || {
         topology
             .iperf3(
                 "client",
@@ -116,9 +125,6 @@ fn program_cost(topology: &Topology) -> f64 {
             )
             .expect("iperf3");
     })
-    .expect("the hooks' programs' run-time statistics")
-    .iter()
-    .sum()
 }
 
 /// Flows in the many-flows run: each flow forwarded through the host takes a slot of the flow
@@ -132,7 +138,7 @@ const MOST_DATAGRAMS: usize = 5_000_000;
 
 /// What the programs on [`PACKET_HOOKS`] cost each 64-byte datagram of a run that sends over
 /// `flows` UDP flows from the client to the server, one datagram per flow in turn (see
-/// [`program_cost`]). Before the timing, every flow sends one datagram and the server answers
+/// [`hooks_cost`]). Before the timing, every flow sends one datagram and the server answers
 /// it, so the run measures answered flows, as most of a host's are.
 fn flows_cost(topology: &Topology, flows: usize) -> f64 {
     let server = SocketAddrV4::new(topology.endpoint("server").ipv4, SERVER_PORT);
@@ -158,10 +164,8 @@ fn flows_cost(topology: &Topology, flows: usize) -> f64 {
             let _ = socket.send_to(&datagram, server);
         }
     };
-    let links = PACKET_HOOKS.map(|hook| topology.pin_path().join("links").join(hook));
-    let links = links.each_ref().map(PathBuf::as_path);
     let duration = Duration::from_secs(u64::from(sizes().0));
-    bpf::mean_run_times(&links, || {
+    hooks_cost(topology, || {
         let started = Instant::now();
         let mut sent = 0;
         while started.elapsed() < duration && sent < MOST_DATAGRAMS {
@@ -169,9 +173,6 @@ fn flows_cost(topology: &Topology, flows: usize) -> f64 {
             sent += flows;
         }
     })
-    .expect("the hooks' programs' run-time statistics")
-    .iter()
-    .sum()
 }
 
 /// Sends a datagram from each sender and has the server answer it, one flow at a time: the
