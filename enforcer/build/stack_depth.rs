@@ -10,7 +10,10 @@
 //!
 //! Compiled into the build script, and into the library for its unit tests.
 
-use std::{collections::HashMap, fmt};
+use std::{
+    collections::{HashMap, hash_map::Entry},
+    fmt,
+};
 
 use object::{Object, ObjectSection, ObjectSymbol, RelocationTarget, SectionIndex, SymbolKind};
 
@@ -147,6 +150,8 @@ fn functions(object: &[u8]) -> Result<Vec<Function>, String> {
     let file =
         object::File::parse(object).map_err(|error| format!("not an ELF object: {error}"))?;
     let mut functions = Vec::new();
+    // Each section's relocated calls, read once for all the functions in it.
+    let mut relocated_by_section = HashMap::new();
     for symbol in file.symbols() {
         let Some(section_index) = symbol.section_index() else {
             continue;
@@ -164,8 +169,11 @@ fn functions(object: &[u8]) -> Result<Vec<Function>, String> {
             .ok()
             .and_then(|start| data.get(start..start + usize::try_from(symbol.size()).ok()?))
             .ok_or_else(|| format!("{name} lies outside its section"))?;
-        let relocated_calls = relocated_calls(&file, &section)?;
-        let calls = calls(code, start, section_index, &relocated_calls);
+        let relocated = match relocated_by_section.entry(section_index) {
+            Entry::Occupied(known) => known.into_mut(),
+            Entry::Vacant(new) => new.insert(relocated_calls(&file, &section)?),
+        };
+        let calls = calls(code, start, section_index, relocated);
         functions.push(Function {
             program: section.name().map_err(|error| error.to_string())? != ".text",
             name,
