@@ -73,17 +73,8 @@ pub fn pass<F: Frame>(frame: &F, hook: &Hook, config: &PolicyConfig) -> u8 {
     if !changes_no_state(packet.proto, packet.tcp_flags) {
         return MISS;
     }
-    // As `verdict::judge` binds the packet's cgroup: to its service's.
-    let cgroup_id = if config.cgroup_levels != 0 && hook.cgroup_id != 0 {
-        identity::service_cgroup(
-            frame,
-            config.slot as u8,
-            config.cgroup_levels,
-            hook.cgroup_id,
-        )
-    } else {
-        hook.cgroup_id
-    };
+    // Bound as `verdict::judge` binds it.
+    let cgroup_id = identity::sending_cgroup(frame, config, hook.cgroup_id);
     let mut key = CtKey4::default();
     let from_lo = conntrack::short_key(
         packet.src,

@@ -106,6 +106,18 @@ pub fn of_endpoint(slot: u8, ifindex: u32) -> Option<IdentityInfo> {
     unsafe { ENDPOINTS.get(&key) }.copied()
 }
 
+/// The cgroup a packet from a socket in cgroup `sender` (0: no sending socket) is bound to
+/// under `config`: a service's cgroup covers its subtree, so flows are bound to the service's
+/// (and re-judged by it) when the policy has services identified by cgroup; else `sender`.
+#[inline(always)]
+pub fn sending_cgroup<F: Frame>(frame: &F, config: &PolicyConfig, sender: u64) -> u64 {
+    if config.cgroup_levels != 0 && sender != 0 {
+        service_cgroup(frame, config.slot as u8, config.cgroup_levels, sender)
+    } else {
+        sender
+    }
+}
+
 /// The cgroup that gives a socket in cgroup `leaf` its identity: its deepest ancestor (or
 /// itself) at one of the `levels` the services' cgroups sit at that is a service's, else
 /// `leaf` (whose lookup then finds no service).

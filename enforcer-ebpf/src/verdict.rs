@@ -91,11 +91,9 @@ pub fn judge<F: Frame>(frame: &F, hook: &mut Hook, config: Option<&PolicyConfig>
     subject.slot = config.slot as u8;
     subject.global_audit = (config.flags & config_flags::AUDIT != 0) as u8;
     subject.outcome.generation = config.generation;
-    if F::AT_INTERFACE && config.cgroup_levels != 0 && hook.cgroup_id != 0 {
-        // A service's cgroup covers its subtree: from here on the packet's cgroup is the
-        // service's (flows are bound to it, and re-judged by it).
-        hook.cgroup_id =
-            identity::service_cgroup(frame, subject.slot, config.cgroup_levels, hook.cgroup_id);
+    if F::AT_INTERFACE {
+        // From here on the packet's cgroup is the one its flow is bound to.
+        hook.cgroup_id = identity::sending_cgroup(frame, config, hook.cgroup_id);
     }
     let hook = &*hook;
 
