@@ -636,6 +636,84 @@ fn traffic_to_a_cgroup_service(ingress: &str) {
     assert_eq!(refused["firewall_rule"]["uid"], "default-deny");
 }
 
+/// The socket hook runs for every packet any socket of the host receives, and judges them only
+/// for services identified by cgroup: it is attached while the policy has one (before that
+/// policy's interface hooks hand it packets) and removed once a policy has none.
+#[root_test]
+fn the_socket_hook_is_attached_only_while_a_service_is_identified_by_cgroup_as_root() {
+    let topology = Topology::build(&["api"]).unwrap();
+    let cgroup = Cgroup::create("payments").unwrap();
+    let _payments = Running(
+        topology
+            .host
+            .command_in_cgroup("socat", &cgroup)
+            .unwrap()
+            .args(["TCP4-LISTEN:9090,reuseaddr,fork", "EXEC:cat"])
+            .spawn()
+            .unwrap(),
+    );
+    let payments = SocketAddr::new(topology.endpoint("api").gateway_v4.into(), 9090);
+    let api_reaches_payments = || {
+        topology
+            .netns("api")
+            .tcp_exchange(payments, b"pay", TIMEOUT)
+            .is_ok()
+    };
+    let socket_link = topology.pin_path().join("links").join("sockets");
+    let socket_hook_status = |enforcer: &Enforcer| {
+        let status = enforcer.command(&topology, &["status"]);
+        let status = String::from_utf8_lossy(&status.stdout).into_owned();
+        status
+            .lines()
+            .find(|line| line.contains("socket hook"))
+            .map(str::to_owned)
+            .unwrap_or(status)
+    };
+    let without = format!(
+        "{}{}",
+        service(&topology, "api", ""),
+        allow("api", "host", &["9090/tcp"], "")
+    );
+    let with = format!(
+        "[[service]]\nname = \"payments\"\ncgroups = [\"{}\"]\n{without}",
+        cgroup.path.display()
+    );
+
+    let enforcer = enforce(&topology, &without);
+    assert!(
+        enforcer_testbed::eventually(TIMEOUT * 4, api_reaches_payments),
+        "api reaches the host's port 9090, where payments listens unnamed by the policy"
+    );
+    assert!(
+        !socket_link.exists(),
+        "no socket hook without a cgroup service"
+    );
+    let status = socket_hook_status(&enforcer);
+    assert!(status.contains("not attached, as no service"), "{status}");
+
+    enforcer.reload(&with, 2);
+    assert!(
+        socket_link.exists(),
+        "the socket hook is attached for payments"
+    );
+    assert!(
+        !api_reaches_payments(),
+        "api reaches payments through its rule for the host"
+    );
+    let status = socket_hook_status(&enforcer);
+    assert!(status.contains("this build's program"), "{status}");
+
+    enforcer.reload(&without, 3);
+    assert!(
+        !socket_link.exists(),
+        "the socket hook is removed with payments"
+    );
+    assert!(
+        api_reaches_payments(),
+        "api reaches the host's port 9090 again"
+    );
+}
+
 #[root_test]
 fn cgroup_and_source_address_naming_different_services_is_dropped_as_spoofed_as_root() {
     let topology = Topology::build(&["api"]).unwrap();

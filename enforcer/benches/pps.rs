@@ -96,8 +96,9 @@ struct Round {
 }
 
 /// The hooks a client-to-server packet passes, by the name of their pinned links: TC ingress
-/// where it enters the host, TC egress where it leaves it, the socket hook where it is received.
-const PACKET_HOOKS: [&str; 3] = ["tci-v-client", "tc-v-server", "sockets"];
+/// where it enters the host, TC egress where it leaves it. (The socket hook is attached only for
+/// a policy with services identified by cgroup, which this one has not.)
+const PACKET_HOOKS: [&str; 2] = ["tci-v-client", "tc-v-server"];
 
 /// What the programs on [`PACKET_HOOKS`] cost each packet they ran for while `traffic` ran, in
 /// nanoseconds: the kernel's own timing of every program run, on only for that while, summed
@@ -311,7 +312,7 @@ fn with_nftables(topology: &Topology, client: Ipv4Addr, server: Ipv4Addr) -> f64
 }
 
 /// enforcer on both host-side veths, the same rules plus the client's edge; then the same hooks
-/// (TCX on the veths, the socket hook on the cgroup root) with programs that pass everything
+/// (TCX on the veths) with programs that pass everything
 /// swapped in: what being attached costs, before any of enforcer's work. Each with its rate and
 /// its programs' cost per packet (see [`program_cost`]), measured in a run of its own; and the
 /// programs' cost over one flow and over many (see [`flows_cost`]).
@@ -337,9 +338,13 @@ fn with_enforcer(topology: &Topology, client: Ipv4Addr, server: Ipv4Addr) -> Wit
             "enforcer.log",
         )
         .expect("enforcer starts");
+    let links = topology.pin_path().join("links");
+    assert!(
+        !links.join("sockets").exists(),
+        "no socket hook for a policy without services identified by cgroup"
+    );
     let active = (pps(topology), program_cost(topology));
     let flows = (flows_cost(topology, 1), flows_cost(topology, MANY_FLOWS));
-    let links = topology.pin_path().join("links");
     for (prefix, egress) in [("tci", false), ("tc", true)] {
         let pass_all = bpf::load_pass_all_tcx(egress).expect("a pass-all TC program loads");
         for interface in ["v-client", "v-server"] {
@@ -347,10 +352,6 @@ fn with_enforcer(topology: &Topology, client: Ipv4Addr, server: Ipv4Addr) -> Wit
                 .expect("the pass-all program replaces enforcer's on its TCX link");
         }
     }
-    let socket_pass_all =
-        bpf::load_pass_all_socket_ingress().expect("a pass-all socket filter loads");
-    bpf::swap_link_program(&links.join("sockets"), &socket_pass_all)
-        .expect("the pass-all program replaces enforcer's on the socket hook's link");
     let pass_all = (pps(topology), program_cost(topology));
     let many_flows_pass_all = flows_cost(topology, MANY_FLOWS);
     drop(daemon);
@@ -472,9 +473,9 @@ fn main() {
             .collect(),
     );
     println!(
-        "  programs on a packet's three hooks (kernel run-time statistics): enforcer's {enforcer_cost:.0} ns, pass-all {pass_all_cost:.0} ns, {over_pass_all:.0} ns more"
+        "  programs on a packet's two hooks (kernel run-time statistics): enforcer's {enforcer_cost:.0} ns, pass-all {pass_all_cost:.0} ns, {over_pass_all:.0} ns more"
     );
-    let figure = "64-byte UDP over veths, 10000 rules, enforcer's programs per packet (TC ingress + egress + socket hook, kernel run-time statistics)";
+    let figure = "64-byte UDP over veths, 10000 rules, enforcer's programs per packet (TC ingress + egress, kernel run-time statistics)";
     results::record(
         "pps",
         figure,
@@ -508,7 +509,7 @@ fn record_many_flows(rounds: &[Round]) {
     results::record(
         "pps",
         &format!(
-            "64-byte UDP over veths, {RULES} rules, {MANY_FLOWS} flows in turn, enforcer's programs per packet (three hooks)"
+            "64-byte UDP over veths, {RULES} rules, {MANY_FLOWS} flows in turn, enforcer's programs per packet (two hooks)"
         ),
         many.round(),
         "ns",

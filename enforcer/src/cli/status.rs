@@ -145,14 +145,20 @@ impl Status {
         for attachment in &self.attachments {
             let _ = writeln!(out, "  {}", attachment.render());
         }
+        let needed = self
+            .installed
+            .is_some_and(|config| config.cgroup_levels != 0);
         let socket_hook = match &self.socket_hook {
             (Some(running), Some(expected)) if running == expected => {
                 format!("tag {running}, this build's program")
             }
             (Some(running), Some(_)) => format!("tag {running} DIFFERS from this build's program"),
             (Some(running), None) => format!("tag {running}, build tag unknown"),
-            (None, _) => "NOT ATTACHED: packets handed over to it for services identified by \
-                          cgroup pass unjudged"
+            (None, _) if needed => "NOT ATTACHED: packets handed over to it for services \
+                                    identified by cgroup pass unjudged"
+                .to_owned(),
+            (None, _) => "not attached, as no service of the live generation is identified by \
+                          cgroup"
                 .to_owned(),
         };
         let _ = writeln!(out, "  socket hook on the cgroup v2 root: {socket_hook}");
@@ -252,10 +258,20 @@ mod tests {
 
     #[test]
     fn a_socket_hook_that_is_not_attached_says_what_passes_unjudged() {
-        let report = status(Vec::new()).render();
+        let mut with_cgroup_services = status(Vec::new());
+        with_cgroup_services.installed = Some(PolicyConfig {
+            cgroup_levels: 1 << 1,
+            ..PolicyConfig::default()
+        });
+        let report = with_cgroup_services.render();
         assert!(
             report.contains("socket hook on the cgroup v2 root: NOT ATTACHED"),
             "{report}"
+        );
+        let without = status(Vec::new()).render();
+        assert!(
+            without.contains("socket hook on the cgroup v2 root: not attached, as no service"),
+            "{without}"
         );
         let mut attached = status(Vec::new());
         attached.socket_hook.0 = Some("00000000000000bb".to_owned());

@@ -1,14 +1,15 @@
 //! The bpf(2) commands aya does not wrap: `BPF_MAP_FREEZE` (each generation's config),
 //! `BPF_MAP_UPDATE_BATCH` (a policy's entries, many to a call), an array-of-maps update from
-//! a thread that holds no aya handle (the switch), `BPF_LINK_UPDATE` for a cgroup link, and
-//! what a pinned link is attached to (aya does not report a link's interface; `status` shows an
+//! a thread that holds no aya handle (the switch), `BPF_LINK_CREATE` and `BPF_LINK_UPDATE` for
+//! the socket hook's cgroup link from a handle that is not aya's program, and what a pinned link
+//! is attached to (aya does not report a link's interface; `status` shows an
 //! interface as enforced only if its link still points at it).
 
 use std::{
     ffi::CString,
     io,
     os::{
-        fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
         unix::ffi::OsStrExt as _,
     },
     path::Path,
@@ -16,11 +17,14 @@ use std::{
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_MAP_FREEZE: libc::c_long = 22;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_CGROUP_INET_INGRESS: u32 = 0;
 const BPF_LINK_TYPE_XDP: u32 = 6;
 const BPF_LINK_TYPE_TCX: u32 = 11;
 
@@ -217,6 +221,52 @@ pub fn update_link(path: &Path, program: BorrowedFd<'_>) -> io::Result<()> {
         old_prog_fd: 0,
     };
     bpf(BPF_LINK_UPDATE, &attr).map(|_| ())
+}
+
+/// `BPF_LINK_CREATE`: attaches the cgroup_skb program `program` to what sockets in `cgroup`
+/// (and below) receive, beside any other program there, and pins the link at `path`. The
+/// link lasts until its pin is removed.
+pub fn link_cgroup_ingress(
+    program: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    path: &Path,
+) -> io::Result<()> {
+    #[repr(C)]
+    struct LinkCreateAttr {
+        prog_fd: u32,
+        target_fd: u32,
+        attach_type: u32,
+        flags: u32,
+    }
+    let attr = LinkCreateAttr {
+        prog_fd: program.as_raw_fd() as u32,
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type: BPF_CGROUP_INET_INGRESS,
+        flags: 0,
+    };
+    let fd = bpf(BPF_LINK_CREATE, &attr)?;
+    // SAFETY: a descriptor the kernel just returned, owned by nobody else.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    pin(link.as_fd(), path)
+}
+
+/// `BPF_OBJ_PIN`: `object` pinned at `path`, on a bpffs.
+fn pin(object: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|error| io::Error::new(io::ErrorKind::InvalidInput, error))?;
+    #[repr(C)]
+    struct PinAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let attr = PinAttr {
+        // `path` outlives the call.
+        pathname: path.as_ptr() as u64,
+        bpf_fd: object.as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    bpf(BPF_OBJ_PIN, &attr).map(|_| ())
 }
 
 fn open_pinned(path: &Path) -> Option<OwnedFd> {

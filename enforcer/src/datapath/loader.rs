@@ -22,8 +22,8 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{MapData, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError, ProgramInfo,
-        SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, TestRunResult, Xdp, XdpMode,
+        CgroupSkb, ProgramError, ProgramInfo, SchedClassifier, TcAttachType, TestRun as _,
+        TestRunOptions, TestRunResult, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
         tc::SchedClassifierLink,
         xdp::XdpLink,
@@ -37,6 +37,7 @@ use crate::{
     datapath::{
         hook::{Hook, IngressHook, TcAttach},
         pins::PinLayout,
+        socket_hook::SocketHook,
     },
 };
 
@@ -285,46 +286,19 @@ impl Datapath {
         Ok(hook)
     }
 
-    /// Attaches the socket hook to the cgroup v2 root, where it sees every socket of this host
-    /// (it judges what an interface hook of this datapath handed over and what the policy's
-    /// cgroup services' sockets receive). A link a previous controller pinned gets the new
-    /// program, atomically. Without cgroup v2 there is nothing
-    /// to attach to, and no service identified by cgroup either.
-    pub fn attach_to_sockets(&mut self) -> Result<(), LoadError> {
-        let Some(root) = crate::datapath::host::cgroup2_root() else {
-            tracing::info!("no cgroup v2 hierarchy: the socket hook is not attached");
-            return Ok(());
-        };
-        let path = self.pins.sockets_link();
-        let failed = |source: Box<dyn std::error::Error + Send + Sync>| LoadError::SocketHook {
-            cgroup: root.clone(),
+    /// The handle that attaches the socket hook to the cgroup v2 root while the live
+    /// generation needs it (see [`SocketHook`]), from a duplicate of its program's descriptor.
+    pub fn socket_hook(&mut self) -> Result<SocketHook, LoadError> {
+        let failed = |source| LoadError::Program {
+            name: SOCKET_PROGRAM,
             source,
         };
         let program: &mut CgroupSkb = self.program_mut(SOCKET_PROGRAM)?;
-        if path.exists() {
-            let fd = program.fd().map_err(|error| failed(error.into()))?;
-            match super::bpf_sys::update_link(&path, std::os::fd::AsFd::as_fd(fd)) {
-                Ok(()) => return Ok(()),
-                Err(error) => {
-                    tracing::warn!("pinned socket hook link unusable ({error}); attaching afresh");
-                    let _ = fs::remove_file(&path);
-                }
-            }
-        }
-        let cgroup = fs::File::open(&root).map_err(|error| failed(error.into()))?;
-        // A cgroup link (5.7 and later, below the minimum) always sits beside other programs;
-        // the kernel refuses attach flags on one, so none are given.
-        let id = program
-            .attach(
-                &cgroup,
-                CgroupSkbAttachType::Ingress,
-                CgroupAttachMode::Single,
-            )
-            .map_err(|error| failed(error.into()))?;
-        let link = program
-            .take_link(id)
-            .map_err(|error| failed(error.into()))?;
-        pin_link(link, path)
+        let fd = program.fd().map_err(failed)?;
+        let fd = fd
+            .try_clone()
+            .map_err(|error| failed(ProgramError::IOError(error)))?;
+        Ok(SocketHook::new(fd, self.pins.sockets_link()))
     }
 
     fn attach_xdp(&mut self, interface: &str) -> Result<(), LoadError> {

@@ -11,4 +11,5 @@ pub(crate) mod kernel;
 pub mod loader;
 pub mod maps;
 pub mod pins;
+pub mod socket_hook;
 mod tc_netlink;

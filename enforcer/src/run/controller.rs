@@ -16,6 +16,7 @@ use crate::{
         enforcement, host, loader,
         maps::{Installed, Installer, KernelMaps},
         pins::PinLayout,
+        socket_hook::SocketHook,
     },
     endpoints::Registry,
     events::{Generations, names_file::NamesWriter},
@@ -152,6 +153,8 @@ pub(super) struct Controller {
     /// The fleet (with `--kvstore`): the other hosts' endpoints, the policy text etcd holds,
     /// and where this controller's own keys are asked for.
     pub(super) fleet: FleetState,
+    /// Attached while the live generation has services identified by cgroup.
+    pub(super) socket_hook: SocketHook,
 }
 
 /// What the controller knows of the fleet.
@@ -223,6 +226,12 @@ impl Controller {
         for warning in &compiled.warnings {
             tracing::warn!("{warning}");
         }
+        // Attached before a generation whose interface hooks hand packets over to it is in;
+        // removed only once none is.
+        let needs_socket_hook = compiled.tables.cgroup_levels != 0;
+        if needs_socket_hook {
+            self.socket_hook.attach()?;
+        }
         let compiled = Arc::new(compiled);
         let generation = self.installer.next_generation();
         locks::write(&self.generations).insert(generation, &compiled);
@@ -234,6 +243,9 @@ impl Controller {
             locks::write(&self.generations).remove(generation);
         })?;
         let seconds = started.elapsed().as_secs_f64();
+        if !needs_socket_hook {
+            self.socket_hook.detach();
+        }
         self.report_installed(
             &policy,
             &compiled,

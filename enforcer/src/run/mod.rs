@@ -364,12 +364,12 @@ fn adopt_datapath(
         registry,
         registry_file: pins.endpoints_file(),
         fleet,
+        socket_hook: datapath.socket_hook()?,
     };
     let mut interfaces = Interfaces::new(options.ingress_hook, pins.interfaces_file());
     interfaces.select(&options.attach, &policy, &controller.registry);
     controller.install(policy, view, compiled, Trigger::Start, timing)?;
     interfaces.attach_at_start(&mut datapath)?;
-    datapath.attach_to_sockets()?;
     // What an earlier build's programs tracked until this build's took over.
     loader::take_over_flows_of_earlier_builds(&mut crate::locks::lock(&controller.maps));
     unpin_on_failure.pins = None;
