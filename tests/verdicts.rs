@@ -1361,6 +1361,50 @@ fn denials_are_deduplicated_in_the_kernel_and_losses_show_as_gaps_as_root() {
 }
 
 #[root_test]
+fn packets_suppressed_under_a_shape_go_out_when_another_shape_takes_its_slot_as_root() {
+    let mut kernel = Kernel::load(LoadOptions::default());
+    stay_on_one_cpu();
+    // One shape a thousand times: reported once, 999 packets waiting for the next report.
+    let repeated = tcp4(B4, A4, 50000, 22);
+    kernel
+        .datapath
+        .test_run(Hook::Xdp, &repeated, 1000)
+        .unwrap();
+    // Then distinct shapes from distinct sources (not aggregated: the ring buffer stays nearly
+    // empty), sixteen times as many as the CPU has slots: every slot is taken over, the
+    // repeated shape's among them.
+    let others = 8192u16;
+    for n in 0..others {
+        let [high, low] = n.to_be_bytes();
+        let source = Ipv4Addr::new(198, 18, high, low);
+        kernel
+            .datapath
+            .test_run(Hook::Xdp, &tcp4(source, A4, 50000, 22), 1)
+            .unwrap();
+    }
+    let events = kernel.events();
+    let repeated_records: Vec<_> = events
+        .iter()
+        .filter(|event| event.src_addr == v4_mapped(B4.octets()))
+        .map(|event| (event.count, event.dst_port, event.reason, event.verdict))
+        .collect();
+    assert_eq!(
+        repeated_records,
+        [
+            (1, 22, reason::DEFAULT_DENY, DENY),
+            (999, 22, reason::DEFAULT_DENY, DENY)
+        ],
+        "the first packet's record, then the 999 suppressed ones as the slot is taken"
+    );
+    let accounted: u64 = events.iter().map(|event| u64::from(event.count)).sum();
+    assert_eq!(
+        (accounted, kernel.maps.events_lost()),
+        (1000 + u64::from(others), 0),
+        "every denied packet is in a record's count"
+    );
+}
+
+#[root_test]
 fn under_a_flood_denials_are_aggregated_per_source_and_a_spoof_still_arrives_as_root() {
     let mut kernel = Kernel::load(LoadOptions::default());
     // `a` is an endpoint of this host behind `veth-a`: its address from anywhere else (here,

@@ -135,6 +135,37 @@ pub struct DenialTable {
     pub slots: [DenialSlot; DENIAL_SLOTS as usize],
 }
 
+/// What a record of a de-duplicated shape says besides its [`ReportKey`], kept beside its
+/// slot while it has packets not yet reported: when another shape takes the slot, they go
+/// out in a record of their own instead of vanishing with the slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DenialDetails {
+    /// When the latest packet not yet reported was seen; 0: none was since this build's
+    /// programs were loaded (the slot is older than this table).
+    pub last_seen_ns: u64,
+    pub cgroup_id: u64,
+    pub addr_identity: u32,
+    pub rule: u32,
+    pub generation: u32,
+    pub ifindex: u32,
+    pub src_port: u16,
+    pub family: u8,
+    pub verdict: u8,
+    pub hook: u8,
+    pub flags: u8,
+    pub _pad: [u8; 2],
+}
+
+/// The details of a CPU's de-duplication slots, slot for slot: a separate value because the
+/// slots fill the largest one a per-CPU map holds, and touched only by packets that are
+/// suppressed or that take over a slot with packets not yet reported.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DenialDetailsTable {
+    pub slots: [DenialDetails; DENIAL_SLOTS as usize],
+}
+
 /// A key reports at most once per this interval; the next report carries the count.
 pub const REPORT_INTERVAL_NS: u64 = 1_000_000_000;
 
@@ -154,6 +185,8 @@ kernel_abi!(
     ReportState = 16,
     DenialSlot = 64,
     DenialTable = 32768,
+    DenialDetails = 40,
+    DenialDetailsTable = 20480,
     EventCpuState = 16
 );
 

@@ -14,7 +14,7 @@ use enforcer_common::{
     config::PolicyConfig,
     conntrack::{CtEntry, CtKey, CtKey4, FlowCacheTable, FlowTableCounts, FragEntry, FragKey},
     counters::{Counter, EDGE_CACHE_SLOTS, EdgeCacheSlot, FlowCounterKey},
-    event::{DenialTable, EventCpuState, FlowEvent},
+    event::{DenialDetailsTable, DenialTable, EventCpuState, FlowEvent},
     flow_filter,
     identity::{CgroupKey, EndpointKey, IdentityInfo},
     policy::{PolicyKey, PortRanges, RangeKey, RateState, SlotVerdicts, pair_filter},
@@ -103,6 +103,10 @@ pub static RING_WAKEUPS: PerCpuArray<u64, 1> = PerCpuArray::new();
 /// became one value (it was `DENIALS`, a value per slot): its shape changed.
 #[btf_map]
 pub static DENIAL_TABLE: PerCpuArray<DenialTable, 1> = PerCpuArray::new();
+/// Beside `DENIAL_TABLE`, slot for slot: what a slot's packets not yet reported would be
+/// reported with, should another shape take the slot.
+#[btf_map]
+pub static DENIAL_DETAILS: PerCpuArray<DenialDetailsTable, 1> = PerCpuArray::new();
 #[btf_map]
 pub static PACKET_COUNTS: PerCpuArray<Counter, { PACKET_COUNTER_SLOTS as usize }> =
     PerCpuArray::new();

@@ -3,15 +3,16 @@
 use enforcer_common::{
     counters::{Counter, FlowCounterKey, edge_cache_slot},
     event::{
-        DENIAL_SLOTS, DenialSlot, REPORT_INTERVAL_NS, ReportKey, ReportState, flags,
-        may_wake_reader, reason_is_urgent,
+        DENIAL_SLOTS, DenialDetails, DenialSlot, DenialTable, FlowEvent, REPORT_INTERVAL_NS,
+        ReportKey, ReportState, flags, may_wake_reader, reason_is_urgent,
     },
     verdict::packet_counter_index,
 };
 
 use crate::{
     maps::{
-        DENIAL_TABLE, EDGE_CACHE, EVENT_STATE, EVENTS, FLOW_COUNTS, PACKET_COUNTS, RING_WAKEUPS,
+        DENIAL_DETAILS, DENIAL_TABLE, EDGE_CACHE, EVENT_STATE, EVENTS, FLOW_COUNTS, PACKET_COUNTS,
+        RING_WAKEUPS,
     },
     packet::Packet,
 };
@@ -231,7 +232,9 @@ impl Sending {
 ///
 /// A shape is remembered in one slot of a per-CPU array chosen by its hash, not in a hash
 /// map: a flood of distinct shapes makes every packet a new one, and a shared hash map's miss
-/// and insert were half of such a packet's cost. A shape takes over another's slot.
+/// and insert were half of such a packet's cost. A shape takes over another's slot; the
+/// packets the other had not reported yet go out first (see [`report_evicted`]), so every
+/// denied packet is in some record's count or still pending in a slot.
 #[inline(never)]
 pub fn report_deduplicated(hook: &Hook, packet: &Packet, outcome: &Outcome) {
     let mut key = ReportKey {
@@ -244,14 +247,17 @@ pub fn report_deduplicated(hook: &Hook, packet: &Packet, outcome: &Outcome) {
         reason: outcome.reason,
         _pad: 0,
     };
-    let Some(mut slot) = denial_slot(&key) else {
+    let Some(table) = DENIAL_TABLE.get_ptr_mut(0) else {
         return;
     };
+    let mut index = denial_index(&key);
     let mut extra_flags = 0;
     // Read only for a new shape of a reason that is not urgent: the one kind it decides.
     let mut room = RingRoom::UNREAD;
     // SAFETY: this CPU's slot; programs on one CPU do not interleave (softirq context).
-    if !same_shape(unsafe { &(*slot).key }, &key) && !reason_is_urgent(outcome.reason) {
+    if !same_shape(unsafe { &(*denial_slot(table, index)).key }, &key)
+        && !reason_is_urgent(outcome.reason)
+    {
         room = RingRoom::now();
     }
     if room.is_read() && room.below(AGGREGATE_BELOW_SHIFT) {
@@ -260,42 +266,116 @@ pub fn report_deduplicated(hook: &Hook, packet: &Packet, outcome: &Outcome) {
         key.dst_port = 0;
         key.proto = 0;
         extra_flags = flags::AGGREGATED;
-        let Some(aggregate) = denial_slot(&key) else {
-            return;
-        };
-        slot = aggregate;
+        index = denial_index(&key);
     }
     // SAFETY: as above.
-    let Some(count) = deduplicate(hook, &key, unsafe { &mut *slot }) else {
-        return;
-    };
-    let sending = Sending::of(outcome.reason, extra_flags, room);
-    report(hook, packet, outcome, count, sending);
-}
-
-/// How many packets a report for `key` stands for, if one is due: at most one per
-/// [`REPORT_INTERVAL_NS`] while `slot` holds the shape, the packets in between counted. A
-/// slot holding another shape is taken over.
-#[inline(always)]
-fn deduplicate(hook: &Hook, key: &ReportKey, slot: &mut DenialSlot) -> Option<u32> {
-    if !same_shape(&slot.key, key) {
-        slot.key = *key;
+    let slot = unsafe { &mut *denial_slot(table, index) };
+    if !same_shape(&slot.key, &key) {
+        if slot.state.suppressed != 0 {
+            report_evicted(slot, index, hook.now);
+        }
+        slot.key = key;
         slot.state = ReportState {
             last_report_ns: hook.now,
             suppressed: 0,
             _pad: 0,
         };
-        return Some(1);
+        report(
+            hook,
+            packet,
+            outcome,
+            1,
+            Sending::of(outcome.reason, extra_flags, room),
+        );
+        return;
     }
     let state = &mut slot.state;
     if hook.now.saturating_sub(state.last_report_ns) < REPORT_INTERVAL_NS {
         state.suppressed += 1;
-        return None;
+        remember_details(index, hook, packet, outcome, extra_flags);
+        return;
     }
     let count = state.suppressed + 1;
     state.suppressed = 0;
     state.last_report_ns = hook.now;
-    Some(count)
+    report(
+        hook,
+        packet,
+        outcome,
+        count,
+        Sending::of(outcome.reason, extra_flags, room),
+    );
+}
+
+/// Keeps what a record of the suppressed packet would say besides its key, for
+/// [`report_evicted`]: the latest suppressed packet's, as a report names one packet among
+/// those it counts.
+#[inline(always)]
+fn remember_details(index: u32, hook: &Hook, packet: &Packet, outcome: &Outcome, extra: u8) {
+    let Some(table) = DENIAL_DETAILS.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's table; the index is below `DENIAL_SLOTS` (masked).
+    let details = unsafe { &mut *(*table).slots.as_mut_ptr().add(index as usize) };
+    *details = DenialDetails {
+        last_seen_ns: hook.now,
+        cgroup_id: hook.cgroup_id,
+        addr_identity: outcome.addr_identity,
+        rule: outcome.rule,
+        generation: outcome.generation,
+        ifindex: hook.ifindex,
+        src_port: packet.src_port,
+        family: packet.family,
+        verdict: outcome.verdict,
+        hook: hook.kind,
+        flags: outcome.flags | extra,
+        _pad: [0; 2],
+    };
+}
+
+/// Reports the packets `slot` counted but had not reported yet, as another shape takes it:
+/// one record with the slot's key and the details [`remember_details`] kept, dated when the
+/// latest of them was seen. A slot whose details this build never wrote (it was pinned by an
+/// earlier one) has nothing to say them with: its packets stay unreported.
+#[inline(never)]
+fn report_evicted(slot: &DenialSlot, index: u32, now: u64) {
+    let Some(table) = DENIAL_DETAILS.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: as in `remember_details`.
+    let details = unsafe { &*(*table).slots.as_ptr().add(index as usize) };
+    if details.last_seen_ns == 0 {
+        return;
+    }
+    let key = &slot.key;
+    let sending = Sending::of(key.reason, details.flags, RingRoom::UNREAD);
+    send(now, key.reason, sending, |event, seq| {
+        // SAFETY: as in `report`.
+        unsafe {
+            (*event).timestamp_ns = details.last_seen_ns;
+            (*event).seq = seq;
+            (*event).cgroup_id = details.cgroup_id;
+            (*event).src_addr = key.src_addr;
+            (*event).dst_addr = key.dst_addr;
+            (*event).src_identity = key.src_identity;
+            (*event).dst_identity = key.dst_identity;
+            (*event).addr_identity = details.addr_identity;
+            (*event).rule = details.rule;
+            (*event).generation = details.generation;
+            (*event).ifindex = details.ifindex;
+            (*event).count = slot.state.suppressed;
+            (*event).cpu = aya_ebpf::helpers::bpf_get_smp_processor_id();
+            (*event).src_port = details.src_port;
+            (*event).dst_port = key.dst_port;
+            (*event).proto = key.proto;
+            (*event).family = details.family;
+            (*event).verdict = details.verdict;
+            (*event).reason = key.reason;
+            (*event).hook = details.hook;
+            (*event).flags = sending.extra_flags();
+            (*event)._pad = [0; 6];
+        }
+    });
 }
 
 const _: () = assert!(align_of::<ReportKey>() == align_of::<u64>());
@@ -314,12 +394,11 @@ fn same_shape(a: &ReportKey, b: &ReportKey) -> bool {
     a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] && a[5] == b[5]
 }
 
-/// The slot a shape is de-duplicated in on this CPU.
+/// Slot `index` of this CPU's de-duplication table.
 #[inline(always)]
-fn denial_slot(key: &ReportKey) -> Option<*mut DenialSlot> {
-    let table = DENIAL_TABLE.get_ptr_mut(0)?;
-    // SAFETY: this CPU's table; the index is below `DENIAL_SLOTS` (masked).
-    Some(unsafe { (*table).slots.as_mut_ptr().add(denial_index(key) as usize) })
+fn denial_slot(table: *mut DenialTable, index: u32) -> *mut DenialSlot {
+    // SAFETY: the index is below `DENIAL_SLOTS` (masked in `denial_index`).
+    unsafe { (*table).slots.as_mut_ptr().add(index as usize) }
 }
 
 /// The index of a shape's slot. Keys that differ only in a high byte (the last octet of an
@@ -335,11 +414,46 @@ fn denial_index(key: &ReportKey) -> u32 {
     ((mixed >> 32) as u32 ^ mixed as u32) & (DENIAL_SLOTS - 1)
 }
 
-/// Sends one event. Every attempt takes the CPU's next sequence number, so one the ring buffer
-/// could not take shows up as a gap as well as in the lost counter. A record whose reason is not
-/// urgent is not sent once the ring buffer is nearly full (see [`Sending`]).
+/// Sends one event about `packet`.
 #[inline(never)]
 pub fn report(hook: &Hook, packet: &Packet, outcome: &Outcome, count: u32, sending: Sending) {
+    send(hook.now, outcome.reason, sending, |event, seq| {
+        // SAFETY: `event` points at a reserved, exclusively owned record of the right size;
+        // every field is written before submit, padding included, so no stale kernel memory
+        // leaks out.
+        unsafe {
+            (*event).timestamp_ns = hook.now;
+            (*event).seq = seq;
+            (*event).cgroup_id = hook.cgroup_id;
+            (*event).src_addr = packet.src;
+            (*event).dst_addr = packet.dst;
+            (*event).src_identity = outcome.src_identity;
+            (*event).dst_identity = outcome.dst_identity;
+            (*event).addr_identity = outcome.addr_identity;
+            (*event).rule = outcome.rule;
+            (*event).generation = outcome.generation;
+            (*event).ifindex = hook.ifindex;
+            (*event).count = count;
+            (*event).cpu = aya_ebpf::helpers::bpf_get_smp_processor_id();
+            (*event).src_port = packet.src_port;
+            (*event).dst_port = packet.dst_port;
+            (*event).proto = packet.proto;
+            (*event).family = packet.family;
+            (*event).verdict = outcome.verdict;
+            (*event).reason = outcome.reason;
+            (*event).hook = hook.kind;
+            (*event).flags = outcome.flags | sending.extra_flags();
+            (*event)._pad = [0; 6];
+        }
+    });
+}
+
+/// Sends the record `write` fills in, of `reason`, at `now`. Every attempt takes the CPU's next
+/// sequence number, so one the ring buffer could not take shows up as a gap as well as in the
+/// lost counter. A record whose reason is not urgent is not sent once the ring buffer is nearly
+/// full (see [`Sending`]).
+#[inline(always)]
+fn send(now: u64, reason: u8, sending: Sending, write: impl FnOnce(*mut FlowEvent, u64)) {
     let Some(state) = EVENT_STATE.get_ptr_mut(0) else {
         return;
     };
@@ -355,34 +469,8 @@ pub fn report(hook: &Hook, packet: &Packet, outcome: &Outcome, count: u32, sendi
         state.lost += 1;
         return;
     };
-    let event = entry.as_mut_ptr();
-    // SAFETY: `event` points at a reserved, exclusively owned record of the right size; every
-    // field is written before submit, padding included, so no stale kernel memory leaks out.
-    unsafe {
-        (*event).timestamp_ns = hook.now;
-        (*event).seq = state.seq;
-        (*event).cgroup_id = hook.cgroup_id;
-        (*event).src_addr = packet.src;
-        (*event).dst_addr = packet.dst;
-        (*event).src_identity = outcome.src_identity;
-        (*event).dst_identity = outcome.dst_identity;
-        (*event).addr_identity = outcome.addr_identity;
-        (*event).rule = outcome.rule;
-        (*event).generation = outcome.generation;
-        (*event).ifindex = hook.ifindex;
-        (*event).count = count;
-        (*event).cpu = aya_ebpf::helpers::bpf_get_smp_processor_id();
-        (*event).src_port = packet.src_port;
-        (*event).dst_port = packet.dst_port;
-        (*event).proto = packet.proto;
-        (*event).family = packet.family;
-        (*event).verdict = outcome.verdict;
-        (*event).reason = outcome.reason;
-        (*event).hook = hook.kind;
-        (*event).flags = outcome.flags | sending.extra_flags();
-        (*event)._pad = [0; 6];
-    }
-    entry.submit(wakeup(hook.now, outcome.reason));
+    write(entry.as_mut_ptr(), state.seq);
+    entry.submit(wakeup(now, reason));
 }
 
 /// The ring buffer's `BPF_RB_NO_WAKEUP`: the record is committed without waking the reader.

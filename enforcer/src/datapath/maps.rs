@@ -22,7 +22,7 @@ use enforcer_common::{
     config::{PolicyConfig, flags as config_flags},
     conntrack::{CachedFlow, CtEntry, CtKey, CtKey4, FlowCacheTable, FlowTableCounts},
     counters::{Counter, EDGE_CACHE_SLOTS, EdgeCacheSlot, FlowCounterKey},
-    event::EventCpuState,
+    event::{DenialTable, EventCpuState},
     flow_filter,
     identity::{CgroupKey, EndpointKey, IdentityInfo},
     policy::{PolicyKey, PortRanges, RangeKey, RuleVerdict, SlotVerdicts, action, pair_filter},
@@ -40,7 +40,7 @@ use crate::{
 };
 
 /// Names of every map in the object, as `bpftool map` shows them.
-pub const MAP_NAMES: [&str; 26] = [
+pub const MAP_NAMES: [&str; 27] = [
     "POLICY_ACTIVE",
     "IPCACHE",
     "IPCACHE_EXACT",
@@ -63,6 +63,7 @@ pub const MAP_NAMES: [&str; 26] = [
     "EVENTS",
     "EVENT_STATE",
     "DENIAL_TABLE",
+    "DENIAL_DETAILS",
     "PACKET_COUNTS",
     "FLOW_COUNTS",
     "EDGE_CACHE",
@@ -174,6 +175,7 @@ pub struct KernelMaps {
     flow_filter: Array<MapData, u16>,
     flow_tables: PerCpuArray<MapData, FlowTableCounts>,
     event_state: PerCpuArray<MapData, EventCpuState>,
+    denial_table: PerCpuArray<MapData, DenialTable>,
     packet_counts: PerCpuArray<MapData, Counter>,
     flow_counts: PerCpuHashMap<MapData, FlowCounterKey, Counter>,
     edge_cache: PerCpuArray<MapData, EdgeCacheSlot>,
@@ -224,6 +226,7 @@ impl KernelMaps {
             flow_filter: typed!("FLOW_FILTER"),
             flow_tables: typed!("FLOW_TABLES"),
             event_state: typed!("EVENT_STATE"),
+            denial_table: typed!("DENIAL_TABLE"),
             packet_counts: typed!("PACKET_COUNTS"),
             flow_counts: typed!("FLOW_COUNTS"),
             edge_cache: typed!("EDGE_CACHE"),
@@ -470,6 +473,23 @@ impl KernelMaps {
         self.event_state
             .get(&0, 0)
             .map(|per_cpu| per_cpu.iter().map(|state| state.lost).sum())
+            .unwrap_or(0)
+    }
+
+    /// Denied packets the kernel counted under a de-duplicated shape and has not reported
+    /// yet, over all CPUs: they go out with the shape's next report, or when another shape
+    /// takes its slot. A de-duplicated denial is in a record's count, in a lost record's
+    /// (`events_lost` counts those records), or here.
+    pub fn denied_packets_unreported(&self) -> u64 {
+        self.denial_table
+            .get(&0, 0)
+            .map(|per_cpu| {
+                per_cpu
+                    .iter()
+                    .flat_map(|table| table.slots.iter())
+                    .map(|slot| u64::from(slot.state.suppressed))
+                    .sum()
+            })
             .unwrap_or(0)
     }
 

@@ -228,6 +228,14 @@ impl Collector for KernelCollector {
             None,
             prometheus_client::metrics::MetricType::Counter,
         )?)?;
+        ConstGauge::new(maps.denied_packets_unreported() as i64).encode(
+            encoder.encode_descriptor(
+                "enforcer_denied_packets_unreported",
+                "Denied packets counted under a de-duplicated flow shape and not yet in a record",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?,
+        )?;
         encode_flow_tables(&maps, &mut encoder)?;
         self.encode_fill(&maps, &mut encoder)
     }
