@@ -17,7 +17,7 @@ use aya::{
     maps::{HashMap, Map, MapData, PerCpuArray, PerCpuValues, RingBuf},
 };
 use enforcer::{
-    compile::{self, HostView},
+    compile::{self, Cgroup, HostView},
     datapath::maps::{Installer, KernelMaps},
     datapath::{
         hook::Hook,
@@ -1358,6 +1358,76 @@ fn denials_are_deduplicated_in_the_kernel_and_losses_show_as_gaps_as_root() {
         lost_in_kernel,
         "gaps (plus records lost after the last delivered one) account for every loss"
     );
+}
+
+#[root_test]
+fn a_packet_handed_over_before_a_switch_is_judged_after_it_as_root() {
+    // The interface hook hands a new flow for a local socket over to the socket hook while
+    // the policy has services identified by cgroup; the policy then switches to one without
+    // any before the packet reaches the socket. It must be judged under the live generation,
+    // not pass unjudged because no service is identified by cgroup any more.
+    let netns = Netns::create(&enforcer_testbed::unique_id()).unwrap();
+    let local = Ipv4Addr::new(10, 99, 0, 1);
+    netns
+        .ip(&[
+            "link",
+            "add",
+            "handover0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "handover1",
+        ])
+        .unwrap();
+    netns
+        .ip(&["addr", "add", "10.99.0.1/32", "dev", "handover0"])
+        .unwrap();
+    netns.ip(&["link", "set", "handover0", "up"]).unwrap();
+    netns
+        .run(|| {
+            let ifindex = nix::net::if_::if_nametoindex("handover0").unwrap();
+            let _receiver = std::net::UdpSocket::bind((local, 5300)).unwrap();
+            let payments = PathBuf::from("/sys/fs/cgroup/unified/payments");
+            let host = HostView {
+                addresses: vec![IpAddr::V4(local)],
+                interfaces: [("handover0".to_owned(), ifindex)].into(),
+                cgroups: [(payments.clone(), Cgroup { id: 4242, level: 1 })].into(),
+                ..HostView::default()
+            };
+            let without = "[[service]]\nname = \"b\"\naddresses = [\"10.0.0.2/32\"]\n";
+            let with = format!(
+                "{without}[[service]]\nname = \"payments\"\ncgroups = [\"{}\"]\n",
+                payments.display()
+            );
+            let datagram = Ipv4::new(B4, local, frames::UDP).frame(&frames::udp(40000, 5300, b"x"));
+            let mut kernel = Kernel::load(LoadOptions::default());
+            let socket_hook_passes = |kernel: &mut Kernel| {
+                kernel
+                    .datapath
+                    .test_run_socket_hook(&datagram, 1, Some(ifindex))
+                    .unwrap()
+                    .return_value
+                    == 1
+            };
+
+            kernel.install_on(&with, &host);
+            assert!(
+                kernel.passes_on(Hook::TcIngress, &datagram, Some(ifindex)),
+                "with a cgroup service, the interface hook hands the datagram over unjudged"
+            );
+            kernel.install_on(without, &host);
+            assert!(
+                !socket_hook_passes(&mut kernel),
+                "delivered after the switch, the datagram is judged under the live generation, \
+                 which lets b reach no port of the host"
+            );
+            assert!(
+                socket_hook_passes(&mut kernel),
+                "the same datagram not handed over is none of the socket hook's business"
+            );
+        })
+        .unwrap();
 }
 
 #[root_test]

@@ -172,13 +172,19 @@ fn flow_key(subject: &mut Subject) {
     subject.from_lo = from_lo as u8;
 }
 
-/// Whether the socket hook may judge a packet that came in through `ifindex` at all: only when
-/// the policy has services identified by cgroup, and never traffic between the host's own
-/// processes (over loopback), which no hook judges. Most packets the socket hook sees are none
-/// of its business: it asks this first, before it reads anything else about the packet.
+/// Whether the socket hook may judge a packet that came in through `ifindex` at all: never
+/// traffic between the host's own processes (over loopback), which no hook judges. Most
+/// packets the socket hook sees are none of its business: it asks this first, before it reads
+/// anything else about the packet.
+///
+/// Not whether the live generation has services identified by cgroup: a packet an interface
+/// hook handed over under a generation that had some may be delivered after the switch to one
+/// that has none, and must still be judged (under the live one). The controller keeps the hook
+/// attached until no packet handed over can still be on its way (a grace period after that
+/// switch), so this costs only in between.
 #[inline(always)]
 pub fn socket_hook_may_judge(ifindex: u32, config: Option<&PolicyConfig>) -> bool {
-    ifindex != LOOPBACK_IFINDEX && matches!(config, Some(config) if config.cgroup_levels != 0)
+    ifindex != LOOPBACK_IFINDEX && config.is_some()
 }
 
 /// Whether the socket hook judges the packet (see `sockets`), given that it may (see

@@ -246,7 +246,7 @@ fn main() {
     // its business, loopback's first.
     let socket_hook = median_of(rounds, || {
         datapath
-            .test_run_socket_hook(&syn, repeat)
+            .test_run_socket_hook(&syn, repeat, None)
             .expect("socket hook test run")
             .duration
     });

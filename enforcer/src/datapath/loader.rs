@@ -490,14 +490,21 @@ impl Datapath {
     }
 
     /// Runs the socket hook's program on `frame` with `BPF_PROG_TEST_RUN`, `repeat` times, as
-    /// a packet the loopback device delivers to a socket of the calling thread's cgroup.
+    /// a packet that came in through interface `ifindex` (of the calling thread's network
+    /// namespace), or through the loopback device if `None`, delivered to a socket of the
+    /// calling thread's cgroup.
     pub fn test_run_socket_hook(
         &mut self,
         frame: &[u8],
         repeat: u32,
+        ifindex: Option<u32>,
     ) -> Result<TestRunResult, LoadError> {
+        // Its context is a `__sk_buff`, as the TC programs' is.
+        let context =
+            ifindex.map(|ifindex| test_run_context(Hook::TcIngress, frame.len(), ifindex));
         let options = TestRunOptions {
             data_in: Some(frame),
+            ctx_in: context.as_deref(),
             repeat,
             ..Default::default()
         };

@@ -1127,7 +1127,7 @@ impl Installer {
     }
 
     /// Waits until no program run can still read the generation switched from last.
-    fn end_grace_period(&mut self) {
+    pub fn end_grace_period(&mut self) {
         if let Some(grace) = self.grace.take() {
             grace.wait();
         }

@@ -227,7 +227,7 @@ impl Controller {
             tracing::warn!("{warning}");
         }
         // Attached before a generation whose interface hooks hand packets over to it is in;
-        // removed only once none is.
+        // removed only once no such generation is and no packet it handed over is on its way.
         let needs_socket_hook = compiled.tables.cgroup_levels != 0;
         if needs_socket_hook {
             self.socket_hook.attach()?;
@@ -243,9 +243,6 @@ impl Controller {
             locks::write(&self.generations).remove(generation);
         })?;
         let seconds = started.elapsed().as_secs_f64();
-        if !needs_socket_hook {
-            self.socket_hook.detach();
-        }
         self.report_installed(
             &policy,
             &compiled,
@@ -264,6 +261,14 @@ impl Controller {
             }
             // Not fatal: the next install finds the slot in an unknown state and rewrites it.
             Err(error) => tracing::warn!("updating the idle policy slot failed: {error}"),
+        }
+        if !needs_socket_hook {
+            // A packet handed over under the generation switched from is delivered in the
+            // receive softirq whose interface hook handed it over, and the grace period after
+            // the switch waits for every softirq running at the switch: then none is on its
+            // way, and the socket hook has judged each under the live generation.
+            self.installer.end_grace_period();
+            self.socket_hook.detach();
         }
         self.live = Some(compiled);
         self.policy = Some((policy, view));
