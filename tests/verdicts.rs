@@ -287,6 +287,19 @@ fn tcp4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
     Ipv4::new(src, dst, frames::TCP).frame(&frames::tcp(sport, dport, frames::TCP_SYN))
 }
 
+/// Runs XDP on a denied SYN to `A4:22` from each of `sources` distinct addresses of
+/// 198.18.0.0/16: a new shape each, and not aggregated (one source each).
+fn deny_from_distinct_sources(kernel: &mut Kernel, sources: u16) {
+    for n in 0..sources {
+        let [high, low] = n.to_be_bytes();
+        let source = Ipv4Addr::new(198, 18, high, low);
+        kernel
+            .datapath
+            .test_run(Hook::Xdp, &tcp4(source, A4, 50000, 22), 1)
+            .unwrap();
+    }
+}
+
 fn tcp6(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16) -> Vec<u8> {
     let syn = frames::tcp(sport, dport, frames::TCP_SYN);
     frames::ipv6_frame(src, dst, frames::TCP, 64, &[], &syn)
@@ -1330,14 +1343,7 @@ fn denials_are_deduplicated_in_the_kernel_and_losses_show_as_gaps_as_root() {
     // into one record), more than the ring buffer holds: the loss is counted in the kernel and
     // visible as sequence gaps.
     let attempts = 300u16;
-    for n in 0..attempts {
-        let [high, low] = n.to_be_bytes();
-        let source = Ipv4Addr::new(198, 18, high, low);
-        kernel
-            .datapath
-            .test_run(Hook::Xdp, &tcp4(source, A4, 50000, 22), 1)
-            .unwrap();
-    }
+    deny_from_distinct_sources(&mut kernel, attempts);
     let burst = kernel.events();
     assert!(
         burst.len() < usize::from(attempts),
@@ -1444,14 +1450,7 @@ fn packets_suppressed_under_a_shape_go_out_when_another_shape_takes_its_slot_as_
     // empty), sixteen times as many as the CPU has slots: every slot is taken over, the
     // repeated shape's among them.
     let others = 8192u16;
-    for n in 0..others {
-        let [high, low] = n.to_be_bytes();
-        let source = Ipv4Addr::new(198, 18, high, low);
-        kernel
-            .datapath
-            .test_run(Hook::Xdp, &tcp4(source, A4, 50000, 22), 1)
-            .unwrap();
-    }
+    deny_from_distinct_sources(&mut kernel, others);
     let events = kernel.events();
     let repeated_records: Vec<_> = events
         .iter()
