@@ -103,9 +103,9 @@ fn main() {
         std::process::exit(1);
     }
     let topology = Topology::build(&[]).expect("a namespace to run in");
-    let policy = topology
-        .write_file("policy.toml", &policies::generated(2, 1))
-        .unwrap();
+    // The policy the controller starts with, and each later full load starts from.
+    let small_text = policies::generated(2, 1);
+    let policy = topology.write_file("policy.toml", &small_text).unwrap();
     let daemon = topology
         .run_enforcer(
             Path::new(ENFORCER),
@@ -159,7 +159,6 @@ fn main() {
     // The full load once more from the small policy, twice, after the memory figures: one load
     // is one sample on a noisy machine, and the figure is their median.
     let mut full_loads = vec![(full, full_line)];
-    let small_text = policies::generated(2, 1);
     let mut generation = 4 + CHANGES as u32;
     for _ in 1..FULL_LOADS {
         apply(&daemon, &policy, &small_text, generation);
