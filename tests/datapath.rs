@@ -704,8 +704,10 @@ fn the_socket_hook_is_attached_only_while_a_service_is_identified_by_cgroup_as_r
     assert!(status.contains("this build's program"), "{status}");
 
     enforcer.reload(&without, 3);
+    // Removed after the switch's grace period, which the controller waits out after it logs
+    // the switch (the reload's cue), not on the switch's path.
     assert!(
-        !socket_link.exists(),
+        enforcer_testbed::eventually(SETTLE, || !socket_link.exists()),
         "the socket hook is removed with payments"
     );
     assert!(
