@@ -1367,6 +1367,53 @@ fn denials_are_deduplicated_in_the_kernel_and_losses_show_as_gaps_as_root() {
 }
 
 #[root_test]
+fn a_small_ring_buffer_keeps_its_last_eighth_for_urgent_records_as_root() {
+    // The programs know the ring buffer's size from the controller rather than ask for it:
+    // if they took the declared 4 MiB for this page, the noise would fill all of it and the
+    // spoof after it would be lost.
+    let mut kernel = Kernel::load(LoadOptions {
+        event_buffer_bytes: Some(4096),
+        ..LoadOptions::default()
+    });
+    let host = HostView {
+        interfaces: [("veth-a".to_owned(), 1000)].into(),
+        routes: [(IpAddr::V4(A4), "veth-a".to_owned())].into(),
+        ..HostView::default()
+    };
+    kernel.install_on(
+        r#"
+[[service]]
+name = "a"
+addresses = ["10.0.0.1/32"]
+interfaces = ["veth-a"]
+[[service]]
+name = "b"
+addresses = ["10.0.0.2/32"]
+"#,
+        &host,
+    );
+    stay_on_one_cpu();
+    let attempts = 300u16;
+    deny_from_distinct_sources(&mut kernel, attempts);
+    assert!(
+        kernel.maps.events_lost() > 0,
+        "{attempts} records overflow one page"
+    );
+    assert!(!kernel.xdp_passes(&tcp4(A4, B4, 40000, 80)), "a spoof of a");
+    let received = kernel.events();
+    assert_eq!(
+        received
+            .iter()
+            .filter(|event| event.reason == reason::SPOOFED)
+            .count(),
+        1,
+        "{} records, {} lost: the spoof found the room the others left",
+        received.len(),
+        kernel.maps.events_lost()
+    );
+}
+
+#[root_test]
 fn a_packet_handed_over_before_a_switch_is_judged_after_it_as_root() {
     // The interface hook hands a new flow for a local socket over to the socket hook while
     // the policy has services identified by cgroup; the policy then switches to one without

@@ -49,12 +49,19 @@ pub fn conclude(hook: &Hook, subject: &Subject, report_kind: Report) -> u8 {
 }
 
 /// A would-be drop: dropped, or in audit mode passed and reported as such. Inlined: a BPF
-/// function of its own would add a frame to the deepest call chain (`judge_again` → `refuse`
-/// → `conclude` → ...), and 6.1's verifier counts even an empty frame as 32 of its 512 bytes.
+/// function of its own would add a frame to the deepest call chain (`judge_tracked` →
+/// `refuse` → `conclude` → ...), and 6.1's verifier counts even an empty frame as 32 of its
+/// 512 bytes.
 #[inline(always)]
 pub fn refuse(hook: &Hook, subject: &mut Subject) -> u8 {
-    subject.outcome.verdict = if audit_applies(subject) { AUDIT } else { DENY };
+    subject.outcome.verdict = refusal(subject);
     conclude(hook, subject, Report::Deduplicated)
+}
+
+/// The verdict of a would-be drop: [`DENY`], or [`AUDIT`] where audit mode applies.
+#[inline(always)]
+pub fn refusal(subject: &Subject) -> u8 {
+    if audit_applies(subject) { AUDIT } else { DENY }
 }
 
 /// Audit mode covers a drop when it is on globally, or when every declared service on the

@@ -257,7 +257,7 @@ fn filter_bucket(key: &FlowKey) -> u32 {
 
 /// Whether `key` may have a live entry: false only when its filter bucket says it cannot.
 #[inline(always)]
-fn may_be_tracked(key: &FlowKey, now: u64) -> bool {
+pub fn may_be_tracked(key: &FlowKey, now: u64) -> bool {
     FLOW_FILTER
         .get(filter_bucket(key))
         .is_none_or(|stamp| flow_filter::may_hold(*stamp, key.proto(), now))

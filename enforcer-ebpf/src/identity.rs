@@ -63,8 +63,9 @@ pub fn of_packet_addresses(slot: u8, packet: &Packet) -> (IdentityInfo, Identity
 }
 
 /// [`of_address`] of an IPv4 address, given both as a number (`u32::from_be_bytes`) and in
-/// its 16-byte form, which only the longest-prefix match reads.
-#[inline(never)]
+/// its 16-byte form, which only the longest-prefix match reads. Inlined: a denied new flow
+/// resolves two addresses, and each call cost it about 9 ns (see `clock`).
+#[inline(always)]
 fn of_ipv4_address(slot: u8, v4: u32, addr: &[u8; 16]) -> IdentityInfo {
     let exact = Ipcache4Key {
         addr: v4,

@@ -7,6 +7,7 @@
 // `asm!` keeps bounds in a form every verifier follows (see `packet::opaque`).
 #![feature(asm_experimental_arch)]
 
+mod clock;
 mod conclude;
 mod conntrack;
 mod flow;
@@ -23,9 +24,7 @@ mod verdict;
 
 use aya_ebpf::{
     bindings::{__sk_buff, TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
-    helpers::{
-        bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
-    },
+    helpers::{bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
     macros::{cgroup_skb, classifier, xdp},
     programs::{SkBuffContext, TcContext, XdpContext},
 };
@@ -130,25 +129,6 @@ fn skb_socket_cgroup_ancestor(skb: *mut __sk_buff, level: i32) -> u64 {
     unsafe { bpf_skb_ancestor_cgroup_id(skb, level) }
 }
 
-/// 1 where the kernel has `bpf_ktime_get_coarse_ns` (5.11 and later), the cheaper clock; the
-/// controller sets it to 0 before loading on older kernels. The verifier knows the value (a
-/// frozen read-only global) and never visits the branch not taken, so an older kernel does not
-/// refuse the helper it lacks.
-#[unsafe(no_mangle)]
-static COARSE_CLOCK: u8 = 1;
-
-/// `CLOCK_MONOTONIC` nanoseconds.
-#[inline(always)]
-fn now() -> u64 {
-    // SAFETY: a plain read of a global; volatile so that it is read from the map at run time
-    // rather than folded into the default at compile time.
-    if unsafe { core::ptr::read_volatile(&COARSE_CLOCK) } != 0 {
-        unsafe { bpf_ktime_get_coarse_ns() }
-    } else {
-        unsafe { bpf_ktime_get_ns() }
-    }
-}
-
 #[xdp]
 pub fn enf_xdp_ingress(ctx: XdpContext) -> u32 {
     let mut hook = Hook {
@@ -158,7 +138,7 @@ pub fn enf_xdp_ingress(ctx: XdpContext) -> u32 {
         cgroup_id: 0,
         receiving_cgroup: 0,
         len: (ctx.end() - ctx.start()) as u32,
-        now: now(),
+        now: clock::now(),
     };
     match verdict::judge(&ctx, &mut hook, identity::active_config()) {
         DENY => xdp_action::XDP_DROP,
@@ -198,7 +178,7 @@ pub fn enf_socket_ingress(ctx: SkBuffContext) -> i32 {
         // SAFETY: as above; the skb's socket is the receiving one here.
         receiving_cgroup: unsafe { bpf_skb_cgroup_id(skb) },
         len: ctx.len(),
-        now: now(),
+        now: clock::now(),
     };
     match verdict::judge(&ctx, &mut hook, config) {
         DENY => 0,
@@ -235,7 +215,7 @@ fn judge_skb(ctx: &TcContext, kind: u8) -> i32 {
         },
         receiving_cgroup: 0,
         len: ctx.len(),
-        now: now(),
+        now: clock::now(),
     };
     match verdict::judge(ctx, &mut hook, identity::active_config()) {
         DENY => TC_ACT_SHOT as i32,

@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 
-use crate::subject::Subject;
+use crate::{clock::ClockReading, subject::Subject};
 use enforcer_common::{
     addr::{Ipcache4Key, IpcacheKey},
     config::PolicyConfig,
@@ -90,14 +90,20 @@ pub static HANDED_OVER: LruHashMap<CtKey, u8, 16384, NO_COMMON_LRU> = LruHashMap
 pub static RATE_LIMITS: LruHashMap<u32, RateState, 16384> = LruHashMap::new();
 
 // Reporting.
+/// The ring buffer's declared size; the controller may create it with another (see
+/// `report::RING_BYTES`).
+pub const EVENTS_BYTES: u32 = 4 << 20;
 #[btf_map]
-pub static EVENTS: RingBuf<FlowEvent, { 4 << 20 }> = RingBuf::new();
+pub static EVENTS: RingBuf<FlowEvent, { EVENTS_BYTES as usize }> = RingBuf::new();
 #[btf_map]
 pub static EVENT_STATE: PerCpuArray<EventCpuState, 1> = PerCpuArray::new();
 /// When a record of this CPU last woke the controller's reader (see `report::wakeup`). Soft
 /// state, not pinned, like `SCRATCH`: a new load's first record wakes the reader.
 #[btf_map]
 pub static RING_WAKEUPS: PerCpuArray<u64, 1> = PerCpuArray::new();
+/// Each CPU's latest reading of the clock (see `clock::now`). Soft state, not pinned.
+#[btf_map]
+pub static CLOCK_READINGS: PerCpuArray<ClockReading, 1> = PerCpuArray::new();
 /// The de-duplication of denial reports, per CPU and direct-mapped (see
 /// `report::report_deduplicated`): one value, each CPU's table. Named anew when its slots
 /// became one value (it was `DENIALS`, a value per slot): its shape changed.

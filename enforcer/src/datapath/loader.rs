@@ -585,7 +585,7 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), LoadError> {
 }
 
 /// The object loader, with the globals that adapt the programs to this kernel and `options`.
-fn object_loader(options: &LoadOptions) -> EbpfLoader<'static> {
+fn object_loader(options: &LoadOptions) -> EbpfLoader<'_> {
     let mut loader = EbpfLoader::new();
     // Static, because the loader borrows the value until it loads.
     static FLAGS: [u8; 2] = [0, 1];
@@ -593,6 +593,10 @@ fn object_loader(options: &LoadOptions) -> EbpfLoader<'static> {
     loader.override_global("COARSE_CLOCK", coarse_clock, true);
     let flow_cache = &FLAGS[usize::from(!options.without_flow_cache)];
     loader.override_global("FLOW_CACHE_ON", flow_cache, true);
+    // The programs know the ring buffer's size rather than ask for it with each record.
+    if let Some(bytes) = &options.event_buffer_bytes {
+        loader.override_global("RING_BYTES", bytes, true);
+    }
     loader
 }
 
@@ -711,7 +715,8 @@ fn aya_object_maps() -> BTreeMap<&'static str, (u32, u32, u32)> {
 /// ignores map addresses), found by loading them without attaching anything.
 pub fn build_tags() -> Result<BTreeMap<&'static str, String>, LoadError> {
     raise_memlock_limit();
-    let mut loader = object_loader(&LoadOptions::default());
+    let options = LoadOptions::default();
+    let mut loader = object_loader(&options);
     // Small maps: only the programs matter here.
     for name in MAP_NAMES {
         if name != "POLICY_ACTIVE" && name != "EVENT_STATE" && name != "PACKET_COUNTS" {
