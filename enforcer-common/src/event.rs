@@ -57,7 +57,8 @@ pub const fn may_wake_reader(reason: u8, now: u64, last_wakeup: u64) -> bool {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEvent {
-    /// `CLOCK_MONOTONIC` nanoseconds (`bpf_ktime_get_ns`).
+    /// `CLOCK_MONOTONIC` nanoseconds, as of the kernel's latest tick (the datapath reads the
+    /// clock once a tick on each CPU: `enforcer-ebpf`'s `clock`).
     pub timestamp_ns: u64,
     /// Per-CPU sequence number: every record a CPU tried to send took the next one, so a gap
     /// is a record the ring buffer could not take.

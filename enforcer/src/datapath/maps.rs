@@ -586,8 +586,8 @@ fn flow_buckets<'a, K: Pod>(
 /// for now (`flow_filter::AHEAD`, 128 units of about a second).
 const STAMP_AHEAD: Duration = Duration::from_secs(60);
 
-/// The monotonic clock, which the datapath's clocks read (`bpf_ktime_get_ns`, and its coarse
-/// form a few milliseconds behind).
+/// The monotonic clock, which the datapath's clocks read (`bpf_ktime_get_ns`, or its coarse
+/// form, once a tick on each CPU: a tick or two behind).
 fn monotonic_ns() -> Result<u64, MapsError> {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|now| now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64)
