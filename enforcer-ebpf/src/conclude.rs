@@ -49,8 +49,8 @@ pub fn conclude(hook: &Hook, subject: &Subject, report_kind: Report) -> u8 {
 }
 
 /// A would-be drop: dropped, or in audit mode passed and reported as such. Inlined: a BPF
-/// function of its own would add a frame to the deepest call chain (`judge_tracked` →
-/// `refuse` → `conclude` → ...), and 6.1's verifier counts even an empty frame as 32 of its
+/// function of its own would add a frame to every chain of calls through it (`judge_new_flow`
+/// → `refuse` → `conclude` → ...), and 6.1's verifier counts even an empty frame as 32 of its
 /// 512 bytes.
 #[inline(always)]
 pub fn refuse(hook: &Hook, subject: &mut Subject) -> u8 {

@@ -417,7 +417,8 @@ fn denial_index(key: &ReportKey) -> u32 {
     ((mixed >> 32) as u32 ^ mixed as u32) & (DENIAL_SLOTS - 1)
 }
 
-/// Sends one event about `packet`.
+/// Sends one event about `packet`. Inlined into `conclude` (through `report_deduplicated`
+/// too): a new shape's record paid a call of its own.
 #[inline(always)]
 pub fn report(hook: &Hook, packet: &Packet, outcome: &Outcome, count: u32, sending: Sending) {
     send(hook.now, outcome.reason, sending, |event, seq| {
