@@ -688,6 +688,7 @@ fn metrics_are_valid_for_promtool_and_carry_the_contract_names_as_root() {
         "enforcer_policy_reloads_total{result=\"success\"} 2",
         "enforcer_policy_apply_seconds_bucket",
         "enforcer_events_lost_total 0",
+        "enforcer_events_lost_packets_total 0",
         "enforcer_denied_packets_unreported ",
         "enforcer_alerts_total{detector=\"flow\"}",
         "enforcer_map_entries{map=\"RULES\"}",

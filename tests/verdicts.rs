@@ -1367,6 +1367,43 @@ fn denials_are_deduplicated_in_the_kernel_and_losses_show_as_gaps_as_root() {
 }
 
 #[root_test]
+fn a_lost_record_takes_its_packets_into_the_lost_count_as_root() {
+    let mut kernel = Kernel::load(LoadOptions {
+        event_buffer_bytes: Some(4096),
+        ..LoadOptions::default()
+    });
+    stay_on_one_cpu();
+    // A shape reported once and held back 999 times; the ring then filled by other shapes
+    // and left unread; the held-back shape's next report, a second later, finds no room.
+    let held_back = tcp4(B4, A4, 50000, 22);
+    kernel
+        .datapath
+        .test_run(Hook::Xdp, &held_back, 1000)
+        .unwrap();
+    let sources = 300u16;
+    deny_from_distinct_sources(&mut kernel, sources);
+    std::thread::sleep(Duration::from_millis(1100));
+    kernel.datapath.test_run(Hook::Xdp, &held_back, 1).unwrap();
+
+    let delivered: u64 = kernel
+        .events()
+        .iter()
+        .map(|event| u64::from(event.count))
+        .sum();
+    let lost = kernel.maps.events_lost_packets();
+    assert!(
+        lost >= 1000,
+        "the lost report stood for the 1000 packets of its shape: {lost} packets lost"
+    );
+    assert_eq!(
+        delivered + lost + kernel.maps.denied_packets_unreported(),
+        1000 + 1 + u64::from(sources),
+        "every denied packet is in a delivered record, a lost one or a slot ({} records lost)",
+        kernel.maps.events_lost()
+    );
+}
+
+#[root_test]
 fn a_small_ring_buffer_keeps_its_last_eighth_for_urgent_records_as_root() {
     // The programs know the ring buffer's size from the controller rather than ask for it:
     // if they took the declared 4 MiB for this page, the noise would fill all of it and the

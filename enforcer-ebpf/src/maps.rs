@@ -97,6 +97,11 @@ pub const EVENTS_BYTES: u32 = 4 << 20;
 pub static EVENTS: RingBuf<FlowEvent, { EVENTS_BYTES as usize }> = RingBuf::new();
 #[btf_map]
 pub static EVENT_STATE: PerCpuArray<EventCpuState, 1> = PerCpuArray::new();
+/// The packets the records the ring buffer could not take stood for (their `count`s), per
+/// CPU. A map of its own: a field of `EVENT_STATE` would change the shape of a pinned map,
+/// which an upgrade cannot adopt.
+#[btf_map]
+pub static LOST_PACKETS: PerCpuArray<u64, 1> = PerCpuArray::new();
 /// When a record of this CPU last woke the controller's reader (see `report::wakeup`). Soft
 /// state, not pinned, like `SCRATCH`: a new load's first record wakes the reader.
 #[btf_map]

@@ -12,7 +12,7 @@ use enforcer_common::{
 use crate::{
     maps::{
         DENIAL_DETAILS, DENIAL_TABLE, EDGE_CACHE, EVENT_STATE, EVENTS, EVENTS_BYTES, FLOW_COUNTS,
-        PACKET_COUNTS, RING_WAKEUPS,
+        LOST_PACKETS, PACKET_COUNTS, RING_WAKEUPS,
     },
     packet::Packet,
 };
@@ -352,33 +352,39 @@ fn report_evicted(slot: &DenialSlot, index: u32, now: u64) {
     }
     let key = &slot.key;
     let sending = Sending::of(key.reason, details.flags, RingRoom::UNREAD);
-    send(now, key.reason, sending, |event, seq| {
-        // SAFETY: as in `report`.
-        unsafe {
-            (*event).timestamp_ns = details.last_seen_ns;
-            (*event).seq = seq;
-            (*event).cgroup_id = details.cgroup_id;
-            (*event).src_addr = key.src_addr;
-            (*event).dst_addr = key.dst_addr;
-            (*event).src_identity = key.src_identity;
-            (*event).dst_identity = key.dst_identity;
-            (*event).addr_identity = details.addr_identity;
-            (*event).rule = details.rule;
-            (*event).generation = details.generation;
-            (*event).ifindex = details.ifindex;
-            (*event).count = slot.state.suppressed;
-            (*event).cpu = aya_ebpf::helpers::bpf_get_smp_processor_id();
-            (*event).src_port = details.src_port;
-            (*event).dst_port = key.dst_port;
-            (*event).proto = key.proto;
-            (*event).family = details.family;
-            (*event).verdict = details.verdict;
-            (*event).reason = key.reason;
-            (*event).hook = details.hook;
-            (*event).flags = sending.extra_flags();
-            (*event)._pad = [0; 6];
-        }
-    });
+    send(
+        now,
+        key.reason,
+        slot.state.suppressed,
+        sending,
+        |event, seq| {
+            // SAFETY: as in `report`.
+            unsafe {
+                (*event).timestamp_ns = details.last_seen_ns;
+                (*event).seq = seq;
+                (*event).cgroup_id = details.cgroup_id;
+                (*event).src_addr = key.src_addr;
+                (*event).dst_addr = key.dst_addr;
+                (*event).src_identity = key.src_identity;
+                (*event).dst_identity = key.dst_identity;
+                (*event).addr_identity = details.addr_identity;
+                (*event).rule = details.rule;
+                (*event).generation = details.generation;
+                (*event).ifindex = details.ifindex;
+                (*event).count = slot.state.suppressed;
+                (*event).cpu = aya_ebpf::helpers::bpf_get_smp_processor_id();
+                (*event).src_port = details.src_port;
+                (*event).dst_port = key.dst_port;
+                (*event).proto = key.proto;
+                (*event).family = details.family;
+                (*event).verdict = details.verdict;
+                (*event).reason = key.reason;
+                (*event).hook = details.hook;
+                (*event).flags = sending.extra_flags();
+                (*event)._pad = [0; 6];
+            }
+        },
+    );
 }
 
 const _: () = assert!(align_of::<ReportKey>() == align_of::<u64>());
@@ -421,7 +427,7 @@ fn denial_index(key: &ReportKey) -> u32 {
 /// too): a new shape's record paid a call of its own.
 #[inline(always)]
 pub fn report(hook: &Hook, packet: &Packet, outcome: &Outcome, count: u32, sending: Sending) {
-    send(hook.now, outcome.reason, sending, |event, seq| {
+    send(hook.now, outcome.reason, count, sending, |event, seq| {
         // SAFETY: `event` points at a reserved, exclusively owned record of the right size;
         // every field is written before submit, padding included, so no stale kernel memory
         // leaks out.
@@ -452,12 +458,18 @@ pub fn report(hook: &Hook, packet: &Packet, outcome: &Outcome, count: u32, sendi
     });
 }
 
-/// Sends the record `write` fills in, of `reason`, at `now`. Every attempt takes the CPU's next
-/// sequence number, so one the ring buffer could not take shows up as a gap as well as in the
-/// lost counter. A record whose reason is not urgent is not sent once the ring buffer is nearly
-/// full (see [`Sending`]).
+/// Sends the record `write` fills in, of `reason`, standing for `packets`, at `now`. Every
+/// attempt takes the CPU's next sequence number, so one the ring buffer could not take shows up
+/// as a gap as well as in the lost counter, and its packets in `LOST_PACKETS`. A record whose
+/// reason is not urgent is not sent once the ring buffer is nearly full (see [`Sending`]).
 #[inline(always)]
-fn send(now: u64, reason: u8, sending: Sending, write: impl FnOnce(*mut FlowEvent, u64)) {
+fn send(
+    now: u64,
+    reason: u8,
+    packets: u32,
+    sending: Sending,
+    write: impl FnOnce(*mut FlowEvent, u64),
+) {
     let Some(state) = EVENT_STATE.get_ptr_mut(0) else {
         return;
     };
@@ -471,6 +483,10 @@ fn send(now: u64, reason: u8, sending: Sending, write: impl FnOnce(*mut FlowEven
     };
     let Some(mut entry) = reserved else {
         state.lost += 1;
+        if let Some(lost) = LOST_PACKETS.get_ptr_mut(0) {
+            // SAFETY: this CPU's slot; programs on one CPU do not interleave (softirq context).
+            unsafe { *lost += u64::from(packets) };
+        }
         return;
     };
     write(entry.as_mut_ptr(), state.seq);

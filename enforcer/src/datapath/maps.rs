@@ -40,7 +40,7 @@ use crate::{
 };
 
 /// Names of every map in the object, as `bpftool map` shows them.
-pub const MAP_NAMES: [&str; 27] = [
+pub const MAP_NAMES: [&str; 28] = [
     "POLICY_ACTIVE",
     "IPCACHE",
     "IPCACHE_EXACT",
@@ -62,6 +62,7 @@ pub const MAP_NAMES: [&str; 27] = [
     "RATE_LIMITS",
     "EVENTS",
     "EVENT_STATE",
+    "LOST_PACKETS",
     "DENIAL_TABLE",
     "DENIAL_DETAILS",
     "PACKET_COUNTS",
@@ -175,6 +176,7 @@ pub struct KernelMaps {
     flow_filter: Array<MapData, u16>,
     flow_tables: PerCpuArray<MapData, FlowTableCounts>,
     event_state: PerCpuArray<MapData, EventCpuState>,
+    lost_packets: PerCpuArray<MapData, u64>,
     denial_table: PerCpuArray<MapData, DenialTable>,
     packet_counts: PerCpuArray<MapData, Counter>,
     flow_counts: PerCpuHashMap<MapData, FlowCounterKey, Counter>,
@@ -226,6 +228,7 @@ impl KernelMaps {
             flow_filter: typed!("FLOW_FILTER"),
             flow_tables: typed!("FLOW_TABLES"),
             event_state: typed!("EVENT_STATE"),
+            lost_packets: typed!("LOST_PACKETS"),
             denial_table: typed!("DENIAL_TABLE"),
             packet_counts: typed!("PACKET_COUNTS"),
             flow_counts: typed!("FLOW_COUNTS"),
@@ -476,10 +479,19 @@ impl KernelMaps {
             .unwrap_or(0)
     }
 
+    /// The packets the lost events stood for (their counts), over all CPUs, since the maps
+    /// were created.
+    pub fn events_lost_packets(&self) -> u64 {
+        self.lost_packets
+            .get(&0, 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
+    }
+
     /// Denied packets the kernel counted under a de-duplicated shape and has not reported
     /// yet, over all CPUs: they go out with the shape's next report, or when another shape
     /// takes its slot. A de-duplicated denial is in a record's count, in a lost record's
-    /// (`events_lost` counts those records), or here.
+    /// ([`Self::events_lost_packets`]), or here.
     pub fn denied_packets_unreported(&self) -> u64 {
         self.denial_table
             .get(&0, 0)

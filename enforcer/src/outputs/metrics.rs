@@ -228,6 +228,12 @@ impl Collector for KernelCollector {
             None,
             prometheus_client::metrics::MetricType::Counter,
         )?)?;
+        ConstCounter::new(maps.events_lost_packets()).encode(encoder.encode_descriptor(
+            "enforcer_events_lost_packets",
+            "Packets the flow records the kernel could not put in the ring buffer stood for",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?)?;
         ConstGauge::new(maps.denied_packets_unreported() as i64).encode(
             encoder.encode_descriptor(
                 "enforcer_denied_packets_unreported",
