@@ -300,6 +300,24 @@ fn deny_from_distinct_sources(kernel: &mut Kernel, sources: u16) {
     }
 }
 
+/// A host where `a` (10.0.0.1) is an endpoint behind `veth-a` (ifindex 1000): its address
+/// from anywhere else, loopback included, is a spoof.
+fn a_behind_veth_a() -> HostView {
+    HostView {
+        interfaces: [("veth-a".to_owned(), 1000)].into(),
+        routes: [(IpAddr::V4(A4), "veth-a".to_owned())].into(),
+        ..HostView::default()
+    }
+}
+
+/// The records among `events` that report a spoof.
+fn spoofs(events: &[FlowEvent]) -> usize {
+    events
+        .iter()
+        .filter(|event| event.reason == reason::SPOOFED)
+        .count()
+}
+
 fn tcp6(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16) -> Vec<u8> {
     let syn = frames::tcp(sport, dport, frames::TCP_SYN);
     frames::ipv6_frame(src, dst, frames::TCP, 64, &[], &syn)
@@ -1412,11 +1430,7 @@ fn a_small_ring_buffer_keeps_its_last_eighth_for_urgent_records_as_root() {
         event_buffer_bytes: Some(4096),
         ..LoadOptions::default()
     });
-    let host = HostView {
-        interfaces: [("veth-a".to_owned(), 1000)].into(),
-        routes: [(IpAddr::V4(A4), "veth-a".to_owned())].into(),
-        ..HostView::default()
-    };
+    let host = a_behind_veth_a();
     kernel.install_on(
         r#"
 [[service]]
@@ -1439,10 +1453,7 @@ addresses = ["10.0.0.2/32"]
     assert!(!kernel.xdp_passes(&tcp4(A4, B4, 40000, 80)), "a spoof of a");
     let received = kernel.events();
     assert_eq!(
-        received
-            .iter()
-            .filter(|event| event.reason == reason::SPOOFED)
-            .count(),
+        spoofs(&received),
         1,
         "{} records, {} lost: the spoof found the room the others left",
         received.len(),
@@ -1560,13 +1571,8 @@ fn packets_suppressed_under_a_shape_go_out_when_another_shape_takes_its_slot_as_
 #[root_test]
 fn under_a_flood_denials_are_aggregated_per_source_and_a_spoof_still_arrives_as_root() {
     let mut kernel = Kernel::load(LoadOptions::default());
-    // `a` is an endpoint of this host behind `veth-a`: its address from anywhere else (here,
-    // loopback) is a spoof. `frontend` is a /16 nobody may reach.
-    let host = HostView {
-        interfaces: [("veth-a".to_owned(), 1000)].into(),
-        routes: [(IpAddr::V4(A4), "veth-a".to_owned())].into(),
-        ..HostView::default()
-    };
+    // `frontend` is a /16 nobody may reach.
+    let host = a_behind_veth_a();
     kernel.install_on(
         r#"
 [[service]]
@@ -1589,12 +1595,6 @@ addresses = ["10.1.0.0/16"]
             40000,
             1 + (n >> 16) as u16,
         )
-    };
-    let spoofs = |events: &[FlowEvent]| {
-        events
-            .iter()
-            .filter(|event| event.reason == reason::SPOOFED)
-            .count()
     };
     const SHAPES: u32 = 1_000_000;
 
