@@ -245,16 +245,20 @@ impl Kernel {
     }
 }
 
-/// Makes every flow of `flows` look idle for `idle` longer than it has been.
+/// Makes every flow of `flows` look idle for `idle` longer than it has been. The stamps are
+/// the kernel's monotonic clock, which starts at boot: a flow that would then look idle since
+/// before boot (one the test made idle again and again) looks idle since boot, which is longer
+/// than `idle` once the clock has passed it (see [`wait_for_clock`]), and so just as expired.
 fn idle_table<K: Pod>(flows: &mut HashMap<MapData, K, CtEntry>, idle: u64) {
+    let clock = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
+    assert!(
+        Duration::from(clock) > Duration::from_nanos(idle),
+        "the clock has not passed {:?} yet (see wait_for_clock)",
+        Duration::from_nanos(idle)
+    );
     let entries: Vec<_> = flows.iter().map(Result::unwrap).collect();
     for (key, mut entry) in entries {
-        assert!(
-            entry.last_seen_ns > idle,
-            "flows made before the clock passed {:?} (see wait_for_clock)",
-            Duration::from_nanos(idle)
-        );
-        entry.last_seen_ns -= idle;
+        entry.last_seen_ns = entry.last_seen_ns.saturating_sub(idle).max(1);
         flows.insert(key, entry, 0).unwrap();
     }
 }
@@ -660,19 +664,26 @@ struct Interfaces {
 
 impl Interfaces {
     fn create(names: &[&str]) -> Self {
+        Self::create_at(&names.iter().map(|name| (*name, None)).collect::<Vec<_>>())
+    }
+
+    /// Interfaces named as given, each at the index given where there is one.
+    fn create_at(interfaces: &[(&str, Option<u32>)]) -> Self {
         let netns = Netns::create(&enforcer_testbed::unique_id()).unwrap();
-        for name in names {
+        for (name, index) in interfaces {
+            let index = index.map(|index| index.to_string());
+            let at: &[&str] = match &index {
+                Some(index) => &["index", index],
+                None => &[],
+            };
+            let peer = format!("{name}-peer");
+            let add = [
+                &["link", "add", name][..],
+                at,
+                &["type", "veth", "peer", "name", &peer],
+            ];
             netns
-                .ip(&[
-                    "link",
-                    "add",
-                    name,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    &format!("{name}-peer"),
-                ])
+                .ip(&add.concat())
                 .and_then(|()| netns.ip(&["link", "set", name, "up"]))
                 .unwrap();
         }
@@ -1835,6 +1846,111 @@ fn an_address_the_policy_stops_naming_resolves_to_world_again_as_root() {
             );
         }
     }
+}
+
+/// Addresses and endpoint interfaces are found in identity tables whose buckets hold four keys
+/// (see `enforcer_common::identity_table`). Six services whose addresses share one bucket and
+/// whose interfaces share another must each keep their identity (the two a bucket cannot hold
+/// come from the hash maps behind it), also as services leave and come back, in slots written
+/// again two generations later: by a controller that knows what it wrote (changes only) and
+/// by one that adopted the maps.
+#[root_test]
+fn services_sharing_an_identity_table_bucket_each_keep_their_identity_as_root() {
+    use enforcer_common::identity_table::{ADDRESSES4, ENDPOINTS, Shape, WAYS};
+    const SERVICES: usize = WAYS + 2;
+    const SINK: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 1);
+    const OUTSIDER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+    let colliding = |shape: Shape, from: u32| -> Vec<u32> {
+        (from..)
+            .filter(|key| shape.bucket(*key) == shape.bucket(from))
+            .take(SERVICES)
+            .collect()
+    };
+    let addresses: Vec<Ipv4Addr> = colliding(ADDRESSES4, u32::from(Ipv4Addr::new(10, 8, 0, 1)))
+        .into_iter()
+        .map(Ipv4Addr::from)
+        .collect();
+    let indexes = colliding(ENDPOINTS, 100);
+    let names: Vec<String> = (0..SERVICES).map(|n| format!("ep{n}")).collect();
+    let interfaces = Interfaces::create_at(
+        &names
+            .iter()
+            .zip(&indexes)
+            .map(|(name, index)| (name.as_str(), Some(*index)))
+            .collect::<Vec<_>>(),
+    );
+    let host = HostView {
+        interfaces: names.iter().cloned().zip(indexes.iter().copied()).collect(),
+        routes: addresses
+            .iter()
+            .map(|address| IpAddr::V4(*address))
+            .zip(names.iter().cloned())
+            .collect(),
+        ..HostView::default()
+    };
+    // Each present service may reach the sink on 80/tcp; the world, on 81/tcp.
+    let policy_of = |present: &[usize]| {
+        let mut text = "[[service]]\nname = \"sink\"\naddresses = [\"10.9.0.1/32\"]\n\
+                        [[allow]]\nfrom = \"world\"\nto = \"sink\"\nports = [\"81/tcp\"]\n"
+            .to_owned();
+        for n in present {
+            text += &format!(
+                "[[service]]\nname = \"e{n}\"\naddresses = [\"{}/32\"]\ninterfaces = [\"ep{n}\"]\n\
+                 [[allow]]\nfrom = \"e{n}\"\nto = \"sink\"\nports = [\"80/tcp\"]\n",
+                addresses[*n]
+            );
+        }
+        let policy = policy::parse_sources(vec![(PathBuf::from("verdicts.toml"), text)]).unwrap();
+        compile::compile(&policy, &host, None).unwrap()
+    };
+    // Each slot holds all six, then the four of the middle (both buckets then hold all their
+    // keys: nothing is sent to the hash maps), then all six again.
+    let all: Vec<usize> = (0..SERVICES).collect();
+    let middle = all[1..=WAYS].to_vec();
+    let generations = [&all, &all, &middle, &middle, &all];
+    interfaces
+        .netns
+        .run(|| {
+            for adopting in [false, true] {
+                let mut kernel = Kernel::load(LoadOptions::default());
+                let mut installer = Installer::adopt(&kernel.maps).unwrap();
+                for present in generations {
+                    if adopting {
+                        installer = Installer::adopt(&kernel.maps).unwrap();
+                    }
+                    installer.install(&mut kernel.maps, &policy_of(present)).unwrap();
+                    for hook in [Hook::Xdp, Hook::TcIngress] {
+                        for n in 0..SERVICES {
+                            let mut passes = |src: Ipv4Addr, port: u16| {
+                                kernel.next_port += 1;
+                                let frame = tcp4(src, SINK, kernel.next_port, port);
+                                kernel.passes_on(hook, &frame, Some(indexes[n]))
+                            };
+                            let verdicts = [
+                                passes(addresses[n], 80),
+                                passes(addresses[n], 81),
+                                passes(OUTSIDER, 81),
+                            ];
+                            // Present: e{n} reaches the sink on 80 only, and its interface
+                            // speaks for nobody else. Gone: its address and interface are the
+                            // world's again.
+                            let expected = if present.contains(&n) {
+                                [true, false, false]
+                            } else {
+                                [false, true, true]
+                            };
+                            assert_eq!(
+                                verdicts, expected,
+                                "{hook:?}: e{n} ({}, ifindex {}) to the sink on 80, 81, and {OUTSIDER} \
+                                 through its interface on 81; present: {present:?}, adopting: {adopting}",
+                                addresses[n], indexes[n]
+                            );
+                        }
+                    }
+                }
+            }
+        })
+        .unwrap();
 }
 
 #[root_test]

@@ -28,6 +28,7 @@ pub mod counters;
 pub mod event;
 pub mod flow_filter;
 pub mod identity;
+pub mod identity_table;
 pub mod policy;
 pub mod verdict;
 

@@ -17,6 +17,7 @@ use enforcer_common::{
     event::{DenialDetailsTable, DenialTable, EventCpuState, FlowEvent},
     flow_filter,
     identity::{CgroupKey, EndpointKey, IdentityInfo},
+    identity_table::{self, IdentityBucket},
     policy::{PolicyKey, PortRanges, RangeKey, RateState, SlotVerdicts, pair_filter},
     verdict::PACKET_COUNTER_SLOTS,
 };
@@ -46,8 +47,19 @@ pub static IPCACHE_EXACT: HashMap<IpcacheKey, IdentityInfo, 131072, NO_PREALLOC>
 /// The IPv4 ones of those, under an 8-byte key rather than 20 (see `Ipcache4Key`).
 #[btf_map]
 pub static IPCACHE_EXACT4: HashMap<Ipcache4Key, IdentityInfo, 131072, NO_PREALLOC> = HashMap::new();
+/// In front of `IPCACHE_EXACT4`, what a lookup finds without a hash (see
+/// `enforcer_common::identity_table`).
+#[btf_map]
+pub static IPCACHE_TABLE4: Array<
+    IdentityBucket,
+    { identity_table::ADDRESSES4.entries() as usize },
+> = Array::new();
 #[btf_map]
 pub static ENDPOINTS: HashMap<EndpointKey, IdentityInfo, 8192> = HashMap::new();
+/// In front of `ENDPOINTS`, as `IPCACHE_TABLE4` is in front of `IPCACHE_EXACT4`.
+#[btf_map]
+pub static ENDPOINT_TABLE: Array<IdentityBucket, { identity_table::ENDPOINTS.entries() as usize }> =
+    Array::new();
 #[btf_map]
 pub static CGROUPS: HashMap<CgroupKey, IdentityInfo, 8192> = HashMap::new();
 /// The rule entries. Named anew when its value became one per slot (it was `POLICY`): a

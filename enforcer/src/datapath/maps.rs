@@ -25,6 +25,7 @@ use enforcer_common::{
     event::{DenialTable, EventCpuState},
     flow_filter,
     identity::{CgroupKey, EndpointKey, IdentityInfo},
+    identity_table::{self, IdentityBucket, Shape},
     policy::{PolicyKey, PortRanges, RangeKey, RuleVerdict, SlotVerdicts, action, pair_filter},
     verdict::{
         PACKET_COUNTER_SLOTS,
@@ -40,12 +41,14 @@ use crate::{
 };
 
 /// Names of every map in the object, as `bpftool map` shows them.
-pub const MAP_NAMES: [&str; 28] = [
+pub const MAP_NAMES: [&str; 30] = [
     "POLICY_ACTIVE",
     "IPCACHE",
     "IPCACHE_EXACT",
     "IPCACHE_EXACT4",
+    "IPCACHE_TABLE4",
     "ENDPOINTS",
+    "ENDPOINT_TABLE",
     "CGROUPS",
     "RULES",
     "PORT_RANGES",
@@ -164,7 +167,9 @@ pub struct KernelMaps {
     ipcache: LpmTrie<MapData, IpcacheKey, IdentityInfo>,
     ipcache_exact: HashMap<MapData, IpcacheKey, IdentityInfo>,
     ipcache_exact4: HashMap<MapData, Ipcache4Key, IdentityInfo>,
+    ipcache_table4: Array<MapData, IdentityBucket>,
     endpoints: HashMap<MapData, EndpointKey, IdentityInfo>,
+    endpoint_table: Array<MapData, IdentityBucket>,
     cgroups: HashMap<MapData, CgroupKey, IdentityInfo>,
     rules: HashMap<MapData, PolicyKey, SlotVerdicts>,
     ranges: HashMap<MapData, RangeKey, PortRanges>,
@@ -216,7 +221,9 @@ impl KernelMaps {
             ipcache: typed!("IPCACHE"),
             ipcache_exact: typed!("IPCACHE_EXACT"),
             ipcache_exact4: typed!("IPCACHE_EXACT4"),
+            ipcache_table4: typed!("IPCACHE_TABLE4"),
             endpoints: typed!("ENDPOINTS"),
+            endpoint_table: typed!("ENDPOINT_TABLE"),
             cgroups: typed!("CGROUPS"),
             rules: typed!("RULES"),
             ranges: typed!("PORT_RANGES"),
@@ -336,6 +343,22 @@ impl KernelMaps {
             &next.ipcache,
         )
         .map_err(map_err("IPCACHE"))?;
+        writes += sync_identity_table(
+            &mut self.ipcache_table4,
+            identity_table::ADDRESSES4,
+            slot,
+            previous.map(Tables::address4_layout),
+            next.address4_layout(),
+        )
+        .map_err(map_err("IPCACHE_TABLE4"))?;
+        writes += sync_identity_table(
+            &mut self.endpoint_table,
+            identity_table::ENDPOINTS,
+            slot,
+            previous.map(Tables::endpoint_layout),
+            next.endpoint_layout(),
+        )
+        .map_err(map_err("ENDPOINT_TABLE"))?;
         Ok(writes)
     }
 
@@ -803,6 +826,35 @@ fn sync_pair_filter(
         ),
     };
     update_batch(filter, &indexes, &words)?;
+    Ok(indexes.len())
+}
+
+/// Writes the buckets of `slot`'s half of an identity table that differ between the layouts
+/// `previous` (what the slot holds) and `next`; without `previous`, every bucket of the half.
+fn sync_identity_table(
+    table: &mut Array<MapData, IdentityBucket>,
+    shape: Shape,
+    slot: u8,
+    previous: Option<BTreeMap<u32, IdentityBucket>>,
+    next: BTreeMap<u32, IdentityBucket>,
+) -> Result<usize, MapError> {
+    let in_next = |bucket: u32| next.get(&bucket).copied().unwrap_or(IdentityBucket::EMPTY);
+    let buckets: Vec<u32> = match &previous {
+        Some(previous) => previous
+            .keys()
+            .chain(next.keys())
+            .copied()
+            .collect::<BTreeSet<u32>>()
+            .into_iter()
+            .filter(|bucket| previous.get(bucket) != next.get(bucket))
+            .collect(),
+        None => (0..shape.buckets_per_slot()).collect(),
+    };
+    let (indexes, values): (Vec<u32>, Vec<IdentityBucket>) = buckets
+        .into_iter()
+        .map(|bucket| (shape.first_index(slot) + bucket, in_next(bucket)))
+        .unzip();
+    update_batch(table, &indexes, &values)?;
     Ok(indexes.len())
 }
 
