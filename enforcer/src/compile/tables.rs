@@ -5,7 +5,6 @@ use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf};
 use enforcer_common::{
     addr::{IpcacheKey, v4_of_mapped},
     identity::{CgroupKey, EndpointKey, IdentityInfo},
-    identity_table::{self, IdentityBucket},
     policy::{
         ANY_PORT, ANY_PROTO, PolicyKey, PortRanges, RangeKey, RuleVerdict, layer, pair_filter,
     },
@@ -86,6 +85,12 @@ impl Prefix {
         self.len == 128
     }
 
+    /// The IPv4 address (`u32::from_be_bytes`) the prefix is whole of, if it is one: its key in
+    /// the IPv4 identity table (see `enforcer_common::identity_table`).
+    pub fn host_v4(&self) -> Option<u32> {
+        v4_of_mapped(&self.addr).filter(|_| self.is_host())
+    }
+
     pub fn key(&self, slot: u8) -> (u32, IpcacheKey) {
         (
             enforcer_common::addr::IPCACHE_KEY_HEADER_BITS + u32::from(self.len),
@@ -136,24 +141,6 @@ impl Tables {
             ("RULES", self.rules.len()),
             ("PORT_RANGES", self.ranges.len()),
         ]
-    }
-
-    /// The buckets of a slot of the IPv4 address table: the whole-address IPv4 entries of
-    /// `ipcache` (see `enforcer_common::identity_table`).
-    pub fn address4_layout(&self) -> BTreeMap<u32, IdentityBucket> {
-        identity_table::ADDRESSES4.layout(self.ipcache.iter().filter_map(|(prefix, info)| {
-            let v4 = v4_of_mapped(&prefix.addr).filter(|_| prefix.is_host())?;
-            Some((v4, *info))
-        }))
-    }
-
-    /// The buckets of a slot of the endpoint table: `endpoints` by interface index.
-    pub fn endpoint_layout(&self) -> BTreeMap<u32, IdentityBucket> {
-        identity_table::ENDPOINTS.layout(
-            self.endpoints
-                .iter()
-                .map(|(key, info)| (key.ifindex, *info)),
-        )
     }
 
     /// Word `word` of a slot of the pair filter: the layer bits of its buckets' pairs.

@@ -347,16 +347,18 @@ impl KernelMaps {
             &mut self.ipcache_table4,
             identity_table::ADDRESSES4,
             slot,
-            previous.map(Tables::address4_layout),
-            next.address4_layout(),
+            previous.map(|p| &p.ipcache),
+            &next.ipcache,
+            Prefix::host_v4,
         )
         .map_err(map_err("IPCACHE_TABLE4"))?;
         writes += sync_identity_table(
             &mut self.endpoint_table,
             identity_table::ENDPOINTS,
             slot,
-            previous.map(Tables::endpoint_layout),
-            next.endpoint_layout(),
+            previous.map(|p| &p.endpoints),
+            &next.endpoints,
+            |key| Some(key.ifindex),
         )
         .map_err(map_err("ENDPOINT_TABLE"))?;
         Ok(writes)
@@ -829,33 +831,65 @@ fn sync_pair_filter(
     Ok(indexes.len())
 }
 
-/// Writes the buckets of `slot`'s half of an identity table that differ between the layouts
-/// `previous` (what the slot holds) and `next`; without `previous`, every bucket of the half.
-fn sync_identity_table(
+/// Writes `slot`'s half of an identity table for the entries of `next` that `key_of` gives a
+/// key: only the buckets whose keys changed since `previous` (what the slot holds), or every
+/// bucket of the half without it.
+fn sync_identity_table<K: Ord>(
     table: &mut Array<MapData, IdentityBucket>,
     shape: Shape,
     slot: u8,
-    previous: Option<BTreeMap<u32, IdentityBucket>>,
-    next: BTreeMap<u32, IdentityBucket>,
+    previous: Option<&BTreeMap<K, IdentityInfo>>,
+    next: &BTreeMap<K, IdentityInfo>,
+    key_of: impl Fn(&K) -> Option<u32>,
 ) -> Result<usize, MapError> {
-    let in_next = |bucket: u32| next.get(&bucket).copied().unwrap_or(IdentityBucket::EMPTY);
-    let buckets: Vec<u32> = match &previous {
-        Some(previous) => previous
-            .keys()
-            .chain(next.keys())
-            .copied()
-            .collect::<BTreeSet<u32>>()
+    let (indexes, values): (Vec<u32>, Vec<IdentityBucket>) =
+        identity_buckets_to_write(shape, previous, next, key_of)
             .into_iter()
-            .filter(|bucket| previous.get(bucket) != next.get(bucket))
-            .collect(),
-        None => (0..shape.buckets_per_slot()).collect(),
-    };
-    let (indexes, values): (Vec<u32>, Vec<IdentityBucket>) = buckets
-        .into_iter()
-        .map(|bucket| (shape.first_index(slot) + bucket, in_next(bucket)))
-        .unzip();
+            .map(|(bucket, value)| (shape.first_index(slot) + bucket, value))
+            .unzip();
     update_batch(table, &indexes, &values)?;
     Ok(indexes.len())
+}
+
+/// The buckets (within a slot) that bring an identity table holding `previous` in line with
+/// `next`, and what each must hold (see [`sync_identity_table`]). Only the buckets of keys that
+/// changed are laid out, from a pass over `next`: a whole layout of a large policy's addresses
+/// took 0.2 ms, most of a one-rule change's map writes.
+fn identity_buckets_to_write<K: Ord>(
+    shape: Shape,
+    previous: Option<&BTreeMap<K, IdentityInfo>>,
+    next: &BTreeMap<K, IdentityInfo>,
+    key_of: impl Fn(&K) -> Option<u32>,
+) -> BTreeMap<u32, IdentityBucket> {
+    let buckets: BTreeSet<u32> = match previous {
+        Some(previous) => {
+            let changes = Changes::between(previous, next);
+            let changed = changes.written.iter().map(|(key, _)| *key);
+            changes
+                .removed
+                .iter()
+                .copied()
+                .chain(changed)
+                .filter_map(&key_of)
+                .map(|key| shape.bucket(key))
+                .collect()
+        }
+        None => (0..shape.buckets_per_slot()).collect(),
+    };
+    let entries = next.iter().filter_map(|(key, identity)| {
+        let key = key_of(key)?;
+        buckets
+            .contains(&shape.bucket(key))
+            .then_some((key, *identity))
+    });
+    let mut layout = shape.layout(entries);
+    buckets
+        .into_iter()
+        .map(|bucket| {
+            let value = layout.remove(&bucket).unwrap_or(IdentityBucket::EMPTY);
+            (bucket, value)
+        })
+        .collect()
 }
 
 fn sync_hash<K: SlotKey, V: Pod + PartialEq>(
@@ -1301,5 +1335,38 @@ mod tests {
         assert_eq!(emptied.removed, [&1, &2]);
         let filled = Changes::between(&empty, &table);
         assert_eq!(filled.written, [(&1, &'a'), (&2, &'b')]);
+    }
+
+    /// A slot's identity table after the writes for a change is the table of the new
+    /// entries, written whole: on random generations of a small table, where buckets overflow,
+    /// empty, and fill again.
+    #[test]
+    fn the_identity_buckets_written_for_a_change_make_the_next_generations_table() {
+        let shape = Shape { bits: 3 };
+        let whole = |entries: &BTreeMap<u32, IdentityInfo>| {
+            identity_buckets_to_write(shape, None, entries, |key| Some(*key))
+        };
+        let mut draw = enforcer_testbed::policies::Draw::from_seed(16);
+        let generation = |draw: &mut enforcer_testbed::policies::Draw| {
+            (0..draw.below(60))
+                .map(|_| {
+                    let identity = IdentityInfo {
+                        identity: 256 + draw.below(3) as u32,
+                        flags: 0,
+                    };
+                    (draw.below(100) as u32, identity)
+                })
+                .collect::<BTreeMap<u32, IdentityInfo>>()
+        };
+        let mut previous = generation(&mut draw);
+        let mut table = whole(&previous);
+        assert_eq!(table.len(), shape.buckets_per_slot() as usize);
+        for _ in 0..200 {
+            let next = generation(&mut draw);
+            let writes = identity_buckets_to_write(shape, Some(&previous), &next, |key| Some(*key));
+            table.extend(writes);
+            assert_eq!(table, whole(&next), "{previous:?} -> {next:?}");
+            previous = next;
+        }
     }
 }
