@@ -105,7 +105,9 @@ pub mod timeout {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CachedFlow {
     pub key: CtKey4,
-    /// The sending socket's cgroup at TC egress, else 0.
+    /// The sending socket's own cgroup at TC egress, as the hook reads it (not the service's
+    /// cgroup above it that the flow is bound to: that one is a walk up the hierarchy, and a
+    /// leaf has one set of ancestors), else 0.
     pub cgroup_id: u64,
     /// When the shortcut last passed a packet of it (`CLOCK_MONOTONIC` ns); 0: an empty slot.
     pub checked_at: u64,

@@ -7,7 +7,11 @@
 //!
 //! A cached flow passes exactly where the shortcut (`verdict::pass_established`) passed its
 //! last packet: the same flow key and direction, the same hook, interface and sending socket's
-//! cgroup, under the same generation. What else could have changed since is bounded by the
+//! cgroup, under the same generation. The socket's own cgroup, not the service's above it
+//! that the full path binds the flow to: a cgroup's ancestors never change, and the
+//! generation fixes which of them is a service's, so the same own cgroup under the same
+//! generation is bound the same way, and a cached packet skips the walk (a helper call and a
+//! hash lookup for each level the services' cgroups sit at). What else could have changed since is bounded by the
 //! entry's age: it is trusted for [`timeout::REFRESH_NS`] after the shortcut last checked it,
 //! then the shortcut checks it again, which also refreshes the conntrack entry's `last_seen`
 //! as often as a packet of its own would. Packets that change a flow's state (TCP SYN, FIN,
@@ -33,7 +37,7 @@ use enforcer_common::{
 };
 
 use crate::{
-    conntrack, identity,
+    conntrack,
     maps::FLOW_CACHES,
     packet::{self, Frame, TCP_FIN, TCP_RST, TCP_SYN, fragment},
     report::{self, Hook},
@@ -61,8 +65,8 @@ pub const MISS: u8 = 0;
 /// first thing an interface hook asks, before the parser: it reads only a plain frame's
 /// headers (see `packet::plain_ipv4`), and a cached flow's packet then costs those loads and
 /// one slot. Inlined into the entry point: a BPF call costs about 9 ns a packet here (see
-/// `clock`), as much as the rest of it. Its locals grow the entry's frame (TC egress's most,
-/// by 64 bytes), which fits since `verdict::rejudge` left the chains under `conclude`.
+/// `clock`), as much as the rest of it. Its locals grow the entry's frame, which fits since
+/// `verdict::rejudge` left the chains under `conclude`.
 #[inline(always)]
 pub fn pass<F: Frame>(frame: &F, hook: &Hook, config: &PolicyConfig) -> u8 {
     if !enabled() {
@@ -74,8 +78,6 @@ pub fn pass<F: Frame>(frame: &F, hook: &Hook, config: &PolicyConfig) -> u8 {
     if !changes_no_state(packet.proto, packet.tcp_flags) {
         return MISS;
     }
-    // Bound as `verdict::judge` binds it.
-    let cgroup_id = identity::sending_cgroup(frame, config, hook.cgroup_id);
     let mut key = CtKey4::default();
     let from_lo = conntrack::short_key(
         packet.src,
@@ -90,7 +92,7 @@ pub fn pass<F: Frame>(frame: &F, hook: &Hook, config: &PolicyConfig) -> u8 {
     };
     // SAFETY: this CPU's slot; programs on one CPU do not interleave (softirq context).
     let cached = unsafe { &mut *cached };
-    if !describes(cached, &key, from_lo, hook, cgroup_id, config.generation)
+    if !describes(cached, &key, from_lo, hook, config.generation)
         || hook.now.wrapping_sub(cached.checked_at) >= timeout::REFRESH_NS
     {
         return MISS;
@@ -117,7 +119,7 @@ pub fn remember(hook: &Hook, subject: &Subject, verdict: u8) {
     }
     let outcome = &subject.outcome;
     cached.key = subject.key.short;
-    cached.cgroup_id = hook.cgroup_id;
+    cached.cgroup_id = subject.socket_cgroup;
     cached.checked_at = hook.now;
     cached.packets = 0;
     cached.bytes = 0;
@@ -172,14 +174,7 @@ fn changes_no_state(protocol: u8, tcp_flags: u8) -> bool {
 }
 
 #[inline(always)]
-fn describes(
-    cached: &CachedFlow,
-    key: &CtKey4,
-    from_lo: u8,
-    hook: &Hook,
-    cgroup_id: u64,
-    generation: u32,
-) -> bool {
+fn describes(cached: &CachedFlow, key: &CtKey4, from_lo: u8, hook: &Hook, generation: u32) -> bool {
     cached.key.addr_lo == key.addr_lo
         && cached.key.addr_hi == key.addr_hi
         && cached.key.port_lo == key.port_lo
@@ -188,7 +183,7 @@ fn describes(
         && cached.from_lo == from_lo
         && cached.hook_kind == hook.kind
         && cached.ifindex == hook.ifindex
-        && cached.cgroup_id == cgroup_id
+        && cached.cgroup_id == hook.cgroup_id
         && cached.generation == generation
         && cached.checked_at != 0
 }

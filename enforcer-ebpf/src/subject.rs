@@ -23,4 +23,7 @@ pub struct Subject {
     pub global_audit: u8,
     /// Whether conntrack has an entry for the flow (looked up once, by the shortcut).
     pub tracked: u8,
+    /// The sending socket's own cgroup as the hook read it (0: none): the flow cache's (see
+    /// `flow_cache::remember`), where the hook's becomes the cgroup the flow is bound to.
+    pub socket_cgroup: u64,
 }

@@ -63,6 +63,7 @@ pub fn judge<F: Frame>(frame: &F, hook: &mut Hook, config: Option<&PolicyConfig>
     subject.src = IdentityInfo::WORLD;
     subject.dst = IdentityInfo::WORLD;
     subject.tracked = 0;
+    subject.socket_cgroup = hook.cgroup_id;
     let parsed = packet::parse(frame, &mut subject.packet);
     if !F::AT_INTERFACE
         && !(parsed == packet::PARSED_IP && socket_hook_judges(frame, hook, subject, config))
