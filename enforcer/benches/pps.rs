@@ -15,6 +15,10 @@
 //! drifts within a run by more than the filters differ, and a filter measured in a block of its
 //! own took whatever the machine was doing then (one run had the floor itself at 0.91 of no
 //! filter). iptables, two orders of magnitude behind, is measured once after the rounds.
+//!
+//! Last, once: a process of the host in a service's cgroup sending over one UDP flow, the case
+//! the forwarded traffic above never is (it has no local socket): the TC egress program that
+//! binds each of its packets to the service's cgroup, against a pass-all program on the link.
 
 use std::{
     fmt::Write as _,
@@ -106,8 +110,16 @@ const PACKET_HOOKS: [&str; 2] = ["tci-v-client", "tc-v-server"];
 /// the packet rate moves by a tenth between runs; the timing adds two clock reads to every
 /// run, to enforcer's programs and the pass-all ones alike.
 fn hooks_cost(topology: &Topology, traffic: impl FnOnce()) -> f64 {
-    let links = PACKET_HOOKS.map(|hook| topology.pin_path().join("links").join(hook));
-    let links = links.each_ref().map(PathBuf::as_path);
+    links_cost(topology, &PACKET_HOOKS, traffic)
+}
+
+/// [`hooks_cost`] on the programs of the pinned links `hooks`.
+fn links_cost(topology: &Topology, hooks: &[&str], traffic: impl FnOnce()) -> f64 {
+    let links: Vec<PathBuf> = hooks
+        .iter()
+        .map(|hook| topology.pin_path().join("links").join(hook))
+        .collect();
+    let links: Vec<&Path> = links.iter().map(PathBuf::as_path).collect();
     bpf::mean_run_times(&links, traffic)
         .expect("the hooks' programs' run-time statistics")
         .iter()
@@ -363,6 +375,95 @@ fn with_enforcer(topology: &Topology, client: Ipv4Addr, server: Ipv4Addr) -> Wit
     }
 }
 
+/// The TC egress link of the server's interface, which a host process's packets to it leave
+/// through.
+const SERVER_EGRESS: &str = "tc-v-server";
+
+/// What the TC egress program costs each 64-byte datagram a process of the host in a service's
+/// cgroup sends to the server over one answered UDP flow, enforcer's and a pass-all one's (see
+/// [`hooks_cost`]).
+fn cgroup_sender_costs(topology: &Topology, server: Ipv4Addr) -> (f64, f64) {
+    let cgroup = enforcer_testbed::Cgroup::create("pps-sender").expect("a cgroup for the sender");
+    let policy = format!(
+        "{}[[service]]\nname = \"sender\"\ncgroups = [\"{}\"]\n\
+         [[service]]\nname = \"server\"\ninterfaces = [\"v-server\"]\naddresses = [\"{server}/32\"]\n\
+         [[allow]]\nfrom = \"sender\"\nto = \"server\"\nports = [\"5201/udp\"]\n",
+        policies::generated(SERVICES, RULES),
+        cgroup.path.display()
+    );
+    let policy_path = topology.write_file("cgroup-policy.toml", &policy).unwrap();
+    let daemon = topology
+        .run_enforcer(
+            Path::new(ENFORCER),
+            &["--policy".as_ref(), policy_path.as_os_str()],
+            "enforcer-cgroup.log",
+        )
+        .expect("enforcer starts");
+    let enforced = cgroup_sender_cost(topology, &cgroup, server, true);
+    let pass_all = bpf::load_pass_all_tcx(true).expect("a pass-all TC program loads");
+    let link = topology.pin_path().join("links").join(SERVER_EGRESS);
+    bpf::swap_link_program(&link, &pass_all)
+        .expect("the pass-all program replaces enforcer's on its TCX link");
+    // Unanswered: enforcer's TC ingress and socket hook refuse the answers of a flow its egress
+    // program no longer sees.
+    let passed = cgroup_sender_cost(topology, &cgroup, server, false);
+    drop(daemon);
+    (enforced, passed)
+}
+
+/// [`cgroup_sender_costs`]' one measurement: a Python sender in `cgroup` has its first datagram
+/// answered if `answered`, then sends for the run's duration (at most [`MOST_DATAGRAMS`]).
+fn cgroup_sender_cost(
+    topology: &Topology,
+    cgroup: &enforcer_testbed::Cgroup,
+    server: Ipv4Addr,
+    answered: bool,
+) -> f64 {
+    let address = SocketAddrV4::new(server, SERVER_PORT);
+    let receiver = topology
+        .netns("server")
+        .run(|| UdpSocket::bind(address))
+        .expect("in the server's namespace")
+        .expect("the receiving socket binds");
+    receiver
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("a read timeout");
+    let script = format!(
+        "import socket, time\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.settimeout(5)\n\
+         d = bytes({PAYLOAD})\n\
+         s.sendto(d, ('{server}', {SERVER_PORT}))\n\
+         if {answered}: s.recv(100)\n\
+         s.setblocking(False)\n\
+         end = time.monotonic() + {seconds}\n\
+         n = 0\n\
+         while n < {MOST_DATAGRAMS} and time.monotonic() < end:\n\
+         \x20   for _ in range(1000):\n\
+         \x20       try: s.sendto(d, ('{server}', {SERVER_PORT}))\n\
+         \x20       except BlockingIOError: pass\n\
+         \x20   n += 1000\n",
+        seconds = sizes().0,
+        answered = if answered { "True" } else { "False" },
+    );
+    let mut sender = topology
+        .host
+        .command_in_cgroup("python3", cgroup)
+        .expect("a command in the sender's cgroup");
+    sender.args(["-c", &script]);
+    let mut buffer = [0u8; PAYLOAD];
+    links_cost(topology, &[SERVER_EGRESS], || {
+        let mut running = sender.spawn().expect("python3 runs");
+        if answered {
+            let (_, from) = receiver
+                .recv_from(&mut buffer)
+                .expect("the sender's first datagram");
+            receiver.send_to(&buffer, from).expect("the answer");
+        }
+        assert!(running.wait().expect("the sender ends").success());
+    })
+}
+
 fn main() {
     if !nix::unistd::geteuid().is_root() {
         eprintln!(
@@ -494,6 +595,17 @@ fn main() {
         None,
     );
     record_many_flows(&rounds);
+    let (enforced, passed) = cgroup_sender_costs(&topology, server);
+    println!(
+        "  a host process in a service's cgroup, one flow: TC egress program {enforced:.0} ns a packet, pass-all {passed:.0} ns"
+    );
+    results::record(
+        "pps",
+        "64-byte UDP from a host process in a service's cgroup, one flow, enforcer's TC egress program per packet over a pass-all one",
+        (enforced - passed).round(),
+        "ns",
+        None,
+    );
 }
 
 /// The many-flows figures: enforcer's programs per packet over the pass-all ones, and against
