@@ -11,11 +11,11 @@
 //! that the full path binds the flow to: a cgroup's ancestors never change, and the
 //! generation fixes which of them is a service's, so the same own cgroup under the same
 //! generation is bound the same way, and a cached packet skips the walk (a helper call and a
-//! hash lookup for each level the services' cgroups sit at). What else could have changed since is bounded by the
-//! entry's age: it is trusted for [`timeout::REFRESH_NS`] after the shortcut last checked it,
-//! then the shortcut checks it again, which also refreshes the conntrack entry's `last_seen`
-//! as often as a packet of its own would. Packets that change a flow's state (TCP SYN, FIN,
-//! RST) and fragments never use the cache.
+//! hash lookup for each level the services' cgroups sit at). What else could have changed
+//! since is bounded by the entry's age: it is trusted for [`timeout::REFRESH_NS`] after the
+//! shortcut last checked it, then the shortcut checks it again, which also refreshes the
+//! conntrack entry's `last_seen` as often as a packet of its own would. Packets that change a
+//! flow's state (TCP SYN, FIN, RST) and fragments never use the cache.
 //!
 //! Nothing here needs invalidating from other CPUs: a new generation makes every entry stale
 //! at once, and an entry only passes packets the conntrack entry it was taken from passes
