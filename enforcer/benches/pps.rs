@@ -99,10 +99,14 @@ struct Round {
     many_flows_pass_all_cost: f64,
 }
 
+/// The TC egress link of the server's interface, which every packet to the server leaves
+/// through, forwarded or sent by a process of the host.
+const SERVER_EGRESS: &str = "tc-v-server";
+
 /// The hooks a client-to-server packet passes, by the name of their pinned links: TC ingress
 /// where it enters the host, TC egress where it leaves it. (The socket hook is attached only for
 /// a policy with services identified by cgroup, which this one has not.)
-const PACKET_HOOKS: [&str; 2] = ["tci-v-client", "tc-v-server"];
+const PACKET_HOOKS: [&str; 2] = ["tci-v-client", SERVER_EGRESS];
 
 /// What the programs on [`PACKET_HOOKS`] cost each packet they ran for while `traffic` ran, in
 /// nanoseconds: the kernel's own timing of every program run, on only for that while, summed
@@ -375,13 +379,9 @@ fn with_enforcer(topology: &Topology, client: Ipv4Addr, server: Ipv4Addr) -> Wit
     }
 }
 
-/// The TC egress link of the server's interface, which a host process's packets to it leave
-/// through.
-const SERVER_EGRESS: &str = "tc-v-server";
-
 /// What the TC egress program costs each 64-byte datagram a process of the host in a service's
-/// cgroup sends to the server over one answered UDP flow, enforcer's and a pass-all one's (see
-/// [`hooks_cost`]).
+/// cgroup sends to the server over one UDP flow, enforcer's (the flow answered) and a pass-all
+/// one's (see [`hooks_cost`]).
 fn cgroup_sender_costs(topology: &Topology, server: Ipv4Addr) -> (f64, f64) {
     let cgroup = enforcer_testbed::Cgroup::create("pps-sender").expect("a cgroup for the sender");
     let policy = format!(
