@@ -17,17 +17,25 @@ use support::*;
 
 #[root_test]
 fn tcp_udp_and_icmp_are_allowed_and_denied_per_rule_over_ipv4_and_ipv6_as_root() {
-    allowed_and_denied_per_rule("auto", "tc-ingress");
+    allowed_and_denied_per_rule(&["--ingress-hook", "auto"], "tc-ingress");
 }
 
 #[root_test]
 fn tcp_udp_and_icmp_are_allowed_and_denied_per_rule_with_xdp_ingress_as_root() {
-    allowed_and_denied_per_rule("xdp", "xdp-ingress");
+    allowed_and_denied_per_rule(&["--ingress-hook", "xdp"], "xdp-ingress");
 }
 
-/// The rules' effect over IPv4 and IPv6, with `ingress` judging what enters the host (`hook` is
-/// how events name it).
-fn allowed_and_denied_per_rule(ingress: &str, hook: &str) {
+/// With BPF host routing, what the rules allow goes straight into the destination's namespace
+/// (see `bpf_host_routing_skips_the_hosts_forward_path_as_root`) and everything else is still
+/// judged as before.
+#[root_test]
+fn tcp_udp_and_icmp_are_allowed_and_denied_per_rule_with_bpf_host_routing_as_root() {
+    allowed_and_denied_per_rule(&["--host-routing", "bpf"], "tc-ingress");
+}
+
+/// The rules' effect over IPv4 and IPv6, with enforcer run with `extra` arguments (`hook` is
+/// how events name the program that judges what enters the host).
+fn allowed_and_denied_per_rule(extra: &[&str], hook: &str) {
     let (topology, enforcer) = frontend_and_api(
         &allow(
             "frontend",
@@ -35,7 +43,7 @@ fn allowed_and_denied_per_rule(ingress: &str, hook: &str) {
             &["8080/tcp", "53/udp", "icmp"],
             "id = \"fe-api\"",
         ),
-        &["--ingress-hook", ingress],
+        extra,
     );
     let (frontend, api) = (topology.netns("frontend"), topology.netns("api"));
     let _tcp = [
@@ -136,6 +144,132 @@ fn allowed_and_denied_per_rule(ingress: &str, hook: &str) {
         .wait_for_alert(|alert| is_flow(alert, "api", "frontend", 53) && alert["action_id"] == 2)
         .expect("denied UDP reported");
     assert_eq!(denied["firewall_rule"]["uid"], "default-deny");
+}
+
+/// BPF host routing takes an allowed packet from one endpoint past the host's forward path,
+/// straight into the other's namespace: the destination's host-side veth never sends it, as it
+/// does every one of them under the kernel's routing. Over IPv4 and IPv6, and as forwarded:
+/// from the host's MAC to the endpoint's, with one hop fewer left.
+#[root_test]
+fn bpf_host_routing_skips_the_hosts_forward_path_as_root() {
+    const DATAGRAMS: u64 = 100;
+    for (routing, forwarded) in [("kernel", true), ("bpf", false)] {
+        let (topology, _enforcer) = frontend_and_api(
+            &allow("frontend", "api", &["53/udp"], ""),
+            &["--host-routing", routing],
+        );
+        let (frontend, api) = (topology.netns("frontend"), topology.netns("api"));
+        let _udp = api.udp_echo_server(53).unwrap();
+        let api_interface = &topology.endpoint("api").host_interface;
+        let sent_before = sent_packets(&topology, api_interface);
+        for to in [v4(&topology, "api", 53), v6(&topology, "api", 53)] {
+            for _ in 0..DATAGRAMS / 2 {
+                assert_eq!(
+                    frontend.udp_exchange(to, b"udp", TIMEOUT).expect("allowed"),
+                    b"udp",
+                    "{routing} routing, {to}"
+                );
+            }
+        }
+        let sent = sent_packets(&topology, api_interface) - sent_before;
+        for to in [v4(&topology, "api", 53), v6(&topology, "api", 53)] {
+            let arrived = datagram_as_it_arrived(&topology, to);
+            assert_eq!(
+                arrived,
+                Arrival {
+                    from_mac: mac(&topology.host, api_interface),
+                    to_mac: mac(api, "eth0"),
+                    hops_left: 63,
+                },
+                "{routing} routing to {to}"
+            );
+        }
+        if forwarded {
+            assert!(
+                sent >= DATAGRAMS,
+                "kernel routing forwards every datagram out of {api_interface}: {sent}"
+            );
+        } else {
+            // Neighbour discovery and ARP of the host's own may still go out.
+            assert!(
+                sent < DATAGRAMS / 10,
+                "BPF host routing delivers past {api_interface}: it sent {sent}"
+            );
+        }
+    }
+}
+
+#[derive(Debug, PartialEq)]
+struct Arrival {
+    from_mac: [u8; 6],
+    to_mac: [u8; 6],
+    /// The TTL (IPv4) or hop limit (IPv6) it arrived with; the client sends 64.
+    hops_left: u8,
+}
+
+/// How a datagram from frontend to `to` arrived at api's interface.
+fn datagram_as_it_arrived(topology: &Topology, to: SocketAddr) -> Arrival {
+    let (frontend, api) = (topology.netns("frontend"), topology.netns("api"));
+    let frames = api
+        .frames_received(
+            || {
+                frontend
+                    .udp_exchange(to, b"hops", TIMEOUT)
+                    .expect("allowed");
+            },
+            Duration::from_millis(100),
+        )
+        .expect("a packet socket in api's namespace");
+    let (ethertype, hops_at) = if to.is_ipv4() {
+        (0x0800, 14 + 8)
+    } else {
+        (0x86dd, 14 + 7)
+    };
+    let frame = frames
+        .iter()
+        .find(|frame| {
+            frame.len() > hops_at
+                && u16::from_be_bytes([frame[12], frame[13]]) == ethertype
+                && frame.windows(4).any(|payload| payload == b"hops")
+        })
+        .expect("the datagram arrived");
+    Arrival {
+        to_mac: frame[0..6].try_into().unwrap(),
+        from_mac: frame[6..12].try_into().unwrap(),
+        hops_left: frame[hops_at],
+    }
+}
+
+/// The MAC address of interface `name` in `netns`.
+fn mac(netns: &enforcer_testbed::Netns, name: &str) -> [u8; 6] {
+    let output = netns
+        .command("ip")
+        .unwrap()
+        .args(["-j", "link", "show", "dev", name])
+        .output()
+        .expect("ip link");
+    let links: serde_json::Value = serde_json::from_slice(&output.stdout).expect("ip's JSON");
+    let address = links[0]["address"].as_str().expect("a MAC address");
+    let bytes: Vec<u8> = address
+        .split(':')
+        .map(|byte| u8::from_str_radix(byte, 16).expect("hex"))
+        .collect();
+    bytes.try_into().expect("six bytes")
+}
+
+/// Packets interface `name` of the topology's host has sent.
+fn sent_packets(topology: &Topology, name: &str) -> u64 {
+    let output = topology
+        .host
+        .command("ip")
+        .unwrap()
+        .args(["-s", "-j", "link", "show", "dev", name])
+        .output()
+        .expect("ip -s link");
+    let links: serde_json::Value = serde_json::from_slice(&output.stdout).expect("ip's JSON");
+    links[0]["stats64"]["tx"]["packets"]
+        .as_u64()
+        .expect("transmitted packets")
 }
 
 #[root_test]

@@ -25,6 +25,7 @@ pub mod addr;
 pub mod config;
 pub mod conntrack;
 pub mod counters;
+pub mod delivery;
 pub mod event;
 pub mod flow_filter;
 pub mod identity;

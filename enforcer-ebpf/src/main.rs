@@ -10,6 +10,7 @@
 mod clock;
 mod conclude;
 mod conntrack;
+mod delivery;
 mod flow;
 mod flow_cache;
 mod fragments;
@@ -219,6 +220,7 @@ fn judge_skb(ctx: &TcContext, kind: u8) -> i32 {
     };
     match verdict::judge(ctx, &mut hook, identity::active_config()) {
         DENY => TC_ACT_SHOT as i32,
+        _ if kind == hook::TC_INGRESS => delivery::pass(ctx, hook.ifindex),
         // Let any later TCX program have its say (TCX_NEXT).
         _ => TC_ACT_UNSPEC,
     }

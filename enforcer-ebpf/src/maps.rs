@@ -148,6 +148,15 @@ pub static FLOW_COUNTS: LruPerCpuHashMap<FlowCounterKey, Counter, 65536> = LruPe
 #[btf_map]
 pub static FLOW_CACHES: PerCpuArray<FlowCacheTable, 1> = PerCpuArray::new();
 
+/// The interfaces of BPF host routing (see `delivery`), by interface index: non-zero for a
+/// veth endpoint the controller attached TC ingress to under `run --host-routing bpf`. Host
+/// state the controller writes at every start, not pinned: a new load starts it empty, so no
+/// mark outlives the interface it was for by more than a controller's absence. An interface
+/// numbered past its end takes the kernel's path.
+#[btf_map]
+pub static PEER_DELIVERY: Array<u32, { enforcer_common::delivery::INTERFACES as usize }> =
+    Array::new();
+
 /// Working memory for the packet being judged (see `subject::Subject`).
 #[btf_map]
 pub static SCRATCH: PerCpuArray<Subject, 1> = PerCpuArray::new();

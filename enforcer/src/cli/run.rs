@@ -7,7 +7,7 @@ use clap::Args;
 use super::Failure;
 use crate::{
     datapath::{
-        hook::{IngressHook, TcAttach},
+        hook::{HostRouting, IngressHook, TcAttach},
         loader::DEFAULT_PIN_PATH,
         pins::PinLayout,
     },
@@ -66,6 +66,12 @@ pub struct RunArgs {
     /// clsact qdisc (any kernel), or auto (TCX where the kernel has it).
     #[arg(long, value_enum, default_value_t = TcAttach::Auto)]
     pub tc_attach: TcAttach,
+    /// How a packet passed entering from one veth endpoint reaches another of this host: the
+    /// host's IP stack (kernel), or straight into the destination's namespace (bpf), skipping
+    /// netfilter's forward path and the destination veth's qdiscs, as Cilium's BPF host
+    /// routing does.
+    #[arg(long, value_enum, default_value_t = HostRouting::Kernel)]
+    pub host_routing: HostRouting,
     /// Write alerts (JSON Lines) to PATH, or to stdout with "-".
     #[arg(long, value_name = "PATH|-")]
     pub alerts: Option<PathBuf>,
@@ -139,6 +145,7 @@ impl RunArgs {
             attach: self.attach,
             ingress_hook: self.ingress_hook,
             tc_attach: self.tc_attach,
+            host_routing: self.host_routing,
             pin_path: self.pin_path,
             alerts: self.alerts,
             alert_format: self.alert_format,

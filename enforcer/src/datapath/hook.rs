@@ -101,3 +101,19 @@ impl IngressHook {
         }
     }
 }
+
+/// How a packet the TC ingress program passed, entering from one veth endpoint and routed to
+/// another of this host, gets there.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum HostRouting {
+    /// Through the host's IP stack, as forwarded traffic: its netfilter hooks, routing and
+    /// the destination veth's TC egress, where enforcer judges it a second time.
+    #[default]
+    Kernel,
+    /// Straight into the destination endpoint's namespace (`bpf_redirect_peer`), with the
+    /// next-hop MACs and TTL the kernel's forwarding would give it; netfilter's forward and
+    /// postrouting hooks and qdiscs on the destination veth do not see it (as in Cilium's BPF
+    /// host routing). Anything the FIB does not resolve to another enforced veth takes the
+    /// kernel's path.
+    Bpf,
+}

@@ -20,7 +20,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{MapData, RingBuf},
+    maps::{Array, MapData, RingBuf},
     programs::{
         CgroupSkb, ProgramError, ProgramInfo, SchedClassifier, TcAttachType, TestRun as _,
         TestRunOptions, TestRunResult, Xdp, XdpMode,
@@ -30,12 +30,14 @@ use aya::{
     },
 };
 
+use enforcer_common::delivery;
+
 use crate::{
     datapath::kernel::{Features, Unsupported},
     datapath::maps::{KernelMaps, MAP_NAMES, MapsError},
     datapath::tc_netlink,
     datapath::{
-        hook::{Hook, IngressHook, TcAttach},
+        hook::{Hook, HostRouting, IngressHook, TcAttach},
         pins::PinLayout,
         socket_hook::SocketHook,
     },
@@ -165,6 +167,7 @@ pub struct LoadOptions {
     /// Programs that ask conntrack for every packet of an established flow, as they did before
     /// the flow cache: what the datapath benchmark measures the cache against.
     pub without_flow_cache: bool,
+    pub host_routing: HostRouting,
 }
 
 /// The loaded datapath: the object with its programs, and where it is pinned.
@@ -172,6 +175,10 @@ pub struct Datapath {
     ebpf: Ebpf,
     pins: PinLayout,
     tc_netlink: bool,
+    host_routing: HostRouting,
+    /// The interfaces marked in `PEER_DELIVERY`, by name, at their index when marked (see
+    /// [`HostRouting::Bpf`]).
+    peer_delivery: BTreeMap<String, u32>,
 }
 
 impl Datapath {
@@ -250,6 +257,8 @@ impl Datapath {
                 ebpf,
                 pins,
                 tc_netlink,
+                host_routing: options.host_routing,
+                peer_delivery: BTreeMap::new(),
             },
             maps,
             events,
@@ -283,7 +292,46 @@ impl Datapath {
         };
         let _ = fs::remove_file(self.pins.link(other, interface));
         remove_tc_filter(&self.pins, other, interface);
+        if self.host_routing == HostRouting::Bpf
+            && hook == Hook::TcIngress
+            && crate::datapath::host::interface_driver(interface).as_deref() == Some("veth")
+        {
+            self.mark_peer_delivery(interface)?;
+        }
         Ok(hook)
+    }
+
+    /// Marks `interface`, a veth with this datapath's TC ingress, as one of BPF host routing's
+    /// (see `enforcer-ebpf/src/delivery.rs`). One numbered past the map's end is left to the
+    /// kernel's path, said once here.
+    fn mark_peer_delivery(&mut self, interface: &str) -> Result<(), LoadError> {
+        let Some(ifindex) = crate::datapath::host::interface_index(interface) else {
+            return Ok(());
+        };
+        if ifindex >= delivery::INTERFACES {
+            tracing::warn!(
+                interface,
+                ifindex,
+                "BPF host routing covers interface indexes below {}; this one's packets take the kernel's forwarding path",
+                delivery::INTERFACES
+            );
+            return Ok(());
+        }
+        self.write_peer_delivery(ifindex, delivery::TAKES_PART)?;
+        self.peer_delivery.insert(interface.to_owned(), ifindex);
+        Ok(())
+    }
+
+    fn write_peer_delivery(&mut self, ifindex: u32, value: u32) -> Result<(), LoadError> {
+        const NAME: &str = "PEER_DELIVERY";
+        let failed = |source| MapsError::Map { name: NAME, source };
+        let map = self
+            .ebpf
+            .map_mut(NAME)
+            .ok_or(MapsError::Missing { name: NAME })?;
+        let mut interfaces: Array<&mut MapData, u32> = Array::try_from(map).map_err(failed)?;
+        interfaces.set(ifindex, value, 0).map_err(failed)?;
+        Ok(())
     }
 
     /// The handle that attaches the socket hook to the cgroup v2 root while the live
@@ -431,7 +479,7 @@ impl Datapath {
     }
 
     /// Detaches interfaces attached (by this or an earlier controller) that are not in `keep`.
-    pub fn detach_others(&self, keep: &BTreeSet<String>) {
+    pub fn detach_others(&mut self, keep: &BTreeSet<String>) {
         for interface in self.pins.attached_interfaces().into_keys() {
             if !keep.contains(&interface) {
                 tracing::info!(
@@ -445,7 +493,14 @@ impl Datapath {
 
     /// Removes `interface`'s links and filters (and their pins and records): detached if it is
     /// still there, forgotten if it went.
-    pub fn detach(&self, interface: &str) {
+    pub fn detach(&mut self, interface: &str) {
+        if let Some(ifindex) = self.peer_delivery.remove(interface) {
+            // The index may go to another interface next; a write that fails leaves a mark the
+            // next load drops (the map is not pinned).
+            if let Err(error) = self.write_peer_delivery(ifindex, 0) {
+                tracing::warn!(interface, "clearing its BPF host routing mark: {error}");
+            }
+        }
         for hook in Hook::ALL {
             let _ = fs::remove_file(self.pins.link(hook, interface));
             remove_tc_filter(&self.pins, hook, interface);

@@ -34,7 +34,7 @@ use self::{
 use crate::{
     compile::{CompileError, Compiled, HostView},
     datapath::{
-        hook::{IngressHook, TcAttach},
+        hook::{HostRouting, IngressHook, TcAttach},
         host,
         host_events::HostEvents,
         kernel::Features,
@@ -96,6 +96,8 @@ pub struct RunOptions {
     pub ingress_hook: IngressHook,
     /// How TC programs are attached (TCX links or netlink filters).
     pub tc_attach: TcAttach,
+    /// How packets between veth endpoints of this host get there.
+    pub host_routing: HostRouting,
     pub pin_path: PathBuf,
     /// Where alerts go: a file (appended), or stdout for `-`.
     pub alerts: Option<PathBuf>,
@@ -336,6 +338,7 @@ fn adopt_datapath(
     };
     let load_options = LoadOptions {
         tc_attach: options.tc_attach,
+        host_routing: options.host_routing,
         ..LoadOptions::default()
     };
     let (mut datapath, maps, ring) = Datapath::load_with(pins.clone(), &load_options)?;

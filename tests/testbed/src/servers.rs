@@ -265,6 +265,53 @@ impl Netns {
 
 static PING_SEQUENCE: AtomicUsize = AtomicUsize::new(0);
 
+impl Netns {
+    /// Every frame the namespace's interfaces received while `traffic` ran, as a packet socket
+    /// sees it (Ethernet header first), and those of the next `linger` after it.
+    pub fn frames_received(
+        &self,
+        traffic: impl FnOnce(),
+        linger: Duration,
+    ) -> io::Result<Vec<Vec<u8>>> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let all = Protocol::from(i32::from((libc::ETH_P_ALL as u16).to_be()));
+        let socket = self.run(move || Socket::new(Domain::PACKET, Type::RAW, Some(all)))??;
+        traffic();
+        let deadline = Instant::now() + linger;
+        let mut frames = Vec::new();
+        let mut buffer = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            socket.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+            let (len, from) = match socket.recv_from(&mut buffer) {
+                Ok(received) => received,
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break;
+                }
+                Err(error) => return Err(error),
+            };
+            // PACKET_OUTGOING: what the namespace sent, not received.
+            // SAFETY: a packet socket's source address is a `sockaddr_ll`.
+            let outgoing = unsafe { (*from.as_ptr().cast::<libc::sockaddr_ll>()).sll_pkttype }
+                == libc::PACKET_OUTGOING;
+            if !outgoing {
+                // SAFETY: recv_from initialised the first `len` bytes.
+                frames.push(
+                    buffer[..len]
+                        .iter()
+                        .map(|byte| unsafe { byte.assume_init() })
+                        .collect(),
+                );
+            }
+        }
+        Ok(frames)
+    }
+}
+
 fn internet_checksum(bytes: &[u8]) -> u16 {
     let mut sum: u32 = bytes
         .chunks(2)
