@@ -4,7 +4,9 @@
 //! the same run. Anchors: iptables with the rules as a linear chain (every packet walks it
 //! before the rule for its flow), nftables with them as a set (one lookup), both in the host's
 //! forward hook; enforcer attached to both host-side veths (TC ingress and egress), and its hooks
-//! again with programs that pass everything, the floor any program on them starts from.
+//! again with programs that pass everything, the floor any program on them starts from; and
+//! enforcer with BPF host routing (`--host-routing bpf`), where the client's TC ingress sends
+//! what it passed straight into the server's namespace: no forward path, no second hook.
 //!
 //! The same run also times enforcer's programs over many flows at once: 4 096 answered UDP
 //! flows from the client, a datagram from each in turn, against one flow from the same sender.
@@ -86,6 +88,9 @@ fn pps(topology: &Topology) -> f64 {
 struct Round {
     unfiltered: f64,
     enforced: f64,
+    /// Enforcer with `--host-routing bpf`: the client's allowed packets go from its veth's TC
+    /// ingress straight into the server's namespace.
+    bpf_routed: f64,
     attached_only: f64,
     nftables: f64,
     /// What the programs on enforcer's hooks cost a packet, in nanoseconds (see
@@ -235,9 +240,10 @@ fn allow_a_socket_per_flow() {
 /// The filters' runs of round `index`, starting with a different one each round.
 fn round(topology: &Topology, index: usize, client: Ipv4Addr, server: Ipv4Addr) -> Round {
     let mut round = Round::default();
-    for step in 0..3 {
-        match (index + step) % 3 {
+    for step in 0..4 {
+        match (index + step) % 4 {
             0 => round.unfiltered = pps(topology),
+            2 => round.bpf_routed = with_bpf_host_routing(topology, client, server),
             1 => {
                 let enforcer = with_enforcer(topology, client, server);
                 (round.enforced, round.enforcer_cost) = enforcer.active;
@@ -340,20 +346,7 @@ struct WithEnforcer {
 }
 
 fn with_enforcer(topology: &Topology, client: Ipv4Addr, server: Ipv4Addr) -> WithEnforcer {
-    let policy = format!(
-        "{}[[service]]\nname = \"client\"\ninterfaces = [\"v-client\"]\naddresses = [\"{client}/32\"]\n\
-         [[service]]\nname = \"server\"\ninterfaces = [\"v-server\"]\naddresses = [\"{server}/32\"]\n\
-         [[allow]]\nfrom = \"client\"\nto = \"server\"\nports = [\"5201/tcp\", \"5201/udp\"]\n",
-        policies::generated(SERVICES, RULES)
-    );
-    let policy_path = topology.write_file("policy.toml", &policy).unwrap();
-    let daemon = topology
-        .run_enforcer(
-            Path::new(ENFORCER),
-            &["--policy".as_ref(), policy_path.as_os_str()],
-            "enforcer.log",
-        )
-        .expect("enforcer starts");
+    let daemon = run_enforcer(topology, client, server, &[]);
     let links = topology.pin_path().join("links");
     assert!(
         !links.join("sockets").exists(),
@@ -377,6 +370,34 @@ fn with_enforcer(topology: &Topology, client: Ipv4Addr, server: Ipv4Addr) -> Wit
         flows,
         many_flows_pass_all,
     }
+}
+
+/// The packet rate with enforcer run with `--host-routing bpf`.
+fn with_bpf_host_routing(topology: &Topology, client: Ipv4Addr, server: Ipv4Addr) -> f64 {
+    let _daemon = run_enforcer(topology, client, server, &["--host-routing", "bpf"]);
+    pps(topology)
+}
+
+/// Enforcer on the client's and server's veths with `extra` arguments, the generated rules in
+/// force and the client allowed to reach the server's iperf3.
+fn run_enforcer(
+    topology: &Topology,
+    client: Ipv4Addr,
+    server: Ipv4Addr,
+    extra: &[&str],
+) -> enforcer_testbed::Daemon {
+    let policy = format!(
+        "{}[[service]]\nname = \"client\"\ninterfaces = [\"v-client\"]\naddresses = [\"{client}/32\"]\n\
+         [[service]]\nname = \"server\"\ninterfaces = [\"v-server\"]\naddresses = [\"{server}/32\"]\n\
+         [[allow]]\nfrom = \"client\"\nto = \"server\"\nports = [\"5201/tcp\", \"5201/udp\"]\n",
+        policies::generated(SERVICES, RULES)
+    );
+    let policy_path = topology.write_file("policy.toml", &policy).unwrap();
+    let mut args = vec!["--policy".as_ref(), policy_path.as_os_str()];
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    topology
+        .run_enforcer(Path::new(ENFORCER), &args, "enforcer.log")
+        .expect("enforcer starts")
 }
 
 /// What the TC egress program costs each 64-byte datagram a process of the host in a service's
@@ -482,10 +503,11 @@ fn main() {
         .map(|index| {
             let round = round(&topology, index, client, server);
             println!(
-                "  round {}: no filter {:.0}, enforcer {:.0}, its hooks passing all {:.0}, nftables {:.0} packets/s; programs per packet: enforcer's {:.0} ns, pass-all {:.0} ns; {MANY_FLOWS} flows: enforcer's {:.0} ns (one flow {:.0}), pass-all {:.0} ns",
+                "  round {}: no filter {:.0}, enforcer {:.0}, with BPF host routing {:.0}, its hooks passing all {:.0}, nftables {:.0} packets/s; programs per packet: enforcer's {:.0} ns, pass-all {:.0} ns; {MANY_FLOWS} flows: enforcer's {:.0} ns (one flow {:.0}), pass-all {:.0} ns",
                 index + 1,
                 round.unfiltered,
                 round.enforced,
+                round.bpf_routed,
                 round.attached_only,
                 round.nftables,
                 round.enforcer_cost,
@@ -517,6 +539,10 @@ fn main() {
             figure(|round| round.enforced, |round| round.unfiltered),
         ),
         (
+            "enforcer with BPF host routing (--host-routing bpf)",
+            figure(|round| round.bpf_routed, |round| round.unfiltered),
+        ),
+        (
             "enforcer's hooks, pass-all programs",
             figure(|round| round.attached_only, |round| round.unfiltered),
         ),
@@ -530,6 +556,8 @@ fn main() {
         ),
     ];
     let (enforcer, against_nftables) = figure(|round| round.enforced, |round| round.nftables);
+    let (bpf_routed, bpf_routed_against_nftables) =
+        figure(|round| round.bpf_routed, |round| round.nftables);
     println!(
         "64-byte UDP through the host over veths, {RULES} rules in force (iperf3, {seconds} s runs, {} rounds, medians)",
         rounds.len()
@@ -551,6 +579,13 @@ fn main() {
         enforcer.round(),
         "packets/s",
         Some(("nftables set (anchor)", against_nftables)),
+    );
+    results::record(
+        "pps",
+        &format!("64-byte UDP over veths, {RULES} rules, enforcer with BPF host routing"),
+        bpf_routed.round(),
+        "packets/s",
+        Some(("nftables set (anchor)", bpf_routed_against_nftables)),
     );
     for (filter, (rate, ratio)) in figures {
         println!("  {filter:<38} {rate:>10.0} packets/s  ratio {ratio:.3}");
