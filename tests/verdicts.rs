@@ -2010,7 +2010,7 @@ fn ipv4_flows_an_earlier_build_tracked_pass_after_an_upgrade_as_root() {
     );
     // Nor had that build a flow filter: this build's programs find only the flows stamped in
     // theirs.
-    std::fs::remove_file(kernel.pins.maps().join("FLOW_FILTER")).unwrap();
+    std::fs::remove_file(kernel.pins.maps().join("FLOW_STAMPS")).unwrap();
     // The upgrade: this build adopts the pinned maps.
     let (datapath, maps, ring) =
         Datapath::load_with(kernel.pins.clone(), &LoadOptions::default()).unwrap();

@@ -18,7 +18,15 @@
 //! filter only ever skips lookups that would find nothing live, and never changes a verdict.
 //!
 //! Two bytes a bucket keep the filter small enough to stay in the CPU's caches under a flood;
-//! with four, and four times the buckets, its own misses cost what the lookups did.
+//! with four, and four times the buckets, its own misses cost what the lookups did. Four
+//! buckets to an array entry ([`Word`]): the kernel gives every entry of an array at least 8
+//! bytes, so a bucket an entry made the filter four times its size (512 KiB, 128 pages),
+//! and its random line the costliest load of a new flow's packet.
+//!
+//! The datapath stores a bucket's two bytes alone; the controller, which can only write whole
+//! entries, stamps all four buckets of an entry it writes, ahead of the clock (see
+//! `KernelMaps::stamp_tracked_flows`): a bucket it overwrites with a stamp ahead may hold more
+//! than it does, never less, whatever the datapath stored in it meanwhile.
 
 use crate::conntrack::{CtKey, CtKey4, timeout};
 use crate::policy::proto;
@@ -26,6 +34,21 @@ use crate::policy::proto;
 /// Buckets in the filter: 128 KiB of stamps.
 pub const BUCKETS: u32 = 1 << 16;
 const _: () = assert!(BUCKETS.is_power_of_two());
+
+/// An array entry of the filter: four buckets' stamps.
+pub type Word = [u16; BUCKETS_PER_WORD as usize];
+pub const BUCKETS_PER_WORD: u32 = 4;
+/// Entries of the filter's array.
+pub const WORDS: u32 = BUCKETS / BUCKETS_PER_WORD;
+
+/// Where bucket `bucket` is: its entry, and its place in the entry.
+#[inline(always)]
+pub const fn place(bucket: u32) -> (u32, usize) {
+    (
+        bucket / BUCKETS_PER_WORD,
+        (bucket % BUCKETS_PER_WORD) as usize,
+    )
+}
 
 /// A stamp's unit: 2^30 ns, about a second.
 pub const UNIT_SHIFT: u32 = 30;

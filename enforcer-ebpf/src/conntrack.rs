@@ -6,7 +6,7 @@ use enforcer_common::{
     policy::proto,
 };
 
-use crate::maps::{CONNTRACK, CONNTRACK4, FLOW_FILTER, FLOW_TABLES, UNANSWERED, UNANSWERED4};
+use crate::maps::{CONNTRACK, CONNTRACK4, FLOW_STAMPS, FLOW_TABLES, UNANSWERED, UNANSWERED4};
 
 /// A flow's conntrack key, in the form of its family's tables: the short one for IPv4, the
 /// long one otherwise (see `CtKey4`). Only that form is written (see [`flow_key_v4`] and
@@ -258,22 +258,26 @@ fn filter_bucket(key: &FlowKey) -> u32 {
 /// Whether `key` may have a live entry: false only when its filter bucket says it cannot.
 #[inline(always)]
 pub fn may_be_tracked(key: &FlowKey, now: u64) -> bool {
-    FLOW_FILTER
-        .get(filter_bucket(key))
-        .is_none_or(|stamp| flow_filter::may_hold(*stamp, key.proto(), now))
+    let (word, place) = flow_filter::place(filter_bucket(key));
+    FLOW_STAMPS
+        .get(word)
+        .is_none_or(|stamps| flow_filter::may_hold(stamps[place], key.proto(), now))
 }
 
 /// Stamps `key`'s filter bucket with `now`: wherever an entry is created or its `last_seen_ns`
 /// moves, before a later packet can look for it.
 #[inline(always)]
 fn stamp_filter(key: &FlowKey, now: u64) {
-    let Some(bucket) = FLOW_FILTER.get_ptr_mut(filter_bucket(key)) else {
+    let (word, place) = flow_filter::place(filter_bucket(key));
+    let Some(stamps) = FLOW_STAMPS.get_ptr_mut(word) else {
         return;
     };
     let stamp = flow_filter::stamp(now);
-    // SAFETY: an array value pointer, valid for this run; other CPUs store whole stamps too.
-    // Written only when it moves: the line is shared, and every lookup reads it.
+    // SAFETY: an array value pointer, valid for this run; other CPUs store whole stamps too,
+    // each its own two bytes. Written only when it moves: the line is shared, and every
+    // lookup reads it.
     unsafe {
+        let bucket = &mut (*stamps)[place];
         if *bucket != stamp {
             *bucket = stamp;
         }

@@ -84,9 +84,11 @@ pub static CONNTRACK: LruHashMap<CtKey, CtEntry, 262144> = LruHashMap::new();
 #[btf_map]
 pub static UNANSWERED: LruHashMap<CtKey, CtEntry, 65536> = LruHashMap::new();
 /// When each bucket of flow keys last had a tracked flow written (see
-/// `enforcer_common::flow_filter`): a packet of no tracked flow skips the tables above.
+/// `enforcer_common::flow_filter`): a packet of no tracked flow skips the tables above. Named
+/// anew when its entries became four buckets each (it was `FLOW_FILTER`, one each): its shape
+/// changed; a new build stamps the buckets of every tracked flow at its start.
 #[btf_map]
-pub static FLOW_FILTER: Array<u16, { flow_filter::BUCKETS as usize }> = Array::new();
+pub static FLOW_STAMPS: Array<flow_filter::Word, { flow_filter::WORDS as usize }> = Array::new();
 #[btf_map]
 pub static FLOW_TABLES: PerCpuArray<FlowTableCounts, 1> = PerCpuArray::new();
 #[btf_map]

@@ -57,7 +57,7 @@ pub const MAP_NAMES: [&str; 30] = [
     "UNANSWERED4",
     "CONNTRACK",
     "UNANSWERED",
-    "FLOW_FILTER",
+    "FLOW_STAMPS",
     "FLOW_TABLES",
     "FRAGMENTS",
     "HANDED_OVER4",
@@ -178,7 +178,7 @@ pub struct KernelMaps {
     unanswered4: HashMap<MapData, CtKey4, CtEntry>,
     conntrack: HashMap<MapData, CtKey, CtEntry>,
     unanswered: HashMap<MapData, CtKey, CtEntry>,
-    flow_filter: Array<MapData, u16>,
+    flow_filter: Array<MapData, flow_filter::Word>,
     flow_tables: PerCpuArray<MapData, FlowTableCounts>,
     event_state: PerCpuArray<MapData, EventCpuState>,
     lost_packets: PerCpuArray<MapData, u64>,
@@ -232,7 +232,7 @@ impl KernelMaps {
             unanswered4: typed!("UNANSWERED4"),
             conntrack: typed!("CONNTRACK"),
             unanswered: typed!("UNANSWERED"),
-            flow_filter: typed!("FLOW_FILTER"),
+            flow_filter: typed!("FLOW_STAMPS"),
             flow_tables: typed!("FLOW_TABLES"),
             event_state: typed!("EVENT_STATE"),
             lost_packets: typed!("LOST_PACKETS"),
@@ -582,10 +582,16 @@ impl KernelMaps {
             flow_filter::bucket,
         ));
         let stamp = flow_filter::stamp(monotonic_ns()? + STAMP_AHEAD.as_nanos() as u64);
-        for bucket in &buckets {
+        // A whole entry at a time, every bucket of it ahead (see `flow_filter`): what the
+        // datapath stamps meanwhile is never set back.
+        let words: BTreeSet<u32> = buckets
+            .iter()
+            .map(|bucket| flow_filter::place(*bucket).0)
+            .collect();
+        for word in &words {
             self.flow_filter
-                .set(*bucket, stamp, 0)
-                .map_err(map_err("FLOW_FILTER"))?;
+                .set(*word, [stamp; flow_filter::BUCKETS_PER_WORD as usize], 0)
+                .map_err(map_err("FLOW_STAMPS"))?;
         }
         Ok(buckets.len())
     }
