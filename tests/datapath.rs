@@ -242,14 +242,8 @@ fn datagram_as_it_arrived(topology: &Topology, to: SocketAddr) -> Arrival {
 
 /// The MAC address of interface `name` in `netns`.
 fn mac(netns: &enforcer_testbed::Netns, name: &str) -> [u8; 6] {
-    let output = netns
-        .command("ip")
-        .unwrap()
-        .args(["-j", "link", "show", "dev", name])
-        .output()
-        .expect("ip link");
-    let links: serde_json::Value = serde_json::from_slice(&output.stdout).expect("ip's JSON");
-    let address = links[0]["address"].as_str().expect("a MAC address");
+    let link = link(netns, name);
+    let address = link["address"].as_str().expect("a MAC address");
     let bytes: Vec<u8> = address
         .split(':')
         .map(|byte| u8::from_str_radix(byte, 16).expect("hex"))
@@ -259,17 +253,21 @@ fn mac(netns: &enforcer_testbed::Netns, name: &str) -> [u8; 6] {
 
 /// Packets interface `name` of the topology's host has sent.
 fn sent_packets(topology: &Topology, name: &str) -> u64 {
-    let output = topology
-        .host
+    link(&topology.host, name)["stats64"]["tx"]["packets"]
+        .as_u64()
+        .expect("transmitted packets")
+}
+
+/// Interface `name` of `netns` with its counters, as `ip -s -j link show` gives it.
+fn link(netns: &enforcer_testbed::Netns, name: &str) -> serde_json::Value {
+    let output = netns
         .command("ip")
         .unwrap()
         .args(["-s", "-j", "link", "show", "dev", name])
         .output()
         .expect("ip -s link");
     let links: serde_json::Value = serde_json::from_slice(&output.stdout).expect("ip's JSON");
-    links[0]["stats64"]["tx"]["packets"]
-        .as_u64()
-        .expect("transmitted packets")
+    links[0].clone()
 }
 
 #[root_test]

@@ -25,10 +25,11 @@ use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
 
-use crate::{maps::PEER_DELIVERY, packet::Frame};
+use crate::{
+    maps::PEER_DELIVERY,
+    packet::{ETH_P_IP, ETH_P_IPV6, Frame},
+};
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 /// IPv4 header without options: version 4, 5 words.

@@ -38,8 +38,8 @@ const MAX_HEADER_OFFSET: usize = 256;
 pub const MAX_IPV6_EXT_HEADERS: usize = 4;
 const MAX_VLAN_TAGS: usize = 2;
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88A8;

@@ -224,26 +224,7 @@ impl Netns {
         }
         socket.send_to(&request, &SocketAddr::new(to, 0).into())?;
         let deadline = Instant::now() + timeout;
-        let mut buffer = [std::mem::MaybeUninit::<u8>::uninit(); 1500];
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            socket.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
-            let (len, from) = match socket.recv_from(&mut buffer) {
-                Ok(received) => received,
-                Err(error)
-                    if matches!(
-                        error.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Ok(false);
-                }
-                Err(error) => return Err(error),
-            };
-            // SAFETY: recv_from initialised the first `len` bytes.
-            let packet: Vec<u8> = buffer[..len]
-                .iter()
-                .map(|byte| unsafe { byte.assume_init() })
-                .collect();
+        while let Some((packet, from)) = receive_before(&socket, deadline)? {
             // Raw IPv4 sockets deliver the IP header too; IPv6 ones do not.
             let icmp = if to.is_ipv4() {
                 &packet[((packet[0] & 0x0f) as usize * 4).min(packet.len())..]
@@ -265,6 +246,38 @@ impl Netns {
 
 static PING_SEQUENCE: AtomicUsize = AtomicUsize::new(0);
 
+/// The next packet `socket` receives before `deadline`, with where it came from; `None` once
+/// the deadline has passed.
+fn receive_before(
+    socket: &socket2::Socket,
+    deadline: Instant,
+) -> io::Result<Option<(Vec<u8>, socket2::SockAddr)>> {
+    let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+        return Ok(None);
+    };
+    socket.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+    let mut buffer = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
+    match socket.recv_from(&mut buffer) {
+        Ok((len, from)) => {
+            // SAFETY: recv_from initialised the first `len` bytes.
+            let packet = buffer[..len]
+                .iter()
+                .map(|byte| unsafe { byte.assume_init() })
+                .collect();
+            Ok(Some((packet, from)))
+        }
+        Err(error)
+            if matches!(
+                error.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(error) => Err(error),
+    }
+}
+
 impl Netns {
     /// Every frame the namespace's interfaces received while `traffic` ran, as a packet socket
     /// sees it (Ethernet header first), and those of the next `linger` after it.
@@ -279,33 +292,13 @@ impl Netns {
         traffic();
         let deadline = Instant::now() + linger;
         let mut frames = Vec::new();
-        let mut buffer = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            socket.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
-            let (len, from) = match socket.recv_from(&mut buffer) {
-                Ok(received) => received,
-                Err(error)
-                    if matches!(
-                        error.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    break;
-                }
-                Err(error) => return Err(error),
-            };
+        while let Some((frame, from)) = receive_before(&socket, deadline)? {
             // PACKET_OUTGOING: what the namespace sent, not received.
             // SAFETY: a packet socket's source address is a `sockaddr_ll`.
             let outgoing = unsafe { (*from.as_ptr().cast::<libc::sockaddr_ll>()).sll_pkttype }
                 == libc::PACKET_OUTGOING;
             if !outgoing {
-                // SAFETY: recv_from initialised the first `len` bytes.
-                frames.push(
-                    buffer[..len]
-                        .iter()
-                        .map(|byte| unsafe { byte.assume_init() })
-                        .collect(),
-                );
+                frames.push(frame);
             }
         }
         Ok(frames)
