@@ -791,6 +791,49 @@ fn a_flow_passed_a_moment_ago_is_judged_again_under_a_new_policy_as_root() {
     }
 }
 
+/// A SYN opens a connection: its rule decides it before conntrack is asked (a denied one
+/// then never costs a conntrack lookup). The ports of a tracked connection are no pass for a
+/// SYN its rule refuses: not for the responder's, nor for the initiator's once its rule is
+/// revoked; the initiator's retransmitted SYN still passes while its rule allows it.
+#[root_test]
+fn a_syn_its_rule_refuses_is_refused_on_a_tracked_connections_ports_as_root() {
+    let mut kernel = Kernel::load(LoadOptions::default());
+    let revoked = POLICY.replace("[[allow]]", "[[deny]]");
+    let (syn, ack) = (frames::TCP_SYN, frames::TCP_ACK);
+    for hook in Hook::ALL {
+        kernel.install(POLICY);
+        kernel.next_port += 1;
+        let port = kernel.next_port;
+        let a_to_b = |flags| Ipv4::new(A4, B4, frames::TCP).frame(&frames::tcp(port, 80, flags));
+        let b_to_a = |flags| Ipv4::new(B4, A4, frames::TCP).frame(&frames::tcp(80, port, flags));
+        assert!(kernel.passes(hook, &a_to_b(syn)));
+        assert!(kernel.passes(hook, &b_to_a(syn | ack)));
+        assert!(
+            kernel.passes(hook, &a_to_b(syn)),
+            "{hook:?}: a's SYN again, as a retransmission, on its open connection"
+        );
+        let refused_before = kernel.packets_with_reason(reason::DEFAULT_DENY);
+        assert!(
+            !kernel.passes(hook, &b_to_a(syn)),
+            "{hook:?}: b may not open a connection to a, not even on the ports a's connection holds"
+        );
+        assert_eq!(
+            kernel.packets_with_reason(reason::DEFAULT_DENY) - refused_before,
+            1,
+            "{hook:?}: b's SYN is refused by the default deny"
+        );
+        assert!(
+            kernel.passes(hook, &b_to_a(ack)),
+            "{hook:?}: the refused SYN leaves a's connection open"
+        );
+        kernel.install(&revoked);
+        assert!(
+            !kernel.passes(hook, &a_to_b(syn)),
+            "{hook:?}: a's SYN once its rule became a deny"
+        );
+    }
+}
+
 #[root_test]
 fn a_flow_passed_a_moment_ago_is_no_pass_through_another_interface_as_root() {
     // What the flow cache of the CPU the runs stay on remembers.

@@ -74,12 +74,7 @@ pub fn remember_arrival(hook: &Hook, tracked: &mut CtEntry, from_initiator: bool
 /// The live conntrack entry of the subject's flow, as [`conntrack::live_entry`] finds it.
 #[inline(always)]
 pub fn tracked_entry(hook: &Hook, subject: &Subject) -> Option<*mut CtEntry> {
-    let packet = &subject.packet;
-    conntrack::live_entry(
-        &subject.key,
-        packet.is_tcp() && packet.tcp_syn_only(),
-        hook.now,
-    )
+    conntrack::live_entry(&subject.key, subject.packet.opens_connection(), hook.now)
 }
 
 /// Whether the packet's source is its flow's initiator.

@@ -301,6 +301,12 @@ impl Packet {
         self.proto == proto::TCP
     }
 
+    /// A TCP SYN without ACK: the first packet of a connection (or its retransmission).
+    #[inline(always)]
+    pub fn opens_connection(&self) -> bool {
+        self.is_tcp() && self.tcp_syn_only()
+    }
+
     #[inline(always)]
     pub fn tcp_syn_only(&self) -> bool {
         self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN

@@ -1,7 +1,7 @@
 //! The packet being judged, and what the steps of the verdict have learnt about it: the type
 //! every step shares.
 
-use enforcer_common::identity::IdentityInfo;
+use enforcer_common::{identity::IdentityInfo, policy::RuleVerdict};
 
 use crate::{conntrack::FlowKey, packet::Packet, report::Outcome};
 
@@ -14,6 +14,8 @@ pub struct Subject {
     pub outcome: Outcome,
     pub src: IdentityInfo,
     pub dst: IdentityInfo,
+    /// The rule that decides the packet as a new flow's (see `verdict::decide`).
+    pub decision: RuleVerdict,
     /// Conntrack key of the packet's flow, and whether the packet's source is its `lo` end.
     pub key: FlowKey,
     /// Conntrack key of the flow an ICMP error quotes (see `flow::icmp_error_relation`).

@@ -97,6 +97,7 @@ pub fn judge<F: Frame>(frame: &F, hook: &mut Hook, config: Option<&PolicyConfig>
         hook.cgroup_id = identity::sending_cgroup(frame, config, hook.cgroup_id);
     }
     let hook = &*hook;
+    let opening = subject.packet.opens_connection();
 
     // Later fragments have no ports, so no flow key.
     if subject.packet.fragment != fragment::LATER {
@@ -105,8 +106,9 @@ pub fn judge<F: Frame>(frame: &F, hook: &mut Hook, config: Option<&PolicyConfig>
             flow_key(subject);
         }
         // Asked here as well as in the shortcut: the flow filter clears most new flows, and
-        // they then skip the call (a call costs on the order of 10 ns, see `clock`).
-        if conntrack::may_be_tracked(&subject.key, hook.now) {
+        // they then skip the call (a call costs on the order of 10 ns, see `clock`). A SYN
+        // asks conntrack only once its rules allow it (see `judge_opening`).
+        if !opening && conntrack::may_be_tracked(&subject.key, hook.now) {
             let verdict = pass_established::<F>(hook, subject);
             if verdict != NOT_TRACKED {
                 return verdict;
@@ -125,6 +127,13 @@ pub fn judge<F: Frame>(frame: &F, hook: &mut Hook, config: Option<&PolicyConfig>
     }
     if subject.tracked == 0 && hands_over(frame, hook, subject, config.cgroup_levels) {
         return ALLOW;
+    }
+    if opening {
+        decide(subject);
+        if refused_whatever_is_tracked(subject) {
+            return judge_new_flow(hook, subject);
+        }
+        subject.tracked = conntrack::may_be_tracked(&subject.key, hook.now) as u8;
     }
     if subject.tracked != 0 {
         let verdict = judge_tracked(hook, subject);
@@ -146,6 +155,9 @@ pub fn judge<F: Frame>(frame: &F, hook: &mut Hook, config: Option<&PolicyConfig>
             }
             _ => {}
         }
+    }
+    if !opening {
+        decide(subject);
     }
     judge_new_flow(hook, subject)
 }
@@ -236,7 +248,7 @@ fn hands_over<F: Frame>(frame: &F, hook: &Hook, subject: &Subject, cgroup_levels
         && cgroup_levels != 0
         && subject.dst.identity == HOST
         && packet.fragment == fragment::NONE
-        && (packet.proto == proto::UDP || (packet.is_tcp() && packet.tcp_syn_only()))
+        && (packet.proto == proto::UDP || packet.opens_connection())
         && sockets::has_receiver(frame, subject)
         && sockets::hand_over(&subject.key)
 }
@@ -539,16 +551,34 @@ fn identities_as_admitted(hook: &Hook, subject: &mut Subject, entry: *mut CtEntr
     }
 }
 
-/// A flow conntrack does not know: rules, then the rate limit.
+/// The rule that decides the packet as a new flow's, in the subject. A function of its own:
+/// the rule keys stay off the entry program's frame.
 #[inline(never)]
-fn judge_new_flow(hook: &Hook, subject: &mut Subject) -> u8 {
-    let decision = rules::evaluate(
+fn decide(subject: &mut Subject) {
+    subject.decision = rules::evaluate(
         subject.slot,
         &subject.src,
         &subject.dst,
         subject.packet.proto,
         subject.packet.dst_port,
     );
+}
+
+/// Whether a SYN that opens a connection is dropped whatever conntrack holds for its ports:
+/// its rule refuses it, outside audit mode. Conntrack could only pass it as a packet of a
+/// connection the same rules admitted, which they do not now (a connection admitted under an
+/// earlier generation is judged again by the current one), or as its responder's SYN, which
+/// answers nothing: a SYN-ACK answers. Such a SYN therefore never asks the flow filter, whose
+/// random line was the costliest load of a scan's packet.
+#[inline(always)]
+fn refused_whatever_is_tracked(subject: &Subject) -> bool {
+    subject.decision.action != action::ALLOW && refusal(subject) == DENY
+}
+
+/// A flow conntrack does not know, decided by its rule (see [`decide`]), then the rate limit.
+#[inline(never)]
+fn judge_new_flow(hook: &Hook, subject: &mut Subject) -> u8 {
+    let decision = subject.decision;
     subject.outcome.rule = decision.rule;
     if decision.action != action::ALLOW {
         subject.outcome.reason = deny_reason(decision.rule);
