@@ -1,7 +1,9 @@
 //! The decision for one packet, in the order of DESIGN §4:
 //! shape → identity and anti-spoofing → fragments → conntrack (re-judged after a policy change)
 //! → ICMP errors of tracked flows → rules (deny beats allow) → rate limit → default.
-//! Audit mode runs the same steps and turns every drop into a reported pass.
+//! Audit mode runs the same steps and turns every drop into a reported pass. A TCP SYN asks its
+//! rule before conntrack: one its rule refuses is a new flow's whatever conntrack holds (see
+//! [`refused_whatever_is_tracked`]).
 //!
 //! One shortcut, for the bulk of packets: a packet of a flow admitted under the current
 //! generation, arriving where that direction's earlier packets arrived (the same ingress
@@ -107,7 +109,7 @@ pub fn judge<F: Frame>(frame: &F, hook: &mut Hook, config: Option<&PolicyConfig>
         }
         // Asked here as well as in the shortcut: the flow filter clears most new flows, and
         // they then skip the call (a call costs on the order of 10 ns, see `clock`). A SYN
-        // asks conntrack only once its rules allow it (see `judge_opening`).
+        // asks conntrack only once its rule allows it (see `refused_whatever_is_tracked`).
         if !opening && conntrack::may_be_tracked(&subject.key, hook.now) {
             let verdict = pass_established::<F>(hook, subject);
             if verdict != NOT_TRACKED {
