@@ -117,6 +117,14 @@ impl Kernel {
         self.passes(Hook::Xdp, frame)
     }
 
+    /// A connection from a's next unused port to b:80.
+    fn next_connection(&mut self) -> Connection {
+        self.next_port += 1;
+        Connection {
+            port: self.next_port,
+        }
+    }
+
     fn passes(&mut self, hook: Hook, frame: &[u8]) -> bool {
         self.passes_on(hook, frame, None)
     }
@@ -284,6 +292,21 @@ fn wait_for_clock(at_least: Duration) {
     let now = Duration::from(now);
     if now < at_least {
         std::thread::sleep(at_least - now);
+    }
+}
+
+/// A connection from a's `port` to b:80: its segments each way, by their TCP flags.
+struct Connection {
+    port: u16,
+}
+
+impl Connection {
+    fn a_to_b(&self, flags: u8) -> Vec<u8> {
+        Ipv4::new(A4, B4, frames::TCP).frame(&frames::tcp(self.port, 80, flags))
+    }
+
+    fn b_to_a(&self, flags: u8) -> Vec<u8> {
+        Ipv4::new(B4, A4, frames::TCP).frame(&frames::tcp(80, self.port, flags))
     }
 }
 
@@ -753,17 +776,14 @@ fn a_flow_passed_a_moment_ago_is_judged_again_under_a_new_policy_as_root() {
     let ack = frames::TCP_ACK;
     for hook in Hook::ALL {
         kernel.install(POLICY);
-        kernel.next_port += 1;
-        let port = kernel.next_port;
-        let a_to_b = |flags| Ipv4::new(A4, B4, frames::TCP).frame(&frames::tcp(port, 80, flags));
-        let b_to_a = |flags| Ipv4::new(B4, A4, frames::TCP).frame(&frames::tcp(80, port, flags));
+        let connection = kernel.next_connection();
         let (established_before, allowed_before) = kernel.allowed_packets();
-        assert!(kernel.passes(hook, &a_to_b(frames::TCP_SYN)));
-        assert!(kernel.passes(hook, &b_to_a(frames::TCP_SYN | ack)));
+        assert!(kernel.passes(hook, &connection.a_to_b(frames::TCP_SYN)));
+        assert!(kernel.passes(hook, &connection.b_to_a(frames::TCP_SYN | ack)));
         // Passed by conntrack, then from what this CPU remembers of the flow.
         for _ in 0..3 {
             assert!(
-                kernel.passes(hook, &a_to_b(ack)),
+                kernel.passes(hook, &connection.a_to_b(ack)),
                 "{hook:?}: the connection's segments pass"
             );
         }
@@ -776,7 +796,7 @@ fn a_flow_passed_a_moment_ago_is_judged_again_under_a_new_policy_as_root() {
         );
         // A second later the shortcut checks the flow again, and its slot starts over.
         kernel.idle_flows(Duration::from_secs(2));
-        assert!(kernel.passes(hook, &a_to_b(ack)));
+        assert!(kernel.passes(hook, &connection.a_to_b(ack)));
         let (established, allowed) = kernel.allowed_packets();
         assert_eq!(
             (established - established_before, allowed - allowed_before),
@@ -785,7 +805,7 @@ fn a_flow_passed_a_moment_ago_is_judged_again_under_a_new_policy_as_root() {
         );
         kernel.install(&revoked);
         assert!(
-            !kernel.passes(hook, &a_to_b(ack)),
+            !kernel.passes(hook, &connection.a_to_b(ack)),
             "{hook:?}: the next segment after the rule became a deny is judged again, and refused"
         );
     }
@@ -802,19 +822,16 @@ fn a_syn_its_rule_refuses_is_refused_on_a_tracked_connections_ports_as_root() {
     let (syn, ack) = (frames::TCP_SYN, frames::TCP_ACK);
     for hook in Hook::ALL {
         kernel.install(POLICY);
-        kernel.next_port += 1;
-        let port = kernel.next_port;
-        let a_to_b = |flags| Ipv4::new(A4, B4, frames::TCP).frame(&frames::tcp(port, 80, flags));
-        let b_to_a = |flags| Ipv4::new(B4, A4, frames::TCP).frame(&frames::tcp(80, port, flags));
-        assert!(kernel.passes(hook, &a_to_b(syn)));
-        assert!(kernel.passes(hook, &b_to_a(syn | ack)));
+        let connection = kernel.next_connection();
+        assert!(kernel.passes(hook, &connection.a_to_b(syn)));
+        assert!(kernel.passes(hook, &connection.b_to_a(syn | ack)));
         assert!(
-            kernel.passes(hook, &a_to_b(syn)),
+            kernel.passes(hook, &connection.a_to_b(syn)),
             "{hook:?}: a's SYN again, as a retransmission, on its open connection"
         );
         let refused_before = kernel.packets_with_reason(reason::DEFAULT_DENY);
         assert!(
-            !kernel.passes(hook, &b_to_a(syn)),
+            !kernel.passes(hook, &connection.b_to_a(syn)),
             "{hook:?}: b may not open a connection to a, not even on the ports a's connection holds"
         );
         assert_eq!(
@@ -823,12 +840,12 @@ fn a_syn_its_rule_refuses_is_refused_on_a_tracked_connections_ports_as_root() {
             "{hook:?}: b's SYN is refused by the default deny"
         );
         assert!(
-            kernel.passes(hook, &b_to_a(ack)),
+            kernel.passes(hook, &connection.b_to_a(ack)),
             "{hook:?}: the refused SYN leaves a's connection open"
         );
         kernel.install(&revoked);
         assert!(
-            !kernel.passes(hook, &a_to_b(syn)),
+            !kernel.passes(hook, &connection.a_to_b(syn)),
             "{hook:?}: a's SYN once its rule became a deny"
         );
     }
@@ -860,19 +877,14 @@ interfaces = ["from-a"]"#,
         .netns
         .run(|| {
             for hook in [Hook::Xdp, Hook::TcIngress] {
-                kernel.next_port += 1;
-                let port = kernel.next_port;
-                let a_to_b =
-                    |flags| Ipv4::new(A4, B4, frames::TCP).frame(&frames::tcp(port, 80, flags));
-                let b_to_a =
-                    |flags| Ipv4::new(B4, A4, frames::TCP).frame(&frames::tcp(80, port, flags));
-                assert!(kernel.passes_on(hook, &a_to_b(frames::TCP_SYN), Some(from_a)));
-                assert!(kernel.passes(hook, &b_to_a(frames::TCP_SYN | ack)));
+                let connection = kernel.next_connection();
+                assert!(kernel.passes_on(hook, &connection.a_to_b(frames::TCP_SYN), Some(from_a)));
+                assert!(kernel.passes(hook, &connection.b_to_a(frames::TCP_SYN | ack)));
                 for _ in 0..3 {
-                    assert!(kernel.passes_on(hook, &a_to_b(ack), Some(from_a)));
+                    assert!(kernel.passes_on(hook, &connection.a_to_b(ack), Some(from_a)));
                 }
                 assert!(
-                    !kernel.passes_on(hook, &a_to_b(ack), Some(forger)),
+                    !kernel.passes_on(hook, &connection.a_to_b(ack), Some(forger)),
                     "{hook:?}: a segment of a's connection forged through another interface"
                 );
             }
