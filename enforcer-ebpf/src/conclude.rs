@@ -26,6 +26,14 @@ pub enum Report {
 /// Counts, remembers a first fragment's verdict for the rest of its datagram, reports.
 #[inline(never)]
 pub fn conclude(hook: &Hook, subject: &Subject, report_kind: Report) -> u8 {
+    conclude_inline(hook, subject, report_kind)
+}
+
+/// [`conclude`] in the caller's frame: for `verdict::judge_new_flow`, which every new flow's
+/// packet ends in, denied ones above all, and for an established flow's packet (a call costs
+/// about 9 ns, see `clock`).
+#[inline(always)]
+pub fn conclude_inline(hook: &Hook, subject: &Subject, report_kind: Report) -> u8 {
     let outcome = &subject.outcome;
     report::count(
         hook,
@@ -92,6 +100,6 @@ pub fn deny_reason(decided_by: u32) -> u8 {
 pub fn refuse_shape(hook: &Hook, why: u8, config: Option<&PolicyConfig>) -> u8 {
     let audit = matches!(config, Some(config) if config.flags & config_flags::AUDIT != 0);
     let verdict = if audit { AUDIT } else { DENY };
-    report::count(hook, verdict, why, 0, 0);
+    report::count_apart(hook, verdict, why, 0, 0);
     verdict
 }

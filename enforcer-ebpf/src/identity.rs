@@ -4,7 +4,7 @@
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use enforcer_common::{
     addr::{Ipcache4Key, IpcacheKey, family, v4_of_mapped},
-    config::{MAX_CGROUP_LEVEL, PolicyConfig},
+    config::{MAX_CGROUP_LEVEL, PolicyConfig, flags as config_flags},
     identity::{CgroupKey, EndpointKey, IdentityInfo},
     identity_table::{self, IdentityBucket, Probe},
 };
@@ -28,15 +28,36 @@ pub fn active_config() -> Option<&'static PolicyConfig> {
     Some(unsafe { &*(bytes as *const _ as *const PolicyConfig) })
 }
 
+/// The address tables of the generation a packet is judged under: their slot, and whether
+/// any prefix covers IPv4 addresses but whole (see `config::flags::IPV4_HOSTS_ONLY`). Two
+/// bytes, passed by value.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct AddressTables {
+    pub slot: u8,
+    pub ipv4_hosts_only: bool,
+}
+
+impl AddressTables {
+    #[inline(always)]
+    pub fn of(config: &PolicyConfig) -> Self {
+        Self {
+            slot: config.slot as u8,
+            ipv4_hosts_only: config.flags & config_flags::IPV4_HOSTS_ONLY != 0,
+        }
+    }
+}
+
 /// The identity an address resolves to: the longest matching prefix, else world. A whole
 /// address entry is the longest match there can be, so the exact tables answer first (an IPv4
 /// address's in the identity table, see [`of_ipv4_address`]). A
 /// function of its own: the keys stay off its callers' frames (5.10's and 6.1's verifiers count
 /// every frame of the deepest call chain against 512 bytes).
 #[inline(never)]
-pub fn of_address(slot: u8, addr: &[u8; 16]) -> IdentityInfo {
+pub fn of_address(tables: AddressTables, addr: &[u8; 16]) -> IdentityInfo {
+    let slot = tables.slot;
     if let Some(v4) = v4_of_mapped(addr) {
-        return of_ipv4_address(slot, v4, addr);
+        return of_ipv4_address(tables, v4, addr);
     }
     let exact = IpcacheKey {
         slot,
@@ -55,29 +76,35 @@ pub fn of_address(slot: u8, addr: &[u8; 16]) -> IdentityInfo {
 /// the BPF target reads those a byte at a time, to test for the IPv4 mark and to copy them
 /// into a key, which cost a denied new flow more than its two lookups.
 #[inline(always)]
-pub fn of_packet_addresses(slot: u8, packet: &Packet) -> (IdentityInfo, IdentityInfo) {
+pub fn of_packet_addresses(tables: AddressTables, packet: &Packet) -> (IdentityInfo, IdentityInfo) {
     if packet.family == family::INET {
         (
-            of_ipv4_address(slot, packet.src_v4, &packet.src),
-            of_ipv4_address(slot, packet.dst_v4, &packet.dst),
+            of_ipv4_address(tables, packet.src_v4, &packet.src),
+            of_ipv4_address(tables, packet.dst_v4, &packet.dst),
         )
     } else {
-        (of_address(slot, &packet.src), of_address(slot, &packet.dst))
+        (
+            of_address(tables, &packet.src),
+            of_address(tables, &packet.dst),
+        )
     }
 }
 
 /// [`of_address`] of an IPv4 address, given both as a number (`u32::from_be_bytes`) and in
 /// its 16-byte form, which only the longest-prefix match reads. The identity table answers
-/// first, the hash map only for a key its bucket could not hold. Inlined: a denied new flow
-/// resolves two addresses, and each call cost it about 9 ns (see `clock`).
+/// first, the hash map only for a key its bucket could not hold; the trie only where a prefix
+/// may cover the address. Inlined: a denied new flow resolves two addresses, and each call
+/// cost it about 9 ns (see `clock`).
 #[inline(always)]
-fn of_ipv4_address(slot: u8, v4: u32, addr: &[u8; 16]) -> IdentityInfo {
+fn of_ipv4_address(tables: AddressTables, v4: u32, addr: &[u8; 16]) -> IdentityInfo {
+    let slot = tables.slot;
     match in_table(
         &IPCACHE_TABLE4,
         identity_table::ADDRESSES4.index(slot, v4),
         v4,
     ) {
         Probe::Found(info) => info,
+        Probe::Absent if tables.ipv4_hosts_only => IdentityInfo::WORLD,
         Probe::Absent => of_longest_prefix(slot, addr),
         Probe::AskTheMap => of_ipv4_address_in_map(slot, v4, addr),
     }

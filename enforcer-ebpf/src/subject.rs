@@ -3,7 +3,7 @@
 
 use enforcer_common::{identity::IdentityInfo, policy::RuleVerdict};
 
-use crate::{conntrack::FlowKey, packet::Packet, report::Outcome};
+use crate::{conntrack::FlowKey, identity::AddressTables, packet::Packet, report::Outcome};
 
 /// The packet being judged and what is known about it so far. It lives in the per-CPU
 /// [`crate::maps::SCRATCH`] map, not on the stack: the verifier allows 512 bytes of stack across all nested
@@ -22,10 +22,23 @@ pub struct Subject {
     pub quoted_key: FlowKey,
     pub from_lo: u8,
     pub slot: u8,
+    /// The generation's `config::flags::IPV4_HOSTS_ONLY` (see [`AddressTables`]).
+    pub ipv4_hosts_only: bool,
     pub global_audit: u8,
     /// Whether conntrack has an entry for the flow (looked up once, by the shortcut).
     pub tracked: u8,
     /// The sending socket's own cgroup as the hook read it (0: none): the flow cache's (see
     /// `flow_cache::remember`), where the hook's becomes the cgroup the flow is bound to.
     pub socket_cgroup: u64,
+}
+
+impl Subject {
+    /// The address tables the packet's identities are looked up in.
+    #[inline(always)]
+    pub fn address_tables(&self) -> AddressTables {
+        AddressTables {
+            slot: self.slot,
+            ipv4_hosts_only: self.ipv4_hosts_only,
+        }
+    }
 }

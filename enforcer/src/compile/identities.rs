@@ -143,6 +143,14 @@ impl Identities {
         for remote in &host.fleet {
             self.place_remote(policy, remote, host, tables, warnings);
         }
+        // The table's only prefixes: registrations, other hosts' endpoints and this host's
+        // addresses are whole addresses.
+        tables.ipv4_hosts_only = !policy
+            .services
+            .iter()
+            .flat_map(|service| &service.addresses)
+            .chain(self.cidrs.keys())
+            .any(|net| Prefix::of(net).covers_ipv4_partly());
         for (net, id) in &self.cidrs {
             tables
                 .ipcache

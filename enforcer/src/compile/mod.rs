@@ -824,6 +824,26 @@ id = \"everyone\"
     }
 
     #[test]
+    fn the_datapath_skips_the_trie_for_ipv4_only_where_no_prefix_covers_ipv4_partly() {
+        let hosts_only = |addresses: &str, rules: &str| {
+            compile_text(&format!(
+                "[[service]]\nname = \"a\"\naddresses = [{addresses}]\n{rules}"
+            ))
+            .tables
+            .ipv4_hosts_only
+        };
+        assert!(hosts_only(r#""10.0.0.1/32", "fd00::/64""#, ""));
+        assert!(!hosts_only(r#""10.0.0.0/24""#, ""));
+        assert!(
+            !hosts_only(r#""10.0.0.1/32", "::/0""#, ""),
+            "IPv6's whole space holds IPv4's mapped addresses"
+        );
+        assert!(!hosts_only(r#""::ffff:10.0.0.0/104""#, ""));
+        let cidr_peer = "[[allow]]\nfrom = \"192.0.2.0/24\"\nto = \"a\"\nports = [\"80/tcp\"]\n";
+        assert!(!hosts_only(r#""10.0.0.1/32""#, cidr_peer), "a CIDR peer");
+    }
+
+    #[test]
     fn host_addresses_resolve_to_host_unless_a_service_owns_them() {
         let policy = parse_sources(vec![(PathBuf::from("p.toml"), SERVICES.to_owned())]).unwrap();
         let host = HostView {

@@ -85,6 +85,17 @@ impl Prefix {
         self.len == 128
     }
 
+    /// Whether the prefix covers an IPv4 address (in its mapped form, `::ffff:0:0/96`) without
+    /// being that one whole address: an IPv4 prefix shorter than /32, or an IPv6 prefix as wide
+    /// as the mapped range or wider around it.
+    pub fn covers_ipv4_partly(&self) -> bool {
+        const MAPPED: Prefix = Prefix {
+            addr: enforcer_common::addr::v4_mapped([0; 4]),
+            len: 96,
+        };
+        !self.is_host() && (self.contains(&MAPPED.addr) || MAPPED.contains(&self.addr))
+    }
+
     /// The IPv4 address (`u32::from_be_bytes`) the prefix is whole of, if it is one: its key in
     /// the IPv4 identity table (see `enforcer_common::identity_table`).
     pub fn host_v4(&self) -> Option<u32> {
@@ -129,6 +140,9 @@ pub struct Tables {
     /// The levels of the hierarchy the services' cgroups sit at (see
     /// `enforcer_common::config::PolicyConfig::cgroup_levels`).
     pub cgroup_levels: u32,
+    /// Whether no prefix of `ipcache` covers an IPv4 address but whole (see
+    /// `enforcer_common::config::flags::IPV4_HOSTS_ONLY`).
+    pub ipv4_hosts_only: bool,
 }
 
 impl Tables {

@@ -1006,6 +1006,21 @@ impl<'a, K: Ord, V: PartialEq> Changes<'a, K, V> {
     }
 }
 
+/// The config flags of the generation `compiled` installs.
+fn generation_flags(compiled: &Compiled) -> u32 {
+    let audit = if compiled.audit {
+        config_flags::AUDIT
+    } else {
+        0
+    };
+    let ipv4_hosts_only = if compiled.tables.ipv4_hosts_only {
+        config_flags::IPV4_HOSTS_ONLY
+    } else {
+        0
+    };
+    audit | ipv4_hosts_only
+}
+
 fn lpm_key(prefix: &Prefix, slot: u8) -> LpmKey<IpcacheKey> {
     let (len, data) = prefix.key(slot);
     LpmKey::new(len, data)
@@ -1186,11 +1201,7 @@ impl Installer {
         let config = PolicyConfig {
             generation,
             slot: u32::from(slot),
-            flags: if compiled.audit {
-                config_flags::AUDIT
-            } else {
-                0
-            },
+            flags: generation_flags(compiled),
             cgroup_levels: compiled.tables.cgroup_levels,
             installed_at_ns: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
