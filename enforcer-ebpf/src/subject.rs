@@ -1,7 +1,11 @@
 //! The packet being judged, and what the steps of the verdict have learnt about it: the type
 //! every step shares.
 
-use enforcer_common::{identity::IdentityInfo, policy::RuleVerdict};
+use enforcer_common::{
+    config::{PolicyConfig, flags as config_flags},
+    identity::IdentityInfo,
+    policy::RuleVerdict,
+};
 
 use crate::{conntrack::FlowKey, identity::AddressTables, packet::Packet, report::Outcome};
 
@@ -21,9 +25,8 @@ pub struct Subject {
     /// Conntrack key of the flow an ICMP error quotes (see `flow::icmp_error_relation`).
     pub quoted_key: FlowKey,
     pub from_lo: u8,
-    pub slot: u8,
-    /// The generation's `config::flags::IPV4_HOSTS_ONLY` (see [`AddressTables`]).
-    pub ipv4_hosts_only: bool,
+    /// The generation's address tables (their slot is every policy table's).
+    pub tables: AddressTables,
     pub global_audit: u8,
     /// Whether conntrack has an entry for the flow (looked up once, by the shortcut).
     pub tracked: u8,
@@ -33,12 +36,12 @@ pub struct Subject {
 }
 
 impl Subject {
-    /// The address tables the packet's identities are looked up in.
+    /// Takes what the packet is judged under from the generation's config: its tables, whether
+    /// the policy audits everything, and the generation the outcome names.
     #[inline(always)]
-    pub fn address_tables(&self) -> AddressTables {
-        AddressTables {
-            slot: self.slot,
-            ipv4_hosts_only: self.ipv4_hosts_only,
-        }
+    pub fn take_generation(&mut self, config: &PolicyConfig) {
+        self.tables = AddressTables::of(config);
+        self.global_audit = (config.flags & config_flags::AUDIT != 0) as u8;
+        self.outcome.generation = config.generation;
     }
 }

@@ -20,7 +20,7 @@
 
 use enforcer_common::{
     addr::family,
-    config::{PolicyConfig, flags as config_flags},
+    config::PolicyConfig,
     conntrack::{CtEntry, flags as ct_flags},
     event::flags as event_flags,
     identity::{FIRST_SERVICE, HOST, IdentityInfo, SERVICE_END, flags as identity_flags},
@@ -91,11 +91,7 @@ pub fn judge<F: Frame>(frame: &F, hook: &mut Hook, config: Option<&PolicyConfig>
     if subject.packet.is_link_infrastructure() {
         return judge_link_infrastructure(hook, subject, config);
     }
-    let tables = identity::AddressTables::of(config);
-    subject.slot = tables.slot;
-    subject.ipv4_hosts_only = tables.ipv4_hosts_only;
-    subject.global_audit = (config.flags & config_flags::AUDIT != 0) as u8;
-    subject.outcome.generation = config.generation;
+    subject.take_generation(config);
     if F::AT_INTERFACE {
         // From here on the packet's cgroup is the one its flow is bound to.
         hook.cgroup_id = identity::sending_cgroup(frame, config, hook.cgroup_id);
@@ -265,11 +261,7 @@ fn hands_over<F: Frame>(frame: &F, hook: &Hook, subject: &Subject, cgroup_levels
 /// bytes).
 #[inline(never)]
 fn judge_link_infrastructure(hook: &Hook, subject: &mut Subject, config: &PolicyConfig) -> u8 {
-    let tables = identity::AddressTables::of(config);
-    subject.slot = tables.slot;
-    subject.ipv4_hosts_only = tables.ipv4_hosts_only;
-    subject.global_audit = (config.flags & config_flags::AUDIT != 0) as u8;
-    subject.outcome.generation = config.generation;
+    subject.take_generation(config);
     if !neighbour_discovery_is_its_own(hook, subject) {
         return refuse(hook, subject);
     }
@@ -292,7 +284,7 @@ fn neighbour_discovery_is_its_own(hook: &Hook, subject: &mut Subject) -> bool {
     if !hook.entering() {
         return true;
     }
-    let Some(endpoint) = identity::of_endpoint(subject.slot, hook.ifindex) else {
+    let Some(endpoint) = identity::of_endpoint(subject.tables.slot, hook.ifindex) else {
         return true;
     };
     subject.src = endpoint;
@@ -300,7 +292,7 @@ fn neighbour_discovery_is_its_own(hook: &Hook, subject: &mut Subject) -> bool {
     let packet = &subject.packet;
     let owned = |address: &[u8; 16]| {
         is_link_local(address)
-            || identity::of_address(subject.address_tables(), address).identity == endpoint.identity
+            || identity::of_address(subject.tables, address).identity == endpoint.identity
     };
     let honest = match (packet.proto, packet.icmp_type) {
         // ARP: the sender's address is the one claimed; 0.0.0.0 probes (RFC 5227).
@@ -328,20 +320,19 @@ fn is_link_local(address: &[u8; 16]) -> bool {
 /// honest. False when the packet is spoofed (the outcome then says how).
 #[inline(never)]
 fn resolve_identities(hook: &Hook, subject: &mut Subject) -> bool {
-    let (by_address, dst) =
-        identity::of_packet_addresses(subject.address_tables(), &subject.packet);
+    let (by_address, dst) = identity::of_packet_addresses(subject.tables, &subject.packet);
     subject.dst = dst;
     subject.src = by_address;
     subject.outcome.addr_identity = by_address.identity;
     subject.outcome.src_identity = by_address.identity;
     subject.outcome.dst_identity = subject.dst.identity;
     // At the socket hook: the service whose socket receives the packet.
-    if let Some(receiver) = identity::of_cgroup(subject.slot, hook.receiving_cgroup) {
+    if let Some(receiver) = identity::of_cgroup(subject.tables.slot, hook.receiving_cgroup) {
         subject.dst = receiver;
         subject.outcome.dst_identity = receiver.identity;
     }
     if hook.entering() {
-        if let Some(endpoint) = identity::of_endpoint(subject.slot, hook.ifindex) {
+        if let Some(endpoint) = identity::of_endpoint(subject.tables.slot, hook.ifindex) {
             subject.src = endpoint;
             subject.outcome.src_identity = endpoint.identity;
             if by_address.identity != endpoint.identity {
@@ -363,7 +354,7 @@ fn resolve_identities(hook: &Hook, subject: &mut Subject) -> bool {
         subject.outcome.reason = reason::SPOOFED;
         subject.outcome.rule = rule::ANTI_SPOOFING;
         return false;
-    } else if let Some(owner) = identity::of_cgroup(subject.slot, hook.cgroup_id) {
+    } else if let Some(owner) = identity::of_cgroup(subject.tables.slot, hook.cgroup_id) {
         subject.src = owner;
         subject.outcome.src_identity = owner.identity;
         let address_names_a_service =
@@ -382,7 +373,7 @@ fn resolve_identities(hook: &Hook, subject: &mut Subject) -> bool {
 #[inline(always)]
 fn came_through_its_endpoint(hook: &Hook, subject: &Subject, by_address: &IdentityInfo) -> bool {
     matches!(
-        identity::of_endpoint(subject.slot, hook.arrived_on),
+        identity::of_endpoint(subject.tables.slot, hook.arrived_on),
         Some(endpoint) if endpoint.identity == by_address.identity
     )
 }
@@ -422,7 +413,7 @@ fn pass_established<F: Frame>(hook: &Hook, subject: &mut Subject) -> u8 {
 /// host what it cannot tell is for a service's socket: a datagram's first fragment).
 #[inline(always)]
 fn received_as_admitted(hook: &Hook, subject: &Subject, tracked: &CtEntry) -> bool {
-    match identity::of_cgroup(subject.slot, hook.receiving_cgroup) {
+    match identity::of_cgroup(subject.tables.slot, hook.receiving_cgroup) {
         Some(receiver) => receiver.identity == tracked.dst_identity,
         None => true,
     }
@@ -499,7 +490,7 @@ fn rejudge(hook: &Hook, subject: &mut Subject, entry: *mut CtEntry) -> Report {
     // SAFETY: map value pointer from `live_entry`, valid for this run.
     let responder_is_lo = unsafe { (*entry).flags } & ct_flags::ORIG_IS_LO == 0;
     let decision = rules::evaluate(
-        subject.slot,
+        subject.tables.slot,
         &subject.src,
         &subject.dst,
         key.proto(),
@@ -546,17 +537,17 @@ fn identities_as_admitted(hook: &Hook, subject: &mut Subject, entry: *mut CtEntr
     } else {
         (&packet.dst, &packet.src)
     };
-    subject.src = match identity::of_cgroup(subject.slot, tracked.cgroup_id) {
+    subject.src = match identity::of_cgroup(subject.tables.slot, tracked.cgroup_id) {
         Some(owner) => owner,
-        None => identity::of_address(subject.address_tables(), initiator),
+        None => identity::of_address(subject.tables, initiator),
     };
-    match identity::of_cgroup(subject.slot, tracked.reply_cgroup_id) {
+    match identity::of_cgroup(subject.tables.slot, tracked.reply_cgroup_id) {
         Some(receiver) => {
             subject.dst = receiver;
             true
         }
         None => {
-            subject.dst = identity::of_address(subject.address_tables(), responder);
+            subject.dst = identity::of_address(subject.tables, responder);
             false
         }
     }
@@ -568,7 +559,7 @@ fn identities_as_admitted(hook: &Hook, subject: &mut Subject, entry: *mut CtEntr
 #[inline(always)]
 fn decide(subject: &mut Subject) {
     subject.decision = rules::evaluate(
-        subject.slot,
+        subject.tables.slot,
         &subject.src,
         &subject.dst,
         subject.packet.proto,
