@@ -1528,6 +1528,36 @@ addresses = ["10.0.0.2/32"]
 }
 
 #[root_test]
+fn records_flow_again_once_the_reader_has_emptied_a_full_ring_buffer_as_root() {
+    // Each CPU estimates the ring buffer's room from a reading once a tick, less its own
+    // records since: an estimate that never read the room again would keep crowding out every
+    // record that is not urgent after the first overflow.
+    let mut kernel = Kernel::load(LoadOptions {
+        event_buffer_bytes: Some(4096),
+        ..LoadOptions::default()
+    });
+    stay_on_one_cpu();
+    deny_from_distinct_sources(&mut kernel, 300);
+    let lost = kernel.maps.events_lost();
+    assert!(lost > 0, "300 records overflow one page");
+    assert!(!kernel.events().is_empty(), "the reader empties the ring buffer");
+    // A few ticks (4 ms at most each) for the estimate to be read again.
+    std::thread::sleep(Duration::from_millis(50));
+    let later = Ipv4Addr::new(198, 19, 0, 1);
+    kernel
+        .datapath
+        .test_run(Hook::Xdp, &tcp4(later, A4, 50000, 22), 1)
+        .unwrap();
+    let received = kernel.events();
+    assert_eq!(
+        (received.len(), kernel.maps.events_lost()),
+        (1, lost),
+        "the next denied shape's record is delivered, nothing more lost"
+    );
+    assert_eq!(received[0].src_addr, v4_mapped(later.octets()));
+}
+
+#[root_test]
 fn a_packet_handed_over_before_a_switch_is_judged_after_it_as_root() {
     // The interface hook hands a new flow for a local socket over to the socket hook while
     // the policy has services identified by cgroup; the policy then switches to one without

@@ -11,7 +11,7 @@
 
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 
-use crate::maps::CLOCK_READINGS;
+use crate::cpu_state;
 
 /// 1 where the kernel has `bpf_ktime_get_coarse_ns` (5.11 and later), the cheaper clock; the
 /// controller sets it to 0 before loading on older kernels. The verifier knows the value (a
@@ -19,15 +19,6 @@ use crate::maps::CLOCK_READINGS;
 /// refuse the helper it lacks.
 #[unsafe(no_mangle)]
 static COARSE_CLOCK: u8 = 1;
-
-/// A CPU's last reading of the clock, and the tick it was taken in.
-#[repr(C)]
-pub struct ClockReading {
-    tick: u64,
-    now_ns: u64,
-}
-
-const _: () = assert!(size_of::<ClockReading>() == 16);
 
 /// `CLOCK_MONOTONIC` nanoseconds as of this CPU's latest tick: the clock's reading from the
 /// first packet this CPU judged in the current tick. Between ticks the coarse clock stands
@@ -37,11 +28,10 @@ const _: () = assert!(size_of::<ClockReading>() == 16);
 pub fn now() -> u64 {
     // SAFETY: no arguments; the verifier inlines it as a load of `jiffies_64`.
     let tick = unsafe { bpf_jiffies64() };
-    let Some(reading) = CLOCK_READINGS.get_ptr_mut(0) else {
+    let Some(state) = cpu_state::this_cpu() else {
         return read_clock();
     };
-    // SAFETY: this CPU's slot; programs on one CPU do not interleave (softirq context).
-    let reading = unsafe { &mut *reading };
+    let reading = &mut state.clock;
     if reading.tick != tick {
         reading.tick = tick;
         reading.now_ns = read_clock();

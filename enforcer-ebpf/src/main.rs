@@ -10,6 +10,7 @@
 mod clock;
 mod conclude;
 mod conntrack;
+mod cpu_state;
 mod delivery;
 mod flow;
 mod flow_cache;

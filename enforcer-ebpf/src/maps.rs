@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 
-use crate::{clock::ClockReading, subject::Subject};
+use crate::{cpu_state::CpuState, subject::Subject};
 use enforcer_common::{
     addr::{Ipcache4Key, IpcacheKey},
     config::PolicyConfig,
@@ -116,13 +116,10 @@ pub static EVENT_STATE: PerCpuArray<EventCpuState, 1> = PerCpuArray::new();
 /// which an upgrade cannot adopt.
 #[btf_map]
 pub static LOST_PACKETS: PerCpuArray<u64, 1> = PerCpuArray::new();
-/// When a record of this CPU last woke the controller's reader (see `report::wakeup`). Soft
-/// state, not pinned, like `SCRATCH`: a new load's first record wakes the reader.
+/// Each CPU's clock reading, ring room estimate and last wakeup (see `cpu_state`). Soft state,
+/// not pinned, like `SCRATCH`.
 #[btf_map]
-pub static RING_WAKEUPS: PerCpuArray<u64, 1> = PerCpuArray::new();
-/// Each CPU's latest reading of the clock (see `clock::now`). Soft state, not pinned.
-#[btf_map]
-pub static CLOCK_READINGS: PerCpuArray<ClockReading, 1> = PerCpuArray::new();
+pub static CPU_STATE: PerCpuArray<CpuState, 1> = PerCpuArray::new();
 /// The de-duplication of denial reports, per CPU and direct-mapped (see
 /// `report::report_deduplicated`): one value, each CPU's table. Named anew when its slots
 /// became one value (it was `DENIALS`, a value per slot): its shape changed.

@@ -10,9 +10,10 @@ use enforcer_common::{
 };
 
 use crate::{
+    cpu_state::{self, CpuState, RoomEstimate},
     maps::{
         DENIAL_DETAILS, DENIAL_TABLE, EDGE_CACHE, EVENT_STATE, EVENTS, EVENTS_BYTES, FLOW_COUNTS,
-        LOST_PACKETS, PACKET_COUNTS, RING_WAKEUPS,
+        LOST_PACKETS, PACKET_COUNTS,
     },
     packet::Packet,
 };
@@ -163,12 +164,16 @@ const AGGREGATE_BELOW_SHIFT: u32 = 1;
 #[unsafe(no_mangle)]
 static RING_BYTES: u32 = EVENTS_BYTES;
 
-/// The ring buffer's free room and size, read once per record.
+/// The ring buffer's free room and size, as this CPU estimates them, read once per record.
 #[derive(Clone, Copy)]
 pub struct RingRoom {
     free: u64,
     size: u64,
 }
+
+/// The bytes a record takes in the ring buffer: the record and the kernel's 8-byte header,
+/// rounded up to 8.
+const RECORD_BYTES: u64 = (size_of::<FlowEvent>() as u64 + 8 + 7) & !7;
 
 impl RingRoom {
     /// Not read yet (no ring buffer has size 0). Not an `Option`: 5.10's verifier refuses the
@@ -180,24 +185,48 @@ impl RingRoom {
         self.size != 0
     }
 
-    /// This room, read now if it was not.
+    /// This room, estimated now if it was not.
     #[inline(always)]
     fn read(self) -> Self {
-        if self.is_read() { self } else { Self::now() }
+        if self.is_read() {
+            self
+        } else {
+            Self::estimate()
+        }
     }
 
+    /// This CPU's estimate: the ring buffer's free bytes as `bpf_ringbuf_query` gave them in
+    /// this tick, less the records this CPU reserved since ([`RingRoom::take_record`]). A
+    /// helper call per new shape cost about as much as the rest of its record-keeping (see
+    /// `clock`); once a tick it costs nothing that shows. Within a tick the estimate misses
+    /// what the reader consumed (it is low, and a record may be aggregated or crowded out a
+    /// tick early) and what other CPUs reserved (it is high: a record the estimate let through
+    /// may find the ring full, and is then counted lost as any is).
     #[inline(always)]
-    pub fn now() -> Self {
-        let ring = core::ptr::from_ref(&EVENTS).cast_mut().cast();
-        // SAFETY: a ring buffer map; BPF_RB_AVAIL_DATA (0) asks for the bytes not yet consumed.
-        let pending = unsafe { aya_ebpf::helpers::bpf_ringbuf_query(ring, 0) };
-        // SAFETY: a plain read of a global; volatile so that it is read from the map at run
-        // time rather than folded into the default at compile time.
-        let size = u64::from(unsafe { core::ptr::read_volatile(&RING_BYTES) });
+    pub fn estimate() -> Self {
+        let size = ring_bytes();
+        let Some(state) = cpu_state::this_cpu() else {
+            return Self {
+                free: free_bytes(size),
+                size,
+            };
+        };
+        if state.room.tick != state.clock.tick {
+            state.room = RoomEstimate {
+                tick: state.clock.tick,
+                free: free_bytes(size),
+            };
+        }
         Self {
-            free: size.saturating_sub(pending),
+            free: state.room.free,
             size,
         }
+    }
+
+    /// Takes a record reserved by this CPU off its estimate.
+    #[inline(always)]
+    fn take_record(state: &mut CpuState) {
+        state.room.free = state.room.free.saturating_sub(RECORD_BYTES);
     }
 
     /// Whether the free room is below `1 / (1 << shift)` of the size.
@@ -205,6 +234,23 @@ impl RingRoom {
     fn below(self, shift: u32) -> bool {
         self.free < self.size >> shift
     }
+}
+
+/// The ring buffer's size: known, not asked (see [`RING_BYTES`]).
+#[inline(always)]
+fn ring_bytes() -> u64 {
+    // SAFETY: a plain read of a global; volatile so that it is read from the map at run time
+    // rather than folded into the default at compile time.
+    u64::from(unsafe { core::ptr::read_volatile(&RING_BYTES) })
+}
+
+/// The ring buffer's free bytes now, of `size`.
+#[inline(always)]
+fn free_bytes(size: u64) -> u64 {
+    let ring = core::ptr::from_ref(&EVENTS).cast_mut().cast();
+    // SAFETY: a ring buffer map; BPF_RB_AVAIL_DATA (0) asks for the bytes not yet consumed.
+    let pending = unsafe { aya_ebpf::helpers::bpf_ringbuf_query(ring, 0) };
+    size.saturating_sub(pending)
 }
 
 /// How a record goes out, besides what it says: the flags it adds to the outcome's, and
@@ -270,7 +316,7 @@ pub fn report_deduplicated(hook: &Hook, packet: &Packet, outcome: &Outcome) {
     if !same_shape(unsafe { &(*denial_slot(table, index)).key }, &key)
         && !reason_is_urgent(outcome.reason)
     {
-        room = RingRoom::now();
+        room = RingRoom::estimate();
     }
     if room.is_read() && room.below(AGGREGATE_BELOW_SHIFT) {
         key.dst_addr = [0; 16];
@@ -499,7 +545,14 @@ fn send(
         return;
     };
     write(entry.as_mut_ptr(), state.seq);
-    entry.submit(wakeup(now, reason));
+    let flags = match cpu_state::this_cpu() {
+        Some(cpu) => {
+            RingRoom::take_record(cpu);
+            wakeup(cpu, now, reason)
+        }
+        None => 0,
+    };
+    entry.submit(flags);
 }
 
 /// The ring buffer's `BPF_RB_NO_WAKEUP`: the record is committed without waking the reader.
@@ -508,15 +561,10 @@ const BPF_RB_NO_WAKEUP: u64 = 1;
 /// The commit flags of a record of `reason` sent `now`: the ring buffer's default (wake a
 /// reader that has caught up) where [`may_wake_reader`] allows it, else no wakeup.
 #[inline(always)]
-fn wakeup(now: u64, reason: u8) -> u64 {
-    let Some(last) = RING_WAKEUPS.get_ptr_mut(0) else {
-        return 0;
-    };
-    // SAFETY: this CPU's slot; programs on one CPU do not interleave (softirq context).
-    let last = unsafe { &mut *last };
-    if !may_wake_reader(reason, now, *last) {
+fn wakeup(cpu: &mut CpuState, now: u64, reason: u8) -> u64 {
+    if !may_wake_reader(reason, now, cpu.last_wakeup_ns) {
         return BPF_RB_NO_WAKEUP;
     }
-    *last = now;
+    cpu.last_wakeup_ns = now;
     0
 }
