@@ -1540,7 +1540,10 @@ fn records_flow_again_once_the_reader_has_emptied_a_full_ring_buffer_as_root() {
     deny_from_distinct_sources(&mut kernel, 300);
     let lost = kernel.maps.events_lost();
     assert!(lost > 0, "300 records overflow one page");
-    assert!(!kernel.events().is_empty(), "the reader empties the ring buffer");
+    assert!(
+        !kernel.events().is_empty(),
+        "the reader empties the ring buffer"
+    );
     // A few ticks (4 ms at most each) for the estimate to be read again.
     std::thread::sleep(Duration::from_millis(50));
     let later = Ipv4Addr::new(198, 19, 0, 1);
