@@ -196,9 +196,9 @@ impl RingRoom {
     }
 
     /// This CPU's estimate: the ring buffer's free bytes as `bpf_ringbuf_query` gave them in
-    /// this tick, less the records this CPU reserved since ([`RingRoom::take_record`]). A
-    /// helper call per new shape cost about as much as the rest of its record-keeping (see
-    /// `clock`); once a tick it costs nothing that shows. Within a tick the estimate misses
+    /// this tick, less the records this CPU reserved since ([`RingRoom::take_record`]): a
+    /// helper call once a tick rather than on every new shape (see `clock` for what a call
+    /// costs here). Within a tick the estimate misses
     /// what the reader consumed (it is low, and a record may be aggregated or crowded out a
     /// tick early) and what other CPUs reserved (it is high: a record the estimate let through
     /// may find the ring full, and is then counted lost as any is).
