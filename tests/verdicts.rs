@@ -316,6 +316,15 @@ fn tcp4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
 
 /// Runs XDP on a denied SYN to `A4:22` from each of `sources` distinct addresses of
 /// 198.18.0.0/16: a new shape each, and not aggregated (one source each).
+/// A kernel whose ring buffer is one page: a few dozen records, so a few hundred denied
+/// shapes overflow it.
+fn kernel_with_one_page_ring() -> Kernel {
+    Kernel::load(LoadOptions {
+        event_buffer_bytes: Some(4096),
+        ..LoadOptions::default()
+    })
+}
+
 fn deny_from_distinct_sources(kernel: &mut Kernel, sources: u16) {
     for n in 0..sources {
         let [high, low] = n.to_be_bytes();
@@ -1397,11 +1406,7 @@ fn neighbour_discovery_passes_only_when_it_never_left_the_link_as_root() {
 
 #[root_test]
 fn denials_are_deduplicated_in_the_kernel_and_losses_show_as_gaps_as_root() {
-    // One page of ring buffer: a few dozen records.
-    let mut kernel = Kernel::load(LoadOptions {
-        event_buffer_bytes: Some(4096),
-        ..LoadOptions::default()
-    });
+    let mut kernel = kernel_with_one_page_ring();
 
     // The kernel de-duplicates on each CPU: the runs below stay on one.
     stay_on_one_cpu();
@@ -1452,10 +1457,7 @@ fn denials_are_deduplicated_in_the_kernel_and_losses_show_as_gaps_as_root() {
 
 #[root_test]
 fn a_lost_record_takes_its_packets_into_the_lost_count_as_root() {
-    let mut kernel = Kernel::load(LoadOptions {
-        event_buffer_bytes: Some(4096),
-        ..LoadOptions::default()
-    });
+    let mut kernel = kernel_with_one_page_ring();
     stay_on_one_cpu();
     // A shape reported once and held back 999 times; the ring then filled by other shapes
     // and left unread; the held-back shape's next report, a second later, finds no room.
@@ -1492,10 +1494,7 @@ fn a_small_ring_buffer_keeps_its_last_eighth_for_urgent_records_as_root() {
     // The programs know the ring buffer's size from the controller rather than ask for it:
     // if they took the declared 4 MiB for this page, the noise would fill all of it and the
     // spoof after it would be lost.
-    let mut kernel = Kernel::load(LoadOptions {
-        event_buffer_bytes: Some(4096),
-        ..LoadOptions::default()
-    });
+    let mut kernel = kernel_with_one_page_ring();
     let host = a_behind_veth_a();
     kernel.install_on(
         r#"
@@ -1532,10 +1531,7 @@ fn records_flow_again_once_the_reader_has_emptied_a_full_ring_buffer_as_root() {
     // Each CPU estimates the ring buffer's room from a reading once a tick, less its own
     // records since: an estimate that never read the room again would keep crowding out every
     // record that is not urgent after the first overflow.
-    let mut kernel = Kernel::load(LoadOptions {
-        event_buffer_bytes: Some(4096),
-        ..LoadOptions::default()
-    });
+    let mut kernel = kernel_with_one_page_ring();
     stay_on_one_cpu();
     deny_from_distinct_sources(&mut kernel, 300);
     let lost = kernel.maps.events_lost();
