@@ -2,8 +2,9 @@
 //! its latest clock reading, its estimate of the ring buffer's room, and when its records last
 //! woke the reader. One value, so that a packet that needs several of them loads one map
 //! pointer and one line: on a new shape's record, each per-CPU map is a dependent pair of
-//! cold loads (the pointer to this CPU's value, then the value). Soft state, not pinned: a new load starts from zero (the clock and the
-//! room are read again at once, and the first record wakes the reader).
+//! cold loads (the pointer to this CPU's value, then the value). Soft state, not pinned: a
+//! new load starts from zero (the clock and the room are read again at once, and the first
+//! record wakes the reader).
 
 use crate::maps::CPU_STATE;
 

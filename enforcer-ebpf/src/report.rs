@@ -198,10 +198,10 @@ impl RingRoom {
     /// This CPU's estimate: the ring buffer's free bytes as `bpf_ringbuf_query` gave them in
     /// this tick, less the records this CPU reserved since ([`RingRoom::take_record`]): a
     /// helper call once a tick rather than on every new shape (see `clock` for what a call
-    /// costs here). Within a tick the estimate misses
-    /// what the reader consumed (it is low, and a record may be aggregated or crowded out a
-    /// tick early) and what other CPUs reserved (it is high: a record the estimate let through
-    /// may find the ring full, and is then counted lost as any is).
+    /// costs here). Within a tick the estimate misses what the reader consumed (it is low,
+    /// and a record may be aggregated or crowded out a tick early) and what other CPUs
+    /// reserved (it is high: a record the estimate let through may find the ring full, and
+    /// is then counted lost as any is).
     #[inline(always)]
     pub fn estimate() -> Self {
         let size = ring_bytes();
