@@ -314,8 +314,6 @@ fn tcp4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
     Ipv4::new(src, dst, frames::TCP).frame(&frames::tcp(sport, dport, frames::TCP_SYN))
 }
 
-/// Runs XDP on a denied SYN to `A4:22` from each of `sources` distinct addresses of
-/// 198.18.0.0/16: a new shape each, and not aggregated (one source each).
 /// A kernel whose ring buffer is one page: a few dozen records, so a few hundred denied
 /// shapes overflow it.
 fn kernel_with_one_page_ring() -> Kernel {
@@ -325,6 +323,8 @@ fn kernel_with_one_page_ring() -> Kernel {
     })
 }
 
+/// Runs XDP on a denied SYN to `A4:22` from each of `sources` distinct addresses of
+/// 198.18.0.0/16: a new shape each, and not aggregated (one source each).
 fn deny_from_distinct_sources(kernel: &mut Kernel, sources: u16) {
     for n in 0..sources {
         let [high, low] = n.to_be_bytes();
