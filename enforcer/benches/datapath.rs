@@ -4,9 +4,16 @@
 //! established path is held to, and the same paths under a 10-rule and a 100 000-rule policy,
 //! whose ratio shows the lookup does not grow with the number of rules. An established flow's
 //! packets repeat on one CPU here, so they pass from that CPU's flow cache; the same flow
-//! through programs without the cache gives the conntrack path's cost beside it.
+//! through programs without the cache gives the conntrack path's cost beside it. IPv6's paths
+//! are timed under a policy whose services have both families' addresses (see
+//! `dual_stack_rows`).
 
-use std::{net::Ipv4Addr, os::fd::OwnedFd, path::PathBuf, time::Duration};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    os::fd::OwnedFd,
+    path::PathBuf,
+    time::Duration,
+};
 
 use aya::maps::{MapData, RingBuf};
 
@@ -51,6 +58,80 @@ fn install(maps: &mut KernelMaps, installer: &mut Installer, text: &str) {
 
 fn tcp(src: Ipv4Addr, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
     Ipv4::new(src, dst, frames::TCP).frame(&frames::tcp(40000, dport, flags))
+}
+
+fn tcp6(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    frames::ipv6_frame(
+        src,
+        dst,
+        frames::TCP,
+        64,
+        &[],
+        &frames::tcp(sport, dport, flags),
+    )
+}
+
+/// Addresses no service or CIDR peer names (identity `world`) among the services' own, as a
+/// scan of their neighbours meets them: a walk of the trie would follow the services' entries
+/// down to the last bits.
+const UNNAMED: Ipv4Addr = Ipv4Addr::new(10, 100, 128, 1);
+const UNNAMED6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 0x8000);
+
+/// An established IPv6 flow's packet from `s0` to `s1` of [`policies::generated_dual_stack`].
+fn established6() -> Vec<u8> {
+    let (s0, s1) = (policies::service_address6(0), policies::service_address6(1));
+    tcp6(s0, s1, 40000, 10_000, frames::TCP_ACK)
+}
+
+/// The IPv6 established flow's row: the flow cache holds IPv4 flows only, so its packets take
+/// the conntrack path.
+const ESTABLISHED6: &str =
+    "XDP, established flow, IPv6 (conntrack hit, no flow cache), 10000 rules";
+
+/// The same paths over IPv6, and a service's SYN to an unnamed address of either family,
+/// under a policy of 1 000 services and 10 000 rules, every service with an IPv6 address beside
+/// its IPv4 one: 2 000 whole addresses in the trie, which an address no one names would walk.
+fn dual_stack_rows(
+    datapath: &mut Datapath,
+    maps: &mut KernelMaps,
+    installer: &mut Installer,
+    time: &dyn Fn(&mut Datapath, Hook, &[u8]) -> Duration,
+) -> Vec<(String, Duration)> {
+    install(
+        maps,
+        installer,
+        &policies::generated_dual_stack(1_000, 10_000),
+    );
+    let (s0, s1) = (policies::service_address6(0), policies::service_address6(1));
+    let syn = tcp6(s0, s1, 40000, 10_000, frames::TCP_SYN);
+    let answer = tcp6(s1, s0, 10_000, 40000, frames::TCP_SYN | frames::TCP_ACK);
+    open_flow(datapath, &syn, &answer);
+    let denied = tcp6(s1, s0, 40000, 10_000, frames::TCP_SYN);
+    let to_world6 = tcp6(s1, UNNAMED6, 40000, 10_000, frames::TCP_SYN);
+    let to_world = tcp(
+        policies::service_address(1),
+        UNNAMED,
+        10_000,
+        frames::TCP_SYN,
+    );
+    [
+        (ESTABLISHED6, established6()),
+        (
+            "XDP, denied new flow (rule lookups, default-deny, report de-dup), IPv6, 10000 rules",
+            denied,
+        ),
+        (
+            "XDP, denied new flow to an unnamed address, IPv6, 10000 rules",
+            to_world6,
+        ),
+        (
+            "XDP, denied new flow to an unnamed address, IPv4, 10000 rules",
+            to_world,
+        ),
+    ]
+    .into_iter()
+    .map(|(path, frame)| (path.to_owned(), time(datapath, Hook::Xdp, &frame)))
+    .collect()
 }
 
 /// The first SYN opens the flow at every hook, the answer establishes it (it moves to the
@@ -185,7 +266,10 @@ fn main() {
     // The simplest XDP filter there is, on the frame of an established flow: the anchor the
     // established path is held to.
     let xdp_filter = anchors::XdpFilter::load().expect("xdp-filter loads (xdp-tools)");
-    let xdp_filter_cost = time_program(&xdp_filter.program().expect("its program"), &established);
+    let xdp_filter_program = xdp_filter.program().expect("its program");
+    let xdp_filter_cost = time_program(&xdp_filter_program, &established);
+    let xdp_filter_cost6 = time_program(&xdp_filter_program, &established6());
+    drop(xdp_filter_program);
     drop(xdp_filter);
     let empty = time_program(&baseline, &syn);
     // What running any program at a TC hook costs here, for reading the TC rows beside it.
@@ -234,6 +318,12 @@ fn main() {
     }
     // Under the 100 000-rule policy, installed last.
     let flood = flood_cost_over_empty(&mut datapath, &mut ring, &baseline, s1, s0);
+    results.extend(dual_stack_rows(
+        &mut datapath,
+        &mut maps,
+        &mut installer,
+        &time,
+    ));
     results.push((
         "XDP, established flow without the flow cache (conntrack hit), 10 rules".to_owned(),
         conntrack_path(&syn, &answer, &established, &time),
@@ -286,6 +376,10 @@ fn main() {
         "xdp-filter (xdp-tools), established flow's frame",
         xdp_filter_cost,
     );
+    record(
+        "xdp-filter (xdp-tools), IPv6 established flow's frame",
+        xdp_filter_cost6,
+    );
     for (path, cost) in &results {
         println!("  {path:<78} {:>8}  {:>9.2}", cost.as_nanos(), ratio(*cost));
         record(path, *cost);
@@ -324,6 +418,19 @@ fn main() {
         established.as_nanos() as f64,
         "ns/packet",
         Some(("xdp-filter on the same frame (anchor)", behind)),
+    );
+    let established6 = by(ESTABLISHED6);
+    let behind6 = established6.as_nanos() as f64 / xdp_filter_cost6.as_nanos().max(1) as f64;
+    println!(
+        "  XDP, established flow, IPv6 / xdp-filter on the same frame ({} ns) = {behind6:.2}",
+        xdp_filter_cost6.as_nanos()
+    );
+    results::record(
+        "datapath",
+        ESTABLISHED6,
+        established6.as_nanos() as f64,
+        "ns/packet",
+        Some(("xdp-filter on the same frame (anchor)", behind6)),
     );
     let figure = "XDP, denied new flow, every packet a new shape (a flood), over the empty program, 100000 rules";
     println!(

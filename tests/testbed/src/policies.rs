@@ -2,11 +2,19 @@
 //! `(source, destination, port)` so each is one entry in the datapath's rule table; for tests
 //! of precedence, small random policies whose rules overlap in every way.
 
-use std::{fmt::Write as _, net::Ipv4Addr};
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 /// The address of generated service `index`: 10.100.(index / 256).(index % 256).
 pub fn service_address(index: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 100, (index / 256) as u8, (index % 256) as u8)
+}
+
+/// The IPv6 address of generated service `index` in [`generated_dual_stack`]: fd00:100::`index`.
+pub fn service_address6(index: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, index as u16)
 }
 
 /// The port of rule `rule` in a policy of `services` services.
@@ -19,6 +27,11 @@ pub fn rule_port(services: usize, rule: usize) -> u16 {
 /// on 10000/tcp is allowed and `s1 -> s0` is not, whatever the size.
 pub fn generated(services: usize, rules: usize) -> String {
     generated_with(services, rules, |_| None)
+}
+
+/// [`generated`], each service with an IPv6 address as well ([`service_address6`]).
+pub fn generated_dual_stack(services: usize, rules: usize) -> String {
+    generate(services, rules, |_| None, true)
 }
 
 /// The rules of [`generated`]: (source service, destination service, TCP port) by index.
@@ -39,15 +52,29 @@ pub fn generated_with(
     rules: usize,
     port: impl Fn(usize) -> Option<u16>,
 ) -> String {
+    generate(services, rules, port, false)
+}
+
+fn generate(
+    services: usize,
+    rules: usize,
+    port: impl Fn(usize) -> Option<u16>,
+    dual_stack: bool,
+) -> String {
     assert!(
         services >= 2 && rules / services < services - 1,
         "too many rules for {services} services"
     );
     let mut text = String::with_capacity(rules * 90 + services * 60);
     for index in 0..services {
+        let ipv6 = if dual_stack {
+            format!(", \"{}/128\"", service_address6(index))
+        } else {
+            String::new()
+        };
         let _ = write!(
             text,
-            "[[service]]\nname = \"s{index}\"\naddresses = [\"{}/32\"]\n",
+            "[[service]]\nname = \"s{index}\"\naddresses = [\"{}/32\"{ipv6}]\n",
             service_address(index)
         );
     }
