@@ -1932,6 +1932,41 @@ fn an_address_the_policy_stops_naming_resolves_to_world_again_as_root() {
     }
 }
 
+/// Where the policy names IPv6 addresses only whole, an IPv6 address the exact table does not
+/// hold is world without a walk of the trie (`IPV6_HOSTS_ONLY`); a CIDR peer's prefix turns
+/// the walk back on, and its addresses then have the peer's rules as well as world's (world
+/// includes what a CIDR rule names), on both sides of each switch.
+#[root_test]
+fn ipv6_addresses_no_one_names_are_world_and_a_cidr_peers_have_its_rules_as_root() {
+    const PEER: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 5);
+    const STRANGER: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb9, 0, 0, 0, 0, 0, 5);
+    let world = format!("{POLICY}[[allow]]\nfrom = \"world\"\nto = \"b\"\nports = [\"81/tcp\"]\n");
+    let with_peer =
+        format!("{world}[[allow]]\nfrom = \"2001:db8::/32\"\nto = \"b\"\nports = [\"82/tcp\"]\n");
+    let mut kernel = Kernel::load(LoadOptions::default());
+    for (text, peer_named) in [(&world, false), (&with_peer, true), (&world, false)] {
+        let compiled = kernel.install(text);
+        assert_eq!(compiled.tables.ipv6_hosts_only, !peer_named);
+        let what =
+            |from: &str, port: u16| format!("{from} -> b {port}/tcp, peer named: {peer_named}");
+        for from in [PEER, STRANGER] {
+            kernel.assert_passes(&what(&from.to_string(), 81), |port| {
+                tcp6(from, B6, port, 81)
+            });
+        }
+        kernel.assert_dropped(&what("an unnamed address", 82), |port| {
+            tcp6(STRANGER, B6, port, 82)
+        });
+        assert_eq!(
+            kernel.verdicts(|port| tcp6(PEER, B6, port, 82)),
+            [peer_named; 3],
+            "{} at XDP, TC ingress and TC egress",
+            what("the peer's address", 82)
+        );
+        kernel.assert_passes(&what("a", 80), |port| tcp6(A6, B6, port, 80));
+    }
+}
+
 /// Addresses and endpoint interfaces are found in identity tables whose buckets hold four keys
 /// (see `enforcer_common::identity_table`). Six services whose addresses share one bucket and
 /// whose interfaces share another must each keep their identity (the two a bucket cannot hold

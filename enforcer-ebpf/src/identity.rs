@@ -29,13 +29,14 @@ pub fn active_config() -> Option<&'static PolicyConfig> {
 }
 
 /// The address tables of the generation a packet is judged under: their slot, and whether
-/// any prefix covers IPv4 addresses but whole (see `config::flags::IPV4_HOSTS_ONLY`). Two
-/// bytes, passed by value.
+/// any prefix covers IPv4 or IPv6 addresses but whole (see `config::flags::IPV4_HOSTS_ONLY`
+/// and `IPV6_HOSTS_ONLY`). Three bytes, passed by value.
 #[derive(Clone, Copy)]
 #[repr(C)]
 pub struct AddressTables {
     pub slot: u8,
     pub ipv4_hosts_only: bool,
+    pub ipv6_hosts_only: bool,
 }
 
 impl AddressTables {
@@ -44,13 +45,15 @@ impl AddressTables {
         Self {
             slot: config.slot as u8,
             ipv4_hosts_only: config.flags & config_flags::IPV4_HOSTS_ONLY != 0,
+            ipv6_hosts_only: config.flags & config_flags::IPV6_HOSTS_ONLY != 0,
         }
     }
 }
 
 /// The identity an address resolves to: the longest matching prefix, else world. A whole
 /// address entry is the longest match there can be, so the exact tables answer first (an IPv4
-/// address's in the identity table, see [`of_ipv4_address`]). A
+/// address's in the identity table, see [`of_ipv4_address`]), and where no prefix but whole
+/// addresses covers the address's family, an address they do not hold is world. A
 /// function of its own: the keys stay off its callers' frames (5.10's and 6.1's verifiers count
 /// every frame of the deepest call chain against 512 bytes).
 #[inline(never)]
@@ -67,6 +70,7 @@ pub fn of_address(tables: AddressTables, addr: &[u8; 16]) -> IdentityInfo {
     // SAFETY: the value is copied out at once.
     match unsafe { IPCACHE_EXACT.get(&exact) } {
         Some(info) => *info,
+        None if tables.ipv6_hosts_only => IdentityInfo::WORLD,
         None => of_longest_prefix(slot, addr),
     }
 }

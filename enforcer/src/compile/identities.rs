@@ -145,12 +145,16 @@ impl Identities {
         }
         // The table's only prefixes: registrations, other hosts' endpoints and this host's
         // addresses are whole addresses.
-        tables.ipv4_hosts_only = !policy
-            .services
-            .iter()
-            .flat_map(|service| &service.addresses)
-            .chain(self.cidrs.keys())
-            .any(|net| Prefix::of(net).covers_ipv4_partly());
+        let prefixes = || {
+            policy
+                .services
+                .iter()
+                .flat_map(|service| &service.addresses)
+                .chain(self.cidrs.keys())
+                .map(Prefix::of)
+        };
+        tables.ipv4_hosts_only = !prefixes().any(|prefix| prefix.covers_ipv4_partly());
+        tables.ipv6_hosts_only = !prefixes().any(|prefix| prefix.covers_ipv6_partly());
         for (net, id) in &self.cidrs {
             tables
                 .ipcache

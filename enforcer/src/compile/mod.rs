@@ -844,6 +844,30 @@ id = \"everyone\"
     }
 
     #[test]
+    fn the_datapath_skips_the_trie_for_ipv6_only_where_no_prefix_covers_ipv6_partly() {
+        let hosts_only = |addresses: &str, rules: &str| {
+            compile_text(&format!(
+                "[[service]]\nname = \"a\"\naddresses = [{addresses}]\n{rules}"
+            ))
+            .tables
+            .ipv6_hosts_only
+        };
+        assert!(hosts_only(r#""fd00::1/128", "10.0.0.0/8""#, ""));
+        assert!(
+            hosts_only(r#""::ffff:10.0.0.0/104""#, ""),
+            "IPv4's mapped range holds no IPv6 address"
+        );
+        assert!(!hosts_only(r#""fd00::/64""#, ""));
+        assert!(!hosts_only(r#""::/0""#, ""), "the whole space");
+        assert!(
+            !hosts_only(r#""::/64""#, ""),
+            "a prefix around the mapped range holds IPv6 addresses too"
+        );
+        let cidr_peer = "[[allow]]\nfrom = \"2001:db8::/32\"\nto = \"a\"\nports = [\"80/tcp\"]\n";
+        assert!(!hosts_only(r#""fd00::1/128""#, cidr_peer), "a CIDR peer");
+    }
+
+    #[test]
     fn host_addresses_resolve_to_host_unless_a_service_owns_them() {
         let policy = parse_sources(vec![(PathBuf::from("p.toml"), SERVICES.to_owned())]).unwrap();
         let host = HostView {

@@ -57,6 +57,12 @@ pub struct Prefix {
     pub len: u8,
 }
 
+/// The range IPv4 addresses take in the 16-byte keys: `::ffff:0:0/96`.
+const MAPPED: Prefix = Prefix {
+    addr: enforcer_common::addr::v4_mapped([0; 4]),
+    len: 96,
+};
+
 impl Prefix {
     pub fn of(net: &IpNet) -> Self {
         let (addr, len) = match net {
@@ -89,11 +95,14 @@ impl Prefix {
     /// being that one whole address: an IPv4 prefix shorter than /32, or an IPv6 prefix as wide
     /// as the mapped range or wider around it.
     pub fn covers_ipv4_partly(&self) -> bool {
-        const MAPPED: Prefix = Prefix {
-            addr: enforcer_common::addr::v4_mapped([0; 4]),
-            len: 96,
-        };
         !self.is_host() && (self.contains(&MAPPED.addr) || MAPPED.contains(&self.addr))
+    }
+
+    /// Whether the prefix covers an IPv6 address outside the mapped range without being that
+    /// one whole address: any prefix but a /128 that does not lie within `::ffff:0:0/96`.
+    pub fn covers_ipv6_partly(&self) -> bool {
+        let within_mapped = self.len >= MAPPED.len && MAPPED.contains(&self.addr);
+        !(self.is_host() || within_mapped)
     }
 
     /// The IPv4 address (`u32::from_be_bytes`) the prefix is whole of, if it is one: its key in
@@ -143,6 +152,9 @@ pub struct Tables {
     /// Whether no prefix of `ipcache` covers an IPv4 address but whole (see
     /// `enforcer_common::config::flags::IPV4_HOSTS_ONLY`).
     pub ipv4_hosts_only: bool,
+    /// The same for IPv6 addresses outside the mapped range (see
+    /// `enforcer_common::config::flags::IPV6_HOSTS_ONLY`).
+    pub ipv6_hosts_only: bool,
 }
 
 impl Tables {

@@ -1018,7 +1018,12 @@ fn generation_flags(compiled: &Compiled) -> u32 {
     } else {
         0
     };
-    audit | ipv4_hosts_only
+    let ipv6_hosts_only = if compiled.tables.ipv6_hosts_only {
+        config_flags::IPV6_HOSTS_ONLY
+    } else {
+        0
+    };
+    audit | ipv4_hosts_only | ipv6_hosts_only
 }
 
 fn lpm_key(prefix: &Prefix, slot: u8) -> LpmKey<IpcacheKey> {
