@@ -8,7 +8,7 @@ use std::{fs, path::Path, process::Command, time::Instant};
 
 use anyhow::{Context as _, Result, bail};
 
-const BENCHES: [&str; 7] = [
+pub(crate) const BENCHES: [&str; 7] = [
     "datapath",
     "apply",
     "throughput",

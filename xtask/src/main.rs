@@ -3,6 +3,7 @@
 
 mod bench;
 mod chart;
+mod compare;
 mod demo;
 mod demo_fleet;
 mod fuzz;
@@ -75,6 +76,20 @@ enum Task {
         /// README.
         #[arg(long)]
         quick: bool,
+    },
+    /// One benchmark of this tree and of an earlier git revision, run in turn for a number of
+    /// rounds; prints each figure's best and median run for both builds and in how many rounds
+    /// this tree's was better: how two builds are told apart on a noisy machine. Writes no
+    /// results.
+    Compare {
+        /// The earlier revision (a commit, tag or branch).
+        revision: String,
+        /// The benchmark: datapath, apply, throughput, pps, pipeline, flood or fleet.
+        #[arg(long, default_value = "datapath")]
+        bench: String,
+        /// Runs of each build.
+        #[arg(long, default_value_t = 6)]
+        rounds: usize,
     },
 }
 
@@ -158,6 +173,14 @@ fn run(task: Task) -> Result<()> {
         Task::Bench { quick } => {
             prerequisites::setup_if_missing()?;
             bench::run(&workspace_root(), quick)
+        }
+        Task::Compare {
+            revision,
+            bench,
+            rounds,
+        } => {
+            prerequisites::setup_if_missing()?;
+            compare::run(&workspace_root(), &revision, &bench, rounds)
         }
     }
 }
