@@ -154,6 +154,21 @@ impl<T> Header<T> {
         const { assert!(OFFSET + 4 <= size_of::<T>()) };
         u32::from_be(load_u32(self.at + OFFSET))
     }
+
+    /// The 16 bytes at `OFFSET` in the header (an IPv6 address), as they lie there, in four
+    /// loads.
+    #[inline(always)]
+    pub fn bytes16<const OFFSET: usize>(&self) -> [u8; 16] {
+        const { assert!(OFFSET + 16 <= size_of::<T>()) };
+        let words = [
+            load_u32(self.at + OFFSET),
+            load_u32(self.at + OFFSET + 4),
+            load_u32(self.at + OFFSET + 8),
+            load_u32(self.at + OFFSET + 12),
+        ];
+        // SAFETY: four words as they lay in memory are those sixteen bytes, in order.
+        unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) }
+    }
 }
 
 /// The two bytes at `at` in packet memory, as they lie there, in one load. Inline assembly
@@ -580,16 +595,16 @@ fn parse_ipv4<F: Frame>(frame: &F, offset: usize, packet: &mut Packet) -> Parsed
 
 #[inline(always)]
 fn parse_ipv6<F: Frame>(frame: &F, offset: usize, packet: &mut Packet) -> Parsed {
-    let Some(ip) = frame.read::<Ipv6Hdr>(offset) else {
+    let Some(ip) = frame.header::<Ipv6Hdr>(offset) else {
         return reason::MALFORMED;
     };
-    if ip.vcf[0] >> 4 != 6 {
+    if ip.u8::<{ offset_of!(Ipv6Hdr, vcf) }>() >> 4 != 6 {
         return reason::MALFORMED;
     }
     // A payload length of 0 (a jumbogram, or BIG TCP at egress) bounds nothing: refused, as
     // headers could then lie anywhere in what follows.
-    let ip_end = offset + Ipv6Hdr::LEN + be16(ip.payload_len) as usize;
-    let mut next = ip.next_hdr;
+    let ip_end = offset + Ipv6Hdr::LEN + ip.be16::<{ offset_of!(Ipv6Hdr, payload_len) }>() as usize;
+    let mut next = ip.u8::<{ offset_of!(Ipv6Hdr, next_hdr) }>();
     let mut l4_offset = offset + Ipv6Hdr::LEN;
     let mut fragment = fragment::NONE;
     let mut fragment_id = 0u32;
@@ -638,11 +653,11 @@ fn parse_ipv6<F: Frame>(frame: &F, offset: usize, packet: &mut Packet) -> Parsed
         return reason::UNSUPPORTED_HEADERS;
     }
     *packet = Packet {
-        src: ip.src_addr,
-        dst: ip.dst_addr,
+        src: ip.bytes16::<{ offset_of!(Ipv6Hdr, src_addr) }>(),
+        dst: ip.bytes16::<{ offset_of!(Ipv6Hdr, dst_addr) }>(),
         proto: next,
         family: enforcer_common::addr::family::INET6,
-        hop_limit: ip.hop_limit,
+        hop_limit: ip.u8::<{ offset_of!(Ipv6Hdr, hop_limit) }>(),
         fragment,
         fragment_id,
         l4_offset: l4_offset as u32,
