@@ -32,7 +32,7 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
     let rows_file = out.join(format!("{name}.rows"));
     let _ = fs::remove_file(&rows_file);
     let started = Instant::now();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let cargo = crate::cargo_program();
     let mut command = Command::new(&cargo);
     command
         .args(["bench", "--package", "enforcer"])

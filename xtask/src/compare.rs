@@ -3,10 +3,11 @@
 //! machine whose speed moves between levels from one process to the next (this one's flood row
 //! has moved between about 230 and 450 ns for one build), a figure from a run of each build
 //! says more about the machine than the builds; the best of alternated runs (the lowest cost,
-//! the highest rate), and in how many rounds one build did better, separate them. Each build runs its own benchmark code: compare
-//! revisions whose benchmark records the figures in question. Writes nothing but a worktree of
-//! REV under `target/compare`, which it removes, and that revision's build in
-//! `target/compare/target`, kept to build the next comparison quicker.
+//! the highest rate), and in how many rounds one build did better, separate them. Each build
+//! runs its own benchmark code: compare revisions whose benchmark records the figures in
+//! question. Writes nothing but a worktree of REV under `target/compare`, which it removes, and
+//! that revision's build in `target/compare/target`, kept to build the next comparison
+//! quicker.
 
 use std::{
     collections::BTreeMap,
@@ -54,7 +55,7 @@ pub fn run(workspace: &Path, revision: &str, bench: &str, rounds: usize) -> Resu
         println!("compare: building {bench} of {revision}");
         let earlier = bench_executable(&tree, &compare.join("target"), bench)?;
         println!("compare: building {bench} of this tree");
-        let this = bench_executable(workspace, &target_dir(workspace), bench)?;
+        let this = bench_executable(workspace, &crate::target_dir(), bench)?;
         let mut runs = Runs::default();
         for round in 0..rounds {
             // The order turns from round to round: neither build always runs first.
@@ -97,13 +98,9 @@ fn git(workspace: &Path, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn target_dir(workspace: &Path) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace.join("target"), PathBuf::from)
-}
-
 /// Builds benchmark `bench` of the tree at `tree` into `target`; returns its executable.
 fn bench_executable(tree: &Path, target: &Path, bench: &str) -> Result<PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let cargo = crate::cargo_program();
     let output = Command::new(&cargo)
         .args([
             "bench",

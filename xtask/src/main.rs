@@ -192,8 +192,19 @@ pub fn workspace_root() -> PathBuf {
         .to_owned()
 }
 
+/// The cargo that runs xtask (`CARGO`), for the cargo commands it runs in turn.
+pub fn cargo_program() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
+}
+
+/// Where cargo builds this workspace: `CARGO_TARGET_DIR`, else `target` in it.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
+}
+
 fn cargo(args: &[&str], extra: &[String]) -> Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let cargo = cargo_program();
     let status = Command::new(&cargo)
         .args(args)
         .args(extra)
@@ -209,7 +220,5 @@ fn cargo(args: &[&str], extra: &[String]) -> Result<()> {
 /// Builds the controller (which embeds the eBPF object) in release mode; returns its path.
 pub fn build_release() -> Result<PathBuf> {
     cargo(&["build", "--release", "--package", "enforcer"], &[])?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace_root().join("target"), PathBuf::from);
-    Ok(target.join("release").join("enforcer"))
+    Ok(target_dir().join("release").join("enforcer"))
 }

@@ -241,7 +241,7 @@ pub fn setup() -> Result<()> {
         // Prebuilt downloads do not work here; build it against Debian's LLVM 22.
         run_step(
             &format!("cargo install bpf-linker {BPF_LINKER_VERSION} (takes a few minutes)"),
-            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
+            Command::new(crate::cargo_program())
                 .args([
                     "install",
                     "bpf-linker",
@@ -282,7 +282,7 @@ fn setup_fuzzing() -> Result<()> {
     } else {
         run_step(
             &format!("cargo install cargo-fuzz {CARGO_FUZZ_VERSION}"),
-            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())).args([
+            Command::new(crate::cargo_program()).args([
                 "install",
                 "cargo-fuzz",
                 "--locked",
