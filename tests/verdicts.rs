@@ -29,7 +29,7 @@ use enforcer::{
 };
 use enforcer_common::{
     addr::{Ipcache4Key, v4_mapped},
-    conntrack::{CtEntry, CtKey, CtKey4, FlowCacheTable, timeout},
+    conntrack::{CachedFlow, CtEntry, CtKey, CtKey4, FlowCacheTable, FlowCacheTable6, timeout},
     event::{FlowEvent, flags as event_flags},
     identity::IdentityInfo,
     verdict::{ALLOW, DENY, reason},
@@ -117,11 +117,12 @@ impl Kernel {
         self.passes(Hook::Xdp, frame)
     }
 
-    /// A connection from a's next unused port to b:80.
-    fn next_connection(&mut self) -> Connection {
+    /// A connection over `family` from a's next unused port to b:80.
+    fn next_connection(&mut self, family: Family) -> Connection {
         self.next_port += 1;
         Connection {
             port: self.next_port,
+            family,
         }
     }
 
@@ -194,16 +195,31 @@ impl Kernel {
             idle_table(&mut self.flow_table::<CtKey>(table), idle);
         }
         // The flows the programs remember passing are as old.
-        let data = MapData::from_pin(self.pins.maps().join("FLOW_CACHES")).unwrap();
-        let mut cache: PerCpuArray<MapData, FlowCacheTable> =
+        self.idle_cache("FLOW_CACHES", idle, |table: &mut FlowCacheTable| {
+            &mut table.slots
+        });
+        self.idle_cache("FLOW_CACHES6", idle, |table: &mut FlowCacheTable6| {
+            &mut table.slots
+        });
+    }
+
+    /// Makes what every CPU's flow cache `name` remembers `idle` ns older (see `idle_flows`).
+    fn idle_cache<Table: Pod, K>(
+        &self,
+        name: &str,
+        idle: u64,
+        slots: fn(&mut Table) -> &mut [CachedFlow<K>],
+    ) {
+        let data = MapData::from_pin(self.pins.maps().join(name)).unwrap();
+        let mut cache: PerCpuArray<MapData, Table> =
             PerCpuArray::try_from(Map::from_map_data(data).unwrap()).unwrap();
-        let mut tables: Vec<FlowCacheTable> = cache.get(&0, 0).unwrap().iter().copied().collect();
-        for flow in tables
+        let mut tables: Vec<Table> = cache.get(&0, 0).unwrap().iter().copied().collect();
+        for pass in tables
             .iter_mut()
-            .flat_map(|table| table.slots.iter_mut())
-            .filter(|flow| flow.checked_at != 0)
+            .flat_map(|table| slots(table).iter_mut().map(|flow| &mut flow.pass))
+            .filter(|pass| pass.checked_at != 0)
         {
-            flow.checked_at = flow.checked_at.saturating_sub(idle).max(1);
+            pass.checked_at = pass.checked_at.saturating_sub(idle).max(1);
         }
         cache
             .set(0, PerCpuValues::try_from(tables).unwrap(), 0)
@@ -295,18 +311,47 @@ fn wait_for_clock(at_least: Duration) {
     }
 }
 
-/// A connection from a's `port` to b:80: its segments each way, by their TCP flags.
+/// A connection over `family` from a's `port` to b:80: its segments each way, by their TCP
+/// flags.
 struct Connection {
     port: u16,
+    family: Family,
+}
+
+/// The address family a test connection runs over: the flow caches are one per family.
+#[derive(Clone, Copy, Debug)]
+enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    const BOTH: [Family; 2] = [Family::Ipv4, Family::Ipv6];
 }
 
 impl Connection {
     fn a_to_b(&self, flags: u8) -> Vec<u8> {
-        Ipv4::new(A4, B4, frames::TCP).frame(&frames::tcp(self.port, 80, flags))
+        self.segment(true, flags)
     }
 
     fn b_to_a(&self, flags: u8) -> Vec<u8> {
-        Ipv4::new(B4, A4, frames::TCP).frame(&frames::tcp(80, self.port, flags))
+        self.segment(false, flags)
+    }
+
+    /// A segment with `flags`, from a to b or the other way.
+    fn segment(&self, from_a: bool, flags: u8) -> Vec<u8> {
+        let ports = if from_a {
+            (self.port, 80)
+        } else {
+            (80, self.port)
+        };
+        let segment = frames::tcp(ports.0, ports.1, flags);
+        match (self.family, from_a) {
+            (Family::Ipv4, true) => Ipv4::new(A4, B4, frames::TCP).frame(&segment),
+            (Family::Ipv4, false) => Ipv4::new(B4, A4, frames::TCP).frame(&segment),
+            (Family::Ipv6, true) => frames::ipv6_frame(A6, B6, frames::TCP, 64, &[], &segment),
+            (Family::Ipv6, false) => frames::ipv6_frame(B6, A6, frames::TCP, 64, &[], &segment),
+        }
     }
 }
 
@@ -783,9 +828,12 @@ fn a_flow_passed_a_moment_ago_is_judged_again_under_a_new_policy_as_root() {
     let mut kernel = Kernel::load(LoadOptions::default());
     let revoked = POLICY.replace("[[allow]]", "[[deny]]");
     let ack = frames::TCP_ACK;
-    for hook in Hook::ALL {
+    for (hook, family) in Hook::ALL
+        .into_iter()
+        .flat_map(|hook| Family::BOTH.map(|family| (hook, family)))
+    {
         kernel.install(POLICY);
-        let connection = kernel.next_connection();
+        let connection = kernel.next_connection(family);
         let (established_before, allowed_before) = kernel.allowed_packets();
         assert!(kernel.passes(hook, &connection.a_to_b(frames::TCP_SYN)));
         assert!(kernel.passes(hook, &connection.b_to_a(frames::TCP_SYN | ack)));
@@ -793,14 +841,14 @@ fn a_flow_passed_a_moment_ago_is_judged_again_under_a_new_policy_as_root() {
         for _ in 0..3 {
             assert!(
                 kernel.passes(hook, &connection.a_to_b(ack)),
-                "{hook:?}: the connection's segments pass"
+                "{hook:?} {family:?}: the connection's segments pass"
             );
         }
         let (established, allowed) = kernel.allowed_packets();
         assert_eq!(
             (established - established_before, allowed - allowed_before),
             (4, 5),
-            "{hook:?}: every packet passed is counted: the answer and the segments as \
+            "{hook:?} {family:?}: every packet passed is counted: the answer and the segments as \
              established, and all five on the edges"
         );
         // A second later the shortcut checks the flow again, and its slot starts over.
@@ -810,12 +858,12 @@ fn a_flow_passed_a_moment_ago_is_judged_again_under_a_new_policy_as_root() {
         assert_eq!(
             (established - established_before, allowed - allowed_before),
             (5, 6),
-            "{hook:?}: what the slot counted is still counted once it is written again"
+            "{hook:?} {family:?}: what the slot counted is still counted once it is written again"
         );
         kernel.install(&revoked);
         assert!(
             !kernel.passes(hook, &connection.a_to_b(ack)),
-            "{hook:?}: the next segment after the rule became a deny is judged again, and refused"
+            "{hook:?} {family:?}: the next segment after the rule became a deny is judged again, and refused"
         );
     }
 }
@@ -831,7 +879,7 @@ fn a_syn_its_rule_refuses_is_refused_on_a_tracked_connections_ports_as_root() {
     let (syn, ack) = (frames::TCP_SYN, frames::TCP_ACK);
     for hook in Hook::ALL {
         kernel.install(POLICY);
-        let connection = kernel.next_connection();
+        let connection = kernel.next_connection(Family::Ipv4);
         assert!(kernel.passes(hook, &connection.a_to_b(syn)));
         assert!(kernel.passes(hook, &connection.b_to_a(syn | ack)));
         assert!(
@@ -870,7 +918,11 @@ fn a_flow_passed_a_moment_ago_is_no_pass_through_another_interface_as_root() {
     // a is an endpoint of this host behind `from-a`: its address from anywhere else is a spoof.
     let host = HostView {
         interfaces: [("from-a".to_owned(), from_a)].into(),
-        routes: [(IpAddr::V4(A4), "from-a".to_owned())].into(),
+        routes: [
+            (IpAddr::V4(A4), "from-a".to_owned()),
+            (IpAddr::V6(A6), "from-a".to_owned()),
+        ]
+        .into(),
         ..HostView::default()
     };
     kernel.install_on(
@@ -885,8 +937,11 @@ interfaces = ["from-a"]"#,
     interfaces
         .netns
         .run(|| {
-            for hook in [Hook::Xdp, Hook::TcIngress] {
-                let connection = kernel.next_connection();
+            for (hook, family) in [Hook::Xdp, Hook::TcIngress]
+                .into_iter()
+                .flat_map(|hook| Family::BOTH.map(|family| (hook, family)))
+            {
+                let connection = kernel.next_connection(family);
                 assert!(kernel.passes_on(hook, &connection.a_to_b(frames::TCP_SYN), Some(from_a)));
                 assert!(kernel.passes(hook, &connection.b_to_a(frames::TCP_SYN | ack)));
                 for _ in 0..3 {
@@ -894,7 +949,7 @@ interfaces = ["from-a"]"#,
                 }
                 assert!(
                     !kernel.passes_on(hook, &connection.a_to_b(ack), Some(forger)),
-                    "{hook:?}: a segment of a's connection forged through another interface"
+                    "{hook:?} {family:?}: a segment of a's connection forged through another interface"
                 );
             }
         })

@@ -1,8 +1,10 @@
 //! Connection tracking: one entry per flow, found from either direction.
 
 /// Flow key with the two ends ordered (lower `(addr, port)` first), so a packet and its reply
-/// find the same entry with one lookup.
-#[repr(C)]
+/// find the same entry with one lookup. Aligned to 8 so that it can be compared as five words
+/// (see [`CtKey::words`]): the BPF target loads a field it cannot prove aligned a byte at a
+/// time, and the verifier refuses an unaligned load from the stack.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtKey {
     pub addr_lo: [u8; 16],
@@ -11,6 +13,18 @@ pub struct CtKey {
     pub port_hi: u16,
     pub proto: u8,
     pub _pad: [u8; 3],
+}
+
+impl CtKey {
+    /// The key as five 64-bit words, in five loads. Two keys are the same flow's when their
+    /// words are equal: every key is written with its padding zeroed.
+    #[inline(always)]
+    pub fn words(&self) -> &[u64; 5] {
+        const { assert!(align_of::<CtKey>() >= align_of::<u64>()) };
+        // SAFETY: 40 bytes (asserted below), aligned for `u64` (asserted above), and any bits
+        // are a valid `u64`.
+        unsafe { &*(self as *const Self).cast::<[u64; 5]>() }
+    }
 }
 
 /// An IPv4 flow's key: the same ends in the same order as [`CtKey`] gives them (two
@@ -95,16 +109,24 @@ pub mod timeout {
     pub const REFRESH_NS: u64 = SEC;
 }
 
-/// One flow direction in the datapath's per-CPU flow cache (`FLOW_CACHES`): where the
-/// established-flow shortcut last passed a packet of it, and how its packets are counted. A
-/// packet that matches every field but the time, within [`timeout::REFRESH_NS`] of
-/// `checked_at`, passes without a conntrack lookup, counted in `packets` and `bytes` until the
-/// slot is written again, when they move to the per-edge and per-reason counters: a reader of
-/// those adds what the slots hold.
+/// One flow direction in one of the datapath's per-CPU flow caches (`FLOW_CACHES` of IPv4
+/// flows, `FLOW_CACHES6` of IPv6 ones): the flow's key, `K`, in the form of its family's
+/// conntrack tables, and what the established-flow shortcut last passed of it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CachedFlow {
-    pub key: CtKey4,
+pub struct CachedFlow<K> {
+    pub key: K,
+    pub pass: CachedPass,
+}
+
+/// Where the established-flow shortcut last passed a packet of a flow direction, and how its
+/// packets are counted. A packet that matches every field of its slot but the time, within
+/// [`timeout::REFRESH_NS`] of `checked_at`, passes without a conntrack lookup, counted in
+/// `packets` and `bytes` until the slot is written again, when they move to the per-edge and
+/// per-reason counters: a reader of those adds what the slots hold.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CachedPass {
     /// The sending socket's own cgroup at TC egress, as the hook reads it (not the service's
     /// cgroup above it that the flow is bound to: that one is a walk up the hierarchy, and a
     /// leaf has one set of ancestors), else 0.
@@ -130,18 +152,27 @@ pub struct CachedFlow {
     pub _pad: u8,
 }
 
-/// Slots of the flow cache on each CPU.
+/// Slots of the IPv4 flow cache on each CPU.
 pub const FLOW_CACHE_SLOTS: u32 = 512;
-const _: () = assert!(FLOW_CACHE_SLOTS.is_power_of_two());
+/// Slots of the IPv6 flow cache on each CPU: fewer, as many as fit in the same 32 KiB.
+pub const FLOW_CACHE6_SLOTS: u32 = 256;
+const _: () = assert!(FLOW_CACHE_SLOTS.is_power_of_two() && FLOW_CACHE6_SLOTS.is_power_of_two());
 
-/// A CPU's flow cache, one per-CPU map value: one contiguous stretch of memory (eight pages)
-/// rather than a per-CPU allocation per slot, scattered over the per-CPU area's pages and
-/// reached through a table of pointers, which cost a packet a TLB and two cache misses. 32 KiB
-/// is the most a per-CPU map value may hold.
+/// A CPU's IPv4 flow cache, one per-CPU map value: one contiguous stretch of memory (eight
+/// pages) rather than a per-CPU allocation per slot, scattered over the per-CPU area's pages
+/// and reached through a table of pointers, which cost a packet a TLB and two cache misses.
+/// 32 KiB is the most a per-CPU map value may hold.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct FlowCacheTable {
-    pub slots: [CachedFlow; FLOW_CACHE_SLOTS as usize],
+    pub slots: [CachedFlow<CtKey4>; FLOW_CACHE_SLOTS as usize],
+}
+
+/// A CPU's IPv6 flow cache, as [`FlowCacheTable`] is the IPv4 one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FlowCacheTable6 {
+    pub slots: [CachedFlow<CtKey>; FLOW_CACHE6_SLOTS as usize],
 }
 
 /// How flows moved through the two conntrack tables on one CPU: new flows enter the
@@ -187,8 +218,11 @@ pub const FRAG_TIMEOUT_NS: u64 = 2_000_000_000;
 kernel_abi!(
     CtKey = 40,
     CtKey4 = 16,
-    CachedFlow = 64,
+    CachedPass = 48,
+    CachedFlow<CtKey4> = 64,
+    CachedFlow<CtKey> = 88,
     FlowCacheTable = 32768,
+    FlowCacheTable6 = 22528,
     CtEntry = 64,
     FlowTableCounts = 16,
     FragKey = 40,
@@ -224,5 +258,31 @@ mod tests {
         let mut ipv6 = long;
         ipv6.addr_hi[0] = 0xfd;
         assert_eq!(CtKey4::of_mapped(&ipv6), None);
+    }
+
+    #[test]
+    fn two_long_keys_have_the_same_words_exactly_when_they_are_the_same_key() {
+        let key = CtKey {
+            addr_lo: [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            addr_hi: [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+            port_lo: 40000,
+            port_hi: 80,
+            proto: 6,
+            _pad: [0; 3],
+        };
+        let same = key;
+        assert_eq!(key.words(), same.words());
+        // Every address byte, the ports and the protocol, changed one at a time.
+        let mut differing = [key; 35];
+        for byte in 0..16 {
+            differing[byte].addr_lo[byte] ^= 0x80;
+            differing[16 + byte].addr_hi[byte] ^= 0x01;
+        }
+        differing[32].port_lo ^= 1;
+        differing[33].port_hi ^= 0x8000;
+        differing[34].proto = 17;
+        for other in differing {
+            assert_ne!(key.words(), other.words(), "{other:?}");
+        }
     }
 }

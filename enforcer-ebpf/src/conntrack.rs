@@ -121,8 +121,7 @@ pub fn short_key(
 }
 
 /// Writes the key of the IPv6 flow `src:src_port → dst:dst_port` into `key`; returns whether
-/// `src` is its `lo` end. (ICMPv6 and ICMP share the policy; conntrack keeps them apart by
-/// the wire protocol.)
+/// `src` is its `lo` end (see [`long_key`]).
 #[inline(always)]
 pub fn flow_key_v6(
     src: &[u8; 16],
@@ -132,20 +131,34 @@ pub fn flow_key_v6(
     protocol: u8,
     key: &mut FlowKey,
 ) -> bool {
+    key.ipv4 = 0;
+    long_key(src, src_port, dst, dst_port, protocol, &mut key.long)
+}
+
+/// Writes the long key of the flow `src:src_port → dst:dst_port` into `key`; returns whether
+/// `src` is its `lo` end. (ICMPv6 and ICMP share the policy; conntrack keeps them apart by the
+/// wire protocol.)
+#[inline(always)]
+pub fn long_key(
+    src: &[u8; 16],
+    src_port: u16,
+    dst: &[u8; 16],
+    dst_port: u16,
+    protocol: u8,
+    key: &mut CtKey,
+) -> bool {
     let src_is_lo = end_is_lower(src, src_port, dst, dst_port);
     let (lo, lo_port, hi, hi_port) = if src_is_lo {
         (src, src_port, dst, dst_port)
     } else {
         (dst, dst_port, src, src_port)
     };
-    let long = &mut key.long;
-    long.addr_lo = *lo;
-    long.addr_hi = *hi;
-    long.port_lo = lo_port;
-    long.port_hi = hi_port;
-    long.proto = protocol;
-    long._pad = [0; 3];
-    key.ipv4 = 0;
+    key.addr_lo = *lo;
+    key.addr_hi = *hi;
+    key.port_lo = lo_port;
+    key.port_hi = hi_port;
+    key.proto = protocol;
+    key._pad = [0; 3];
     src_is_lo
 }
 

@@ -12,7 +12,10 @@ use crate::{cpu_state::CpuState, subject::Subject};
 use enforcer_common::{
     addr::{Ipcache4Key, IpcacheKey},
     config::PolicyConfig,
-    conntrack::{CtEntry, CtKey, CtKey4, FlowCacheTable, FlowTableCounts, FragEntry, FragKey},
+    conntrack::{
+        CtEntry, CtKey, CtKey4, FlowCacheTable, FlowCacheTable6, FlowTableCounts, FragEntry,
+        FragKey,
+    },
     counters::{Counter, EDGE_CACHE_SLOTS, EdgeCacheSlot, FlowCounterKey},
     event::{DenialDetailsTable, DenialTable, EventCpuState, FlowEvent},
     flow_filter,
@@ -146,6 +149,9 @@ pub static FLOW_COUNTS: LruPerCpuHashMap<FlowCounterKey, Counter, 65536> = LruPe
 /// `FLOW_CACHE`, a value per slot): its shape changed.
 #[btf_map]
 pub static FLOW_CACHES: PerCpuArray<FlowCacheTable, 1> = PerCpuArray::new();
+/// The same for established IPv6 flows.
+#[btf_map]
+pub static FLOW_CACHES6: PerCpuArray<FlowCacheTable6, 1> = PerCpuArray::new();
 
 /// The interfaces of BPF host routing (see `delivery`), by interface index: non-zero for a
 /// veth endpoint the controller attached TC ingress to under `run --host-routing bpf`. Host

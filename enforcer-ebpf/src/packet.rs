@@ -475,11 +475,15 @@ pub fn parse<F: Frame>(frame: &F, packet: &mut Packet) -> Parsed {
 /// without VLAN tags, an IPv4 header without options.
 pub const PLAIN_IPV4_L4_OFFSET: usize = EthHdr::LEN + Ipv4Hdr::LEN;
 
-/// What the flow cache needs of a plain IPv4 frame (see [`plain_ipv4`]): addresses as numbers
-/// (as in [`Packet`]), ports, protocol and TCP flags.
-pub struct PlainIpv4 {
-    pub src: u32,
-    pub dst: u32,
+/// The transport header's offset in a plain IPv6 frame (see [`plain_ipv6`]): an Ethernet header
+/// without VLAN tags, an IPv6 header without extension headers.
+pub const PLAIN_IPV6_L4_OFFSET: usize = EthHdr::LEN + Ipv6Hdr::LEN;
+
+/// What the flow cache needs of a plain frame (see [`plain_ipv4`] and [`plain_ipv6`]):
+/// addresses (IPv4's as numbers, as in [`Packet`]), ports, protocol and TCP flags.
+pub struct Plain<Address> {
+    pub src: Address,
+    pub dst: Address,
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
@@ -493,23 +497,19 @@ pub struct PlainIpv4 {
 /// which [`parse`] then reads. The bulk of packets, an established flow's, are plain: the flow
 /// cache asks this instead of the whole parser, one bounds check and a few loads.
 #[inline(always)]
-pub fn plain_ipv4<F: Frame>(frame: &F) -> Option<PlainIpv4> {
+pub fn plain_ipv4<F: Frame>(frame: &F) -> Option<Plain<u32>> {
+    const IP: usize = EthHdr::LEN;
     const L4: usize = PLAIN_IPV4_L4_OFFSET;
     let head = frame.header::<[u8; L4 + UdpHdr::LEN]>(0)?;
-    if head.be16::<12>() != ETH_P_IP || head.u8::<{ EthHdr::LEN }>() != 0x45 {
+    if head.be16::<12>() != ETH_P_IP || head.u8::<IP>() != 0x45 {
         return None;
     }
-    if head.be16::<{ EthHdr::LEN + offset_of!(Ipv4Hdr, frags) }>() & 0x3fff != 0 {
+    if head.be16::<{ IP + offset_of!(Ipv4Hdr, frags) }>() & 0x3fff != 0 {
         return None;
     }
-    let proto = head.u8::<{ EthHdr::LEN + offset_of!(Ipv4Hdr, proto) }>();
-    let l4_len = match proto {
-        proto::TCP => TcpHdr::LEN,
-        proto::UDP => UdpHdr::LEN,
-        _ => return None,
-    };
-    let total_len = head.be16::<{ EthHdr::LEN + offset_of!(Ipv4Hdr, tot_len) }>() as usize;
-    if total_len < Ipv4Hdr::LEN + l4_len {
+    let proto = head.u8::<{ IP + offset_of!(Ipv4Hdr, proto) }>();
+    let total_len = head.be16::<{ IP + offset_of!(Ipv4Hdr, tot_len) }>() as usize;
+    if total_len < Ipv4Hdr::LEN + plain_transport_len(proto)? {
         return None;
     }
     let tcp_flags = if proto == proto::TCP {
@@ -520,14 +520,67 @@ pub fn plain_ipv4<F: Frame>(frame: &F) -> Option<PlainIpv4> {
     } else {
         0
     };
-    Some(PlainIpv4 {
-        src: head.be32::<{ EthHdr::LEN + offset_of!(Ipv4Hdr, src_addr) }>(),
-        dst: head.be32::<{ EthHdr::LEN + offset_of!(Ipv4Hdr, dst_addr) }>(),
+    Some(Plain {
+        src: head.be32::<{ IP + offset_of!(Ipv4Hdr, src_addr) }>(),
+        dst: head.be32::<{ IP + offset_of!(Ipv4Hdr, dst_addr) }>(),
         src_port: head.be16::<L4>(),
         dst_port: head.be16::<{ L4 + 2 }>(),
         proto,
         tcp_flags,
     })
+}
+
+/// The frame as a plain IPv6 TCP segment or UDP datagram: no VLAN tag, no extension header,
+/// the whole transport header inside the frame and inside the IP packet's own (payload)
+/// length. Exactly the frames [`parse`] reads as such, with the transport header at
+/// [`PLAIN_IPV6_L4_OFFSET`], as [`plain_ipv4`] is for IPv4.
+#[inline(always)]
+pub fn plain_ipv6<F: Frame>(frame: &F) -> Option<Plain<[u8; 16]>> {
+    const IP: usize = EthHdr::LEN;
+    const L4: usize = PLAIN_IPV6_L4_OFFSET;
+    let head = frame.header::<[u8; L4 + UdpHdr::LEN]>(0)?;
+    if head.be16::<12>() != ETH_P_IPV6 || head.u8::<IP>() >> 4 != 6 {
+        return None;
+    }
+    let proto = head.u8::<{ IP + offset_of!(Ipv6Hdr, next_hdr) }>();
+    // A payload length of 0 (a jumbogram) holds no transport header: not plain.
+    let payload_len = head.be16::<{ IP + offset_of!(Ipv6Hdr, payload_len) }>() as usize;
+    if payload_len < plain_transport_len(proto)? {
+        return None;
+    }
+    let tcp_flags = if proto == proto::TCP {
+        frame
+            .header::<[u8; L4 + TcpHdr::LEN]>(0)?
+            .u8::<{ L4 + 13 }>()
+    } else {
+        0
+    };
+    Some(Plain {
+        src: head.bytes16::<{ IP + offset_of!(Ipv6Hdr, src_addr) }>(),
+        dst: head.bytes16::<{ IP + offset_of!(Ipv6Hdr, dst_addr) }>(),
+        src_port: head.be16::<L4>(),
+        dst_port: head.be16::<{ L4 + 2 }>(),
+        proto,
+        tcp_flags,
+    })
+}
+
+/// Whether the frame's Ethernet header says IPv6 follows it (no VLAN tag): the frames
+/// [`plain_ipv6`] may read.
+#[inline(always)]
+pub fn carries_ipv6<F: Frame>(frame: &F) -> bool {
+    matches!(frame.header::<EthHdr>(0), Some(eth) if eth.be16::<12>() == ETH_P_IPV6)
+}
+
+/// The transport header's length in a plain frame: TCP's or UDP's; `None` for any other
+/// protocol, which is never plain.
+#[inline(always)]
+fn plain_transport_len(protocol: u8) -> Option<usize> {
+    match protocol {
+        proto::TCP => Some(TcpHdr::LEN),
+        proto::UDP => Some(UdpHdr::LEN),
+        _ => None,
+    }
 }
 
 /// ARP for IPv4 over Ethernet, which says which hardware address has an IPv4 address; any

@@ -49,7 +49,7 @@ use crate::{
 #[inline(always)]
 pub fn judge<F: Frame>(frame: &F, hook: &mut Hook, config: Option<&PolicyConfig>) -> u8 {
     if let (true, Some(config)) = (F::AT_INTERFACE, config) {
-        let verdict = flow_cache::pass(frame, hook, config);
+        let verdict = flow_cache::pass(frame, hook, config.generation);
         if verdict != flow_cache::MISS {
             return verdict;
         }

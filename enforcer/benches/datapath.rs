@@ -83,10 +83,8 @@ fn established6() -> Vec<u8> {
     tcp6(s0, s1, 40000, 10_000, frames::TCP_ACK)
 }
 
-/// The IPv6 established flow's row: the flow cache holds IPv4 flows only, so its packets take
-/// the conntrack path.
-const ESTABLISHED6: &str =
-    "XDP, established flow, IPv6 (conntrack hit, no flow cache), 10000 rules";
+/// The IPv6 established flow's row.
+const ESTABLISHED6: &str = "XDP, established flow, IPv6 (flow cache hit), 10000 rules";
 
 /// The same paths over IPv6, and a service's SYN to an unnamed address of either family,
 /// under a policy of 1 000 services and 10 000 rules, every service with an IPv6 address beside

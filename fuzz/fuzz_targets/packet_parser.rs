@@ -9,9 +9,10 @@
 //! Frames the stack does not take in as plain IP are none of the parser's business (see
 //! `taken_in`).
 //!
-//! And the flow cache's reading of a plain IPv4 frame (`packet::plain_ipv4`) against the
-//! parser's: it must take exactly the frames the parser reads as plain IPv4 TCP or UDP, and read
-//! the same flow from them, or a frame the parser would refuse could pass as a cached flow's.
+//! And the flow cache's reading of a plain frame (`packet::plain_ipv4`, `packet::plain_ipv6`)
+//! against the parser's: each must take exactly the frames the parser reads as plain TCP or UDP
+//! of its family, and read the same flow from them, or a frame the parser would refuse could
+//! pass as a cached flow's.
 #![no_main]
 
 use enforcer_common::{addr::family, policy::proto};
@@ -69,16 +70,44 @@ fuzz_target!(|frame: &[u8]| {
     }
 });
 
-/// `packet::plain_ipv4` reads a frame if and only if the parser reads it as a plain IPv4 TCP
-/// segment or UDP datagram (not a fragment, the transport header right after an option-less IP
-/// header), and then the same flow.
+/// `packet::plain_ipv4` and `packet::plain_ipv6` each read a frame if and only if the parser
+/// reads it as a plain TCP segment or UDP datagram of their family (not a fragment, the
+/// transport header right after an IP header without options or extension headers), and then
+/// the same flow.
 fn plain_reading_agrees(frame: &[u8], parsed: packet::Parsed, packet: &Packet) {
-    let plain = packet::plain_ipv4(&HostFrame(frame));
-    let parser_says_plain = parsed == packet::PARSED_IP
-        && packet.family == family::INET
+    let frame = HostFrame(frame);
+    let plain_tcp_or_udp = parsed == packet::PARSED_IP
         && packet.fragment == fragment::NONE
-        && packet.l4_offset as usize == packet::PLAIN_IPV4_L4_OFFSET
         && matches!(packet.proto, proto::TCP | proto::UDP);
+    agree(
+        packet::plain_ipv4(&frame),
+        plain_tcp_or_udp
+            && packet.family == family::INET
+            && packet.l4_offset as usize == packet::PLAIN_IPV4_L4_OFFSET,
+        (packet.src_v4, packet.dst_v4),
+        parsed,
+        packet,
+    );
+    agree(
+        packet::plain_ipv6(&frame),
+        plain_tcp_or_udp
+            && packet.family == family::INET6
+            && packet.l4_offset as usize == packet::PLAIN_IPV6_L4_OFFSET,
+        (packet.src, packet.dst),
+        parsed,
+        packet,
+    );
+}
+
+/// One family's plain reading, `plain`, against the parser's: `parser_says_plain`, and the
+/// parser's addresses in the plain reading's form.
+fn agree<Address: PartialEq + core::fmt::Debug>(
+    plain: Option<packet::Plain<Address>>,
+    parser_says_plain: bool,
+    (src, dst): (Address, Address),
+    parsed: packet::Parsed,
+    packet: &Packet,
+) {
     let Some(plain) = plain else {
         assert!(
             !parser_says_plain,
@@ -100,8 +129,8 @@ fn plain_reading_agrees(frame: &[u8], parsed: packet::Parsed, packet: &Packet) {
             plain.tcp_flags
         ),
         (
-            packet.src_v4,
-            packet.dst_v4,
+            src,
+            dst,
             packet.proto,
             packet.src_port,
             packet.dst_port,

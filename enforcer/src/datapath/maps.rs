@@ -20,7 +20,9 @@ use aya::{
 use enforcer_common::{
     addr::{Ipcache4Key, IpcacheKey},
     config::{PolicyConfig, flags as config_flags},
-    conntrack::{CachedFlow, CtEntry, CtKey, CtKey4, FlowCacheTable, FlowTableCounts},
+    conntrack::{
+        CachedPass, CtEntry, CtKey, CtKey4, FlowCacheTable, FlowCacheTable6, FlowTableCounts,
+    },
     counters::{Counter, EDGE_CACHE_SLOTS, EdgeCacheSlot, FlowCounterKey},
     event::{DenialTable, EventCpuState},
     flow_filter,
@@ -41,7 +43,7 @@ use crate::{
 };
 
 /// Names of every map in the object, as `bpftool map` shows them.
-pub const MAP_NAMES: [&str; 30] = [
+pub const MAP_NAMES: [&str; 31] = [
     "POLICY_ACTIVE",
     "IPCACHE",
     "IPCACHE_EXACT",
@@ -72,6 +74,7 @@ pub const MAP_NAMES: [&str; 30] = [
     "FLOW_COUNTS",
     "EDGE_CACHE",
     "FLOW_CACHES",
+    "FLOW_CACHES6",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -187,6 +190,7 @@ pub struct KernelMaps {
     flow_counts: PerCpuHashMap<MapData, FlowCounterKey, Counter>,
     edge_cache: PerCpuArray<MapData, EdgeCacheSlot>,
     flow_cache: PerCpuArray<MapData, FlowCacheTable>,
+    flow_cache6: PerCpuArray<MapData, FlowCacheTable6>,
     capacities: BTreeMap<&'static str, u32>,
 }
 
@@ -241,6 +245,7 @@ impl KernelMaps {
             flow_counts: typed!("FLOW_COUNTS"),
             edge_cache: typed!("EDGE_CACHE"),
             flow_cache: typed!("FLOW_CACHES"),
+            flow_cache6: typed!("FLOW_CACHES6"),
             capacities: BTreeMap::new(),
         };
         let events: RingBuf<MapData> = typed!("EVENTS");
@@ -453,15 +458,14 @@ impl KernelMaps {
     /// The slots of the datapath's flow cache, over all CPUs, that counted packets they have
     /// not moved to the counters yet. Read after the counters they move to: counts that move
     /// meanwhile show at the next read, never twice.
-    fn flows_with_counts(&self) -> Vec<CachedFlow> {
-        let Ok(tables) = self.flow_cache.get(&0, 0) else {
-            return Vec::new();
-        };
-        tables
-            .iter()
-            .flat_map(|table| table.slots.iter())
-            .filter(|flow| flow.packets != 0)
-            .copied()
+    fn flows_with_counts(&self) -> Vec<CachedPass> {
+        let ipv4 = self.flow_cache.get(&0, 0).ok();
+        let ipv6 = self.flow_cache6.get(&0, 0).ok();
+        let ipv4 = ipv4.iter().flat_map(|tables| tables.iter());
+        let ipv6 = ipv6.iter().flat_map(|tables| tables.iter());
+        ipv4.flat_map(|table| table.slots.iter().map(|flow| flow.pass))
+            .chain(ipv6.flat_map(|table| table.slots.iter().map(|flow| flow.pass)))
+            .filter(|pass| pass.packets != 0)
             .collect()
     }
 
@@ -676,7 +680,7 @@ fn map_data(map: &Map) -> &MapData {
 }
 
 /// The packets a flow cache slot passed and has not moved to the counters yet.
-fn passed(flow: &CachedFlow) -> Counter {
+fn passed(flow: &CachedPass) -> Counter {
     Counter {
         packets: u64::from(flow.packets),
         bytes: flow.bytes,
