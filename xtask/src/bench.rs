@@ -32,10 +32,10 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
     let rows_file = out.join(format!("{name}.rows"));
     let _ = fs::remove_file(&rows_file);
     let started = Instant::now();
-    let cargo = crate::cargo_program();
-    let mut command = Command::new(&cargo);
+    let mut command = crate::cargo_command();
     command
-        .args(["bench", "--package", "enforcer"])
+        // Targets, not the package: see `cargo_command`.
+        .arg("bench")
         .current_dir(workspace)
         .env("ENFORCER_BENCH_RESULTS", &rows_file);
     if quick {
@@ -46,7 +46,7 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
     }
     let status = command
         .status()
-        .with_context(|| format!("running {cargo} bench"))?;
+        .with_context(|| format!("running {} bench", crate::cargo_program()))?;
     if !status.success() {
         bail!("a benchmark failed ({status})");
     }

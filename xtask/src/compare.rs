@@ -100,22 +100,15 @@ fn git(workspace: &Path, args: &[&str]) -> Result<()> {
 
 /// Builds benchmark `bench` of the tree at `tree` into `target`; returns its executable.
 fn bench_executable(tree: &Path, target: &Path, bench: &str) -> Result<PathBuf> {
-    let cargo = crate::cargo_program();
-    let output = Command::new(&cargo)
-        .args([
-            "bench",
-            "--no-run",
-            "--package",
-            "enforcer",
-            "--bench",
-            bench,
-        ])
+    let output = crate::cargo_command()
+        // Targets, not the package: see `cargo_command`.
+        .args(["bench", "--no-run", "--bench", bench])
         .args(["--message-format", "json"])
         .current_dir(tree)
         .env("CARGO_TARGET_DIR", target)
         .stderr(std::process::Stdio::inherit())
         .output()
-        .with_context(|| format!("running {cargo} bench --no-run"))?;
+        .with_context(|| format!("running {} bench --no-run", crate::cargo_program()))?;
     if !output.status.success() {
         bail!(
             "building benchmark {bench} in {} failed ({})",

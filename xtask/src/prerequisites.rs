@@ -241,7 +241,7 @@ pub fn setup() -> Result<()> {
         // Prebuilt downloads do not work here; build it against Debian's LLVM 22.
         run_step(
             &format!("cargo install bpf-linker {BPF_LINKER_VERSION} (takes a few minutes)"),
-            Command::new(crate::cargo_program())
+            crate::cargo_command()
                 .args([
                     "install",
                     "bpf-linker",
@@ -282,7 +282,7 @@ fn setup_fuzzing() -> Result<()> {
     } else {
         run_step(
             &format!("cargo install cargo-fuzz {CARGO_FUZZ_VERSION}"),
-            Command::new(crate::cargo_program()).args([
+            crate::cargo_command().args([
                 "install",
                 "cargo-fuzz",
                 "--locked",
