@@ -2022,29 +2022,73 @@ fn ipv6_addresses_no_one_names_are_world_and_a_cidr_peers_have_its_rules_as_root
     }
 }
 
-/// Addresses and endpoint interfaces are found in identity tables whose buckets hold four keys
-/// (see `enforcer_common::identity_table`). Six services whose addresses share one bucket and
-/// whose interfaces share another must each keep their identity (the two a bucket cannot hold
-/// come from the hash maps behind it), also as services leave and come back, in slots written
-/// again two generations later: by a controller that knows what it wrote (changes only) and
-/// by one that adopted the maps.
+/// Addresses and endpoint interfaces are found in identity tables whose buckets hold a few keys
+/// (see `enforcer_common::identity_table`: four IPv4 addresses or interfaces, two IPv6
+/// addresses). Six services whose addresses share one bucket and whose interfaces share
+/// another must each keep their identity (the keys a bucket cannot hold come from the hash
+/// maps behind it), also as services leave and come back, in slots written again two
+/// generations later: by a controller that knows what it wrote (changes only) and by one that
+/// adopted the maps. For each family.
 #[root_test]
 fn services_sharing_an_identity_table_bucket_each_keep_their_identity_as_root() {
-    use enforcer_common::identity_table::{ADDRESSES4, ENDPOINTS, Shape, WAYS};
-    const SERVICES: usize = WAYS + 2;
-    const SINK: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 1);
-    const OUTSIDER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
-    let colliding = |shape: Shape, from: u32| -> Vec<u32> {
-        (from..)
-            .filter(|key| shape.bucket(*key) == shape.bucket(from))
+    for family in Family::BOTH {
+        services_sharing_an_identity_table_bucket_each_keep_their_identity(family);
+    }
+}
+
+fn services_sharing_an_identity_table_bucket_each_keep_their_identity(family: Family) {
+    use enforcer_common::identity_table::{ADDRESSES4, ADDRESSES6, ENDPOINTS, Shape, TableKey};
+    const SERVICES: usize = 6;
+    const INTERFACE_WAYS: usize = 4;
+    fn colliding<K: TableKey>(
+        shape: Shape,
+        keys: impl Iterator<Item = (K, IpAddr)>,
+    ) -> Vec<IpAddr> {
+        let mut keys = keys.peekable();
+        let target = shape.bucket(&keys.peek().unwrap().0);
+        keys.filter(|(key, _)| shape.bucket(key) == target)
+            .map(|(_, address)| address)
             .take(SERVICES)
             .collect()
+    }
+    let (addresses, address_ways, sink, outsider, host_bits) = match family {
+        Family::Ipv4 => (
+            colliding(
+                ADDRESSES4,
+                (u32::from(Ipv4Addr::new(10, 8, 0, 1))..)
+                    .map(|key| (key, Ipv4Addr::from(key).into())),
+            ),
+            4,
+            IpAddr::from(Ipv4Addr::new(10, 9, 0, 1)),
+            IpAddr::from(Ipv4Addr::new(192, 0, 2, 1)),
+            32,
+        ),
+        Family::Ipv6 => (
+            colliding(
+                ADDRESSES6,
+                (1..).map(|host: u128| {
+                    let address = Ipv6Addr::from(0x2001_0db8_0008_u128 << 80 | host);
+                    (
+                        enforcer_common::addr::ipv6_words(&address.octets()),
+                        address.into(),
+                    )
+                }),
+            ),
+            2,
+            IpAddr::from(Ipv6Addr::new(0x2001, 0xdb8, 9, 0, 0, 0, 0, 1)),
+            IpAddr::from(Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 1)),
+            128,
+        ),
     };
-    let addresses: Vec<Ipv4Addr> = colliding(ADDRESSES4, u32::from(Ipv4Addr::new(10, 8, 0, 1)))
-        .into_iter()
-        .map(Ipv4Addr::from)
+    let syn = |src: IpAddr, dst: IpAddr, sport: u16, dport: u16| match (src, dst) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => tcp4(src, dst, sport, dport),
+        (IpAddr::V6(src), IpAddr::V6(dst)) => tcp6(src, dst, sport, dport),
+        _ => unreachable!("one family"),
+    };
+    let indexes: Vec<u32> = (100..)
+        .filter(|index| ENDPOINTS.bucket(index) == ENDPOINTS.bucket(&100))
+        .take(SERVICES)
         .collect();
-    let indexes = colliding(ENDPOINTS, 100);
     let names: Vec<String> = (0..SERVICES).map(|n| format!("ep{n}")).collect();
     let interfaces = Interfaces::create_at(
         &names
@@ -2057,19 +2101,20 @@ fn services_sharing_an_identity_table_bucket_each_keep_their_identity_as_root() 
         interfaces: names.iter().cloned().zip(indexes.iter().copied()).collect(),
         routes: addresses
             .iter()
-            .map(|address| IpAddr::V4(*address))
+            .copied()
             .zip(names.iter().cloned())
             .collect(),
         ..HostView::default()
     };
     // Each present service may reach the sink on 80/tcp; the world, on 81/tcp.
     let policy_of = |present: &[usize]| {
-        let mut text = "[[service]]\nname = \"sink\"\naddresses = [\"10.9.0.1/32\"]\n\
-                        [[allow]]\nfrom = \"world\"\nto = \"sink\"\nports = [\"81/tcp\"]\n"
-            .to_owned();
+        let mut text = format!(
+            "[[service]]\nname = \"sink\"\naddresses = [\"{sink}/{host_bits}\"]\n\
+             [[allow]]\nfrom = \"world\"\nto = \"sink\"\nports = [\"81/tcp\"]\n"
+        );
         for n in present {
             text += &format!(
-                "[[service]]\nname = \"e{n}\"\naddresses = [\"{}/32\"]\ninterfaces = [\"ep{n}\"]\n\
+                "[[service]]\nname = \"e{n}\"\naddresses = [\"{}/{host_bits}\"]\ninterfaces = [\"ep{n}\"]\n\
                  [[allow]]\nfrom = \"e{n}\"\nto = \"sink\"\nports = [\"80/tcp\"]\n",
                 addresses[*n]
             );
@@ -2077,10 +2122,10 @@ fn services_sharing_an_identity_table_bucket_each_keep_their_identity_as_root() 
         let policy = policy::parse_sources(vec![(PathBuf::from("verdicts.toml"), text)]).unwrap();
         compile::compile(&policy, &host, None).unwrap()
     };
-    // Each slot holds all six, then the four of the middle (both buckets then hold all their
-    // keys: nothing is sent to the hash maps), then all six again.
+    // Each slot holds all six, then as many from the middle as the address bucket holds (both
+    // buckets then hold all their keys: nothing is sent to the hash maps), then all six again.
     let all: Vec<usize> = (0..SERVICES).collect();
-    let middle = all[1..=WAYS].to_vec();
+    let middle = all[1..=address_ways.min(INTERFACE_WAYS)].to_vec();
     let generations = [&all, &all, &middle, &middle, &all];
     interfaces
         .netns
@@ -2095,15 +2140,15 @@ fn services_sharing_an_identity_table_bucket_each_keep_their_identity_as_root() 
                     installer.install(&mut kernel.maps, &policy_of(present)).unwrap();
                     for hook in [Hook::Xdp, Hook::TcIngress] {
                         for n in 0..SERVICES {
-                            let mut passes = |src: Ipv4Addr, port: u16| {
+                            let mut passes = |src: IpAddr, port: u16| {
                                 kernel.next_port += 1;
-                                let frame = tcp4(src, SINK, kernel.next_port, port);
+                                let frame = syn(src, sink, kernel.next_port, port);
                                 kernel.passes_on(hook, &frame, Some(indexes[n]))
                             };
                             let verdicts = [
                                 passes(addresses[n], 80),
                                 passes(addresses[n], 81),
-                                passes(OUTSIDER, 81),
+                                passes(outsider, 81),
                             ];
                             // Present: e{n} reaches the sink on 80 only, and its interface
                             // speaks for nobody else. Gone: its address and interface are the
@@ -2115,8 +2160,9 @@ fn services_sharing_an_identity_table_bucket_each_keep_their_identity_as_root() 
                             };
                             assert_eq!(
                                 verdicts, expected,
-                                "{hook:?}: e{n} ({}, ifindex {}) to the sink on 80, 81, and {OUTSIDER} \
-                                 through its interface on 81; present: {present:?}, adopting: {adopting}",
+                                "{family:?}, {hook:?}: e{n} ({}, ifindex {}) to the sink on 80, 81, and \
+                                 {outsider} through its interface on 81; present: {present:?}, \
+                                 adopting: {adopting}",
                                 addresses[n], indexes[n]
                             );
                         }

@@ -68,6 +68,17 @@ pub fn v4_of_mapped(addr: &[u8; 16]) -> Option<u32> {
     Some(u32::from_be_bytes([addr[12], addr[13], addr[14], addr[15]]))
 }
 
+/// An IPv6 address as two native-order words of its bytes: its key in the IPv6 identity table
+/// (see `identity_table`), where the datapath and the controller, on one host, compute it alike.
+#[inline(always)]
+pub fn ipv6_words(addr: &[u8; 16]) -> [u64; 2] {
+    let [a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p] = *addr;
+    [
+        u64::from_ne_bytes([a, b, c, d, e, f, g, h]),
+        u64::from_ne_bytes([i, j, k, l, m, n, o, p]),
+    ]
+}
+
 kernel_abi!(IpcacheKey = 20, Ipcache4Key = 8);
 
 #[cfg(feature = "user")]

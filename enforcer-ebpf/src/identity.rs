@@ -3,16 +3,16 @@
 
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use enforcer_common::{
-    addr::{Ipcache4Key, IpcacheKey, family, v4_of_mapped},
+    addr::{Ipcache4Key, IpcacheKey, family, ipv6_words, v4_of_mapped},
     config::{MAX_CGROUP_LEVEL, PolicyConfig, flags as config_flags},
     identity::{CgroupKey, EndpointKey, IdentityInfo},
-    identity_table::{self, IdentityBucket, Probe},
+    identity_table::{self, IdentityBucket, Probe, TableKey},
 };
 
 use crate::{
     maps::{
         CGROUPS, ENDPOINT_TABLE, ENDPOINTS, IPCACHE, IPCACHE_EXACT, IPCACHE_EXACT4, IPCACHE_TABLE4,
-        POLICY_ACTIVE,
+        IPCACHE_TABLE6, POLICY_ACTIVE,
     },
     packet::{Frame, Packet},
 };
@@ -51,27 +51,16 @@ impl AddressTables {
 }
 
 /// The identity an address resolves to: the longest matching prefix, else world. A whole
-/// address entry is the longest match there can be, so the exact tables answer first (an IPv4
-/// address's in the identity table, see [`of_ipv4_address`]), and where no prefix but whole
-/// addresses covers the address's family, an address they do not hold is world. A
-/// function of its own: the keys stay off its callers' frames (5.10's and 6.1's verifiers count
-/// every frame of the deepest call chain against 512 bytes).
+/// address entry is the longest match there can be, so the exact tables answer first (in the
+/// identity table of the address's family, see [`of_ipv4_address`] and [`of_ipv6_address`]),
+/// and where no prefix but whole addresses covers the address's family, an address they do not
+/// hold is world. A function of its own: the keys stay off its callers' frames (5.10's and
+/// 6.1's verifiers count every frame of the deepest call chain against 512 bytes).
 #[inline(never)]
 pub fn of_address(tables: AddressTables, addr: &[u8; 16]) -> IdentityInfo {
-    let slot = tables.slot;
-    if let Some(v4) = v4_of_mapped(addr) {
-        return of_ipv4_address(tables, v4, addr);
-    }
-    let exact = IpcacheKey {
-        slot,
-        _pad: [0; 3],
-        addr: *addr,
-    };
-    // SAFETY: the value is copied out at once.
-    match unsafe { IPCACHE_EXACT.get(&exact) } {
-        Some(info) => *info,
-        None if tables.ipv6_hosts_only => IdentityInfo::WORLD,
-        None => of_longest_prefix(slot, addr),
+    match v4_of_mapped(addr) {
+        Some(v4) => of_ipv4_address(tables, v4, addr),
+        None => of_ipv6_address(tables, addr),
     }
 }
 
@@ -104,8 +93,8 @@ fn of_ipv4_address(tables: AddressTables, v4: u32, addr: &[u8; 16]) -> IdentityI
     let slot = tables.slot;
     match in_table(
         &IPCACHE_TABLE4,
-        identity_table::ADDRESSES4.index(slot, v4),
-        v4,
+        identity_table::ADDRESSES4.index(slot, &v4),
+        &v4,
     ) {
         Probe::Found(info) => info,
         Probe::Absent if tables.ipv4_hosts_only => IdentityInfo::WORLD,
@@ -129,13 +118,47 @@ fn of_ipv4_address_in_map(slot: u8, v4: u32, addr: &[u8; 16]) -> IdentityInfo {
     }
 }
 
+/// [`of_address`] of an IPv6 address that is not IPv4-mapped: as [`of_ipv4_address`], with
+/// the IPv6 identity table in front of `IPCACHE_EXACT`.
+#[inline(always)]
+fn of_ipv6_address(tables: AddressTables, addr: &[u8; 16]) -> IdentityInfo {
+    let slot = tables.slot;
+    let key = ipv6_words(addr);
+    match in_table(
+        &IPCACHE_TABLE6,
+        identity_table::ADDRESSES6.index(slot, &key),
+        &key,
+    ) {
+        Probe::Found(info) => info,
+        Probe::Absent if tables.ipv6_hosts_only => IdentityInfo::WORLD,
+        Probe::Absent => of_longest_prefix(slot, addr),
+        Probe::AskTheMap => of_ipv6_address_in_map(tables, addr),
+    }
+}
+
+/// [`of_ipv6_address`] for an address its bucket sent to the hash map.
+#[inline(never)]
+fn of_ipv6_address_in_map(tables: AddressTables, addr: &[u8; 16]) -> IdentityInfo {
+    let exact = IpcacheKey {
+        slot: tables.slot,
+        _pad: [0; 3],
+        addr: *addr,
+    };
+    // SAFETY: the value is copied out at once.
+    match unsafe { IPCACHE_EXACT.get(&exact) } {
+        Some(info) => *info,
+        None if tables.ipv6_hosts_only => IdentityInfo::WORLD,
+        None => of_longest_prefix(tables.slot, addr),
+    }
+}
+
 /// What the bucket at `index` of an identity table says about `key`. A bucket the array does
 /// not have (it always has every one) holds nothing, and sends the key to the hash map.
 #[inline(always)]
-fn in_table<const N: usize>(
-    table: &aya_ebpf::btf_maps::Array<IdentityBucket, N>,
+fn in_table<K: TableKey, const WAYS: usize, const N: usize>(
+    table: &aya_ebpf::btf_maps::Array<IdentityBucket<K, WAYS>, N>,
     index: u32,
-    key: u32,
+    key: &K,
 ) -> Probe {
     match table.get(index) {
         Some(bucket) => bucket.probe(key),
@@ -166,8 +189,8 @@ fn of_longest_prefix(slot: u8, addr: &[u8; 16]) -> IdentityInfo {
 pub fn of_endpoint(slot: u8, ifindex: u32) -> Option<IdentityInfo> {
     match in_table(
         &ENDPOINT_TABLE,
-        identity_table::ENDPOINTS.index(slot, ifindex),
-        ifindex,
+        identity_table::ENDPOINTS.index(slot, &ifindex),
+        &ifindex,
     ) {
         Probe::Found(info) => Some(info),
         Probe::Absent => None,

@@ -20,7 +20,7 @@ use enforcer_common::{
     event::{DenialDetailsTable, DenialTable, EventCpuState, FlowEvent},
     flow_filter,
     identity::{CgroupKey, EndpointKey, IdentityInfo},
-    identity_table::{self, IdentityBucket},
+    identity_table::{self, Bucket32, Bucket128},
     policy::{PolicyKey, PortRanges, RangeKey, RateState, SlotVerdicts, pair_filter},
     verdict::PACKET_COUNTER_SLOTS,
 };
@@ -53,15 +53,17 @@ pub static IPCACHE_EXACT4: HashMap<Ipcache4Key, IdentityInfo, 131072, NO_PREALLO
 /// In front of `IPCACHE_EXACT4`, what a lookup finds without a hash (see
 /// `enforcer_common::identity_table`).
 #[btf_map]
-pub static IPCACHE_TABLE4: Array<
-    IdentityBucket,
-    { identity_table::ADDRESSES4.entries() as usize },
-> = Array::new();
+pub static IPCACHE_TABLE4: Array<Bucket32, { identity_table::ADDRESSES4.entries() as usize }> =
+    Array::new();
+/// In front of `IPCACHE_EXACT`, as `IPCACHE_TABLE4` is in front of `IPCACHE_EXACT4`.
+#[btf_map]
+pub static IPCACHE_TABLE6: Array<Bucket128, { identity_table::ADDRESSES6.entries() as usize }> =
+    Array::new();
 #[btf_map]
 pub static ENDPOINTS: HashMap<EndpointKey, IdentityInfo, 8192> = HashMap::new();
 /// In front of `ENDPOINTS`, as `IPCACHE_TABLE4` is in front of `IPCACHE_EXACT4`.
 #[btf_map]
-pub static ENDPOINT_TABLE: Array<IdentityBucket, { identity_table::ENDPOINTS.entries() as usize }> =
+pub static ENDPOINT_TABLE: Array<Bucket32, { identity_table::ENDPOINTS.entries() as usize }> =
     Array::new();
 #[btf_map]
 pub static CGROUPS: HashMap<CgroupKey, IdentityInfo, 8192> = HashMap::new();

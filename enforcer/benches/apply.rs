@@ -68,7 +68,12 @@ const POLICY_MAPS: [&str; 5] = [
     "IPCACHE_EXACT4",
 ];
 /// The policy's maps sized once, whatever the policy: the pair filter and the identity tables.
-const FIXED_POLICY_MAPS: [&str; 3] = ["PAIR_FILTER", "IPCACHE_TABLE4", "ENDPOINT_TABLE"];
+const FIXED_POLICY_MAPS: [&str; 4] = [
+    "PAIR_FILTER",
+    "IPCACHE_TABLE4",
+    "IPCACHE_TABLE6",
+    "ENDPOINT_TABLE",
+];
 
 /// The kernel memory the policy's maps use, in bytes, as bpftool reports it (`bytes_memlock`:
 /// since 6.4 what the map's elements take, for maps that allocate them as they are added).

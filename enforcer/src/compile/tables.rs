@@ -111,6 +111,13 @@ impl Prefix {
         v4_of_mapped(&self.addr).filter(|_| self.is_host())
     }
 
+    /// The IPv6 address (not IPv4-mapped) the prefix is whole of, if it is one, as its key in
+    /// the IPv6 identity table.
+    pub fn host_v6(&self) -> Option<[u64; 2]> {
+        (self.is_host() && v4_of_mapped(&self.addr).is_none())
+            .then(|| enforcer_common::addr::ipv6_words(&self.addr))
+    }
+
     pub fn key(&self, slot: u8) -> (u32, IpcacheKey) {
         (
             enforcer_common::addr::IPCACHE_KEY_HEADER_BITS + u32::from(self.len),

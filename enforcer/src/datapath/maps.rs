@@ -27,7 +27,7 @@ use enforcer_common::{
     event::{DenialTable, EventCpuState},
     flow_filter,
     identity::{CgroupKey, EndpointKey, IdentityInfo},
-    identity_table::{self, IdentityBucket, Shape},
+    identity_table::{self, Bucket32, Bucket128, IdentityBucket, Shape, TableKey},
     policy::{PolicyKey, PortRanges, RangeKey, RuleVerdict, SlotVerdicts, action, pair_filter},
     verdict::{
         PACKET_COUNTER_SLOTS,
@@ -43,12 +43,13 @@ use crate::{
 };
 
 /// Names of every map in the object, as `bpftool map` shows them.
-pub const MAP_NAMES: [&str; 31] = [
+pub const MAP_NAMES: [&str; 32] = [
     "POLICY_ACTIVE",
     "IPCACHE",
     "IPCACHE_EXACT",
     "IPCACHE_EXACT4",
     "IPCACHE_TABLE4",
+    "IPCACHE_TABLE6",
     "ENDPOINTS",
     "ENDPOINT_TABLE",
     "CGROUPS",
@@ -170,9 +171,10 @@ pub struct KernelMaps {
     ipcache: LpmTrie<MapData, IpcacheKey, IdentityInfo>,
     ipcache_exact: HashMap<MapData, IpcacheKey, IdentityInfo>,
     ipcache_exact4: HashMap<MapData, Ipcache4Key, IdentityInfo>,
-    ipcache_table4: Array<MapData, IdentityBucket>,
+    ipcache_table4: Array<MapData, Bucket32>,
+    ipcache_table6: Array<MapData, Bucket128>,
     endpoints: HashMap<MapData, EndpointKey, IdentityInfo>,
-    endpoint_table: Array<MapData, IdentityBucket>,
+    endpoint_table: Array<MapData, Bucket32>,
     cgroups: HashMap<MapData, CgroupKey, IdentityInfo>,
     rules: HashMap<MapData, PolicyKey, SlotVerdicts>,
     ranges: HashMap<MapData, RangeKey, PortRanges>,
@@ -226,6 +228,7 @@ impl KernelMaps {
             ipcache_exact: typed!("IPCACHE_EXACT"),
             ipcache_exact4: typed!("IPCACHE_EXACT4"),
             ipcache_table4: typed!("IPCACHE_TABLE4"),
+            ipcache_table6: typed!("IPCACHE_TABLE6"),
             endpoints: typed!("ENDPOINTS"),
             endpoint_table: typed!("ENDPOINT_TABLE"),
             cgroups: typed!("CGROUPS"),
@@ -357,6 +360,15 @@ impl KernelMaps {
             Prefix::host_v4,
         )
         .map_err(map_err("IPCACHE_TABLE4"))?;
+        writes += sync_identity_table(
+            &mut self.ipcache_table6,
+            identity_table::ADDRESSES6,
+            slot,
+            previous.map(|p| &p.ipcache),
+            &next.ipcache,
+            Prefix::host_v6,
+        )
+        .map_err(map_err("IPCACHE_TABLE6"))?;
         writes += sync_identity_table(
             &mut self.endpoint_table,
             identity_table::ENDPOINTS,
@@ -844,15 +856,18 @@ fn sync_pair_filter(
 /// Writes `slot`'s half of an identity table for the entries of `next` that `key_of` gives a
 /// key: only the buckets whose keys changed since `previous` (what the slot holds), or every
 /// bucket of the half without it.
-fn sync_identity_table<K: Ord>(
-    table: &mut Array<MapData, IdentityBucket>,
+fn sync_identity_table<K: Ord, T: TableKey + Ord, const WAYS: usize>(
+    table: &mut Array<MapData, IdentityBucket<T, WAYS>>,
     shape: Shape,
     slot: u8,
     previous: Option<&BTreeMap<K, IdentityInfo>>,
     next: &BTreeMap<K, IdentityInfo>,
-    key_of: impl Fn(&K) -> Option<u32>,
-) -> Result<usize, MapError> {
-    let (indexes, values): (Vec<u32>, Vec<IdentityBucket>) =
+    key_of: impl Fn(&K) -> Option<T>,
+) -> Result<usize, MapError>
+where
+    IdentityBucket<T, WAYS>: Pod,
+{
+    let (indexes, values): (Vec<u32>, Vec<IdentityBucket<T, WAYS>>) =
         identity_buckets_to_write(shape, previous, next, key_of)
             .into_iter()
             .map(|(bucket, value)| (shape.first_index(slot) + bucket, value))
@@ -865,12 +880,12 @@ fn sync_identity_table<K: Ord>(
 /// `next`, and what each must hold (see [`sync_identity_table`]). Only the buckets of keys that
 /// changed are laid out, from a pass over `next`: a whole layout of a large policy's addresses
 /// took 0.2 ms, most of a one-rule change's map writes.
-fn identity_buckets_to_write<K: Ord>(
+fn identity_buckets_to_write<K: Ord, T: TableKey + Ord, const WAYS: usize>(
     shape: Shape,
     previous: Option<&BTreeMap<K, IdentityInfo>>,
     next: &BTreeMap<K, IdentityInfo>,
-    key_of: impl Fn(&K) -> Option<u32>,
-) -> BTreeMap<u32, IdentityBucket> {
+    key_of: impl Fn(&K) -> Option<T>,
+) -> BTreeMap<u32, IdentityBucket<T, WAYS>> {
     let buckets: BTreeSet<u32> = match previous {
         Some(previous) => {
             let changes = Changes::between(previous, next);
@@ -881,7 +896,7 @@ fn identity_buckets_to_write<K: Ord>(
                 .copied()
                 .chain(changed)
                 .filter_map(&key_of)
-                .map(|key| shape.bucket(key))
+                .map(|key| shape.bucket(&key))
                 .collect()
         }
         None => (0..shape.buckets_per_slot()).collect(),
@@ -889,7 +904,7 @@ fn identity_buckets_to_write<K: Ord>(
     let entries = next.iter().filter_map(|(key, identity)| {
         let key = key_of(key)?;
         buckets
-            .contains(&shape.bucket(key))
+            .contains(&shape.bucket(&key))
             .then_some((key, *identity))
     });
     let mut layout = shape.layout(entries);
@@ -1365,12 +1380,17 @@ mod tests {
 
     /// A slot's identity table after the writes for a change is the table of the new
     /// entries, written whole: on random generations of a small table, where buckets overflow,
-    /// empty, and fill again.
-    #[test]
-    fn the_identity_buckets_written_for_a_change_make_the_next_generations_table() {
+    /// empty, and fill again. Keys are drawn as numbers below 100 and made table keys by
+    /// `key_of`.
+    fn identity_buckets_written_for_changes_make_the_next_generations_table<
+        T: TableKey + Ord + std::fmt::Debug,
+        const WAYS: usize,
+    >(
+        key_of: impl Fn(&u32) -> Option<T> + Copy,
+    ) {
         let shape = Shape { bits: 3 };
         let whole = |entries: &BTreeMap<u32, IdentityInfo>| {
-            identity_buckets_to_write(shape, None, entries, |key| Some(*key))
+            identity_buckets_to_write::<u32, T, WAYS>(shape, None, entries, key_of)
         };
         let mut draw = enforcer_testbed::policies::Draw::from_seed(16);
         let generation = |draw: &mut enforcer_testbed::policies::Draw| {
@@ -1389,10 +1409,27 @@ mod tests {
         assert_eq!(table.len(), shape.buckets_per_slot() as usize);
         for _ in 0..200 {
             let next = generation(&mut draw);
-            let writes = identity_buckets_to_write(shape, Some(&previous), &next, |key| Some(*key));
+            let writes = identity_buckets_to_write(shape, Some(&previous), &next, key_of);
             table.extend(writes);
             assert_eq!(table, whole(&next), "{previous:?} -> {next:?}");
             previous = next;
         }
+    }
+
+    #[test]
+    fn the_identity_buckets_written_for_a_change_make_the_next_generations_table() {
+        identity_buckets_written_for_changes_make_the_next_generations_table::<u32, 4>(|key| {
+            Some(*key)
+        });
+    }
+
+    #[test]
+    fn the_ipv6_identity_buckets_written_for_a_change_make_the_next_generations_table() {
+        identity_buckets_written_for_changes_make_the_next_generations_table::<[u64; 2], 2>(
+            |key| {
+                let address = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, *key as u16);
+                Some(enforcer_common::addr::ipv6_words(&address.octets()))
+            },
+        );
     }
 }
