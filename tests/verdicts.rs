@@ -2069,7 +2069,7 @@ fn services_sharing_an_identity_table_bucket_each_keep_their_identity(family: Fa
                 (1..).map(|host: u128| {
                     let address = Ipv6Addr::from(0x2001_0db8_0008_u128 << 80 | host);
                     (
-                        enforcer_common::addr::ipv6_words(&address.octets()),
+                        enforcer_common::addr::Address16(address.octets()).words(),
                         address.into(),
                     )
                 }),

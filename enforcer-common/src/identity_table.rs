@@ -41,7 +41,7 @@ impl TableKey for u32 {
 }
 
 /// A whole IPv6 address as two native-order words of its 16 bytes (see
-/// [`crate::addr::ipv6_words`]).
+/// [`crate::addr::Address16::words`]).
 impl TableKey for [u64; 2] {
     const ZERO: Self = [0; 2];
     #[inline(always)]
@@ -171,7 +171,7 @@ impl Shape {
 /// IPv4 whole addresses (`u32::from_be_bytes`): 8192 buckets a slot, room for 32 768
 /// addresses (1 MiB for both slots).
 pub const ADDRESSES4: Shape = Shape { bits: 13 };
-/// IPv6 whole addresses ([`crate::addr::ipv6_words`]): 8192 buckets a slot, room for 16 384
+/// IPv6 whole addresses ([`crate::addr::Address16::words`]): 8192 buckets a slot, room for 16 384
 /// addresses (1 MiB for both slots).
 pub const ADDRESSES6: Shape = Shape { bits: 13 };
 /// Endpoint interfaces by index: 1024 buckets a slot (128 KiB for both slots).
@@ -238,7 +238,7 @@ mod tests {
     fn ipv6(host: u64) -> [u64; 2] {
         let mut bytes = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         bytes[8..].copy_from_slice(&host.to_be_bytes());
-        crate::addr::ipv6_words(&bytes)
+        crate::addr::Address16(bytes).words()
     }
 
     /// What the table whose slot is laid out as `layout` says about `key`.

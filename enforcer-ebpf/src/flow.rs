@@ -252,7 +252,7 @@ pub fn icmp_error_relation<F: Frame>(frame: &F, hook: &Hook, subject: &mut Subje
         return UNRELATED;
     }
     // The quoted packet travelled from the error's receiver: an error goes back to its sender.
-    if subject.packet.dst != quoted.src || !subject.packet.is_error_sized() {
+    if subject.packet.dst.0 != quoted.src || !subject.packet.is_error_sized() {
         return FORGED;
     }
     RELATED

@@ -63,8 +63,8 @@ pub fn remember(hook: &Hook, subject: &Subject) {
 #[inline(always)]
 fn key_of(packet: &Packet) -> FragKey {
     FragKey {
-        src: packet.src,
-        dst: packet.dst,
+        src: packet.src.0,
+        dst: packet.dst.0,
         id: packet.fragment_id,
         proto: if packet.family == family::INET6 {
             0

@@ -3,7 +3,7 @@
 
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use enforcer_common::{
-    addr::{Ipcache4Key, IpcacheKey, family, ipv6_words, v4_of_mapped},
+    addr::{Address16, Ipcache4Key, IpcacheKey, family},
     config::{MAX_CGROUP_LEVEL, PolicyConfig, flags as config_flags},
     identity::{CgroupKey, EndpointKey, IdentityInfo},
     identity_table::{self, IdentityBucket, Probe, TableKey},
@@ -57,8 +57,8 @@ impl AddressTables {
 /// hold is world. A function of its own: the keys stay off its callers' frames (5.10's and
 /// 6.1's verifiers count every frame of the deepest call chain against 512 bytes).
 #[inline(never)]
-pub fn of_address(tables: AddressTables, addr: &[u8; 16]) -> IdentityInfo {
-    match v4_of_mapped(addr) {
+pub fn of_address(tables: AddressTables, addr: &Address16) -> IdentityInfo {
+    match addr.v4_of_mapped() {
         Some(v4) => of_ipv4_address(tables, v4, addr),
         None => of_ipv6_address(tables, addr),
     }
@@ -121,9 +121,9 @@ fn of_ipv4_address_in_map(slot: u8, v4: u32, addr: &[u8; 16]) -> IdentityInfo {
 /// [`of_address`] of an IPv6 address that is not IPv4-mapped: as [`of_ipv4_address`], with
 /// the IPv6 identity table in front of `IPCACHE_EXACT`.
 #[inline(always)]
-fn of_ipv6_address(tables: AddressTables, addr: &[u8; 16]) -> IdentityInfo {
+fn of_ipv6_address(tables: AddressTables, addr: &Address16) -> IdentityInfo {
     let slot = tables.slot;
-    let key = ipv6_words(addr);
+    let key = addr.words();
     match in_table(
         &IPCACHE_TABLE6,
         identity_table::ADDRESSES6.index(slot, &key),
@@ -138,11 +138,11 @@ fn of_ipv6_address(tables: AddressTables, addr: &[u8; 16]) -> IdentityInfo {
 
 /// [`of_ipv6_address`] for an address its bucket sent to the hash map.
 #[inline(never)]
-fn of_ipv6_address_in_map(tables: AddressTables, addr: &[u8; 16]) -> IdentityInfo {
+fn of_ipv6_address_in_map(tables: AddressTables, addr: &Address16) -> IdentityInfo {
     let exact = IpcacheKey {
         slot: tables.slot,
         _pad: [0; 3],
-        addr: *addr,
+        addr: addr.0,
     };
     // SAFETY: the value is copied out at once.
     match unsafe { IPCACHE_EXACT.get(&exact) } {

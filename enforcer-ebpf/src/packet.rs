@@ -25,7 +25,11 @@ use core::{
     mem::{offset_of, size_of},
 };
 
-use enforcer_common::{addr::v4_mapped, policy::proto, verdict::reason};
+use enforcer_common::{
+    addr::{Address16, v4_mapped},
+    policy::proto,
+    verdict::reason,
+};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -262,8 +266,8 @@ pub mod fragment {
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Packet {
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
+    pub src: Address16,
+    pub dst: Address16,
     /// An IPv4 packet's addresses as numbers (`u32::from_be_bytes`), for its conntrack key;
     /// 0 for IPv6.
     pub src_v4: u32,
@@ -287,14 +291,14 @@ pub struct Packet {
     pub ip_len: u32,
     /// The target address of a neighbour solicitation or advertisement, or of a redirect;
     /// zero for other packets.
-    pub nd_target: [u8; 16],
+    pub nd_target: Address16,
 }
 
 impl Packet {
     /// Nothing read yet: what the parser starts each packet from.
     pub const EMPTY: Self = Self {
-        src: [0; 16],
-        dst: [0; 16],
+        src: Address16([0; 16]),
+        dst: Address16([0; 16]),
         src_v4: 0,
         dst_v4: 0,
         proto: 0,
@@ -308,7 +312,7 @@ impl Packet {
         fragment_id: 0,
         l4_offset: 0,
         ip_len: 0,
-        nd_target: [0; 16],
+        nd_target: Address16([0; 16]),
     };
 
     #[inline(always)]
@@ -598,8 +602,8 @@ fn parse_arp<F: Frame>(frame: &F, offset: usize, packet: &mut Packet) -> Parsed 
         return NOT_IP;
     }
     *packet = Packet {
-        src: v4_mapped(arp.sender),
-        dst: v4_mapped(arp.target),
+        src: Address16(v4_mapped(arp.sender)),
+        dst: Address16(v4_mapped(arp.target)),
         family: enforcer_common::addr::family::INET,
         ..Packet::EMPTY
     };
@@ -630,8 +634,8 @@ fn parse_ipv4<F: Frame>(frame: &F, offset: usize, packet: &mut Packet) -> Parsed
     let src = ip.be32::<{ offset_of!(Ipv4Hdr, src_addr) }>();
     let dst = ip.be32::<{ offset_of!(Ipv4Hdr, dst_addr) }>();
     *packet = Packet {
-        src: v4_mapped(src.to_be_bytes()),
-        dst: v4_mapped(dst.to_be_bytes()),
+        src: Address16(v4_mapped(src.to_be_bytes())),
+        dst: Address16(v4_mapped(dst.to_be_bytes())),
         src_v4: src,
         dst_v4: dst,
         proto: ip.u8::<{ offset_of!(Ipv4Hdr, proto) }>(),
@@ -706,8 +710,8 @@ fn parse_ipv6<F: Frame>(frame: &F, offset: usize, packet: &mut Packet) -> Parsed
         return reason::UNSUPPORTED_HEADERS;
     }
     *packet = Packet {
-        src: ip.bytes16::<{ offset_of!(Ipv6Hdr, src_addr) }>(),
-        dst: ip.bytes16::<{ offset_of!(Ipv6Hdr, dst_addr) }>(),
+        src: Address16(ip.bytes16::<{ offset_of!(Ipv6Hdr, src_addr) }>()),
+        dst: Address16(ip.bytes16::<{ offset_of!(Ipv6Hdr, dst_addr) }>()),
         proto: next,
         family: enforcer_common::addr::family::INET6,
         hop_limit: ip.u8::<{ offset_of!(Ipv6Hdr, hop_limit) }>(),
@@ -778,7 +782,7 @@ fn parse_transport<F: Frame>(
                 let Some(target) = frame.read::<[u8; 16]>(offset + 8) else {
                     return reason::MALFORMED;
                 };
-                packet.nd_target = target;
+                packet.nd_target = Address16(target);
             }
             if is_echo(packet.proto, icmp.icmp_type) {
                 let id = be16(icmp.id);

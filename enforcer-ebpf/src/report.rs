@@ -296,8 +296,8 @@ impl Sending {
 #[inline(always)]
 pub fn report_deduplicated(hook: &Hook, packet: &Packet, outcome: &Outcome) {
     let mut key = ReportKey {
-        src_addr: packet.src,
-        dst_addr: packet.dst,
+        src_addr: packet.src.0,
+        dst_addr: packet.dst.0,
         src_identity: outcome.src_identity,
         dst_identity: outcome.dst_identity,
         dst_port: packet.dst_port,
@@ -490,8 +490,8 @@ pub fn report(hook: &Hook, packet: &Packet, outcome: &Outcome, count: u32, sendi
             (*event).timestamp_ns = hook.now;
             (*event).seq = seq;
             (*event).cgroup_id = hook.cgroup_id;
-            (*event).src_addr = packet.src;
-            (*event).dst_addr = packet.dst;
+            (*event).src_addr = packet.src.0;
+            (*event).dst_addr = packet.dst.0;
             (*event).src_identity = outcome.src_identity;
             (*event).dst_identity = outcome.dst_identity;
             (*event).addr_identity = outcome.addr_identity;

@@ -55,8 +55,8 @@ pub fn has_receiver<F: Frame>(frame: &F, subject: &Subject) -> bool {
         // SAFETY: as above, the IPv6 member; the addresses are copied byte for byte.
         unsafe {
             let ipv6 = &mut tuple.__bindgen_anon_1.ipv6;
-            ipv6.saddr = core::mem::transmute::<[u8; 16], [u32; 4]>(packet.src);
-            ipv6.daddr = core::mem::transmute::<[u8; 16], [u32; 4]>(packet.dst);
+            ipv6.saddr = core::mem::transmute::<[u8; 16], [u32; 4]>(packet.src.0);
+            ipv6.daddr = core::mem::transmute::<[u8; 16], [u32; 4]>(packet.dst.0);
             ipv6.sport = packet.src_port.to_be();
             ipv6.dport = packet.dst_port.to_be();
             core::mem::size_of_val(ipv6)

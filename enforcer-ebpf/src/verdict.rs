@@ -19,7 +19,7 @@
 //! reported in `conclude`: this module is the decisions.
 
 use enforcer_common::{
-    addr::family,
+    addr::{Address16, family},
     config::PolicyConfig,
     conntrack::{CtEntry, flags as ct_flags},
     event::flags as event_flags,
@@ -290,18 +290,18 @@ fn neighbour_discovery_is_its_own(hook: &Hook, subject: &mut Subject) -> bool {
     subject.src = endpoint;
     subject.outcome.src_identity = endpoint.identity;
     let packet = &subject.packet;
-    let owned = |address: &[u8; 16]| {
+    let owned = |address: &Address16| {
         is_link_local(address)
             || identity::of_address(subject.tables, address).identity == endpoint.identity
     };
     let honest = match (packet.proto, packet.icmp_type) {
         // ARP: the sender's address is the one claimed; 0.0.0.0 probes (RFC 5227).
-        (0, _) => packet.src == enforcer_common::addr::v4_mapped([0; 4]) || owned(&packet.src),
+        (0, _) => packet.src.0 == enforcer_common::addr::v4_mapped([0; 4]) || owned(&packet.src),
         // Router advertisement, redirect.
         (_, 134 | 137) => false,
         // Neighbour advertisement: the target is the address claimed.
         (_, 136) => owned(&packet.src) && owned(&packet.nd_target),
-        _ => packet.src == [0; 16] || owned(&packet.src),
+        _ => packet.src.0 == [0; 16] || owned(&packet.src),
     };
     if !honest {
         subject.outcome.reason = reason::SPOOFED;

@@ -48,8 +48,8 @@ fuzz_target!(|frame: &[u8]| {
     match parsed {
         packet::PARSED_IP => {
             let read = TakenIn {
-                src: packet.src,
-                dst: packet.dst,
+                src: packet.src.0,
+                dst: packet.dst.0,
                 proto: packet.proto,
                 fragment: match packet.fragment {
                     fragment::FIRST => Fragment::First,
@@ -93,7 +93,7 @@ fn plain_reading_agrees(frame: &[u8], parsed: packet::Parsed, packet: &Packet) {
         plain_tcp_or_udp
             && packet.family == family::INET6
             && packet.l4_offset as usize == packet::PLAIN_IPV6_L4_OFFSET,
-        (packet.src, packet.dst),
+        (packet.src.0, packet.dst.0),
         parsed,
         packet,
     );

@@ -115,7 +115,7 @@ impl Prefix {
     /// the IPv6 identity table.
     pub fn host_v6(&self) -> Option<[u64; 2]> {
         (self.is_host() && v4_of_mapped(&self.addr).is_none())
-            .then(|| enforcer_common::addr::ipv6_words(&self.addr))
+            .then(|| enforcer_common::addr::Address16(self.addr).words())
     }
 
     pub fn key(&self, slot: u8) -> (u32, IpcacheKey) {

@@ -1428,7 +1428,7 @@ mod tests {
         identity_buckets_written_for_changes_make_the_next_generations_table::<[u64; 2], 2>(
             |key| {
                 let address = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, *key as u16);
-                Some(enforcer_common::addr::ipv6_words(&address.octets()))
+                Some(enforcer_common::addr::Address16(address.octets()).words())
             },
         );
     }
