@@ -3,10 +3,10 @@
 //! possible program. Also `xdp-filter` (xdp-tools) on the same frame, the anchor the
 //! established path is held to, and the same paths under a 10-rule and a 100 000-rule policy,
 //! whose ratio shows the lookup does not grow with the number of rules. An established flow's
-//! packets repeat on one CPU here, so they pass from that CPU's flow cache; the same flow
-//! through programs without the cache gives the conntrack path's cost beside it. IPv6's paths
-//! are timed under a policy whose services have both families' addresses (see
-//! `dual_stack_rows`).
+//! packets repeat on one CPU here, so they pass from that CPU's flow cache; the same flows
+//! through programs without the cache give the conntrack path's cost beside it, for either
+//! family. IPv6's paths are timed under a policy whose services have both families' addresses
+//! (see `dual_stack_rows`).
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
@@ -83,6 +83,16 @@ fn established6() -> Vec<u8> {
     tcp6(s0, s1, 40000, 10_000, frames::TCP_ACK)
 }
 
+/// The IPv6 flow of [`established6`].
+fn flow6() -> Flow {
+    let (s0, s1) = (policies::service_address6(0), policies::service_address6(1));
+    Flow {
+        syn: tcp6(s0, s1, 40000, 10_000, frames::TCP_SYN),
+        answer: tcp6(s1, s0, 10_000, 40000, frames::TCP_SYN | frames::TCP_ACK),
+        established: established6(),
+    }
+}
+
 /// The IPv6 established flow's row.
 const ESTABLISHED6: &str = "XDP, established flow, IPv6 (flow cache hit), 10000 rules";
 
@@ -101,9 +111,8 @@ fn dual_stack_rows(
         &policies::generated_dual_stack(1_000, 10_000),
     );
     let (s0, s1) = (policies::service_address6(0), policies::service_address6(1));
-    let syn = tcp6(s0, s1, 40000, 10_000, frames::TCP_SYN);
-    let answer = tcp6(s1, s0, 10_000, 40000, frames::TCP_SYN | frames::TCP_ACK);
-    open_flow(datapath, &syn, &answer);
+    let flow = flow6();
+    open_flow(datapath, &flow.syn, &flow.answer);
     let denied = tcp6(s1, s0, 40000, 10_000, frames::TCP_SYN);
     let to_world6 = tcp6(s1, UNNAMED6, 40000, 10_000, frames::TCP_SYN);
     let to_world = tcp(
@@ -113,7 +122,7 @@ fn dual_stack_rows(
         frames::TCP_SYN,
     );
     [
-        (ESTABLISHED6, established6()),
+        (ESTABLISHED6, flow.established),
         (
             "XDP, denied new flow (rule lookups, default-deny, report de-dup), IPv6, 10000 rules",
             denied,
@@ -143,15 +152,22 @@ fn open_flow(datapath: &mut Datapath, syn: &[u8], answer: &[u8]) {
         .expect("answer the flow");
 }
 
-/// The established flow's cost through programs loaded without the flow cache: the conntrack
+/// A flow as the benchmark opens and then times it: its first SYN, the answer that
+/// establishes it, and a packet of the established flow.
+struct Flow {
+    syn: Vec<u8>,
+    answer: Vec<u8>,
+    established: Vec<u8>,
+}
+
+/// The established flows' costs through programs loaded without the flow cache: the conntrack
 /// lookup and update every flow's packets take on a CPU that has not cached it (its first
-/// packets there, and one a second after).
-fn conntrack_path(
-    syn: &[u8],
-    answer: &[u8],
-    established: &[u8],
+/// packets there, and one a second after). Under a policy of 10 services and 10 rules, each
+/// service with an IPv6 address beside its IPv4 one.
+fn conntrack_paths(
+    flows: &[Flow],
     time: &dyn Fn(&mut Datapath, Hook, &[u8]) -> Duration,
-) -> Duration {
+) -> Vec<Duration> {
     let pins = PinLayout::new(
         PathBuf::from("/sys/fs/bpf").join(format!("enfbench-{}-uncached", std::process::id())),
     );
@@ -162,12 +178,21 @@ fn conntrack_path(
     let (mut datapath, mut maps, _ring) =
         Datapath::load_with(pins.clone(), &options).expect("load");
     let mut installer = Installer::adopt(&maps).expect("adopt");
-    install(&mut maps, &mut installer, &policies::generated(10, 10));
-    open_flow(&mut datapath, syn, answer);
-    let cost = time(&mut datapath, Hook::Xdp, established);
+    install(
+        &mut maps,
+        &mut installer,
+        &policies::generated_dual_stack(10, 10),
+    );
+    let costs = flows
+        .iter()
+        .map(|flow| {
+            open_flow(&mut datapath, &flow.syn, &flow.answer);
+            time(&mut datapath, Hook::Xdp, &flow.established)
+        })
+        .collect();
     drop(datapath);
     let _ = loader::unload(&pins);
-    cost
+    costs
 }
 
 /// Distinct denied shapes per flood measurement, and how many are judged between two drains
@@ -322,10 +347,22 @@ fn main() {
         &mut installer,
         &time,
     ));
-    results.push((
-        "XDP, established flow without the flow cache (conntrack hit), 10 rules".to_owned(),
-        conntrack_path(&syn, &answer, &established, &time),
-    ));
+    let flows = [
+        Flow {
+            syn: syn.clone(),
+            answer: answer.clone(),
+            established: established.clone(),
+        },
+        flow6(),
+    ];
+    for (family, cost) in ["", ", IPv6"].iter().zip(conntrack_paths(&flows, &time)) {
+        results.push((
+            format!(
+                "XDP, established flow without the flow cache (conntrack hit){family}, 10 rules"
+            ),
+            cost,
+        ));
+    }
     results.push((
         "XDP, non-IP frame (ARP): parse only".to_owned(),
         time(&mut datapath, Hook::Xdp, &arp),
