@@ -473,6 +473,47 @@ fn a_policy_caught_half_written_is_never_installed_as_root() {
     );
 }
 
+/// An editor's save, a new file renamed over the policy, reloads it: the watch asks the kernel
+/// only for the events that end a change, and a rename is one (it failed when the watch did
+/// not ask for `IN_MOVED_TO`).
+#[root_test]
+fn a_policy_saved_by_rename_over_it_is_reloaded_as_root() {
+    let topology = Topology::build(&["frontend", "api"]).unwrap();
+    let services = services(&topology, &["frontend", "api"]);
+    let enforcer = Enforcer::start(
+        &topology,
+        &format!("{services}{}", allow("frontend", "api", &["8080/tcp"], "")),
+        &["v-frontend", "v-api"],
+        &[],
+    )
+    .unwrap();
+    let _server = topology.netns("api").tcp_echo_server(9090).unwrap();
+    let frontend = topology.netns("frontend");
+    assert!(was_dropped(
+        &frontend.tcp_connect(v4(&topology, "api", 9090), TIMEOUT)
+    ));
+
+    let saved = enforcer.policy.with_file_name(".policy.toml.swp");
+    std::fs::write(
+        &saved,
+        format!("{services}{}", allow("frontend", "api", &["9090/tcp"], "")),
+    )
+    .unwrap();
+    std::fs::rename(&saved, &enforcer.policy).unwrap();
+
+    enforcer
+        .daemon
+        .wait_for_log("generation=2 ", SETTLE)
+        .unwrap();
+    assert_eq!(
+        frontend
+            .tcp_exchange(v4(&topology, "api", 9090), b"saved", TIMEOUT)
+            .unwrap_or_default(),
+        b"saved",
+        "the saved policy allows 9090"
+    );
+}
+
 #[root_test]
 fn configmap_style_symlink_swap_reloads_the_policy_as_root() {
     let topology = Topology::build(&["frontend", "api"]).unwrap();
